@@ -1,0 +1,161 @@
+"""Shared benchmark utilities: CUDA-event timing, verification before timing, result writers.
+
+Method (DESIGN.md): warm-up, rotating input sets (so repeated runs do not measure L2), CUDA-event medians
+with p20/p80, outputs verified against the reference before any timing, and every result file stamped with
+GPU name, versions and git commit. Scripts use ``time_cuda`` + ``write_results``; pytest-benchmark users can
+wrap ``time_cuda`` via ``pedantic_cuda``.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    if not torch.isfinite(out[torch.isfinite(ref)]).all():
+        return float("inf")
+    mask = torch.isfinite(ref)
+    return float((out[mask] - ref[mask]).norm() / ref[mask].norm().clamp_min(1e-30))
+
+
+def verify(name: str, out: torch.Tensor, ref: torch.Tensor, tol: float) -> float:
+    """Relative L2 error ``||out - ref|| / ||ref||``; raises if above ``tol`` or non-finite where ref is."""
+    err = _rel_err(out, ref)
+    if not err <= tol:
+        raise AssertionError(f"{name}: relative error {err:.3e} > {tol:.1e}: refusing to time a wrong kernel")
+    return err
+
+
+def time_cuda(fn: Callable[[int], object], *, n_inputs: int = 1, warmup: int = 5, iters: int = 50,
+              graph: bool = False) -> Dict[str, float]:
+    """Time ``fn(i)`` (i = index of the rotating input set) with CUDA events; returns ms stats.
+
+    With ``graph=True`` the ``n_inputs`` calls are captured into one CUDA graph per input set and replays are
+    timed (launch overhead removed, as in a CUDA-graph decode loop).
+    """
+    if graph:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for i in range(n_inputs):
+                fn(i)  # warm-up / JIT outside capture
+        torch.cuda.current_stream().wait_stream(stream)
+        graphs = []
+        for i in range(n_inputs):
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                fn(i)
+            graphs.append(g)
+        call = lambda i: graphs[i].replay()  # noqa: E731
+    else:
+        call = fn
+    for w in range(warmup):
+        call(w % n_inputs)
+    torch.cuda.synchronize()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    for it in range(iters):
+        starts[it].record()
+        call(it % n_inputs)
+        ends[it].record()
+    torch.cuda.synchronize()
+    times = sorted(s.elapsed_time(e) for s, e in zip(starts, ends))
+    q = lambda p: times[min(len(times) - 1, int(p * len(times)))]  # noqa: E731
+    return {"median_ms": q(0.5), "p20_ms": q(0.2), "p80_ms": q(0.8), "iters": iters}
+
+
+def peak_extra_memory(fn: Callable[[], object]) -> int:
+    """Bytes allocated by ``fn`` above what was allocated before it (CUDA caching allocator peak)."""
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def pedantic_cuda(benchmark, fn: Callable[[], object], rounds: int = 20) -> None:
+    """Run ``fn`` under pytest-benchmark with a synchronize after each call (wall clock around the GPU)."""
+    def run():
+        fn()
+        torch.cuda.synchronize()
+    benchmark.pedantic(run, rounds=rounds, warmup_rounds=3)
+
+
+def env_meta() -> Dict[str, object]:
+    """GPU name, versions and git commit stamped on every result file."""
+    import importlib
+    meta: Dict[str, object] = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+    }
+    try:
+        meta["triton"] = importlib.import_module("triton").__version__
+    except ImportError:
+        meta["triton"] = None
+    commit = os.environ.get("GIT_COMMIT")
+    if not commit:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                    cwd=Path(__file__).parent, timeout=10).stdout.strip() or None
+        except (OSError, subprocess.SubprocessError):
+            commit = None
+    meta["commit"] = commit
+    return meta
+
+
+def gpu_slug(meta: Dict[str, object]) -> str:
+    name = str(meta["gpu"]).lower()
+    for key in ("h100", "h200", "a100", "l40", "b200"):
+        if key in name:
+            return key
+    return "".join(c if c.isalnum() else "_" for c in name)[:32]
+
+
+def markdown_table(rows: List[Dict[str, object]], columns: Sequence[str]) -> str:
+    def fmt(x):
+        if isinstance(x, float):
+            return f"{x:.4g}"
+        return "" if x is None else str(x)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_results(name: str, rows: List[Dict[str, object]], columns: Sequence[str], *,
+                  plot: Optional[Callable[[object], None]] = None, out_dir: Optional[str] = None,
+                  title: str = "") -> Path:
+    """Write ``<name>.json``, ``<name>.md`` (and ``<name>.png`` when ``plot(ax_or_fig)`` is given).
+
+    Directory: ``out_dir``, else ``$SPARSEVILA_BENCH_DIR`` (set by gpu_check.sh), else ``bench/results/<gpu>/``.
+    Prints the markdown table last.
+    """
+    meta = env_meta()
+    d = Path(out_dir or os.environ.get("SPARSEVILA_BENCH_DIR") or RESULTS / gpu_slug(meta))
+    d.mkdir(parents=True, exist_ok=True)
+    (d / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    md = f"# {title or name}\n\n{meta}\n\n" + markdown_table(rows, columns) + "\n"
+    (d / f"{name}.md").write_text(md)
+    if plot is not None:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig = plt.figure(figsize=(11, 4.5))
+        plot(fig)
+        fig.suptitle(f"{title or name} — {meta['gpu']}, commit {meta['commit']}", fontsize=9)
+        fig.tight_layout()
+        fig.savefig(d / f"{name}.png", dpi=110)
+        plt.close(fig)
+    print(markdown_table(rows, columns))
+    return d

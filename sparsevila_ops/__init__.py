@@ -1,0 +1,30 @@
+"""sparsevila_ops: kernels for SparseVILA-R1-style visual token sparsity in vision-language models.
+
+Public ops (each also callable as ``torch.ops.sparsevila.<name>`` with out-variant arguments):
+
+=========================  ===================================================================
+``visual_salience``        mean attention each visual token receives in the encoder (Op 1)
+``prefill_attention``      varlen causal GQA attention, optionally + question-row relevance (Op 2)
+``kv_relevance``           relevance from a given LSE, when attention ran elsewhere (Op 2)
+``select_kv``/``pack_kv``  top-k per (layer, b, kv-head) + gather-pack of all layers (Op 3)
+``select_pack_kv``         both of the above; ``prune_visual_tokens`` for pre-LLM pruning
+``decode_attention``       split-KV decode over the packed cache; ``append_kv`` (Op 4)
+``sparse_decode_attention``  decode that gathers by indices in the kernel (comparison point)
+=========================  ===================================================================
+
+Backends: ``reference`` (torch), ``triton`` (default on CUDA). Override with ``SPARSEVILA_BACKEND`` or
+``with sparsevila_ops.use_backend("reference"): ...``.
+"""
+from ._backend import available_backends, use_backend
+from .decode import append_kv, decode_attention, sparse_decode_attention
+from .prefill import kv_relevance, prefill_attention
+from .salience import visual_salience
+from .select import pack_kv, prune_visual_tokens, select_kv, select_pack_kv
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "append_kv", "available_backends", "decode_attention", "kv_relevance", "pack_kv", "prefill_attention",
+    "prune_visual_tokens", "select_kv", "select_pack_kv", "sparse_decode_attention", "use_backend",
+    "visual_salience",
+]

@@ -1,0 +1,104 @@
+"""Backend registry and dispatch.
+
+Every op has one implementation per backend:
+
+- ``reference``: plain torch (``sparsevila_ops.reference``), any device;
+- ``triton``: ``sparsevila_ops.triton_kernels.<family>``, default on CUDA; on the CPU it runs only under
+  Triton's interpreter (``TRITON_INTERPRET=1``);
+- ``cuda``: ``csrc/`` kernels (plugged in by the JIT loader when present).
+
+Implementations are registered by import path and imported on first use, so ``import sparsevila_ops``
+stays cheap and a broken or missing backend only matters when it is asked for.
+
+Choice, per call: ``use_backend(...)`` context > ``SPARSEVILA_BACKEND`` env var > default for the device
+(``triton`` on CUDA when Triton imports, else ``reference``).
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import threading
+from typing import Callable, Dict, Iterator, Optional
+
+import torch
+
+BACKENDS = ("reference", "triton", "cuda")
+
+# op name -> backend -> "module:function" (resolved lazily) or a callable.
+_REGISTRY: Dict[str, Dict[str, object]] = {}
+_RESOLVED: Dict[tuple, Callable] = {}
+_local = threading.local()
+
+
+def register(op: str, backend: str, target) -> None:
+    """Register ``target`` (a callable or ``"module:function"``) as ``backend``'s implementation of ``op``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
+    _REGISTRY.setdefault(op, {})[backend] = target
+    _RESOLVED.pop((op, backend), None)
+
+
+def _triton_usable(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return importlib.util.find_spec("triton") is not None
+    return os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton") is not None
+
+
+def requested_backend() -> Optional[str]:
+    """The backend forced by ``use_backend`` or ``SPARSEVILA_BACKEND``, or None for the device default."""
+    forced = getattr(_local, "backend", None)
+    if forced is None:
+        forced = os.environ.get("SPARSEVILA_BACKEND") or None
+    if forced is not None and forced not in BACKENDS:
+        raise ValueError(f"SPARSEVILA_BACKEND must be one of {BACKENDS}; got {forced!r}")
+    return forced
+
+
+def default_backend(device: torch.device) -> str:
+    return "triton" if device.type == "cuda" and _triton_usable(device) else "reference"
+
+
+def resolve(op: str, device: torch.device) -> Callable:
+    """The implementation of ``op`` that runs for tensors on ``device``."""
+    backend = requested_backend() or default_backend(device)
+    key = (op, backend)
+    fn = _RESOLVED.get(key)
+    if fn is not None:
+        return fn
+    impls = _REGISTRY.get(op, {})
+    if backend not in impls:
+        raise RuntimeError(
+            f"sparsevila op {op!r} has no {backend!r} backend; available: {sorted(impls)}")
+    if backend == "triton" and not _triton_usable(device):
+        raise RuntimeError(
+            f"backend 'triton' cannot run {op!r} on {device.type}: Triton needs a CUDA device, or "
+            f"TRITON_INTERPRET=1 set before import for CPU tensors (install triton if it is missing)")
+    target = impls[backend]
+    if isinstance(target, str):
+        mod_name, fn_name = target.split(":")
+        try:
+            fn = getattr(importlib.import_module(mod_name), fn_name)
+        except ImportError as e:  # pragma: no cover - depends on the environment
+            raise RuntimeError(f"backend {backend!r} for {op!r} is unavailable: {e}") from e
+    else:
+        fn = target
+    _RESOLVED[key] = fn
+    return fn
+
+
+@contextlib.contextmanager
+def use_backend(backend: Optional[str]) -> Iterator[None]:
+    """Force ``backend`` for ops called in this thread inside the block (None: device default)."""
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} or None; got {backend!r}")
+    prev = getattr(_local, "backend", None)
+    _local.backend = backend
+    try:
+        yield
+    finally:
+        _local.backend = prev
+
+
+def available_backends(op: str) -> list:
+    return sorted(_REGISTRY.get(op, {}))

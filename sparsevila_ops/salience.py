@@ -1,0 +1,81 @@
+"""Op 1: query-agnostic visual salience (mean attention received inside the vision encoder)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import _checks as C
+from ._library import define
+
+define(
+    "visual_salience",
+    "(Tensor q, Tensor k, Tensor cu_seqlens, int max_seqlen, float scale, int num_summary, Tensor? lse, "
+    "bool deterministic, Tensor(a!) out) -> ()",
+    triton="sparsevila_ops.triton_kernels.salience:visual_salience",
+)
+
+
+def visual_salience(q: torch.Tensor, k: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None,
+                    max_seqlen: Optional[int] = None, *, scale: Optional[float] = None, num_summary: int = 0,
+                    lse: Optional[torch.Tensor] = None, reduce_heads: bool = True, deterministic: bool = False,
+                    out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Salience of every visual token: how much softmax attention it receives within its segment.
+
+    For a segment ``[a, b)`` of length n, rows ``R = [a, b)`` if ``num_summary == 0`` (SigLIP / QwenVL) else
+    the first ``min(num_summary, n)`` rows (CLS / summary tokens)::
+
+        P[h, i, j] = exp(scale * q[i, h] . k[j, h] - L[h, i]),  L[h, i] = logsumexp_j (or ``lse`` given)
+        out[h, j]  = 1/|R|     * sum_{i in R} P[h, i, j]             (reduce_heads=False: fp32 [H, T])
+        out[j]     = 1/(H |R|) * sum_h sum_{i in R} P[h, i, j]       (reduce_heads=True:  fp32 [T])
+
+    Args:
+        q, k: ``[T, H, D]`` varlen-packed (or ``[B, N, H, D]``: B segments of length N; the result is then
+            ``[B, N]`` / ``[H, B, N]``). fp16/bf16/fp32, last dim contiguous, other strides free.
+        cu_seqlens: int32 ``[S+1]`` segment offsets (frames, images, or Qwen2.5-VL windows). None: one segment.
+        max_seqlen: longest segment (a Python int; never read from the device). None: computed for 4-D input,
+            or the whole T for a single segment.
+        scale: softmax scale, default ``D ** -0.5``.
+        num_summary: c >= 0, number of leading summary rows per segment (0 = mean over all rows).
+        lse: optional fp32 ``[H, T]`` row log-sum-exp from an attention forward that already ran; then one pass
+            over QK^T instead of two.
+        deterministic: no float atomics; bitwise identical results across runs.
+        out: optional preallocated fp32 output.
+    Each segment's scores sum to 1 (per head when ``reduce_heads=False``). Extra memory is O(H*T).
+    """
+    batched = q.dim() == 4
+    C.check_tensor("q", q, ndim=4 if batched else 3)
+    C.check_tensor("k", k, ndim=q.dim())
+    C.check_same_device(q=q, k=k, cu_seqlens=cu_seqlens, lse=lse, out=out)
+    C.check_same_dtype(q=q, k=k)
+    if tuple(k.shape) != tuple(q.shape):
+        raise ValueError(f"k must have the shape of q {tuple(q.shape)}; got {tuple(k.shape)}")
+    if batched:
+        if cu_seqlens is not None:
+            raise ValueError("cu_seqlens must be None for 4-D [B, N, H, D] input (segments are the batch rows)")
+        B, N = q.shape[:2]
+        cu_seqlens = torch.arange(0, (B + 1) * N, N, dtype=torch.int32, device=q.device)
+        max_seqlen = N if max_seqlen is None else max_seqlen
+        q, k = q.flatten(0, 1), k.flatten(0, 1)  # a view when the batch dims are mergeable, else a copy
+    T, H, D = q.shape
+    C.check_head_dim("q", D)
+    if cu_seqlens is None:
+        cu_seqlens = torch.tensor([0, T], dtype=torch.int32, device=q.device)
+        max_seqlen = T if max_seqlen is None else max_seqlen
+    if max_seqlen is None:
+        raise ValueError("max_seqlen must be given (a Python int) with cu_seqlens; it is never read from the device")
+    C.check_cu_seqlens("cu_seqlens", cu_seqlens, T, "max_seqlen", max_seqlen)
+    scale = C.check_scale(scale, D)
+    C.check_int("num_summary", num_summary, lo=0)
+    if lse is not None:
+        C.check_lse("lse", lse, H, T)
+    shape = (T,) if reduce_heads else (H, T)
+    if out is None:
+        out = torch.empty(shape, dtype=torch.float32, device=q.device)
+    else:
+        C.check_out("out", out, shape, torch.float32, q.device)
+    torch.ops.sparsevila.visual_salience(q, k, cu_seqlens, max_seqlen, scale, num_summary, lse,
+                                         bool(deterministic), out)
+    if batched:
+        return out.view(B, N) if reduce_heads else out.view(H, B, N)
+    return out

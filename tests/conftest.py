@@ -1,0 +1,26 @@
+"""Test setup: Triton kernels run under the interpreter on CPU-only machines; `gpu` tests need CUDA."""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # Must be set before any @triton.jit module is imported (the decorator reads it).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def device():
+    """Where kernel tests run: the GPU when present, else the CPU (Triton under the interpreter)."""
+    return torch.device("cuda" if HAS_CUDA else "cpu")
