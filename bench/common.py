@@ -17,20 +17,14 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from sparsevila_ops.testing import rel_err
+
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.double(), ref.double()
-    if not torch.isfinite(out[torch.isfinite(ref)]).all():
-        return float("inf")
-    mask = torch.isfinite(ref)
-    return float((out[mask] - ref[mask]).norm() / ref[mask].norm().clamp_min(1e-30))
 
 
 def verify(name: str, out: torch.Tensor, ref: torch.Tensor, tol: float) -> float:
     """Relative L2 error ``||out - ref|| / ||ref||``; raises if above ``tol`` or non-finite where ref is."""
-    err = _rel_err(out, ref)
+    err = rel_err(out, ref)
     if not err <= tol:
         raise AssertionError(f"{name}: relative error {err:.3e} > {tol:.1e}: refusing to time a wrong kernel")
     return err

@@ -3,27 +3,7 @@ from __future__ import annotations
 
 import torch
 
-# Relative L2 error allowed against an fp64/fp32 reference, per input dtype.
-REL_TOL = {torch.float32: 2e-3, torch.float16: 5e-3, torch.bfloat16: 2e-2}
-
-
-def poison(t: torch.Tensor) -> torch.Tensor:
-    """Fill an output with NaN (ints: a sentinel) so unwritten elements fail the comparison."""
-    if t.is_floating_point():
-        return t.fill_(float("nan"))
-    return t.fill_(-12345)
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """||out - ref|| / ||ref|| in float64 over elements where ref is finite; inf if out is not finite there
-    or differs in where ref is infinite."""
-    out, ref = out.double(), ref.double()
-    fin = torch.isfinite(ref)
-    if not torch.equal(torch.isfinite(out), fin) or not torch.equal(out[~fin], ref[~fin]):
-        return float("inf")
-    num = (out[fin] - ref[fin]).norm()
-    den = ref[fin].norm()
-    return float(num / den) if den > 0 else float(num)
+from sparsevila_ops.testing import REL_TOL, poison, rel_err  # noqa: F401  (re-exported for tests)
 
 
 def assert_rel(out: torch.Tensor, ref: torch.Tensor, tol: float, what: str = "") -> None:

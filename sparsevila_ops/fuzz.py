@@ -1,0 +1,317 @@
+"""Seeded fuzzing of a backend against the reference.
+
+``python -m sparsevila_ops fuzz --op OP --backend B --cases N --seed S [--device D] [--scale small|real]``
+
+Case ``i`` draws its inputs from ``torch.Generator().manual_seed(S + i)``: awkward sizes (0, 1, 7, 97, 729,
+1025, ...), strided layouts (views of a fused QKV tensor, transposed caches), GQA groups, varlen segments,
+dtypes. The backend writes into NaN-poisoned outputs; the reference into fresh ones. Each failure prints a
+one-line repro; the exit status is non-zero if any case failed.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+import traceback
+from typing import Callable, Dict, List, Tuple
+
+import torch
+
+from . import _backend
+from .testing import REL_TOL, poison, rel_err
+
+AWKWARD = (0, 1, 7, 97, 729, 1025, 5125)
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+class Case:
+    """Inputs of one op call: positional op arguments and the indices of the outputs among them."""
+
+    def __init__(self, desc: str, args: list, outputs: List[int]):
+        self.desc, self.args, self.outputs = desc, args, outputs
+
+
+def _randn(shape, dtype, device, gen, strided: bool):
+    """Random normal tensor; ``strided``: a view whose last dim is contiguous but whose other strides are not
+    (a slice of a wider tensor, like one third of a fused QKV projection)."""
+    if strided and len(shape) >= 2:
+        wide = torch.randn(*shape[:-2], shape[-2] * 3, shape[-1], generator=gen).to(dtype).to(device)
+        return wide.unflatten(-2, (3, shape[-2]))[..., 1, :, :]
+    return torch.randn(*shape, generator=gen).to(dtype).to(device)
+
+
+def _lengths(rng: random.Random, n: int, hi: int) -> List[int]:
+    pool = [x for x in AWKWARD if x <= hi]
+    return [rng.choice(pool) if rng.random() < 0.5 else rng.randint(0, hi) for _ in range(n)]
+
+
+def _cu(lens: List[int], device) -> torch.Tensor:
+    c = [0]
+    for n in lens:
+        c.append(c[-1] + n)
+    return torch.tensor(c, dtype=torch.int32, device=device)
+
+
+def _seg_lse(q, k, cu, scale, causal=False, cu_k=None):
+    """Natural-log LSE [H, T] per row over its segment's keys (what an attention forward would return)."""
+    from . import reference
+    T, H, D = q.shape
+    cu_k = cu if cu_k is None else cu_k
+    out = torch.empty(T, H, D, dtype=q.dtype, device=q.device)
+    lse = torch.empty(H, T, dtype=torch.float32, device=q.device)
+    v = torch.zeros_like(k)
+    reference.prefill_attention(q, k, v, cu, cu_k, 0, 0, scale, causal, out, lse)
+    return lse
+
+
+def gen_visual_salience(rng, gen, dev, big):
+    S = rng.randint(1, 4)
+    lens = _lengths(rng, S, 1025 if big else 40)
+    H, D = rng.choice([1, 2, 16] if big else [1, 2, 3]), rng.choice([16, 64, 72, 80, 128] if big else [16, 24, 72])
+    dt, strided = rng.choice(DTYPES), rng.random() < 0.5
+    T = sum(lens)
+    q, k = _randn((T, H, D), dt, dev, gen, strided), _randn((T, H, D), dt, dev, gen, strided)
+    cu, c, scale = _cu(lens, dev), rng.choice([0, 0, 1, 3]), D ** -0.5
+    lse = _seg_lse(q, k, cu, scale) if rng.random() < 0.4 else None
+    reduce = rng.random() < 0.5
+    out = torch.empty((T,) if reduce else (H, T), dtype=torch.float32, device=dev)
+    det = rng.random() < 0.5
+    desc = f"lens={lens} H={H} D={D} {dt} strided={strided} c={c} lse={lse is not None} reduce={reduce} det={det}"
+    return Case(desc, [q, k, cu, max(lens), scale, c, lse, det, out], [8])
+
+
+def _prefill_inputs(rng, gen, dev, big):
+    S = rng.randint(1, 3)
+    causal = rng.random() < 0.7
+    ms = _lengths(rng, S, 300 if big else 20)
+    ns = [m + rng.choice([0, 0, rng.randint(0, 600 if big else 20)]) if rng.random() < 0.85 else
+          rng.randint(0, m) for m in ms]
+    Hk, G = rng.choice([1, 2, 4]), rng.choice([1, 4, 7])
+    D = rng.choice([64, 80, 128] if big else [16, 32, 80])
+    dt, strided = rng.choice(DTYPES), rng.random() < 0.5
+    q = _randn((sum(ms), Hk * G, D), dt, dev, gen, strided)
+    k = _randn((sum(ns), Hk, D), dt, dev, gen, strided)
+    v = _randn((sum(ns), Hk, D), dt, dev, gen, strided)
+    rows = []
+    for m in ms:
+        r0 = rng.randint(0, m)
+        rows.append([r0, rng.randint(r0, m)])
+    rr = torch.tensor(rows, dtype=torch.int32, device=dev).view(S, 2)
+    desc = f"m={ms} n={ns} Hk={Hk} G={G} D={D} {dt} strided={strided} causal={causal} rel_rows={rows}"
+    return q, k, v, _cu(ms, dev), _cu(ns, dev), max(ms), max(ns), D ** -0.5, causal, rr, desc
+
+
+def gen_prefill_attention(rng, gen, dev, big):
+    q, k, v, cq, ck, mq, mk, sc, causal, _, desc = _prefill_inputs(rng, gen, dev, big)
+    out, lse = torch.empty_like(q, memory_format=torch.contiguous_format), torch.empty(q.shape[1], q.shape[0], device=dev)
+    return Case(desc, [q, k, v, cq, ck, mq, mk, sc, causal, out, lse], [9, 10])
+
+
+def gen_prefill_attention_relevance(rng, gen, dev, big):
+    q, k, v, cq, ck, mq, mk, sc, causal, rr, desc = _prefill_inputs(rng, gen, dev, big)
+    out, lse = torch.empty_like(q, memory_format=torch.contiguous_format), torch.empty(q.shape[1], q.shape[0], device=dev)
+    rel = torch.empty(k.shape[1], k.shape[0], device=dev)
+    return Case(desc, [q, k, v, cq, ck, mq, mk, sc, causal, rr, out, lse, rel], [10, 11, 12])
+
+
+def gen_kv_relevance(rng, gen, dev, big):
+    q, k, v, cq, ck, mq, mk, sc, causal, rr, desc = _prefill_inputs(rng, gen, dev, big)
+    from . import reference
+    lse = torch.empty(q.shape[1], q.shape[0], device=dev)
+    reference.prefill_attention(q, k, v, cq, ck, mq, mk, sc, causal, torch.empty_like(q), lse)
+    rel = torch.empty(k.shape[1], k.shape[0], device=dev)
+    return Case(desc, [q, k, lse, cq, ck, mq, mk, sc, causal, rr, rel], [10])
+
+
+def _spans(rng, B, T):
+    vs, ve, tl = [], [], []
+    for _ in range(B):
+        t = rng.choice([T, T, rng.randint(0, T)])
+        if rng.random() < 0.75:  # a long visual span between a short prefix and suffix, as in a VLM prompt
+            a = rng.randint(0, t // 4)
+            b = rng.randint(max(a, 3 * t // 4), t)
+        else:
+            a = rng.randint(0, t)
+            b = rng.randint(a, t)
+        vs.append(a), ve.append(b), tl.append(t)
+    return vs, ve, tl
+
+
+def _scores(shape, rng, gen, dev):
+    s = torch.randn(*shape, generator=gen)
+    if rng.random() < 0.4:  # heavy ties
+        s = (s * 2).round() / 2
+    return s.to(dev)
+
+
+def gen_select_kv(rng, gen, dev, big):
+    L, B, Hk = rng.randint(1, 3), rng.randint(1, 3), rng.choice([1, 4])
+    T = rng.choice([1, 7, 97, 729, 1025, 5125]) if big else rng.randint(1, 60)
+    vs, ve, _ = _spans(rng, B, T)
+    keep = rng.randint(0, T)
+    scores = _scores((L, B, Hk, T), rng, gen, dev)
+    i32 = lambda x: torch.tensor(x, dtype=torch.int32, device=dev)  # noqa: E731
+    idx = torch.empty(L, B, Hk, keep, dtype=torch.int32, device=dev)
+    return Case(f"L={L} B={B} Hk={Hk} T={T} spans={list(zip(vs, ve))} keep={keep}",
+                [scores, i32(vs), i32(ve), keep, idx], [4])
+
+
+def gen_pack_kv(rng, gen, dev, big):
+    from . import reference
+    L, B, Hk = rng.randint(1, 3), rng.randint(1, 3), rng.choice([1, 4])
+    T = rng.choice([7, 97, 729, 1025]) if big else rng.randint(1, 40)
+    D, dt = rng.choice([64, 80, 128] if big else [16, 80]), rng.choice(DTYPES)
+    vs, ve, tl = _spans(rng, B, T)
+    keep = rng.randint(0, T)
+    i32 = lambda x: torch.tensor(x, dtype=torch.int32, device=dev)  # noqa: E731
+    idx = torch.empty(L, B, Hk, keep, dtype=torch.int32, device=dev)
+    reference.select_kv(_scores((L, B, Hk, T), rng, gen, dev), i32(vs), i32(ve), keep, idx)
+    stacked = rng.random() < 0.5
+    if stacked:
+        kk = _randn((L, B, Hk, T, D), dt, dev, gen, False)
+        vv = _randn((L, B, Hk, T, D), dt, dev, gen, False)
+        ks, vs_ = list(kk.unbind(0)), list(vv.unbind(0))
+    else:  # per-layer HF-style caches, some transposed views [B, T, Hk, D] -> [B, Hk, T, D]
+        ks = [_randn((B, T, Hk, D), dt, dev, gen, False).transpose(1, 2) for _ in range(L)]
+        vs_ = [_randn((B, Hk, T, D), dt, dev, gen, True) for _ in range(L)]
+    cap = max(vs[b] + min(keep, ve[b] - vs[b]) + tl[b] - ve[b] for b in range(B)) + rng.randint(1, 5)
+    ko = torch.empty(L, B, Hk, cap, D, dtype=dt, device=dev)
+    vo = torch.empty_like(ko)
+    ln = torch.empty(B, dtype=torch.int32, device=dev)
+    return Case(f"L={L} B={B} Hk={Hk} T={T} D={D} {dt} stacked={stacked} spans={list(zip(vs, ve, tl))} keep={keep}",
+                [ks, vs_, idx, i32(vs), i32(ve), i32(tl), ko, vo, ln], [6, 7, 8])
+
+
+def _decode_inputs(rng, gen, dev, big):
+    B, Hk, G = rng.randint(1, 3), rng.choice([1, 2, 4]), rng.choice([1, 4, 7])
+    cap = rng.choice([1, 7, 97, 729, 1025, 5125, 32768]) if big else rng.randint(1, 70)
+    D, dt = rng.choice([64, 80, 128] if big else [16, 80]), rng.choice(DTYPES)
+    transposed = rng.random() < 0.5
+    if transposed:  # [B, cap, Hk, D] storage viewed as [B, Hk, cap, D]
+        k = _randn((B, cap, Hk, D), dt, dev, gen, False).transpose(1, 2)
+        v = _randn((B, cap, Hk, D), dt, dev, gen, False).transpose(1, 2)
+    else:
+        k, v = _randn((B, Hk, cap, D), dt, dev, gen, False), _randn((B, Hk, cap, D), dt, dev, gen, False)
+    q = _randn((B, Hk * G, D), dt, dev, gen, rng.random() < 0.5)
+    lens = [rng.choice([0, 1, cap, rng.randint(0, cap)]) for _ in range(B)]
+    desc = f"B={B} Hk={Hk} G={G} cap={cap} D={D} {dt} transposed={transposed} lengths={lens}"
+    return q, k, v, lens, desc
+
+
+def gen_decode_attention(rng, gen, dev, big):
+    q, k, v, lens, desc = _decode_inputs(rng, gen, dev, big)
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty(q.shape[0], q.shape[1], device=dev)
+    return Case(desc, [q, k, v, torch.tensor(lens, dtype=torch.int32, device=dev), q.shape[-1] ** -0.5, out, lse],
+                [5, 6])
+
+
+def gen_append_kv(rng, gen, dev, big):
+    q, k, v, lens, desc = _decode_inputs(rng, gen, dev, big)
+    cap = k.shape[2]
+    lens = [min(n, cap - 1) for n in lens]
+    B, Hk, _, D = k.shape
+    kn, vn = _randn((B, Hk, D), k.dtype, dev, gen, False), _randn((B, Hk, D), k.dtype, dev, gen, True)
+    return Case(desc, [kn, vn, k.clone(), v.clone(), torch.tensor(lens, dtype=torch.int32, device=dev)], [2, 3, 4])
+
+
+def gen_sparse_decode_attention(rng, gen, dev, big):
+    q, k, v, lens, desc = _decode_inputs(rng, gen, dev, big)
+    B, Hk, T, _ = k.shape
+    n = rng.randint(0, T)
+    idx = torch.stack([torch.stack([torch.randperm(T, generator=gen)[:n].sort().values for _ in range(Hk)])
+                       for _ in range(B)]).to(torch.int32).to(dev)
+    nv = [rng.randint(0, n) for _ in range(B)]
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty(B, q.shape[1], device=dev)
+    return Case(desc + f" n={n} n_valid={nv}",
+                [q, k, v, idx, torch.tensor(nv, dtype=torch.int32, device=dev), q.shape[-1] ** -0.5, out, lse],
+                [6, 7])
+
+
+GENERATORS: Dict[str, Callable] = {name[4:]: fn for name, fn in globals().items() if name.startswith("gen_")}
+
+
+def _tol(case: Case) -> float:
+    dts = [a.dtype for a in case.args if isinstance(a, torch.Tensor) and a.is_floating_point()]
+    # Outputs in fp32 computed from low-precision inputs are exact up to accumulation order; allow the
+    # low-precision tolerance for the attention outputs written in that dtype.
+    return max(REL_TOL.get(dt, 2e-3) for dt in dts) if dts else 0.0
+
+
+def _clone_args(args):
+    return [[t.clone() for t in a] if isinstance(a, list) else a.clone() if isinstance(a, torch.Tensor) else a
+            for a in args]
+
+
+def run_case(op: str, backend: str, seed: int, device: torch.device, big: bool) -> Tuple[bool, str]:
+    rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
+    case = GENERATORS[op](rng, gen, device, big)
+    ref_args = _clone_args(case.args)
+    with _backend.use_backend("reference"):
+        getattr(torch.ops.sparsevila, op)(*ref_args)
+    test_args = _clone_args(case.args)
+    if op != "append_kv":  # append_kv works in place; every other op's outputs are poisoned
+        for i in case.outputs:
+            poison(test_args[i])
+    with _backend.use_backend(backend):
+        getattr(torch.ops.sparsevila, op)(*test_args)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    tol = _tol(case)
+    worst = []
+    for i in case.outputs:
+        got, want = test_args[i], ref_args[i]
+        if op == "pack_kv" and i in (6, 7):  # compare only the packed prefix of each row
+            n = ref_args[8].long().cpu()
+            mask = (torch.arange(got.shape[3]).view(1, 1, 1, -1) < n.view(1, -1, 1, 1))
+            got, want = got.cpu()[mask.expand(got.shape[:4])], want.cpu()[mask.expand(want.shape[:4])]
+        exact = not want.is_floating_point() or op in ("pack_kv", "append_kv", "select_kv")
+        err = 0.0 if exact and torch.equal(got.cpu(), want.cpu()) else (float("inf") if exact else rel_err(got, want))
+        worst.append(err)
+        if not err <= tol:
+            return False, f"{case.desc}: output #{i} rel err {err:.3e} > {tol:.1e}"
+    return True, f"{case.desc}: max rel err {max(worst) if worst else 0:.2e}"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m sparsevila_ops fuzz", description=__doc__.split("\n\n")[0])
+    p.add_argument("--op", required=True, choices=sorted(GENERATORS) + ["all"])
+    p.add_argument("--backend", default="triton", choices=_backend.BACKENDS)
+    p.add_argument("--cases", type=int, default=20)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--scale", choices=["small", "real"], default=None,
+                   help="input sizes (default: real on CUDA, small on CPU where Triton is interpreted)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    a = p.parse_args(argv)
+    device = torch.device(a.device)
+    if a.backend == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        os.environ["TRITON_INTERPRET"] = "1"  # before the lazily imported kernels are loaded
+    big = (a.scale or ("real" if device.type == "cuda" else "small")) == "real"
+    ops = sorted(GENERATORS) if a.op == "all" else [a.op]
+    failures = 0
+    for op in ops:
+        n_fail = 0
+        for i in range(a.cases):
+            seed = a.seed + i
+            try:
+                ok, msg = run_case(op, a.backend, seed, device, big)
+            except Exception as e:  # noqa: BLE001 - a crash is a failure with a repro
+                ok, msg = False, f"raised {type(e).__name__}: {e}\n{traceback.format_exc(limit=3)}"
+            if not ok:
+                n_fail += 1
+                print(f"FAIL {op} seed={seed}: {msg}\n  repro: python -m sparsevila_ops fuzz --op {op} "
+                      f"--backend {a.backend} --cases 1 --seed {seed} --device {a.device}"
+                      + (f" --scale {a.scale}" if a.scale else ""), flush=True)
+            elif a.verbose:
+                print(f"ok   {op} seed={seed}: {msg}", flush=True)
+        print(f"{op}: {a.cases - n_fail} passed, {n_fail} failed ({a.backend} vs reference on {a.device}, "
+              f"seeds {a.seed}..{a.seed + a.cases - 1})", flush=True)
+        failures += n_fail
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,26 @@
+"""Comparison helpers shared by the test suite, the fuzz harness and the benchmarks (one place)."""
+from __future__ import annotations
+
+import torch
+
+# Relative L2 error allowed against an fp32/fp64 reference, per input dtype.
+REL_TOL = {torch.float32: 2e-3, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in float64 over elements where ref is finite; inf if out is not finite there,
+    or differs from ref where ref is infinite (e.g. an lse of -inf for a row that sees no key)."""
+    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
+    fin = torch.isfinite(ref)
+    if not torch.equal(torch.isfinite(out), fin) or not torch.equal(out[~fin], ref[~fin]):
+        return float("inf")
+    num = (out[fin] - ref[fin]).norm()
+    den = ref[fin].norm()
+    return float(num / den) if den > 0 else float(num)
+
+
+def poison(t: torch.Tensor) -> torch.Tensor:
+    """Fill an output with NaN (integers: -12345) so unwritten elements fail the comparison."""
+    if t.is_floating_point():
+        return t.fill_(float("nan"))
+    return t.fill_(-12345)
