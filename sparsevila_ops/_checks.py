@@ -37,13 +37,13 @@ def check_tensor(name: str, t, *, ndim: Optional[int] = None, dtypes: Sequence[t
 
 
 def check_same_device(**tensors) -> None:
-    devs = {n: t.device for n, t in tensors.items() if t is not None}
+    devs = {n: t.device for n, t in tensors.items() if isinstance(t, torch.Tensor)}
     if len(set(devs.values())) > 1:
         raise ValueError(f"all tensors must be on one device; got {', '.join(f'{n} on {d}' for n, d in devs.items())}")
 
 
 def check_same_dtype(**tensors) -> None:
-    dts = {n: t.dtype for n, t in tensors.items() if t is not None}
+    dts = {n: t.dtype for n, t in tensors.items() if isinstance(t, torch.Tensor)}
     if len(set(dts.values())) > 1:
         raise TypeError(f"tensors must share one dtype; got {', '.join(f'{n} {d}' for n, d in dts.items())}")
 
@@ -111,6 +111,8 @@ def check_lse(name: str, lse, h: int, t: int) -> None:
 def check_out(name: str, out, shape, dtype, device) -> None:
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor; got {type(out).__name__}")
+    if out.dtype != dtype:
+        raise TypeError(f"{name} must have dtype {dtype}; got {out.dtype}")
     if tuple(out.shape) != tuple(shape) or out.dtype != dtype or out.device != device:
         raise ValueError(f"{name} must be a {dtype} tensor of shape {tuple(shape)} on {device}; got "
                          f"{out.dtype} {tuple(out.shape)} on {out.device}")

@@ -24,7 +24,7 @@ define("sparse_decode_attention",
        triton=f"{_TRITON}:sparse_decode_attention")
 
 
-def _check_cache(q, k, v, q_name="q", k_name="k", v_name="v"):
+def _check_cache(q, k, v, q_name="q", k_name="k", v_name="v", same_heads=False):
     C.check_tensor(q_name, q, ndim=3)
     C.check_tensor(k_name, k, ndim=4)
     C.check_tensor(v_name, v, ndim=4)
@@ -36,15 +36,17 @@ def _check_cache(q, k, v, q_name="q", k_name="k", v_name="v"):
     if k.shape[0] != B or k.shape[3] != D:
         raise ValueError(f"{k_name} must be [B, Hk, capacity, D] = [{B}, Hk, capacity, {D}]; got {tuple(k.shape)}")
     C.check_head_dim(q_name, D)
+    if same_heads and k.shape[1] != Hq:
+        raise ValueError(f"{q_name} heads ({Hq}) must equal {k_name} heads ({k.shape[1]})")
     C.check_gqa(Hq, k.shape[1], q_name, k_name)
     return B, Hq, D, k.shape[2]
 
 
-def _check_lengths(name: str, lengths, B: int, hi: int, device) -> None:
+def _check_lengths(name: str, lengths, B: int, hi: int, ref_name: str, ref: torch.Tensor) -> None:
     C.check_tensor(name, lengths, ndim=1, dtypes=(torch.int32,), last_contiguous=False)
     if tuple(lengths.shape) != (B,):
         raise ValueError(f"{name} must be int32 of shape [B] = [{B}]; got {tuple(lengths.shape)}")
-    C.check_same_device(q=torch.empty(0, device=device), **{name: lengths})
+    C.check_same_device(**{ref_name: ref, name: lengths})
     if C.value_checks_enabled(lengths):
         bad = [(b, n) for b, n in enumerate(lengths.tolist()) if not 0 <= n <= hi]
         if bad:
@@ -78,7 +80,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths:
     Returns ``(out [B, Hq, D] in q's dtype, lse fp32 [B, Hq])``. Split-KV on the Triton backend.
     """
     B, Hq, D, cap = _check_cache(q, k, v)
-    _check_lengths("lengths", lengths, B, cap, q.device)
+    _check_lengths("lengths", lengths, B, cap, "q", q)
     scale = C.check_scale(scale, D)
     out, lse = _outputs(q, out, lse)
     torch.ops.sparsevila.decode_attention(q, k, v, lengths, scale, out, lse)
@@ -92,15 +94,13 @@ def append_kv(k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor, v
     ``k_new, v_new`` are ``[B, Hk, D]``. The caller guarantees ``lengths[b] < capacity`` (``capacity`` was
     sized for the tokens to generate); it is checked on CPU tensors and under ``SPARSEVILA_DEBUG=1``.
     """
-    B, Hk, D, cap = _check_cache(k_new, k_cache, v_cache, "k_new", "k_cache", "v_cache")
+    B, Hk, D, cap = _check_cache(k_new, k_cache, v_cache, "k_new", "k_cache", "v_cache", same_heads=True)
     C.check_tensor("v_new", v_new, ndim=3)
     if v_new.shape != k_new.shape:
         raise ValueError(f"v_new must have the shape of k_new {tuple(k_new.shape)}; got {tuple(v_new.shape)}")
-    if k_cache.shape[1] != Hk:
-        raise ValueError(f"k_new heads ({Hk}) must equal k_cache heads ({k_cache.shape[1]})")
     C.check_same_dtype(k_new=k_new, v_new=v_new)
     C.check_same_device(k_new=k_new, v_new=v_new)
-    _check_lengths("lengths", lengths, B, cap - 1, k_new.device)
+    _check_lengths("lengths", lengths, B, cap - 1, "k_new", k_new)
     torch.ops.sparsevila.append_kv(k_new, v_new, k_cache, v_cache, lengths)
 
 
@@ -118,7 +118,7 @@ def sparse_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     if tuple(indices.shape[:2]) != (B, k_cache.shape[1]):
         raise ValueError(f"indices must be int32 [B, Hk, n] = [{B}, {k_cache.shape[1]}, n]; got {tuple(indices.shape)}")
     C.check_same_device(q=q, indices=indices)
-    _check_lengths("n_valid", n_valid, B, indices.shape[2], q.device)
+    _check_lengths("n_valid", n_valid, B, indices.shape[2], "q", q)
     if C.value_checks_enabled(indices):
         for b, n in enumerate(n_valid.tolist()):
             valid = indices[b, :, :n]

@@ -162,7 +162,6 @@ def pack_kv(k, v, indices: torch.Tensor, vis_start: torch.Tensor, vis_end: torch
     untouched."""
     Hk = k[0].shape[1]
     for b, (vs, ve, tb) in enumerate(zip(vis_start.tolist(), vis_end.tolist(), seq_lens.tolist())):
-        n = vs + (tb - ve)
         for layer in range(len(k)):
             for g in range(Hk):
                 pos = packed_positions(indices[layer, b, g], vs, ve, tb)

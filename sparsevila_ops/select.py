@@ -142,7 +142,7 @@ def pack_kv(k, v, indices: torch.Tensor, vis_start: IntOrInts, vis_end: IntOrInt
     for name, o in (("k_out", k_out), ("v_out", v_out)):
         if o is None:
             raise ValueError(f"{name} must be given when the other packed buffer is")
-        C.check_out(name, o.view(shape) if single and o.dim() == 4 else o, shape, dt, dev)
+        C.check_out(name, o, shape[1:] if single and o.dim() == 4 else shape, dt, dev)
     if lengths is None:
         lengths = torch.empty(B, dtype=torch.int32, device=dev)
     else:
