@@ -28,3 +28,25 @@ __all__ = [
     "prune_visual_tokens", "select_kv", "select_pack_kv", "sparse_decode_attention", "use_backend",
     "visual_salience",
 ]
+
+
+def _map_source_tree_subpackages() -> None:
+    """Installs map the top-level ``triton_kernels/`` to ``sparsevila_ops.triton_kernels`` (setup.py
+    ``package_dir``). Where the installer could not (a legacy ``setup.py develop`` egg-link, or a plain
+    ``PYTHONPATH`` checkout), register the same mapping from the source tree. Imports nothing heavy."""
+    import importlib.util
+    import os
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for sub in ("triton_kernels",):
+        name, src = f"{__name__}.{sub}", os.path.join(root, sub, "__init__.py")
+        if name in sys.modules or importlib.util.find_spec(name) is not None or not os.path.isfile(src):
+            continue
+        spec = importlib.util.spec_from_file_location(name, src, submodule_search_locations=[os.path.dirname(src)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+
+
+_map_source_tree_subpackages()

@@ -1,0 +1,274 @@
+"""Figure 3a: query-agnostic salience (``visual_salience``) at the ANCHORS.md shapes, H100 bf16.
+
+``python -m bench.figure3_salience [--quick] [--sweep]``. Per shape: naive torch (the fp32 chunked reference)
+vs Triton two passes (atomic and deterministic head reduction) vs Triton with ``lse`` given vs
+``flash_colreduce`` (when importable) vs one SDPA forward of the same shape (yardstick). The exp floor is
+``passes * H * sum_s n_s^2 / 3.9e12 exp/s``. ``--sweep`` times the kernel's tile/exp configurations instead.
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+import sparsevila_ops
+from bench.common import peak_extra_memory, time_cuda, verify, write_results
+from sparsevila_ops import reference
+
+EXP_PER_S = 3.9e12  # H100 MUFU: 16 exp/clk/SM x 132 SMs x 1.83 GHz
+BF16_TOL = 2e-2  # tests/helpers.py REL_TOL[bfloat16]
+
+
+@dataclass
+class Shape:
+    name: str
+    B: int  # segments (frames / windows), each of length N
+    N: int
+    H: int = 16
+    D: int = 80
+    naive_ms: Optional[float] = None  # ANCHORS.md (same card, another run)
+    colreduce_ms: Optional[float] = None
+    sdpa_ms: Optional[float] = None
+    target_2pass_ms: Optional[float] = None
+    target_lse_ms: Optional[float] = None
+
+    @property
+    def exps_per_pass(self) -> float:
+        return float(self.H) * self.B * self.N * self.N
+
+
+SHAPES = [
+    Shape("SigLIP 64 frames", 64, 729, D=72, naive_ms=7.18, colreduce_ms=1.76, sdpa_ms=0.63,
+          target_2pass_ms=0.55, target_lse_ms=0.30),
+    Shape("SigLIP 256 frames", 256, 729, D=72, naive_ms=28.7, colreduce_ms=6.75, sdpa_ms=2.20,
+          target_2pass_ms=2.0, target_lse_ms=1.1),
+    Shape("QwenVL 4k", 1, 4096, naive_ms=3.22, colreduce_ms=0.79, sdpa_ms=0.25, target_2pass_ms=0.25,
+          target_lse_ms=0.14),
+    Shape("QwenVL 16k", 1, 16384, naive_ms=47.3, colreduce_ms=8.64, sdpa_ms=3.15, target_2pass_ms=2.9,
+          target_lse_ms=1.6),
+    Shape("QwenVL 32k", 1, 32768, naive_ms=221.0, colreduce_ms=32.0, sdpa_ms=13.9, target_2pass_ms=11.5,
+          target_lse_ms=6.2),
+    Shape("QwenVL window 16k (64-patch windows)", 256, 64),
+]
+QUICK = ("SigLIP 64 frames", "QwenVL 4k", "QwenVL window 16k (64-patch windows)")
+N_INPUTS = 2  # rotating input sets: every set is larger than the 50 MB L2
+
+
+def _natural_lse(q: torch.Tensor, k: torch.Tensor, B: int, N: int, scale: float) -> torch.Tensor:
+    """Row LSE ``[H, B*N]`` (natural log, fp32), as an attention forward returns it; chunked over rows."""
+    H, D = q.shape[1:]
+    qb, kb = q.view(B, N, H, D).float(), k.view(B, N, H, D).float()
+    lse = torch.empty(H, B, N, device=q.device)
+    rows = max(1, (1 << 27) // (B * H * N))
+    for r0 in range(0, N, rows):
+        s = torch.einsum("brhd,bnhd->hbrn", qb[:, r0:r0 + rows], kb) * scale
+        lse[:, :, r0:r0 + rows] = torch.logsumexp(s, dim=-1)
+    return lse.view(H, B * N)
+
+
+def _flash_colreduce():
+    try:
+        from flash_colreduce import flash_colreduce
+        return flash_colreduce
+    except ImportError:
+        return None
+
+
+def _inputs(sh: Shape, seed: int):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    T = sh.B * sh.N
+    return [torch.randn(T, sh.H, sh.D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3)]
+
+
+def bench_shape(sh: Shape, iters: int) -> List[Dict[str, object]]:
+    T, scale = sh.B * sh.N, sh.D ** -0.5
+    cu = torch.arange(0, T + 1, sh.N, dtype=torch.int32, device="cuda")
+    sets = [_inputs(sh, 100 + i) for i in range(N_INPUTS)]
+    lses = [_natural_lse(q, k, sh.B, sh.N, scale) for q, k, _ in sets]
+    out = torch.empty(T, device="cuda")
+
+    def naive(i):
+        q, k, _ = sets[i]
+        reference.visual_salience(q, k, cu, sh.N, scale, 0, None, False, out)
+
+    def two_pass(i, deterministic=False):
+        q, k, _ = sets[i]
+        sparsevila_ops.visual_salience(q, k, cu, sh.N, out=out, deterministic=deterministic)
+
+    def lse_given(i):
+        q, k, _ = sets[i]
+        sparsevila_ops.visual_salience(q, k, cu, sh.N, out=out, lse=lses[i])
+
+    def sdpa(i):
+        q, k, v = (t.view(sh.B, sh.N, sh.H, sh.D).transpose(1, 2) for t in sets[i])
+        F.scaled_dot_product_attention(q, k, v)
+
+    impls: List[tuple] = [
+        ("naive torch (fp32 reference)", naive, 0, sh.naive_ms, None),
+        ("triton 2 passes", two_pass, 2, None, sh.target_2pass_ms),
+        ("triton 2 passes, deterministic", lambda i: two_pass(i, True), 2, None, sh.target_2pass_ms),
+        ("triton lse given", lse_given, 1, None, sh.target_lse_ms),
+    ]
+    fcr = _flash_colreduce()
+    if fcr is not None:
+        def colreduce(i):
+            q, k, _ = (t.view(sh.B, sh.N, sh.H, sh.D).transpose(1, 2) for t in sets[i])
+            fcr(q, k, "sum").sum(1)
+        impls.append(("flash-colreduce", colreduce, 2, sh.colreduce_ms, None))
+    impls.append(("SDPA fwd (yardstick)", sdpa, 1, sh.sdpa_ms, None))
+
+    # Oracle for set 0, then verify each salience implementation before timing it.
+    naive(0)
+    torch.cuda.synchronize()
+    ref = out.clone()
+    ref_lse = torch.empty_like(ref)
+    reference.visual_salience(sets[0][0], sets[0][1], cu, sh.N, scale, 0, lses[0], False, ref_lse)
+
+    rows, naive_median = [], None
+    for name, fn, passes, anchor, target in impls:
+        row: Dict[str, object] = {"shape": f"{sh.name} ({sh.B}x{sh.H}x{sh.N}x{sh.D})", "impl": name,
+                                  "anchor_ms": anchor, "target_ms": target}
+        if name.startswith("triton") or name == "flash-colreduce":
+            out.fill_(float("nan"))
+            fn(0)
+            row["rel_err"] = verify(name, out, ref_lse if name == "triton lse given" else ref, BF16_TOL)
+        n_it = iters
+        if name.startswith("naive"):
+            t0 = time_cuda(fn, n_inputs=N_INPUTS, warmup=1, iters=1)["median_ms"]
+            if t0 > 30e3:
+                row["note"] = f"skipped: one call took {t0 / 1e3:.0f} s"
+                rows.append(row)
+                continue
+            n_it = max(3, min(iters, int(3e3 / max(t0, 1e-3))))
+        row.update(time_cuda(fn, n_inputs=N_INPUTS, warmup=3, iters=n_it))
+        row["peak_extra_MB"] = peak_extra_memory(lambda: fn(0)) / 2**20
+        med = row["median_ms"]
+        if passes:
+            floor = passes * sh.exps_per_pass / EXP_PER_S * 1e3
+            row["exp_floor_ms"], row["x_floor"] = floor, med / floor
+        if name.startswith("naive"):
+            naive_median = med
+        if naive_median:
+            row["speedup_vs_naive"] = naive_median / med
+        if target:
+            row["target/time"] = target / med
+        rows.append(row)
+    if fcr is None:
+        rows.append({"shape": rows[0]["shape"], "impl": "flash-colreduce", "anchor_ms": sh.colreduce_ms,
+                     "note": "absent (pip flash-colreduce not installed on this machine)"})
+    del sets, lses
+    torch.cuda.empty_cache()
+    return rows
+
+
+def sweep(shapes: List[Shape], iters: int) -> None:
+    """Time the kernel's configurations: EXP modes with the default tiles, then tiles with the best EXP mode.
+    colsum is timed alone (lse given), lse through the two-pass op with the default colsum config."""
+    from sparsevila_ops.triton_kernels import salience as tk
+    default = tk._config
+    colsum_tiles = [(128, 64, 4, 2), (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3),
+                    (64, 64, 4, 3), (64, 128, 4, 3), (128, 32, 4, 3), (256, 64, 8, 2)]  # BLOCK_N, BLOCK_M, w, s
+    lse_tiles = [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2), (128, 128, 8, 3),
+                 (64, 128, 4, 3), (128, 32, 8, 3), (256, 64, 8, 2)]  # BLOCK_M, BLOCK_N, warps, stages
+    rows = []
+    for sh in shapes:
+        T, scale = sh.B * sh.N, sh.D ** -0.5
+        cu = torch.arange(0, T + 1, sh.N, dtype=torch.int32, device="cuda")
+        q, k, _ = _inputs(sh, 0)
+        lse = _natural_lse(q, k, sh.B, sh.N, scale)
+        out = torch.empty(T, device="cuda")
+        ref = torch.empty(T, device="cuda")
+        reference.visual_salience(q, k, cu, sh.N, scale, 0, lse, False, ref)
+        ref2 = torch.empty(T, device="cuda")
+        reference.visual_salience(q, k, cu, sh.N, scale, 0, None, False, ref2)
+
+        def measure(phase, cfg, with_lse):
+            def patched(ph, *a):
+                return dict(cfg) if ph == phase else default(ph, *a)
+            tk._config = patched
+            try:
+                fn = lambda i: sparsevila_ops.visual_salience(q, k, cu, sh.N, out=out,  # noqa: E731
+                                                              lse=lse if with_lse else None)
+                out.fill_(float("nan"))
+                fn(0)
+                err = verify("sweep", out, ref if with_lse else ref2, BF16_TOL)
+                t = time_cuda(fn, warmup=3, iters=iters)["median_ms"]
+            except Exception as e:  # a config that fails to compile or verify is reported, not fatal
+                t, err = float("inf"), f"{type(e).__name__}: {str(e)[:80]}"
+            finally:
+                tk._config = default
+            passes = 1 if with_lse else 2
+            rows.append({"shape": sh.name, "phase": phase, "config": str(cfg), "median_ms": t,
+                         "x_floor": t / (passes * sh.exps_per_pass / EXP_PER_S * 1e3), "rel_err": err})
+            print(f"{sh.name[:12]:12s} {phase:6s} {t:8.4f} ms  {cfg}  err={err}", flush=True)
+            return t
+
+        nr = sh.N
+        for phase, tiles, with_lse, keys in (("colsum", colsum_tiles, True, ("BLOCK_N", "BLOCK_M")),
+                                             ("lse", lse_tiles, False, ("BLOCK_M", "BLOCK_N"))):
+            base = default(phase, sh.N, nr, sh.D, q.dtype)
+            best_exp = min((0, 1, 2), key=lambda e: measure(phase, {**base, "EXP": e}, with_lse))
+            for t in tiles:
+                measure(phase, {keys[0]: t[0], keys[1]: t[1], "num_warps": t[2], "num_stages": t[3],
+                                "EXP": best_exp}, with_lse)
+    write_results("figure3_salience_sweep", rows, ["shape", "phase", "config", "median_ms", "x_floor", "rel_err"],
+                  title="visual_salience config sweep")
+
+
+def _plot(rows: List[Dict[str, object]]) -> Callable[[object], None]:
+    def plot(fig):
+        ax = fig.add_subplot(1, 1, 1)
+        shapes = list(dict.fromkeys(r["shape"] for r in rows))
+        impls = [i for i in dict.fromkeys(r["impl"] for r in rows)
+                 if any(r["impl"] == i and r.get("median_ms") for r in rows)]
+        width = 0.8 / max(1, len(impls))
+        for j, impl in enumerate(impls):
+            xs, ys = [], []
+            for s_i, s in enumerate(shapes):
+                r = next((r for r in rows if r["shape"] == s and r["impl"] == impl), None)
+                if r is not None and r.get("median_ms"):
+                    xs.append(s_i + (j - (len(impls) - 1) / 2) * width)
+                    ys.append(r["median_ms"])
+            ax.bar(xs, ys, width, label=impl)
+        for s_i, s in enumerate(shapes):
+            for r in rows:
+                if r["shape"] == s and r.get("target_ms") and r["impl"] in ("triton 2 passes", "triton lse given"):
+                    ax.plot([s_i - 0.4, s_i + 0.4], [r["target_ms"]] * 2, "k--" if "2" in r["impl"] else "k:",
+                            lw=0.8)
+        ax.set_yscale("log")
+        ax.set_ylabel("latency per layer (ms, log)")
+        ax.set_xticks(range(len(shapes)))
+        ax.set_xticklabels([s.replace(" (", "\n(") for s in shapes], fontsize=7)
+        ax.legend(fontsize=7, title="dashed: target 2 passes, dotted: target lse given", title_fontsize=7)
+    return plot
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="SigLIP 64 frames, QwenVL 4k and the window layer only")
+    p.add_argument("--sweep", action="store_true", help="time kernel configurations instead of the figure")
+    p.add_argument("--iters", type=int, default=30)
+    a = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("figure3_salience: needs a CUDA GPU; skipped")
+        return 0
+    shapes = [s for s in SHAPES if not a.quick or s.name in QUICK]
+    if a.sweep:
+        sweep([s for s in shapes if s.name in ("SigLIP 64 frames", "QwenVL 4k", "QwenVL 16k")], a.iters)
+        return 0
+    rows = []
+    for sh in shapes:
+        rows += bench_shape(sh, a.iters)
+        print(f"done {sh.name}", flush=True)
+    cols = ["shape", "impl", "median_ms", "p20_ms", "p80_ms", "peak_extra_MB", "exp_floor_ms", "x_floor",
+            "speedup_vs_naive", "anchor_ms", "target_ms", "target/time", "rel_err", "note"]
+    write_results("figure3_salience", rows, cols, plot=_plot(rows),
+                  title="Figure 3a: visual_salience (bf16, per layer)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
