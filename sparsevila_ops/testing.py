@@ -24,3 +24,35 @@ def poison(t: torch.Tensor) -> torch.Tensor:
     if t.is_floating_point():
         return t.fill_(float("nan"))
     return t.fill_(-12345)
+
+
+def patch_triton_interpreter() -> None:
+    """Work around two gaps of Triton 3.6's CPU interpreter (``TRITON_INTERPRET=1``) with numpy 2.x; used by the
+    test suite and the fuzz harness on CPU only (compiled GPU kernels are untouched). Idempotent.
+
+    - a loop bound read from a device value is a shape-(1,) array, and ``int()`` of it raises;
+    - ``tl.dot`` multiplies the raw uint16 bits of bfloat16 tiles instead of their values.
+    """
+    import numpy as np
+    import triton.language as tl
+    import triton.runtime.interpreter as interp
+
+    if getattr(interp, "_sparsevila_patched", False):
+        return
+    orig_patch, orig_dot = interp._patch_lang_tensor, interp.InterpreterBuilder.create_dot
+
+    def patch_lang_tensor(tensor, scope):
+        orig_patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    def to_f32(h):
+        if h.dtype.scalar != tl.bfloat16:
+            return h
+        return interp.TensorHandle((h.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        return orig_dot(self, to_f32(a), to_f32(b), d, input_precision, max_num_imprecise_acc)
+
+    interp._patch_lang_tensor = patch_lang_tensor
+    interp.InterpreterBuilder.create_dot = create_dot
+    interp._sparsevila_patched = True

@@ -1,0 +1,168 @@
+"""Decode attention, batch 1, one layer: split-KV Triton kernel vs SDPA, dense and 5 %-packed caches.
+
+``python -m bench.decode [--quick]``. bf16, D 128, Qwen2-7B (28 q / 4 kv heads) and Llama-2-7B (32 / 32),
+contexts 8k / 32k / 128k. Time per layer as in a captured decode step: one CUDA graph replays the op over R
+distinct caches back to back (R >= 8 "layers", enough that R caches exceed the 50 MB L2 where memory allows;
+the 5 %-packed caches of 8k/32k still partly fit in L2 with R = 32) and the replay time is divided by R. Timing
+single replays instead measures the host's graph-launch latency (~20 µs), not the kernel. SDPA dense is also
+timed eagerly (the ANCHORS.md baseline). Variants:
+
+- ``ours_full``: ``decode_attention`` over the whole cache (lengths = context);
+- ``ours_p5``: ``decode_attention`` over a cache packed to 5 % of the context;
+- ``sparse_p5``: ``sparse_decode_attention`` over the full cache with the same 5 % of indices (gather in kernel);
+- ``sdpa_full`` / ``sdpa_p5``: ``F.scaled_dot_product_attention(enable_gqa=True)`` on the same tensors.
+
+Achieved TB/s = K + V bytes read / time. Outputs are verified against ``sparsevila_ops.reference`` first.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+
+import torch
+import torch.nn.functional as F
+
+from bench.common import time_cuda, verify, write_results
+import sparsevila_ops as so
+from sparsevila_ops import reference as ref
+
+MODELS = {"qwen2-7b": (28, 4), "llama2-7b": (32, 32)}
+CONTEXTS = (8192, 32768, 131072)
+TARGETS_US = {8192: 8.0, 32768: 26.0, 131072: 103.0}
+D, SLACK, L2_BYTES = 128, 256, 256 << 20
+
+
+def _sets(kv_bytes: int) -> int:
+    return max(8, min(32, math.ceil(L2_BYTES / kv_bytes)))
+
+
+def _per_layer_us(fn, n_sets: int, iters: int, graph: bool = True) -> float:
+    """Median time of one pass over all n_sets caches (one graph when ``graph``) divided by n_sets, in µs."""
+    def all_sets(_):
+        for i in range(n_sets):
+            fn(i)
+    return 1e3 * time_cuda(all_sets, iters=iters, graph=graph)["median_ms"] / n_sets
+
+
+def _make(B, hq, hk, cap, n_sets, dev, dt, gen):
+    qs = [torch.randn(B, hq, D, device=dev, dtype=dt, generator=gen) for _ in range(n_sets)]
+    ks = [torch.randn(B, hk, cap, D, device=dev, dtype=dt, generator=gen) for _ in range(n_sets)]
+    vs = [torch.randn(B, hk, cap, D, device=dev, dtype=dt, generator=gen) for _ in range(n_sets)]
+    return qs, ks, vs
+
+
+def _reference(q, k, v, lengths):
+    out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
+    ref.decode_attention(q, k, v, lengths, D ** -0.5, out, lse)
+    return out
+
+
+def run_case(model: str, ctx: int, iters: int) -> dict:
+    hq, hk = MODELS[model]
+    B, dev, dt = 1, "cuda", torch.bfloat16
+    gen = torch.Generator(device=dev).manual_seed(ctx)
+    n5 = max(1, round(0.05 * ctx))
+    row = {"model": model, "ctx": ctx, "kept_p5": n5, "layers_R": _sets(2 * B * hk * ctx * D * 2)}
+    kv_full = 2 * B * hk * ctx * D * 2
+    kv_p5 = 2 * B * hk * n5 * D * 2
+
+    def ours(qs, ks, vs, lengths, outs):
+        def fn(i):
+            so.decode_attention(qs[i], ks[i], vs[i], lengths, out=outs[i][0], lse=outs[i][1])
+        return fn
+
+    def sdpa(qs, ks, vs, n, outs):
+        def fn(i):
+            outs[i][0].copy_(F.scaled_dot_product_attention(
+                qs[i].unsqueeze(2), ks[i][:, :, :n], vs[i][:, :, :n], enable_gqa=True).squeeze(2))
+        return fn
+
+    def outs_for(qs):
+        return [(torch.empty_like(q), torch.empty(q.shape[:2], device=dev)) for q in qs]
+
+    # Dense cache, lengths = ctx (capacity leaves room to generate).
+    n_sets = _sets(kv_full)
+    qs, ks, vs = _make(B, hq, hk, ctx + SLACK, n_sets, dev, dt, gen)
+    lengths = torch.tensor([ctx], dtype=torch.int32, device=dev)
+    outs = outs_for(qs)
+    f_ours, f_sdpa = ours(qs, ks, vs, lengths, outs), sdpa(qs, ks, vs, ctx, outs)
+    f_ours(0)
+    r0 = _reference(qs[0], ks[0], vs[0], lengths)
+    verify("decode full", outs[0][0].float(), r0, 2e-2)
+    f_sdpa(0)
+    verify("sdpa full", outs[0][0].float(), r0, 2e-2)
+    row["ours_full_us"] = _per_layer_us(f_ours, n_sets, iters)
+    row["sdpa_full_us"] = _per_layer_us(f_sdpa, n_sets, iters)
+    row["sdpa_full_eager_us"] = _per_layer_us(f_sdpa, n_sets, iters, graph=False)
+
+    # Sparse decode over the same full caches: 5 % of positions per kv head, sorted.
+    idx = [torch.stack([torch.randperm(ctx, device=dev, generator=gen)[:n5].sort().values for _ in range(hk)])
+           .unsqueeze(0).to(torch.int32) for _ in range(n_sets)]
+    n_valid = torch.tensor([n5], dtype=torch.int32, device=dev)
+
+    def f_sparse(i):
+        so.sparse_decode_attention(qs[i], ks[i], vs[i], idx[i], n_valid, out=outs[i][0], lse=outs[i][1])
+    f_sparse(0)
+    gi = idx[0].long().unsqueeze(-1).expand(-1, -1, -1, D)
+    r_s = _reference(qs[0], torch.gather(ks[0], 2, gi), torch.gather(vs[0], 2, gi), n_valid)
+    verify("sparse decode", outs[0][0].float(), r_s, 2e-2)
+    row["sparse_p5_us"] = _per_layer_us(f_sparse, n_sets, iters)
+    del qs, ks, vs, outs, idx, f_ours, f_sdpa
+    torch.cuda.empty_cache()
+
+    # Packed cache at 5 %.
+    n_sets = _sets(kv_p5)
+    qs, ks, vs = _make(B, hq, hk, n5 + SLACK, n_sets, dev, dt, gen)
+    lengths = torch.tensor([n5], dtype=torch.int32, device=dev)
+    outs = outs_for(qs)
+    f_ours, f_sdpa = ours(qs, ks, vs, lengths, outs), sdpa(qs, ks, vs, n5, outs)
+    f_ours(0)
+    r0 = _reference(qs[0], ks[0], vs[0], lengths)
+    verify("decode p5", outs[0][0].float(), r0, 2e-2)
+    row["ours_p5_us"] = _per_layer_us(f_ours, n_sets, iters)
+    row["sdpa_p5_us"] = _per_layer_us(f_sdpa, n_sets, iters)
+    del qs, ks, vs, outs
+    torch.cuda.empty_cache()
+
+    row["ours_full_TBps"] = kv_full / (row["ours_full_us"] * 1e-6) / 1e12
+    row["sdpa_full_TBps"] = kv_full / (row["sdpa_full_us"] * 1e-6) / 1e12
+    row["ours_p5_TBps"] = kv_p5 / (row["ours_p5_us"] * 1e-6) / 1e12
+    row["sparse_p5_TBps"] = kv_p5 / (row["sparse_p5_us"] * 1e-6) / 1e12
+    row["speedup_vs_sdpa"] = row["sdpa_full_us"] / row["ours_full_us"]
+    row["speedup_vs_sdpa_eager"] = row["sdpa_full_eager_us"] / row["ours_full_us"]
+    row["target_us"] = TARGETS_US[ctx] if model == "qwen2-7b" else None
+    return row
+
+
+def _plot(rows):
+    def plot(fig):
+        ax = fig.add_subplot(1, 1, 1)
+        keys = ["sdpa_full_us", "ours_full_us", "sdpa_p5_us", "sparse_p5_us", "ours_p5_us"]
+        x = range(len(rows))
+        w = 0.8 / len(keys)
+        for j, key in enumerate(keys):
+            ax.bar([i + (j - 2) * w for i in x], [r[key] for r in rows], w, label=key[:-3])
+        ax.set_yscale("log")
+        ax.set_ylabel("µs per layer (CUDA graph of R layers)")
+        ax.set_xticks(list(x))
+        ax.set_xticklabels([f"{r['model'][:5]} {r['ctx'] // 1024}k" for r in rows], fontsize=8)
+        ax.legend(fontsize=7)
+    return plot
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="Qwen2-7B at 8k and 128k only")
+    a = p.parse_args(argv)
+    grid = [("qwen2-7b", 8192), ("qwen2-7b", 131072)] if a.quick else [(m, c) for m in MODELS for c in CONTEXTS]
+    rows = [run_case(m, c, iters=20 if a.quick else 50) for m, c in grid]
+    cols = ["model", "ctx", "ours_full_us", "sdpa_full_us", "sdpa_full_eager_us", "speedup_vs_sdpa",
+            "ours_full_TBps", "ours_p5_us", "sdpa_p5_us", "sparse_p5_us", "ours_p5_TBps", "target_us"]
+    write_results("decode", rows, cols, plot=_plot(rows),
+                  title="decode attention, batch 1, bf16, per layer inside a CUDA graph of R layers")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

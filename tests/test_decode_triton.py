@@ -1,0 +1,194 @@
+"""Triton decode_attention (split-KV), append_kv and sparse_decode_attention against sparsevila_ops.reference.
+
+Accuracy: flash-attention's 2x rule against an fp64 run of the reference; the low-precision baseline is torch
+computing in the inputs' dtype. CPU: Triton interpreter, tiny shapes. GPU (`gpu`): Qwen2-7B / Llama-2-7B
+sizes and 16 decode steps (append + attention) captured in one CUDA graph.
+"""
+
+import pytest
+import torch
+
+import sparsevila_ops as so
+from sparsevila_ops import reference as ref
+from sparsevila_ops.triton_kernels import decode as tk
+
+from helpers import REL_TOL, assert_2x_rule, assert_rel, poison
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _ref_hi(q, k, v, lengths, scale):
+    out = torch.empty(q.shape, dtype=torch.float64, device=q.device)
+    lse = torch.empty(q.shape[:2], dtype=torch.float64, device=q.device)
+    ref.decode_attention(q.double(), k.double(), v.double(), lengths, scale, out, lse)
+    return out, lse
+
+
+def _ref_lo(q, k, v, lengths, scale):
+    """Torch in the inputs' dtype (flash-attention's low-precision baseline): QK^T and PV in the dtype."""
+    B, Hq, D = q.shape
+    G = Hq // k.shape[1]
+    out = torch.zeros_like(q)
+    for b, n in enumerate(lengths.tolist()):
+        if n == 0:
+            continue
+        kb = k[b, :, :n].repeat_interleave(G, 0)
+        vb = v[b, :, :n].repeat_interleave(G, 0)
+        s = torch.matmul(q[b].unsqueeze(1), kb.transpose(1, 2)) * scale  # [Hq, 1, n] in dtype
+        p = torch.softmax(s.float(), dim=-1).to(q.dtype)
+        out[b] = torch.matmul(p, vb).squeeze(1)
+    return out
+
+
+def _check(out, lse, q, k, v, lengths, scale, what):
+    ro, rl = _ref_hi(q, k, v, lengths, scale)
+    assert_2x_rule(out, ro, _ref_lo(q, k, v, lengths, scale), what)
+    assert_rel(lse, rl, 1e-5, what + " lse")  # fp32 statistics whatever the input dtype
+
+
+def _inputs(B, Hk, G, cap, D, dtype, device, seed=0, strided=True):
+    """q as a view of a fused [B, 3, Hq, D] tensor; k/v as transposed [B, cap, Hk, D] caches."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, 3, Hk * G, D, generator=g).to(dtype).to(device)[:, 0]
+    if strided:
+        k = torch.randn(B, cap, Hk, D, generator=g).to(dtype).to(device).transpose(1, 2)
+        v = torch.randn(B, cap, Hk, D, generator=g).to(dtype).to(device).transpose(1, 2)
+    else:
+        k = torch.randn(B, Hk, cap, D, generator=g).to(dtype).to(device)
+        v = torch.randn(B, Hk, cap, D, generator=g).to(dtype).to(device)
+    return q, k, v
+
+
+def _outs(q):
+    return poison(torch.empty(q.shape, dtype=q.dtype, device=q.device)), \
+        poison(torch.empty(q.shape[:2], dtype=torch.float32, device=q.device))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("G", [1, 4, 7])
+def test_decode_attention_matches_reference(device, dtype, G):
+    # B = 4: empty row, one key, a capacity-full row, a row ending mid-tile; D = 40 (not a power of two).
+    B, Hk, cap, D = 4, 2, 150, 40
+    q, k, v = _inputs(B, Hk, G, cap, D, dtype, device)
+    lengths = torch.tensor([0, 1, cap, 83], dtype=torch.int32, device=device)
+    scale = D ** -0.5
+    out, lse = _outs(q)
+    with so.use_backend("triton"):
+        so.decode_attention(q, k, v, lengths, out=out, lse=lse)
+    _check(out, lse, q, k, v, lengths, scale, f"decode {dtype} G={G}")
+    assert (out[0] == 0).all() and (lse[0] == float("-inf")).all()
+
+
+@pytest.mark.parametrize("num_splits", [1, 2, 5])
+def test_decode_attention_split_counts(device, num_splits):
+    # Forced split counts through the launcher: one split (direct write), few, more splits than tiles.
+    B, Hk, G, cap, D = 3, 1, 4, 70, 64
+    q, k, v = _inputs(B, Hk, G, cap, D, torch.float16, device, seed=num_splits, strided=False)
+    lengths = torch.tensor([70, 0, 17], dtype=torch.int32, device=device)
+    out, lse = _outs(q)
+    tk._launch_decode(q, k, v, lengths, None, 0.3, out, lse, num_splits=num_splits)
+    _check(out, lse, q, k, v, lengths, 0.3, f"splits={num_splits}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_append_kv_then_decode(device, dtype):
+    B, Hk, G, cap, D = 2, 3, 2, 40, 32
+    q, k, v = _inputs(B, Hk, G, cap, D, dtype, device, seed=7)
+    g = torch.Generator().manual_seed(8)
+    k_new = torch.randn(B, Hk, D, generator=g).to(dtype).to(device)
+    v_new = torch.randn(B, 2, Hk, D, generator=g).to(dtype).to(device)[:, 1]  # strided
+    lengths = torch.tensor([cap - 1, 5], dtype=torch.int32, device=device)
+    rk, rv, rlen = k.clone(), v.clone(), lengths.clone()
+    ref.append_kv(k_new, v_new, rk, rv, rlen)
+    with so.use_backend("triton"):
+        so.append_kv(k_new, v_new, k, v, lengths)
+        assert torch.equal(lengths, rlen) and lengths.tolist() == [cap, 6]
+        assert torch.equal(k, rk) and torch.equal(v, rv)
+        out, lse = so.decode_attention(q, k, v, lengths)
+    _check(out, lse, q, rk, rv, rlen, D ** -0.5, "append then decode")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sparse_decode_equals_decode_over_packed(device, dtype):
+    B, Hk, G, T, D, n = 2, 2, 4, 120, 48, 45
+    q, k, v = _inputs(B, Hk, G, T, D, dtype, device, seed=11)
+    g = torch.Generator().manual_seed(12)
+    indices = torch.stack([torch.stack([torch.randperm(T, generator=g)[:n].sort().values for _ in range(Hk)])
+                           for _ in range(B)]).to(torch.int32).to(device)
+    n_valid = torch.tensor([n, 19], dtype=torch.int32, device=device)
+    idx = indices.long().unsqueeze(-1).expand(-1, -1, -1, D)
+    kp, vp = torch.gather(k, 2, idx), torch.gather(v, 2, idx)  # packed equivalent [B, Hk, n, D]
+    out_s, lse_s = _outs(q)
+    out_p, lse_p = _outs(q)
+    with so.use_backend("triton"):
+        so.sparse_decode_attention(q, k, v, indices, n_valid, out=out_s, lse=lse_s)
+        so.decode_attention(q, kp, vp, n_valid, out=out_p, lse=lse_p)
+    assert_rel(out_s.float(), out_p.float(), REL_TOL[dtype] / 10, "sparse vs packed out")
+    assert_rel(lse_s, lse_p, 1e-6, "sparse vs packed lse")
+    _check(out_s, lse_s, q, kp, vp, n_valid, D ** -0.5, "sparse decode")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("Hq,Hk,ctx", [(28, 4, 32768), (32, 32, 8192), (28, 4, 131072)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_decode_real_sizes_gpu(Hq, Hk, ctx, dtype):
+    B, D = 2, 128
+    q, k, v = _inputs(B, Hk, Hq // Hk, ctx, D, dtype, "cuda", seed=ctx)
+    lengths = torch.tensor([ctx, ctx // 3 + 5], dtype=torch.int32, device="cuda")
+    out, lse = _outs(q)
+    so.decode_attention(q, k, v, lengths, out=out, lse=lse)
+    _check(out, lse, q, k, v, lengths, D ** -0.5, f"decode {Hq}/{Hk} {ctx} {dtype}")
+
+
+@pytest.mark.gpu
+def test_sparse_decode_real_sizes_gpu():
+    B, Hk, G, T, D, n = 1, 4, 7, 32768, 128, 1638
+    q, k, v = _inputs(B, Hk, G, T, D, torch.bfloat16, "cuda", seed=3)
+    indices = torch.stack([torch.randperm(T, device="cuda")[:n].sort().values for _ in range(Hk)])[None].int()
+    n_valid = torch.tensor([n], dtype=torch.int32, device="cuda")
+    idx = indices.long().unsqueeze(-1).expand(-1, -1, -1, D)
+    kp, vp = torch.gather(k, 2, idx), torch.gather(v, 2, idx)
+    out, lse = so.sparse_decode_attention(q, k, v, indices, n_valid)
+    _check(out, lse, q, kp, vp, n_valid, D ** -0.5, "sparse decode 32k")
+
+
+@pytest.mark.gpu
+def test_decode_steps_in_one_cuda_graph_gpu():
+    """16 steps of (append_kv + decode_attention) captured in ONE graph and replayed equal the eager steps."""
+    B, Hk, G, cap, D, steps = 2, 4, 7, 4096, 128, 16
+    dt = torch.bfloat16
+    g = torch.Generator(device="cuda").manual_seed(0)
+    k0 = torch.randn(B, Hk, cap, D, device="cuda", dtype=dt, generator=g)
+    v0 = torch.randn(B, Hk, cap, D, device="cuda", dtype=dt, generator=g)
+    len0 = torch.tensor([3000, 1234], dtype=torch.int32, device="cuda")
+    qs = torch.randn(steps, B, Hk * G, D, device="cuda", dtype=dt, generator=g)
+    kn = torch.randn(steps, B, Hk, D, device="cuda", dtype=dt, generator=g)
+    vn = torch.randn(steps, B, Hk, D, device="cuda", dtype=dt, generator=g)
+
+    def run(k, v, lengths, outs, lses):
+        for i in range(steps):
+            so.append_kv(kn[i], vn[i], k, v, lengths)
+            so.decode_attention(qs[i], k, v, lengths, out=outs[i], lse=lses[i])
+
+    ek, ev, elen = k0.clone(), v0.clone(), len0.clone()
+    eo = torch.empty(steps, B, Hk * G, D, device="cuda", dtype=dt)
+    el = torch.empty(steps, B, Hk * G, device="cuda")
+    run(ek, ev, elen, eo, el)
+
+    gk, gv, glen = k0.clone(), v0.clone(), len0.clone()
+    go, gl = poison(torch.empty_like(eo)), poison(torch.empty_like(el))
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):  # warm-up (JIT) outside capture, then restore the state
+        run(gk, gv, glen, go, gl)
+    torch.cuda.current_stream().wait_stream(s)
+    gk.copy_(k0), gv.copy_(v0), glen.copy_(len0), poison(go), poison(gl)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run(gk, gv, glen, go, gl)
+    gk.copy_(k0), gv.copy_(v0), glen.copy_(len0), poison(go), poison(gl)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(glen, elen) and glen.tolist() == [3016, 1250]
+    assert torch.equal(gk, ek) and torch.equal(gv, ev)
+    assert torch.equal(go, eo) and torch.equal(gl, el)
