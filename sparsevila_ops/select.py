@@ -6,6 +6,7 @@ once per call (select/pack runs once per question, never inside the decode loop)
 """
 from __future__ import annotations
 
+import functools
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -45,8 +46,15 @@ def _spans(vis_start: IntOrInts, vis_end: IntOrInts, seq_lens: Optional[IntOrInt
     return vs, ve, tl
 
 
-def _as_i32(vals: List[int], device) -> torch.Tensor:
+@functools.lru_cache(maxsize=64)
+def _on_device(vals: Tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """Host span values as an int32 device tensor; cached, so ``select_kv`` + ``pack_kv`` of one question (and
+    repeated questions over the same prompt layout) upload each span list once. The ops never write it."""
     return torch.tensor(vals, dtype=torch.int32).to(device, non_blocking=True)
+
+
+def _as_i32(vals: List[int], device: torch.device) -> torch.Tensor:
+    return _on_device(tuple(vals), torch.device(device))
 
 
 def select_kv(scores: torch.Tensor, vis_start: IntOrInts, vis_end: IntOrInts, keep: int, *,
