@@ -31,7 +31,8 @@ def patch_triton_interpreter() -> None:
     test suite and the fuzz harness on CPU only (compiled GPU kernels are untouched). Idempotent.
 
     - a loop bound read from a device value is a shape-(1,) array, and ``int()`` of it raises;
-    - ``tl.dot`` multiplies the raw uint16 bits of bfloat16 tiles instead of their values.
+    - ``tl.dot`` multiplies the raw uint16 bits of bfloat16 tiles instead of their values;
+    - fp32 -> bf16 casts truncate where compiled code rounds to nearest even (doubling bf16 output error).
     """
     import numpy as np
     import triton.language as tl
@@ -40,6 +41,7 @@ def patch_triton_interpreter() -> None:
     if getattr(interp, "_sparsevila_patched", False):
         return
     orig_patch, orig_dot = interp._patch_lang_tensor, interp.InterpreterBuilder.create_dot
+    orig_cast = interp.InterpreterBuilder.cast_impl
 
     def patch_lang_tensor(tensor, scope):
         orig_patch(tensor, scope)
@@ -53,6 +55,14 @@ def patch_triton_interpreter() -> None:
     def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
         return orig_dot(self, to_f32(a), to_f32(b), d, input_precision, max_num_imprecise_acc)
 
+    def cast_impl(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            bits = np.ascontiguousarray(src.data, dtype=np.float32).view(np.uint32).astype(np.uint64)
+            rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)  # round to nearest even
+            return interp.TensorHandle(rounded, tl.bfloat16)
+        return orig_cast(self, src, dst_type)
+
     interp._patch_lang_tensor = patch_lang_tensor
+    interp.InterpreterBuilder.cast_impl = cast_impl
     interp.InterpreterBuilder.create_dot = create_dot
     interp._sparsevila_patched = True

@@ -1,0 +1,314 @@
+"""Figure 3b: query-aware relevance of every KV entry to the question rows, and the prefill it rides on.
+
+Shapes: Llama-2-7B (32 q / 32 kv heads x 128) and Qwen2-7B (28 / 4 x 128) decoders, bf16, one segment of N
+tokens, causal, the last M rows being the question (right-aligned: row i of the question sees j <= i + N - M).
+
+    relevance[g, j] = sum_{h // G == g} sum_{question rows i} softmax_j(scale q_i . k_j)
+
+Variants per (model, N, M):
+- ``naive``: torch, the question rows' softmax over all keys materialized in fp32 (chunked over heads to
+  <= 2 GB), then reduced (timed as CUDA-graph replays);
+- ``kv_relevance``: the standalone Triton kernel, given the rows' lse (attention ran elsewhere); timed as
+  CUDA-graph replays (GPU time) and eagerly through the public API (includes ~0.15 ms of host overhead);
+- ``fused``: ``prefill_attention(..., rel_rows=[N-M, N))`` over all N rows; its overhead is its time minus
+  the plain prefill's, measured in the same run (target <= 10 %);
+- ``flash_colreduce``: the authors' kernel when importable (recorded absent otherwise).
+Second table: the prefill alone vs torch SDPA's flash backend at 8k-32k causal self-attention, with
+TFLOP/s = 2 * 2 * Hq * N^2 * D / 2 / t (the causal flop count).
+
+Every output is verified before timing: relevance against ``sparsevila_ops.reference.kv_relevance`` (fp32),
+plus sum_{g,j} relevance[g, j] == Hq * M (each row's softmax sums to 1: checks the lse); prefill out against SDPA.
+
+Run: ``python -m bench.figure3_relevance [--quick] [--tune]`` (``--tune`` sweeps kernel tiles and prints the
+best configs instead of the figure).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import time
+
+import torch
+
+import sparsevila_ops as so
+from sparsevila_ops import reference
+from sparsevila_ops.testing import REL_TOL
+
+from .common import time_cuda, verify, write_results
+
+MODELS = {"llama2-7b": (32, 32, 128), "qwen2-7b": (28, 4, 128)}
+DTYPE = torch.bfloat16
+NAIVE_CHUNK_BYTES = 2 << 30
+
+
+def naive_relevance(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """Question rows q [M, Hq, D] vs all keys k [N, Hk, D], right-aligned causal: fp32 softmax
+    materialized per head chunk, column-summed, then summed over each query group. Returns [Hk, N]."""
+    M, Hq, D = q.shape
+    N, Hk, _ = k.shape
+    G = Hq // Hk
+    colsum = torch.empty(Hq, N, dtype=torch.float32, device=q.device)
+    masked = torch.arange(N, device=q.device)[None, :] > torch.arange(M, device=q.device)[:, None] + (N - M)
+    qh = q.transpose(0, 1)  # [Hq, M, D]
+    kh = k.transpose(0, 1)[:, None].expand(Hk, G, N, D).reshape(Hq, N, D)  # query head h reads kv head h // G
+    step = max(1, NAIVE_CHUNK_BYTES // (M * N * 4))
+    for h0 in range(0, Hq, step):
+        h1 = min(Hq, h0 + step)
+        s = torch.matmul(qh[h0:h1], kh[h0:h1].transpose(1, 2)).float() * scale
+        s.masked_fill_(masked, float("-inf"))
+        colsum[h0:h1] = torch.softmax(s, dim=-1).sum(dim=1)
+    return colsum.view(Hk, G, N).sum(dim=1)
+
+
+def _flash_colreduce():
+    if importlib.util.find_spec("flash_colreduce") is None:
+        return None
+    from flash_colreduce import flash_colreduce
+    return flash_colreduce
+
+
+def _inputs(N, hq, hk, D, n_sets):
+    return [(torch.randn(N, hq, D, device="cuda", dtype=DTYPE), torch.randn(N, hk, D, device="cuda", dtype=DTYPE),
+             torch.randn(N, hk, D, device="cuda", dtype=DTYPE)) for _ in range(n_sets)]
+
+
+def relevance_grid(Ns, Ms):
+    """Rows of the Figure 3b table: naive vs standalone vs fused, and the plain prefill per (model, N)."""
+    rows = []
+    colreduce = _flash_colreduce()
+    for model, (hq, hk, D) in MODELS.items():
+        G, scale = hq // hk, D ** -0.5
+        for N in Ns:
+            big = N > 32768
+            n_sets = 1 if big else 3
+            warm, iters = (1, 3) if big else (3, 20)
+            sets = _inputs(N, hq, hk, D, n_sets)
+            cu = torch.tensor([0, N], dtype=torch.int32, device="cuda")
+            outs = [torch.empty(N, hq, D, device="cuda", dtype=DTYPE) for _ in range(n_sets)]
+            lses = [torch.empty(hq, N, device="cuda") for _ in range(n_sets)]
+            rel = torch.empty(hk, N, device="cuda")
+
+            def prefill(i):
+                q, k, v = sets[i]
+                so.prefill_attention(q, k, v, cu, cu, N, N, scale=scale, causal=True, out=outs[i], lse=lses[i])
+
+            for i in range(n_sets):
+                prefill(i)  # also fills each set's lse for kv_relevance
+            flops = 2 * hq * N * N * D
+            for M in Ms:
+                cu_m = torch.tensor([0, M], dtype=torch.int32, device="cuda")
+                rr_q = torch.tensor([[0, M]], dtype=torch.int32, device="cuda")
+                rr_full = torch.tensor([[N - M, N]], dtype=torch.int32, device="cuda")
+                q0, k0, v0 = sets[0]
+                expected = torch.empty(hk, N, device="cuda")
+                reference.kv_relevance(q0[N - M:], k0, lses[0][:, N - M:], cu_m, cu, M, N, scale, True, rr_q,
+                                       expected)
+                total = float(expected.sum())
+                if abs(total - hq * M) > 1e-3 * hq * M:
+                    raise AssertionError(f"relevance sums to {total}, expected Hq*M = {hq * M}: lse is wrong")
+
+                def standalone(i):
+                    q, k, _ = sets[i]
+                    so.kv_relevance(q[N - M:], k, lses[i][:, N - M:], cu_m, cu, M, N, rr_q, scale=scale,
+                                    causal=True, relevance=rel)
+
+                def fused(i):
+                    q, k, v = sets[i]
+                    so.prefill_attention(q, k, v, cu, cu, N, N, scale=scale, causal=True, rel_rows=rr_full,
+                                         out=outs[i], lse=lses[i], relevance=rel)
+
+                def naive(i):
+                    q, k, _ = sets[i]
+                    return naive_relevance(q[N - M:], k, scale)
+
+                rel.fill_(float("nan"))
+                standalone(0)
+                err_sa = verify(f"kv_relevance {model} M={M} N={N}", rel, expected, REL_TOL[torch.float32])
+                rel.fill_(float("nan"))
+                fused(0)
+                err_fu = verify(f"fused relevance {model} M={M} N={N}", rel, expected, REL_TOL[torch.float32])
+                err_nv = verify(f"naive relevance {model} M={M} N={N}", naive(0), expected, REL_TOL[DTYPE])
+                del expected
+                # kv_relevance and naive: GPU time from CUDA-graph replays (their host overhead, ~0.15 ms per
+                # eager call, would otherwise be what is measured); eager kv_relevance reported beside.
+                t_sa = time_cuda(standalone, n_inputs=n_sets, warmup=3, iters=10 if big else 30,
+                                 graph=True)["median_ms"]
+                t_sa_eager = time_cuda(standalone, n_inputs=n_sets, warmup=3, iters=30)["median_ms"]
+                t_nv = time_cuda(naive, n_inputs=n_sets, warmup=2, iters=5 if big else 15, graph=True)["median_ms"]
+                # Prefill with and without relevance timed back to back, so clock drift hits both alike.
+                t_prefill = time_cuda(prefill, n_inputs=n_sets, warmup=warm, iters=iters)["median_ms"]
+                t_fu = time_cuda(fused, n_inputs=n_sets, warmup=warm, iters=iters)["median_ms"]
+                rows.append({
+                    "model": model, "H": f"{hq}/{hk}", "M": M, "N": N, "naive_ms": t_nv, "kv_relevance_ms": t_sa,
+                    "kv_relevance_eager_ms": t_sa_eager,
+                    "flash_colreduce_ms": "absent" if colreduce is None else "not run",
+                    "prefill_ms": t_prefill, "prefill_TFLOPs": flops / t_prefill * 1e-9, "fused_ms": t_fu,
+                    "fused_overhead_ms": t_fu - t_prefill, "overhead_pct": 100 * (t_fu - t_prefill) / t_prefill,
+                    "naive/kv_rel": t_nv / t_sa, "err_kv_rel": err_sa, "err_fused": err_fu, "err_naive": err_nv,
+                })
+                print({k: rows[-1][k] for k in ("model", "M", "N", "naive_ms", "kv_relevance_ms", "prefill_ms",
+                                                 "fused_ms", "overhead_pct")}, flush=True)
+            del sets, outs, lses
+            torch.cuda.empty_cache()
+    return rows
+
+
+def _sdpa(q, k, v, gqa):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        if gqa:
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def prefill_vs_sdpa(Ns):
+    """Our causal varlen prefill vs SDPA flash ([1, H, N, D] contiguous, GQA native or KV repeated)."""
+    rows = []
+    for model, (hq, hk, D) in MODELS.items():
+        G = hq // hk
+        for N in Ns:
+            q, k, v = _inputs(N, hq, hk, D, 1)[0]
+            cu = torch.tensor([0, N], dtype=torch.int32, device="cuda")
+            out = torch.empty_like(q)
+            lse = torch.empty(hq, N, device="cuda")
+            qs = q.transpose(0, 1).unsqueeze(0).contiguous()
+            ks = k.transpose(0, 1).unsqueeze(0).contiguous()
+            vs = v.transpose(0, 1).unsqueeze(0).contiguous()
+            gqa_mode = "native"
+            try:
+                ref = _sdpa(qs, ks, vs, G > 1)
+            except RuntimeError:
+                gqa_mode = "repeat_kv"
+                ks, vs = ks.repeat_interleave(G, dim=1), vs.repeat_interleave(G, dim=1)
+                ref = _sdpa(qs, ks, vs, False)
+            if G == 1:
+                gqa_mode = "none"
+            so.prefill_attention(q, k, v, cu, cu, N, N, causal=True, out=out, lse=lse)
+            err = verify(f"prefill {model} N={N}", out, ref[0].transpose(0, 1), REL_TOL[DTYPE])
+            del ref
+            iters = 10 if N > 16384 else 30
+            t_ours = time_cuda(lambda i: so.prefill_attention(q, k, v, cu, cu, N, N, causal=True, out=out, lse=lse),
+                               warmup=3, iters=iters)["median_ms"]
+            t_sdpa = time_cuda(lambda i: _sdpa(qs, ks, vs, gqa_mode == "native"), warmup=3, iters=iters)["median_ms"]
+            flops = 2 * hq * N * N * D
+            rows.append({"model": model, "H": f"{hq}/{hk}", "N": N, "ours_ms": t_ours, "sdpa_flash_ms": t_sdpa,
+                         "ours_TFLOPs": flops / t_ours * 1e-9, "sdpa_TFLOPs": flops / t_sdpa * 1e-9,
+                         "sdpa/ours": t_sdpa / t_ours, "sdpa_gqa": gqa_mode, "err_vs_sdpa": err})
+            print(rows[-1], flush=True)
+            del q, k, v, qs, ks, vs, out
+            torch.cuda.empty_cache()
+    return rows
+
+
+def tune():
+    """Sweep tiles of both kernels at representative shapes; print each candidate's time (verified first)."""
+    from sparsevila_ops.triton_kernels import prefill as tk
+    N, D = 16384, 128
+    for model, (hq, hk, _) in MODELS.items():
+        q, k, v = _inputs(N, hq, hk, D, 1)[0]
+        cu = torch.tensor([0, N], dtype=torch.int32, device="cuda")
+        out, lse = torch.empty_like(q), torch.empty(hq, N, device="cuda")
+        tk.prefill_attention(q, k, v, cu, cu, N, N, D ** -0.5, True, out, lse)
+        good_out, good_lse = out.clone(), lse.clone()
+        for bm, bn, w, s in [(128, 64, 8, 3), (128, 64, 8, 4), (128, 64, 8, 2), (128, 128, 8, 3), (128, 128, 8, 2),
+                             (128, 32, 4, 3), (128, 64, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3), (64, 64, 4, 4)]:
+            cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
+            try:
+                def fn(i, cfg=cfg):
+                    tk._launch_prefill(q, k, v, cu, cu, N, D ** -0.5, True, out, lse, cfg)
+                out.fill_(float("nan"))
+                fn(0)
+                verify("tune prefill", out, good_out, 1e-2)
+                verify("tune lse", lse, good_lse, 1e-5)
+                t = time_cuda(fn, warmup=3, iters=10)["median_ms"]
+                print(f"TUNE prefill {model} N={N} {cfg}: {t:.3f} ms {2 * hq * N * N * D / t * 1e-9:.0f} TFLOP/s",
+                      flush=True)
+            except Exception as e:  # noqa: BLE001 - report and go on (e.g. out of shared memory)
+                print(f"TUNE prefill {model} {cfg}: failed {type(e).__name__}: {str(e)[:120]}")
+        for M, Nk in [(64, 32768), (256, 32768), (256, 131072)]:
+            qm = torch.randn(M, hq, D, device="cuda", dtype=DTYPE)
+            kk = torch.randn(Nk, hk, D, device="cuda", dtype=DTYPE)
+            cu_m = torch.tensor([0, M], dtype=torch.int32, device="cuda")
+            cu_n = torch.tensor([0, Nk], dtype=torch.int32, device="cuda")
+            rr = torch.tensor([[0, M]], dtype=torch.int32, device="cuda")
+            lse_m = torch.full((hq, M), 9.0, device="cuda")
+            rel = torch.empty(hk, Nk, device="cuda")
+            tk.kv_relevance(qm, kk, lse_m, cu_m, cu_n, M, Nk, D ** -0.5, True, rr, rel)
+            good = rel.clone()
+            for bm, bn, w, s in [(128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 8, 2), (128, 64, 4, 2), (64, 64, 4, 2),
+                                 (64, 128, 4, 2), (64, 128, 8, 2), (128, 128, 4, 2), (128, 256, 8, 2), (64, 64, 4, 3)]:
+                cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
+                try:
+                    def fn(i, cfg=cfg):
+                        tk._launch_relevance(qm, kk, lse_m, cu_m, cu_n, Nk, D ** -0.5, True, rr, rel, cfg)
+                    rel.fill_(float("nan"))
+                    fn(0)
+                    verify("tune relevance", rel, good, 1e-5)
+                    t = time_cuda(fn, warmup=3, iters=20)["median_ms"]
+                    print(f"TUNE kv_relevance {model} M={M} N={Nk} {cfg}: {t:.4f} ms", flush=True)
+                except Exception as e:  # noqa: BLE001
+                    print(f"TUNE kv_relevance {model} {cfg}: failed {type(e).__name__}: {str(e)[:120]}")
+
+
+def _plot(rel_rows, pf_rows):
+    def plot(fig):
+        axes = fig.subplots(1, 3)
+        for ax, model in zip(axes[:2], MODELS):
+            rs = [r for r in rel_rows if r["model"] == model]
+            labels = [f"{r['M']}x{r['N'] // 1024}k" for r in rs]
+            x = range(len(rs))
+            ax.plot(x, [r["naive_ms"] for r in rs], "o-", label="naive torch (fp32 softmax)")
+            ax.plot(x, [r["kv_relevance_ms"] for r in rs], "s-", label="kv_relevance (standalone)")
+            ax2 = ax.twinx()
+            ax2.plot(x, [r["overhead_pct"] for r in rs], "^:", color="tab:green", label="fused: % over prefill")
+            ax2.axhline(10, color="tab:green", lw=0.6, ls="--")
+            ax2.set_ylabel("fused relevance overhead (% of prefill)", fontsize=8)
+            ax2.legend(fontsize=7, loc="lower right")
+            ax.set_xticks(list(x), labels, rotation=60, fontsize=7)
+            ax.set_yscale("log")
+            ax.set_ylabel("ms")
+            ax.set_xlabel("question rows x keys")
+            ax.set_title(f"relevance, {model} ({MODELS[model][0]}/{MODELS[model][1]} x 128)", fontsize=9)
+            ax.legend(fontsize=7)
+        ax = axes[2]
+        for model in MODELS:
+            rs = [r for r in pf_rows if r["model"] == model]
+            ax.plot([r["N"] // 1024 for r in rs], [r["ours_TFLOPs"] for r in rs], "o-", label=f"ours {model}")
+            ax.plot([r["N"] // 1024 for r in rs], [r["sdpa_TFLOPs"] for r in rs], "x--", label=f"SDPA flash {model}")
+        ax.set_xlabel("N (k tokens), causal")
+        ax.set_ylabel("TFLOP/s")
+        ax.set_title("prefill attention", fontsize=9)
+        ax.legend(fontsize=7)
+    return plot
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="reduced grid (8k keys, 64/256 rows, 8k prefill)")
+    ap.add_argument("--tune", action="store_true", help="sweep kernel tiles and print timings, then exit")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("figure3_relevance needs a CUDA GPU")
+    torch.manual_seed(0)
+    if args.tune:
+        tune()
+        return
+    t0 = time.time()
+    Ns, Ms, pf_Ns = ([8192], [64, 256], [8192]) if args.quick else ([8192, 32768, 131072], [64, 128, 256, 512],
+                                                                      [8192, 16384, 32768])
+    pf_rows = prefill_vs_sdpa(pf_Ns)
+    rel_rows = relevance_grid(Ns, Ms)
+    print(f"grid ran in {time.time() - t0:.0f} s")
+    write_results("figure3b_prefill_vs_sdpa", pf_rows,
+                  ["model", "H", "N", "ours_ms", "sdpa_flash_ms", "ours_TFLOPs", "sdpa_TFLOPs", "sdpa/ours",
+                   "sdpa_gqa", "err_vs_sdpa"], title="Prefill attention vs SDPA flash (causal, bf16)")
+    write_results("figure3b_relevance", rel_rows,
+                  ["model", "H", "M", "N", "naive_ms", "kv_relevance_ms", "kv_relevance_eager_ms", "naive/kv_rel",
+                   "prefill_ms",
+                   "prefill_TFLOPs", "fused_ms", "fused_overhead_ms", "overhead_pct", "flash_colreduce_ms"],
+                  plot=_plot(rel_rows, pf_rows),
+                  title="Figure 3b: query-aware relevance (causal right-aligned, bf16)")
+
+
+if __name__ == "__main__":
+    main()

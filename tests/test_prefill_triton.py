@@ -1,0 +1,218 @@
+"""Triton prefill_attention (varlen, causal bottom-right, GQA) and kv_relevance against sparsevila_ops.reference.
+
+Accuracy: ``out`` by flash-attention's 2x rule (float64 brute force vs torch in the inputs' dtype); ``lse`` and
+``relevance`` to fp32 tolerance against the fp32 reference. CPU: Triton interpreter, tiny shapes (16-wide
+tiles, so a few dozen tokens already cross full, diagonal and ragged blocks). GPU (``gpu``): Qwen2-7B and
+Llama-2-7B head layouts at 4k tokens, varlen batches with awkward lengths, D 64/80/128/256.
+"""
+import numpy as np
+import pytest
+import torch
+
+import sparsevila_ops as so
+from sparsevila_ops import reference
+from sparsevila_ops.triton_kernels import prefill as tk
+
+import brute
+from helpers import REL_TOL, assert_2x_rule, assert_rel, poison
+
+TOL32 = REL_TOL[torch.float32]
+
+
+# Segments (m queries, n keys): self-attention, no queries, chunked prefill (m < n), no keys, m > n (causal:
+# the first m - n rows see no key), a single token. rel_rows: r0 = 0, empty, r1 = m, empty at r0 > 0, rows
+# that see nothing included, the whole segment.
+LQ = [5, 0, 19, 3, 16, 1]
+LK = [5, 7, 33, 0, 9, 1]
+REL = [[0, 5], [0, 0], [10, 19], [1, 1], [0, 16], [0, 1]]
+
+
+def _cu(lengths, device):
+    return torch.tensor([0] + np.cumsum(lengths).tolist(), dtype=torch.int32, device=device)
+
+
+def _ref_lo(q, k, v, cu_q, cu_k, scale, causal):
+    """Torch in the inputs' dtype (flash-attention's low-precision baseline): QK^T, softmax and PV in it."""
+    Hq, Hk = q.shape[1], k.shape[1]
+    G = Hq // Hk
+    out = torch.zeros_like(q)
+    for (qa, qb), (ka, kb) in zip(zip(cu_q[:-1].tolist(), cu_q[1:].tolist()),
+                                  zip(cu_k[:-1].tolist(), cu_k[1:].tolist())):
+        m, n = qb - qa, kb - ka
+        if m == 0 or n == 0:
+            continue
+        qs = q[qa:qb].reshape(m, Hk, G, -1).permute(1, 2, 0, 3)  # [Hk, G, m, D]
+        s = torch.matmul(qs, k[ka:kb].permute(1, 2, 0).unsqueeze(1)) * scale  # [Hk, G, m, n]
+        if causal:
+            i = torch.arange(m, device=q.device).view(m, 1)
+            j = torch.arange(n, device=q.device).view(1, n)
+            s = s.masked_fill(j > i + (n - m), float("-inf"))
+        p = torch.softmax(s, dim=-1).nan_to_num(0.0)
+        o = torch.matmul(p, v[ka:kb].transpose(0, 1).unsqueeze(1))  # [Hk, G, m, D]
+        out[qa:qb] = o.permute(2, 0, 1, 3).reshape(m, Hq, -1)
+    return out
+
+
+def _ref32(q, k, v, cu_q, cu_k, mq, mk, scale, causal, rel_rows):
+    """The fp32 oracle: sparsevila_ops.reference through the public API."""
+    with so.use_backend("reference"):
+        return so.prefill_attention(q, k, v, cu_q, cu_k, mq, mk, scale=scale, causal=causal, rel_rows=rel_rows)
+
+
+def _run_triton(q, k, v, cu_q, cu_k, mq, mk, scale, causal, rel_rows):
+    Tq, Hq, D = q.shape
+    Tk, Hk, _ = k.shape
+    out = poison(torch.empty(Tq, Hq, D, dtype=q.dtype, device=q.device))
+    lse = poison(torch.empty(Hq, Tq, dtype=torch.float32, device=q.device))
+    rel = poison(torch.empty(Hk, Tk, dtype=torch.float32, device=q.device))
+    with so.use_backend("triton"):
+        if rel_rows is None:
+            so.prefill_attention(q, k, v, cu_q, cu_k, mq, mk, scale=scale, causal=causal, out=out, lse=lse)
+            return out, lse
+        so.prefill_attention(q, k, v, cu_q, cu_k, mq, mk, scale=scale, causal=causal, rel_rows=rel_rows,
+                             out=out, lse=lse, relevance=rel)
+    return out, lse, rel
+
+
+def _check(q, k, v, lq, lk, rel, causal, *, scale=None, hi_on_cpu=True):
+    """Run the Triton op with rel_rows and check out (2x rule), lse and relevance (fp32 tolerance)."""
+    dev = q.device
+    cu_q, cu_k = _cu(lq, dev), _cu(lk, dev)
+    mq, mk = max(lq), max(lk)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    rel_rows = torch.tensor(rel, dtype=torch.int32, device=dev)
+    out, lse, relevance = _run_triton(q, k, v, cu_q, cu_k, mq, mk, scale, causal, rel_rows)
+    if hi_on_cpu:
+        hi_out, hi_lse, hi_rel = brute.prefill(q.cpu(), k.cpu(), v.cpu(), cu_q.cpu(), cu_k.cpu(), scale, causal,
+                                               rel_rows.cpu())
+    else:
+        hi_out, hi_lse, hi_rel = _ref32(q, k, v, cu_q, cu_k, mq, mk, scale, causal, rel_rows)
+    lo_out = _ref_lo(q, k, v, cu_q, cu_k, scale, causal)
+    assert_2x_rule(out.cpu(), hi_out.cpu(), lo_out.cpu(), "out")
+    ref_out, ref_lse, ref_rel = _ref32(q, k, v, cu_q, cu_k, mq, mk, scale, causal, rel_rows)
+    assert_rel(lse, ref_lse, TOL32, "lse")
+    assert_rel(relevance, ref_rel, TOL32, "relevance")
+    return out, lse, relevance
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("hq,hk", [(2, 2), (4, 1), (7, 1)])
+def test_prefill_attention_relevance(device, dtype, causal, hq, hk):
+    gen = torch.Generator().manual_seed(hash((str(dtype), causal, hq)) % 2**31)
+    D = 24  # not a power of two: the head-dim mask is exercised
+    q = torch.randn(sum(LQ), hq, D, generator=gen).to(device, dtype)
+    k = torch.randn(sum(LK), hk, D, generator=gen).to(device, dtype)
+    v = torch.randn(sum(LK), hk, D, generator=gen).to(device, dtype)
+    out, lse, rel = _check(q, k, v, LQ, LK, REL, causal)
+    if causal:  # rows 0..6 of the m=16, n=9 segment see no key
+        a = sum(LQ[:4])
+        assert torch.all(out[a:a + 7] == 0) and torch.all(lse[:, a:a + 7] == float("-inf"))
+        assert torch.isfinite(lse[:, a + 7:a + 16]).all()
+    assert torch.all(rel[:, sum(LK[:1]):sum(LK[:2])] == 0)  # the segment without queries has no relevance
+
+
+def test_prefill_attention_plain(device):
+    """Without rel_rows: the plain forward, through the public API and the launcher called directly."""
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(sum(LQ), 4, 32, generator=gen).to(device, torch.float16)
+    k = torch.randn(sum(LK), 2, 32, generator=gen).to(device, torch.float16)
+    v = torch.randn(sum(LK), 2, 32, generator=gen).to(device, torch.float16)
+    cu_q, cu_k = _cu(LQ, device), _cu(LK, device)
+    scale = 0.3
+    out, lse = _run_triton(q, k, v, cu_q, cu_k, max(LQ), max(LK), scale, True, None)
+    ref_out, ref_lse = _ref32(q, k, v, cu_q, cu_k, max(LQ), max(LK), scale, True, None)
+    assert_rel(out, ref_out, REL_TOL[torch.float16], "out")
+    assert_rel(lse, ref_lse, TOL32, "lse")
+    out2, lse2 = poison(torch.empty_like(out)), poison(torch.empty_like(lse))
+    tk.prefill_attention(q, k, v, cu_q, cu_k, max(LQ), max(LK), scale, True, out2, lse2)
+    assert torch.equal(out2, out) and torch.equal(lse2, lse)
+
+
+@pytest.mark.parametrize("layout", ["fused_qkv", "fused_qkv_3d", "transposed_kv"])
+def test_strided_inputs(device, layout):
+    """q/k/v as views of a fused QKV projection, or K/V caches stored head-major ([Hk, T, D] transposed)."""
+    gen = torch.Generator().manual_seed(2)
+    hq, hk, D, T = 4, 1, 16, 40
+    lq = lk = [17, 23]
+    if layout == "fused_qkv":
+        qkv = torch.randn(T, hq + 2 * hk, D, generator=gen).to(device, torch.bfloat16)
+        q, k, v = qkv[:, :hq], qkv[:, hq:hq + hk], qkv[:, hq + hk:]
+    elif layout == "fused_qkv_3d":
+        hk = hq
+        qkv = torch.randn(T, 3, hq, D, generator=gen).to(device, torch.bfloat16)
+        q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
+    else:
+        hk, lq = 2, [5, 9]  # chunked prefill against a cache
+        q = torch.randn(sum(lq), hq, D, generator=gen).to(device, torch.bfloat16)
+        k = torch.randn(hk, T, D, generator=gen).to(device, torch.bfloat16).transpose(0, 1)
+        v = torch.randn(hk, T, D, generator=gen).to(device, torch.bfloat16).transpose(0, 1)
+    assert not (k.is_contiguous() or v.is_contiguous())
+    rel = [[0, lq[0]], [lq[1] - 3, lq[1]]]
+    _check(q, k, v, lq, lk, rel, True)
+
+
+@pytest.mark.parametrize("D", [64, 80])
+def test_head_dims(device, D):
+    gen = torch.Generator().manual_seed(D)
+    lq, lk = [20, 7], [20, 30]
+    q = torch.randn(sum(lq), 2, D, generator=gen).to(device, torch.bfloat16)
+    k = torch.randn(sum(lk), 1, D, generator=gen).to(device, torch.bfloat16)
+    v = torch.randn(sum(lk), 1, D, generator=gen).to(device, torch.bfloat16)
+    _check(q, k, v, lq, lk, [[12, 20], [0, 7]], True)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_kv_relevance_equals_fused(device, causal):
+    """kv_relevance on the fused op's lse gives its relevance bit for bit (same kernel, deterministic), and
+    on the reference's lse it matches reference.kv_relevance."""
+    gen = torch.Generator().manual_seed(3)
+    hq, hk, D = 7, 1, 16
+    q = torch.randn(sum(LQ), hq, D, generator=gen).to(device, torch.bfloat16)
+    k = torch.randn(sum(LK), hk, D, generator=gen).to(device, torch.bfloat16)
+    v = torch.randn(sum(LK), hk, D, generator=gen).to(device, torch.bfloat16)
+    cu_q, cu_k = _cu(LQ, device), _cu(LK, device)
+    rel_rows = torch.tensor(REL, dtype=torch.int32, device=device)
+    args = (cu_q, cu_k, max(LQ), max(LK))
+    out, lse, rel = _run_triton(q, k, v, *args, D ** -0.5, causal, rel_rows)
+    with so.use_backend("triton"):
+        standalone = so.kv_relevance(q, k, lse, *args, rel_rows, causal=causal,
+                                     relevance=poison(torch.empty_like(rel)))
+    assert torch.equal(standalone, rel)
+
+    _, ref_lse = _ref32(q, k, v, *args, D ** -0.5, causal, None)
+    mine = poison(torch.empty_like(rel))
+    tk.kv_relevance(q, k, ref_lse, *args, D ** -0.5, causal, rel_rows, mine)
+    expected = torch.empty_like(rel)
+    reference.kv_relevance(q, k, ref_lse, *args, D ** -0.5, causal, rel_rows, expected)
+    assert_rel(mine, expected, TOL32, "kv_relevance")
+    assert_rel(mine, brute.kv_relevance(q.cpu(), k.cpu(), ref_lse.cpu(), cu_q.cpu(), cu_k.cpu(), D ** -0.5, causal,
+                                        rel_rows.cpu()), TOL32, "kv_relevance vs fp64")
+
+
+# ---------------------------------------------------------------------------------------------- GPU sizes
+@pytest.mark.gpu
+@pytest.mark.parametrize("hq,hk", [(28, 4), (32, 32)], ids=["qwen2-7b", "llama2-7b"])
+def test_gpu_model_shapes(hq, hk):
+    """A 4k-token causal prefill with 256 question rows (the last ones), bf16, D 128."""
+    torch.manual_seed(0)
+    N, D, M = 4096, 128, 256
+    q = torch.randn(N, hq, D, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(N, hk, D, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(N, hk, D, device="cuda", dtype=torch.bfloat16)
+    _check(q, k, v, [N], [N], [[N - M, N]], True, hi_on_cpu=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("D,dtype", [(128, torch.bfloat16), (64, torch.float16), (80, torch.bfloat16),
+                                     (256, torch.float16), (128, torch.float32)])
+@pytest.mark.parametrize("causal", [True, False])
+def test_gpu_varlen(D, dtype, causal):
+    """Varlen batch with awkward lengths, chunked segments, an empty one and m > n; GQA 28/4."""
+    torch.manual_seed(D)
+    lq = [1, 97, 1025, 0, 729, 300, 2048]
+    lk = [1, 97, 1500, 5, 729, 200, 5125]
+    rel = [[0, 1], [90, 97], [0, 1025], [0, 0], [700, 700], [0, 300], [1792, 2048]]
+    q = torch.randn(sum(lq), 28, D, device="cuda", dtype=dtype)
+    kv = torch.randn(sum(lk), 2, 4, D, device="cuda", dtype=dtype)  # strided k, v views
+    _check(q, kv[:, 0], kv[:, 1], lq, lk, rel, causal, hi_on_cpu=False)

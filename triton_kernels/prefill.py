@@ -1,0 +1,285 @@
+"""Op 2 in Triton: varlen FlashAttention2-style prefill (causal bottom-right, GQA) and query-aware relevance.
+
+Segment s holds m query rows and n keys; row i sees key j in [0, n), with ``causal`` only j <= i + (n - m).
+
+- ``_prefill_fwd_kernel``: grid (S * Hq, cdiv(max_seqlen_q, BLOCK_M)). One program = BLOCK_M rows of one query
+  head. Online softmax in the log2 domain (``qk_scale = scale * log2 e``), fp32 statistics; KV blocks that
+  every row of the tile sees run without masks, only the diagonal band and the ragged tail are masked. Query
+  heads are the fast grid axis, so the G heads of a KV group (and all groups of one row block) run together
+  and share K/V through L2; row blocks are issued heaviest (last) first. Rows that see no key get out = 0 and
+  lse = -inf.
+- ``_kv_relevance_kernel``: grid (cdiv(max_seqlen_k, BLOCK_N), S, Hk). One program = BLOCK_N keys of one KV
+  head; it keeps the K tile in registers and loops over the (rel row, query head of the group) pairs, packed
+  BLOCK_M at a time, summing ``P = exp2(qk * qk_scale - lse * log2 e)`` over rows in registers. It writes its
+  relevance block once: no atomics, deterministic.
+
+``prefill_attention_relevance`` = prefill launch, then the relevance launch reading the final lse (it needs
+the full softmax normalizer of each question row, which exists only after the row's attention finished).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+_LOG2E = tl.constexpr(LOG2E)  # for use inside kernels
+_LN2 = tl.constexpr(0.6931471805599453)
+
+
+@triton.jit
+def _attn_blocks(acc, l_i, m_i, q, k_ptrs, v_ptrs, offs_m, offs_n, offs_d, lo, hi, m, n, stride_kt, stride_vt,
+                 qk_scale, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+                 CAUSAL: tl.constexpr, IEEE: tl.constexpr):
+    """Online-softmax update of (acc, l_i, m_i) over key blocks [lo, hi); m_i is in log2 units.
+
+    MASKED=False: every key of every block is visible to every row (no masks but the head-dim one).
+    MASKED=True: keys past n and, with CAUSAL, keys j > i + (n - m) are dropped; a row that has seen no key
+    yet keeps m_i = -inf and l_i = 0.
+    """
+    k_ptrs += tl.cast(lo, tl.int64) * stride_kt
+    v_ptrs += tl.cast(lo, tl.int64) * stride_vt
+    d_mask = offs_d[None, :] < D
+    for start_n in range(lo, hi, BLOCK_N):
+        if MASKED:
+            key_ok = (start_n + offs_n) < n
+            k = tl.load(k_ptrs, mask=key_ok[:, None] & d_mask, other=0.0)
+            v = tl.load(v_ptrs, mask=key_ok[:, None] & d_mask, other=0.0)
+        elif BLOCK_D == D:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        else:
+            k = tl.load(k_ptrs, mask=d_mask, other=0.0)
+            v = tl.load(v_ptrs, mask=d_mask, other=0.0)
+        if IEEE:
+            qk = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            qk = tl.dot(q, tl.trans(k))
+        if MASKED:
+            visible = key_ok[None, :]
+            if CAUSAL:
+                visible = visible & ((start_n + offs_n)[None, :] <= (offs_m + (n - m))[:, None])
+            qk = tl.where(visible, qk * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(qk - m_sub[:, None])
+        else:
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            m_sub = m_new
+            p = tl.math.exp2(qk * qk_scale - m_sub[:, None])
+        alpha = tl.math.exp2(m_i - m_sub)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if IEEE:
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision="ieee")
+        else:
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+        m_i = m_new
+        k_ptrs += BLOCK_N * stride_kt
+        v_ptrs += BLOCK_N * stride_vt
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _prefill_fwd_kernel(Q, K, V, Out, Lse, cu_q, cu_k,
+                        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                        stride_ot, stride_oh, stride_lh, qk_scale, num_m_blocks,
+                        HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr):
+    """out[i, h] = softmax_j(scale q_i.k_j) v_j and lse[h, i] (natural log) for BLOCK_M rows of head h."""
+    pid_sh = tl.program_id(0)
+    seg = pid_sh // HQ
+    h = pid_sh % HQ
+    g = h // G
+    start_m = (num_m_blocks - 1 - tl.program_id(1)) * BLOCK_M  # heaviest row block first
+    qa = tl.load(cu_q + seg)
+    m = tl.load(cu_q + seg + 1) - qa
+    if start_m >= m:
+        return
+    ka = tl.load(cu_k + seg)
+    n = tl.load(cu_k + seg + 1) - ka
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < m
+    d_mask = offs_d[None, :] < D
+    q_ptrs = Q + (qa + offs_m).to(tl.int64)[:, None] * stride_qt + h.to(tl.int64) * stride_qh + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_mask, other=0.0)
+    k_ptrs = (K + ka.to(tl.int64) * stride_kt + g.to(tl.int64) * stride_kh
+              + offs_n[:, None] * stride_kt + offs_d[None, :])
+    v_ptrs = (V + ka.to(tl.int64) * stride_vt + g.to(tl.int64) * stride_vh
+              + offs_n[:, None] * stride_vt + offs_d[None, :])
+
+    if CAUSAL:
+        # The tile's first row sees j <= start_m + n - m: blocks ending there are seen by every row.
+        full_hi = tl.minimum(tl.maximum(start_m + n - m + 1, 0) // BLOCK_N, n // BLOCK_N) * BLOCK_N
+        hi = tl.minimum(tl.maximum(start_m + BLOCK_M + n - m, 0), n)
+    else:
+        full_hi = (n // BLOCK_N) * BLOCK_N
+        hi = n
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    acc, l_i, m_i = _attn_blocks(acc, l_i, m_i, q, k_ptrs, v_ptrs, offs_m, offs_n, offs_d, 0, full_hi, m, n,
+                                 stride_kt, stride_vt, qk_scale, D, BLOCK_D, BLOCK_N, False, CAUSAL, IEEE)
+    acc, l_i, m_i = _attn_blocks(acc, l_i, m_i, q, k_ptrs, v_ptrs, offs_m, offs_n, offs_d, full_hi, hi, m, n,
+                                 stride_kt, stride_vt, qk_scale, D, BLOCK_D, BLOCK_N, True, CAUSAL, IEEE)
+
+    seen = l_i > 0.0
+    l_safe = tl.where(seen, l_i, 1.0)
+    acc = acc / l_safe[:, None]
+    lse = tl.where(seen, (m_i + tl.math.log2(l_safe)) * _LN2, float("-inf"))
+    o_ptrs = Out + (qa + offs_m).to(tl.int64)[:, None] * stride_ot + h.to(tl.int64) * stride_oh + offs_d[None, :]
+    tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_mask)
+    tl.store(Lse + h.to(tl.int64) * stride_lh + qa + offs_m, lse, mask=row_ok)
+
+
+@triton.jit
+def _kv_relevance_kernel(Q, K, Lse, Rel, cu_q, cu_k, rel_rows,
+                         stride_qt, stride_qh, stride_kt, stride_kh, stride_lh, stride_rg, stride_rs, stride_rc,
+                         qk_scale,
+                         G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr):
+    """relevance[g, j] = sum_{h // G == g} sum_{i in [r0, r1)} exp2(qk_scale q_i.k_j - log2e lse[h, i]),
+    visible keys only, for BLOCK_N keys j of KV head g in one segment."""
+    start_n = tl.program_id(0) * BLOCK_N
+    seg = tl.program_id(1)
+    g = tl.program_id(2)
+    ka = tl.load(cu_k + seg)
+    n = tl.load(cu_k + seg + 1) - ka
+    if start_n >= n:
+        return
+    qa = tl.load(cu_q + seg)
+    m = tl.load(cu_q + seg + 1) - qa
+    r0 = tl.load(rel_rows + seg * stride_rs)
+    r1 = tl.load(rel_rows + seg * stride_rs + stride_rc)
+
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    key_ok = offs_n < n
+    d_mask = offs_d[None, :] < D
+    k = tl.load(K + (ka + offs_n).to(tl.int64)[:, None] * stride_kt + g.to(tl.int64) * stride_kh + offs_d[None, :],
+                mask=key_ok[:, None] & d_mask, other=0.0)
+    acc = tl.zeros([BLOCK_N], tl.float32)
+    if CAUSAL:
+        row_lo = tl.maximum(r0, start_n - (n - m))  # rows before it see none of these keys
+    else:
+        row_lo = r0
+    # (row, head) pairs, row-major: pair t is row row_lo + t // G of query head g * G + t % G.
+    n_pairs = (r1 - row_lo) * G
+    offs_t = tl.arange(0, BLOCK_M)
+    for t0 in range(0, n_pairs, BLOCK_M):
+        t = t0 + offs_t
+        pair_ok = t < n_pairs
+        row = row_lo + t // G
+        head = (g * G + t % G).to(tl.int64)
+        q = tl.load(Q + (qa + row).to(tl.int64)[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+                    mask=pair_ok[:, None] & d_mask, other=0.0)
+        lse2 = tl.load(Lse + head * stride_lh + qa + row, mask=pair_ok, other=0.0) * _LOG2E
+        if IEEE:
+            qk = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            qk = tl.dot(q, tl.trans(k))
+        visible = pair_ok[:, None] & key_ok[None, :]
+        if CAUSAL:
+            visible = visible & (offs_n[None, :] <= (row + (n - m))[:, None])
+        p = tl.where(visible, tl.math.exp2(qk * qk_scale - lse2[:, None]), 0.0)
+        acc += tl.sum(p, 0)
+    tl.store(Rel + g.to(tl.int64) * stride_rg + ka + offs_n, acc, mask=key_ok)
+
+
+def _block_d(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))
+
+
+def _prefill_config(d: int, dtype: torch.dtype, device: torch.device) -> dict:
+    """Tiles for ``_prefill_fwd_kernel`` (heuristic; an autotuner may replace it).
+
+    H100 sweep (bench/figure3_relevance.py --tune, bf16 D 128, 16k causal): 128 x 64 tiles, 8 warps,
+    3 stages reach ~500 TFLOP/s; 2 stages lose 25-35 %, 4 warps at 128 x 64 spill (~100 TFLOP/s).
+    """
+    if device.type != "cuda":  # interpreter: small tiles so tiny test shapes still cross block edges
+        return dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
+    bd = _block_d(d)
+    if dtype == torch.float32:
+        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
+    if bd <= 64:
+        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
+    if bd <= 128:
+        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
+    return dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2)
+
+
+def _relevance_config(d: int, dtype: torch.dtype, device: torch.device, group: int, max_rows: int) -> dict:
+    """Tiles for ``_kv_relevance_kernel``: BLOCK_M (row, head) pairs x BLOCK_N keys (heuristic).
+
+    ``max_rows`` bounds the rel rows of a segment (max_seqlen_q). H100 sweep (bench/figure3_relevance.py
+    --tune, bf16, D 128): 128 keys x 4 warps x 2 stages wins everywhere; 128 pairs only pay when a program
+    has >= ~1k (row, head) pairs (Qwen2 G=7 with 256 rows), else 64.
+    """
+    if device.type != "cuda":
+        return dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
+    if dtype == torch.float32 or _block_d(d) > 128:
+        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
+    block_m = 128 if group >= 4 and group * max_rows >= 1024 else 64
+    return dict(BLOCK_M=block_m, BLOCK_N=128, num_warps=4, num_stages=2)
+
+
+def _launch_prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, scale, causal, out, lse, cfg):
+    Tq, Hq, D = q.shape
+    Hk = k.shape[1]
+    S = cu_seqlens_q.shape[0] - 1
+    cfg = dict(cfg)
+    block_m = cfg.pop("BLOCK_M")
+    num_m_blocks = triton.cdiv(max_seqlen_q, block_m)
+    if S == 0 or num_m_blocks == 0 or Hq == 0:
+        return
+    grid = (S * Hq, num_m_blocks)
+    _prefill_fwd_kernel[grid](
+        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        out.stride(0), out.stride(1), lse.stride(0), scale * LOG2E, num_m_blocks,
+        HQ=Hq, G=Hq // Hk, D=D, BLOCK_D=_block_d(D), BLOCK_M=block_m, CAUSAL=bool(causal),
+        IEEE=q.dtype == torch.float32, **cfg)
+
+
+def _launch_relevance(q, k, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_k, scale, causal, rel_rows, relevance,
+                      cfg):
+    Hq, D = q.shape[1], q.shape[2]
+    Hk = k.shape[1]
+    S = cu_seqlens_k.shape[0] - 1
+    cfg = dict(cfg)
+    block_n = cfg.pop("BLOCK_N")
+    grid = (triton.cdiv(max_seqlen_k, block_n), S, Hk)
+    if 0 in grid:
+        return
+    _kv_relevance_kernel[grid](
+        q, k, lse, relevance, cu_seqlens_q, cu_seqlens_k, rel_rows,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), lse.stride(0), relevance.stride(0),
+        rel_rows.stride(0), rel_rows.stride(1), scale * LOG2E,
+        G=Hq // Hk, D=D, BLOCK_D=_block_d(D), BLOCK_N=block_n, CAUSAL=bool(causal),
+        IEEE=q.dtype == torch.float32, **cfg)
+
+
+def prefill_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int, scale: float,
+                      causal: bool, out, lse) -> None:
+    """``torch.ops.sparsevila.prefill_attention``: writes out [Tq, Hq, D] (q's dtype) and lse [Hq, Tq] fp32."""
+    del max_seqlen_k
+    _launch_prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, scale, causal, out, lse,
+                    _prefill_config(q.shape[2], q.dtype, q.device))
+
+
+def kv_relevance(q, k, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int, scale: float,
+                 causal: bool, rel_rows, relevance) -> None:
+    """``torch.ops.sparsevila.kv_relevance``: writes relevance [Hk, Tk] fp32 from q, k and the rows' lse."""
+    cfg = _relevance_config(q.shape[2], q.dtype, q.device, q.shape[1] // k.shape[1], max_seqlen_q)
+    _launch_relevance(q, k, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_k, scale, causal, rel_rows, relevance, cfg)
+
+
+def prefill_attention_relevance(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
+                                scale: float, causal: bool, rel_rows, out, lse, relevance) -> None:
+    """``torch.ops.sparsevila.prefill_attention_relevance``: the prefill, then ``kv_relevance`` on its lse."""
+    prefill_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal, out, lse)
+    kv_relevance(q, k, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal, rel_rows,
+                 relevance)
