@@ -23,9 +23,21 @@ step() {  # step NAME CMD...: run, log, remember failures
   [ "$rc" = 0 ] || status=1
 }
 if [ "$what" = tests ] || [ "$what" = all ]; then
-  step gpu-tests python -m pytest -q -m gpu tests -x -p no:cacheprovider
+  [ -n "${SKIP_GPU_TESTS:-}" ] || step gpu-tests python -m pytest -q -m gpu tests -x -p no:cacheprovider
   n=200; [ "$quick" = --quick ] && n=40
-  step fuzz python -m sparsevila_ops fuzz --op all --backend triton --cases "$n" --seed 1000 --device cuda
+  # One process per op: real-size cases are bound by Triton JIT compiles (CPU), which run in parallel.
+  ops="${FUZZ_OPS:-$(python -c 'from sparsevila_ops.fuzz import GENERATORS; print(" ".join(sorted(GENERATORS)))')}"
+  fuzz_all() {
+    local pids=() rc=0
+    for op in $ops; do
+      python -m sparsevila_ops fuzz --op "$op" --backend triton --cases "$n" --seed 1000 --device cuda \
+        > "$SPARSEVILA_BENCH_DIR/fuzz_$op.log" 2>&1 & pids+=($!)
+    done
+    for p in "${pids[@]}"; do wait "$p" || rc=1; done
+    cat "$SPARSEVILA_BENCH_DIR"/fuzz_*.log
+    return $rc
+  }
+  step fuzz fuzz_all
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
   q=(); [ "$quick" = --quick ] && q=(--quick)
