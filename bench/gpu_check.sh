@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: GPU tests, seeded fuzzing of every op, all benchmarks, the full-size demo.
 #   bash bench/gpu_check.sh [tests|bench|all] [--quick]
+# Env: SKIP_GPU_TESTS=1 (fuzz only), FUZZ_OPS="op ..." (default: every op), GIT_COMMIT (stamped on results).
 # Results go to $SPARSEVILA_BENCH_DIR (default $OUT/results or bench/results/<gpu>); everything is also packed
 # into $OUT/results.tgz (the device tool returns at most 8 files). A short table is printed last.
 set -uo pipefail

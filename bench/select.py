@@ -119,7 +119,7 @@ def _plot(rows):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="Qwen2-7B 32k at 5 % and Llama-2-7B 8k at 5 % only")
+    p.add_argument("--quick", action="store_true", help="Qwen2-7B 32k at 5 %% and Llama-2-7B 8k at 5 %% only")
     a = p.parse_args(argv)
     if a.quick:
         grid = [("qwen2-7b", 32768, 0.05), ("llama2-7b", 8192, 0.05)]
