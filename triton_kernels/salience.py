@@ -40,70 +40,23 @@ def _config(phase: str, max_seqlen: int, num_rows: int, head_dim: int, dtype: to
     replace. ``num_rows`` is the number of summed rows per segment (max_seqlen, or c for summary rows).
 
     lse: BLOCK_M rows per program stream key blocks of BLOCK_N. colsum: BLOCK_N keys per program stream row
-    blocks of BLOCK_M. Small segments get smaller tiles so masked padding does not cost exps. EXP picks the
-    exp2 implementation (see ``_exp2``; the launcher uses 0 off CUDA, where inline PTX cannot run).
+    blocks of BLOCK_M. Small segments get smaller tiles so masked padding does not cost exps.
     """
     small = max_seqlen <= 64
     if phase == "lse":
         if small or num_rows <= 64:
             return dict(BLOCK_M=max(16, min(64, triton.next_power_of_2(max(num_rows, 1)))), BLOCK_N=64,
-                        num_warps=4, num_stages=3, EXP=0)
+                        num_warps=4, num_stages=3)
         # H100 sweep: 256-row tiles win on SigLIP frames (n = 729), 128 on long sequences.
         if max_seqlen <= 1024:
-            return dict(BLOCK_M=256, BLOCK_N=64, num_warps=8, num_stages=2, EXP=0)
-        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, EXP=0)
+            return dict(BLOCK_M=256, BLOCK_N=64, num_warps=8, num_stages=2)
+        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
     bm = max(16, min(64, triton.next_power_of_2(max(num_rows, 1))))
     if small:
-        return dict(BLOCK_M=bm, BLOCK_N=64, num_warps=4, num_stages=3, EXP=0)
+        return dict(BLOCK_M=bm, BLOCK_N=64, num_warps=4, num_stages=3)
     if max_seqlen <= 4096:  # H100 sweep: 256-key tiles amortize per-program cost on short segments
-        return dict(BLOCK_M=bm, BLOCK_N=256, num_warps=8, num_stages=2, EXP=0)
-    return dict(BLOCK_M=bm, BLOCK_N=128, num_warps=4, num_stages=3, EXP=0)
-
-
-def _launch_config(phase: str, max_seqlen: int, num_rows: int, head_dim: int, q: torch.Tensor) -> dict:
-    cfg = dict(_config(phase, max_seqlen, num_rows, head_dim, q.dtype))
-    cfg["EXP"] = cfg.get("EXP", 0) if q.is_cuda else 0
-    return cfg
-
-
-# exp2 of 4 packed fp32 scores: 3 on the MUFU (ex2.approx.ftz), 1 emulated on the FMA pipe (FlashAttention-4's
-# trick): x = n + f, n = round(x) via the 1.5 * 2^23 magic add, 2^f by a degree-4 minimax polynomial on
-# [-0.5, 0.5] (rel. error 2.7e-6), 2^n added into the exponent bits. x is clamped at -125 (2^-125 ~ 2e-38
-# instead of 0 for masked rows).
-_EXP2_MIXED_ASM = tl.constexpr("""{
-.reg .f32 f, j, nf, p;
-.reg .b32 jb, pb;
-ex2.approx.ftz.f32 $0, $4;
-ex2.approx.ftz.f32 $1, $5;
-ex2.approx.ftz.f32 $2, $6;
-max.ftz.f32 f, $7, 0fC2FA0000;
-add.rn.ftz.f32 j, f, 0f4B400000;
-sub.rn.ftz.f32 nf, j, 0f4B400000;
-sub.rn.ftz.f32 f, f, nf;
-fma.rn.ftz.f32 p, f, 0f3C1CCBEB, 0f3D650A21;
-fma.rn.ftz.f32 p, p, f, 0f3E76036D;
-fma.rn.ftz.f32 p, p, f, 0f3F31706E;
-fma.rn.ftz.f32 p, p, f, 0f3F7FFFF4;
-mov.b32 jb, j;
-mov.b32 pb, p;
-shl.b32 jb, jb, 23;
-add.s32 pb, pb, jb;
-mov.b32 $3, pb;
-}""")
-
-
-@triton.jit
-def _exp2(x, MODE: tl.constexpr):
-    """2^x of fp32 scores. MODE 0: ``tl.math.exp2``; 1: ``ex2.approx.ftz`` (no denormal fix-up);
-    2: 1 in 4 elements emulated by a polynomial on the FMA pipe (offloads the exp unit). 1 and 2 need CUDA."""
-    if MODE == 0:
-        return tl.math.exp2(x)
-    elif MODE == 1:
-        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
-                                         is_pure=True, pack=1)
-    else:
-        return tl.inline_asm_elementwise(_EXP2_MIXED_ASM, "=f,=f,=f,=f,f,f,f,f", [x], dtype=tl.float32,
-                                         is_pure=True, pack=4)
+        return dict(BLOCK_M=bm, BLOCK_N=256, num_warps=8, num_stages=2)
+    return dict(BLOCK_M=bm, BLOCK_N=128, num_warps=4, num_stages=3)
 
 
 @triton.jit
@@ -117,7 +70,7 @@ def _load_rows(base, rows, row_end, stride_t, d0, D: tl.constexpr, BLOCK_D: tl.c
 @triton.jit
 def _lse_block(q_main, q_tail, k_base, k_rows, k_end, stride_kt, m_i, l_i, qk_scale,
                D: tl.constexpr, D_MAIN: tl.constexpr, D_TAIL: tl.constexpr, PREC: tl.constexpr,
-               EXP: tl.constexpr, MASK_KEYS: tl.constexpr):
+               MASK_KEYS: tl.constexpr):
     """Online max/sum update of ``(m_i, l_i)`` (log2 units) with one key block."""
     k_main = _load_rows(k_base, k_rows, k_end, stride_kt, 0, D, D_MAIN)
     s = tl.dot(q_main, tl.trans(k_main), input_precision=PREC)
@@ -127,7 +80,7 @@ def _lse_block(q_main, q_tail, k_base, k_rows, k_end, stride_kt, m_i, l_i, qk_sc
     if MASK_KEYS:
         s = tl.where((k_rows < k_end)[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-    p = _exp2(s * qk_scale - m_new[:, None], EXP)
+    p = tl.math.exp2(s * qk_scale - m_new[:, None])
     l_i = l_i * tl.math.exp2(m_i - m_new) + tl.sum(p, 1)
     return m_new, l_i
 
@@ -136,7 +89,7 @@ def _lse_block(q_main, q_tail, k_base, k_rows, k_end, stride_kt, m_i, l_i, qk_sc
 def _salience_lse_kernel(q, k, cu_seqlens, lse2, stride_qt, stride_qh, stride_kt, stride_kh, stride_cu,
                          stride_lh, qk_scale, num_summary, n_row_blocks,
                          D: tl.constexpr, D_MAIN: tl.constexpr, D_TAIL: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, EXP: tl.constexpr):
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr):
     """Pass 1: ``lse2[h, i] = log2 sum_j exp2(qk_scale * q[i, h] . k[j, h])`` for the rows ``i`` of R."""
     pid = tl.program_id(0)
     seg = pid // n_row_blocks
@@ -162,10 +115,10 @@ def _salience_lse_kernel(q, k, cu_seqlens, lse2, stride_qt, stride_qh, stride_kt
     n_full = n // BLOCK_N
     for j in range(0, n_full):
         m_i, l_i = _lse_block(q_main, q_tail, k_base, a + j * BLOCK_N + cols, b, stride_kt, m_i, l_i, qk_scale,
-                              D, D_MAIN, D_TAIL, PREC, EXP, False)
+                              D, D_MAIN, D_TAIL, PREC, False)
     if n_full * BLOCK_N < n:
         m_i, l_i = _lse_block(q_main, q_tail, k_base, a + n_full * BLOCK_N + cols, b, stride_kt, m_i, l_i,
-                              qk_scale, D, D_MAIN, D_TAIL, PREC, EXP, True)
+                              qk_scale, D, D_MAIN, D_TAIL, PREC, True)
     tl.store(lse2 + h * stride_lh + rows, m_i + tl.math.log2(l_i), mask=rows < r_end)
 
 
@@ -174,7 +127,7 @@ def _salience_colsum_kernel(q, k, cu_seqlens, lse, out, stride_qt, stride_qh, st
                             stride_lh, stride_oh, qk_scale, lse_scale, inv_heads, num_summary, n_key_blocks,
                             D: tl.constexpr, D_MAIN: tl.constexpr, D_TAIL: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
-                            EXP: tl.constexpr, ATOMIC: tl.constexpr):
+                            ATOMIC: tl.constexpr):
     """Pass 2: ``out[h, j] (+)= inv_heads/|R| * sum_{i in R} exp2(qk_scale s[i, j] - lse_scale lse[h, i])``.
 
     ``ATOMIC``: heads accumulate into ``out[T]`` with atomic adds; else ``out[h, j]`` is stored."""
@@ -207,7 +160,7 @@ def _salience_colsum_kernel(q, k, cu_seqlens, lse, out, stride_qt, stride_qh, st
         if D_TAIL > 0:
             q_tail = _load_rows(q_base, rows, r_end, stride_qt, D_MAIN, D, D_TAIL)
             s = tl.dot(k_tail, tl.trans(q_tail), s, input_precision=PREC)
-        acc += tl.sum(_exp2(s * qk_scale - l2[None, :], EXP), 1)
+        acc += tl.sum(tl.math.exp2(s * qk_scale - l2[None, :]), 1)
     val = acc * (inv_heads / (r_end - a).to(tl.float32))
     if ATOMIC:
         tl.atomic_add(out + keys, val, mask=keys < b, sem="relaxed")
@@ -248,7 +201,7 @@ def visual_salience(q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor, 
 
     if lse is None:
         lse_t = torch.empty(H, T, dtype=torch.float32, device=q.device)
-        cfg = _launch_config("lse", max_seqlen, num_rows, D, q)
+        cfg = dict(_config("lse", max_seqlen, num_rows, D, q.dtype))
         n_row_blocks = triton.cdiv(max(num_rows, 1), cfg["BLOCK_M"])
         _salience_lse_kernel[(n_row_blocks * S, H)](
             q, k, cu_seqlens, lse_t, q.stride(0), q.stride(1), k.stride(0), k.stride(1), cu_seqlens.stride(0),
@@ -265,7 +218,7 @@ def visual_salience(q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor, 
         target, inv_heads = out, 1.0 / H
     else:
         target, inv_heads = torch.empty(H, T, dtype=torch.float32, device=q.device), 1.0
-    cfg = _launch_config("colsum", max_seqlen, num_rows, D, q)
+    cfg = dict(_config("colsum", max_seqlen, num_rows, D, q.dtype))
     n_key_blocks = triton.cdiv(max(max_seqlen, 1), cfg["BLOCK_N"])
     _salience_colsum_kernel[(n_key_blocks * S, H)](
         q, k, cu_seqlens, lse_t, target, q.stride(0), q.stride(1), k.stride(0), k.stride(1), cu_seqlens.stride(0),

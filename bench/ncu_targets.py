@@ -1,0 +1,49 @@
+"""The kernels that miss their ANCHORS.md targets, one launch each, for Nsight Compute.
+
+    ncu --profile-from-start off --section SpeedOfLight --section ComputeWorkloadAnalysis \
+        --section WarpStateStats --section Occupancy python -m bench.ncu_targets
+
+Every op is run once to JIT-compile, then once between ``cudaProfilerStart/Stop`` (the launches ncu
+profiles): salience (SigLIP 64 frames, both passes), kv_relevance (Qwen2-7B, 512 question rows x 8k keys) and
+decode (Qwen2-7B, 8k, split + combine kernels).
+"""
+import torch
+
+import sparsevila_ops as so
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    dev, bf = "cuda", torch.bfloat16
+    # Salience, SigLIP 64 frames: [64*729, 16, 72].
+    B, N, H, D = 64, 729, 16, 72
+    q, k = torch.randn(B * N, H, D, device=dev, dtype=bf), torch.randn(B * N, H, D, device=dev, dtype=bf)
+    cu = torch.arange(0, (B + 1) * N, N, dtype=torch.int32, device=dev)
+    # Relevance, Qwen2-7B: 28 q / 4 kv heads x 128, 512 question rows at the end of 8192 keys.
+    n, m = 8192, 512
+    qr = torch.randn(m, 28, 128, device=dev, dtype=bf)
+    kr = torch.randn(n, 4, 128, device=dev, dtype=bf)
+    cq = torch.tensor([0, m], dtype=torch.int32, device=dev)
+    ck = torch.tensor([0, n], dtype=torch.int32, device=dev)
+    lse = torch.randn(28, m, device=dev) + 10.0
+    rows = torch.tensor([[0, m]], dtype=torch.int32, device=dev)
+    # Decode, Qwen2-7B at 8k.
+    qd = torch.randn(1, 28, 128, device=dev, dtype=bf)
+    kd, vd = (torch.randn(1, 4, n, 128, device=dev, dtype=bf) for _ in range(2))
+    lengths = torch.full((1,), n, dtype=torch.int32, device=dev)
+
+    def once():
+        so.visual_salience(q, k, cu, N)
+        so.kv_relevance(qr, kr, lse, cq, ck, m, n, rows)
+        so.decode_attention(qd, kd, vd, lengths)
+
+    once()
+    torch.cuda.synchronize()
+    torch.cuda.profiler.start()
+    once()
+    torch.cuda.synchronize()
+    torch.cuda.profiler.stop()
+
+
+if __name__ == "__main__":
+    main()
