@@ -121,6 +121,14 @@ def relevance_grid(Ns, Ms):
                     q, k, _ = sets[i]
                     return naive_relevance(q[N - M:], k, scale)
 
+                if colreduce is not None:  # no GQA in its API: K expanded to Hq heads outside the timing
+                    k_hq = [s_[1].transpose(0, 1).repeat_interleave(G, 0).unsqueeze(0) for s_ in sets]
+
+                    def authors(i):
+                        qq = sets[i][0][N - M:].transpose(0, 1).unsqueeze(0)
+                        r = colreduce(qq, k_hq[i], "sum", is_causal=True, scale=scale)
+                        return r[0].view(hk, G, N).sum(dim=1)
+
                 rel.fill_(float("nan"))
                 standalone(0)
                 err_sa = verify(f"kv_relevance {model} M={M} N={N}", rel, expected, REL_TOL[torch.float32])
@@ -128,20 +136,25 @@ def relevance_grid(Ns, Ms):
                 fused(0)
                 err_fu = verify(f"fused relevance {model} M={M} N={N}", rel, expected, REL_TOL[torch.float32])
                 err_nv = verify(f"naive relevance {model} M={M} N={N}", naive(0), expected, REL_TOL[DTYPE])
-                del expected
                 # kv_relevance and naive: GPU time from CUDA-graph replays (their host overhead, ~0.15 ms per
                 # eager call, would otherwise be what is measured); eager kv_relevance reported beside.
                 t_sa = time_cuda(standalone, n_inputs=n_sets, warmup=3, iters=10 if big else 30,
                                  graph=True)["median_ms"]
                 t_sa_eager = time_cuda(standalone, n_inputs=n_sets, warmup=3, iters=30)["median_ms"]
                 t_nv = time_cuda(naive, n_inputs=n_sets, warmup=2, iters=5 if big else 15, graph=True)["median_ms"]
+                t_fcr = "absent"
+                if colreduce is not None:
+                    verify(f"flash_colreduce {model} M={M} N={N}", authors(0), expected, REL_TOL[DTYPE])
+                    t_fcr = time_cuda(authors, n_inputs=n_sets, warmup=2, iters=10 if big else 30)["median_ms"]
+                    del k_hq
+                del expected
                 # Prefill with and without relevance timed back to back, so clock drift hits both alike.
                 t_prefill = time_cuda(prefill, n_inputs=n_sets, warmup=warm, iters=iters)["median_ms"]
                 t_fu = time_cuda(fused, n_inputs=n_sets, warmup=warm, iters=iters)["median_ms"]
                 rows.append({
                     "model": model, "H": f"{hq}/{hk}", "M": M, "N": N, "naive_ms": t_nv, "kv_relevance_ms": t_sa,
                     "kv_relevance_eager_ms": t_sa_eager,
-                    "flash_colreduce_ms": "absent" if colreduce is None else "not run",
+                    "flash_colreduce_ms": t_fcr,
                     "prefill_ms": t_prefill, "prefill_TFLOPs": flops / t_prefill * 1e-9, "fused_ms": t_fu,
                     "fused_overhead_ms": t_fu - t_prefill, "overhead_pct": 100 * (t_fu - t_prefill) / t_prefill,
                     "naive/kv_rel": t_nv / t_sa, "err_kv_rel": err_sa, "err_fused": err_fu, "err_naive": err_nv,

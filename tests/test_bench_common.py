@@ -1,0 +1,49 @@
+"""bench/common.py: result writers (CPU) and the timing helpers (GPU), including the pytest-benchmark route."""
+import json
+
+import pytest
+import torch
+
+from bench import common
+
+
+def test_write_results_stamps_meta_and_writes_json_md_png(tmp_path, capsys):
+    rows = [{"shape": "a", "ms": 1.23456, "note": None}, {"shape": "b", "ms": 2.0, "note": "x"}]
+
+    def plot(fig):
+        fig.add_subplot(1, 1, 1).bar([r["shape"] for r in rows], [r["ms"] for r in rows])
+
+    d = common.write_results("unit", rows, ["shape", "ms", "note"], plot=plot, out_dir=str(tmp_path), title="t")
+    data = json.loads((d / "unit.json").read_text())
+    assert data["rows"] == rows
+    assert {"gpu", "torch", "triton", "commit", "date"} <= set(data["meta"])
+    md = (d / "unit.md").read_text()
+    assert "| shape | ms | note |" in md and "| a | 1.235 |  |" in md
+    assert (d / "unit.png").stat().st_size > 1000
+    assert capsys.readouterr().out.strip().endswith("| b | 2 | x |")  # the table is printed last
+
+
+def test_verify_refuses_a_wrong_output():
+    ref = torch.randn(100)
+    assert common.verify("ok", ref + 1e-6, ref, 1e-4) < 1e-4
+    with pytest.raises(AssertionError, match="refusing to time"):
+        common.verify("wrong", ref * 1.1, ref, 1e-3)
+    with pytest.raises(AssertionError):
+        common.verify("nan", torch.full_like(ref, float("nan")), ref, 1e-3)
+
+
+@pytest.mark.gpu
+def test_time_cuda_eager_and_graph_and_memory():
+    x = torch.randn(1 << 20, device="cuda")
+    ys = [torch.empty_like(x) for _ in range(2)]
+    for graph in (False, True):
+        stats = common.time_cuda(lambda i: torch.mul(x, 2, out=ys[i]), n_inputs=2, iters=10, graph=graph)
+        assert 0 < stats["p20_ms"] <= stats["median_ms"] <= stats["p80_ms"]
+    assert common.peak_extra_memory(lambda: torch.empty(1 << 20, device="cuda")) >= 4 << 20
+
+
+@pytest.mark.gpu
+def test_pedantic_cuda_runs_under_pytest_benchmark(benchmark):
+    x = torch.randn(1 << 20, device="cuda")
+    common.pedantic_cuda(benchmark, lambda: x.mul_(1.0), rounds=5)
+    assert benchmark.stats.stats.rounds == 5
