@@ -90,6 +90,38 @@ def test_decode_attention_split_counts(device, num_splits):
     _check(out, lse, q, k, v, lengths, 0.3, f"splits={num_splits}")
 
 
+@pytest.mark.parametrize("num_splits", [3, 8])
+@pytest.mark.parametrize("gather", [False, True])
+def test_decode_combine_rows_of_different_lengths(device, num_splits, gather):
+    # fp32, D 128: BLOCK_N 32, so these rows use 0, 1, 2 and up to num_splits splits within one launch.
+    B, Hk, G, cap, D = 5, 2, 3, 150, 128
+    q, k, v = _inputs(B, Hk, G, cap, D, torch.float32, device, seed=20 + num_splits)
+    lengths = torch.tensor([0, 5, 40, cap, 97], dtype=torch.int32, device=device)
+    out, lse = _outs(q)
+    if gather:  # positions reversed: the gather path sees every key, in another order
+        indices = torch.arange(cap - 1, -1, -1, dtype=torch.int32, device=device).expand(B, Hk, cap)
+        tk._launch_decode(q, k, v, lengths, indices, 0.2, out, lse, num_splits=num_splits)
+        k, v = k.flip(2), v.flip(2)
+    else:
+        tk._launch_decode(q, k, v, lengths, None, 0.2, out, lse, num_splits=num_splits)
+    _check(out, lse, q, k, v, lengths, 0.2, f"combine splits={num_splits} gather={gather}")
+    assert (out[0] == 0).all() and (lse[0] == float("-inf")).all()
+
+
+def test_decode_split_calls_are_deterministic(device):
+    # Two calls with the split path (scratch re-allocated each call) give bit-equal results.
+    B, Hk, G, cap, D = 2, 2, 4, 130, 128
+    q, k, v = _inputs(B, Hk, G, cap, D, torch.float32, device, seed=31)
+    lengths = torch.tensor([cap, 70], dtype=torch.int32, device=device)
+    results = []
+    for _ in range(2):
+        out, lse = _outs(q)
+        tk._launch_decode(q, k, v, lengths, None, D ** -0.5, out, lse, num_splits=5)
+        results.append((out, lse))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    _check(*results[0], q, k, v, lengths, D ** -0.5, "split calls")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_append_kv_then_decode(device, dtype):
     B, Hk, G, cap, D = 2, 3, 2, 40, 32
