@@ -10,7 +10,7 @@ what="${1:-all}"; quick="${2:-}"
 out="${OUT:-/tmp/sparsevila_out}"; mkdir -p "$out"
 export SPARSEVILA_BENCH_DIR="${SPARSEVILA_BENCH_DIR:-$out/results}"; mkdir -p "$SPARSEVILA_BENCH_DIR"
 export PYTHONUNBUFFERED=1
-pip install --no-deps --no-build-isolation -e . -q >/dev/null 2>&1 || pip install --no-deps -e . -q
+python -m pip install --no-deps --no-build-isolation -e . -q >/dev/null 2>&1 || python -m pip install --no-deps -e . -q
 python -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"
 status=0
 log="$SPARSEVILA_BENCH_DIR/gpu_check.log"
