@@ -18,7 +18,7 @@ from typing import Callable, Dict, List, Tuple
 
 import torch
 
-from . import _backend
+from . import _backend, reference
 from .testing import REL_TOL, poison, rel_err
 
 AWKWARD = (0, 1, 7, 97, 729, 1025, 5125)
@@ -53,18 +53,6 @@ def _cu(lens: List[int], device) -> torch.Tensor:
     return torch.tensor(c, dtype=torch.int32, device=device)
 
 
-def _seg_lse(q, k, cu, scale, causal=False, cu_k=None):
-    """Natural-log LSE [H, T] per row over its segment's keys (what an attention forward would return)."""
-    from . import reference
-    T, H, D = q.shape
-    cu_k = cu if cu_k is None else cu_k
-    out = torch.empty(T, H, D, dtype=q.dtype, device=q.device)
-    lse = torch.empty(H, T, dtype=torch.float32, device=q.device)
-    v = torch.zeros_like(k)
-    reference.prefill_attention(q, k, v, cu, cu_k, 0, 0, scale, causal, out, lse)
-    return lse
-
-
 def gen_visual_salience(rng, gen, dev, big):
     S = rng.randint(1, 4)
     lens = _lengths(rng, S, 1025 if big else 40)
@@ -73,7 +61,7 @@ def gen_visual_salience(rng, gen, dev, big):
     T = sum(lens)
     q, k = _randn((T, H, D), dt, dev, gen, strided), _randn((T, H, D), dt, dev, gen, strided)
     cu, c, scale = _cu(lens, dev), rng.choice([0, 0, 1, 3]), D ** -0.5
-    lse = _seg_lse(q, k, cu, scale) if rng.random() < 0.4 else None
+    lse = reference.segment_lse(q, k, cu, scale) if rng.random() < 0.4 else None
     reduce = rng.random() < 0.5
     out = torch.empty((T,) if reduce else (H, T), dtype=torch.float32, device=dev)
     det = rng.random() < 0.5
@@ -117,7 +105,6 @@ def gen_prefill_attention_relevance(rng, gen, dev, big):
 
 def gen_kv_relevance(rng, gen, dev, big):
     q, k, v, cq, ck, mq, mk, sc, causal, rr, desc = _prefill_inputs(rng, gen, dev, big)
-    from . import reference
     lse = torch.empty(q.shape[1], q.shape[0], device=dev)
     reference.prefill_attention(q, k, v, cq, ck, mq, mk, sc, causal, torch.empty_like(q), lse)
     rel = torch.empty(k.shape[1], k.shape[0], device=dev)
@@ -158,7 +145,6 @@ def gen_select_kv(rng, gen, dev, big):
 
 
 def gen_pack_kv(rng, gen, dev, big):
-    from . import reference
     L, B, Hk = rng.randint(1, 3), rng.randint(1, 3), rng.choice([1, 4])
     T = rng.choice([7, 97, 729, 1025]) if big else rng.randint(1, 40)
     D, dt = rng.choice([64, 80, 128] if big else [16, 80]), rng.choice(DTYPES)

@@ -114,6 +114,19 @@ def _prefill(q, k, v, cu_q, cu_k, scale, causal, rel_rows, out, lse, relevance):
                     relevance[:, ka:kb] += p[:, :, r0 - i0:r1 - i0].sum(dim=(1, 2))
 
 
+def segment_lse(q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor, scale: float) -> torch.Tensor:
+    """Natural-log LSE ``[H, T]`` of every row over its segment's keys (non-causal), as an attention forward
+    returns it: the ``lse`` argument of ``visual_salience``."""
+    H = q.shape[1]
+    lse = torch.empty(H, q.shape[0], dtype=torch.float32, device=q.device)
+    for a, b in _segments(cu_seqlens):
+        for r0 in range(a, b, _row_chunk(H, b - a)):
+            r1 = min(b, r0 + _row_chunk(H, b - a))
+            s = torch.matmul(q[r0:r1].float().transpose(0, 1), k[a:b].float().permute(1, 2, 0)) * scale
+            lse[:, r0:r1] = torch.logsumexp(s, dim=-1)
+    return lse
+
+
 def kv_relevance(q, k, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int, scale: float,
                  causal: bool, rel_rows: torch.Tensor, relevance: torch.Tensor) -> None:
     """``relevance[g, j] = sum_{h: h//G == g} sum_{i in rel_rows} exp(scale q_i.k_j - lse[h, i])`` (visible j)."""

@@ -462,3 +462,17 @@ def test_append_kv_then_decode(dtype):
         w_out, w_lse = brute.attend(q[b, h], keys, vals, D ** -0.5)
         assert_rel(out[b, h], w_out, ROUND_TOL[dtype], "decode after append")
         assert abs(float(lse[b, h]) - w_lse) <= 1e-5 * max(1.0, abs(w_lse))
+
+
+def test_segment_lse_is_the_row_logsumexp_of_each_segment():
+    """reference.segment_lse (the lse fed to visual_salience by tests, fuzz and demo) vs float64 formulas."""
+    g = torch.Generator().manual_seed(11)
+    lens = [0, 1, 7, 97]
+    q, k = torch.randn(105, 3, 16, generator=g), torch.randn(105, 3, 16, generator=g)
+    cu = torch.tensor([0, 0, 1, 8, 105], dtype=torch.int32)
+    got = reference.segment_lse(q, k, cu, 0.25)
+    a = 0
+    for n in lens:
+        s = torch.einsum("ihd,jhd->hij", q[a:a + n].double(), k[a:a + n].double()) * 0.25
+        assert torch.allclose(got[:, a:a + n].double(), torch.logsumexp(s, -1), rtol=1e-5, atol=1e-5)
+        a += n

@@ -33,17 +33,6 @@ def _poisoned(T, H, reduce_heads, device):
     return poison(torch.empty((T,) if reduce_heads else (H, T), dtype=torch.float32, device=device))
 
 
-def _segment_lse(q, k, cu, scale):
-    """Natural-log row LSE [H, T] (fp32), as an attention forward would return it."""
-    lse = torch.empty(q.shape[1], q.shape[0], dtype=torch.float32, device=q.device)
-    c = cu.tolist()
-    for a, b in zip(c[:-1], c[1:]):
-        if b > a:
-            s = torch.einsum("ihd,jhd->hij", q[a:b].float(), k[a:b].float()) * scale
-            lse[:, a:b] = torch.logsumexp(s, dim=-1)
-    return lse
-
-
 def _check(q, k, cu, max_seqlen, dtype, **kw):
     T, H = q.shape[:2]
     out = _poisoned(T, H, kw.get("reduce_heads", True), q.device)
@@ -96,7 +85,7 @@ def test_visual_salience_lse_given_equals_two_passes(device, dtype):
     q, k = _inputs(T, H, D, dtype, device, seed=3)
     lse_full = torch.randn(H, T + 5, device=device)  # strided [H, T] view (row stride T + 5)
     lse = lse_full[:, :T]
-    lse.copy_(_segment_lse(q, k, cu, D ** -0.5))
+    lse.copy_(reference.segment_lse(q, k, cu, D ** -0.5))
     for c in (0, 3):
         two = _salience("triton", q, k, cu, max(RAGGED), num_summary=c, reduce_heads=False)
         one = _salience("triton", q, k, cu, max(RAGGED), num_summary=c, reduce_heads=False, lse=lse,
@@ -188,7 +177,7 @@ def test_visual_salience_gpu_lse_and_deterministic(dtype):
     cu = _cu(lengths, dev)
     T, H, D = int(cu[-1]), 16, 80
     q, k = _inputs(T, H, D, dtype, dev, seed=8)
-    lse = _segment_lse(q, k, cu, D ** -0.5)
+    lse = reference.segment_lse(q, k, cu, D ** -0.5)
     _check(q, k, cu, max(lengths), dtype, lse=lse)
     runs = [_check(q, k, cu, max(lengths), dtype, deterministic=True)[0].clone() for _ in range(2)]
     assert torch.equal(runs[0], runs[1])
