@@ -1,4 +1,4 @@
-"""Decode attention, batch 1, one layer: split-KV Triton kernel vs SDPA, dense and 5 %-packed caches.
+"""Decode attention, batch 1, one layer: split-KV Triton kernel vs SDPA, dense and 5/15/30 %-packed caches.
 
 ``python -m bench.decode [--quick]``. bf16, D 128, Qwen2-7B (28 q / 4 kv heads) and Llama-2-7B (32 / 32),
 contexts 8k / 32k / 128k. Time per layer as in a captured decode step: one CUDA graph replays the op over R
@@ -8,11 +8,15 @@ single replays instead measures the host's graph-launch latency (~20 µs), not t
 timed eagerly (the ANCHORS.md baseline). Variants:
 
 - ``ours_full``: ``decode_attention`` over the whole cache (lengths = context);
-- ``ours_p5``: ``decode_attention`` over a cache packed to 5 % of the context;
+- ``ours_p5`` / ``ours_p15`` / ``ours_p30``: ``decode_attention`` over a cache packed to 5 / 15 / 30 % of the
+  context; ``speedup_pK_vs_sdpa_full`` = SDPA over the dense cache / this (the paper's decode speedup: it
+  comes from reading fewer bytes, which the dense kernels cannot beat at 128k, where both run near copy
+  bandwidth);
 - ``sparse_p5``: ``sparse_decode_attention`` over the full cache with the same 5 % of indices (gather in kernel);
 - ``sdpa_full`` / ``sdpa_p5``: ``F.scaled_dot_product_attention(enable_gqa=True)`` on the same tensors.
 
 Achieved TB/s = K + V bytes read / time. Outputs are verified against ``sparsevila_ops.reference`` first.
+``--sweep`` times the split-KV config space at Qwen2-7B 8k / 32k instead (``decode_sweep.*``).
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ from sparsevila_ops import reference as ref
 MODELS = {"qwen2-7b": (28, 4), "llama2-7b": (32, 32)}
 CONTEXTS = (8192, 32768, 131072)
 TARGETS_US = {8192: 8.0, 32768: 26.0, 131072: 103.0}
+KEEPS = (5, 15, 30)  # % of the context kept in the packed cache
 D, SLACK, L2_BYTES = 128, 256, 256 << 20
 
 
@@ -65,7 +70,7 @@ def run_case(model: str, ctx: int, iters: int) -> dict:
     n5 = max(1, round(0.05 * ctx))
     row = {"model": model, "ctx": ctx, "kept_p5": n5, "layers_R": _sets(2 * B * hk * ctx * D * 2)}
     kv_full = 2 * B * hk * ctx * D * 2
-    kv_p5 = 2 * B * hk * n5 * D * 2
+    kv_p5 = 2 * B * hk * n5 * D * 2  # the gather path reads the same bytes as the 5 % packed cache
 
     def ours(qs, ks, vs, lengths, outs):
         def fn(i):
@@ -111,23 +116,26 @@ def run_case(model: str, ctx: int, iters: int) -> dict:
     del qs, ks, vs, outs, idx, f_ours, f_sdpa
     torch.cuda.empty_cache()
 
-    # Packed cache at 5 %.
-    n_sets = _sets(kv_p5)
-    qs, ks, vs = _make(B, hq, hk, n5 + SLACK, n_sets, dev, dt, gen)
-    lengths = torch.tensor([n5], dtype=torch.int32, device=dev)
-    outs = outs_for(qs)
-    f_ours, f_sdpa = ours(qs, ks, vs, lengths, outs), sdpa(qs, ks, vs, n5, outs)
-    f_ours(0)
-    r0 = _reference(qs[0], ks[0], vs[0], lengths)
-    verify("decode p5", outs[0][0].float(), r0, 2e-2)
-    row["ours_p5_us"] = _per_layer_us(f_ours, n_sets, iters)
-    row["sdpa_p5_us"] = _per_layer_us(f_sdpa, n_sets, iters)
-    del qs, ks, vs, outs
-    torch.cuda.empty_cache()
+    # Packed caches at 5 / 15 / 30 % (SDPA over the packed cache too at 5 %).
+    for keep in KEEPS:
+        nk = max(1, round(keep / 100 * ctx))
+        n_sets = _sets(2 * B * hk * nk * D * 2)
+        qs, ks, vs = _make(B, hq, hk, nk + SLACK, n_sets, dev, dt, gen)
+        lengths = torch.tensor([nk], dtype=torch.int32, device=dev)
+        outs = outs_for(qs)
+        f_ours = ours(qs, ks, vs, lengths, outs)
+        f_ours(0)
+        verify(f"decode p{keep}", outs[0][0].float(), _reference(qs[0], ks[0], vs[0], lengths), 2e-2)
+        row[f"ours_p{keep}_us"] = _per_layer_us(f_ours, n_sets, iters)
+        row[f"ours_p{keep}_TBps"] = 2 * B * hk * nk * D * 2 / (row[f"ours_p{keep}_us"] * 1e-6) / 1e12
+        row[f"speedup_p{keep}_vs_sdpa_full"] = row["sdpa_full_us"] / row[f"ours_p{keep}_us"]
+        if keep == 5:
+            row["sdpa_p5_us"] = _per_layer_us(sdpa(qs, ks, vs, nk, outs), n_sets, iters)
+        del qs, ks, vs, outs
+        torch.cuda.empty_cache()
 
     row["ours_full_TBps"] = kv_full / (row["ours_full_us"] * 1e-6) / 1e12
     row["sdpa_full_TBps"] = kv_full / (row["sdpa_full_us"] * 1e-6) / 1e12
-    row["ours_p5_TBps"] = kv_p5 / (row["ours_p5_us"] * 1e-6) / 1e12
     row["sparse_p5_TBps"] = kv_p5 / (row["sparse_p5_us"] * 1e-6) / 1e12
     row["speedup_vs_sdpa"] = row["sdpa_full_us"] / row["ours_full_us"]
     row["speedup_vs_sdpa_eager"] = row["sdpa_full_eager_us"] / row["ours_full_us"]
@@ -135,14 +143,50 @@ def run_case(model: str, ctx: int, iters: int) -> dict:
     return row
 
 
+def sweep(ctxs=(8192, 32768)) -> list:
+    """Decode config sweep at Qwen2-7B shapes: splits / BLOCK_N / warps / stages (stages set shared memory,
+    hence programs per SM)."""
+    from sparsevila_ops.triton_kernels import decode as tk
+    hq, hk = MODELS["qwen2-7b"]
+    B, dev, dt = 1, "cuda", torch.bfloat16
+    rows = []
+    for ctx in ctxs:
+        gen = torch.Generator(device=dev).manual_seed(ctx)
+        n_sets = _sets(2 * B * hk * ctx * D * 2)
+        qs, ks, vs = _make(B, hq, hk, ctx + SLACK, n_sets, dev, dt, gen)
+        lengths = torch.tensor([ctx], dtype=torch.int32, device=dev)
+        outs = [(torch.empty_like(q), torch.empty(q.shape[:2], device=dev)) for q in qs]
+        r0 = _reference(qs[0], ks[0], vs[0], lengths)
+        base = tk._decode_config(B, hk, hq // hk, ctx + SLACK, D, 2, torch.cuda.get_device_properties(0)
+                                 .multi_processor_count)
+        variants = [dict(PDL=True, NUM_SPLITS=int(base["NUM_SPLITS"] * mult), BLOCK_N=bn, num_warps=nw, num_stages=st)
+                    for mult in (1, 2, 4, 8) for bn in (32, 64) for nw in (2, 4) for st in (1, 2, 3)]
+        for cfg in variants:
+            def fn(i, cfg=cfg):
+                tk._launch_decode(qs[i], ks[i], vs[i], lengths, None, D ** -0.5, outs[i][0], outs[i][1], **cfg)
+            try:
+                fn(0)
+                verify(f"decode sweep {cfg}", outs[0][0].float(), r0, 2e-2)
+                us = _per_layer_us(fn, n_sets, iters=30)
+            except Exception as e:  # noqa: BLE001 - a config that cannot compile or run is reported, not fatal
+                print(f"skip {cfg}: {type(e).__name__}: {e}"[:300], flush=True)
+                continue
+            rows.append({"ctx": ctx, **cfg, "us": us})
+            print(rows[-1], flush=True)
+        del qs, ks, vs, outs
+        torch.cuda.empty_cache()
+    return rows
+
+
 def _plot(rows):
     def plot(fig):
         ax = fig.add_subplot(1, 1, 1)
-        keys = ["sdpa_full_us", "ours_full_us", "sdpa_p5_us", "sparse_p5_us", "ours_p5_us"]
+        keys = ["sdpa_full_us", "ours_full_us", "ours_p30_us", "ours_p15_us", "sdpa_p5_us", "sparse_p5_us",
+                "ours_p5_us"]
         x = range(len(rows))
         w = 0.8 / len(keys)
         for j, key in enumerate(keys):
-            ax.bar([i + (j - 2) * w for i in x], [r[key] for r in rows], w, label=key[:-3])
+            ax.bar([i + (j - len(keys) / 2) * w for i in x], [r[key] for r in rows], w, label=key[:-3])
         ax.set_yscale("log")
         ax.set_ylabel("µs per layer (CUDA graph of R layers)")
         ax.set_xticks(list(x))
@@ -154,11 +198,19 @@ def _plot(rows):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="Qwen2-7B at 8k and 128k only")
+    p.add_argument("--sweep", action="store_true", help="config sweep at Qwen2-7B 8k / 32k (decode_sweep.*)")
     a = p.parse_args(argv)
+    if a.sweep:
+        rows = sweep()
+        best = {c: min((r for r in rows if r["ctx"] == c), key=lambda r: r["us"]) for c in {r["ctx"] for r in rows}}
+        print("best:", best)
+        write_results("decode_sweep", rows, ["ctx", "PDL", "NUM_SPLITS", "BLOCK_N", "num_warps", "num_stages", "us"], title="decode config sweep, Qwen2-7B, bf16")
+        return 0
     grid = [("qwen2-7b", 8192), ("qwen2-7b", 131072)] if a.quick else [(m, c) for m in MODELS for c in CONTEXTS]
     rows = [run_case(m, c, iters=20 if a.quick else 50) for m, c in grid]
     cols = ["model", "ctx", "ours_full_us", "sdpa_full_us", "sdpa_full_eager_us", "speedup_vs_sdpa",
-            "ours_full_TBps", "ours_p5_us", "sdpa_p5_us", "sparse_p5_us", "ours_p5_TBps", "target_us"]
+            "ours_full_TBps", "target_us", "ours_p5_us", "sdpa_p5_us", "sparse_p5_us", "ours_p15_us", "ours_p30_us",
+            "speedup_p5_vs_sdpa_full", "speedup_p15_vs_sdpa_full", "speedup_p30_vs_sdpa_full", "ours_p5_TBps"]
     write_results("decode", rows, cols, plot=_plot(rows),
                   title="decode attention, batch 1, bf16, per layer inside a CUDA graph of R layers")
     return 0

@@ -93,19 +93,38 @@ def test_decode_attention_split_counts(device, num_splits):
 @pytest.mark.parametrize("num_splits", [3, 8])
 @pytest.mark.parametrize("gather", [False, True])
 def test_decode_combine_rows_of_different_lengths(device, num_splits, gather):
-    # fp32, D 128: BLOCK_N 32, so these rows use 0, 1, 2 and up to num_splits splits within one launch.
+    # BLOCK_N 32, so these rows use 0, 1, 2 and up to num_splits splits within one launch; the empty splits'
+    # partials are never written (uninitialised scratch) and must get weight 0 in the combine.
     B, Hk, G, cap, D = 5, 2, 3, 150, 128
     q, k, v = _inputs(B, Hk, G, cap, D, torch.float32, device, seed=20 + num_splits)
     lengths = torch.tensor([0, 5, 40, cap, 97], dtype=torch.int32, device=device)
     out, lse = _outs(q)
     if gather:  # positions reversed: the gather path sees every key, in another order
         indices = torch.arange(cap - 1, -1, -1, dtype=torch.int32, device=device).expand(B, Hk, cap)
-        tk._launch_decode(q, k, v, lengths, indices, 0.2, out, lse, num_splits=num_splits)
+        tk._launch_decode(q, k, v, lengths, indices, 0.2, out, lse, num_splits=num_splits, BLOCK_N=32)
         k, v = k.flip(2), v.flip(2)
     else:
-        tk._launch_decode(q, k, v, lengths, None, 0.2, out, lse, num_splits=num_splits)
+        tk._launch_decode(q, k, v, lengths, None, 0.2, out, lse, num_splits=num_splits, BLOCK_N=32)
     _check(out, lse, q, k, v, lengths, 0.2, f"combine splits={num_splits} gather={gather}")
     assert (out[0] == 0).all() and (lse[0] == float("-inf")).all()
+
+
+def test_decode_combine_ignores_poisoned_scratch_of_empty_splits(device, monkeypatch):
+    # The split scratch is torch.empty; fill it with NaN so a combine that read an empty split's partial fails.
+    empty = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+    B, Hk, G, cap, D = 2, 1, 4, 96, 64
+    q, k, v = _inputs(B, Hk, G, cap, D, torch.float32, device, seed=41)
+    lengths = torch.tensor([3, 0], dtype=torch.int32, device=device)  # 1 of 6 splits used; none used
+    out, lse = _outs(q)
+    monkeypatch.setattr(torch, "empty", nan_empty)
+    tk._launch_decode(q, k, v, lengths, None, 0.25, out, lse, num_splits=6, BLOCK_N=16)
+    monkeypatch.undo()
+    _check(out, lse, q, k, v, lengths, 0.25, "poisoned scratch")
+    assert (out[1] == 0).all() and (lse[1] == float("-inf")).all()
 
 
 def test_decode_split_calls_are_deterministic(device):

@@ -6,12 +6,16 @@ once for its whole query group. Row b's length n_b lives on the device: the slic
 ``chunk_b = ceil(n_b / num_splits)`` rounded up to BLOCK_N, split s covers ``[s chunk_b, (s+1) chunk_b) ∩ [0, n_b)``
 and programs past n_b exit at once (the grid is static, sized from the capacity). Online softmax in the log2
 domain (``qk_scale = scale * log2(e)``), fp32 statistics. Each split writes (o_s / l_s, m_s + log2 l_s) to fp32
-scratch; the combine kernel merges the used splits:
+scratch (an empty split writes lse_s = -inf); the combine kernel, a program per (b, h, 32 columns), merges:
 
     lse = log2 sum_s 2^{lse_s},  out = sum_s 2^{lse_s - lse} o_s         (lse returned as ln: * ln 2)
 
 With one split the split kernel writes out/lse directly (no combine launch). n_b == 0 gives out 0, lse -inf.
 No host syncs; the scratch is allocated per call, so the launch is CUDA-graph capturable.
+
+On Hopper the kernels use programmatic dependent launch: each is launched with the PDL attribute, waits in
+``griddepcontrol.wait`` before touching memory a predecessor may write, then lets its dependent launch, so
+the combine (and the next decode or append) is resident before the split grid drains.
 
 sparse_decode_attention is the same kernel with GATHER: key j of row (b, g) is cache position
 ``indices[b, g, j]`` for ``j < n_valid[b]``.
@@ -21,10 +25,12 @@ append_kv: one program per b writes all heads of the new token at slot lengths[b
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 LOG2E = 1.4426950408889634
 
@@ -34,18 +40,27 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, len_ptr, idx_ptr, out_ptr, lse_ptr
                          q_sb, q_sh, k_sb, k_sg, k_sn, v_sb, v_sg, v_sn, i_sb, i_sg, o_sb, o_sh, l_sb, l_sh,
                          G, HQ, D,
                          NUM_SPLITS: tl.constexpr, GATHER: tl.constexpr, IEEE: tl.constexpr,
-                         BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                         BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                         PDL: tl.constexpr):
     split = tl.program_id(0)
     b = tl.program_id(1)
     g = tl.program_id(2)
-    n = tl.load(len_ptr + b)
-    chunk = tl.cdiv(tl.cdiv(n, NUM_SPLITS), BLOCK_N) * BLOCK_N
-    lo = split * chunk
+    d = tl.arange(0, BLOCK_D)
+    k_row = k_ptr + b.to(tl.int64) * k_sb + g.to(tl.int64) * k_sg
+    v_row = v_ptr + b.to(tl.int64) * v_sb + g.to(tl.int64) * v_sg
+    if PDL:  # the previous kernel (e.g. append_kv, or the last layer's combine) may write q, k, v, lengths
+        gdc_wait()
+        gdc_launch_dependents()  # let the combine launch now; it waits for this grid to finish
     rows = tl.arange(0, BLOCK_G)
     heads = g * G + rows
     mg = rows < G
-    d = tl.arange(0, BLOCK_D)
     md = d < D
+    n = tl.load(len_ptr + b)
+    q = tl.load(q_ptr + b.to(tl.int64) * q_sb + heads[:, None] * q_sh + d[None, :],  # in flight with n
+                mask=mg[:, None] & md[None, :], other=0.0)
+    chunk = tl.cdiv(tl.cdiv(n, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    lo = split * chunk
+    bh = b.to(tl.int64) * HQ + heads  # scratch: po [B, Hq, NUM_SPLITS, D], pl [B, Hq, NUM_SPLITS], contiguous
     if lo >= n:
         if NUM_SPLITS == 1:  # n == 0: empty softmax
             tl.store(out_ptr + b.to(tl.int64) * o_sb + heads[:, None] * o_sh + d[None, :],
@@ -53,13 +68,11 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, len_ptr, idx_ptr, out_ptr, lse_ptr
                      mask=mg[:, None] & md[None, :])
             tl.store(lse_ptr + b.to(tl.int64) * l_sb + heads * l_sh, tl.full([BLOCK_G], float("-inf"), tl.float32),
                      mask=mg)
+        else:  # an empty split: weight 0 in the combine
+            tl.store(pl_ptr + bh * NUM_SPLITS + split, tl.full([BLOCK_G], float("-inf"), tl.float32), mask=mg)
         return
     hi = tl.minimum(lo + chunk, n)
 
-    q = tl.load(q_ptr + b.to(tl.int64) * q_sb + heads[:, None] * q_sh + d[None, :],
-                mask=mg[:, None] & md[None, :], other=0.0)
-    k_row = k_ptr + b.to(tl.int64) * k_sb + g.to(tl.int64) * k_sg
-    v_row = v_ptr + b.to(tl.int64) * v_sb + g.to(tl.int64) * v_sg
     i_row = idx_ptr + b.to(tl.int64) * i_sb + g.to(tl.int64) * i_sg
 
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
@@ -74,6 +87,7 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, len_ptr, idx_ptr, out_ptr, lse_ptr
             pos = j.to(tl.int64)
         m2 = mj[:, None] & md[None, :]
         kt = tl.load(k_row + pos[:, None] * k_sn + d[None, :], mask=m2, other=0.0)
+        vt = tl.load(v_row + pos[:, None] * v_sn + d[None, :], mask=m2, other=0.0)  # both in flight at once
         if IEEE:
             s = tl.dot(q, tl.trans(kt), input_precision="ieee")
         else:
@@ -83,7 +97,6 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, len_ptr, idx_ptr, out_ptr, lse_ptr
         alpha = tl.math.exp2(m_i - m_new)
         p = tl.math.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        vt = tl.load(v_row + pos[:, None] * v_sn + d[None, :], mask=m2, other=0.0)
         if IEEE:
             acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision="ieee")
         else:
@@ -97,36 +110,37 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, len_ptr, idx_ptr, out_ptr, lse_ptr
                  o.to(out_ptr.dtype.element_ty), mask=mg[:, None] & md[None, :])
         tl.store(lse_ptr + b.to(tl.int64) * l_sb + heads * l_sh, lse2 * 0.6931471805599453, mask=mg)
     else:
-        # scratch: po [B, Hq, NUM_SPLITS, D], pl [B, Hq, NUM_SPLITS], contiguous
-        bh = b.to(tl.int64) * HQ + heads
         tl.store(po_ptr + (bh[:, None] * NUM_SPLITS + split) * D + d[None, :], o, mask=mg[:, None] & md[None, :])
         tl.store(pl_ptr + bh * NUM_SPLITS + split, lse2, mask=mg)
 
 
 @triton.jit
-def _decode_combine_kernel(len_ptr, po_ptr, pl_ptr, out_ptr, lse_ptr, o_sb, o_sh, l_sb, l_sh, HQ, D,
-                           NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
-                           BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
-    b = tl.program_id(0)
-    h = tl.program_id(1)
-    n = tl.load(len_ptr + b)
-    chunk = tl.cdiv(tl.cdiv(n, NUM_SPLITS), BLOCK_N) * BLOCK_N
-    used = tl.cdiv(n, tl.maximum(chunk, 1))  # splits that hold keys (0 when n == 0)
+def _decode_combine_kernel(po_ptr, pl_ptr, out_ptr, lse_ptr, o_sb, o_sh, l_sb, l_sh, HQ, D,
+                           NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+                           PDL: tl.constexpr):
+    """Merge the splits of row (b, h) for BLOCK_D output columns. Empty splits carry lse -inf (weight 0; their
+    po is never read), so one round of independent loads suffices: no length load, no dependent chain."""
+    bh = tl.program_id(0)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    b = bh // HQ
+    h = bh % HQ
+    if PDL:  # launched while the split grid runs: wait for its partials, then let the next kernel launch
+        gdc_wait()
+        gdc_launch_dependents()
     s = tl.arange(0, BLOCK_S)
-    ms = s < used
-    d = tl.arange(0, BLOCK_D)
+    ms = s < NUM_SPLITS
     md = d < D
-    bh = b.to(tl.int64) * HQ + h
-    pl = tl.load(pl_ptr + bh * NUM_SPLITS + s, mask=ms, other=float("-inf"))
+    pl = tl.load(pl_ptr + bh.to(tl.int64) * NUM_SPLITS + s, mask=ms, other=float("-inf"))
+    po = tl.load(po_ptr + (bh.to(tl.int64) * NUM_SPLITS + s[:, None]) * D + d[None, :],
+                 mask=ms[:, None] & md[None, :], other=0.0)
     m = tl.max(pl, 0)
-    m_safe = tl.where(used > 0, m, 0.0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)  # every split empty: n == 0
     w = tl.math.exp2(pl - m_safe)
-    denom = tl.sum(w, 0)
-    po = tl.load(po_ptr + (bh * NUM_SPLITS + s[:, None]) * D + d[None, :], mask=ms[:, None] & md[None, :], other=0.0)
-    o = tl.sum(w[:, None] * po, 0) / tl.maximum(denom, 1e-30)
+    denom = tl.maximum(tl.sum(w, 0), 1e-30)
+    o = tl.sum(tl.where(w[:, None] > 0, w[:, None] * po, 0.0), 0) / denom
     tl.store(out_ptr + b.to(tl.int64) * o_sb + h * o_sh + d, o.to(out_ptr.dtype.element_ty), mask=md)
-    lse = tl.where(used > 0, (m_safe + tl.math.log2(tl.maximum(denom, 1e-30))) * 0.6931471805599453, float("-inf"))
-    tl.store(lse_ptr + b.to(tl.int64) * l_sb + h * l_sh, lse)
+    lse = tl.where(m == float("-inf"), float("-inf"), (m_safe + tl.math.log2(denom)) * 0.6931471805599453)
+    tl.store(lse_ptr + b.to(tl.int64) * l_sb + h * l_sh, lse, mask=tl.program_id(1) == 0)
 
 
 @functools.lru_cache(maxsize=None)
@@ -141,45 +155,69 @@ def _num_sms(device: torch.device) -> int:
 
 
 def _decode_config(B: int, hk: int, G: int, cap: int, D: int, elem: int, sms: int) -> dict:
-    """Split-KV heuristic: ~2 programs per SM, each slice >= 4 tiles of BLOCK_N keys (so the per-split
-    overhead of loading q and writing partials stays small), at most 64 splits (combine tile)."""
+    """Split-KV heuristic: ~2 programs per SM, each slice >= 4 tiles of BLOCK_N keys (so the per-split cost
+    of loading q and writing partials stays small), at most 128 splits.
+
+    H100 sweep (``python -m bench.decode --sweep``, Qwen2-7B bf16, see bench/NOTES.md): 8 KB K + 8 KB V tiles
+    (BLOCK_N 32 at D 128) with 2 warps and 3 stages beat 16 KB tiles with 4 warps by up to 5 % at 8k and tie
+    at 32k; more than ~2 programs per SM, or fewer stages, loses (shared memory then caps residency).
+    """
     block_d = max(16, triton.next_power_of_2(D))
-    block_n = max(16, min(128, 16384 // (block_d * elem)))  # ~16 KB K tile + 16 KB V tile in flight
-    max_splits = max(1, min(64, triton.cdiv(cap, 4 * block_n)))
+    block_n = max(16, min(128, 8192 // (block_d * elem)))
+    max_splits = max(1, min(128, triton.cdiv(cap, 4 * block_n)))
     splits = max(1, min(max_splits, triton.cdiv(2 * sms, B * hk)))
     return {"NUM_SPLITS": splits, "BLOCK_G": max(16, triton.next_power_of_2(G)), "BLOCK_N": block_n,
-            "BLOCK_D": block_d, "num_warps": 4, "num_stages": 3 if elem < 4 else 2}
+            "BLOCK_D": block_d, "num_warps": 2 if block_d <= 128 else 4, "num_stages": 3 if elem < 4 else 2,
+            "COMBINE_D": min(block_d, 32)}
 
 
-def _launch_decode(q, k, v, lengths, indices, scale, out, lse, num_splits=None) -> None:
-    """Split kernel (+ combine when num_splits > 1); ``indices`` not None selects the gather variant."""
+def _use_pdl(device: torch.device) -> bool:
+    """Programmatic dependent launch (Hopper+): kernels launch while their predecessor drains and wait in
+    ``griddepcontrol.wait``. Off under the interpreter, before sm_90, or with ``SPARSEVILA_PDL=0``."""
+    if device.type != "cuda" or os.environ.get("SPARSEVILA_PDL", "1") == "0":
+        return False
+    return _capability(device.index if device.index is not None else torch.cuda.current_device()) >= (9, 0)
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int):
+    return torch.cuda.get_device_capability(index)
+
+
+def _launch_decode(q, k, v, lengths, indices, scale, out, lse, num_splits=None, **overrides) -> None:
+    """Split kernel (+ combine when num_splits > 1); ``indices`` not None selects the gather variant.
+
+    ``overrides`` replace entries of the heuristic config (PDL, BLOCK_N, num_warps, num_stages, COMBINE_D) for
+    tests and sweeps."""
     B, HQ, D = q.shape
     HK, cap = k.shape[1], k.shape[2]
     if B == 0 or HQ == 0:
         return
     G = HQ // HK
+    gather = indices is not None
     cfg = _decode_config(B, HK, G, cap, D, q.element_size(), _num_sms(q.device))
+    cfg["PDL"] = _use_pdl(q.device)
     if num_splits is not None:
         cfg["NUM_SPLITS"] = num_splits
-    S = cfg["NUM_SPLITS"]
-    gather = indices is not None
+    cfg.update(overrides)
+    S, pdl, combine_d = cfg["NUM_SPLITS"], cfg["PDL"], cfg.pop("COMBINE_D")
     if S > 1:
         po = torch.empty(B, HQ, S, D, dtype=torch.float32, device=q.device)
         pl = torch.empty(B, HQ, S, dtype=torch.float32, device=q.device)
     else:
         po = pl = lse  # unused
     idx = indices if gather else lengths
+    launch = {"launch_pdl": True} if pdl else {}
     _decode_split_kernel[(S, B, HK)](
         q, k, v, lengths, idx, out, lse, po, pl, scale * LOG2E,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         idx.stride(0) if gather else 0, idx.stride(1) if gather else 0,
         out.stride(0), out.stride(1), lse.stride(0), lse.stride(1), G, HQ, D,
-        GATHER=gather, IEEE=q.dtype == torch.float32, **cfg)
+        GATHER=gather, IEEE=q.dtype == torch.float32, **cfg, **launch)
     if S > 1:
-        _decode_combine_kernel[(B, HQ)](
-            lengths, po, pl, out, lse, out.stride(0), out.stride(1), lse.stride(0), lse.stride(1), HQ, D,
-            NUM_SPLITS=S, BLOCK_N=cfg["BLOCK_N"], BLOCK_S=triton.next_power_of_2(S), BLOCK_D=cfg["BLOCK_D"],
-            num_warps=4)
+        _decode_combine_kernel[(B * HQ, triton.cdiv(D, combine_d))](
+            po, pl, out, lse, out.stride(0), out.stride(1), lse.stride(0), lse.stride(1), HQ, D,
+            NUM_SPLITS=S, BLOCK_S=triton.next_power_of_2(S), BLOCK_D=combine_d, PDL=pdl, num_warps=4, **launch)
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor, scale: float,
@@ -197,8 +235,11 @@ def sparse_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
 @triton.jit
 def _append_kv_kernel(kn_ptr, vn_ptr, kc_ptr, vc_ptr, len_ptr,
                       kn_sb, kn_sh, vn_sb, vn_sh, kc_sb, kc_sh, kc_sn, vc_sb, vc_sh, vc_sn,
-                      HK, D, CAP, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+                      HK, D, CAP, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
     b = tl.program_id(0)
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
     n = tl.load(len_ptr + b)
     ok = n < CAP  # a full cache is left as it is (the public function checks this where it can)
     d = tl.arange(0, BLOCK_D)
@@ -224,9 +265,11 @@ def append_kv(k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor, v
         return
     block_d = triton.next_power_of_2(D)
     block_h = max(1, min(triton.next_power_of_2(HK), 4096 // block_d))
+    pdl = _use_pdl(k_new.device)
     _append_kv_kernel[(B,)](
         k_new, v_new, k_cache, v_cache, lengths,
         k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        HK, D, k_cache.shape[2], BLOCK_H=block_h, BLOCK_D=block_d, num_warps=4)
+        HK, D, k_cache.shape[2], BLOCK_H=block_h, BLOCK_D=block_d, PDL=pdl, num_warps=4,
+        **({"launch_pdl": True} if pdl else {}))
