@@ -10,8 +10,11 @@ Variants per (model, N, M):
   <= 2 GB), then reduced (timed as CUDA-graph replays);
 - ``kv_relevance``: the standalone Triton kernel, given the rows' lse (attention ran elsewhere); timed as
   CUDA-graph replays (GPU time) and eagerly through the public API (includes ~0.15 ms of host overhead);
-- ``fused``: ``prefill_attention(..., rel_rows=[N-M, N))`` over all N rows; its overhead is its time minus
-  the plain prefill's, measured in the same run (target <= 10 %);
+- ``fused``: ``prefill_attention(..., rel_rows=[N-M, N))`` over all N rows. Its overhead over the plain prefill
+  (target <= 10 %) is measured interleaved: one CUDA graph per input set for each, replayed prefill, fused,
+  prefill, fused, ... with events around every replay (consecutive replays use different input sets, so neither
+  reads the other's inputs from L2); overhead = median of the per-pair differences, so clock drift between
+  the two cancels. ``kv_rel_pct`` = standalone kv_relevance / prefill is the cross-check;
 - ``flash_colreduce``: the authors' kernel when importable (recorded absent otherwise).
 Second table: the prefill alone vs torch SDPA's flash backend at 8k-32k causal self-attention, with
 TFLOP/s = 2 * 2 * Hq * N^2 * D / 2 / t (the causal flop count).
@@ -19,8 +22,10 @@ TFLOP/s = 2 * 2 * Hq * N^2 * D / 2 / t (the causal flop count).
 Every output is verified before timing: relevance against ``sparsevila_ops.reference.kv_relevance`` (fp32),
 plus sum_{g,j} relevance[g, j] == Hq * M (each row's softmax sums to 1: checks the lse); prefill out against SDPA.
 
-Run: ``python -m bench.figure3_relevance [--quick] [--tune]`` (``--tune`` sweeps kernel tiles and prints the
-best configs instead of the figure).
+Run: ``python -m bench.figure3_relevance [--quick] [--tune [prefill|relevance]] [--baseline FILE]``
+(``--tune`` sweeps kernel tiles and prints every candidate's time instead of the figure; ``--baseline`` times the
+``kv_relevance`` of another copy of ``triton_kernels/prefill.py``, e.g. ``git show HEAD:triton_kernels/prefill.py``,
+in the same sweep).
 """
 from __future__ import annotations
 
@@ -72,6 +77,39 @@ def _inputs(N, hq, hk, D, n_sets):
              torch.randn(N, hk, D, device="cuda", dtype=DTYPE)) for _ in range(n_sets)]
 
 
+def time_interleaved(fa, fb, n_inputs: int, warmup: int, iters: int) -> dict:
+    """Median ms of ``fa`` and ``fb`` and the median of per-pair differences ``fb - fa``, from CUDA-graph replays
+    interleaved a, b, a, b, ... (call c uses input set c % n_inputs, so with n_inputs > 1 consecutive replays
+    read different inputs). Adjacent replays share the clock state, so drift cancels in the differences."""
+    graphs = []
+    for fn in (fa, fb):
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for i in range(n_inputs):
+                fn(i)  # JIT and allocator warm-up outside capture
+        torch.cuda.current_stream().wait_stream(stream)
+        gs = []
+        for i in range(n_inputs):
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                fn(i)
+            gs.append(g)
+        graphs.append(gs)
+    calls = 2 * (warmup + iters)
+    events = [torch.cuda.Event(enable_timing=True) for _ in range(calls + 1)]
+    torch.cuda.synchronize()
+    events[0].record()
+    for c in range(calls):
+        graphs[c % 2][c % n_inputs].replay()
+        events[c + 1].record()
+    torch.cuda.synchronize()
+    times = [events[c].elapsed_time(events[c + 1]) for c in range(2 * warmup, calls)]
+    ta, tb = times[0::2], times[1::2]
+    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    return {"a_ms": med(ta), "b_ms": med(tb), "diff_ms": med([b - a for a, b in zip(ta, tb)])}
+
+
 def relevance_grid(Ns, Ms):
     """Rows of the Figure 3b table: naive vs standalone vs fused, and the plain prefill per (model, N)."""
     rows = []
@@ -81,7 +119,7 @@ def relevance_grid(Ns, Ms):
         for N in Ns:
             big = N > 32768
             n_sets = 1 if big else 3
-            warm, iters = (1, 3) if big else (3, 20)
+            warm, iters = (1, 5) if big else (3, 20)
             sets = _inputs(N, hq, hk, D, n_sets)
             cu = torch.tensor([0, N], dtype=torch.int32, device="cuda")
             outs = [torch.empty(N, hq, D, device="cuda", dtype=DTYPE) for _ in range(n_sets)]
@@ -148,19 +186,19 @@ def relevance_grid(Ns, Ms):
                     t_fcr = time_cuda(authors, n_inputs=n_sets, warmup=2, iters=10 if big else 30)["median_ms"]
                     del k_hq
                 del expected
-                # Prefill with and without relevance timed back to back, so clock drift hits both alike.
-                t_prefill = time_cuda(prefill, n_inputs=n_sets, warmup=warm, iters=iters)["median_ms"]
-                t_fu = time_cuda(fused, n_inputs=n_sets, warmup=warm, iters=iters)["median_ms"]
+                t = time_interleaved(prefill, fused, n_sets, warm, iters)
+                t_prefill, t_fu, t_over = t["a_ms"], t["b_ms"], t["diff_ms"]
                 rows.append({
                     "model": model, "H": f"{hq}/{hk}", "M": M, "N": N, "naive_ms": t_nv, "kv_relevance_ms": t_sa,
                     "kv_relevance_eager_ms": t_sa_eager,
                     "flash_colreduce_ms": t_fcr,
                     "prefill_ms": t_prefill, "prefill_TFLOPs": flops / t_prefill * 1e-9, "fused_ms": t_fu,
-                    "fused_overhead_ms": t_fu - t_prefill, "overhead_pct": 100 * (t_fu - t_prefill) / t_prefill,
+                    "fused_overhead_ms": t_over, "overhead_pct": 100 * t_over / t_prefill,
+                    "kv_rel_pct": 100 * t_sa / t_prefill,
                     "naive/kv_rel": t_nv / t_sa, "err_kv_rel": err_sa, "err_fused": err_fu, "err_naive": err_nv,
                 })
                 print({k: rows[-1][k] for k in ("model", "M", "N", "naive_ms", "kv_relevance_ms", "prefill_ms",
-                                                 "fused_ms", "overhead_pct")}, flush=True)
+                                                 "fused_ms", "overhead_pct", "kv_rel_pct")}, flush=True)
             del sets, outs, lses
             torch.cuda.empty_cache()
     return rows
@@ -213,54 +251,100 @@ def prefill_vs_sdpa(Ns):
     return rows
 
 
-def tune():
-    """Sweep tiles of both kernels at representative shapes; print each candidate's time (verified first)."""
+RELEVANCE_CANDIDATES = [  # BLOCK_N keys, BLOCK_P rows, warps, stages (+ maxnreg: 3 CTAs/SM at 64 KB smem)
+    dict(BLOCK_N=128, BLOCK_P=64, num_warps=4, num_stages=3), dict(BLOCK_N=128, BLOCK_P=64, num_warps=4, num_stages=2),
+    dict(BLOCK_N=128, BLOCK_P=64, num_warps=4, num_stages=4), dict(BLOCK_N=128, BLOCK_P=64, num_warps=8, num_stages=3),
+    dict(BLOCK_N=128, BLOCK_P=32, num_warps=4, num_stages=3), dict(BLOCK_N=128, BLOCK_P=32, num_warps=4, num_stages=4),
+    dict(BLOCK_N=64, BLOCK_P=64, num_warps=4, num_stages=3), dict(BLOCK_N=64, BLOCK_P=128, num_warps=4, num_stages=3),
+    dict(BLOCK_N=64, BLOCK_P=32, num_warps=4, num_stages=4), dict(BLOCK_N=128, BLOCK_P=128, num_warps=8, num_stages=3),
+    dict(BLOCK_N=256, BLOCK_P=64, num_warps=8, num_stages=3),
+    dict(BLOCK_N=128, BLOCK_P=64, num_warps=4, num_stages=2, maxnreg=168),
+]
+
+
+def _load_baseline(path):
+    """The launchers of another copy of triton_kernels/prefill.py (same-run A/B of kv_relevance)."""
+    spec = importlib.util.spec_from_file_location("baseline_prefill", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def tune(what="all", baseline=None):
+    """Sweep tiles of both kernels at representative shapes; print each candidate's time (verified first).
+
+    kv_relevance candidates are timed as CUDA-graph replays (GPU time: the kernel is tens of us), beside the
+    current heuristic and, with ``baseline``, the baseline module's kv_relevance with its own heuristic.
+    """
     from sparsevila_ops.triton_kernels import prefill as tk
+    base = _load_baseline(baseline) if baseline else None
     N, D = 16384, 128
     for model, (hq, hk, _) in MODELS.items():
-        q, k, v = _inputs(N, hq, hk, D, 1)[0]
-        cu = torch.tensor([0, N], dtype=torch.int32, device="cuda")
-        out, lse = torch.empty_like(q), torch.empty(hq, N, device="cuda")
-        tk.prefill_attention(q, k, v, cu, cu, N, N, D ** -0.5, True, out, lse)
-        good_out, good_lse = out.clone(), lse.clone()
-        for bm, bn, w, s in [(128, 64, 8, 3), (128, 64, 8, 4), (128, 64, 8, 2), (128, 128, 8, 3), (128, 128, 8, 2),
-                             (128, 32, 4, 3), (128, 64, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3), (64, 64, 4, 4)]:
-            cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
-            try:
-                def fn(i, cfg=cfg):
-                    tk._launch_prefill(q, k, v, cu, cu, N, D ** -0.5, True, out, lse, cfg)
-                out.fill_(float("nan"))
-                fn(0)
-                verify("tune prefill", out, good_out, 1e-2)
-                verify("tune lse", lse, good_lse, 1e-5)
-                t = time_cuda(fn, warmup=3, iters=10)["median_ms"]
-                print(f"TUNE prefill {model} N={N} {cfg}: {t:.3f} ms {2 * hq * N * N * D / t * 1e-9:.0f} TFLOP/s",
-                      flush=True)
-            except Exception as e:  # noqa: BLE001 - report and go on (e.g. out of shared memory)
-                print(f"TUNE prefill {model} {cfg}: failed {type(e).__name__}: {str(e)[:120]}")
-        for M, Nk in [(64, 32768), (256, 32768), (256, 131072)]:
+        if what in ("all", "prefill"):
+            _tune_prefill(tk, model, hq, hk, N, D)
+        if what not in ("all", "relevance"):
+            continue
+        for M, Nk in [(64, 8192), (256, 8192), (512, 8192), (256, 32768)]:
             qm = torch.randn(M, hq, D, device="cuda", dtype=DTYPE)
             kk = torch.randn(Nk, hk, D, device="cuda", dtype=DTYPE)
             cu_m = torch.tensor([0, M], dtype=torch.int32, device="cuda")
             cu_n = torch.tensor([0, Nk], dtype=torch.int32, device="cuda")
             rr = torch.tensor([[0, M]], dtype=torch.int32, device="cuda")
-            lse_m = torch.full((hq, M), 9.0, device="cuda")
+            lse_m = _question_lse(qm, kk, D ** -0.5)
             rel = torch.empty(hk, Nk, device="cuda")
-            tk.kv_relevance(qm, kk, lse_m, cu_m, cu_n, M, Nk, D ** -0.5, True, rr, rel)
-            good = rel.clone()
-            for bm, bn, w, s in [(128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 8, 2), (128, 64, 4, 2), (64, 64, 4, 2),
-                                 (64, 128, 4, 2), (64, 128, 8, 2), (128, 128, 4, 2), (128, 256, 8, 2), (64, 64, 4, 3)]:
-                cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
+            good = torch.empty(hk, Nk, device="cuda")
+            reference.kv_relevance(qm, kk, lse_m, cu_m, cu_n, M, Nk, D ** -0.5, True, rr, good)
+            runs = [("heuristic", lambda: tk.kv_relevance(qm, kk, lse_m, cu_m, cu_n, M, Nk, D ** -0.5, True, rr,
+                                                          rel))]
+            if base is not None:
+                runs.append(("baseline", lambda: base.kv_relevance(qm, kk, lse_m, cu_m, cu_n, M, Nk, D ** -0.5, True,
+                                                                   rr, rel)))
+            for cfg in RELEVANCE_CANDIDATES:
+                runs.append((str(cfg), lambda cfg=cfg: tk._launch_relevance(qm, kk, lse_m, cu_m, cu_n, Nk, D ** -0.5,
+                                                                            True, rr, rel, cfg)))
+            for name, fn in runs:
                 try:
-                    def fn(i, cfg=cfg):
-                        tk._launch_relevance(qm, kk, lse_m, cu_m, cu_n, Nk, D ** -0.5, True, rr, rel, cfg)
                     rel.fill_(float("nan"))
-                    fn(0)
-                    verify("tune relevance", rel, good, 1e-5)
-                    t = time_cuda(fn, warmup=3, iters=20)["median_ms"]
-                    print(f"TUNE kv_relevance {model} M={M} N={Nk} {cfg}: {t:.4f} ms", flush=True)
-                except Exception as e:  # noqa: BLE001
-                    print(f"TUNE kv_relevance {model} {cfg}: failed {type(e).__name__}: {str(e)[:120]}")
+                    fn()
+                    verify("tune relevance", rel, good, REL_TOL[torch.float32])
+                    t = time_cuda(lambda i, fn=fn: fn(), warmup=3, iters=30, graph=True)["median_ms"]
+                    print(f"TUNE kv_relevance {model} M={M} N={Nk} {name}: {t * 1e3:.1f} us", flush=True)
+                except Exception as e:  # noqa: BLE001 - report and go on (e.g. out of shared memory)
+                    print(f"TUNE kv_relevance {model} M={M} N={Nk} {name}: failed {type(e).__name__}: {str(e)[:160]}")
+
+
+def _question_lse(q, k, scale):
+    """lse [Hq, M] of M question rows right-aligned against all N keys (causal), fp32."""
+    M, Hq, D = q.shape
+    N, Hk, _ = k.shape
+    kh = k.transpose(0, 1).repeat_interleave(Hq // Hk, 0).float()  # [Hq, N, D]
+    s = torch.matmul(q.transpose(0, 1).float(), kh.transpose(1, 2)) * scale  # [Hq, M, N]
+    s.masked_fill_(torch.arange(N, device=q.device)[None, :] > torch.arange(M, device=q.device)[:, None] + N - M,
+                   float("-inf"))
+    return torch.logsumexp(s, dim=-1)
+
+
+def _tune_prefill(tk, model, hq, hk, N, D):
+    q, k, v = _inputs(N, hq, hk, D, 1)[0]
+    cu = torch.tensor([0, N], dtype=torch.int32, device="cuda")
+    out, lse = torch.empty_like(q), torch.empty(hq, N, device="cuda")
+    tk.prefill_attention(q, k, v, cu, cu, N, N, D ** -0.5, True, out, lse)
+    good_out, good_lse = out.clone(), lse.clone()
+    for bm, bn, w, s in [(128, 64, 8, 3), (128, 64, 8, 4), (128, 64, 8, 2), (128, 128, 8, 3), (128, 128, 8, 2),
+                         (128, 32, 4, 3), (128, 64, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3), (64, 64, 4, 4)]:
+        cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
+        try:
+            def fn(i, cfg=cfg):
+                tk._launch_prefill(q, k, v, cu, cu, N, D ** -0.5, True, out, lse, cfg)
+            out.fill_(float("nan"))
+            fn(0)
+            verify("tune prefill", out, good_out, 1e-2)
+            verify("tune lse", lse, good_lse, 1e-5)
+            t = time_cuda(fn, warmup=3, iters=10)["median_ms"]
+            print(f"TUNE prefill {model} N={N} {cfg}: {t:.3f} ms {2 * hq * N * N * D / t * 1e-9:.0f} TFLOP/s",
+                  flush=True)
+        except Exception as e:  # noqa: BLE001 - report and go on (e.g. out of shared memory)
+            print(f"TUNE prefill {model} {cfg}: failed {type(e).__name__}: {str(e)[:120]}")
 
 
 def _plot(rel_rows, pf_rows):
@@ -297,17 +381,20 @@ def _plot(rel_rows, pf_rows):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="reduced grid (8k keys, 64/256 rows, 8k prefill)")
-    ap.add_argument("--tune", action="store_true", help="sweep kernel tiles and print timings, then exit")
+    ap.add_argument("--quick", action="store_true", help="reduced grid (8k keys, 64-512 rows, 8k prefill)")
+    ap.add_argument("--tune", nargs="?", const="all", choices=["all", "prefill", "relevance"],
+                    help="sweep kernel tiles (both kernels, or the one named) and print timings, then exit")
+    ap.add_argument("--baseline", metavar="FILE",
+                    help="with --tune: also time kv_relevance from this copy of triton_kernels/prefill.py")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("figure3_relevance needs a CUDA GPU")
     torch.manual_seed(0)
     if args.tune:
-        tune()
+        tune(args.tune, args.baseline)
         return
     t0 = time.time()
-    Ns, Ms, pf_Ns = ([8192], [64, 256], [8192]) if args.quick else ([8192, 32768, 131072], [64, 128, 256, 512],
+    Ns, Ms, pf_Ns = ([8192], [64, 128, 256, 512], [8192]) if args.quick else ([8192, 32768, 131072], [64, 128, 256, 512],
                                                                       [8192, 16384, 32768])
     pf_rows = prefill_vs_sdpa(pf_Ns)
     rel_rows = relevance_grid(Ns, Ms)
@@ -318,7 +405,8 @@ def main(argv=None):
     write_results("figure3b_relevance", rel_rows,
                   ["model", "H", "M", "N", "naive_ms", "kv_relevance_ms", "kv_relevance_eager_ms", "naive/kv_rel",
                    "prefill_ms",
-                   "prefill_TFLOPs", "fused_ms", "fused_overhead_ms", "overhead_pct", "flash_colreduce_ms"],
+                   "prefill_TFLOPs", "fused_ms", "fused_overhead_ms", "overhead_pct", "kv_rel_pct",
+                   "flash_colreduce_ms"],
                   plot=_plot(rel_rows, pf_rows),
                   title="Figure 3b: query-aware relevance (causal right-aligned, bf16)")
 

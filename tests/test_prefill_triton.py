@@ -190,6 +190,68 @@ def test_kv_relevance_equals_fused(device, causal):
                                         rel_rows.cpu()), TOL32, "kv_relevance vs fp64")
 
 
+# Segments (m, n) and rel rows [r0, r1) that cross every path of _kv_relevance_kernel at the CPU tiles (16 keys
+# x 16 rows): 40 x 70 rows [3, 37) has causal-diagonal key blocks whose row tiles straddle the masked/unmasked
+# split, a last partial row tile (34 rows = 16 + 16 + 2) and keys past n in its last key block (70 = 4 * 16 + 6);
+# 33 x 33 rows [14, 33): key block 0 has one masked row (14) before the unmasked ones, so a split one row too
+# late shows; 20 x 50 only the last row; 30 x 12 (m > n: rows 0..17 see no key, lse = -inf); 17 x 48 all rows
+# (chunked prefill); 9 x 25 only the first row.
+TILE_M = [40, 33, 20, 30, 17, 9]
+TILE_N = [70, 33, 50, 12, 48, 25]
+TILE_REL = [[3, 37], [14, 33], [19, 20], [0, 30], [0, 17], [0, 1]]
+
+
+def _rows_seeing_a_key(m, n, r0, r1, causal):
+    return sum(1 for i in range(r0, r1) if n > 0 and (not causal or i + n - m >= 0))
+
+
+@pytest.mark.parametrize("causal,hq,hk,layout,dtype", [
+    (True, 14, 2, "contiguous", torch.bfloat16), (False, 14, 2, "contiguous", torch.bfloat16),
+    (True, 4, 1, "strided", torch.float16), (True, 3, 3, "strided", torch.bfloat16),
+    (False, 3, 3, "contiguous", torch.float32), (True, 4, 1, "contiguous", torch.float32),
+], ids=["G7-causal", "G7", "G4-causal-strided", "G1-causal-strided", "G1-fp32", "G4-causal-fp32"])
+def test_kv_relevance_tiles(device, causal, hq, hk, layout, dtype):
+    """kv_relevance (public API, then the launcher with BLOCK_P != BLOCK_N) vs reference.kv_relevance on the
+    reference's lse, plus the invariant: each KV head's relevance over a segment sums to G x (rel rows that
+    see at least one key), since each such row's softmax sums to 1."""
+    gen = torch.Generator().manual_seed(hq * 10 + hk + causal)
+    D = 24  # BLOCK_D 32: the head-dim mask is exercised
+    Tq, Tk = sum(TILE_M), sum(TILE_N)
+    if layout == "strided":  # q a view of a fused QKV projection; k a head-major cache transposed, or with
+        q = torch.randn(Tq, 3, hq, D, generator=gen).to(device, dtype)[:, 0]  # one KV head a fused-KV view
+        if hk > 1:
+            k = torch.randn(hk, Tk, D, generator=gen).to(device, dtype).transpose(0, 1)
+        else:
+            k = torch.randn(Tk, 2, hk, D, generator=gen).to(device, dtype)[:, 0]
+        assert not (q.is_contiguous() or k.is_contiguous())
+    else:
+        q = torch.randn(Tq, hq, D, generator=gen).to(device, dtype)
+        k = torch.randn(Tk, hk, D, generator=gen).to(device, dtype)
+    cu_q, cu_k = _cu(TILE_M, device), _cu(TILE_N, device)
+    rel_rows = torch.tensor(TILE_REL, dtype=torch.int32, device=device)
+    args = (cu_q, cu_k, max(TILE_M), max(TILE_N))
+    scale = D ** -0.5
+    _, lse = _ref32(q, k, k, *args, scale, causal, None)
+    expected = torch.empty(hk, Tk, dtype=torch.float32, device=device)
+    reference.kv_relevance(q, k, lse, *args, scale, causal, rel_rows, expected)
+
+    with so.use_backend("triton"):
+        got = so.kv_relevance(q, k, lse, *args, rel_rows, scale=scale, causal=causal,
+                              relevance=poison(torch.empty_like(expected)))
+    assert_rel(got, expected, TOL32, "kv_relevance")
+    G = hq // hk
+    for (ka, kb), m, n, (r0, r1) in zip(zip(cu_k[:-1].tolist(), cu_k[1:].tolist()), TILE_M, TILE_N, TILE_REL):
+        want = G * _rows_seeing_a_key(m, n, r0, r1, causal)
+        torch.testing.assert_close(got[:, ka:kb].double().sum(dim=1).cpu(), torch.full((hk,), float(want),
+                                   dtype=torch.float64), rtol=1e-4, atol=1e-4)
+
+    for cfg in (dict(BLOCK_N=32, BLOCK_P=16, num_warps=4, num_stages=1),
+                dict(BLOCK_N=16, BLOCK_P=32, num_warps=4, num_stages=1)):
+        mine = poison(torch.empty_like(expected))
+        tk._launch_relevance(q, k, lse, *args[:2], args[3], scale, causal, rel_rows, mine, cfg)
+        assert_rel(mine, expected, TOL32, f"kv_relevance {cfg}")
+
+
 # ---------------------------------------------------------------------------------------------- GPU sizes
 @pytest.mark.gpu
 @pytest.mark.parametrize("hq,hk", [(28, 4), (32, 32)], ids=["qwen2-7b", "llama2-7b"])

@@ -9,9 +9,14 @@ Segment s holds m query rows and n keys; row i sees key j in [0, n), with ``caus
   and share K/V through L2; row blocks are issued heaviest (last) first. Rows that see no key get out = 0 and
   lse = -inf.
 - ``_kv_relevance_kernel``: grid (cdiv(max_seqlen_k, BLOCK_N), S, Hk). One program = BLOCK_N keys of one KV
-  head; it keeps the K tile in registers and loops over the (rel row, query head of the group) pairs, packed
-  BLOCK_M at a time, summing ``P = exp2(qk * qk_scale - lse * log2 e)`` over rows in registers. It writes its
-  relevance block once: no atomics, deterministic.
+  head; its K tile stays in shared memory for the whole program, and it streams the question rows of the
+  group's G query heads as tiles of BLOCK_P rows of one head (head-major: a tile's q rows and lse are
+  contiguous, addresses are one int64 base + fixed int32 lane offsets). Per tile it computes the transposed
+  scores ``S^T = K Q^T`` [keys, rows], so the sum over rows is a row sum of the wgmma accumulator (in-thread
+  adds + 2 shuffles, no shared-memory reduction), with one FMA per score: ``exp2(s * qk_scale - lse2)``. Rows
+  past the end load lse = +inf (exp2 gives 0, no select); only the leading row tiles on the causal diagonal
+  (rows that do not see every key < n of the block) run with the causal mask. It writes its relevance block
+  once: no atomics, deterministic.
 
 ``prefill_attention_relevance`` = prefill launch, then the relevance launch reading the final lse (it needs
 the full softmax normalizer of each question row, which exists only after the row's attention finished).
@@ -136,10 +141,51 @@ def _prefill_fwd_kernel(Q, K, V, Out, Lse, cu_q, cu_k,
 
 
 @triton.jit
+def _relevance_tiles(acc, k, Q, Lse, row0, g, offs_n, offs_p, offs_d, rows, n_tiles, rb_lo, n_rb, causal_shift,
+                     stride_qt, stride_qh, stride_lh, qk_scale,
+                     G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
+                     MASKED: tl.constexpr, IEEE: tl.constexpr):
+    """acc[j] += sum_i exp2(qk_scale k_j.q_i - log2e lse_i) over n_tiles tiles of BLOCK_P question rows.
+
+    Tiles walk row blocks rb_lo .. rb_lo + n_rb - 1 of query head g*G, then the same blocks of head g*G + 1, ...
+    (rows relative to ``row0``, the segment-absolute index of the program's first question row). Rows at or past
+    ``rows`` load lse = +inf and add exp2(-inf) = 0 with no select. MASKED=True drops keys
+    j > row + causal_shift (the causal diagonal); MASKED=False assumes every row sees every stored key of the
+    block (keys past n are computed, never written).
+    """
+    q_lane = offs_p[:, None] * stride_qt + offs_d[None, :]  # in-tile offsets (< BLOCK_P * stride_qt), int64 bases
+    hh = 0
+    rb = rb_lo
+    for _ in range(0, n_tiles):
+        r = rb * BLOCK_P
+        head = (g * G + hh).to(tl.int64)
+        row_ok = offs_p < rows - r
+        if D == BLOCK_D:
+            q_mask = row_ok[:, None]
+        else:
+            q_mask = row_ok[:, None] & (offs_d[None, :] < D)
+        q = tl.load(Q + (row0 + r).to(tl.int64) * stride_qt + head * stride_qh + q_lane, mask=q_mask, other=0.0)
+        lse2 = tl.load(Lse + head * stride_lh + row0 + r + offs_p, mask=row_ok, other=float("inf")) * _LOG2E
+        if IEEE:
+            s = tl.dot(k, tl.trans(q), input_precision="ieee")
+        else:
+            s = tl.dot(k, tl.trans(q))  # S^T [keys, rows]: the sum over rows stays in-thread (+ 2 shuffles)
+        p = tl.math.exp2(s * qk_scale - lse2[None, :])
+        if MASKED:
+            p = tl.where(offs_n[:, None] <= (r + offs_p + causal_shift)[None, :], p, 0.0)
+        acc += tl.sum(p, 1)
+        rb += 1
+        wrap = rb == rb_lo + n_rb
+        rb = tl.where(wrap, rb_lo, rb)
+        hh = tl.where(wrap, hh + 1, hh)
+    return acc
+
+
+@triton.jit
 def _kv_relevance_kernel(Q, K, Lse, Rel, cu_q, cu_k, rel_rows,
                          stride_qt, stride_qh, stride_kt, stride_kh, stride_lh, stride_rg, stride_rs, stride_rc,
                          qk_scale,
-                         G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                         G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
                          BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr):
     """relevance[g, j] = sum_{h // G == g} sum_{i in [r0, r1)} exp2(qk_scale q_i.k_j - log2e lse[h, i]),
     visible keys only, for BLOCK_N keys j of KV head g in one segment."""
@@ -156,36 +202,29 @@ def _kv_relevance_kernel(Q, K, Lse, Rel, cu_q, cu_k, rel_rows,
     r1 = tl.load(rel_rows + seg * stride_rs + stride_rc)
 
     offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_p = tl.arange(0, BLOCK_P)
     offs_d = tl.arange(0, BLOCK_D)
     key_ok = offs_n < n
-    d_mask = offs_d[None, :] < D
     k = tl.load(K + (ka + offs_n).to(tl.int64)[:, None] * stride_kt + g.to(tl.int64) * stride_kh + offs_d[None, :],
-                mask=key_ok[:, None] & d_mask, other=0.0)
+                mask=key_ok[:, None] & (offs_d[None, :] < D), other=0.0)
     acc = tl.zeros([BLOCK_N], tl.float32)
     if CAUSAL:
         row_lo = tl.maximum(r0, start_n - (n - m))  # rows before it see none of these keys
+        # Rows from row_full on see every stored key of the block (keys < n): their tiles need no mask.
+        row_full = tl.minimum(tl.maximum(row_lo, tl.minimum(start_n + BLOCK_N, n) - 1 - (n - m)), r1)
+        n_masked = tl.cdiv(tl.maximum(row_full - row_lo, 0), BLOCK_P)  # leading row blocks of every head
     else:
         row_lo = r0
-    # (row, head) pairs, row-major: pair t is row row_lo + t // G of query head g * G + t % G.
-    n_pairs = (r1 - row_lo) * G
-    offs_t = tl.arange(0, BLOCK_M)
-    for t0 in range(0, n_pairs, BLOCK_M):
-        t = t0 + offs_t
-        pair_ok = t < n_pairs
-        row = row_lo + t // G
-        head = (g * G + t % G).to(tl.int64)
-        q = tl.load(Q + (qa + row).to(tl.int64)[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
-                    mask=pair_ok[:, None] & d_mask, other=0.0)
-        lse2 = tl.load(Lse + head * stride_lh + qa + row, mask=pair_ok, other=0.0) * _LOG2E
-        if IEEE:
-            qk = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            qk = tl.dot(q, tl.trans(k))
-        visible = pair_ok[:, None] & key_ok[None, :]
-        if CAUSAL:
-            visible = visible & (offs_n[None, :] <= (row + (n - m))[:, None])
-        p = tl.where(visible, tl.math.exp2(qk * qk_scale - lse2[:, None]), 0.0)
-        acc += tl.sum(p, 0)
+        n_masked = 0
+    rows = r1 - row_lo
+    n_rb = tl.cdiv(tl.maximum(rows, 0), BLOCK_P)  # row blocks per query head
+    if CAUSAL:
+        acc = _relevance_tiles(acc, k, Q, Lse, qa + row_lo, g, offs_n, offs_p, offs_d, rows, G * n_masked, 0,
+                               n_masked, row_lo + n - m, stride_qt, stride_qh, stride_lh, qk_scale,
+                               G, D, BLOCK_D, BLOCK_P, True, IEEE)
+    acc = _relevance_tiles(acc, k, Q, Lse, qa + row_lo, g, offs_n, offs_p, offs_d, rows, G * (n_rb - n_masked),
+                           n_masked, n_rb - n_masked, 0, stride_qt, stride_qh, stride_lh, qk_scale,
+                           G, D, BLOCK_D, BLOCK_P, False, IEEE)
     tl.store(Rel + g.to(tl.int64) * stride_rg + ka + offs_n, acc, mask=key_ok)
 
 
@@ -212,18 +251,25 @@ def _prefill_config(d: int, dtype: torch.dtype, device: torch.device) -> dict:
 
 
 def _relevance_config(d: int, dtype: torch.dtype, device: torch.device, group: int, max_rows: int) -> dict:
-    """Tiles for ``_kv_relevance_kernel``: BLOCK_M (row, head) pairs x BLOCK_N keys (heuristic).
+    """Tiles for ``_kv_relevance_kernel``: BLOCK_N keys x BLOCK_P question rows of one head (heuristic).
 
-    ``max_rows`` bounds the rel rows of a segment (max_seqlen_q). H100 sweep (bench/figure3_relevance.py
-    --tune, bf16, D 128): 128 keys x 4 warps x 2 stages wins everywhere; 128 pairs only pay when a program
-    has >= ~1k (row, head) pairs (Qwen2 G=7 with 256 rows), else 64.
+    ``max_rows`` bounds the rel rows of a segment (max_seqlen_q; the whole segment in the fused op). H100 sweep
+    (bench/figure3_relevance.py --tune relevance, bf16, D 128, 64-512 rows x 8k-32k keys):
+    - G >= 4 (Qwen2 28/4): 64 keys x 128 rows (m64n128 wgmma: compute-bound rather than bound by the shared
+      memory that feeds both operands) is best from 256 rows up (-5..-8 % vs 128 x 64); with <= 64 rows a
+      128-row tile would be half empty, so 128 keys x 64 rows, 4 stages.
+    - G < 4 (Llama-2 32/32, few row tiles per program): 128 keys x 64 rows, 2 stages, registers capped at 168
+      so 3 CTAs fit per SM (64 KB shared memory each): best at every shape (-5..-12 %).
     """
-    if device.type != "cuda":
-        return dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
+    if device.type != "cuda":  # interpreter: small tiles so tiny test shapes still cross block edges
+        return dict(BLOCK_N=16, BLOCK_P=16, num_warps=4, num_stages=1)
     if dtype == torch.float32 or _block_d(d) > 128:
-        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
-    block_m = 128 if group >= 4 and group * max_rows >= 1024 else 64
-    return dict(BLOCK_M=block_m, BLOCK_N=128, num_warps=4, num_stages=2)
+        return dict(BLOCK_N=64, BLOCK_P=64, num_warps=4, num_stages=2)
+    if group >= 4:
+        if max_rows <= 64:
+            return dict(BLOCK_N=128, BLOCK_P=64, num_warps=4, num_stages=4)
+        return dict(BLOCK_N=64, BLOCK_P=128, num_warps=4, num_stages=3)
+    return dict(BLOCK_N=128, BLOCK_P=64, num_warps=4, num_stages=2, maxnreg=168)
 
 
 def _launch_prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, scale, causal, out, lse, cfg):
