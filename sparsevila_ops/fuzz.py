@@ -13,6 +13,7 @@ import argparse
 import os
 import random
 import sys
+import time
 import traceback
 from typing import Callable, Dict, List, Tuple
 
@@ -261,6 +262,9 @@ def run_case(op: str, backend: str, seed: int, device: torch.device, big: bool) 
     return True, f"{case.desc}: max rel err {max(worst) if worst else 0:.2e}"
 
 
+PROGRESS_EVERY = 25  # cases between progress lines (real-size cases are bound by Triton JIT compiles)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m sparsevila_ops fuzz", description=__doc__.split("\n\n")[0])
     p.add_argument("--op", required=True, choices=sorted(GENERATORS) + ["all"])
@@ -283,6 +287,7 @@ def main(argv=None) -> int:
     failures = 0
     for op in ops:
         n_fail = 0
+        t0 = time.monotonic()
         for i in range(a.cases):
             seed = a.seed + i
             try:
@@ -296,6 +301,8 @@ def main(argv=None) -> int:
                       + (f" --scale {a.scale}" if a.scale else ""), flush=True)
             elif a.verbose:
                 print(f"ok   {op} seed={seed}: {msg}", flush=True)
+            if (i + 1) % PROGRESS_EVERY == 0 and i + 1 < a.cases:  # partial results survive a time cap
+                print(f"{op}: {i + 1}/{a.cases} run, {n_fail} failed, {time.monotonic() - t0:.0f} s", flush=True)
         print(f"{op}: {a.cases - n_fail} passed, {n_fail} failed ({a.backend} vs reference on {a.device}, "
               f"seeds {a.seed}..{a.seed + a.cases - 1})", flush=True)
         failures += n_fail
