@@ -30,6 +30,24 @@ def verify(name: str, out: torch.Tensor, ref: torch.Tensor, tol: float) -> float
     return err
 
 
+def capture_graphs(fn: Callable[[int], object], n_inputs: int) -> List["torch.cuda.CUDAGraph"]:
+    """One CUDA graph per input set of ``fn(i)``, after a warm-up call per set on a side stream (JIT compiles
+    and allocator growth happen outside capture)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for i in range(n_inputs):
+            fn(i)
+    torch.cuda.current_stream().wait_stream(stream)
+    graphs = []
+    for i in range(n_inputs):
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn(i)
+        graphs.append(g)
+    return graphs
+
+
 def time_cuda(fn: Callable[[int], object], *, n_inputs: int = 1, warmup: int = 5, iters: int = 50,
               graph: bool = False) -> Dict[str, float]:
     """Time ``fn(i)`` (i = index of the rotating input set) with CUDA events; returns ms stats.
@@ -38,18 +56,7 @@ def time_cuda(fn: Callable[[int], object], *, n_inputs: int = 1, warmup: int = 5
     timed (launch overhead removed, as in a CUDA-graph decode loop).
     """
     if graph:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for i in range(n_inputs):
-                fn(i)  # warm-up / JIT outside capture
-        torch.cuda.current_stream().wait_stream(stream)
-        graphs = []
-        for i in range(n_inputs):
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                fn(i)
-            graphs.append(g)
+        graphs = capture_graphs(fn, n_inputs)
         call = lambda i: graphs[i].replay()  # noqa: E731
     else:
         call = fn

@@ -157,8 +157,7 @@ def sweep(ctxs=(8192, 32768)) -> list:
         lengths = torch.tensor([ctx], dtype=torch.int32, device=dev)
         outs = [(torch.empty_like(q), torch.empty(q.shape[:2], device=dev)) for q in qs]
         r0 = _reference(qs[0], ks[0], vs[0], lengths)
-        base = tk._decode_config(B, hk, hq // hk, ctx + SLACK, D, 2, torch.cuda.get_device_properties(0)
-                                 .multi_processor_count)
+        base = tk._decode_config(B, hk, hq // hk, ctx + SLACK, D, 2, tk._num_sms(lengths.device))
         variants = [dict(PDL=True, NUM_SPLITS=int(base["NUM_SPLITS"] * mult), BLOCK_N=bn, num_warps=nw, num_stages=st)
                     for mult in (1, 2, 4, 8) for bn in (32, 64) for nw in (2, 4) for st in (1, 2, 3)]
         for cfg in variants:

@@ -39,7 +39,7 @@ import sparsevila_ops as so
 from sparsevila_ops import reference
 from sparsevila_ops.testing import REL_TOL
 
-from .common import time_cuda, verify, write_results
+from .common import capture_graphs, time_cuda, verify, write_results
 
 MODELS = {"llama2-7b": (32, 32, 128), "qwen2-7b": (28, 4, 128)}
 DTYPE = torch.bfloat16
@@ -81,21 +81,7 @@ def time_interleaved(fa, fb, n_inputs: int, warmup: int, iters: int) -> dict:
     """Median ms of ``fa`` and ``fb`` and the median of per-pair differences ``fb - fa``, from CUDA-graph replays
     interleaved a, b, a, b, ... (call c uses input set c % n_inputs, so with n_inputs > 1 consecutive replays
     read different inputs). Adjacent replays share the clock state, so drift cancels in the differences."""
-    graphs = []
-    for fn in (fa, fb):
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for i in range(n_inputs):
-                fn(i)  # JIT and allocator warm-up outside capture
-        torch.cuda.current_stream().wait_stream(stream)
-        gs = []
-        for i in range(n_inputs):
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                fn(i)
-            gs.append(g)
-        graphs.append(gs)
+    graphs = [capture_graphs(fa, n_inputs), capture_graphs(fb, n_inputs)]
     calls = 2 * (warmup + iters)
     events = [torch.cuda.Event(enable_timing=True) for _ in range(calls + 1)]
     torch.cuda.synchronize()
@@ -290,7 +276,8 @@ def tune(what="all", baseline=None):
             cu_m = torch.tensor([0, M], dtype=torch.int32, device="cuda")
             cu_n = torch.tensor([0, Nk], dtype=torch.int32, device="cuda")
             rr = torch.tensor([[0, M]], dtype=torch.int32, device="cuda")
-            lse_m = _question_lse(qm, kk, D ** -0.5)
+            lse_m = torch.empty(hq, M, device="cuda")  # the question rows' lse, right-aligned causal
+            reference.prefill_attention(qm, kk, kk, cu_m, cu_n, M, Nk, D ** -0.5, True, torch.empty_like(qm), lse_m)
             rel = torch.empty(hk, Nk, device="cuda")
             good = torch.empty(hk, Nk, device="cuda")
             reference.kv_relevance(qm, kk, lse_m, cu_m, cu_n, M, Nk, D ** -0.5, True, rr, good)
@@ -311,17 +298,6 @@ def tune(what="all", baseline=None):
                     print(f"TUNE kv_relevance {model} M={M} N={Nk} {name}: {t * 1e3:.1f} us", flush=True)
                 except Exception as e:  # noqa: BLE001 - report and go on (e.g. out of shared memory)
                     print(f"TUNE kv_relevance {model} M={M} N={Nk} {name}: failed {type(e).__name__}: {str(e)[:160]}")
-
-
-def _question_lse(q, k, scale):
-    """lse [Hq, M] of M question rows right-aligned against all N keys (causal), fp32."""
-    M, Hq, D = q.shape
-    N, Hk, _ = k.shape
-    kh = k.transpose(0, 1).repeat_interleave(Hq // Hk, 0).float()  # [Hq, N, D]
-    s = torch.matmul(q.transpose(0, 1).float(), kh.transpose(1, 2)) * scale  # [Hq, M, N]
-    s.masked_fill_(torch.arange(N, device=q.device)[None, :] > torch.arange(M, device=q.device)[:, None] + N - M,
-                   float("-inf"))
-    return torch.logsumexp(s, dim=-1)
 
 
 def _tune_prefill(tk, model, hq, hk, N, D):
