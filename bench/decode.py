@@ -1,4 +1,4 @@
-"""Decode attention, batch 1, one layer: split-KV Triton kernel vs SDPA, dense and 5/15/30 %-packed caches.
+"""Decode attention, batch 1, one layer: our kernels vs SDPA, dense and 5/15/30 %-packed caches.
 
 ``python -m bench.decode [--quick]``. bf16, D 128, Qwen2-7B (28 q / 4 kv heads) and Llama-2-7B (32 / 32),
 contexts 8k / 32k / 128k. Time per layer as in a captured decode step: one CUDA graph replays the op over R
@@ -7,7 +7,9 @@ the 5 %-packed caches of 8k/32k still partly fit in L2 with R = 32) and the repl
 single replays instead measures the host's graph-launch latency (~20 µs), not the kernel. SDPA dense is also
 timed eagerly (the ANCHORS.md baseline). Variants:
 
-- ``ours_full``: ``decode_attention`` over the whole cache (lengths = context);
+- ``ours_full``: ``decode_attention`` over the whole cache (lengths = context) on the default backend (Triton:
+  split + combine kernels); ``cuda_full``: the same on the cuda backend (one cluster kernel; ``cuda_vs_ours``
+  = ours / cuda time);
 - ``ours_p5`` / ``ours_p15`` / ``ours_p30``: ``decode_attention`` over a cache packed to 5 / 15 / 30 % of the
   context; ``speedup_pK_vs_sdpa_full`` = SDPA over the dense cache / this (the paper's decode speedup: it
   comes from reading fewer bytes, which the dense kernels cannot beat at 128k, where both run near copy
@@ -16,7 +18,8 @@ timed eagerly (the ANCHORS.md baseline). Variants:
 - ``sdpa_full`` / ``sdpa_p5``: ``F.scaled_dot_product_attention(enable_gqa=True)`` on the same tensors.
 
 Achieved TB/s = K + V bytes read / time. Outputs are verified against ``sparsevila_ops.reference`` first.
-``--sweep`` times the split-KV config space at Qwen2-7B 8k / 32k instead (``decode_sweep.*``).
+``--sweep`` times the Triton split-KV config space at Qwen2-7B 8k / 32k instead (``decode_sweep.*``),
+``--sweep-cuda`` the cluster kernel's (cluster size, clusters per row, PDL) at 8k / 32k / 128k.
 """
 from __future__ import annotations
 
@@ -77,6 +80,12 @@ def run_case(model: str, ctx: int, iters: int) -> dict:
             so.decode_attention(qs[i], ks[i], vs[i], lengths, out=outs[i][0], lse=outs[i][1])
         return fn
 
+    def cuda(qs, ks, vs, lengths, outs):
+        def fn(i):
+            with so.use_backend("cuda"):
+                so.decode_attention(qs[i], ks[i], vs[i], lengths, out=outs[i][0], lse=outs[i][1])
+        return fn
+
     def sdpa(qs, ks, vs, n, outs):
         def fn(i):
             outs[i][0].copy_(F.scaled_dot_product_attention(
@@ -98,6 +107,10 @@ def run_case(model: str, ctx: int, iters: int) -> dict:
     f_sdpa(0)
     verify("sdpa full", outs[0][0].float(), r0, 2e-2)
     row["ours_full_us"] = _per_layer_us(f_ours, n_sets, iters)
+    f_cuda = cuda(qs, ks, vs, lengths, outs)
+    f_cuda(0)
+    verify("decode full (cuda)", outs[0][0].float(), r0, 2e-2)
+    row["cuda_full_us"] = _per_layer_us(f_cuda, n_sets, iters)
     row["sdpa_full_us"] = _per_layer_us(f_sdpa, n_sets, iters)
     row["sdpa_full_eager_us"] = _per_layer_us(f_sdpa, n_sets, iters, graph=False)
 
@@ -113,7 +126,7 @@ def run_case(model: str, ctx: int, iters: int) -> dict:
     r_s = _reference(qs[0], torch.gather(ks[0], 2, gi), torch.gather(vs[0], 2, gi), n_valid)
     verify("sparse decode", outs[0][0].float(), r_s, 2e-2)
     row["sparse_p5_us"] = _per_layer_us(f_sparse, n_sets, iters)
-    del qs, ks, vs, outs, idx, f_ours, f_sdpa
+    del qs, ks, vs, outs, idx, f_ours, f_cuda, f_sdpa
     torch.cuda.empty_cache()
 
     # Packed caches at 5 / 15 / 30 % (SDPA over the packed cache too at 5 %).
@@ -138,6 +151,7 @@ def run_case(model: str, ctx: int, iters: int) -> dict:
     row["sdpa_full_TBps"] = kv_full / (row["sdpa_full_us"] * 1e-6) / 1e12
     row["sparse_p5_TBps"] = kv_p5 / (row["sparse_p5_us"] * 1e-6) / 1e12
     row["speedup_vs_sdpa"] = row["sdpa_full_us"] / row["ours_full_us"]
+    row["cuda_vs_ours"] = row["ours_full_us"] / row["cuda_full_us"]
     row["speedup_vs_sdpa_eager"] = row["sdpa_full_eager_us"] / row["ours_full_us"]
     row["target_us"] = TARGETS_US[ctx] if model == "qwen2-7b" else None
     return row
@@ -177,6 +191,42 @@ def sweep(ctxs=(8192, 32768)) -> list:
     return rows
 
 
+def sweep_cuda(ctxs=(8192, 32768, 131072)) -> list:
+    """Cluster-kernel config sweep at Qwen2-7B shapes: cluster size x clusters per row (up to what the GPU
+    co-schedules), plus no PDL, 12 warps, and the heuristic's pick (the last row per context)."""
+    from sparsevila_ops.csrc import decode as cd
+    hq, hk = MODELS["qwen2-7b"]
+    B, dev, dt = 1, "cuda", torch.bfloat16
+    rows = []
+    for ctx in ctxs:
+        gen = torch.Generator(device=dev).manual_seed(ctx)
+        n_sets = _sets(2 * B * hk * ctx * D * 2)
+        qs, ks, vs = _make(B, hq, hk, ctx + SLACK, n_sets, dev, dt, gen)
+        lengths = torch.tensor([ctx], dtype=torch.int32, device=dev)
+        outs = [(torch.empty_like(q), torch.empty(q.shape[:2], device=dev)) for q in qs]
+        r0 = _reference(qs[0], ks[0], vs[0], lengths)
+        fit = {c: cd._max_active_clusters(0, D, c, 8, hq // hk) // hk for c in (1, 2, 4, 8, 16)}
+        variants = [dict(cluster=c, clusters_per_row=n, warps=8, pdl=True) for c in fit
+                    for n in sorted({1, 2, fit[c] // 2, fit[c]}) if 1 <= n <= fit[c]]
+        variants += [dict(cluster=16, clusters_per_row=1, warps=8, pdl=False),
+                     dict(cluster=8, clusters_per_row=fit[8], warps=12, pdl=True), cd.decode_config(B, hk, hq // hk, ctx + SLACK)]
+        for cfg in variants:
+            def fn(i, cfg=cfg):
+                cd.decode_attention(qs[i], ks[i], vs[i], lengths, D ** -0.5, outs[i][0], outs[i][1], **cfg)
+            try:
+                fn(0)
+                verify(f"cuda decode sweep {cfg}", outs[0][0].float(), r0, 2e-2)
+                us = _per_layer_us(fn, n_sets, iters=30)
+            except Exception as e:  # noqa: BLE001 - a config that cannot launch is reported, not fatal
+                print(f"skip {cfg}: {type(e).__name__}: {e}"[:300], flush=True)
+                continue
+            rows.append({"ctx": ctx, "pdl": True, **cfg, "us": us, "TBps": 2 * B * hk * ctx * D * 2 / (us * 1e-6) / 1e12})
+            print(rows[-1], flush=True)
+        del qs, ks, vs, outs
+        torch.cuda.empty_cache()
+    return rows
+
+
 def _plot(rows):
     def plot(fig):
         ax = fig.add_subplot(1, 1, 1)
@@ -198,7 +248,14 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="Qwen2-7B at 8k and 128k only")
     p.add_argument("--sweep", action="store_true", help="config sweep at Qwen2-7B 8k / 32k (decode_sweep.*)")
+    p.add_argument("--sweep-cuda", action="store_true",
+                   help="cluster-kernel sweep at Qwen2-7B 8k / 32k / 128k (decode_sweep_cuda.*)")
     a = p.parse_args(argv)
+    if a.sweep_cuda:
+        rows = sweep_cuda()
+        write_results("decode_sweep_cuda", rows, ["ctx", "cluster", "clusters_per_row", "warps", "pdl", "us", "TBps"],
+                      title="cuda decode (cluster kernel) config sweep, Qwen2-7B, bf16")
+        return 0
     if a.sweep:
         rows = sweep()
         best = {c: min((r for r in rows if r["ctx"] == c), key=lambda r: r["us"]) for c in {r["ctx"] for r in rows}}
@@ -207,8 +264,8 @@ def main(argv=None) -> int:
         return 0
     grid = [("qwen2-7b", 8192), ("qwen2-7b", 131072)] if a.quick else [(m, c) for m in MODELS for c in CONTEXTS]
     rows = [run_case(m, c, iters=20 if a.quick else 50) for m, c in grid]
-    cols = ["model", "ctx", "ours_full_us", "sdpa_full_us", "sdpa_full_eager_us", "speedup_vs_sdpa",
-            "ours_full_TBps", "target_us", "ours_p5_us", "sdpa_p5_us", "sparse_p5_us", "ours_p15_us", "ours_p30_us",
+    cols = ["model", "ctx", "ours_full_us", "cuda_full_us", "sdpa_full_us", "sdpa_full_eager_us", "speedup_vs_sdpa",
+            "cuda_vs_ours", "ours_full_TBps", "target_us", "ours_p5_us", "sdpa_p5_us", "sparse_p5_us", "ours_p15_us", "ours_p30_us",
             "speedup_p5_vs_sdpa_full", "speedup_p15_vs_sdpa_full", "speedup_p30_vs_sdpa_full", "ours_p5_TBps"]
     write_results("decode", rows, cols, plot=_plot(rows),
                   title="decode attention, batch 1, bf16, per layer inside a CUDA graph of R layers")

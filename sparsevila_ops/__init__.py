@@ -12,7 +12,8 @@ Public ops (each also callable as ``torch.ops.sparsevila.<name>`` with out-varia
 ``sparse_decode_attention``  decode that gathers by indices in the kernel (comparison point)
 =========================  ===================================================================
 
-Backends: ``reference`` (torch), ``triton`` (default on CUDA). Override with ``SPARSEVILA_BACKEND`` or
+Backends: ``reference`` (torch), ``triton`` (default on CUDA), ``cuda`` (opt-in CUDA C++ kernels of ``csrc/``,
+so far ``decode_attention``). Override with ``SPARSEVILA_BACKEND`` or
 ``with sparsevila_ops.use_backend("reference"): ...``.
 """
 from ._backend import available_backends, use_backend
@@ -31,7 +32,8 @@ __all__ = [
 
 
 def _map_source_tree_subpackages() -> None:
-    """Installs map the top-level ``triton_kernels/`` to ``sparsevila_ops.triton_kernels`` (setup.py
+    """Installs map the top-level ``triton_kernels/`` and ``csrc/`` to ``sparsevila_ops.triton_kernels`` and
+    ``sparsevila_ops.csrc`` (setup.py
     ``package_dir``). Where the installer could not (a legacy ``setup.py develop`` egg-link, or a plain
     ``PYTHONPATH`` checkout), register the same mapping from the source tree. Imports nothing heavy."""
     import importlib.util
@@ -39,7 +41,7 @@ def _map_source_tree_subpackages() -> None:
     import sys
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    for sub in ("triton_kernels",):
+    for sub in ("triton_kernels", "csrc"):
         name, src = f"{__name__}.{sub}", os.path.join(root, sub, "__init__.py")
         if name in sys.modules or importlib.util.find_spec(name) is not None or not os.path.isfile(src):
             continue

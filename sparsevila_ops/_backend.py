@@ -5,7 +5,9 @@ Every op has one implementation per backend:
 - ``reference``: plain torch (``sparsevila_ops.reference``), any device;
 - ``triton``: ``sparsevila_ops.triton_kernels.<family>``, default on CUDA; on the CPU it runs only under
   Triton's interpreter (``TRITON_INTERPRET=1``);
-- ``cuda``: ``csrc/`` kernels (plugged in by the JIT loader when present).
+- ``cuda``: ``csrc/`` kernels (sm_90+, JIT-built by ``sparsevila_ops._cuda``) for the ops that have one;
+  opt-in (``use_backend("cuda")`` or ``SPARSEVILA_BACKEND=cuda``): the defaults are the kernels measured
+  fastest (bench/NOTES.md).
 
 Implementations are registered by import path and imported on first use, so ``import sparsevila_ops``
 stays cheap and a broken or missing backend only matters when it is asked for.
@@ -55,6 +57,11 @@ def requested_backend() -> Optional[str]:
     return forced
 
 
+def _cuda_usable(device: torch.device) -> bool:
+    from . import _cuda
+    return _cuda.usable(device)
+
+
 def default_backend(device: torch.device) -> str:
     return "triton" if device.type == "cuda" and _triton_usable(device) else "reference"
 
@@ -74,6 +81,10 @@ def resolve(op: str, device: torch.device) -> Callable:
         raise RuntimeError(
             f"backend 'triton' cannot run {op!r} on {device.type}: Triton needs a CUDA device, or "
             f"TRITON_INTERPRET=1 set before import for CPU tensors (install triton if it is missing)")
+    if backend == "cuda" and isinstance(impls[backend], str) and not _cuda_usable(device):
+        raise RuntimeError(
+            f"backend 'cuda' cannot run {op!r} on {device.type}: it needs a GPU of compute capability >= 9.0, "
+            f"nvcc and ninja to build csrc/, and SPARSEVILA_CUDA not set to 0")
     target = impls[backend]
     if isinstance(target, str):
         mod_name, fn_name = target.split(":")

@@ -19,11 +19,12 @@ def _fake_noop(*args, **kwargs) -> None:
     return None
 
 
-def define(name: str, schema: str, *, triton: str | None = None) -> None:
+def define(name: str, schema: str, *, triton: str | None = None, cuda: str | None = None) -> None:
     """Define ``sparsevila::name`` with ``schema``; its first argument (a tensor or a tensor list) picks the
     device.
 
-    The reference backend is ``reference.<name>``; ``triton`` is ``"module:function"`` of the Triton launcher.
+    The reference backend is ``reference.<name>``; ``triton`` and ``cuda`` are ``"module:function"`` of the
+    Triton and CUDA C++ launchers.
     """
     lib.define(f"{name}{schema}")
     torch.library.register_fake(f"sparsevila::{name}", _fake_noop, lib=lib)
@@ -38,3 +39,5 @@ def define(name: str, schema: str, *, triton: str | None = None) -> None:
     _backend.register(name, "reference", getattr(reference, name))
     if triton is not None:
         _backend.register(name, "triton", triton)
+    if cuda is not None:
+        _backend.register(name, "cuda", cuda)

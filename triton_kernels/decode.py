@@ -215,9 +215,18 @@ def _launch_decode(q, k, v, lengths, indices, scale, out, lse, num_splits=None, 
         out.stride(0), out.stride(1), lse.stride(0), lse.stride(1), G, HQ, D,
         GATHER=gather, IEEE=q.dtype == torch.float32, **cfg, **launch)
     if S > 1:
-        _decode_combine_kernel[(B * HQ, triton.cdiv(D, combine_d))](
-            po, pl, out, lse, out.stride(0), out.stride(1), lse.stride(0), lse.stride(1), HQ, D,
-            NUM_SPLITS=S, BLOCK_S=triton.next_power_of_2(S), BLOCK_D=combine_d, PDL=pdl, num_warps=4, **launch)
+        combine_partials(po, pl, out, lse, pdl, combine_d)
+
+
+def combine_partials(po: torch.Tensor, pl: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, pdl: bool,
+                     block_d: int = 32) -> None:
+    """Merge split partials ``po [B, Hq, S, D]`` (normalised outputs) and ``pl [B, Hq, S]`` (lse, log2) into
+    ``out`` and ``lse`` (ln); also used by the cuda backend when a row spans several clusters."""
+    B, HQ, S, D = po.shape
+    _decode_combine_kernel[(B * HQ, triton.cdiv(D, block_d))](
+        po, pl, out, lse, out.stride(0), out.stride(1), lse.stride(0), lse.stride(1), HQ, D,
+        NUM_SPLITS=S, BLOCK_S=triton.next_power_of_2(S), BLOCK_D=block_d, PDL=pdl, num_warps=4,
+        **({"launch_pdl": True} if pdl else {}))
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor, scale: float,

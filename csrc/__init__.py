@@ -1,0 +1,1 @@
+"""CUDA C++ sources of the ``cuda`` backend, JIT-built with ninja by ``sparsevila_ops._cuda``."""

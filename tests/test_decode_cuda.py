@@ -1,0 +1,118 @@
+"""decode_attention on the cuda backend (``csrc/decode_cluster.cu``: one kernel, splits merged in a
+thread-block cluster) against sparsevila_ops.reference, with the accuracy rule of test_decode_triton.
+
+CPU: the sources build with nvcc + ninja (CI has nvcc, no GPU), the dispatch rules, the support predicate.
+GPU (`gpu`, sm_90+): awkward lengths (0, 1, tile edges, capacity) per row with NaN past each length, strided
+caches, every cluster size, rows spread over several clusters, PDL on and off, G up to 16, D 64 / 128,
+fallback to Triton for what the kernel does not cover, and CUDA-graph replay.
+"""
+
+import os
+
+import pytest
+import torch
+
+import sparsevila_ops as so
+from sparsevila_ops import _backend, _cuda
+
+from test_decode_triton import _check, _inputs, _outs
+
+HAS_SM90 = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0)
+sm90 = pytest.mark.skipif(not HAS_SM90, reason="the cuda backend needs sm_90+")
+
+
+@pytest.mark.skipif(_cuda.nvcc_path() is None, reason="needs nvcc")
+def test_cuda_sources_build(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPARSEVILA_CACHE_DIR", str(tmp_path))
+    lib = _cuda.build()
+    assert lib.is_file() and lib.parent.parent == tmp_path
+    assert _cuda.build() == lib  # cached: same key, no rebuild
+    names = {line.split()[-1] for line in os.popen(f"nm -D --defined-only {lib}").read().splitlines() if line}
+    assert {"svo_decode_cluster", "svo_decode_max_active_clusters", "svo_error_string"} <= names
+
+
+def test_cuda_backend_is_opt_in_and_refuses_where_unusable():
+    assert _backend.default_backend(torch.device("cpu")) == "reference"
+    assert "cuda" in so.available_backends("decode_attention")
+    assert not _cuda.usable(torch.device("cpu"))
+    q = torch.zeros(1, 4, 64)
+    with so.use_backend("cuda"), pytest.raises(RuntimeError, match="backend 'cuda' cannot run"):
+        so.decode_attention(q, torch.zeros(1, 1, 8, 64), torch.zeros(1, 1, 8, 64),
+                            torch.tensor([8], dtype=torch.int32))
+
+
+def test_cuda_decode_support_rules():
+    from sparsevila_ops.csrc.decode import unsupported
+    q, k = torch.zeros(1, 8, 128, dtype=torch.bfloat16), torch.zeros(1, 2, 64, 128, dtype=torch.bfloat16)
+    assert unsupported(q, k, k) is None
+    assert "dtype" in unsupported(q.float(), k.float(), k.float())
+    assert "head dim" in unsupported(q[..., :80], k[..., :80], k[..., :80])
+    assert "group size" in unsupported(torch.zeros(1, 34, 128, dtype=torch.bfloat16), k, k)
+    kk = torch.zeros(1, 2, 64, 136, dtype=torch.bfloat16)[..., 4:]  # rows start 8 bytes off
+    assert "k rows" in unsupported(q, kk, k)
+
+
+def _nan_tail(k, v, lengths):
+    """Fill every cache row past its length with NaN: the kernel must never let them into the output."""
+    for b, n in enumerate(lengths.tolist()):
+        k[b, :, n:] = float("nan")
+        v[b, :, n:] = float("nan")
+
+
+@pytest.mark.gpu
+@sm90
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("Hk,G", [(4, 7), (2, 16), (3, 1), (1, 5)])
+def test_cuda_decode_matches_reference_gpu(dtype, D, Hk, G):
+    B, cap = 5, 1000
+    q, k, v = _inputs(B, Hk, G, cap, D, dtype, "cuda", seed=D + G)
+    lengths = torch.tensor([0, 1, 64, 999, 1000], dtype=torch.int32, device="cuda")
+    _nan_tail(k, v, lengths)
+    out, lse = _outs(q)
+    with so.use_backend("cuda"):
+        so.decode_attention(q, k, v, lengths, out=out, lse=lse)
+    _check(out, lse, q, k, v, lengths, D ** -0.5, f"cuda decode {dtype} D={D} Hk={Hk} G={G}")
+    assert (out[0] == 0).all() and (lse[0] == float("-inf")).all()
+
+
+@pytest.mark.gpu
+@sm90
+@pytest.mark.parametrize("cluster", [1, 2, 4, 8, 16])
+@pytest.mark.parametrize("clusters_per_row", [1, 3])
+@pytest.mark.parametrize("warps,pdl", [(8, False), (8, True), (12, True)])
+def test_cuda_decode_cluster_configs_gpu(cluster, clusters_per_row, warps, pdl):
+    from sparsevila_ops.csrc import decode as cd
+    B, Hk, G, cap, D = 3, 4, 7, 5000, 128
+    q, k, v = _inputs(B, Hk, G, cap, D, torch.bfloat16, "cuda", seed=cluster)
+    lengths = torch.tensor([4999, 17, 2500], dtype=torch.int32, device="cuda")
+    _nan_tail(k, v, lengths)
+    out, lse = _outs(q)
+    cd.decode_attention(q, k, v, lengths, D ** -0.5, out, lse, cluster=cluster,
+                        clusters_per_row=clusters_per_row, warps=warps, pdl=pdl)
+    _check(out, lse, q, k, v, lengths, D ** -0.5, f"cluster {cluster} x {clusters_per_row} warps={warps} pdl={pdl}")
+
+
+@pytest.mark.gpu
+@sm90
+def test_cuda_decode_falls_back_to_triton_for_uncovered_inputs_gpu():
+    B, Hk, G, cap, D = 2, 2, 3, 300, 80  # head dim 80: not covered by the cluster kernel
+    q, k, v = _inputs(B, Hk, G, cap, D, torch.bfloat16, "cuda")
+    lengths = torch.tensor([300, 45], dtype=torch.int32, device="cuda")
+    out, lse = _outs(q)
+    with so.use_backend("cuda"):
+        so.decode_attention(q, k, v, lengths, out=out, lse=lse)
+    _check(out, lse, q, k, v, lengths, D ** -0.5, "fallback D=80")
+
+
+@pytest.mark.gpu
+@sm90
+def test_cuda_decode_real_sizes_gpu():
+    for Hq, Hk, ctx in [(28, 4, 8192), (28, 4, 131072), (32, 32, 32768)]:
+        B, D = 1, 128
+        q, k, v = _inputs(B, Hk, Hq // Hk, ctx + 256, D, torch.bfloat16, "cuda", seed=ctx)
+        lengths = torch.tensor([ctx], dtype=torch.int32, device="cuda")
+        out, lse = _outs(q)
+        with so.use_backend("cuda"):
+            so.decode_attention(q, k, v, lengths, out=out, lse=lse)
+        _check(out, lse, q, k, v, lengths, D ** -0.5, f"cuda decode {Hq}/{Hk} {ctx}")
