@@ -157,10 +157,10 @@ def run_case(model: str, ctx: int, iters: int) -> dict:
     return row
 
 
-def sweep(ctxs=(8192, 32768)) -> list:
-    """Decode config sweep at Qwen2-7B shapes: splits / BLOCK_N / warps / stages (stages set shared memory,
-    hence programs per SM)."""
-    from sparsevila_ops.triton_kernels import decode as tk
+def _sweep(ctxs, variants, launch) -> list:
+    """Time each config of ``variants(ctx)`` at Qwen2-7B shapes (bf16, batch 1, R distinct caches per graph):
+    ``launch(cfg, q, k, v, lengths, out, lse)`` runs one decode. Configs are verified first; one that cannot
+    compile or launch is reported and skipped."""
     hq, hk = MODELS["qwen2-7b"]
     B, dev, dt = 1, "cuda", torch.bfloat16
     rows = []
@@ -171,12 +171,9 @@ def sweep(ctxs=(8192, 32768)) -> list:
         lengths = torch.tensor([ctx], dtype=torch.int32, device=dev)
         outs = [(torch.empty_like(q), torch.empty(q.shape[:2], device=dev)) for q in qs]
         r0 = _reference(qs[0], ks[0], vs[0], lengths)
-        base = tk._decode_config(B, hk, hq // hk, ctx + SLACK, D, 2, tk._num_sms(lengths.device))
-        variants = [dict(PDL=True, NUM_SPLITS=int(base["NUM_SPLITS"] * mult), BLOCK_N=bn, num_warps=nw, num_stages=st)
-                    for mult in (1, 2, 4, 8) for bn in (32, 64) for nw in (2, 4) for st in (1, 2, 3)]
-        for cfg in variants:
+        for cfg in variants(ctx):
             def fn(i, cfg=cfg):
-                tk._launch_decode(qs[i], ks[i], vs[i], lengths, None, D ** -0.5, outs[i][0], outs[i][1], **cfg)
+                launch(cfg, qs[i], ks[i], vs[i], lengths, outs[i][0], outs[i][1])
             try:
                 fn(0)
                 verify(f"decode sweep {cfg}", outs[0][0].float(), r0, 2e-2)
@@ -184,47 +181,44 @@ def sweep(ctxs=(8192, 32768)) -> list:
             except Exception as e:  # noqa: BLE001 - a config that cannot compile or run is reported, not fatal
                 print(f"skip {cfg}: {type(e).__name__}: {e}"[:300], flush=True)
                 continue
-            rows.append({"ctx": ctx, **cfg, "us": us})
+            rows.append({"ctx": ctx, **cfg, "us": us, "TBps": 2 * B * hk * ctx * D * 2 / (us * 1e-6) / 1e12})
             print(rows[-1], flush=True)
         del qs, ks, vs, outs
         torch.cuda.empty_cache()
     return rows
+
+
+def sweep(ctxs=(8192, 32768)) -> list:
+    """Triton split-KV config sweep: splits / BLOCK_N / warps / stages (stages set shared memory, hence
+    programs per SM)."""
+    from sparsevila_ops.triton_kernels import decode as tk
+    hq, hk = MODELS["qwen2-7b"]
+
+    def variants(ctx):
+        base = tk._decode_config(1, hk, hq // hk, ctx + SLACK, D, 2, tk._num_sms(torch.device("cuda")))
+        return [dict(PDL=True, NUM_SPLITS=int(base["NUM_SPLITS"] * mult), BLOCK_N=bn, num_warps=nw, num_stages=st)
+                for mult in (1, 2, 4, 8) for bn in (32, 64) for nw in (2, 4) for st in (1, 2, 3)]
+
+    return _sweep(ctxs, variants, lambda cfg, q, k, v, n, out, lse: tk._launch_decode(
+        q, k, v, n, None, D ** -0.5, out, lse, **cfg))
 
 
 def sweep_cuda(ctxs=(8192, 32768, 131072)) -> list:
-    """Cluster-kernel config sweep at Qwen2-7B shapes: cluster size x clusters per row (up to what the GPU
-    co-schedules), plus no PDL, 12 warps, and the heuristic's pick (the last row per context)."""
+    """Cluster-kernel config sweep: cluster size x clusters per row (up to what the GPU co-schedules), plus
+    no PDL, 12 warps, and the heuristic's pick (the last row per context)."""
     from sparsevila_ops.csrc import decode as cd
     hq, hk = MODELS["qwen2-7b"]
-    B, dev, dt = 1, "cuda", torch.bfloat16
-    rows = []
-    for ctx in ctxs:
-        gen = torch.Generator(device=dev).manual_seed(ctx)
-        n_sets = _sets(2 * B * hk * ctx * D * 2)
-        qs, ks, vs = _make(B, hq, hk, ctx + SLACK, n_sets, dev, dt, gen)
-        lengths = torch.tensor([ctx], dtype=torch.int32, device=dev)
-        outs = [(torch.empty_like(q), torch.empty(q.shape[:2], device=dev)) for q in qs]
-        r0 = _reference(qs[0], ks[0], vs[0], lengths)
+
+    def variants(ctx):
         fit = {c: cd._max_active_clusters(0, D, c, 8, hq // hk) // hk for c in (1, 2, 4, 8, 16)}
-        variants = [dict(cluster=c, clusters_per_row=n, warps=8, pdl=True) for c in fit
-                    for n in sorted({1, 2, fit[c] // 2, fit[c]}) if 1 <= n <= fit[c]]
-        variants += [dict(cluster=16, clusters_per_row=1, warps=8, pdl=False),
-                     dict(cluster=8, clusters_per_row=fit[8], warps=12, pdl=True), cd.decode_config(B, hk, hq // hk, ctx + SLACK)]
-        for cfg in variants:
-            def fn(i, cfg=cfg):
-                cd.decode_attention(qs[i], ks[i], vs[i], lengths, D ** -0.5, outs[i][0], outs[i][1], **cfg)
-            try:
-                fn(0)
-                verify(f"cuda decode sweep {cfg}", outs[0][0].float(), r0, 2e-2)
-                us = _per_layer_us(fn, n_sets, iters=30)
-            except Exception as e:  # noqa: BLE001 - a config that cannot launch is reported, not fatal
-                print(f"skip {cfg}: {type(e).__name__}: {e}"[:300], flush=True)
-                continue
-            rows.append({"ctx": ctx, "pdl": True, **cfg, "us": us, "TBps": 2 * B * hk * ctx * D * 2 / (us * 1e-6) / 1e12})
-            print(rows[-1], flush=True)
-        del qs, ks, vs, outs
-        torch.cuda.empty_cache()
-    return rows
+        return ([dict(cluster=c, clusters_per_row=n, warps=8, pdl=True) for c in fit
+                 for n in sorted({1, 2, fit[c] // 2, fit[c]}) if 1 <= n <= fit[c]]
+                + [dict(cluster=16, clusters_per_row=1, warps=8, pdl=False),
+                   dict(cluster=8, clusters_per_row=fit[8], warps=12, pdl=True),
+                   {**cd.decode_config(1, hk, hq // hk, ctx + SLACK), "pdl": True}])
+
+    return _sweep(ctxs, variants, lambda cfg, q, k, v, n, out, lse: cd.decode_attention(
+        q, k, v, n, D ** -0.5, out, lse, **cfg))
 
 
 def _plot(rows):
