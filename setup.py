@@ -17,7 +17,7 @@ setup(
     install_requires=["torch>=2.4", "numpy"],
     extras_require={
         "triton": ["triton>=3.2"],
-        "test": ["triton==3.6.0", "pytest", "pytest-benchmark", "hypothesis", "ninja", "pybind11"],
+        "test": ["triton==3.6.0", "pytest", "pytest-benchmark", "hypothesis", "ninja", "pybind11", "matplotlib"],
         "cuda": ["ninja"],
         "hf": ["transformers>=4.50"],
         "bench": ["matplotlib", "triton>=3.2"],
