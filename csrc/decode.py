@@ -45,6 +45,7 @@ def _max_active_clusters(dtype: int, d: int, cluster: int, warps: int, group: in
     return _cuda.library().svo_decode_max_active_clusters(dtype, d, cluster, warps, group)
 
 
+@functools.lru_cache(maxsize=None)
 def decode_config(B: int, hk: int, group: int, cap: int, dtype: int = 0, d: int = 128) -> dict:
     """The (cluster size, clusters per row) that keeps the most CTAs co-resident: for each power-of-two
     cluster size, as many clusters per row as the GPU can co-schedule for all B * Hk rows, each CTA >= 256
@@ -103,7 +104,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths:
     if unsupported(q, k, v) is not None:
         tk.decode_attention(q, k, v, lengths, scale, out, lse)
         return
-    cfg = decode_config(B, k.shape[1], HQ // k.shape[1], k.shape[2], _DTYPES[q.dtype], q.shape[2])
+    cfg = dict(decode_config(B, k.shape[1], HQ // k.shape[1], k.shape[2], _DTYPES[q.dtype], q.shape[2]))
     cfg["pdl"] = tk._use_pdl(q.device)
     cfg.update(overrides)
     _launch(q, k, v, lengths, scale, out, lse, **cfg)

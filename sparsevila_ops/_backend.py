@@ -83,8 +83,7 @@ def resolve(op: str, device: torch.device) -> Callable:
             f"TRITON_INTERPRET=1 set before import for CPU tensors (install triton if it is missing)")
     if backend == "cuda" and isinstance(impls[backend], str) and not _cuda_usable(device):
         raise RuntimeError(
-            f"backend 'cuda' cannot run {op!r} on {device.type}: it needs a GPU of compute capability >= 9.0, "
-            f"nvcc and ninja to build csrc/, and SPARSEVILA_CUDA not set to 0")
+            f"backend 'cuda' cannot run {op!r} on {device}: it needs a GPU of compute capability >= 9.0")
     target = impls[backend]
     if isinstance(target, str):
         mod_name, fn_name = target.split(":")

@@ -3,8 +3,8 @@
 The sources use only the CUDA runtime (no torch headers), so they build in seconds with ninja + nvcc into a
 shared library that ``ctypes`` loads; it works with any torch build. The library is cached under
 ``$SPARSEVILA_CACHE_DIR`` (default ``~/.cache/sparsevila_ops``) in a folder keyed by the sources, the flags and
-nvcc's version, so a change to any of them rebuilds. ``SPARSEVILA_CUDA=0`` disables the backend (the default
-backend of the ops it covers then falls back to Triton).
+nvcc's version, so a change to any of them rebuilds. A failed build raises with nvcc's output on the first call
+that needs the library.
 
 The kernels target sm_90 (thread-block clusters, bulk async copies, programmatic dependent launch).
 """
@@ -16,7 +16,6 @@ import hashlib
 import os
 import shutil
 import subprocess
-import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -37,7 +36,9 @@ def nvcc_path() -> Optional[str]:
     home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
     if home and os.path.isfile(os.path.join(home, "bin", "nvcc")):
         return os.path.join(home, "bin", "nvcc")
-    return shutil.which("nvcc") or (os.path.isfile("/usr/local/cuda/bin/nvcc") and "/usr/local/cuda/bin/nvcc") or None
+    if shutil.which("nvcc"):
+        return shutil.which("nvcc")
+    return "/usr/local/cuda/bin/nvcc" if os.path.isfile("/usr/local/cuda/bin/nvcc") else None
 
 
 def _ninja_path() -> Optional[str]:
@@ -103,20 +104,12 @@ def check(code: int, what: str) -> None:
 
 
 @functools.lru_cache(maxsize=None)
-def _usable(index: int) -> bool:
-    if torch.cuda.get_device_capability(index) < (9, 0):
-        return False
-    try:
-        library()
-    except (RuntimeError, OSError) as e:
-        warnings.warn(f"sparsevila_ops: the cuda backend is unavailable, using Triton instead: {e}")
-        return False
-    return True
+def _capability(index: int):
+    return torch.cuda.get_device_capability(index)
 
 
 def usable(device: torch.device) -> bool:
-    """True where the cuda backend runs: a CUDA device of compute capability >= 9.0, the library built, and
-    ``SPARSEVILA_CUDA`` not "0"."""
-    if device.type != "cuda" or os.environ.get("SPARSEVILA_CUDA", "1") == "0":
+    """True where the cuda backend's kernels can run: a CUDA device of compute capability >= 9.0."""
+    if device.type != "cuda":
         return False
-    return _usable(device.index if device.index is not None else torch.cuda.current_device())
+    return _capability(device.index if device.index is not None else torch.cuda.current_device()) >= (9, 0)
