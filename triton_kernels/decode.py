@@ -36,21 +36,37 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _globaltimer():
+    return tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1)
+
+
+@triton.jit
+def _smid():
+    return tl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r", [], dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
 def _decode_split_kernel(q_ptr, k_ptr, v_ptr, len_ptr, idx_ptr, out_ptr, lse_ptr, po_ptr, pl_ptr, qk_scale,
                          q_sb, q_sh, k_sb, k_sg, k_sn, v_sb, v_sg, v_sn, i_sb, i_sg, o_sb, o_sh, l_sb, l_sh,
-                         G, HQ, D,
+                         G, HQ, D, time_ptr,
                          NUM_SPLITS: tl.constexpr, GATHER: tl.constexpr, IEEE: tl.constexpr,
                          BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                         PDL: tl.constexpr):
+                         PDL: tl.constexpr, TIMELINE: tl.constexpr):
     split = tl.program_id(0)
     b = tl.program_id(1)
     g = tl.program_id(2)
+    if TIMELINE:  # per-program stamps (bench/decode_floor.py): entry, after the wait, exit (ns), SM id
+        t_row = time_ptr + ((b * tl.num_programs(2) + g) * NUM_SPLITS + split) * 4
+        tl.store(t_row, _globaltimer())
+        tl.store(t_row + 3, _smid().to(tl.int64))
     d = tl.arange(0, BLOCK_D)
     k_row = k_ptr + b.to(tl.int64) * k_sb + g.to(tl.int64) * k_sg
     v_row = v_ptr + b.to(tl.int64) * v_sb + g.to(tl.int64) * v_sg
     if PDL:  # the previous kernel (e.g. append_kv, or the last layer's combine) may write q, k, v, lengths
         gdc_wait()
         gdc_launch_dependents()  # let the combine launch now; it waits for this grid to finish
+    if TIMELINE:
+        tl.store(t_row + 1, _globaltimer())
     rows = tl.arange(0, BLOCK_G)
     heads = g * G + rows
     mg = rows < G
@@ -70,6 +86,8 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, len_ptr, idx_ptr, out_ptr, lse_ptr
                      mask=mg)
         else:  # an empty split: weight 0 in the combine
             tl.store(pl_ptr + bh * NUM_SPLITS + split, tl.full([BLOCK_G], float("-inf"), tl.float32), mask=mg)
+        if TIMELINE:
+            tl.store(t_row + 2, _globaltimer())
         return
     hi = tl.minimum(lo + chunk, n)
 
@@ -112,6 +130,8 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, len_ptr, idx_ptr, out_ptr, lse_ptr
     else:
         tl.store(po_ptr + (bh[:, None] * NUM_SPLITS + split) * D + d[None, :], o, mask=mg[:, None] & md[None, :])
         tl.store(pl_ptr + bh * NUM_SPLITS + split, lse2, mask=mg)
+    if TIMELINE:
+        tl.store(t_row + 2, _globaltimer())
 
 
 @triton.jit
@@ -184,11 +204,12 @@ def _capability(index: int):
     return torch.cuda.get_device_capability(index)
 
 
-def _launch_decode(q, k, v, lengths, indices, scale, out, lse, num_splits=None, **overrides) -> None:
+def _launch_decode(q, k, v, lengths, indices, scale, out, lse, num_splits=None, timeline=None, **overrides) -> None:
     """Split kernel (+ combine when num_splits > 1); ``indices`` not None selects the gather variant.
 
     ``overrides`` replace entries of the heuristic config (PDL, BLOCK_N, num_warps, num_stages, COMBINE_D) for
-    tests and sweeps."""
+    tests and sweeps. ``timeline`` (GPU only): an int64 tensor ``[B, Hk, NUM_SPLITS, 4]`` that receives each
+    split program's %globaltimer at entry, after the PDL wait and at exit, and its SM id."""
     B, HQ, D = q.shape
     HK, cap = k.shape[1], k.shape[2]
     if B == 0 or HQ == 0:
@@ -213,7 +234,8 @@ def _launch_decode(q, k, v, lengths, indices, scale, out, lse, num_splits=None, 
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         idx.stride(0) if gather else 0, idx.stride(1) if gather else 0,
         out.stride(0), out.stride(1), lse.stride(0), lse.stride(1), G, HQ, D,
-        GATHER=gather, IEEE=q.dtype == torch.float32, **cfg, **launch)
+        timeline if timeline is not None else lengths,
+        GATHER=gather, IEEE=q.dtype == torch.float32, TIMELINE=timeline is not None, **cfg, **launch)
     if S > 1:
         combine_partials(po, pl, out, lse, pdl, combine_d)
 

@@ -1,0 +1,168 @@
+"""How far decode is from a plain read of the same bytes, and where the split grid's time goes.
+
+``python -m bench.decode_floor [--layers R]``. Qwen2-7B shapes (28 q / 4 kv heads x 128), bf16, batch 1, contexts
+8k / 32k / 128k; every variant runs R layers (distinct caches) in one CUDA graph, like ``bench/decode.py``.
+
+- ``read``: a kernel with the decode's grid and tiles that reads K and V and does the two tile products, but no
+  softmax, no length load and no combine (n is an argument), swept over splits / BLOCK_N / warps / stages: the
+  best row is the read floor of the harness.
+- ``decode``: ``decode_attention`` with the heuristic config and with variants (stages, splits).
+- ``timeline``: %globaltimer stamps of every split program of the default decode for a middle layer: the split
+  grid's span (first entry to last exit), the spread of program entries and exits (the tail), and the gap to
+  the next layer's first program (the combine and the launch).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+import triton
+import triton.language as tl
+
+from bench.common import write_results
+from bench.decode import D, MODELS, SLACK, _make, _per_layer_us
+from sparsevila_ops.triton_kernels import decode as tk
+
+CONTEXTS = (8192, 32768, 131072)
+
+
+@triton.jit
+def _read_kernel(k_ptr, v_ptr, out_ptr, n, k_sg, v_sg, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
+                 D: tl.constexpr):
+    """Program (s, g) reads its slice of K and V row g as the decode does and keeps sum(1 K^T) V alive."""
+    s = tl.program_id(0)
+    g = tl.program_id(1)
+    chunk = tl.cdiv(tl.cdiv(n, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    lo = s * chunk
+    hi = tl.minimum(lo + chunk, n)
+    d = tl.arange(0, D)
+    ones = tl.full([16, D], 1.0, tl.float32).to(tl.bfloat16)
+    acc = tl.zeros([16, D], tl.float32)
+    for start in range(lo, hi, BLOCK_N):
+        j = start + tl.arange(0, BLOCK_N)
+        m = (j < hi)[:, None]
+        kt = tl.load(k_ptr + g.to(tl.int64) * k_sg + j[:, None] * D + d[None, :], mask=m, other=0.0)
+        vt = tl.load(v_ptr + g.to(tl.int64) * v_sg + j[:, None] * D + d[None, :], mask=m, other=0.0)
+        p = tl.dot(ones, tl.trans(kt))
+        acc += tl.dot(p.to(tl.bfloat16), vt)
+    tl.store(out_ptr + (g * NUM_SPLITS + s) * 16 * D + tl.arange(0, 16)[:, None] * D + d[None, :], acc)
+
+
+def _caches(ctx: int, layers: int):
+    hq, hk = MODELS["qwen2-7b"]
+    gen = torch.Generator(device="cuda").manual_seed(ctx)
+    qs, ks, vs = _make(1, hq, hk, ctx + SLACK, layers, "cuda", torch.bfloat16, gen)
+    lengths = torch.tensor([ctx], dtype=torch.int32, device="cuda")
+    outs = [(torch.empty_like(q), torch.empty(q.shape[:2], device="cuda")) for q in qs]
+    return qs, ks, vs, lengths, outs
+
+
+def read_floor(ctx: int, layers: int, ks, vs) -> list:
+    hk = ks[0].shape[1]
+    rows = []
+    for splits in (33, 66, 99, 132):
+        for bn, nw, st in ((32, 2, 3), (32, 2, 4), (32, 4, 4), (64, 4, 3), (64, 4, 4), (32, 2, 6)):
+            scratch = torch.empty(hk * splits * 16 * D, dtype=torch.float32, device="cuda")
+
+            def fn(i, splits=splits, bn=bn, nw=nw, st=st, scratch=scratch):
+                _read_kernel[(splits, hk)](ks[i], vs[i], scratch, ctx, ks[i].stride(1), vs[i].stride(1),
+                                           NUM_SPLITS=splits, BLOCK_N=bn, D=D, num_warps=nw, num_stages=st)
+            try:
+                us = _per_layer_us(fn, layers, iters=30)
+            except Exception as e:  # noqa: BLE001 - a config that cannot compile (shared memory) is skipped
+                print(f"skip read {splits} {bn} {nw} {st}: {type(e).__name__}"[:200], flush=True)
+                continue
+            rows.append({"ctx": ctx, "kind": "read", "cfg": f"S{splits} N{bn} w{nw} s{st}", "us": us})
+            print(rows[-1], flush=True)
+    return rows
+
+
+def decode_variants(ctx: int, layers: int, qs, ks, vs, lengths, outs) -> list:
+    hq, hk = MODELS["qwen2-7b"]
+    base = tk._decode_config(1, hk, hq // hk, ctx + SLACK, D, 2, tk._num_sms(torch.device("cuda")))
+    variants = {"default": {}}
+    for st in (4, 5):
+        variants[f"stages {st}"] = {"num_stages": st}
+    for mult in (1.5,):
+        variants[f"splits x{mult}"] = {"NUM_SPLITS": int(base["NUM_SPLITS"] * mult)}
+        variants[f"splits x{mult} stages 4"] = {"NUM_SPLITS": int(base["NUM_SPLITS"] * mult), "num_stages": 4}
+    rows = []
+    for name, cfg in variants.items():
+        def fn(i, cfg=cfg):
+            tk._launch_decode(qs[i], ks[i], vs[i], lengths, None, D ** -0.5, outs[i][0], outs[i][1], **cfg)
+        try:
+            us = _per_layer_us(fn, layers, iters=30)
+        except Exception as e:  # noqa: BLE001
+            print(f"skip decode {name}: {type(e).__name__}"[:200], flush=True)
+            continue
+        rows.append({"ctx": ctx, "kind": "decode", "cfg": name, "us": us})
+        print(rows[-1], flush=True)
+    return rows
+
+
+def timeline(ctx: int, layers: int, qs, ks, vs, lengths, outs) -> dict:
+    """Per-program stamps of the default decode's split grid, layer R/2 of a replayed graph."""
+    hq, hk = MODELS["qwen2-7b"]
+    S = tk._decode_config(1, hk, hq // hk, ctx + SLACK, D, 2, tk._num_sms(torch.device("cuda")))["NUM_SPLITS"]
+    stamps = [torch.zeros(1, hk, S, 4, dtype=torch.int64, device="cuda") for _ in range(layers)]
+
+    def step():
+        for i in range(layers):
+            tk._launch_decode(qs[i], ks[i], vs[i], lengths, None, D ** -0.5, outs[i][0], outs[i][1],
+                              timeline=stamps[i])
+    step()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        step()
+    for _ in range(3):
+        g.replay()
+    torch.cuda.synchronize()
+    mid = layers // 2
+    t = stamps[mid].view(-1, 4).cpu().tolist()
+    nxt = stamps[mid + 1].view(-1, 4).cpu().tolist()
+    entry0 = min(r[0] for r in t)
+    waits = sorted(r[1] - entry0 for r in t)
+    ends = sorted(r[2] - entry0 for r in t)
+    per_sm = {}
+    for r in t:
+        per_sm[r[3]] = per_sm.get(r[3], 0) + 1
+    row = {"ctx": ctx, "kind": "timeline", "programs": len(t), "SMs used": len(per_sm),
+           "max programs per SM": max(per_sm.values()),
+           "wait released (us) min/med/max": [round(x / 1e3, 2) for x in (waits[0], statistics.median(waits), waits[-1])],
+           "exit (us) min/p10/med/p90/max": [round(x / 1e3, 2) for x in (
+               ends[0], ends[len(ends) // 10], statistics.median(ends), ends[9 * len(ends) // 10], ends[-1])],
+           "next layer first entry (us)": round((min(r[0] for r in nxt) - entry0) / 1e3, 2),
+           "next layer wait released (us)": round((min(r[1] for r in nxt) - entry0) / 1e3, 2)}
+    print(row, flush=True)
+    return row
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--layers", type=int, default=28, help="layers (distinct caches) per graph; Qwen2-7B has 28")
+    p.add_argument("--contexts", type=int, nargs="*", default=list(CONTEXTS))
+    a = p.parse_args(argv)
+    rows, lines = [], []
+    for ctx in a.contexts:
+        qs, ks, vs, lengths, outs = _caches(ctx, a.layers)
+        rows += decode_variants(ctx, a.layers, qs, ks, vs, lengths, outs)
+        rows += read_floor(ctx, a.layers, ks, vs)
+        lines.append(timeline(ctx, a.layers, qs, ks, vs, lengths, outs))
+        del qs, ks, vs, outs
+        torch.cuda.empty_cache()
+    for r in rows:
+        r["TBps"] = 2 * 4 * r["ctx"] * D * 2 / (r["us"] * 1e-6) / 1e12
+    write_results("decode_floor", rows, ["ctx", "kind", "cfg", "us", "TBps"],
+                  title=f"decode vs read floor, Qwen2-7B bf16, per layer in a graph of {a.layers} layers")
+    print("\n".join(str(x) for x in lines))
+    for ctx in a.contexts:
+        best = {k: min((r for r in rows if r["ctx"] == ctx and r["kind"] == k), key=lambda r: r["us"], default=None)
+                for k in ("read", "decode")}
+        print(ctx, {k: (v["cfg"], round(v["us"], 2)) for k, v in best.items() if v})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
