@@ -6,6 +6,9 @@
 - ``read``: a kernel with the decode's grid and tiles that reads K and V and does the two tile products, but no
   softmax, no length load and no combine (n is an argument), swept over splits / BLOCK_N / warps / stages: the
   best row is the read floor of the harness.
+- ``read_ldg`` / ``read_bulk`` (cupy/NVRTC, no Triton): the same bytes read by plain 16-byte loads with many in
+  flight per thread, or by TMA bulk copies through a ring of shared-memory slots (one thread issues, one
+  mbarrier per slot): a floor that does not depend on Triton's pipelining.
 - ``decode``: ``decode_attention`` with the heuristic config and with variants (stages, splits).
 - ``timeline``: %globaltimer stamps of every split program of the default decode for a middle layer: the split
   grid's span (first entry to last exit), the spread of program entries and exits (the tail), and the gap to
@@ -20,8 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from bench.common import write_results
-from bench.decode import D, MODELS, SLACK, _make, _per_layer_us
+from bench.common import verify, write_results
+from bench.decode import D, MODELS, SLACK, _make, _per_layer_us, _reference
 from sparsevila_ops.triton_kernels import decode as tk
 
 CONTEXTS = (8192, 32768, 131072)
@@ -47,6 +50,101 @@ def _read_kernel(k_ptr, v_ptr, out_ptr, n, k_sg, v_sg, NUM_SPLITS: tl.constexpr,
         p = tl.dot(ones, tl.trans(kt))
         acc += tl.dot(p.to(tl.bfloat16), vt)
     tl.store(out_ptr + (g * NUM_SPLITS + s) * 16 * D + tl.arange(0, 16)[:, None] * D + d[None, :], acc)
+
+
+_CUDA_READ = r"""
+#define U {U}
+#define NSLOT {NSLOT}
+#define SLOT {SLOT}
+extern "C" __global__ void read_ldg(const uint4* __restrict__ k, const uint4* __restrict__ v,
+                                    long long seg_stride, long long seg_len, int S, unsigned* out) {{
+  // grid (S, heads, 2): split s of head y of K (z = 0) or V (z = 1); lengths in 16-byte units
+  const uint4* seg = (blockIdx.z ? v : k) + blockIdx.y * seg_stride;
+  long long per = (seg_len + S - 1) / S, lo = blockIdx.x * per, hi = min(lo + per, seg_len);
+  unsigned acc = 0;
+  for (long long i = lo + threadIdx.x; i < hi; i += (long long)blockDim.x * U) {{
+    uint4 r[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {{
+      long long j = i + (long long)u * blockDim.x;
+      r[u] = j < hi ? __ldg(seg + j) : make_uint4(0, 0, 0, 0);
+    }}
+#pragma unroll
+    for (int u = 0; u < U; ++u) acc ^= r[u].x ^ r[u].y ^ r[u].z ^ r[u].w;
+  }}
+  if (acc == 0x9e3779b9u) out[0] = acc;  // keeps the loads alive
+}}
+
+extern "C" __global__ void read_bulk(const char* k, const char* v, long long seg_stride, long long seg_len,
+                                     int S, unsigned* out) {{
+  // one thread streams its slice through NSLOT slots of SLOT bytes, one mbarrier each (lengths in bytes)
+  extern __shared__ __align__(128) unsigned char ring[];
+  __shared__ __align__(8) unsigned long long bars[NSLOT];
+  if (threadIdx.x != 0) return;
+  const char* seg = (blockIdx.z ? v : k) + blockIdx.y * seg_stride;
+  long long per = ((seg_len + S - 1) / S + 15) / 16 * 16, lo = blockIdx.x * per, hi = min(lo + per, seg_len);
+  if (lo >= hi) return;
+  int nchunks = (int)((hi - lo + SLOT - 1) / SLOT);
+  unsigned bar0 = (unsigned)__cvta_generic_to_shared(bars), ring0 = (unsigned)__cvta_generic_to_shared(ring);
+  for (int i = 0; i < NSLOT; ++i) asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(bar0 + 8 * i));
+  asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  auto issue = [&](int c) {{
+    int slot = c % NSLOT;
+    unsigned bytes = (unsigned)min((long long)SLOT, hi - lo - (long long)c * SLOT);
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar0 + 8 * slot), "r"(bytes)
+                 : "memory");
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+                 ::"r"(ring0 + slot * SLOT), "l"(seg + lo + (long long)c * SLOT), "r"(bytes), "r"(bar0 + 8 * slot)
+                 : "memory");
+  }};
+  for (int c = 0; c < min(NSLOT, nchunks); ++c) issue(c);
+  unsigned acc = 0;
+  for (int c = 0; c < nchunks; ++c) {{
+    int slot = c % NSLOT;
+    asm volatile("{{\n.reg .pred P1;\nW:\nmbarrier.try_wait.parity.shared::cta.b64 P1, [%0], %1;\n"
+                 "@P1 bra D;\nbra W;\nD:\n}}\n" ::"r"(bar0 + 8 * slot), "r"((c / NSLOT) & 1) : "memory");
+    acc ^= ring[slot * SLOT];
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+    if (c + NSLOT < nchunks) issue(c + NSLOT);
+  }}
+  if (acc == 0x9e3779b9u) out[0] = acc;
+}}
+"""
+
+
+def read_floor_cuda(ctx: int, layers: int, ks, vs) -> list:
+    """The read floor without Triton: plain loads (``read_ldg``) and TMA bulk rings (``read_bulk``)."""
+    import cupy as cp
+    hk, cap = ks[0].shape[1], ks[0].shape[2]
+    out = cp.zeros(1, dtype=cp.uint32)
+    rows = []
+    configs = [("ldg", S, nt, u, 0, 0) for S, nt, u in ((17, 1024, 4), (17, 512, 8), (33, 512, 4), (33, 256, 8),
+                                                          (66, 256, 4))]
+    configs += [("bulk", S, 32, 0, ns, sl) for S, ns, sl in ((17, 8, 16384), (17, 13, 16384), (17, 26, 8192),
+                                                               (33, 6, 16384), (33, 12, 8192), (66, 6, 8192))]
+    for kind, S, nt, u, ns, sl in configs:
+        mod = cp.RawModule(code=_CUDA_READ.format(U=max(u, 1), NSLOT=max(ns, 1), SLOT=max(sl, 16)),
+                           options=("--std=c++17",))
+        kern = mod.get_function("read_" + kind)
+        smem = ns * sl
+        if smem > 48 * 1024:
+            kern.max_dynamic_shared_size_bytes = smem
+        unit = 16 if kind == "ldg" else 1
+        views = [(cp.asarray(k.view(torch.int16)), cp.asarray(v.view(torch.int16))) for k, v in zip(ks, vs)]
+
+        def fn(i, kern=kern, S=S, nt=nt, smem=smem, unit=unit):
+            with cp.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream):
+                kern((S, hk, 2), (nt,), (views[i][0], views[i][1], cp.int64(cap * D * 2 // unit),
+                                        cp.int64(ctx * D * 2 // unit), cp.int32(S), out), shared_mem=smem)
+        try:
+            us = _per_layer_us(fn, layers, iters=30)
+        except Exception as e:  # noqa: BLE001 - report and go on
+            print(f"skip {kind} {S}: {type(e).__name__}: {e}"[:300], flush=True)
+            continue
+        cfg = f"S{S} t{nt} U{u}" if kind == "ldg" else f"S{S} {ns}x{sl // 1024}KB"
+        rows.append({"ctx": ctx, "kind": "read_" + kind, "cfg": cfg, "us": us})
+        print(rows[-1], flush=True)
+    return rows
 
 
 def _caches(ctx: int, layers: int):
@@ -81,17 +179,19 @@ def read_floor(ctx: int, layers: int, ks, vs) -> list:
 def decode_variants(ctx: int, layers: int, qs, ks, vs, lengths, outs) -> list:
     hq, hk = MODELS["qwen2-7b"]
     base = tk._decode_config(1, hk, hq // hk, ctx + SLACK, D, 2, tk._num_sms(torch.device("cuda")))
-    variants = {"default": {}}
-    for st in (4, 5):
-        variants[f"stages {st}"] = {"num_stages": st}
-    for mult in (1.5,):
-        variants[f"splits x{mult}"] = {"NUM_SPLITS": int(base["NUM_SPLITS"] * mult)}
-        variants[f"splits x{mult} stages 4"] = {"NUM_SPLITS": int(base["NUM_SPLITS"] * mult), "num_stages": 4}
+    variants = {"default": {}, "stages 4": {"num_stages": 4}}
+    for mult in (0.5, 1):
+        for bn, nw, st in ((32, 2, 3), (32, 2, 4), (64, 4, 3), (64, 4, 4), (64, 2, 3), (128, 4, 3)):
+            variants[f"TMA S{int(base['NUM_SPLITS'] * mult)} N{bn} w{nw} s{st}"] = dict(
+                TMA=True, NUM_SPLITS=int(base["NUM_SPLITS"] * mult), BLOCK_N=bn, num_warps=nw, num_stages=st)
+    r0 = _reference(qs[0], ks[0], vs[0], lengths)
     rows = []
     for name, cfg in variants.items():
         def fn(i, cfg=cfg):
             tk._launch_decode(qs[i], ks[i], vs[i], lengths, None, D ** -0.5, outs[i][0], outs[i][1], **cfg)
         try:
+            fn(0)
+            verify(f"decode {name}", outs[0][0].float(), r0, 2e-2)
             us = _per_layer_us(fn, layers, iters=30)
         except Exception as e:  # noqa: BLE001
             print(f"skip decode {name}: {type(e).__name__}"[:200], flush=True)
@@ -149,6 +249,7 @@ def main(argv=None) -> int:
         qs, ks, vs, lengths, outs = _caches(ctx, a.layers)
         rows += decode_variants(ctx, a.layers, qs, ks, vs, lengths, outs)
         rows += read_floor(ctx, a.layers, ks, vs)
+        rows += read_floor_cuda(ctx, a.layers, ks, vs)
         lines.append(timeline(ctx, a.layers, qs, ks, vs, lengths, outs))
         del qs, ks, vs, outs
         torch.cuda.empty_cache()
@@ -159,7 +260,7 @@ def main(argv=None) -> int:
     print("\n".join(str(x) for x in lines))
     for ctx in a.contexts:
         best = {k: min((r for r in rows if r["ctx"] == ctx and r["kind"] == k), key=lambda r: r["us"], default=None)
-                for k in ("read", "decode")}
+                for k in ("read", "read_ldg", "read_bulk", "decode")}
         print(ctx, {k: (v["cfg"], round(v["us"], 2)) for k, v in best.items() if v})
     return 0
 
