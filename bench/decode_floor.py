@@ -127,8 +127,7 @@ def read_floor_cuda(ctx: int, layers: int, ks, vs) -> list:
                            options=("--std=c++17",))
         kern = mod.get_function("read_" + kind)
         smem = ns * sl
-        if smem > 48 * 1024:
-            kern.max_dynamic_shared_size_bytes = smem
+        kern.max_dynamic_shared_size_bytes = smem  # with the static barriers this can pass the 48 KB default
         unit = 16 if kind == "ldg" else 1
         views = [(cp.asarray(k.view(torch.int16)), cp.asarray(v.view(torch.int16))) for k, v in zip(ks, vs)]
 
@@ -179,11 +178,8 @@ def read_floor(ctx: int, layers: int, ks, vs) -> list:
 def decode_variants(ctx: int, layers: int, qs, ks, vs, lengths, outs) -> list:
     hq, hk = MODELS["qwen2-7b"]
     base = tk._decode_config(1, hk, hq // hk, ctx + SLACK, D, 2, tk._num_sms(torch.device("cuda")))
-    variants = {"default": {}, "stages 4": {"num_stages": 4}}
-    for mult in (0.5, 1):
-        for bn, nw, st in ((32, 2, 3), (32, 2, 4), (64, 4, 3), (64, 4, 4), (64, 2, 3), (128, 4, 3)):
-            variants[f"TMA S{int(base['NUM_SPLITS'] * mult)} N{bn} w{nw} s{st}"] = dict(
-                TMA=True, NUM_SPLITS=int(base["NUM_SPLITS"] * mult), BLOCK_N=bn, num_warps=nw, num_stages=st)
+    variants = {"default": {}, "stages 4": {"num_stages": 4},
+                "splits x1.5": {"NUM_SPLITS": int(base["NUM_SPLITS"] * 1.5)}}
     r0 = _reference(qs[0], ks[0], vs[0], lengths)
     rows = []
     for name, cfg in variants.items():

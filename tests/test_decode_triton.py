@@ -192,6 +192,25 @@ def test_decode_real_sizes_gpu(Hq, Hk, ctx, dtype):
 
 
 @pytest.mark.gpu
+def test_decode_timeline_stamps_gpu():
+    """``timeline=`` records entry <= wait released <= exit (ns) and a valid SM id per split program, and does
+    not change the output."""
+    B, Hk, G, ctx, D = 2, 4, 7, 8192, 128
+    q, k, v = _inputs(B, Hk, G, ctx, D, torch.bfloat16, "cuda", seed=5)
+    lengths = torch.tensor([ctx, 100], dtype=torch.int32, device="cuda")
+    out, lse = _outs(q)
+    S = 16
+    stamps = torch.full((B, Hk, S, 4), -1, dtype=torch.int64, device="cuda")
+    tk._launch_decode(q, k, v, lengths, None, D ** -0.5, out, lse, num_splits=S, timeline=stamps)
+    _check(out, lse, q, k, v, lengths, D ** -0.5, "decode with timeline")
+    t = stamps.view(-1, 4).cpu()
+    assert (t[:, 0] > 0).all() and (t[:, 1] >= t[:, 0]).all() and (t[:, 2] >= t[:, 1]).all()
+    assert (t[:, 2] - t[:, 0]).max() < 10 ** 8  # one launch, well under 0.1 s
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    assert ((t[:, 3] >= 0) & (t[:, 3] < sms)).all()
+
+
+@pytest.mark.gpu
 def test_sparse_decode_real_sizes_gpu():
     B, Hk, G, T, D, n = 1, 4, 7, 32768, 128, 1638
     q, k, v = _inputs(B, Hk, G, T, D, torch.bfloat16, "cuda", seed=3)

@@ -51,7 +51,7 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, len_ptr, idx_ptr, out_ptr, lse_ptr
                          G, HQ, D, time_ptr,
                          NUM_SPLITS: tl.constexpr, GATHER: tl.constexpr, IEEE: tl.constexpr,
                          BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                         PDL: tl.constexpr, TIMELINE: tl.constexpr, TMA: tl.constexpr = False):
+                         PDL: tl.constexpr, TIMELINE: tl.constexpr):
     split = tl.program_id(0)
     b = tl.program_id(1)
     g = tl.program_id(2)
@@ -60,9 +60,8 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, len_ptr, idx_ptr, out_ptr, lse_ptr
         tl.store(t_row, _globaltimer())
         tl.store(t_row + 3, _smid().to(tl.int64))
     d = tl.arange(0, BLOCK_D)
-    if not TMA:
-        k_row = k_ptr + b.to(tl.int64) * k_sb + g.to(tl.int64) * k_sg
-        v_row = v_ptr + b.to(tl.int64) * v_sb + g.to(tl.int64) * v_sg
+    k_row = k_ptr + b.to(tl.int64) * k_sb + g.to(tl.int64) * k_sg
+    v_row = v_ptr + b.to(tl.int64) * v_sb + g.to(tl.int64) * v_sg
     if PDL:  # the previous kernel (e.g. append_kv, or the last layer's combine) may write q, k, v, lengths
         gdc_wait()
         gdc_launch_dependents()  # let the combine launch now; it waits for this grid to finish
@@ -104,13 +103,9 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, len_ptr, idx_ptr, out_ptr, lse_ptr
             pos = tl.load(i_row + j, mask=mj, other=0).to(tl.int64)
         else:
             pos = j.to(tl.int64)
-        if TMA:  # k, v are [B, Hk, cap, D] tensor descriptors; rows past hi are real memory: zero V there
-            kt = k_ptr.load([b, g, start, 0]).reshape(BLOCK_N, BLOCK_D)
-            vt = tl.where(mj[:, None], v_ptr.load([b, g, start, 0]).reshape(BLOCK_N, BLOCK_D), 0.0)
-        else:
-            m2 = mj[:, None] & md[None, :]
-            kt = tl.load(k_row + pos[:, None] * k_sn + d[None, :], mask=m2, other=0.0)
-            vt = tl.load(v_row + pos[:, None] * v_sn + d[None, :], mask=m2, other=0.0)  # both in flight at once
+        m2 = mj[:, None] & md[None, :]
+        kt = tl.load(k_row + pos[:, None] * k_sn + d[None, :], mask=m2, other=0.0)
+        vt = tl.load(v_row + pos[:, None] * v_sn + d[None, :], mask=m2, other=0.0)  # both in flight at once
         if IEEE:
             s = tl.dot(q, tl.trans(kt), input_precision="ieee")
         else:
@@ -234,14 +229,8 @@ def _launch_decode(q, k, v, lengths, indices, scale, out, lse, num_splits=None, 
         po = pl = lse  # unused
     idx = indices if gather else lengths
     launch = {"launch_pdl": True} if pdl else {}
-    kd, vd = k, v
-    if cfg.get("TMA"):
-        from triton.tools.tensor_descriptor import TensorDescriptor
-        box = [1, 1, cfg["BLOCK_N"], cfg["BLOCK_D"]]
-        kd = TensorDescriptor(k, list(k.shape), list(k.stride()), box)
-        vd = TensorDescriptor(v, list(v.shape), list(v.stride()), box)
     _decode_split_kernel[(S, B, HK)](
-        q, kd, vd, lengths, idx, out, lse, po, pl, scale * LOG2E,
+        q, k, v, lengths, idx, out, lse, po, pl, scale * LOG2E,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         idx.stride(0) if gather else 0, idx.stride(1) if gather else 0,
         out.stride(0), out.stride(1), lse.stride(0), lse.stride(1), G, HQ, D,
