@@ -47,3 +47,19 @@ def test_pedantic_cuda_runs_under_pytest_benchmark(benchmark):
     x = torch.randn(1 << 20, device="cuda")
     common.pedantic_cuda(benchmark, lambda: x.mul_(1.0), rounds=5)
     assert benchmark.stats.stats.rounds == 5
+
+
+def test_decode_floor_read_kernel_reads_every_key(device):
+    """The read-floor kernel of bench/decode_floor.py touches every key of [0, n) of every row exactly once:
+    its kept-alive product equals sum_j (sum_d k_jd) v_j."""
+    from bench.decode_floor import _read_kernel
+    g = torch.Generator(device="cpu").manual_seed(0)
+    hk, cap, n, D, S = 2, 300, 197, 128, 3
+    k = torch.randn(1, hk, cap, D, generator=g).to(device, torch.bfloat16)
+    v = torch.randn(1, hk, cap, D, generator=g).to(device, torch.bfloat16)
+    out = torch.full((hk * S * 16 * D,), float("nan"), device=device)
+    _read_kernel[(S, hk)](k, v, out, n, k.stride(1), v.stride(1), NUM_SPLITS=S, BLOCK_N=32, D=D)
+    got = out.view(hk, S, 16, D).sum(1)[:, 0].cpu()
+    ks = k[0, :, :n].float().sum(-1, keepdim=True).to(torch.bfloat16).float()  # the kernel's bf16 P
+    want = (ks * v[0, :, :n].float()).sum(1).cpu()
+    assert torch.allclose(got, want, rtol=0, atol=0.5)  # one key more or less moves a sum by ~10
