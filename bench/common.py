@@ -48,6 +48,19 @@ def capture_graphs(fn: Callable[[int], object], n_inputs: int) -> List["torch.cu
     return graphs
 
 
+def replay_in_graph(step: Callable[[], object], replays: int = 3) -> None:
+    """Run ``step`` once eagerly (JIT compiles), capture it in one CUDA graph and replay that ``replays`` times:
+    for tools that read what the kernels recorded during a steady-state replay (timelines)."""
+    step()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        step()
+    for _ in range(replays):
+        g.replay()
+    torch.cuda.synchronize()
+
+
 def time_cuda(fn: Callable[[int], object], *, n_inputs: int = 1, warmup: int = 5, iters: int = 50,
               graph: bool = False) -> Dict[str, float]:
     """Time ``fn(i)`` (i = index of the rotating input set) with CUDA events; returns ms stats.

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from bench.common import verify, write_results
+from bench.common import replay_in_graph, verify, write_results
 from bench.decode import D, MODELS, SLACK, _make, _per_layer_us, _reference
 from sparsevila_ops.triton_kernels import decode as tk
 
@@ -212,14 +212,7 @@ def timeline(ctx: int, layers: int, qs, ks, vs, lengths, outs) -> dict:
         for i in range(layers):
             tk._launch_decode(qs[i], ks[i], vs[i], lengths, None, D ** -0.5, outs[i][0], outs[i][1],
                               timeline=stamps[i])
-    step()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        step()
-    for _ in range(3):
-        g.replay()
-    torch.cuda.synchronize()
+    replay_in_graph(step)
     mid = layers // 2
     t = stamps[mid].view(-1, 4).cpu().tolist()
     nxt = stamps[mid + 1].view(-1, 4).cpu().tolist()

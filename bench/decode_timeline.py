@@ -20,6 +20,7 @@ import statistics
 
 import torch
 
+from bench.common import replay_in_graph
 from sparsevila_ops.csrc import decode as cd
 
 PHASES = ["gdc_wait", "prologue", "first_data", "main_loop", "warp_merge", "cluster_sync", "out"]
@@ -49,14 +50,7 @@ def main(argv=None) -> int:
         for i in range(R):
             cd.decode_attention(qs[i], ks[i], vs[i], lengths, D ** -0.5, outs[i][0], outs[i][1], timeline=tl[i],
                                 **cfg)
-    step()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        step()
-    for _ in range(3):
-        g.replay()
-    torch.cuda.synchronize()
+    replay_in_graph(step)
     ghz = torch.cuda.get_device_properties(0).clock_rate / 1e6 if hasattr(torch.cuda.get_device_properties(0),
                                                                          "clock_rate") else 1.755
     mid = R // 2
