@@ -60,6 +60,18 @@ def _config(phase: str, max_seqlen: int, num_rows: int, head_dim: int, dtype: to
 
 
 @triton.jit
+def _segment_block(cu_seqlens, stride_cu, n_blocks, num_summary):
+    """Program axis 0 as (segment, block): the block index, the segment's token range [a, b) and the end of its
+    summary rows R = [a, r_end) (all rows when num_summary == 0, else its first num_summary); both passes
+    must agree on R."""
+    pid = tl.program_id(0)
+    seg = pid // n_blocks
+    a = tl.load(cu_seqlens + seg * stride_cu)
+    b = tl.load(cu_seqlens + (seg + 1) * stride_cu)
+    return pid % n_blocks, a, b, tl.where(num_summary == 0, b, a + tl.minimum(num_summary, b - a))
+
+
+@triton.jit
 def _load_rows(base, rows, row_end, stride_t, d0, D: tl.constexpr, BLOCK_D: tl.constexpr):
     """Tile ``[len(rows), BLOCK_D]`` of ``base[rows, d0:d0+BLOCK_D]`` (zeros past ``row_end`` and ``D``)."""
     d = d0 + tl.arange(0, BLOCK_D)
@@ -91,14 +103,9 @@ def _salience_lse_kernel(q, k, cu_seqlens, lse2, stride_qt, stride_qh, stride_kt
                          D: tl.constexpr, D_MAIN: tl.constexpr, D_TAIL: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr):
     """Pass 1: ``lse2[h, i] = log2 sum_j exp2(qk_scale * q[i, h] . k[j, h])`` for the rows ``i`` of R."""
-    pid = tl.program_id(0)
-    seg = pid // n_row_blocks
-    blk = pid % n_row_blocks
+    blk, a, b, r_end = _segment_block(cu_seqlens, stride_cu, n_row_blocks, num_summary)
     h = tl.program_id(1).to(tl.int64)
-    a = tl.load(cu_seqlens + seg * stride_cu)
-    b = tl.load(cu_seqlens + (seg + 1) * stride_cu)
     n = b - a
-    r_end = tl.where(num_summary == 0, b, a + tl.minimum(num_summary, n))
     row0 = a + blk * BLOCK_M
     if row0 >= r_end:
         return
@@ -131,17 +138,11 @@ def _salience_colsum_kernel(q, k, cu_seqlens, lse, out, stride_qt, stride_qh, st
     """Pass 2: ``out[h, j] (+)= inv_heads/|R| * sum_{i in R} exp2(qk_scale s[i, j] - lse_scale lse[h, i])``.
 
     ``ATOMIC``: heads accumulate into ``out[T]`` with atomic adds; else ``out[h, j]`` is stored."""
-    pid = tl.program_id(0)
-    seg = pid // n_key_blocks
-    blk = pid % n_key_blocks
+    blk, a, b, r_end = _segment_block(cu_seqlens, stride_cu, n_key_blocks, num_summary)
     h = tl.program_id(1).to(tl.int64)
-    a = tl.load(cu_seqlens + seg * stride_cu)
-    b = tl.load(cu_seqlens + (seg + 1) * stride_cu)
-    n = b - a
     key0 = a + blk * BLOCK_N
     if key0 >= b:
         return
-    r_end = tl.where(num_summary == 0, b, a + tl.minimum(num_summary, n))
     keys = key0 + tl.arange(0, BLOCK_N)
     q_base = q + h * stride_qh
     k_base = k + h * stride_kh

@@ -33,17 +33,23 @@ def _order_key(x):
 
 
 @triton.jit
-def _select_kv_kernel(scores_ptr, vs_ptr, ve_ptr, idx_ptr,
-                      s_sl, s_sb, s_sg, i_sl, i_sb, i_sg,
-                      B, HK, KEEP,
-                      BLOCK: tl.constexpr, BLOCK_KEEP: tl.constexpr):
-    row = tl.program_id(0)
+def _row_span(row, vs_ptr, ve_ptr, B, HK, KEEP):
+    """Row ``row`` of the [L, B, Hk] grid as (layer, b, g), batch b's visual span [vs, ve) and its kept count
+    ``keep_b = clamp(ve - vs, 0, KEEP)`` (shared by select and pack, which must agree on it)."""
     g = row % HK
     b = (row // HK) % B
     layer = row // (HK * B)
     vs = tl.load(vs_ptr + b)
     ve = tl.load(ve_ptr + b)
-    kb = tl.maximum(tl.minimum(ve - vs, KEEP), 0)
+    return layer, b, g, vs, ve, tl.maximum(tl.minimum(ve - vs, KEEP), 0)
+
+
+@triton.jit
+def _select_kv_kernel(scores_ptr, vs_ptr, ve_ptr, idx_ptr,
+                      s_sl, s_sb, s_sg, i_sl, i_sb, i_sg,
+                      B, HK, KEEP,
+                      BLOCK: tl.constexpr, BLOCK_KEEP: tl.constexpr):
+    layer, b, g, vs, ve, kb = _row_span(tl.program_id(0), vs_ptr, ve_ptr, B, HK, KEEP)
     srow = scores_ptr + layer.to(tl.int64) * s_sl + b.to(tl.int64) * s_sb + g.to(tl.int64) * s_sg
     irow = idx_ptr + layer.to(tl.int64) * i_sl + b.to(tl.int64) * i_sb + g.to(tl.int64) * i_sg
 
@@ -128,15 +134,9 @@ def _pack_kv_kernel(k_ptr, v_ptr, k_table, v_table, idx_ptr, vs_ptr, ve_ptr, tle
                     B, HK, KEEP, D,
                     USE_TABLE: tl.constexpr, NUM_SPLITS: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    row = tl.program_id(0)
     split = tl.program_id(1)
-    g = row % HK
-    b = (row // HK) % B
-    layer = row // (HK * B)
-    vs = tl.load(vs_ptr + b)
-    ve = tl.load(ve_ptr + b)
+    layer, b, g, vs, ve, kb = _row_span(tl.program_id(0), vs_ptr, ve_ptr, B, HK, KEEP)
     tb = tl.load(tlen_ptr + b)
-    kb = tl.maximum(tl.minimum(ve - vs, KEEP), 0)
     n = vs + kb + tb - ve
     if (layer == 0) & (g == 0) & (split == 0):
         tl.store(len_ptr + b, n)
