@@ -59,6 +59,17 @@ def _make(B, hq, hk, cap, n_sets, dev, dt, gen):
     return qs, ks, vs
 
 
+def qwen2_caches(ctx: int, layers: int):
+    """Qwen2-7B decode inputs at batch 1, bf16, seeded by ctx: ``layers`` sets of (q, K, V) with capacity
+    ctx + SLACK, lengths = [ctx], and (out, lse) buffers per set."""
+    hq, hk = MODELS["qwen2-7b"]
+    gen = torch.Generator(device="cuda").manual_seed(ctx)
+    qs, ks, vs = _make(1, hq, hk, ctx + SLACK, layers, "cuda", torch.bfloat16, gen)
+    lengths = torch.tensor([ctx], dtype=torch.int32, device="cuda")
+    outs = [(torch.empty_like(q), torch.empty(q.shape[:2], device="cuda")) for q in qs]
+    return qs, ks, vs, lengths, outs
+
+
 def _reference(q, k, v, lengths):
     out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
     lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
@@ -161,15 +172,11 @@ def _sweep(ctxs, variants, launch) -> list:
     """Time each config of ``variants(ctx)`` at Qwen2-7B shapes (bf16, batch 1, R distinct caches per graph):
     ``launch(cfg, q, k, v, lengths, out, lse)`` runs one decode. Configs are verified first; one that cannot
     compile or launch is reported and skipped."""
-    hq, hk = MODELS["qwen2-7b"]
-    B, dev, dt = 1, "cuda", torch.bfloat16
+    hk = MODELS["qwen2-7b"][1]
     rows = []
     for ctx in ctxs:
-        gen = torch.Generator(device=dev).manual_seed(ctx)
-        n_sets = _sets(2 * B * hk * ctx * D * 2)
-        qs, ks, vs = _make(B, hq, hk, ctx + SLACK, n_sets, dev, dt, gen)
-        lengths = torch.tensor([ctx], dtype=torch.int32, device=dev)
-        outs = [(torch.empty_like(q), torch.empty(q.shape[:2], device=dev)) for q in qs]
+        n_sets = _sets(2 * hk * ctx * D * 2)
+        qs, ks, vs, lengths, outs = qwen2_caches(ctx, n_sets)
         r0 = _reference(qs[0], ks[0], vs[0], lengths)
         for cfg in variants(ctx):
             def fn(i, cfg=cfg):
@@ -181,7 +188,7 @@ def _sweep(ctxs, variants, launch) -> list:
             except Exception as e:  # noqa: BLE001 - a config that cannot compile or run is reported, not fatal
                 print(f"skip {cfg}: {type(e).__name__}: {e}"[:300], flush=True)
                 continue
-            rows.append({"ctx": ctx, **cfg, "us": us, "TBps": 2 * B * hk * ctx * D * 2 / (us * 1e-6) / 1e12})
+            rows.append({"ctx": ctx, **cfg, "us": us, "TBps": 2 * hk * ctx * D * 2 / (us * 1e-6) / 1e12})
             print(rows[-1], flush=True)
         del qs, ks, vs, outs
         torch.cuda.empty_cache()

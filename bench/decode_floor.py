@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from bench.common import replay_in_graph, verify, write_results
-from bench.decode import D, MODELS, SLACK, _make, _per_layer_us, _reference
+from bench.decode import D, MODELS, SLACK, _per_layer_us, _reference, qwen2_caches
 from sparsevila_ops.triton_kernels import decode as tk
 
 CONTEXTS = (8192, 32768, 131072)
@@ -122,6 +122,7 @@ def read_floor_cuda(ctx: int, layers: int, ks, vs) -> list:
         return []
     hk, cap = ks[0].shape[1], ks[0].shape[2]
     out = cp.zeros(1, dtype=cp.uint32)
+    views = [(cp.asarray(k.view(torch.int16)), cp.asarray(v.view(torch.int16))) for k, v in zip(ks, vs)]
     rows = []
     configs = [("ldg", S, nt, u, 0, 0) for S, nt, u in ((17, 1024, 4), (17, 512, 8), (33, 512, 4), (33, 256, 8),
                                                           (66, 256, 4))]
@@ -134,7 +135,6 @@ def read_floor_cuda(ctx: int, layers: int, ks, vs) -> list:
         smem = ns * sl
         kern.max_dynamic_shared_size_bytes = smem  # with the static barriers this can pass the 48 KB default
         unit = 16 if kind == "ldg" else 1
-        views = [(cp.asarray(k.view(torch.int16)), cp.asarray(v.view(torch.int16))) for k, v in zip(ks, vs)]
 
         def fn(i, kern=kern, S=S, nt=nt, smem=smem, unit=unit):
             with cp.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream):
@@ -149,15 +149,6 @@ def read_floor_cuda(ctx: int, layers: int, ks, vs) -> list:
         rows.append({"ctx": ctx, "kind": "read_" + kind, "cfg": cfg, "us": us})
         print(rows[-1], flush=True)
     return rows
-
-
-def _caches(ctx: int, layers: int):
-    hq, hk = MODELS["qwen2-7b"]
-    gen = torch.Generator(device="cuda").manual_seed(ctx)
-    qs, ks, vs = _make(1, hq, hk, ctx + SLACK, layers, "cuda", torch.bfloat16, gen)
-    lengths = torch.tensor([ctx], dtype=torch.int32, device="cuda")
-    outs = [(torch.empty_like(q), torch.empty(q.shape[:2], device="cuda")) for q in qs]
-    return qs, ks, vs, lengths, outs
 
 
 def read_floor(ctx: int, layers: int, ks, vs) -> list:
@@ -240,7 +231,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     rows, lines = [], []
     for ctx in a.contexts:
-        qs, ks, vs, lengths, outs = _caches(ctx, a.layers)
+        qs, ks, vs, lengths, outs = qwen2_caches(ctx, a.layers)
         rows += decode_variants(ctx, a.layers, qs, ks, vs, lengths, outs)
         rows += read_floor(ctx, a.layers, ks, vs)
         rows += read_floor_cuda(ctx, a.layers, ks, vs)
