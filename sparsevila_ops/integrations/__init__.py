@@ -1,0 +1,28 @@
+"""HF transformers integrations (``pip install sparsevila_ops[hf]``, transformers 5.17).
+
+``enable(model, prefill_sparsity=0.75, decode_sparsity=0.95)`` picks the integration by model type
+(Qwen2.5-VL today); ``disable(model)`` undoes it. The shared parts (``SparseVILACache``, the attention functions)
+are model-agnostic.
+"""
+from .cache import SparseVILACache
+
+__all__ = ["SparseVILACache", "disable", "enable"]
+
+
+def enable(model, prefill_sparsity: float = 0.75, decode_sparsity: float = 0.95, **kwargs):
+    """``sparsevila_ops.integrations.<model>.enable`` for the model's type; returns ``model``."""
+    return _module_for(model).enable(model, prefill_sparsity, decode_sparsity, **kwargs)
+
+
+def disable(model):
+    """Undo ``enable``; returns ``model``."""
+    return _module_for(model).disable(model)
+
+
+def _module_for(model):
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type == "qwen2_5_vl":
+        from . import qwen2_5_vl
+        return qwen2_5_vl
+    raise TypeError(f"model must be a supported HF model (model_type 'qwen2_5_vl'); got {type(model).__name__} "
+                    f"with model_type {model_type!r}")

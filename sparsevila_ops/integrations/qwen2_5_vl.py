@@ -1,0 +1,334 @@
+"""Qwen2.5-VL (the Cosmos-Reason1-7B architecture) through the SparseVILA pipeline, on HF transformers 5.17.
+
+``enable(model, prefill_sparsity, decode_sparsity)`` changes only this model instance:
+
+- **vision tower**: every block's ``attn`` gets an instance-level ``forward`` that runs the block's attention
+  as one launch over all its segments (``varlen_attention``: batched SDPA for equal frames, our varlen
+  ``prefill_attention`` for the uneven windows) instead of transformers' per-segment loop. With
+  ``prefill_sparsity > 0`` the salience block (default: the last full-attention block) runs
+  ``prefill_attention`` (non-causal, with LSE) and ``visual_salience(..., lse=...)``: one pass over QK^T.
+- **generate**: an instance-level ``generate`` encodes the images/videos, undoes the window order, pools
+  salience over the 2x2 merge unit, keeps the top ``1 - prefill_sparsity`` per image/video
+  (``prune_visual_tokens``), and calls the original ``generate`` with the kept embeddings and their original
+  3-D mRoPE positions (sliced from ``get_rope_index`` of the full sequence; ``rope_deltas`` set for later
+  turns). It passes a ``SparseVILACache`` and returns the caller's full ``input_ids`` followed by the new
+  tokens, as vanilla ``generate`` does.
+- **LLM attention**: ``sparsevila_attention`` (``AttentionInterface``) for the text config: prefill with the
+  question rows' relevance, select + pack of all layers, decode over the packed cache.
+
+``disable(model)`` removes all of it.
+"""
+from __future__ import annotations
+
+import functools
+import types
+from typing import List, Optional, Tuple
+
+import torch
+from transformers import AttentionInterface
+from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as hf
+from transformers.vision_utils import get_vision_window_index
+
+from ..salience import visual_salience
+from ..select import prune_visual_tokens
+from .attention import ATTN_NAME, LLMState, segment_lengths, sparsevila_attention, varlen_attention
+from .cache import SparseVILACache
+
+__all__ = ["enable", "disable", "SparseVILAState"]
+
+
+class SparseVILAState:
+    """What ``enable`` attached to a model (``model._sparsevila``)."""
+
+    def __init__(self, model, prefill_sparsity: float, decode_sparsity: float, salience_layer: int,
+                 cuda_graph: bool):
+        self.prefill_sparsity, self.decode_sparsity = prefill_sparsity, decode_sparsity
+        self.salience_layer, self.cuda_graph = salience_layer, cuda_graph
+        self.llm = LLMState(model.config.text_config.num_hidden_layers)
+        self.prev_attn = model.config.text_config._attn_implementation
+        self.collect_salience = False
+        self.salience_window_order: List[torch.Tensor] = []  # per visual() call, patch level, window order
+        self.last_kept: Optional[torch.Tensor] = None  # merged-token indices kept by the last pruning
+        self.last_salience: Optional[torch.Tensor] = None  # patch-level salience, original order
+        self.stage_times: dict = {}
+
+
+def _check_sparsity(name: str, x) -> float:
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        raise TypeError(f"{name} must be a float in [0, 1); got {type(x).__name__}")
+    if not 0.0 <= float(x) < 1.0:
+        raise ValueError(f"{name} must be in [0, 1) (the fraction of visual tokens dropped); got {x}")
+    return float(x)
+
+
+def enable(model, prefill_sparsity: float = 0.75, decode_sparsity: float = 0.95, *,
+           salience_layer: Optional[int] = None, cuda_graph: bool = True):
+    """Run ``model.generate`` through the SparseVILA pipeline; returns ``model``.
+
+    Args:
+        model: a ``Qwen2_5_VLForConditionalGeneration``.
+        prefill_sparsity: fraction of each image's/video's visual tokens dropped before the LLM
+            (query-agnostic, by vision-encoder salience); 0 keeps all.
+        decode_sparsity: fraction of the visual KV entries (per layer and KV head) dropped for decoding
+            after each question (query-aware, by the question rows' attention); 0 decodes over the full cache.
+        salience_layer: the full-attention vision block whose attention scores salience (default: the last of
+            ``vision_config.fullatt_block_indexes``).
+        cuda_graph: let ``generate`` capture the decode step (the cache reports itself compileable on CUDA).
+    """
+    if not isinstance(model, hf.Qwen2_5_VLForConditionalGeneration):
+        raise TypeError(f"model must be a transformers Qwen2_5_VLForConditionalGeneration; got "
+                        f"{type(model).__name__}")
+    if getattr(model, "_sparsevila", None) is not None:
+        raise RuntimeError("sparsevila is already enabled on this model; call disable(model) first")
+    prefill_sparsity = _check_sparsity("prefill_sparsity", prefill_sparsity)
+    decode_sparsity = _check_sparsity("decode_sparsity", decode_sparsity)
+    vcfg = model.config.vision_config
+    full = list(vcfg.fullatt_block_indexes)
+    if salience_layer is None:
+        salience_layer = full[-1]
+    if isinstance(salience_layer, bool) or not isinstance(salience_layer, int):
+        raise TypeError(f"salience_layer must be an int; got {type(salience_layer).__name__}")
+    if salience_layer not in full:
+        raise ValueError(f"salience_layer must be a full-attention vision block (one of fullatt_block_indexes = "
+                         f"{full}); got {salience_layer}, a window-attention block" if 0 <= salience_layer <
+                         vcfg.depth else f"salience_layer must be in fullatt_block_indexes = {full}; got "
+                         f"{salience_layer}")
+    state = SparseVILAState(model, prefill_sparsity, decode_sparsity, salience_layer, cuda_graph)
+    model._sparsevila = state
+    AttentionInterface.register(ATTN_NAME, sparsevila_attention)
+    model.set_attn_implementation({"text_config": ATTN_NAME})
+    for layer in model.model.language_model.layers:
+        layer.self_attn._sparsevila_state = state.llm
+    visual = model.model.visual
+    for i, blk in enumerate(visual.blocks):
+        blk.attn.forward = types.MethodType(functools.partial(_vision_attn_forward, state=state,
+                                                              salience=(i == salience_layer)), blk.attn)
+    visual.forward = functools.partial(_visual_forward, visual.forward, state, visual)
+    model.generate = functools.partial(_generate, model.generate, model)
+    return model
+
+
+def disable(model):
+    """Undo ``enable``: vanilla attention, vision tower and ``generate``; returns ``model``."""
+    state = getattr(model, "_sparsevila", None)
+    if state is None:
+        raise RuntimeError("sparsevila is not enabled on this model")
+    for name in ("generate",):
+        model.__dict__.pop(name, None)
+    visual = model.model.visual
+    visual.__dict__.pop("forward", None)
+    for blk in visual.blocks:
+        blk.attn.__dict__.pop("forward", None)
+    for layer in model.model.language_model.layers:
+        layer.self_attn.__dict__.pop("_sparsevila_state", None)
+    model.set_attn_implementation({"text_config": state.prev_attn})
+    model._sparsevila = None
+    return model
+
+
+# -- vision tower ------------------------------------------------------------------------------------------
+def _vision_attn_forward(self, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor,
+                         position_embeddings: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+                         max_seqlen=None, *, state: SparseVILAState, salience: bool, **kwargs) -> torch.Tensor:
+    """``Qwen2_5_VLVisionAttention.forward`` with the attention of all segments in one launch."""
+    T = hidden_states.shape[0]
+    q, k, v = self.qkv(hidden_states).reshape(T, 3, self.num_heads, -1).unbind(1)
+    cos, sin = position_embeddings
+    q, k = hf.apply_rotary_pos_emb_vision(q, k, cos, sin)
+    lens = segment_lengths(cu_seqlens)
+    want = salience and state.collect_salience
+    out, lse = varlen_attention(q, k, v, cu_seqlens, lens, self.scaling, need_lse=want)
+    if want:
+        cu = cu_seqlens.to(torch.int32)
+        state.salience_window_order.append(visual_salience(q, k, cu, max(lens), lse=lse, scale=self.scaling))
+    return self.proj(out.reshape(T, -1))
+
+
+def _visual_forward(orig, state: SparseVILAState, visual, hidden_states, grid_thw, **kwargs):
+    """The vision tower; when salience is collected, it is put back from window order to patch order."""
+    n_before = len(state.salience_window_order)
+    out = orig(hidden_states, grid_thw, **kwargs)
+    if len(state.salience_window_order) > n_before:
+        sal = state.salience_window_order.pop()
+        window_index, _ = get_vision_window_index(grid_thw, visual.spatial_merge_size, visual.window_size,
+                                                  visual.patch_size)
+        unit = visual.spatial_merge_unit
+        reverse = torch.argsort(window_index.to(sal.device))
+        state.salience_window_order.append(sal.view(-1, unit)[reverse].reshape(-1))
+    return out
+
+
+# -- generate ----------------------------------------------------------------------------------------------
+_VISUAL_KWARGS = ("pixel_values", "pixel_values_videos", "image_grid_thw", "video_grid_thw",
+                  "second_per_grid_ts", "mm_token_type_ids")
+
+
+def _generate(orig_generate, model, input_ids: Optional[torch.Tensor] = None, **kwargs):
+    state: SparseVILAState = model._sparsevila
+    if input_ids is None:
+        input_ids = kwargs.pop("inputs", None)
+    if input_ids is None or "inputs_embeds" in kwargs:
+        raise ValueError("input_ids must be given (inputs_embeds is not supported while sparsevila is enabled)")
+    gen_cfg = kwargs.get("generation_config") or model.generation_config
+    for name in ("num_beams", "num_return_sequences"):
+        if int(kwargs.get(name, getattr(gen_cfg, name, 1) or 1)) != 1:
+            raise ValueError(f"{name} must be 1 while sparsevila is enabled (the cache holds one row per prompt)")
+    if kwargs.get("assistant_model") is not None or kwargs.get("prompt_lookup_num_tokens"):
+        raise ValueError("assisted decoding is not supported while sparsevila is enabled")
+    B, L = input_ids.shape
+    mask = kwargs.pop("attention_mask", None)
+    mask = torch.ones_like(input_ids) if mask is None else mask
+    _left_pads(mask)  # refuses right padding before anything runs
+    cache = kwargs.pop("past_key_values", None)
+    max_new = kwargs.get("max_new_tokens", gen_cfg.max_new_tokens)
+    if max_new is None:
+        max_new = max(int(kwargs.get("max_length", gen_cfg.max_length)) - L, 0)
+    cfg = model.config
+    if cache is None:
+        cache = SparseVILACache(cfg.text_config.num_hidden_layers, L + max_new, 1.0 - state.decode_sparsity,
+                                cuda_graph=state.cuda_graph)
+        cache.prompt_map = None
+    elif not isinstance(cache, SparseVILACache):
+        raise TypeError(f"past_key_values must be the SparseVILACache returned by an earlier generate (or None) "
+                        f"while sparsevila is enabled; got {type(cache).__name__}")
+    seen = int(cache.get_seq_length())
+    has_visual = kwargs.get("pixel_values") is not None or kwargs.get("pixel_values_videos") is not None
+    call_ids, call_mask = input_ids, mask
+    if seen == 0 and has_visual and state.prefill_sparsity > 0:
+        call_ids, call_mask, embeds, positions = _prune_prompt(model, state, input_ids, mask, kwargs)
+        for key in _VISUAL_KWARGS:
+            kwargs.pop(key, None)
+        kwargs.update(inputs_embeds=embeds, position_ids=positions)
+        cache.prompt_map = (L, call_ids, call_mask)
+    elif seen > 0:
+        for key in _VISUAL_KWARGS[:5]:  # the visual tokens of earlier turns are in the cache already
+            kwargs.pop(key, None)
+        if cache.prompt_map is not None:  # the cache holds the pruned prompt: drop the same tokens again
+            L1, ids1, mask1 = cache.prompt_map
+            call_ids = torch.cat([ids1, input_ids[:, L1:]], dim=1)
+            call_mask = torch.cat([mask1, mask[:, L1:]], dim=1)
+            kwargs.pop("mm_token_type_ids", None)
+    new = call_mask[:, seen:]
+    pads = _left_pads(new)
+    spans = _visual_spans(call_ids[:, seen:], pads, cfg)
+    cache.begin_prefill(_like(model, B, input_ids.device), new.shape[1], pads, spans, reserve=max_new)
+    state.llm.cache = cache
+    try:
+        out = orig_generate(input_ids=call_ids, attention_mask=call_mask, past_key_values=cache, **kwargs)
+    finally:
+        state.llm.cache = None
+        cache.prefill = None
+    return _restore_prompt(out, input_ids, call_ids.shape[1])
+
+
+def _like(model, B: int, device) -> torch.Tensor:
+    """An empty ``[B, Hk, 0, D]`` tensor with the text model's KV dtype and device (for cache allocation)."""
+    t = model.config.text_config
+    head_dim = getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads
+    return torch.empty(B, t.num_key_value_heads, 0, head_dim, dtype=model.dtype, device=device)
+
+
+def _left_pads(mask: torch.Tensor) -> List[int]:
+    """Leading zeros per row of a ``[B, n]`` 0/1 mask; padding anywhere else is refused."""
+    pads = []
+    for b, row in enumerate(mask.tolist()):
+        pad = next((i for i, m in enumerate(row) if m), len(row))
+        if not all(row[pad:]):
+            raise ValueError(f"attention_mask row {b} has padding after its first token: sparsevila supports "
+                             f"left padding only (tokenizer padding_side='left')")
+        pads.append(pad)
+    return pads
+
+
+def _visual_spans(ids: torch.Tensor, pads: List[int], cfg) -> Optional[List[Tuple[int, int]]]:
+    """Per row, ``[vs, ve)`` from the first to past the last image/video token, relative to the row's first
+    valid token (``(0, 0)`` for a row without visual tokens); None when no row has one (a later turn's question:
+    the cache keeps the spans it has)."""
+    vis = (ids == cfg.image_token_id) | (ids == cfg.video_token_id)
+    if not bool(vis.any()):
+        return None
+    spans = []
+    for b, pad in enumerate(pads):
+        pos = torch.nonzero(vis[b, pad:]).flatten().tolist()
+        spans.append((pos[0], pos[-1] + 1) if pos else (0, 0))
+    return spans
+
+
+def _restore_prompt(out, input_ids: torch.Tensor, n_call: int):
+    """Generated sequences as vanilla ``generate`` returns them: the caller's prompt, then the new tokens."""
+    seq = out if isinstance(out, torch.Tensor) else out.sequences
+    full = torch.cat([input_ids, seq[:, n_call:]], dim=1)
+    if isinstance(out, torch.Tensor):
+        return full
+    out.sequences = full
+    return out
+
+
+def _prune_prompt(model, state: SparseVILAState, input_ids: torch.Tensor, mask: torch.Tensor, kwargs: dict):
+    """Encode the visual inputs with salience, keep the top tokens per image/video, and build the pruned
+    prompt: ``(ids [B, L'], mask [B, L'], inputs_embeds [B, L', H], position_ids [4, B, L'])``."""
+    cfg, inner = model.config, model.model
+    embeds = model.get_input_embeddings()(input_ids)
+    keep_tok = mask.bool().clone()
+    keep_ratio = 1.0 - state.prefill_sparsity
+    unit = cfg.vision_config.spatial_merge_size ** 2
+    kept_all, sal_all = [], []
+    for pix_key, grid_key, token_id, fn in (("pixel_values", "image_grid_thw", cfg.image_token_id,
+                                             inner.get_image_features),
+                                            ("pixel_values_videos", "video_grid_thw", cfg.video_token_id,
+                                             inner.get_video_features)):
+        pix, grid = kwargs.get(pix_key), kwargs.get(grid_key)
+        if pix is None:
+            continue
+        state.collect_salience = True
+        try:
+            feats = fn(pix, grid).pooler_output
+        finally:
+            state.collect_salience = False
+        sal = state.salience_window_order.pop()
+        feats = torch.cat(feats, dim=0).to(embeds.device, embeds.dtype)
+        seg = (grid.prod(-1)).tolist()  # patches per image/video
+        kept = prune_visual_tokens(sal.float(), seg, keep_ratio, group=unit)
+        tok = input_ids == token_id
+        if int(tok.sum()) != feats.shape[0]:
+            raise ValueError(f"{grid_key} describes {feats.shape[0]} visual tokens but input_ids holds "
+                             f"{int(tok.sum())} tokens of id {token_id}")
+        embeds = embeds.masked_scatter(tok.unsqueeze(-1), feats)
+        keep_vis = torch.zeros(feats.shape[0], dtype=torch.bool, device=input_ids.device)
+        keep_vis[kept.to(input_ids.device)] = True
+        keep_tok[tok] = keep_vis
+        kept_all.append(kept)
+        sal_all.append(sal)
+    state.last_kept = torch.cat(kept_all) if kept_all else None
+    state.last_salience = torch.cat(sal_all) if sal_all else None
+    positions, deltas = inner.get_rope_index(
+        input_ids, mm_token_type_ids=_mm_token_types(input_ids, cfg, kwargs),
+        image_grid_thw=kwargs.get("image_grid_thw"), video_grid_thw=kwargs.get("video_grid_thw"),
+        second_per_grid_ts=kwargs.get("second_per_grid_ts"), attention_mask=mask)
+    counts = keep_tok.sum(1).tolist()
+    Lp = max(counts)
+    B = input_ids.shape[0]
+    ids = input_ids.new_full((B, Lp), cfg.text_config.pad_token_id or 0)
+    new_mask = mask.new_zeros(B, Lp)
+    new_embeds = embeds.new_zeros(B, Lp, embeds.shape[-1])
+    pos = positions.new_zeros(3, B, Lp)
+    for b, n in enumerate(counts):
+        sel = keep_tok[b]
+        ids[b, Lp - n:] = input_ids[b, sel]
+        new_mask[b, Lp - n:] = 1
+        new_embeds[b, Lp - n:] = embeds[b, sel]
+        pos[:, b, Lp - n:] = positions[:, b, sel]
+    # rope_deltas so that later tokens continue from the last position: pos = compacted index + delta
+    model.model.rope_deltas = (pos.amax(dim=(0, 2)) + 1 - torch.tensor(counts, device=pos.device)).unsqueeze(1)
+    text = (new_mask.long().cumsum(-1) - 1).clamp(min=0)
+    return ids, new_mask, new_embeds, torch.cat([text[None], pos], dim=0)
+
+
+def _mm_token_types(input_ids: torch.Tensor, cfg, kwargs: dict) -> torch.Tensor:
+    given = kwargs.get("mm_token_type_ids")
+    if given is not None:
+        return given
+    types_ = torch.zeros_like(input_ids, dtype=torch.int32)
+    types_[input_ids == cfg.image_token_id] = 1
+    types_[input_ids == cfg.video_token_id] = 2
+    return types_

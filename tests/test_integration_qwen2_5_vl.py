@@ -1,0 +1,271 @@
+"""Qwen2.5-VL integration on tiny random models (CPU: reference backend; GPU: the Triton kernels)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import brute  # noqa: E402
+from qwen_tiny import IMG, batch_of_two, tiny_model, visual_inputs  # noqa: E402
+from sparsevila_ops import integrations  # noqa: E402
+from sparsevila_ops.integrations import attention as attn_mod  # noqa: E402
+from sparsevila_ops.integrations import qwen2_5_vl as sv  # noqa: E402
+from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as hf  # noqa: E402
+from transformers.vision_utils import get_vision_window_index  # noqa: E402
+
+NEW = 6
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model(device="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _generate(model, inputs, **kw):
+    with torch.no_grad():
+        return model.generate(**inputs, max_new_tokens=NEW, do_sample=False, **kw)
+
+
+@pytest.fixture
+def enabled(model):
+    """``enable`` with the given sparsities for one test; always disabled afterwards."""
+    def _enable(p, d, **kw):
+        return sv.enable(model, p, d, **kw)
+    yield _enable
+    if getattr(model, "_sparsevila", None) is not None:
+        sv.disable(model)
+
+
+@pytest.mark.parametrize("case", ["image", "video", "batch2"])
+def test_zero_sparsity_equals_vanilla(model, enabled, device, case):
+    inputs = {"image": lambda: visual_inputs(device=device),
+              "video": lambda: visual_inputs(8, 8, 3, 5, seed=3, t=2, video=True, device=device),
+              "batch2": lambda: batch_of_two(device)}[case]()
+    ref = _generate(model, inputs)
+    enabled(0.0, 0.0)
+    assert torch.equal(_generate(model, inputs), ref)
+
+
+def _two_turns(model, inputs, device):
+    with torch.no_grad():
+        r1 = model.generate(**inputs, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
+        ids = torch.cat([r1.sequences, torch.tensor([[5, 6, 7, 8, 9]], device=device)], 1)
+        r2 = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=r1.past_key_values,
+                            max_new_tokens=4, do_sample=False)
+    return r1, r2
+
+
+def test_zero_sparsity_two_turns_equal_vanilla(model, enabled, device):
+    inputs = visual_inputs(device=device)
+    _, ref = _two_turns(model, inputs, device)
+    enabled(0.0, 0.0)
+    _, out = _two_turns(model, inputs, device)
+    assert torch.equal(out, ref)
+
+
+def test_disable_restores_vanilla(model, device):
+    inputs = visual_inputs(seed=5, device=device)
+    ref = _generate(model, inputs)
+    sv.enable(model, 0.5, 0.9)
+    sparse = _generate(model, inputs)
+    sv.disable(model)
+    n = inputs["input_ids"].shape[1]
+    assert torch.equal(sparse[:, :n], inputs["input_ids"]) and sparse.shape[1] > n
+    assert torch.equal(_generate(model, inputs), ref)
+    assert "generate" not in model.__dict__ and "forward" not in model.model.visual.__dict__
+    assert model.config.text_config._attn_implementation != attn_mod.ATTN_NAME
+
+
+def _vanilla_salience_block(model, inputs, block: int):
+    """q, k, cu_seqlens of the vanilla vision block ``block`` (window order), captured by a pre-hook."""
+    got = {}
+    attn = model.model.visual.blocks[block].attn
+
+    def hook(mod, args, kwargs):
+        x = args[0] if args else kwargs["hidden_states"]
+        T = x.shape[0]
+        q, k, _ = mod.qkv(x).reshape(T, 3, mod.num_heads, -1).unbind(1)
+        cos, sin = kwargs["position_embeddings"]
+        got["q"], got["k"] = hf.apply_rotary_pos_emb_vision(q, k, cos, sin)
+        got["cu"], got["scale"] = kwargs["cu_seqlens"], mod.scaling
+
+    h = attn.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+    finally:
+        h.remove()
+    return got
+
+
+def test_prefill_keeps_reference_topk_at_vanilla_positions(model, enabled, device):
+    inputs = visual_inputs(seed=7, device=device)
+    block = model.config.vision_config.fullatt_block_indexes[-1]
+    cap = _vanilla_salience_block(model, inputs, block)
+    sal = brute.salience(cap["q"].cpu(), cap["k"].cpu(), cap["cu"].cpu(), cap["scale"], 0)
+    visual = model.model.visual
+    window_index, _ = get_vision_window_index(inputs["image_grid_thw"].cpu(), visual.spatial_merge_size,
+                                              visual.window_size, visual.patch_size)
+    sal = sal.view(-1, 4)[torch.argsort(window_index)].reshape(-1)  # patch order
+    n_patch = int(inputs["image_grid_thw"].prod())
+    want = brute.prune(sal.tolist(), [n_patch], 0.25, 4)
+
+    seen = {}
+    state = enabled(0.75, 0.0)._sparsevila
+    lm = model.model.language_model
+    def record(mod, args, kwargs):
+        seen.setdefault("pos", kwargs["position_ids"])
+
+    h = lm.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        out = _generate(model, inputs)
+    finally:
+        h.remove()
+    assert state.last_kept.tolist() == want
+    ids = inputs["input_ids"]
+    positions, _ = model.model.get_rope_index(ids, mm_token_type_ids=(ids == IMG).int(),
+                                              image_grid_thw=inputs["image_grid_thw"])
+    vis = torch.nonzero(ids[0] == IMG).flatten()
+    keep = torch.ones(ids.shape[1], dtype=torch.bool, device=ids.device)
+    keep[vis] = False
+    keep[vis[torch.tensor(want, device=ids.device)]] = True
+    assert torch.equal(seen["pos"][1:, 0], positions[:, 0, keep])  # the 3 mRoPE rows of the kept tokens
+    assert out.shape == (1, ids.shape[1] + NEW) and torch.equal(out[:, :ids.shape[1]], ids)
+
+
+def _check_packed(cache: integrations.SparseVILACache):
+    """Every packed row equals the ordered gather of the full row at prefix + selected + suffix (+ generated)."""
+    L, B, Hk = cache.k.shape[:3]
+    for b in range(B):
+        vs, ve = cache.vis_spans[b]
+        n_full = int(cache.lengths[0, b])
+        for l in range(L):
+            for g in range(Hk):
+                sel = [int(j) for j in cache.indices[l, b, g] if j >= 0]
+                pos = list(range(vs)) + sel + list(range(ve, n_full))
+                assert int(cache.plengths[l, b]) == len(pos)
+                assert torch.equal(cache.pk[l, b, g, :len(pos)], cache.k[l, b, g, pos])
+                assert torch.equal(cache.pv[l, b, g, :len(pos)], cache.v[l, b, g, pos])
+
+
+def test_decode_packs_selection_and_turn_two_reselects(model, enabled, device, monkeypatch):
+    inputs = visual_inputs(seed=9, device=device)
+    calls = []
+    orig = attn_mod.prefill_attention
+
+    def spy(q, k, v, cu_q, cu_k, max_q, max_k, **kw):
+        if kw.get("rel_rows") is not None:
+            calls.append((q.detach().clone(), k.detach().clone(), cu_q.clone(), cu_k.clone(), kw["rel_rows"].clone(),
+                          kw["scale"]))
+        return orig(q, k, v, cu_q, cu_k, max_q, max_k, **kw)
+
+    monkeypatch.setattr(attn_mod, "prefill_attention", spy)
+    enabled(0.0, 0.9)
+    with torch.no_grad():
+        r1 = model.generate(**inputs, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
+    cache = r1.past_key_values
+    n_prompt = inputs["input_ids"].shape[1]
+    assert cache.sparse and int(cache.seen) == n_prompt + 3 and cache.lengths[:, 0].tolist() == [n_prompt + 3] * 2
+    _check_packed(cache)
+    first = cache.indices.clone()
+    _check_selection(cache, calls[-2:])
+
+    calls.clear()
+    ids = torch.cat([r1.sequences, torch.tensor([[5, 6, 7, 8, 9]], device=device)], 1)
+    with torch.no_grad():
+        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=4,
+                       do_sample=False)
+    assert cache.lengths[:, 0].tolist() == [ids.shape[1] + 3] * 2  # the full cache holds both turns
+    # turn 2's question rows are all its new tokens: turn 1's last generated token + the 5 question tokens
+    assert len(calls) == 2 and calls[0][4].tolist() == [[0, 6]]
+    _check_selection(cache, calls)
+    _check_packed(cache)
+    assert first.shape == cache.indices.shape
+
+
+def _check_selection(cache, calls):
+    """``cache.indices`` are the reference top-k of the float64 relevance of the recorded question rows."""
+    vs, ve = cache.vis_spans[0]
+    keep = max(1, round(cache.keep_ratio * (ve - vs)))
+    for layer, (q, k, cu_q, cu_k, rel_rows, scale) in enumerate(calls):
+        lse = brute.prefill(q.cpu(), k.cpu(), k.cpu(), cu_q.cpu(), cu_k.cpu(), scale, True)[1]
+        rel = brute.kv_relevance(q.cpu(), k.cpu(), lse, cu_q.cpu(), cu_k.cpu(), scale, True, rel_rows.cpu())
+        want = brute.select(rel.view(1, *rel.shape).unsqueeze(0).float(), [vs], [ve], keep)[0]
+        assert torch.equal(cache.indices[layer, :1].cpu().long(), want.view(1, *want.shape[1:])), layer
+
+
+def test_needle_is_kept_at_95_percent(device):
+    """A visual token whose key is made to align with the question's queries (RoPE ~ identity) is kept by every
+    (layer, kv head) at 95 % decode sparsity."""
+    model = tiny_model(seed=3, rope_theta=1e30, device=device)
+    inputs = visual_inputs(seed=11, device=device)
+    ids = inputs["input_ids"][0]
+    vis = torch.nonzero(ids == IMG).flatten()
+    needle = int(vis[len(vis) // 2])
+    q_rows = slice(int(vis[-1]) + 2, ids.shape[0])  # after <vision_end>
+    hooks, saved = [], {}
+    for layer in model.model.language_model.layers:
+        at = layer.self_attn
+
+        def save_q(mod, args, out, at=at):
+            if out.shape[1] > 1:
+                saved[at] = out[0, q_rows].view(-1, at.num_heads, at.head_dim)
+
+        def plant_k(mod, args, out, at=at):
+            if out.shape[1] == 1:
+                return out
+            q = saved[at]  # [rows, Hq, D]
+            qg = q.view(q.shape[0], at.num_key_value_heads, -1, at.head_dim).mean(dim=(0, 2))  # [Hk, D]
+            out = out.clone()
+            out[0, needle] = (50.0 * qg / qg.norm(dim=-1, keepdim=True)).reshape(-1)
+            return out
+
+        hooks += [at.q_proj.register_forward_hook(save_q), at.k_proj.register_forward_hook(plant_k)]
+    try:
+        sv.enable(model, 0.0, 0.95)
+        with torch.no_grad():
+            r = model.generate(**inputs, max_new_tokens=2, do_sample=False, return_dict_in_generate=True)
+    finally:
+        for h in hooks:
+            h.remove()
+    cache = r.past_key_values
+    assert cache.indices.shape[-1] == max(1, round(0.05 * len(vis)))
+    assert (cache.indices == needle).any(dim=-1).all(), cache.indices
+
+
+def test_errors(model, enabled):
+    with pytest.raises(TypeError, match="model must be"):
+        sv.enable(torch.nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="model must be"):
+        integrations.enable(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match=r"prefill_sparsity must be in \[0, 1\)"):
+        sv.enable(model, 1.0, 0.5)
+    with pytest.raises(ValueError, match=r"decode_sparsity must be in \[0, 1\)"):
+        sv.enable(model, 0.5, -0.1)
+    with pytest.raises(ValueError, match="salience_layer must be a full-attention vision block"):
+        sv.enable(model, 0.5, 0.5, salience_layer=0)
+    enabled(0.5, 0.5)
+    with pytest.raises(RuntimeError, match="already enabled"):
+        sv.enable(model)
+    inputs = visual_inputs()
+    inputs["attention_mask"][0, -1] = 0
+    with pytest.raises(ValueError, match="left padding only"):
+        model.generate(**inputs, max_new_tokens=2)
+    with pytest.raises(ValueError, match="num_beams must be 1"):
+        model.generate(**visual_inputs(), max_new_tokens=2, num_beams=2)
+
+
+@pytest.mark.gpu
+def test_decode_step_replays_cuda_graph(device):
+    """On CUDA the cache is compileable, so ``generate`` compiles the decode step (CUDA graphs); tokens equal
+    the eager decode's."""
+    model = tiny_model(device=device, dtype=torch.bfloat16)
+    inputs = visual_inputs(device=device, dtype=torch.bfloat16)
+    sv.enable(model, 0.5, 0.9, cuda_graph=False)
+    eager = _generate(model, inputs)
+    sv.disable(model)
+    sv.enable(model, 0.5, 0.9)
+    graphed = _generate(model, inputs)
+    assert hasattr(model, "_compiled_call")
+    assert torch.equal(graphed, eager)
