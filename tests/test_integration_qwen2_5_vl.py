@@ -262,10 +262,10 @@ def test_decode_step_replays_cuda_graph(device):
     the eager decode's."""
     model = tiny_model(device=device, dtype=torch.bfloat16)
     inputs = visual_inputs(device=device, dtype=torch.bfloat16)
-    sv.enable(model, 0.5, 0.9, cuda_graph=False)
+    sv.enable(model, 0.5, 0.9)
     eager = _generate(model, inputs)
     sv.disable(model)
-    sv.enable(model, 0.5, 0.9)
+    sv.enable(model, 0.5, 0.9, cuda_graph=True)
     graphed = _generate(model, inputs)
     assert hasattr(model, "_compiled_call")
     assert torch.equal(graphed, eager)

@@ -1,0 +1,157 @@
+"""``python -m sparsevila_ops demo --model qwen2_5_vl``: one video through Qwen2.5-VL with random weights.
+
+On a GPU the full Qwen2.5-VL-7B config (bf16), else a tiny config on the CPU. For each (prefill, decode)
+sparsity it prints what was kept and the time of each stage, measured around ``generate`` with a device sync
+at three points: E (vision encoder, salience and pruning: until the LLM's first forward starts), P (the LLM
+prefill with relevance and select + pack: its first forward), D (ms per generated token after that,
+including ``generate``'s per-step host work; the decode step is a CUDA graph when ``--cuda-graph``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Optional
+
+import torch
+
+QWEN25_VL_7B = dict(
+    vision_config=dict(depth=32, hidden_size=1280, num_heads=16, intermediate_size=3420, out_hidden_size=3584,
+                       fullatt_block_indexes=[7, 15, 23, 31], window_size=112, patch_size=14, spatial_merge_size=2,
+                       temporal_patch_size=2, in_channels=3, tokens_per_second=2),
+    text_config=dict(hidden_size=3584, num_attention_heads=28, num_key_value_heads=4, num_hidden_layers=28,
+                     intermediate_size=18944, vocab_size=152064, max_position_embeddings=128000,
+                     rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1e6}),
+    image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653)
+TINY = dict(
+    vision_config=dict(depth=4, hidden_size=32, num_heads=2, intermediate_size=64, out_hidden_size=64,
+                       fullatt_block_indexes=[1, 3], window_size=112, patch_size=14, spatial_merge_size=2,
+                       temporal_patch_size=2, in_channels=3, tokens_per_second=2),
+    text_config=dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
+                     intermediate_size=128, vocab_size=160, max_position_embeddings=8192,
+                     rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 1e4}),
+    image_token_id=151, video_token_id=152, vision_start_token_id=153, vision_end_token_id=154)
+
+
+def build_model(full: bool, device: torch.device, dtype: torch.dtype):
+    """Qwen2.5-VL with random weights (no download), initialized on ``device``."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    cfg = Qwen2_5_VLConfig(**(QWEN25_VL_7B if full else TINY))
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Qwen2_5_VLForConditionalGeneration._from_config(cfg, torch_dtype=dtype)
+    return model.eval()
+
+
+def video_inputs(model, frames: int, h: int, w: int, question: int, device, dtype) -> dict:
+    """A video of ``frames`` frames of ``h x w`` patches (14 px) and a ``question``-token question."""
+    cfg = model.config
+    g = torch.Generator().manual_seed(0)
+    t = frames // 2
+    n_vis = t * (h // 2) * (w // 2)
+    text = lambda n: torch.randint(3, min(1000, cfg.vision_start_token_id - 3), (n,), generator=g)  # noqa: E731
+    ids = torch.cat([text(12), torch.tensor([cfg.vision_start_token_id]), torch.full((n_vis,), cfg.video_token_id),
+                     torch.tensor([cfg.vision_end_token_id]), text(question)])[None].to(device)
+    pix = torch.randn(t * h * w, 3 * 2 * 14 * 14, generator=g).to(device=device, dtype=dtype)
+    return dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values_videos=pix,
+                video_grid_thw=torch.tensor([[t, h, w]], device=device), second_per_grid_ts=torch.tensor([1.0]))
+
+
+class StageTimer:
+    """E / P / D of one ``generate`` call from hooks on the LLM (a sync at each of three boundaries)."""
+
+    def __init__(self, model):
+        self.lm = model.model.language_model
+        self.marks = []
+
+    def _sync_mark(self, *_):
+        if len(self.marks) < 3:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.marks.append(time.perf_counter())
+
+    def run(self, fn):
+        self.marks = []
+        h1 = self.lm.register_forward_pre_hook(lambda *a: self._sync_mark() if len(self.marks) == 1 else None)
+        h2 = self.lm.register_forward_hook(lambda *a: self._sync_mark() if len(self.marks) == 2 else None)
+        try:
+            self._sync_mark()
+            out = fn()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            end = time.perf_counter()
+        finally:
+            h1.remove()
+            h2.remove()
+        start, e_end, p_end = self.marks
+        return out, {"E_ms": 1e3 * (e_end - start), "P_ms": 1e3 * (p_end - e_end), "end": end, "p_end": p_end}
+
+
+def run(device: Optional[str] = None, frames: int = 32, h: int = 28, w: int = 28, question: int = 64,
+        new_tokens: int = 64, settings=((0.0, 0.0), (0.75, 0.95)), vanilla: bool = True, cuda_graph: bool = False,
+        out_json: Optional[str] = None) -> list:
+    from . import qwen2_5_vl as sv
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    full = dev.type == "cuda"
+    dtype = torch.bfloat16 if full else torch.float32
+    if not full:
+        frames, h, w, question, new_tokens = 4, 12, 12, 8, 8
+    model = build_model(full, dev, dtype)
+    inputs = video_inputs(model, frames, h, w, question, dev, dtype)
+    n_vis = int((inputs["input_ids"] == model.config.video_token_id).sum())
+    print(f"Qwen2.5-VL {'7B' if full else 'tiny'} ({dtype}, {dev}), random weights; video {frames} frames of "
+          f"{h * 14}x{w * 14} px -> {n_vis} visual tokens; question {question} tokens; {new_tokens} new tokens")
+    gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    rows = []
+    timer = StageTimer(model)
+    cases = ([("stock transformers (sdpa)", None)] if vanilla else []) + [(f"sparsevila ({p}, {d})", (p, d))
+                                                                          for p, d in settings]
+    for name, sp in cases:
+        if sp is not None:
+            sv.enable(model, sp[0], sp[1], cuda_graph=cuda_graph)
+        try:
+            with torch.no_grad():
+                timer.run(lambda: model.generate(**inputs, **gen))  # warm-up: the same shapes JIT-compile here
+                out, t = timer.run(lambda: model.generate(**inputs, **gen))
+            state = getattr(model, "_sparsevila", None)
+            kept = int(state.last_kept.numel()) if state is not None and state.last_kept is not None else n_vis
+        finally:
+            if sp is not None:
+                sv.disable(model)
+        d_ms = 1e3 * (t["end"] - t["p_end"]) / max(new_tokens - 1, 1)
+        row = {"setting": name, "visual_tokens_kept": kept, "of": n_vis, "E_ms": round(t["E_ms"], 2),
+               "P_ms": round(t["P_ms"], 2), "D_ms_per_token": round(d_ms, 3), "generated": out.shape[1] -
+               inputs["input_ids"].shape[1]}
+        rows.append(row)
+        print(f"  {name:28s} kept {kept:6d}/{n_vis}  E {row['E_ms']:9.2f} ms  P {row['P_ms']:9.2f} ms  "
+              f"D {row['D_ms_per_token']:8.3f} ms/token")
+    if out_json:
+        with open(out_json, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name() if full else "cpu", "frames": frames, "h": h, "w": w,
+                       "question": question, "new_tokens": new_tokens, "cuda_graph": cuda_graph, "rows": rows}, f,
+                      indent=1)
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m sparsevila_ops demo --model qwen2_5_vl", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--frames", type=int, default=32)
+    p.add_argument("--height", type=int, default=28, help="patches (14 px) per frame column")
+    p.add_argument("--width", type=int, default=28, help="patches (14 px) per frame row")
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--cuda-graph", action="store_true", help="let generate capture the decode step")
+    p.add_argument("--no-vanilla", action="store_true", help="skip the stock-transformers row")
+    p.add_argument("--json", default=None, help="write the rows here")
+    a = p.parse_args(argv)
+    if a.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA GPU is available")
+    for flag, val in (("--frames", a.frames), ("--height", a.height), ("--width", a.width)):
+        if val < 2 or val % 2:
+            p.error(f"{flag} must be an even number >= 2; got {val}")
+    run(a.device, a.frames, a.height, a.width, new_tokens=a.new_tokens, vanilla=not a.no_vanilla,
+        cuda_graph=a.cuda_graph, out_json=a.json)
+    return 0
