@@ -1,6 +1,6 @@
 """Shared benchmark utilities: CUDA-event timing, verification before timing, result writers.
 
-Method (DESIGN.md): warm-up, rotating input sets (so repeated runs do not measure L2), CUDA-event medians
+Method: warm-up, rotating input sets (so repeated runs do not measure L2), CUDA-event medians
 with p20/p80, outputs verified against the reference before any timing, and every result file stamped with
 GPU name, versions and git commit. Scripts use ``time_cuda`` + ``write_results``; pytest-benchmark users can
 wrap ``time_cuda`` via ``pedantic_cuda``.
@@ -20,6 +20,15 @@ import torch
 from sparsevila_ops.testing import rel_err
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def require_gpu(name: str) -> bool:
+    """True when a CUDA GPU is present; else prints ``<name>: needs a CUDA GPU; skipped`` and returns False, so
+    a benchmark's ``main`` returns 0 on a CPU-only machine instead of failing inside CUDA calls."""
+    if torch.cuda.is_available():
+        return True
+    print(f"{name}: needs a CUDA GPU; skipped")
+    return False
 
 
 def verify(name: str, out: torch.Tensor, ref: torch.Tensor, tol: float) -> float:

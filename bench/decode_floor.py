@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from bench.common import replay_in_graph, verify, write_results
+from bench.common import replay_in_graph, require_gpu, verify, write_results
 from bench.decode import D, MODELS, SLACK, _per_layer_us, _reference, qwen2_caches
 from sparsevila_ops.triton_kernels import decode as tk
 
@@ -229,6 +229,8 @@ def main(argv=None) -> int:
     p.add_argument("--layers", type=int, default=28, help="layers (distinct caches) per graph; Qwen2-7B has 28")
     p.add_argument("--contexts", type=int, nargs="*", default=list(CONTEXTS))
     a = p.parse_args(argv)
+    if not require_gpu("bench.decode_floor"):
+        return 0
     rows, lines = [], []
     for ctx in a.contexts:
         qs, ks, vs, lengths, outs = qwen2_caches(ctx, a.layers)

@@ -20,7 +20,7 @@ import statistics
 
 import torch
 
-from bench.common import replay_in_graph
+from bench.common import replay_in_graph, require_gpu
 from sparsevila_ops.csrc import decode as cd
 
 PHASES = ["gdc_wait", "prologue", "first_data", "main_loop", "warp_merge", "cluster_sync", "out"]
@@ -35,6 +35,8 @@ def main(argv=None) -> int:
     p.add_argument("--warps", type=int, default=8)
     p.add_argument("--pdl", type=int, default=1)
     a = p.parse_args(argv)
+    if not require_gpu("bench.decode_timeline"):
+        return 0
     B, hq, hk, D, R = 1, 28, 4, 128, a.layers
     dev, dt = "cuda", torch.bfloat16
     qs = [torch.randn(B, hq, D, device=dev, dtype=dt) for _ in range(R)]

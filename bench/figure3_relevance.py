@@ -39,7 +39,7 @@ import sparsevila_ops as so
 from sparsevila_ops import reference
 from sparsevila_ops.testing import REL_TOL
 
-from .common import capture_graphs, time_cuda, verify, write_results
+from .common import capture_graphs, require_gpu, time_cuda, verify, write_results
 
 MODELS = {"llama2-7b": (32, 32, 128), "qwen2-7b": (28, 4, 128)}
 DTYPE = torch.bfloat16
@@ -363,8 +363,8 @@ def main(argv=None):
     ap.add_argument("--baseline", metavar="FILE",
                     help="with --tune: also time kv_relevance from this copy of triton_kernels/prefill.py")
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        raise SystemExit("figure3_relevance needs a CUDA GPU")
+    if not require_gpu("bench.figure3_relevance"):
+        return 0
     torch.manual_seed(0)
     if args.tune:
         tune(args.tune, args.baseline)

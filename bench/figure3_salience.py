@@ -1,4 +1,4 @@
-"""Figure 3a: query-agnostic salience (``visual_salience``) at the ANCHORS.md shapes, H100 bf16.
+"""Figure 3a: query-agnostic salience (``visual_salience``) at SigLIP and QwenVL shapes, bf16.
 
 ``python -m bench.figure3_salience [--quick] [--sweep]``. Per shape: naive torch (the fp32 chunked reference)
 vs Triton two passes (atomic and deterministic head reduction) vs Triton with ``lse`` given vs
@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import sparsevila_ops
-from bench.common import peak_extra_memory, time_cuda, verify, write_results
+from bench.common import peak_extra_memory, require_gpu, time_cuda, verify, write_results
 from sparsevila_ops import reference
 
 EXP_PER_S = 3.9e12  # H100 MUFU: 16 exp/clk/SM x 132 SMs x 1.83 GHz
@@ -29,7 +29,7 @@ class Shape:
     N: int
     H: int = 16
     D: int = 80
-    naive_ms: Optional[float] = None  # ANCHORS.md (same card, another run)
+    naive_ms: Optional[float] = None  # baselines measured on an H100 in an earlier run (bench/NOTES.md)
     colreduce_ms: Optional[float] = None
     sdpa_ms: Optional[float] = None
     target_2pass_ms: Optional[float] = None
@@ -251,8 +251,7 @@ def main(argv=None) -> int:
     p.add_argument("--sweep", action="store_true", help="time kernel configurations instead of the figure")
     p.add_argument("--iters", type=int, default=30)
     a = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("figure3_salience: needs a CUDA GPU; skipped")
+    if not require_gpu("bench.figure3_salience"):
         return 0
     shapes = [s for s in SHAPES if not a.quick or s.name in QUICK]
     if a.sweep:

@@ -10,7 +10,22 @@ what="${1:-all}"; quick="${2:-}"
 out="${OUT:-/tmp/sparsevila_out}"; mkdir -p "$out"
 export SPARSEVILA_BENCH_DIR="${SPARSEVILA_BENCH_DIR:-$out/results}"; mkdir -p "$SPARSEVILA_BENCH_DIR"
 export PYTHONUNBUFFERED=1
-python -m pip install --no-deps --no-build-isolation -e . -q >/dev/null 2>&1 || python -m pip install --no-deps -e . -q
+# The image is offline: install this checkout editable with the setuptools already there (pyproject.toml,
+# PEP 660), and stop if that fails or the installed package is not this checkout: never run from the source tree.
+if ! python -m pip install --no-deps --no-build-isolation -e . -q > "$out/pip_install.log" 2>&1; then
+  cat "$out/pip_install.log" >&2
+  echo "gpu_check: FAILED to install sparsevila_ops: 'pip install --no-deps --no-build-isolation -e .' (log above," \
+       "$out/pip_install.log). Offline it needs setuptools>=70.1 installed (python -m pip show setuptools)." >&2
+  exit 2
+fi
+root="$PWD"
+if ! (cd / && python -c "import os, sys, sparsevila_ops.triton_kernels, sparsevila_ops.csrc as c
+pkg = os.path.dirname(os.path.dirname(os.path.abspath(sparsevila_ops.__file__)))
+sys.exit(0 if os.path.samefile(pkg, sys.argv[1]) and os.path.samefile(os.path.dirname(c.__file__), os.path.join(sys.argv[1], 'csrc')) else
+         'installed sparsevila_ops is ' + sparsevila_ops.__file__ + ', not this checkout')" "$root"); then
+  echo "gpu_check: FAILED: the installed sparsevila_ops does not import from this checkout ($root) outside it" >&2
+  exit 2
+fi
 python -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"
 status=0
 log="$SPARSEVILA_BENCH_DIR/gpu_check.log"
@@ -50,6 +65,7 @@ if [ "$what" = bench ] || [ "$what" = all ]; then
   step select python -m bench.select "${q[@]}"
   step decode python -m bench.decode "${q[@]}"
   step demo python -m sparsevila_ops demo --json "$SPARSEVILA_BENCH_DIR/demo.json"
+  step qwen2_5_vl python -m sparsevila_ops demo --model qwen2_5_vl --json "$SPARSEVILA_BENCH_DIR/qwen2_5_vl_demo.json"
 fi
 tar -czf "$out/results.tgz" -C "$(dirname "$SPARSEVILA_BENCH_DIR")" "$(basename "$SPARSEVILA_BENCH_DIR")" 2>/dev/null
 echo; echo "==== summary ($what) ===="; cat "$SPARSEVILA_BENCH_DIR/summary.txt"

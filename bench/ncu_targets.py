@@ -1,4 +1,4 @@
-"""The kernels that miss their ANCHORS.md targets, one launch each, for Nsight Compute.
+r"""The kernels that miss their performance targets (bench/NOTES.md), one launch each, for Nsight Compute.
 
     ncu --profile-from-start off --section SpeedOfLight --section ComputeWorkloadAnalysis \
         --section WarpStateStats --section Occupancy python -m bench.ncu_targets
@@ -7,12 +7,20 @@ Every op is run once to JIT-compile, then once between ``cudaProfilerStart/Stop`
 profiles): salience (SigLIP 64 frames, both passes), kv_relevance (Qwen2-7B, 512 question rows x 8k keys) and
 decode (Qwen2-7B, 8k, split + combine kernels).
 """
+import argparse
+
 import torch
 
 import sparsevila_ops as so
+from bench.common import require_gpu
 
 
-def main() -> None:
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.ncu_targets", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.parse_args(argv)
+    if not require_gpu("bench.ncu_targets"):
+        return 0
     torch.manual_seed(0)
     dev, bf = "cuda", torch.bfloat16
     # Salience, SigLIP 64 frames: [64*729, 16, 72].
@@ -43,7 +51,8 @@ def main() -> None:
     once()
     torch.cuda.synchronize()
     torch.cuda.profiler.stop()
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -12,7 +12,7 @@ import argparse
 
 import torch
 
-from bench.common import time_cuda, verify, write_results
+from bench.common import require_gpu, time_cuda, verify, write_results
 import sparsevila_ops as so
 from sparsevila_ops import reference as ref
 
@@ -121,6 +121,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="Qwen2-7B 32k at 5 %% and Llama-2-7B 8k at 5 %% only")
     a = p.parse_args(argv)
+    if not require_gpu("bench.select"):
+        return 0
     if a.quick:
         grid = [("qwen2-7b", 32768, 0.05), ("llama2-7b", 8192, 0.05)]
     else:

@@ -2,7 +2,8 @@
 of a (b, KV head) row form a thread-block cluster and merge through distributed shared memory).
 
 Covered: bf16/fp16, head dim 64 or 128, G = Hq / Hk <= 16, rows of q/k/v 16-byte aligned (the bulk copies
-move whole K/V rows). Other calls run the Triton kernel, which covers every case of the contract.
+move whole K/V rows), contiguous ``lengths``. Other calls run the Triton kernel, which covers every case of the
+contract.
 
 Config (``decode_config``): ``cluster`` CTAs (a power of two <= 16) split a row's keys and merge through
 distributed shared memory; ``clusters_per_row`` > 1 spreads a row over several clusters whose partials the
@@ -101,7 +102,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths:
     B, HQ, _ = q.shape
     if B == 0 or HQ == 0:
         return
-    if unsupported(q, k, v) is not None:
+    if unsupported(q, k, v) is not None or lengths.stride(0) != 1:  # the cluster kernel reads lengths contiguously
         tk.decode_attention(q, k, v, lengths, scale, out, lse)
         return
     cfg = dict(decode_config(B, k.shape[1], HQ // k.shape[1], k.shape[2], _DTYPES[q.dtype], q.shape[2]))

@@ -14,7 +14,8 @@ Public ops (each also callable as ``torch.ops.sparsevila.<name>`` with out-varia
 
 Backends: ``reference`` (torch), ``triton`` (default on CUDA), ``cuda`` (opt-in CUDA C++ kernels of ``csrc/``,
 so far ``decode_attention``). Override with ``SPARSEVILA_BACKEND`` or
-``with sparsevila_ops.use_backend("reference"): ...``.
+``with sparsevila_ops.use_backend("reference"): ...``; ``available_backends(op, device)`` lists the backends that
+can run ``op`` on ``device`` here. The exact contract of every op: ``docs/ops.md`` in the repository.
 """
 from ._backend import available_backends, use_backend
 from .decode import append_kv, decode_attention, sparse_decode_attention
@@ -33,9 +34,11 @@ __all__ = [
 
 def _map_source_tree_subpackages() -> None:
     """Installs map the top-level ``triton_kernels/`` and ``csrc/`` to ``sparsevila_ops.triton_kernels`` and
-    ``sparsevila_ops.csrc`` (setup.py
-    ``package_dir``). Where the installer could not (a legacy ``setup.py develop`` egg-link, or a plain
-    ``PYTHONPATH`` checkout), register the same mapping from the source tree. Imports nothing heavy."""
+    ``sparsevila_ops.csrc`` (pyproject.toml ``package-dir``; editable installs through setuptools' editable
+    finder). Where no install does (a plain ``PYTHONPATH`` checkout, e.g. the tests run from the source tree
+    without ``pip install -e``, or a legacy ``setup.py develop`` egg-link), register the same mapping from the
+    source tree. Imports nothing heavy (except triton under ``TRITON_INTERPRET=1``: triton_kernels/__init__.py
+    applies the interpreter workarounds of ``_interpreter``)."""
     import importlib.util
     import os
     import sys

@@ -21,7 +21,7 @@ import contextlib
 import importlib
 import os
 import threading
-from typing import Callable, Dict, Iterator, Optional
+from typing import Callable, Dict, Iterator, List, Optional
 
 import torch
 
@@ -66,6 +66,21 @@ def default_backend(device: torch.device) -> str:
     return "triton" if device.type == "cuda" and _triton_usable(device) else "reference"
 
 
+def _unusable(op: str, backend: str, device: torch.device) -> Optional[str]:
+    """Why ``backend`` cannot run ``op`` on ``device``, or None when it can."""
+    impls = _REGISTRY.get(op, {})
+    if backend not in impls:
+        return f"sparsevila op {op!r} has no {backend!r} backend; available: {sorted(impls)}"
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return f"there is no CUDA device here to run {op!r} on"
+    if backend == "triton" and not _triton_usable(device):
+        return (f"backend 'triton' cannot run {op!r} on {device.type}: Triton needs a CUDA device, or "
+                f"TRITON_INTERPRET=1 set before import for CPU tensors (install triton if it is missing)")
+    if backend == "cuda" and isinstance(impls[backend], str) and not _cuda_usable(device):
+        return f"backend 'cuda' cannot run {op!r} on {device}: it needs a GPU of compute capability >= 9.0"
+    return None
+
+
 def resolve(op: str, device: torch.device) -> Callable:
     """The implementation of ``op`` that runs for tensors on ``device``."""
     backend = requested_backend() or default_backend(device)
@@ -73,18 +88,13 @@ def resolve(op: str, device: torch.device) -> Callable:
     fn = _RESOLVED.get(key)
     if fn is not None:
         return fn
-    impls = _REGISTRY.get(op, {})
-    if backend not in impls:
-        raise RuntimeError(
-            f"sparsevila op {op!r} has no {backend!r} backend; available: {sorted(impls)}")
-    if backend == "triton" and not _triton_usable(device):
-        raise RuntimeError(
-            f"backend 'triton' cannot run {op!r} on {device.type}: Triton needs a CUDA device, or "
-            f"TRITON_INTERPRET=1 set before import for CPU tensors (install triton if it is missing)")
-    if backend == "cuda" and isinstance(impls[backend], str) and not _cuda_usable(device):
-        raise RuntimeError(
-            f"backend 'cuda' cannot run {op!r} on {device}: it needs a GPU of compute capability >= 9.0")
-    target = impls[backend]
+    why = _unusable(op, backend, device)
+    if why is not None:
+        raise RuntimeError(why)
+    if backend == "triton" and device.type != "cuda":  # TRITON_INTERPRET=1: fix the interpreter's gaps first
+        from ._interpreter import ensure_patched
+        ensure_patched()
+    target = _REGISTRY[op][backend]
     if isinstance(target, str):
         mod_name, fn_name = target.split(":")
         try:
@@ -110,5 +120,19 @@ def use_backend(backend: Optional[str]) -> Iterator[None]:
         _local.backend = prev
 
 
-def available_backends(op: str) -> list:
-    return sorted(_REGISTRY.get(op, {}))
+def available_backends(op: str, device=None) -> List[str]:
+    """The backends that can run ``op`` on ``device`` here, in ``BACKENDS`` order: those with an
+    implementation of ``op`` whose requirements this machine meets (``reference``: always; ``triton``: a CUDA
+    device, or the CPU under ``TRITON_INTERPRET=1``; ``cuda``: a GPU of compute capability >= 9.0, its kernels
+    built with nvcc + ninja on first use).
+
+    ``device``: a ``torch.device`` or string; None means the current CUDA device when there is one, else the
+    CPU. ``op`` is a public op name (``"decode_attention"``) or an internal one
+    (``"prefill_attention_relevance"``); an unknown name raises ``ValueError``.
+    """
+    if op not in _REGISTRY:
+        raise ValueError(f"op must be one of {sorted(_REGISTRY)}; got {op!r}")
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    return [b for b in BACKENDS if _unusable(op, b, device) is None]

@@ -3,7 +3,8 @@
 Each check raises ``TypeError`` (wrong dtype/type) or ``ValueError`` (wrong shape/value/layout) naming the
 argument, the rule and what was given. Checks on the *values* of index tensors (``cu_seqlens``, ``lengths``,
 ``rel_rows``) would need a device-to-host copy; they run when the tensor is on the CPU, or on any device
-when ``SPARSEVILA_DEBUG=1`` (never inside CUDA-graph capture).
+when ``SPARSEVILA_DEBUG=1``, and never while ``torch.compile`` traces (the values are unknown there) or inside
+CUDA-graph capture.
 """
 from __future__ import annotations
 
@@ -17,6 +18,10 @@ MAX_HEAD_DIM = 256
 
 
 def value_checks_enabled(t: torch.Tensor) -> bool:
+    """Whether checks that read ``t``'s values on the host run: CPU tensors, or any device with
+    ``SPARSEVILA_DEBUG=1``; never while tracing for ``torch.compile`` or capturing a CUDA graph."""
+    if torch.compiler.is_compiling():
+        return False
     if t.device.type == "cpu":
         return True
     if os.environ.get("SPARSEVILA_DEBUG") != "1":

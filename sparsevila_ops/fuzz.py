@@ -3,9 +3,11 @@
 ``python -m sparsevila_ops fuzz --op OP --backend B --cases N --seed S [--device D] [--scale small|real]``
 
 Case ``i`` draws its inputs from ``torch.Generator().manual_seed(S + i)``: awkward sizes (0, 1, 7, 97, 729,
-1025, ...), strided layouts (views of a fused QKV tensor, transposed caches), GQA groups, varlen segments,
-dtypes. The backend writes into NaN-poisoned outputs; the reference into fresh ones. Each failure prints a
-one-line repro; the exit status is non-zero if any case failed.
+1025, ...), strided layouts (views of a fused QKV tensor, transposed caches, int32 index tensors as columns of
+wider tables), GQA groups, varlen segments, dtypes. The backend writes into NaN-poisoned outputs; the reference
+into fresh ones. Each failure prints a one-line repro; the exit status is non-zero if any case failed. Bad
+arguments (``--cases`` < 1, a device this machine lacks, a backend that cannot run the op there) are refused
+before any case runs.
 """
 from __future__ import annotations
 
@@ -54,6 +56,21 @@ def _cu(lens: List[int], device) -> torch.Tensor:
     return torch.tensor(c, dtype=torch.int32, device=device)
 
 
+def _index_width(rng: random.Random) -> int:
+    """Row width of the int32 table whose column 0 holds a case's index tensors (1: plain contiguous); drawn
+    last in each generator, so a seed's other inputs are the same as before index layouts were fuzzed."""
+    return rng.choice([1, 1, 2, 3])
+
+
+def _column(t: torch.Tensor, width: int) -> torch.Tensor:
+    """``t`` as column 0 of an int32 ``[..., width]`` table (zeros elsewhere): last-dim stride ``width``."""
+    if width == 1:
+        return t
+    table = torch.zeros(*t.shape, width, dtype=t.dtype, device=t.device)
+    table[..., 0] = t
+    return table[..., 0]
+
+
 def gen_visual_salience(rng, gen, dev, big):
     S = rng.randint(1, 4)
     lens = _lengths(rng, S, 1025 if big else 40)
@@ -66,8 +83,10 @@ def gen_visual_salience(rng, gen, dev, big):
     reduce = rng.random() < 0.5
     out = torch.empty((T,) if reduce else (H, T), dtype=torch.float32, device=dev)
     det = rng.random() < 0.5
-    desc = f"lens={lens} H={H} D={D} {dt} strided={strided} c={c} lse={lse is not None} reduce={reduce} det={det}"
-    return Case(desc, [q, k, cu, max(lens), scale, c, lse, det, out], [8])
+    w = _index_width(rng)
+    desc = (f"lens={lens} H={H} D={D} {dt} strided={strided} c={c} lse={lse is not None} reduce={reduce} det={det} "
+            f"index_stride={w}")
+    return Case(desc, [q, k, _column(cu, w), max(lens), scale, c, lse, det, out], [8])
 
 
 def _prefill_inputs(rng, gen, dev, big):
@@ -87,8 +106,10 @@ def _prefill_inputs(rng, gen, dev, big):
         r0 = rng.randint(0, m)
         rows.append([r0, rng.randint(r0, m)])
     rr = torch.tensor(rows, dtype=torch.int32, device=dev).view(S, 2)
-    desc = f"m={ms} n={ns} Hk={Hk} G={G} D={D} {dt} strided={strided} causal={causal} rel_rows={rows}"
-    return q, k, v, _cu(ms, dev), _cu(ns, dev), max(ms), max(ns), D ** -0.5, causal, rr, desc
+    w = _index_width(rng)
+    desc = f"m={ms} n={ns} Hk={Hk} G={G} D={D} {dt} strided={strided} causal={causal} rel_rows={rows} index_stride={w}"
+    return (q, k, v, _column(_cu(ms, dev), w), _column(_cu(ns, dev), w), max(ms), max(ns), D ** -0.5, causal,
+            _column(rr, w), desc)
 
 
 def gen_prefill_attention(rng, gen, dev, big):
@@ -166,8 +187,9 @@ def gen_pack_kv(rng, gen, dev, big):
     ko = torch.empty(L, B, Hk, cap, D, dtype=dt, device=dev)
     vo = torch.empty_like(ko)
     ln = torch.empty(B, dtype=torch.int32, device=dev)
-    return Case(f"L={L} B={B} Hk={Hk} T={T} D={D} {dt} stacked={stacked} spans={list(zip(vs, ve, tl))} keep={keep}",
-                [ks, vs_, idx, i32(vs), i32(ve), i32(tl), ko, vo, ln], [6, 7, 8])
+    w = _index_width(rng)
+    return Case(f"L={L} B={B} Hk={Hk} T={T} D={D} {dt} stacked={stacked} spans={list(zip(vs, ve, tl))} keep={keep} "
+                f"index_stride={w}", [ks, vs_, _column(idx, w), i32(vs), i32(ve), i32(tl), ko, vo, ln], [6, 7, 8])
 
 
 def _decode_inputs(rng, gen, dev, big):
@@ -190,8 +212,9 @@ def gen_decode_attention(rng, gen, dev, big):
     q, k, v, lens, desc = _decode_inputs(rng, gen, dev, big)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty(q.shape[0], q.shape[1], device=dev)
-    return Case(desc, [q, k, v, torch.tensor(lens, dtype=torch.int32, device=dev), q.shape[-1] ** -0.5, out, lse],
-                [5, 6])
+    w = _index_width(rng)
+    lengths = _column(torch.tensor(lens, dtype=torch.int32, device=dev), w)
+    return Case(desc + f" index_stride={w}", [q, k, v, lengths, q.shape[-1] ** -0.5, out, lse], [5, 6])
 
 
 def gen_append_kv(rng, gen, dev, big):
@@ -200,7 +223,9 @@ def gen_append_kv(rng, gen, dev, big):
     lens = [min(n, cap - 1) for n in lens]
     B, Hk, _, D = k.shape
     kn, vn = _randn((B, Hk, D), k.dtype, dev, gen, False), _randn((B, Hk, D), k.dtype, dev, gen, True)
-    return Case(desc, [kn, vn, k.clone(), v.clone(), torch.tensor(lens, dtype=torch.int32, device=dev)], [2, 3, 4])
+    w = _index_width(rng)
+    lengths = _column(torch.tensor(lens, dtype=torch.int32, device=dev), w)  # written in place, in its table
+    return Case(desc + f" index_stride={w}", [kn, vn, k.clone(), v.clone(), lengths], [2, 3, 4])
 
 
 def gen_sparse_decode_attention(rng, gen, dev, big):
@@ -212,9 +237,12 @@ def gen_sparse_decode_attention(rng, gen, dev, big):
     nv = [rng.randint(0, n) for _ in range(B)]
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty(B, q.shape[1], device=dev)
-    return Case(desc + f" n={n} n_valid={nv}",
-                [q, k, v, idx, torch.tensor(nv, dtype=torch.int32, device=dev), q.shape[-1] ** -0.5, out, lse],
-                [6, 7])
+    w = _index_width(rng)
+    if w > 1:  # indices: a slice of wider rows (their last dim must stay contiguous)
+        idx = torch.cat([idx] * w, dim=-1)[..., :n]
+    n_valid = _column(torch.tensor(nv, dtype=torch.int32, device=dev), w)
+    return Case(desc + f" n={n} n_valid={nv} index_stride={w}",
+                [q, k, v, idx, n_valid, q.shape[-1] ** -0.5, out, lse], [6, 7])
 
 
 GENERATORS: Dict[str, Callable] = {name[4:]: fn for name, fn in globals().items() if name.startswith("gen_")}
@@ -227,8 +255,15 @@ def _tol(case: Case) -> float:
     return max(REL_TOL.get(dt, 2e-3) for dt in dts) if dts else 0.0
 
 
+def _clone(t: torch.Tensor) -> torch.Tensor:
+    """A copy with ``t``'s strides (``clone`` makes a non-dense view contiguous, hiding the layout under test);
+    the elements between them are 0."""
+    size = 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride())) if t.numel() else 0
+    return torch.zeros(size, dtype=t.dtype, device=t.device).as_strided(t.shape, t.stride()).copy_(t)
+
+
 def _clone_args(args):
-    return [[t.clone() for t in a] if isinstance(a, list) else a.clone() if isinstance(a, torch.Tensor) else a
+    return [[_clone(t) for t in a] if isinstance(a, list) else _clone(a) if isinstance(a, torch.Tensor) else a
             for a in args]
 
 
@@ -262,6 +297,21 @@ def run_case(op: str, backend: str, seed: int, device: torch.device, big: bool) 
     return True, f"{case.desc}: max rel err {max(worst) if worst else 0:.2e}"
 
 
+def _device(p: argparse.ArgumentParser, name: str) -> torch.device:
+    """``--device`` as a torch device this machine has (cpu, or cuda[:N] with CUDA present); else a usage error."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        p.error(f"--device must be cpu or cuda[:N]; got {name!r}")
+    if device.type not in ("cpu", "cuda"):
+        p.error(f"--device must be cpu or cuda[:N]; got {name!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        p.error(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
 PROGRESS_EVERY = 25  # cases between progress lines (real-size cases are bound by Triton JIT compiles)
 
 
@@ -276,7 +326,9 @@ def main(argv=None) -> int:
                    help="input sizes (default: real on CUDA, small on CPU where Triton is interpreted)")
     p.add_argument("-v", "--verbose", action="store_true")
     a = p.parse_args(argv)
-    device = torch.device(a.device)
+    if a.cases < 1:
+        p.error(f"--cases must be >= 1; got {a.cases}")
+    device = _device(p, a.device)
     if a.backend == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         os.environ["TRITON_INTERPRET"] = "1"  # before the lazily imported kernels are loaded
     if a.backend == "triton" and device.type == "cpu":
@@ -284,6 +336,12 @@ def main(argv=None) -> int:
         patch_triton_interpreter()
     big = (a.scale or ("real" if device.type == "cuda" else "small")) == "real"
     ops = sorted(GENERATORS) if a.op == "all" else [a.op]
+    for op in ops:
+        try:
+            with _backend.use_backend(a.backend):
+                _backend.resolve(op, device)
+        except RuntimeError as e:
+            p.error(f"--backend {a.backend}: {e}")
     failures = 0
     for op in ops:
         n_fail = 0

@@ -26,7 +26,7 @@ def _segments(cu: torch.Tensor):
 def visual_salience(q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, scale: float,
                     num_summary: int, lse: Optional[torch.Tensor], deterministic: bool,
                     out: torch.Tensor) -> None:
-    """Mean attention each key receives inside its segment (DESIGN.md Op 1).
+    """Mean attention each key receives inside its segment (docs/ops.md, visual_salience).
 
     For segment [a, b), rows R = [a, b) (num_summary == 0) or [a, a + min(c, n)):
     ``out[h, j] = 1/|R| sum_{i in R} softmax_j(scale * q_i . k_j)``; ``out`` of shape [T] also averages heads.
@@ -80,7 +80,7 @@ def _attend_chunk(q_rows, k_seg, G, scale, causal, i0, m, n, lse_rows=None):
 
 def prefill_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int, scale: float,
                       causal: bool, out: torch.Tensor, lse: torch.Tensor) -> None:
-    """Varlen GQA attention forward (DESIGN.md Op 2) without relevance."""
+    """Varlen GQA attention forward (docs/ops.md, prefill_attention) without relevance."""
     _prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal, None, out, lse, None)
 
 
@@ -169,7 +169,7 @@ def packed_positions(indices_bg: torch.Tensor, vs: int, ve: int, t_b: int) -> to
 
 def pack_kv(k, v, indices: torch.Tensor, vis_start: torch.Tensor, vis_end: torch.Tensor,
             seq_lens: torch.Tensor, k_out: torch.Tensor, v_out: torch.Tensor, lengths: torch.Tensor) -> None:
-    """Gather-pack (DESIGN.md Op 3) of every layer: ``k_out[l, b, g, :len_b] = k[l][b, g, positions]`` with
+    """Gather-pack (docs/ops.md, pack_kv) of every layer: ``k_out[l, b, g, :len_b] = k[l][b, g, positions]`` with
     positions ``[0, vs_b) ++ selected ++ [ve_b, T_b)`` in order, and ``lengths[b] = len_b``. ``k, v`` are
     lists of per-layer ``[B, Hk, T, D]``; ``indices`` is ``[L, B, Hk, keep]``; slots past ``len_b`` are left
     untouched."""

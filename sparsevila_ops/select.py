@@ -54,7 +54,10 @@ def _on_device(vals: Tuple[int, ...], device: torch.device) -> torch.Tensor:
 
 
 def _as_i32(vals: List[int], device: torch.device) -> torch.Tensor:
-    return _on_device(tuple(vals), torch.device(device))
+    # Under torch.compile the values become graph constants (or guarded symbols): build the tensor in the
+    # graph rather than through the cache, which Dynamo would trace around.
+    make = _on_device.__wrapped__ if torch.compiler.is_compiling() else _on_device
+    return make(tuple(vals), torch.device(device))
 
 
 def select_kv(scores: torch.Tensor, vis_start: IntOrInts, vis_end: IntOrInts, keep: int, *,
@@ -96,6 +99,29 @@ def _layers(name: str, t) -> List[torch.Tensor]:
     return list(t)
 
 
+def _check_pack_indices(indices: torch.Tensor, vs: List[int], ve: List[int], layer_given: bool) -> None:
+    """Row (l, b, g) of ``indices [L, B, Hk, keep]``: ``keep_b = min(keep, ve_b - vs_b)`` cache positions in
+    ``[vs_b, ve_b)``, then -1. Errors name the entry as the caller indexed it (no l for a 3-D ``indices``)."""
+    keep, dev = indices.shape[-1], indices.device
+    lo = torch.tensor(vs, dtype=torch.int32, device=dev).view(1, -1, 1, 1)
+    hi = torch.tensor(ve, dtype=torch.int32, device=dev).view(1, -1, 1, 1)
+    kept = torch.arange(keep, device=dev) < (hi - lo).clamp(max=keep)
+    bad = torch.where(kept, (indices < lo) | (indices >= hi), indices != -1)
+    if not bad.any():
+        return
+    pos = tuple(bad.nonzero()[0].tolist())
+    b, j = pos[1], pos[3]
+    name = f"indices[{', '.join(map(str, pos if layer_given else pos[1:]))}]"
+    kb = min(keep, ve[b] - vs[b])
+    got = int(indices[pos])
+    if j < kb:
+        raise ValueError(f"{name} must lie in [vis_start, vis_end) = [{vs[b]}, {ve[b]}) (the first keep_b = "
+                         f"min(keep, vis_end - vis_start) = {kb} entries of a row are visual cache positions); "
+                         f"got {got}")
+    raise ValueError(f"{name} must be -1 (the tail past keep_b = min(keep, vis_end - vis_start) = {kb} entries "
+                     f"of a row is unused); got {got}")
+
+
 def pack_kv(k, v, indices: torch.Tensor, vis_start: IntOrInts, vis_end: IntOrInts, capacity: int,
             seq_lens: Optional[IntOrInts] = None, *, k_out: Optional[torch.Tensor] = None,
             v_out: Optional[torch.Tensor] = None,
@@ -109,7 +135,9 @@ def pack_kv(k, v, indices: torch.Tensor, vis_start: IntOrInts, vis_end: IntOrInt
     Args:
         k, v: per-layer caches: a list of ``[B, Hk, T, D]`` (HF ``DynamicCache`` layout, strides free) or one
             stacked ``[L, B, Hk, T, D]`` tensor (a single ``[B, Hk, T, D]`` is one layer).
-        indices: int32 ``[L, B, Hk, keep]`` from ``select_kv`` (``[B, Hk, keep]`` for one layer).
+        indices: int32 ``[L, B, Hk, keep]`` from ``select_kv`` (``[B, Hk, keep]`` for one layer): row (l, b, g)
+            holds ``keep_b = min(keep, ve_b - vs_b)`` positions in ``[vs_b, ve_b)``, then -1 (checked on CPU
+            tensors and under ``SPARSEVILA_DEBUG=1``).
         capacity: packed slots per row, >= the longest packed row plus the tokens still to be generated.
         seq_lens: valid length ``T_b`` of each batch row (default T).
     Returns ``(k_packed, v_packed, lengths)``: ``[L, B, Hk, capacity, D]`` (no L dim for one 4-D layer) and
@@ -135,7 +163,8 @@ def pack_kv(k, v, indices: torch.Tensor, vis_start: IntOrInts, vis_end: IntOrInt
     L = len(ks)
     B, Hk, T, D = ks[0].shape
     C.check_head_dim("k", D)
-    if single and indices.dim() == 3:
+    layer_given = not (single and indices.dim() == 3)
+    if not layer_given:
         indices = indices.unsqueeze(0)
     C.check_tensor("indices", indices, ndim=4, dtypes=(torch.int32,), last_contiguous=False)
     if tuple(indices.shape[:3]) != (L, B, Hk):
@@ -143,6 +172,8 @@ def pack_kv(k, v, indices: torch.Tensor, vis_start: IntOrInts, vis_end: IntOrInt
     C.check_same_device(k=ks[0], indices=indices)
     keep = indices.shape[-1]
     vs, ve, tl = _spans(vis_start, vis_end, seq_lens, B, T)
+    if C.value_checks_enabled(indices):
+        _check_pack_indices(indices, vs, ve, layer_given)
     C.check_int("capacity", capacity, lo=1)
     need = max(vs[b] + min(keep, ve[b] - vs[b]) + tl[b] - ve[b] for b in range(B))
     if capacity < need:

@@ -27,42 +27,9 @@ def poison(t: torch.Tensor) -> torch.Tensor:
 
 
 def patch_triton_interpreter() -> None:
-    """Work around two gaps of Triton 3.6's CPU interpreter (``TRITON_INTERPRET=1``) with numpy 2.x; used by the
-    test suite and the fuzz harness on CPU only (compiled GPU kernels are untouched). Idempotent.
+    """Kept for callers of the old name: the workarounds of Triton's CPU interpreter now live in
+    ``sparsevila_ops._interpreter`` and are applied automatically when ``sparsevila_ops.triton_kernels`` is
+    imported under ``TRITON_INTERPRET=1``. This applies them now (only those the installed Triton needs)."""
+    from ._interpreter import patch_interpreter
 
-    - a loop bound read from a device value is a shape-(1,) array, and ``int()`` of it raises;
-    - ``tl.dot`` multiplies the raw uint16 bits of bfloat16 tiles instead of their values;
-    - fp32 -> bf16 casts truncate where compiled code rounds to nearest even (doubling bf16 output error).
-    """
-    import numpy as np
-    import triton.language as tl
-    import triton.runtime.interpreter as interp
-
-    if getattr(interp, "_sparsevila_patched", False):
-        return
-    orig_patch, orig_dot = interp._patch_lang_tensor, interp.InterpreterBuilder.create_dot
-    orig_cast = interp.InterpreterBuilder.cast_impl
-
-    def patch_lang_tensor(tensor, scope):
-        orig_patch(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    def to_f32(h):
-        if h.dtype.scalar != tl.bfloat16:
-            return h
-        return interp.TensorHandle((h.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
-
-    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
-        return orig_dot(self, to_f32(a), to_f32(b), d, input_precision, max_num_imprecise_acc)
-
-    def cast_impl(self, src, dst_type):
-        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
-            bits = np.ascontiguousarray(src.data, dtype=np.float32).view(np.uint32).astype(np.uint64)
-            rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)  # round to nearest even
-            return interp.TensorHandle(rounded, tl.bfloat16)
-        return orig_cast(self, src, dst_type)
-
-    interp._patch_lang_tensor = patch_lang_tensor
-    interp.InterpreterBuilder.cast_impl = cast_impl
-    interp.InterpreterBuilder.create_dot = create_dot
-    interp._sparsevila_patched = True
+    patch_interpreter()

@@ -1,4 +1,4 @@
-"""Float64 brute force of every op, written directly from the formulas of DESIGN.md.
+"""Float64 brute force of every op, written directly from the formulas of docs/ops.md.
 
 Independent of ``sparsevila_ops.reference``: full score matrices are materialized per (segment, head) in
 float64 and index logic is plain Python loops. Small sizes only. Every function takes CPU tensors (any

@@ -5,11 +5,9 @@ import pytest
 import torch
 
 if not torch.cuda.is_available():
-    # Must be set before any @triton.jit module is imported (the decorator reads it).
+    # Must be set before any @triton.jit module is imported (the decorator reads it). The interpreter
+    # workarounds are applied by the library itself (sparsevila_ops._interpreter) when the kernels are imported.
     os.environ.setdefault("TRITON_INTERPRET", "1")
-    from sparsevila_ops.testing import patch_triton_interpreter
-
-    patch_triton_interpreter()
 
 HAS_CUDA = torch.cuda.is_available()
 

@@ -18,3 +18,11 @@ def assert_2x_rule(out: torch.Tensor, ref_hi: torch.Tensor, ref_lo: torch.Tensor
     err = (out.double() - ref_hi.double()).abs().max().item()
     base = (ref_lo.double() - ref_hi.double()).abs().max().item()
     assert err <= 2 * base + atol, f"{what}: max error {err:.3e} > 2 x low-precision torch error {base:.3e} + {atol}"
+
+
+def column(t: torch.Tensor, width: int = 3) -> torch.Tensor:
+    """``t``'s values as column 0 of a ``[..., width]`` table whose other columns are 0: an index tensor with
+    last-dim stride ``width`` (the validators accept it, so the kernels must read it with its stride)."""
+    table = torch.zeros(*t.shape, width, dtype=t.dtype, device=t.device)
+    table[..., 0] = t
+    return table[..., 0]

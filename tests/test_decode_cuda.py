@@ -15,6 +15,7 @@ import torch
 import sparsevila_ops as so
 from sparsevila_ops import _backend, _cuda
 
+from helpers import column
 from test_decode_triton import _check, _inputs, _outs
 
 HAS_SM90 = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0)
@@ -33,7 +34,8 @@ def test_cuda_sources_build(tmp_path, monkeypatch):
 
 def test_cuda_backend_is_opt_in_and_refuses_where_unusable():
     assert _backend.default_backend(torch.device("cpu")) == "reference"
-    assert "cuda" in so.available_backends("decode_attention")
+    assert "cuda" in _backend._REGISTRY["decode_attention"]  # registered, but not runnable here:
+    assert "cuda" not in so.available_backends("decode_attention", "cpu")
     assert not _cuda.usable(torch.device("cpu"))
     q = torch.zeros(1, 4, 64)
     with so.use_backend("cuda"), pytest.raises(RuntimeError, match="backend 'cuda' cannot run"):
@@ -50,6 +52,18 @@ def test_cuda_decode_support_rules():
     assert "group size" in unsupported(torch.zeros(1, 34, 128, dtype=torch.bfloat16), k, k)
     kk = torch.zeros(1, 2, 64, 136, dtype=torch.bfloat16)[..., 4:]  # rows start 8 bytes off
     assert "k rows" in unsupported(q, kk, k)
+
+
+def test_cuda_decode_runs_strided_lengths_on_triton(device):
+    """The cluster kernel reads ``lengths`` contiguously, so a strided one (a column of an int32 table) goes to
+    the Triton kernel, which honours its stride (without a GPU: on the CPU, under the interpreter)."""
+    from sparsevila_ops.csrc import decode as cd
+    q, k, v = _inputs(2, 2, 4, 40, 64, torch.bfloat16, device)
+    assert cd.unsupported(q, k, v) is None
+    lengths = column(torch.tensor([40, 7], dtype=torch.int32, device=device))
+    out, lse = _outs(q)
+    cd.decode_attention(q, k, v, lengths, 64 ** -0.5, out, lse)
+    _check(out, lse, q, k, v, lengths, 64 ** -0.5, "strided lengths on the cuda backend")
 
 
 def _nan_tail(k, v, lengths):

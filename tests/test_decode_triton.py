@@ -12,7 +12,7 @@ import sparsevila_ops as so
 from sparsevila_ops import reference as ref
 from sparsevila_ops.triton_kernels import decode as tk
 
-from helpers import REL_TOL, assert_2x_rule, assert_rel, poison
+from helpers import REL_TOL, assert_2x_rule, assert_rel, column, poison
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -66,11 +66,14 @@ def _outs(q):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("G", [1, 4, 7])
-def test_decode_attention_matches_reference(device, dtype, G):
+@pytest.mark.parametrize("strided_lengths", [False, True])
+def test_decode_attention_matches_reference(device, dtype, G, strided_lengths):
     # B = 4: empty row, one key, a capacity-full row, a row ending mid-tile; D = 40 (not a power of two).
     B, Hk, cap, D = 4, 2, 150, 40
     q, k, v = _inputs(B, Hk, G, cap, D, dtype, device)
     lengths = torch.tensor([0, 1, cap, 83], dtype=torch.int32, device=device)
+    if strided_lengths:  # a column of a wider int32 table
+        lengths = column(lengths)
     scale = D ** -0.5
     out, lse = _outs(q)
     with so.use_backend("triton"):
@@ -142,13 +145,16 @@ def test_decode_split_calls_are_deterministic(device):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_append_kv_then_decode(device, dtype):
+@pytest.mark.parametrize("strided_lengths", [False, True])
+def test_append_kv_then_decode(device, dtype, strided_lengths):
     B, Hk, G, cap, D = 2, 3, 2, 40, 32
     q, k, v = _inputs(B, Hk, G, cap, D, dtype, device, seed=7)
     g = torch.Generator().manual_seed(8)
     k_new = torch.randn(B, Hk, D, generator=g).to(dtype).to(device)
     v_new = torch.randn(B, 2, Hk, D, generator=g).to(dtype).to(device)[:, 1]  # strided
     lengths = torch.tensor([cap - 1, 5], dtype=torch.int32, device=device)
+    if strided_lengths:  # bumped in place inside its table
+        lengths = column(lengths)
     rk, rv, rlen = k.clone(), v.clone(), lengths.clone()
     ref.append_kv(k_new, v_new, rk, rv, rlen)
     with so.use_backend("triton"):
@@ -160,13 +166,17 @@ def test_append_kv_then_decode(device, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_sparse_decode_equals_decode_over_packed(device, dtype):
+@pytest.mark.parametrize("strided_index", [False, True])
+def test_sparse_decode_equals_decode_over_packed(device, dtype, strided_index):
     B, Hk, G, T, D, n = 2, 2, 4, 120, 48, 45
     q, k, v = _inputs(B, Hk, G, T, D, dtype, device, seed=11)
     g = torch.Generator().manual_seed(12)
     indices = torch.stack([torch.stack([torch.randperm(T, generator=g)[:n].sort().values for _ in range(Hk)])
                            for _ in range(B)]).to(torch.int32).to(device)
     n_valid = torch.tensor([n, 19], dtype=torch.int32, device=device)
+    if strided_index:  # n_valid a column of a table; indices a slice of wider rows (last dim contiguous)
+        n_valid = column(n_valid)
+        indices = torch.cat([indices, torch.full_like(indices, -1)], dim=2)[:, :, :n]
     idx = indices.long().unsqueeze(-1).expand(-1, -1, -1, D)
     kp, vp = torch.gather(k, 2, idx), torch.gather(v, 2, idx)  # packed equivalent [B, Hk, n, D]
     out_s, lse_s = _outs(q)

@@ -14,7 +14,7 @@ from sparsevila_ops import reference
 from sparsevila_ops.triton_kernels import prefill as tk
 
 import brute
-from helpers import REL_TOL, assert_2x_rule, assert_rel, poison
+from helpers import REL_TOL, assert_2x_rule, assert_rel, column, poison
 
 TOL32 = REL_TOL[torch.float32]
 
@@ -74,13 +74,16 @@ def _run_triton(q, k, v, cu_q, cu_k, mq, mk, scale, causal, rel_rows):
     return out, lse, rel
 
 
-def _check(q, k, v, lq, lk, rel, causal, *, scale=None, hi_on_cpu=True):
-    """Run the Triton op with rel_rows and check out (2x rule), lse and relevance (fp32 tolerance)."""
+def _check(q, k, v, lq, lk, rel, causal, *, scale=None, hi_on_cpu=True, strided_index=False):
+    """Run the Triton op with rel_rows and check out (2x rule), lse and relevance (fp32 tolerance).
+    ``strided_index``: cu_seqlens_q/k and rel_rows are columns of wider int32 tables."""
     dev = q.device
     cu_q, cu_k = _cu(lq, dev), _cu(lk, dev)
     mq, mk = max(lq), max(lk)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     rel_rows = torch.tensor(rel, dtype=torch.int32, device=dev)
+    if strided_index:
+        cu_q, cu_k, rel_rows = column(cu_q), column(cu_k), column(rel_rows)
     out, lse, relevance = _run_triton(q, k, v, cu_q, cu_k, mq, mk, scale, causal, rel_rows)
     if hi_on_cpu:
         hi_out, hi_lse, hi_rel = brute.prefill(q.cpu(), k.cpu(), v.cpu(), cu_q.cpu(), cu_k.cpu(), scale, causal,
@@ -150,6 +153,25 @@ def test_strided_inputs(device, layout):
     assert not (k.is_contiguous() or v.is_contiguous())
     rel = [[0, lq[0]], [lq[1] - 3, lq[1]]]
     _check(q, k, v, lq, lk, rel, True)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_strided_index_tensors(device, causal):
+    """cu_seqlens_q/k and rel_rows as columns of wider int32 tables (last-dim stride 3) over every segment
+    kind, through the fused op and kv_relevance: the same results as with contiguous index tensors."""
+    gen = torch.Generator().manual_seed(4)
+    q = torch.randn(sum(LQ), 4, 24, generator=gen).to(device, torch.bfloat16)
+    k = torch.randn(sum(LK), 2, 24, generator=gen).to(device, torch.bfloat16)
+    v = torch.randn(sum(LK), 2, 24, generator=gen).to(device, torch.bfloat16)
+    out, lse, rel = _check(q, k, v, LQ, LK, REL, causal, strided_index=True)
+    cu_q, cu_k = _cu(LQ, device), _cu(LK, device)
+    rel_rows = torch.tensor(REL, dtype=torch.int32, device=device)
+    want = _run_triton(q, k, v, cu_q, cu_k, max(LQ), max(LK), 24 ** -0.5, causal, rel_rows)
+    assert all(torch.equal(got, w) for got, w in zip((out, lse, rel), want))
+    with so.use_backend("triton"):
+        standalone = so.kv_relevance(q, k, lse, column(cu_q), column(cu_k), max(LQ), max(LK), column(rel_rows),
+                                     causal=causal, relevance=poison(torch.empty_like(rel)))
+    assert torch.equal(standalone, rel)
 
 
 @pytest.mark.parametrize("D", [64, 80])

@@ -1,6 +1,7 @@
 """visual_salience on the Triton backend vs the torch reference (fp32 oracle).
 
-CPU: the kernels run under Triton's interpreter at tiny shapes. GPU (`gpu` marker): ANCHORS.md shapes.
+CPU: the kernels run under Triton's interpreter at tiny shapes. GPU (`gpu` marker): the benchmark shapes
+(SigLIP 64 frames, QwenVL 4k / 16k, 64-patch windows) and awkward lengths.
 """
 import numpy as np
 import pytest

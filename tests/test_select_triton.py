@@ -9,6 +9,9 @@ import torch
 import sparsevila_ops as so
 from sparsevila_ops import reference as ref
 
+from helpers import column
+
+
 def _i32(vals, device):
     return torch.tensor(vals, dtype=torch.int32, device=device)
 
@@ -110,11 +113,14 @@ def _pack_inputs(layout, L, B, H, T, D, dtype, device, seed=0):
 
 @pytest.mark.parametrize("layout", ["stacked", "list", "mixed"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_pack_kv_matches_ordered_gather(device, layout, dtype):
+@pytest.mark.parametrize("strided_indices", [False, True])
+def test_pack_kv_matches_ordered_gather(device, layout, dtype, strided_indices):
     L, B, H, T, D, keep, cap = 3, 2, 2, 60, 24, 11, 64
     vs, ve, sl = [4, 0], [50, 8], [57, 60]
     k, v, k_list, v_list = _pack_inputs(layout, L, B, H, T, D, dtype, device)
     indices = _ref_select(_scores((L, B, H, T), "ties", device), vs, ve, keep)
+    if strided_indices:  # a column of a wider int32 table: last-dim stride 3
+        indices = column(indices)
     g = torch.Generator().manual_seed(9)
     init_k = torch.randn(L, B, H, cap, D, generator=g).to(dtype).to(device)
     init_v = torch.randn(L, B, H, cap, D, generator=g).to(dtype).to(device)

@@ -47,7 +47,7 @@ def _smid():
 
 @triton.jit
 def _decode_split_kernel(q_ptr, k_ptr, v_ptr, len_ptr, idx_ptr, out_ptr, lse_ptr, po_ptr, pl_ptr, qk_scale,
-                         q_sb, q_sh, k_sb, k_sg, k_sn, v_sb, v_sg, v_sn, i_sb, i_sg, o_sb, o_sh, l_sb, l_sh,
+                         q_sb, q_sh, k_sb, k_sg, k_sn, v_sb, v_sg, v_sn, len_s, i_sb, i_sg, o_sb, o_sh, l_sb, l_sh,
                          G, HQ, D, time_ptr,
                          NUM_SPLITS: tl.constexpr, GATHER: tl.constexpr, IEEE: tl.constexpr,
                          BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -71,7 +71,7 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, len_ptr, idx_ptr, out_ptr, lse_ptr
     heads = g * G + rows
     mg = rows < G
     md = d < D
-    n = tl.load(len_ptr + b)
+    n = tl.load(len_ptr + b * len_s)
     q = tl.load(q_ptr + b.to(tl.int64) * q_sb + heads[:, None] * q_sh + d[None, :],  # in flight with n
                 mask=mg[:, None] & md[None, :], other=0.0)
     chunk = tl.cdiv(tl.cdiv(n, NUM_SPLITS), BLOCK_N) * BLOCK_N
@@ -232,7 +232,7 @@ def _launch_decode(q, k, v, lengths, indices, scale, out, lse, num_splits=None, 
     _decode_split_kernel[(S, B, HK)](
         q, k, v, lengths, idx, out, lse, po, pl, scale * LOG2E,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        idx.stride(0) if gather else 0, idx.stride(1) if gather else 0,
+        lengths.stride(0), idx.stride(0) if gather else 0, idx.stride(1) if gather else 0,
         out.stride(0), out.stride(1), lse.stride(0), lse.stride(1), G, HQ, D,
         timeline if timeline is not None else lengths,
         GATHER=gather, IEEE=q.dtype == torch.float32, TIMELINE=timeline is not None, **cfg, **launch)
@@ -265,19 +265,20 @@ def sparse_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
 
 @triton.jit
 def _append_kv_kernel(kn_ptr, vn_ptr, kc_ptr, vc_ptr, len_ptr,
-                      kn_sb, kn_sh, vn_sb, vn_sh, kc_sb, kc_sh, kc_sn, vc_sb, vc_sh, vc_sn,
+                      kn_sb, kn_sh, vn_sb, vn_sh, kc_sb, kc_sh, kc_sn, vc_sb, vc_sh, vc_sn, len_s,
                       HK, D, CAP, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
     b = tl.program_id(0)
     if PDL:
         gdc_wait()
         gdc_launch_dependents()
-    n = tl.load(len_ptr + b)
+    n = tl.load(len_ptr + b * len_s)
     ok = n < CAP  # a full cache is left as it is (the public function checks this where it can)
     d = tl.arange(0, BLOCK_D)
     md = d < D
     for h0 in range(0, HK, BLOCK_H):
         h = h0 + tl.arange(0, BLOCK_H)
-        m = ((h < HK)[:, None] & md[None, :]) & ok
+        # where, not `& ok`: the interpreter broadcasts a scalar compare as int32, which triton>=3.9 rejects as a mask
+        m = tl.where(ok, (h < HK)[:, None] & md[None, :], False)
         kt = tl.load(kn_ptr + b.to(tl.int64) * kn_sb + h[:, None] * kn_sh + d[None, :], mask=m)
         vt = tl.load(vn_ptr + b.to(tl.int64) * vn_sb + h[:, None] * vn_sh + d[None, :], mask=m)
         slot = n.to(tl.int64)
@@ -285,7 +286,7 @@ def _append_kv_kernel(kn_ptr, vn_ptr, kc_ptr, vc_ptr, len_ptr,
                  kt, mask=m)
         tl.store(vc_ptr + b.to(tl.int64) * vc_sb + h[:, None].to(tl.int64) * vc_sh + slot * vc_sn + d[None, :],
                  vt, mask=m)
-    tl.store(len_ptr + b, n + 1, mask=ok)
+    tl.store(len_ptr + b * len_s, n + 1, mask=ok)
 
 
 def append_kv(k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -301,6 +302,6 @@ def append_kv(k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor, v
         k_new, v_new, k_cache, v_cache, lengths,
         k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), lengths.stride(0),
         HK, D, k_cache.shape[2], BLOCK_H=block_h, BLOCK_D=block_d, PDL=pdl, num_warps=4,
         **({"launch_pdl": True} if pdl else {}))

@@ -87,7 +87,7 @@ def _attn_blocks(acc, l_i, m_i, q, k_ptrs, v_ptrs, offs_m, offs_n, offs_d, lo, h
 @triton.jit
 def _prefill_fwd_kernel(Q, K, V, Out, Lse, cu_q, cu_k,
                         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-                        stride_ot, stride_oh, stride_lh, qk_scale, num_m_blocks,
+                        stride_ot, stride_oh, stride_lh, stride_cq, stride_ck, qk_scale, num_m_blocks,
                         HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr):
     """out[i, h] = softmax_j(scale q_i.k_j) v_j and lse[h, i] (natural log) for BLOCK_M rows of head h."""
@@ -96,12 +96,12 @@ def _prefill_fwd_kernel(Q, K, V, Out, Lse, cu_q, cu_k,
     h = pid_sh % HQ
     g = h // G
     start_m = (num_m_blocks - 1 - tl.program_id(1)) * BLOCK_M  # heaviest row block first
-    qa = tl.load(cu_q + seg)
-    m = tl.load(cu_q + seg + 1) - qa
+    qa = tl.load(cu_q + seg * stride_cq)
+    m = tl.load(cu_q + (seg + 1) * stride_cq) - qa
     if start_m >= m:
         return
-    ka = tl.load(cu_k + seg)
-    n = tl.load(cu_k + seg + 1) - ka
+    ka = tl.load(cu_k + seg * stride_ck)
+    n = tl.load(cu_k + (seg + 1) * stride_ck) - ka
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -184,7 +184,7 @@ def _relevance_tiles(acc, k, Q, Lse, row0, g, offs_n, offs_p, offs_d, rows, n_ti
 @triton.jit
 def _kv_relevance_kernel(Q, K, Lse, Rel, cu_q, cu_k, rel_rows,
                          stride_qt, stride_qh, stride_kt, stride_kh, stride_lh, stride_rg, stride_rs, stride_rc,
-                         qk_scale,
+                         stride_cq, stride_ck, qk_scale,
                          G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
                          BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr):
     """relevance[g, j] = sum_{h // G == g} sum_{i in [r0, r1)} exp2(qk_scale q_i.k_j - log2e lse[h, i]),
@@ -192,12 +192,12 @@ def _kv_relevance_kernel(Q, K, Lse, Rel, cu_q, cu_k, rel_rows,
     start_n = tl.program_id(0) * BLOCK_N
     seg = tl.program_id(1)
     g = tl.program_id(2)
-    ka = tl.load(cu_k + seg)
-    n = tl.load(cu_k + seg + 1) - ka
+    ka = tl.load(cu_k + seg * stride_ck)
+    n = tl.load(cu_k + (seg + 1) * stride_ck) - ka
     if start_n >= n:
         return
-    qa = tl.load(cu_q + seg)
-    m = tl.load(cu_q + seg + 1) - qa
+    qa = tl.load(cu_q + seg * stride_cq)
+    m = tl.load(cu_q + (seg + 1) * stride_cq) - qa
     r0 = tl.load(rel_rows + seg * stride_rs)
     r1 = tl.load(rel_rows + seg * stride_rs + stride_rc)
 
@@ -285,7 +285,8 @@ def _launch_prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, scale, ca
     _prefill_fwd_kernel[grid](
         q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        out.stride(0), out.stride(1), lse.stride(0), scale * LOG2E, num_m_blocks,
+        out.stride(0), out.stride(1), lse.stride(0), cu_seqlens_q.stride(0), cu_seqlens_k.stride(0),
+        scale * LOG2E, num_m_blocks,
         HQ=Hq, G=Hq // Hk, D=D, BLOCK_D=_block_d(D), BLOCK_M=block_m, CAUSAL=bool(causal),
         IEEE=q.dtype == torch.float32, **cfg)
 
@@ -303,7 +304,7 @@ def _launch_relevance(q, k, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_k, scale
     _kv_relevance_kernel[grid](
         q, k, lse, relevance, cu_seqlens_q, cu_seqlens_k, rel_rows,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), lse.stride(0), relevance.stride(0),
-        rel_rows.stride(0), rel_rows.stride(1), scale * LOG2E,
+        rel_rows.stride(0), rel_rows.stride(1), cu_seqlens_q.stride(0), cu_seqlens_k.stride(0), scale * LOG2E,
         G=Hq // Hk, D=D, BLOCK_D=_block_d(D), BLOCK_N=block_n, CAUSAL=bool(causal),
         IEEE=q.dtype == torch.float32, **cfg)
 

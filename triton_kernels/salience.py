@@ -1,4 +1,4 @@
-"""Streaming-softmax salience (DESIGN.md Op 1): mean attention each key receives inside its segment.
+"""Streaming-softmax salience (docs/ops.md, visual_salience): mean attention each key receives inside its segment.
 
 For segment ``[a, b)``, rows ``R`` (all rows, or the first ``min(c, n)``), head ``h``::
 

@@ -130,7 +130,7 @@ def select_kv(scores: torch.Tensor, vis_start: torch.Tensor, vis_end: torch.Tens
 def _pack_kv_kernel(k_ptr, v_ptr, k_table, v_table, idx_ptr, vs_ptr, ve_ptr, tlen_ptr,
                     ko_ptr, vo_ptr, len_ptr,
                     k_sl, k_sb, k_sg, k_st, v_sl, v_sb, v_sg, v_st,
-                    i_sl, i_sb, i_sg, o_sl, o_sb, o_sg, o_st,
+                    i_sl, i_sb, i_sg, i_sk, o_sl, o_sb, o_sg, o_st,
                     B, HK, KEEP, D,
                     USE_TABLE: tl.constexpr, NUM_SPLITS: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -160,7 +160,7 @@ def _pack_kv_kernel(k_ptr, v_ptr, k_table, v_table, idx_ptr, vs_ptr, ve_ptr, tle
         j = start + tl.arange(0, BLOCK_N)
         mj = j < n
         in_sel = (j >= vs) & (j < vs + kb)
-        sel = tl.load(i_row + (j - vs), mask=mj & in_sel, other=0)
+        sel = tl.load(i_row + (j - vs) * i_sk, mask=mj & in_sel, other=0)
         pos = tl.where(j < vs, j, tl.where(in_sel, sel, j - vs - kb + ve)).to(tl.int64)
         m2 = mj[:, None] & md[None, :]
         o_offs = j.to(tl.int64)[:, None] * o_st + d[None, :]
@@ -241,6 +241,6 @@ def _launch_pack(k, v, indices, vis_start, vis_end, seq_lens, k_out, v_out, leng
     _pack_kv_kernel[(rows, cfg["NUM_SPLITS"])](
         k0, v0, k_table, v_table, indices, vis_start, vis_end, seq_lens, k_out, v_out, lengths,
         k_ls, k0.stride(0), k0.stride(1), k0.stride(2), v_ls, v0.stride(0), v0.stride(1), v0.stride(2),
-        indices.stride(0), indices.stride(1), indices.stride(2),
+        indices.stride(0), indices.stride(1), indices.stride(2), indices.stride(3),
         k_out.stride(0), k_out.stride(1), k_out.stride(2), k_out.stride(3),
         B, HK, indices.shape[-1], D, USE_TABLE=use_table, **cfg)
