@@ -1,0 +1,237 @@
+"""W4A16 (``sparsevila_ops.quant``, ``triton_kernels/gemv4.py``): the Triton GEMV/GEMM (interpreter on the CPU)
+and the reference backend against dequantize-then-matmul in float64, the packing contract, the quantization
+error bound, the modules, and validation. Outputs are poisoned first."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import sparsevila_ops as so
+from helpers import poison, rel_err
+from sparsevila_ops import quant as Q
+
+# Unit roundoff of the output dtype: the kernel's own error (fp32 sums) is ~1e-5, so the output's rounding
+# to nearest bounds the relative error; 1e-4 of margin.
+TOL = {torch.bfloat16: 2.0 ** -8 + 1e-4, torch.float16: 2.0 ** -11 + 1e-4}
+DTYPES = (torch.bfloat16, torch.float16)
+
+
+def _gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def _weight(N, K, dtype, device, seed=0, group_size=128):
+    w = (torch.randn(N, K, generator=_gen(seed)) * 0.05).to(dtype)
+    return w, Q.quantize_w4(w.to(device), group_size)
+
+
+def _oracle(x, w4, bias=None):
+    y = x.double().cpu() @ Q.dequantize_w4(w4, torch.float64).cpu().t()
+    return y if bias is None else y + bias.double().cpu()
+
+
+def _kernel():
+    from sparsevila_ops.triton_kernels import gemv4
+    return gemv4
+
+
+CONFIGS = [{"BLOCK_N": 16, "SPLIT_K": 1, "num_warps": 4, "num_stages": 2},
+           {"BLOCK_N": 32, "SPLIT_K": 3, "num_warps": 4, "num_stages": 3},  # 3 splits of 4 blocks: one empty
+           {"BLOCK_N": 64, "SPLIT_K": 2, "num_warps": 4, "num_stages": 4}]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M", [1, 2, 5, 8])
+@pytest.mark.parametrize("cfg", range(len(CONFIGS)))
+def test_kernel_matches_float64_dequant_matmul(device, dtype, M, cfg):
+    """N odd (not a multiple of any BLOCK_N), K = 3 blocks of 128 (uneven over splits), bias with splits."""
+    N, K = 37, 384
+    _, w4 = _weight(N, K, dtype, device, seed=M)
+    x = torch.randn(M, K, generator=_gen(10 + M)).to(device, dtype)
+    bias = torch.randn(N, generator=_gen(20)).to(device, dtype) if cfg != 0 else None
+    out = poison(torch.empty(M, N, dtype=dtype, device=device))
+    _kernel().launch(x, w4.qweight, w4.scales, w4.zeros, bias, out, CONFIGS[cfg])
+    assert rel_err(out, _oracle(x, w4, bias)) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_group_256_and_more_blocks_than_splits(device, dtype):
+    N, K, M = 19, 1024, 3
+    _, w4 = _weight(N, K, dtype, device, seed=3, group_size=256)
+    assert tuple(w4.scales.shape) == (4, N)
+    x = torch.randn(M, K, generator=_gen(4)).to(device, dtype)
+    out = poison(torch.empty(M, N, dtype=dtype, device=device))
+    _kernel().launch(x, w4.qweight, w4.scales, w4.zeros, None, out,
+                     {"BLOCK_N": 16, "SPLIT_K": 3, "num_warps": 4, "num_stages": 2})
+    assert rel_err(out, _oracle(x, w4)) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_public_function_on_triton_strided_rows_3d_and_bias(device, dtype):
+    """x rows with a stride (a column slice of a wider tensor) and a 3-D x, through the op and the heuristic."""
+    N, K = 45, 256
+    _, w4 = _weight(N, K, dtype, device, seed=5)
+    wide = torch.randn(6, K + 96, generator=_gen(6)).to(device, dtype)
+    x = wide[:, 32:32 + K]
+    assert x.stride(0) == K + 96
+    bias = torch.randn(N, generator=_gen(7)).to(device, dtype)
+    with so.use_backend("triton"):
+        y = Q.w4a16_linear(x, w4, bias)
+        y3 = Q.w4a16_linear(x.reshape(2, 3, K), w4)
+    assert y.dtype == dtype and y.shape == (6, N) and y3.shape == (2, 3, N)
+    assert rel_err(y, _oracle(x, w4, bias)) <= TOL[dtype]
+    assert rel_err(y3.reshape(6, N), _oracle(x, w4)) <= TOL[dtype]
+
+
+def test_config_heuristic_splits_small_n_only():
+    cfg = _kernel()._config
+    assert cfg(1, 37888, 3584, 132)["SPLIT_K"] == 1  # gate_up: 592 tiles
+    assert cfg(1, 3584, 3584, 132)["SPLIT_K"] == 4  # o
+    assert cfg(8, 3584, 18944, 132)["SPLIT_K"] == 8  # down
+    assert cfg(1, 37, 384, 132)["SPLIT_K"] == 1  # 3 blocks: too few to split
+    for M, N, K in ((1, 4608, 3584), (8, 3584, 18944), (4, 100, 1280)):
+        c = cfg(M, N, K, 132)
+        assert K // 128 >= 4 * c["SPLIT_K"] or c["SPLIT_K"] == 1
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_reference_backend_and_many_rows(dtype):
+    """CPU default (reference: dequantize to fp32, fp32 matmul) and the > 16-row path (dequantize + F.linear)."""
+    N, K = 21, 256
+    _, w4 = _weight(N, K, dtype, "cpu", seed=8)
+    bias = torch.randn(N, generator=_gen(9)).to(dtype)
+    for M in (1, 16, 17, 40):
+        x = torch.randn(M, K, generator=_gen(M)).to(dtype)
+        with so.use_backend("reference"):
+            y = Q.w4a16_linear(x, w4, bias)
+        # > 16 rows: W is dequantized to x's dtype first (one more rounding per weight)
+        tol = TOL[dtype] if M <= Q.MAX_KERNEL_ROWS else 4 * TOL[dtype]
+        assert rel_err(y, _oracle(x, w4, bias)) <= tol, M
+    assert Q.w4a16_linear(torch.empty(0, K, dtype=dtype), w4).shape == (0, N)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_quantize_round_trip_error_bound(dtype):
+    """|w - (q - z) s| <= s / 2 for every weight, including constant, all-zero and one-signed groups."""
+    N, K, G = 6, 512, 128
+    w = torch.randn(N, K, generator=_gen(11)) * 0.1
+    w[0, :G] = 0.0
+    w[1, :G] = 0.37
+    w[2, G:2 * G] = -2.5
+    w[3, :G] = w[3, :G].abs() + 1.0
+    w[4] *= 300.0
+    w = w.to(dtype)
+    w4 = Q.quantize_w4(w, G)
+    deq = Q.dequantize_w4(w4, torch.float64)
+    s = w4.scales.double().t().repeat_interleave(G, dim=1)
+    err = (deq - w.double()).abs()
+    assert bool((err <= 0.5 * s * (1 + 1e-5) + 1e-30).all()), float((err / s).max())
+    assert torch.equal(deq[0, :G], torch.zeros(G, dtype=torch.float64))
+    assert torch.allclose(deq[1, :G], w[1, :G].double(), rtol=1e-2)  # a constant group is (nearly) exact
+    assert Q.dequantize_w4(w4).dtype == dtype and w4.nbytes == N * K // 2 + (K // G) * N * 3
+    assert int(w4.zeros.max()) <= 15
+
+
+def test_packing_layout_is_the_documented_one():
+    """Word i of block b holds q[n, 128 b + 16 j + i] in bits [4j, 4j + 4), with q = round(W / s) + z."""
+    N, K = 3, 256
+    w, w4 = _weight(N, K, torch.float16, "cpu", seed=12)
+    q = torch.empty(N, K, dtype=torch.int64)
+    words = w4.qweight.to(torch.int64) & 0xFFFFFFFF
+    for b in range(K // 128):
+        for j in range(8):
+            for i in range(16):
+                q[:, 128 * b + 16 * j + i] = (words[:, 16 * b + i] >> (4 * j)) & 0xF
+    s = w4.scales.double().t().repeat_interleave(128, dim=1)
+    z = w4.zeros.double().t().repeat_interleave(128, dim=1)
+    assert torch.equal(Q.dequantize_w4(w4, torch.float64), (q.double() - z) * s)
+    assert (q.double() - z - w.double() / s).abs().max() <= 0.5 + 1e-4
+
+
+def test_opcheck_and_compile_fullgraph():
+    N, K = 20, 256
+    _, w4 = _weight(N, K, torch.bfloat16, "cpu", seed=13)
+    x = torch.randn(3, K, generator=_gen(14)).to(torch.bfloat16)
+    bias = torch.randn(N, generator=_gen(15)).to(torch.bfloat16)
+    op = torch.ops.sparsevila_quant.w4a16_linear
+    with so.use_backend("reference"):
+        for b in (None, bias):
+            torch.library.opcheck(op, (x, w4.qweight, w4.scales, w4.zeros, b,
+                                       poison(torch.empty(3, N, dtype=torch.bfloat16))))
+        fn = torch.compile(lambda x: Q.w4a16_linear(x, w4, bias), fullgraph=True, backend="aot_eager")
+        assert torch.equal(fn(x), Q.w4a16_linear(x, w4, bias))
+
+
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(256, 37, bias=True)
+        self.mlp = nn.Sequential(nn.Linear(256, 128, bias=False), nn.GELU())
+        self.lm_head = nn.Linear(128, 10)
+        self.odd = nn.Linear(100, 5)
+
+
+def test_quantize_model_linears_swaps_and_skips():
+    m = _Block().to(torch.bfloat16)
+    with pytest.raises(ValueError, match=r"odd: in_features \(100\) must be a multiple of group_size \(128\)"):
+        Q.quantize_model_linears(m)
+    assert isinstance(m.proj, nn.Linear)  # nothing replaced when one layer is refused
+    ref_w = m.proj.weight.detach().clone()
+    Q.quantize_model_linears(m, skip=("lm_head", "odd"))
+    assert isinstance(m.proj, Q.W4Linear) and isinstance(m.mlp[0], Q.W4Linear)
+    assert type(m.lm_head) is nn.Linear and type(m.odd) is nn.Linear
+    assert m.proj.bias.dtype == torch.bfloat16 and m.mlp[0].bias is None
+    assert "group_size=128" in repr(m.proj)
+    x = torch.randn(2, 256, generator=_gen(16)).to(torch.bfloat16)
+    w4 = Q.quantize_w4(ref_w)
+    assert torch.equal(m.proj(x), Q.w4a16_linear(x, w4, m.proj.bias))
+    assert rel_err(m.proj(x), x.double() @ ref_w.double().t() + m.proj.bias.double()) < 0.1
+    with pytest.raises(TypeError, match="weight must be fp16/bf16"):
+        Q.quantize_model_linears(_Block(), skip=("odd",))
+    with pytest.raises(TypeError, match="skip must be a sequence"):
+        Q.quantize_model_linears(m, skip="lm_head")
+
+
+def test_bad_inputs_name_the_argument_and_rule():
+    w = torch.randn(8, 256).to(torch.bfloat16)
+    w4 = Q.quantize_w4(w)
+    x = torch.randn(2, 256).to(torch.bfloat16)
+    cases = [
+        (lambda: Q.quantize_w4(torch.randn(8, 200).half()), ValueError, r"K = 200\) must be a multiple of group_size"),
+        (lambda: Q.quantize_w4(w, 64), ValueError, "group_size must be >= 128"),
+        (lambda: Q.quantize_w4(torch.randn(8, 384).half(), 192), ValueError, "group_size must be a multiple of 128"),
+        (lambda: Q.quantize_w4(w, 128.0), TypeError, "group_size must be a Python int"),
+        (lambda: Q.quantize_w4(w.float()), TypeError, "weight must have dtype in"),
+        (lambda: Q.quantize_w4(w[0]), ValueError, "weight must have 2 dims"),
+        (lambda: Q.w4a16_linear(x, w), TypeError, "w4 must be a W4Weight"),
+        (lambda: Q.w4a16_linear(x.half(), w4), TypeError, r"x must have the dtype of w4.scales"),
+        (lambda: Q.w4a16_linear(x.float(), w4), TypeError, "x must have dtype in"),
+        (lambda: Q.w4a16_linear(x[:, :128], w4), ValueError, r"x must be \[..., K\] with K = w4.in_features = 256"),
+        (lambda: Q.w4a16_linear(torch.randn(256, 2).to(torch.bfloat16).t(), w4), ValueError,
+         "x must be contiguous in its last dim"),
+        (lambda: Q.w4a16_linear(x, w4, torch.zeros(7, dtype=torch.bfloat16)), ValueError, r"bias must be \[N\] = \[8\]"),
+        (lambda: Q.w4a16_linear(x, w4, torch.zeros(8)), TypeError, "bias must have dtype in"),
+        (lambda: Q.W4Weight(w4.qweight, w4.scales.t().contiguous(), w4.zeros, 128), ValueError,
+         r"scales must be \[K/group_size, N\] = \[2, 8\]"),
+        (lambda: Q.W4Weight(w4.qweight.float(), w4.scales, w4.zeros, 128), TypeError, "qweight must have dtype in"),
+        (lambda: Q.W4Weight(w4.qweight, w4.scales, w4.zeros.to(torch.int32), 128), TypeError,
+         "zeros must have dtype in"),
+        (lambda: Q.W4Weight(w4.qweight, w4.scales.t().contiguous().t(), w4.zeros, 128), ValueError,
+         "scales must be contiguous"),
+        (lambda: Q.W4Weight(torch.zeros(8, 48, dtype=torch.int32), w4.scales, w4.zeros, 256), ValueError,
+         "K a multiple of group_size"),
+        (lambda: Q.dequantize_w4(w), TypeError, "w4 must be a W4Weight"),
+    ]
+    for fn, exc, msg in cases:
+        with pytest.raises(exc, match=msg):
+            fn()
+
+
+def test_bf16_path_does_not_import_quant():
+    """4-bit is an extra: importing the package and the integrations leaves sparsevila_ops.quant unloaded."""
+    import subprocess
+    import sys
+    code = ("import sys, sparsevila_ops, sparsevila_ops.integrations, sparsevila_ops.integrations.demo; "
+            "sys.exit('sparsevila_ops.quant' in sys.modules or 'sparsevila_ops.triton_kernels.gemv4' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
