@@ -269,3 +269,25 @@ def test_decode_step_replays_cuda_graph(device):
     graphed = _generate(model, inputs)
     assert hasattr(model, "_compiled_call")
     assert torch.equal(graphed, eager)
+
+
+def test_compiled_decode_keeps_packed_cache_across_cache_sizes():
+    """``cuda_graph=True`` makes the cache compileable, so ``generate`` compiles the decode step (here with
+    inductor on the CPU). Compiling one model for two packed-cache sizes in a row made the second compile's
+    sizes symbolic, and inductor then wrote the decode appends into the packed cache wrongly (tokens still
+    equal); the cache's sizes are marked static so a new size recompiles."""
+    from transformers.generation.configuration_utils import CompileConfig
+
+    model = tiny_model()
+    cc = CompileConfig(fullgraph=True, mode=None)
+    cc._compile_all_devices = True
+    for p, d in [(0.0, 0.9), (0.5, 0.9)]:
+        sv.enable(model, p, d, cuda_graph=True)
+        try:
+            with torch.no_grad():
+                r = model.generate(**visual_inputs(seed=9), max_new_tokens=6, do_sample=False,
+                                   return_dict_in_generate=True, compile_config=cc)
+        finally:
+            sv.disable(model)
+        assert hasattr(model, "_compiled_call")
+        _check_packed(r.past_key_values)

@@ -103,9 +103,13 @@ class SparseVILACache(Cache):
 
     @staticmethod
     def _mark_static(*tensors: torch.Tensor) -> None:
+        """Fixed addresses (CUDA graphs replay in place) and static sizes: a new cache size recompiles the decode
+        step rather than making its sizes symbolic (inductor then wrote appends to the packed cache's views
+        wrongly; bench/NOTES.md)."""
         if not torch.compiler.is_compiling():
             for t in tensors:
                 torch._dynamo.mark_static_address(t)
+                torch._dynamo.mark_static(t)
 
     def _grow(self, need: int) -> None:
         """Reallocate the full cache to hold ``need`` tokens per row (prefill only, never in a graph)."""

@@ -74,8 +74,7 @@ def enable(model, prefill_sparsity: float = 0.75, decode_sparsity: float = 0.95,
         salience_layer: the full-attention vision block whose attention scores salience (default: the last of
             ``vision_config.fullatt_block_indexes``).
         cuda_graph: report the cache compileable, so that ``generate`` on CUDA compiles the decode step into a
-            CUDA graph. Opt-in: tokens match the eager decode on the GPU, but the packed cache was seen to differ
-            from its reference gather when one model compiled for several caches in a row (bench/NOTES.md).
+            CUDA graph. Opt-in until the 7B graph-captured decode is measured on the GPU (bench/NOTES.md).
     """
     if not isinstance(model, hf.Qwen2_5_VLForConditionalGeneration):
         raise TypeError(f"model must be a transformers Qwen2_5_VLForConditionalGeneration; got "
