@@ -97,6 +97,17 @@ def time_cuda(fn: Callable[[int], object], *, n_inputs: int = 1, warmup: int = 5
     return {"median_ms": q(0.5), "p20_ms": q(0.2), "p80_ms": q(0.8), "iters": iters}
 
 
+def copy_bandwidth_tbps(nbytes: int = 2 << 30, iters: int = 20) -> float:
+    """Device-to-device copy bandwidth in TB/s, counting read + write (``2 * nbytes / time``): the ceiling that
+    byte floors divide by (bench/NOTES.md, "Ceilings")."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = time_cuda(lambda _: dst.copy_(src), iters=iters)["median_ms"]
+    del src, dst
+    torch.cuda.empty_cache()
+    return 2 * nbytes / (ms * 1e-3) / 1e12
+
+
 def peak_extra_memory(fn: Callable[[], object]) -> int:
     """Bytes allocated by ``fn`` above what was allocated before it (CUDA caching allocator peak)."""
     torch.cuda.synchronize()

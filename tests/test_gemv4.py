@@ -235,3 +235,13 @@ def test_bf16_path_does_not_import_quant():
     code = ("import sys, sparsevila_ops, sparsevila_ops.integrations, sparsevila_ops.integrations.demo; "
             "sys.exit('sparsevila_ops.quant' in sys.modules or 'sparsevila_ops.triton_kernels.gemv4' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available")
+def test_bench_without_a_gpu_skips_with_one_line(capsys):
+    from bench import gemv4
+    assert gemv4.main(["--quick"]) == 0 and gemv4.main(["--sweep"]) == 0
+    assert capsys.readouterr().out.strip().splitlines() == ["bench.gemv4: needs a CUDA GPU; skipped"] * 2
+    with pytest.raises(SystemExit):
+        gemv4.main(["--batches", "17"])
+    assert "--batches must lie in [1, 16]" in capsys.readouterr().err

@@ -1,0 +1,269 @@
+"""W4A16 decode GEMVs: one Qwen2.5-7B decoder layer's four linear layers at batch 1-8, in CUDA graphs.
+
+``python -m bench.gemv4 [--quick] [--batches 1 8] [--sweep]``. Shapes (N x K): qkv 4608x3584, o 3584x3584,
+gate_up 37888x3584, down 3584x18944 (233 M weights: 466 MB in bf16; 4-bit with group 128 bf16 scales and uint8
+zeros: 122 MB). Methods, all on the same quantized values:
+
+- ``bf16``: ``torch.nn.functional.linear`` on the bf16 weight (cuBLAS);
+- ``tinygemm``: PyTorch's ``aten._weight_int4pack_mm`` (weight from ``aten._convert_weight_to_int4pack`` of the
+  uint8 ``[N, K/2]`` nibbles, inner k tiles 8; its dequant is ``(q - 8) * scale + zero``, so zero = (8 - z) s);
+- ``gemlite``: ``gemlite.helper.A16Wn`` when gemlite imports (a note says why not otherwise);
+- ``ours``: ``sparsevila_ops.quant.w4a16_linear`` (``triton_kernels/gemv4.py``, heuristic config).
+
+Each time is one CUDA graph that runs R weight sets back to back (R copies, so that they exceed the L2 by far),
+divided by R: per linear layer, and for the whole layer (four GEMVs per set). Effective TB/s = the method's own
+weight bytes / time. ``floor4_us`` = our 4-bit bytes / the device copy bandwidth measured in the same run.
+Every method's output is verified against dequantize-then-matmul in fp32 before it is timed.
+``--sweep`` times our kernel's config space (BLOCK_N, SPLIT_K, warps, stages) per shape instead.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+
+import torch
+import torch.nn.functional as F
+
+from bench.common import copy_bandwidth_tbps, require_gpu, time_cuda, verify, write_results
+from sparsevila_ops import quant as Q
+
+SHAPES = {"qkv": (4608, 3584), "o": (3584, 3584), "gate_up": (37888, 3584), "down": (3584, 18944)}  # N, K
+GROUP = 128
+L2_BYTES = 256 << 20  # R copies of a weight exceed this (5x the H100/H200 L2)
+METHODS = ("bf16", "tinygemm", "gemlite", "ours")
+
+
+def _tinygemm(w4):
+    """(packed weight, scales_and_zeros [K/G, N, 2] bf16) for ``aten._weight_int4pack_mm``."""
+    q = Q._unpack(w4.qweight)
+    nibbles = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)
+    packed = torch.ops.aten._convert_weight_to_int4pack(nibbles.contiguous(), 8)
+    s = w4.scales.float()
+    sz = torch.stack([s, (8 - w4.zeros.float()) * s], dim=-1).to(torch.bfloat16).contiguous()
+    return packed, sz
+
+
+def _gemlite(w4):
+    """A gemlite layer on the same (q, s, z), or (None, why)."""
+    try:
+        from gemlite.helper import A16Wn
+    except ImportError as e:
+        return None, f"gemlite not importable ({e})"
+    try:
+        q = Q._unpack(w4.qweight).to(torch.uint8)
+        layer = A16Wn(device="cuda").from_weights(q, w4.scales.t().contiguous(),
+                                                  w4.zeros.t().to(w4.dtype).contiguous(), 4, w4.group_size)
+    except Exception as e:  # noqa: BLE001 - a gemlite API change is reported, not fatal
+        return None, f"gemlite failed to pack: {type(e).__name__}: {e}"[:200]
+    return layer, None
+
+
+class Layer:
+    """One weight of ``shape`` in every method's format, R copies each (distinct memory)."""
+
+    def __init__(self, name: str, copies: int, gen: torch.Generator, notes: dict):
+        N, K = SHAPES[name]
+        self.name, self.N, self.K, self.copies = name, N, K, copies
+        w = (torch.randn(N, K, device="cuda", generator=gen) * 0.02).to(torch.bfloat16)
+        w4 = Q.quantize_w4(w, GROUP)
+        self.w_deq = Q.dequantize_w4(w4, torch.float32)
+        self.ref_w = w.float()
+        try:
+            tiny = _tinygemm(w4)
+        except Exception as e:  # noqa: BLE001 - an aten signature change is reported, not fatal
+            tiny = None
+            notes.setdefault("tinygemm", f"tinygemm failed to pack: {type(e).__name__}: {e}"[:200])
+        gem, why = _gemlite(w4)
+        if why:
+            notes.setdefault("gemlite", why)
+        self.bytes = {"bf16": w.numel() * 2, "ours": w4.nbytes, "gemlite": w4.nbytes,
+                      "tinygemm": sum(t.numel() * t.element_size() for t in tiny) if tiny else None}
+        clone = lambda ts: [t.clone() for t in ts]  # noqa: E731
+        self.bf16 = [w] + [w.clone() for _ in range(copies - 1)]
+        self.tiny = None if tiny is None else [tiny] + [tuple(clone(tiny)) for _ in range(copies - 1)]
+        self.ours = [w4] + [Q.W4Weight(*clone((w4.qweight, w4.scales, w4.zeros)), GROUP) for _ in range(copies - 1)]
+        self.gem = None if gem is None else [gem] + [_gemlite(w4)[0] for _ in range(copies - 1)]
+
+    def fn(self, method: str, r: int):
+        """A callable ``x -> y`` for copy ``r`` (None when the method is unavailable)."""
+        if method == "bf16":
+            return lambda x: F.linear(x, self.bf16[r])
+        if method == "tinygemm":
+            if self.tiny is None:
+                return None
+            packed, sz = self.tiny[r]
+            return lambda x: torch.ops.aten._weight_int4pack_mm(x, packed, GROUP, sz)
+        if method == "gemlite":
+            return None if self.gem is None else self.gem[r]
+        return lambda x: Q.w4a16_linear(x, self.ours[r])
+
+    def check(self, method: str, x: torch.Tensor) -> None:
+        ref = x.float() @ (self.ref_w if method == "bf16" else self.w_deq).t()
+        verify(f"{method} {self.name} M={x.shape[0]}", self.fn(method, 0)(x).float(), ref,
+               1e-2 if method in ("bf16", "ours") else 2e-2)
+
+
+def _graph_us(calls, iters: int) -> float:
+    """Median µs of one CUDA-graph replay of ``calls`` run back to back."""
+    def run(_):
+        for c in calls:
+            c()
+    return 1e3 * time_cuda(run, iters=iters, graph=True)["median_ms"]
+
+
+def _copies(nbytes: int) -> int:
+    return max(2, math.ceil(L2_BYTES / nbytes))
+
+
+def run(batches, iters: int) -> tuple:
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    notes: dict = {}
+    copy_tbps = copy_bandwidth_tbps()
+    layers = {}
+    for name, (N, K) in SHAPES.items():
+        layers[name] = Layer(name, _copies(N * K // 2), gen, notes)
+    layer_bytes = {m: sum(lay.bytes[m] or 0 for lay in layers.values()) for m in METHODS}
+    n_sets = min(lay.copies for lay in layers.values())
+    rows = []
+    for M in batches:
+        x = torch.randn(M, 3584, device="cuda", generator=gen).to(torch.bfloat16)
+        x_down = torch.randn(M, 18944, device="cuda", generator=gen).to(torch.bfloat16)
+        xs = {name: (x_down if name == "down" else x) for name in SHAPES}
+        avail = []
+        for method in METHODS:
+            if any(lay.fn(method, 0) is None for lay in layers.values()):
+                continue  # unavailable: the note says why
+            try:
+                for name, lay in layers.items():
+                    lay.check(method, xs[name])
+            except Exception as e:  # noqa: BLE001 - a baseline that fails or computes something else is reported
+                if method == "ours":
+                    raise
+                notes[f"{method} M={M}"] = f"{type(e).__name__}: {e}"[:200]
+                continue
+            avail.append(method)
+        for name in list(SHAPES) + ["layer"]:
+            row = {"M": M, "op": name}
+            if name == "layer":
+                row["N_x_K"] = "4 GEMVs"
+                nbytes, R = layer_bytes, n_sets
+            else:
+                lay = layers[name]
+                row["N_x_K"] = f"{lay.N}x{lay.K}"
+                nbytes, R = lay.bytes, lay.copies
+            for method in avail:
+                if name == "layer":
+                    calls = [(lambda f=layers[n].fn(method, r), a=xs[n]: f(a)) for r in range(R) for n in SHAPES]
+                else:
+                    calls = [(lambda f=layers[name].fn(method, r), a=xs[name]: f(a)) for r in range(R)]
+                us = _graph_us(calls, iters) / R
+                row[f"{method}_us"] = us
+                row[f"{method}_TBps"] = nbytes[method] / (us * 1e-6) / 1e12
+            row["floor4_us"] = nbytes["ours"] / (copy_tbps * 1e12) * 1e6
+            if "ours_us" in row:
+                row["ours_over_floor"] = row["ours_us"] / row["floor4_us"]
+                for base in ("bf16", "tinygemm", "gemlite"):
+                    if f"{base}_us" in row:
+                        row[f"ours_vs_{base}"] = row[f"{base}_us"] / row["ours_us"]
+            rows.append(row)
+            print(row, flush=True)
+    return rows, notes, copy_tbps
+
+
+def sweep(batches, iters: int) -> list:
+    """Our kernel over BLOCK_N x SPLIT_K x num_warps x num_stages per shape; each config verified first."""
+    from sparsevila_ops.triton_kernels import gemv4
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    rows = []
+    for name, (N, K) in SHAPES.items():
+        R = _copies(N * K // 2)
+        w4s = [Q.quantize_w4((torch.randn(N, K, device="cuda", generator=gen) * 0.02).to(torch.bfloat16))
+               for _ in range(R)]
+        w_deq = Q.dequantize_w4(w4s[0], torch.float32)
+        blocks = K // GROUP
+        for M in batches:
+            x = torch.randn(M, K, device="cuda", generator=gen).to(torch.bfloat16)
+            outs = [torch.empty(M, N, dtype=torch.bfloat16, device="cuda") for _ in range(R)]
+            ref = x.float() @ w_deq.t()
+            heur = gemv4._config(M, N, K, gemv4._num_sms(x.device))
+            splits = sorted({1, 2, 4, 8, 16, heur["SPLIT_K"]})
+            for bn in (32, 64, 128):
+                for split in (s for s in splits if blocks >= 2 * s):
+                    for warps in (4, 8):
+                        for stages in (3, 5):
+                            cfg = {"BLOCK_N": bn, "SPLIT_K": split, "num_warps": warps, "num_stages": stages}
+                            calls = [(lambda r=r, cfg=cfg: gemv4.launch(x, w4s[r].qweight, w4s[r].scales,
+                                                                         w4s[r].zeros, None, outs[r], cfg))
+                                     for r in range(R)]
+                            try:
+                                calls[0]()
+                                verify(f"sweep {name} {cfg}", outs[0].float(), ref, 1e-2)
+                                us = _graph_us(calls, iters) / R
+                            except Exception as e:  # noqa: BLE001 - a config that cannot compile is reported
+                                print(f"skip {name} M={M} {cfg}: {type(e).__name__}: {e}"[:300], flush=True)
+                                continue
+                            rows.append({"op": name, "M": M, **cfg, "heuristic": cfg == heur, "us": us,
+                                         "TBps": w4s[0].nbytes / (us * 1e-6) / 1e12})
+                            print(rows[-1], flush=True)
+        del w4s
+        torch.cuda.empty_cache()
+    return rows
+
+
+def _plot(rows, copy_tbps):
+    def plot(fig):
+        layer = [r for r in rows if r["op"] == "layer"]
+        Ms = [r["M"] for r in layer]
+        ax = fig.add_subplot(1, 2, 1)
+        for m in METHODS:
+            if any(f"{m}_TBps" in r for r in layer):
+                ax.plot(Ms, [r.get(f"{m}_TBps", math.nan) for r in layer], marker="o", label=m)
+        ax.axhline(copy_tbps, color="gray", ls="--", label=f"copy {copy_tbps:.2f} TB/s")
+        ax.set_xlabel("batch M")
+        ax.set_ylabel("effective TB/s (own weight bytes)")
+        ax.set_title("one decoder layer (4 GEMVs)", fontsize=9)
+        ax.legend(fontsize=7)
+        ax = fig.add_subplot(1, 2, 2)
+        for m in METHODS:
+            if any(f"{m}_us" in r for r in layer):
+                ax.plot(Ms, [r.get(f"{m}_us", math.nan) for r in layer], marker="o", label=m)
+        ax.plot(Ms, [r["floor4_us"] for r in layer], color="gray", ls="--", label="4-bit byte floor")
+        ax.set_xlabel("batch M")
+        ax.set_ylabel("µs per layer")
+        ax.set_ylim(bottom=0)
+        ax.legend(fontsize=7)
+    return plot
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.gemv4", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="batches 1 and 8, fewer iterations")
+    p.add_argument("--batches", type=int, nargs="+", default=None, help="decode batch sizes (default 1..8)")
+    p.add_argument("--sweep", action="store_true", help="time our kernel's config space (default batch 1)")
+    a = p.parse_args(argv)
+    for M in a.batches or ():
+        if not 1 <= M <= 16:
+            p.error(f"--batches must lie in [1, 16] (the kernel's rows); got {M}")
+    if not require_gpu("bench.gemv4"):
+        return 0
+    iters = 20 if a.quick else 50
+    if a.sweep:
+        rows = sweep(a.batches or [1], iters)
+        write_results("gemv4_sweep", rows, ["op", "M", "BLOCK_N", "SPLIT_K", "num_warps", "num_stages",
+                                            "heuristic", "us", "TBps"],
+                      title="W4A16 GEMV config sweep (ours), Qwen2.5-7B shapes, bf16")
+        return 0
+    batches = a.batches or ([1, 8] if a.quick else list(range(1, 9)))
+    rows, notes, copy_tbps = run(batches, iters)
+    for r in rows:
+        r["copy_TBps"] = copy_tbps
+    cols = ["M", "op", "N_x_K"] + [f"{m}_{u}" for m in METHODS for u in ("us", "TBps")] + [
+        "floor4_us", "ours_over_floor", "ours_vs_tinygemm", "ours_vs_gemlite", "ours_vs_bf16"]
+    note = "; ".join(f"{k}: {v}" for k, v in notes.items())
+    write_results("gemv4", rows, cols, plot=_plot(rows, copy_tbps),
+                  title=f"W4A16 GEMV, Qwen2.5-7B layer, bf16, copy {copy_tbps:.2f} TB/s" + (f" ({note})" if note else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
