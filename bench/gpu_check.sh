@@ -66,6 +66,8 @@ if [ "$what" = bench ] || [ "$what" = all ]; then
   step decode python -m bench.decode "${q[@]}"
   step demo python -m sparsevila_ops demo --json "$SPARSEVILA_BENCH_DIR/demo.json"
   step qwen2_5_vl python -m sparsevila_ops demo --model qwen2_5_vl --json "$SPARSEVILA_BENCH_DIR/qwen2_5_vl_demo.json"
+  step gemv4 python -m bench.gemv4 "${q[@]}"
+  step e2e python -m bench.e2e "${q[@]}"
 fi
 tar -czf "$out/results.tgz" -C "$(dirname "$SPARSEVILA_BENCH_DIR")" "$(basename "$SPARSEVILA_BENCH_DIR")" 2>/dev/null
 echo; echo "==== summary ($what) ===="; cat "$SPARSEVILA_BENCH_DIR/summary.txt"

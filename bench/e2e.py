@@ -1,0 +1,246 @@
+"""Table 2: end-to-end latency of Qwen2.5-VL-7B (random weights) on long videos, bf16 and 4-bit weights.
+
+``python -m bench.e2e [--quick] [--tokens 16384 65536 131072] [--precision bf16 w4a16] [--rows a b c1 c2 c3]
+[--decode-steps 256]``. The model is ``sparsevila_ops.integrations.demo.build_model`` (the QWEN25_VL_7B config,
+bf16; latency does not depend on weight values), the inputs ``demo.video_inputs``:
+
+- one video of F frames at 448x448 px (32x32 patches of 14 px): a 2x2 merge and 2-frame temporal patches make
+  F/2 * 16 * 16 = 128 F LLM visual tokens, so 128 / 512 / 1024 frames give 16384 / 65536 / 131072 visual tokens
+  (``video_for_tokens``); 12 text tokens before the video, a 64-token question after;
+- E: vision encoder incl. salience and pruning (until the LLM's first forward), P: the LLM prefill incl.
+  relevance and select + pack (its first forward), D: ms per generated token over ``--decode-steps`` greedy
+  tokens (default 256) after a warm-up ``generate`` of the same length (compiles and graph captures happen
+  there; ``graphs_compiled_in_timed_run`` > 0 flags a D that includes a recompile), stage boundaries from
+  ``demo.StageTimer``; E2E = E + P + 1500 D: the 1500-token answer is estimated from the timed steps (its
+  steps read on average ~620 more KV entries, 36 MB: < 1 % of any row's bytes per step);
+- rows: (a) stock transformers (SDPA, stock vision loop, ``StaticCache`` + the decode step compiled into CUDA
+  graphs as ``generate`` does); (b) ours at sparsities (0, 0): our vision attention in one launch per block, our
+  prefill and decode kernels, decode step compiled the same way (``enable(..., cuda_graph=True)``); (c) ours at
+  (0.75, 0.95), (0.70, 0.85) and (0.90, 0). Every row in bf16 and with the LLM's linear layers in 4-bit
+  (``quantize_model_linears``, group 128; the vision tower and lm_head stay bf16). Speedups are over row (b) of
+  the same input and precision;
+- beside D its byte floor: (weight bytes read per token + KV bytes read per step) / device copy bandwidth
+  measured in the same run (``decode_floor_ms``), and D / floor. KV read per step = the valid entries a decode
+  step must read (``decode_kv_tokens``), the same for (a) and (b).
+
+Writes ``e2e.{json,md,png}`` (``--quick``: 16k, rows a, b, c1, 64 decode steps: ``e2e_quick``). A full run at
+128k takes several minutes per precision: run inputs/precisions separately with ``--tokens``/``--precision``.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from torch._dynamo.utils import counters
+
+from bench.common import copy_bandwidth_tbps, require_gpu, write_results
+from sparsevila_ops.integrations.demo import QWEN25_VL_7B, StageTimer, build_model, video_inputs
+
+ANSWER_TOKENS = 1500
+QUESTION_TOKENS = 64
+SIDE_PATCHES = 32  # 448 px
+ROWS = {"a": ("stock transformers", None), "b": ("ours (0, 0)", (0.0, 0.0)), "c1": ("ours (0.75, 0.95)", (0.75, 0.95)),
+        "c2": ("ours (0.70, 0.85)", (0.70, 0.85)), "c3": ("ours (0.90, 0)", (0.90, 0.0))}
+PRECISIONS = ("bf16", "w4a16")
+TARGETS = (16384, 65536, 131072)
+
+
+# -- pure parts (tested on the CPU) ---------------------------------------------------------------------------
+def video_for_tokens(target: int, side: int = SIDE_PATCHES) -> Dict[str, int]:
+    """Frames of ``side x side`` patches (14 px) giving about ``target`` LLM visual tokens: every 2 frames x
+    2x2 patches merge into one token, so tokens = frames / 2 * (side / 2)^2, frames = 2 * round(target / (side/2)^2)."""
+    if isinstance(side, bool) or not isinstance(side, int) or side < 2 or side % 2:
+        raise ValueError(f"side must be an even number of patches >= 2; got {side}")
+    per = (side // 2) ** 2
+    t = max(1, round(target / per))
+    return {"frames": 2 * t, "h": side, "w": side, "px": 14 * side, "visual_tokens": t * per}
+
+
+def kept_visual(n: int, sparsity: float) -> int:
+    """Visual tokens (or KV entries) kept of ``n`` at ``sparsity``: the rule of ``prune_visual_tokens`` and of the
+    cache's select + pack, ``max(1, round((1 - sparsity) n))``; all of them at sparsity 0."""
+    return n if sparsity == 0 or n == 0 else max(1, round((1.0 - sparsity) * n))
+
+
+def decode_kv_tokens(prompt_tokens: int, visual_tokens: int, prefill_sparsity: float, decode_sparsity: float,
+                     steps: int) -> float:
+    """Mean KV entries (per layer and KV head) a decode step reads over ``steps`` generated tokens: the text of
+    the prompt, the visual entries kept by pruning and then by select + pack, and on average ``steps / 2``
+    generated tokens (step t = 1 .. steps-1 reads t of them)."""
+    vis = kept_visual(kept_visual(visual_tokens, prefill_sparsity), decode_sparsity)
+    return prompt_tokens - visual_tokens + vis + steps / 2
+
+
+def kv_bytes_per_token(text_config, elem_bytes: int = 2) -> int:
+    """K + V bytes of one token over all layers."""
+    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+    return text_config.num_hidden_layers * 2 * text_config.num_key_value_heads * head_dim * elem_bytes
+
+
+def decode_weight_bytes(model) -> int:
+    """Bytes of weights one decode step reads: every parameter and buffer of the LLM except the embedding table
+    (one row is read), plus lm_head. 4-bit layers count their packed nibbles, scales and zeros."""
+    lm = model.model.language_model
+    tensors = itertools.chain(lm.named_parameters(), lm.named_buffers())
+    total = sum(t.numel() * t.element_size() for name, t in tensors if not name.startswith("embed_tokens."))
+    return total + model.lm_head.weight.numel() * model.lm_head.weight.element_size()
+
+
+def decode_floor_ms(weight_bytes: float, kv_tokens: float, kv_bytes_tok: int, copy_tbps: float) -> float:
+    """(weight bytes + KV bytes) read per decode step / copy bandwidth, in ms."""
+    return (weight_bytes + kv_tokens * kv_bytes_tok) / (copy_tbps * 1e12) * 1e3
+
+
+def assemble(rows: List[dict], copy_tbps: Optional[float], kv_bytes_tok: int,
+             answer_tokens: int = ANSWER_TOKENS) -> List[dict]:
+    """The table: per measured row, E2E = E + P + answer_tokens * D, D's byte floor and D / floor (when the copy
+    bandwidth is known), and E / P / D / E2E speedups over row (b) of the same input and precision."""
+    out = []
+    for r in rows:
+        r = dict(r)
+        r["E2E_s"] = (r["E_ms"] + r["P_ms"] + answer_tokens * r["D_ms"]) / 1e3
+        if copy_tbps:
+            r["D_floor_ms"] = decode_floor_ms(r["weight_bytes"], r["kv_tokens"], kv_bytes_tok, copy_tbps)
+            r["D_over_floor"] = r["D_ms"] / r["D_floor_ms"]
+        out.append(r)
+    base = {(r["visual_tokens"], r["precision"]): r for r in out if r["row"] == "b"}
+    for r in out:
+        b = base.get((r["visual_tokens"], r["precision"]))
+        for col, key in (("E", "E_ms"), ("P", "P_ms"), ("D", "D_ms"), ("E2E", "E2E_s")):
+            r[f"{col}_speedup"] = b[key] / r[key] if b is not None and r[key] > 0 else None
+    return out
+
+
+# -- the harness ----------------------------------------------------------------------------------------------
+def _reset_compiled(model) -> None:
+    """Forget what ``generate`` compiled and sized for the last row (compiled call, static cache length)."""
+    for attr in ("_compiled_call", "_last_compile_config", "_previous_max_cache_length"):
+        model.__dict__.pop(attr, None)
+    torch._dynamo.reset()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def run_rows(model, inputs: dict, rows: Sequence[str], *, decode_steps: int, precision: str,
+             video: Dict[str, int]) -> List[dict]:
+    """Measure E, P, D of each row on one input (warm-up ``generate``, then a timed one); returns raw rows."""
+    from sparsevila_ops.integrations import qwen2_5_vl as sv
+
+    prompt = inputs["input_ids"].shape[1]
+    n_vis = int((inputs["input_ids"] == model.config.video_token_id).sum())
+    weights = decode_weight_bytes(model)
+    timer = StageTimer(model)
+    gen = dict(max_new_tokens=decode_steps, min_new_tokens=decode_steps, do_sample=False)
+    out = []
+    for key in rows:
+        label, sp = ROWS[key]
+        kw = dict(gen, cache_implementation="static") if sp is None else gen
+        if sp is not None:
+            sv.enable(model, sp[0], sp[1], cuda_graph=True)
+        try:
+            with torch.no_grad():
+                timer.run(lambda: model.generate(**inputs, **kw))
+                graphs = counters["stats"]["unique_graphs"]
+                ids, t = timer.run(lambda: model.generate(**inputs, **kw))
+                recompiled = counters["stats"]["unique_graphs"] - graphs
+        finally:
+            if sp is not None:
+                sv.disable(model)
+            _reset_compiled(model)
+        p, d = sp or (0.0, 0.0)
+        row = {"input": f"{round(n_vis / 1024)}k" if n_vis >= 1024 else str(n_vis), "frames": video["frames"], "px": video["px"],
+               "visual_tokens": n_vis, "precision": precision, "row": key, "setting": label,
+               "kept_visual": kept_visual(n_vis, p), "kv_tokens": decode_kv_tokens(prompt, n_vis, p, d, decode_steps),
+               "weight_bytes": weights, "E_ms": t["E_ms"], "P_ms": t["P_ms"],
+               "D_ms": 1e3 * (t["end"] - t["p_end"]) / max(decode_steps - 1, 1),
+               "generated": ids.shape[1] - prompt, "graphs_compiled_in_timed_run": recompiled}
+        out.append(row)
+        print(f"  {precision:6s} {row['input']:>5s} ({key}) {label:22s} E {row['E_ms']:9.1f} ms  P {row['P_ms']:9.1f} "
+              f"ms  D {row['D_ms']:7.3f} ms/token", flush=True)
+    return out
+
+
+def run(targets: Sequence[int], precisions: Sequence[str], rows: Sequence[str], decode_steps: int) -> tuple:
+    """The full-size table on the GPU: returns (rows, copy bandwidth TB/s, KV bytes per token)."""
+    from sparsevila_ops.quant import quantize_model_linears
+
+    dev, dtype = torch.device("cuda"), torch.bfloat16
+    copy_tbps = copy_bandwidth_tbps()
+    model = build_model(True, dev, dtype)
+    kv_tok = kv_bytes_per_token(model.config.text_config)
+    raw = []
+    for precision in precisions:
+        if precision == "w4a16":
+            quantize_model_linears(model.model.language_model, group_size=128)
+            torch.cuda.empty_cache()
+        for target in targets:
+            video = video_for_tokens(target)
+            inputs = video_inputs(model, video["frames"], video["h"], video["w"], QUESTION_TOKENS, dev, dtype)
+            print(f"{precision}: video {video['frames']} frames of {video['px']}x{video['px']} px -> "
+                  f"{video['visual_tokens']} visual tokens, prompt {inputs['input_ids'].shape[1]} tokens", flush=True)
+            raw += run_rows(model, inputs, rows, decode_steps=decode_steps, precision=precision, video=video)
+            del inputs
+            torch.cuda.empty_cache()
+    return assemble(raw, copy_tbps, kv_tok), copy_tbps, kv_tok
+
+
+COLUMNS = ["input", "frames", "px", "precision", "row", "setting", "kept_visual", "kv_tokens", "E_ms", "P_ms",
+           "D_ms", "D_floor_ms", "D_over_floor", "E2E_s", "E_speedup", "P_speedup", "D_speedup", "E2E_speedup",
+           "graphs_compiled_in_timed_run"]
+
+
+def plot_stacked(rows: List[dict], answer_tokens: int = ANSWER_TOKENS):
+    """Stacked E / P / answer_tokens x D bars (seconds) per row, one panel per input."""
+    def plot(fig):
+        inputs = list(dict.fromkeys(r["input"] for r in rows))
+        for i, name in enumerate(inputs):
+            ax = fig.add_subplot(1, len(inputs), i + 1)
+            rs = [r for r in rows if r["input"] == name]
+            x = range(len(rs))
+            e = [r["E_ms"] / 1e3 for r in rs]
+            p = [r["P_ms"] / 1e3 for r in rs]
+            d = [answer_tokens * r["D_ms"] / 1e3 for r in rs]
+            ax.bar(x, e, label="E (encoder)")
+            ax.bar(x, p, bottom=e, label="P (prefill)")
+            ax.bar(x, d, bottom=[a + b for a, b in zip(e, p)], label=f"decode ({answer_tokens} tokens)")
+            ax.set_xticks(list(x))
+            ax.set_xticklabels([f"{r['precision']} ({r['row']})" for r in rs], rotation=60, ha="right", fontsize=7)
+            ax.set_title(f"{name} visual tokens", fontsize=9)
+            if i == 0:
+                ax.set_ylabel("s")
+                ax.legend(fontsize=7)
+    return plot
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.e2e", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="16k input, rows a b c1, 64 decode steps")
+    p.add_argument("--tokens", type=int, nargs="+", default=None, help=f"visual-token targets (default {TARGETS})")
+    p.add_argument("--precision", nargs="+", choices=PRECISIONS, default=None, help="default: both")
+    p.add_argument("--rows", nargs="+", choices=list(ROWS), default=None, help="default: all")
+    p.add_argument("--decode-steps", type=int, default=None, help="timed decode tokens (default 256; quick 64)")
+    p.add_argument("--name", default=None, help="result file name (default e2e, e2e_quick with --quick)")
+    a = p.parse_args(argv)
+    for t in a.tokens or ():
+        if t < 1:
+            p.error(f"--tokens must be positive; got {t}")
+    if a.decode_steps is not None and a.decode_steps < 2:
+        p.error(f"--decode-steps must be >= 2 (D is timed after the first token); got {a.decode_steps}")
+    if not require_gpu("bench.e2e"):
+        return 0
+    targets = a.tokens or ((16384,) if a.quick else TARGETS)
+    rows = a.rows or (["a", "b", "c1"] if a.quick else list(ROWS))
+    precisions = [x for x in PRECISIONS if x in (a.precision or PRECISIONS)]
+    steps = a.decode_steps or (64 if a.quick else 256)
+    table, copy_tbps, _ = run(sorted(targets), precisions, rows, steps)
+    cfg = QWEN25_VL_7B["text_config"]
+    write_results(a.name or ("e2e_quick" if a.quick else "e2e"), table, COLUMNS, plot=plot_stacked(table),
+                  title=f"Table 2: Qwen2.5-VL-7B ({cfg['num_hidden_layers']} layers, random weights), E2E = E + P + "
+                        f"{ANSWER_TOKENS} D from {steps} timed decode steps, copy {copy_tbps:.2f} TB/s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,140 @@
+"""bench/e2e.py (Table 2) on the CPU: the pure parts (video size for a token count, KV entries and bytes a
+decode step reads, its floor, the table and its speedups) and a smoke run of the harness's core loop on the
+tiny Qwen2.5-VL config with every row, bf16 and 4-bit."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from bench import e2e
+
+transformers = pytest.importorskip("transformers")
+
+
+def test_video_for_tokens_gives_the_stated_inputs():
+    assert [e2e.video_for_tokens(t) for t in e2e.TARGETS] == [
+        {"frames": f, "h": 32, "w": 32, "px": 448, "visual_tokens": t} for f, t in ((128, 16384), (512, 65536),
+                                                                                 (1024, 131072))]
+    v = e2e.video_for_tokens(16000)  # about: the nearest whole number of 2-frame groups
+    assert v["frames"] == 124 and v["visual_tokens"] == 62 * 256
+    assert e2e.video_for_tokens(1, side=12) == {"frames": 2, "h": 12, "w": 12, "px": 168, "visual_tokens": 36}
+    for side in (31, 0, 2.0):
+        with pytest.raises(ValueError, match="side must be an even number of patches"):
+            e2e.video_for_tokens(100, side=side)
+
+
+def test_kept_visual_and_kv_entries_read_per_step():
+    assert e2e.kept_visual(16384, 0.75) == 4096 and e2e.kept_visual(4096, 0.95) == 205  # round(204.8)
+    assert e2e.kept_visual(16384, 0.0) == 16384 and e2e.kept_visual(3, 0.9) == 1 and e2e.kept_visual(0, 0.5) == 0
+    prompt = 16384 + 78
+    assert e2e.decode_kv_tokens(prompt, 16384, 0.75, 0.95, 256) == 78 + 205 + 128
+    assert e2e.decode_kv_tokens(prompt, 16384, 0.0, 0.0, 256) == prompt + 128
+    assert e2e.decode_kv_tokens(prompt, 16384, 0.9, 0.0, 2) == 78 + 1638 + 1
+
+
+def test_kv_bytes_and_decode_floor_of_the_7b_config():
+    from transformers import Qwen2_5_VLConfig
+    from sparsevila_ops.integrations.demo import QWEN25_VL_7B
+    kv_tok = e2e.kv_bytes_per_token(Qwen2_5_VLConfig(**QWEN25_VL_7B).text_config)
+    assert kv_tok == 28 * 2 * 4 * 128 * 2
+    # 15.2 GB of bf16 weights + 128k tokens of KV (7.5 GB) at 4 TB/s
+    assert e2e.decode_floor_ms(15.2e9, 131072, kv_tok, 4.0) == pytest.approx((15.2e9 + 131072 * 57344) / 4e9)
+
+
+def _raw(row, precision, E, P, D, tokens=16384):
+    return {"input": "16k", "visual_tokens": tokens, "precision": precision, "row": row, "E_ms": E, "P_ms": P,
+            "D_ms": D, "weight_bytes": 1e9, "kv_tokens": 1000.0}
+
+
+def test_assemble_e2e_floor_and_speedups_over_row_b_of_the_same_input_and_precision():
+    raw = [_raw("a", "bf16", 300.0, 100.0, 30.0), _raw("b", "bf16", 100.0, 100.0, 20.0),
+           _raw("c1", "bf16", 110.0, 25.0, 10.0), _raw("b", "w4a16", 100.0, 120.0, 8.0),
+           _raw("c1", "w4a16", 100.0, 30.0, 4.0), _raw("c1", "bf16", 1.0, 1.0, 1.0, tokens=65536)]
+    t = e2e.assemble(raw, 2.0, 100, answer_tokens=1500)
+    assert t[0]["E2E_s"] == pytest.approx((300 + 100 + 1500 * 30) / 1e3)
+    assert t[1]["E_speedup"] == t[1]["E2E_speedup"] == 1.0
+    assert t[2]["D_speedup"] == pytest.approx(2.0) and t[2]["P_speedup"] == pytest.approx(4.0)
+    assert t[2]["E2E_speedup"] == pytest.approx((200 + 30000) / (135 + 15000))
+    assert t[4]["D_speedup"] == pytest.approx(2.0)  # against the 4-bit row (b), not the bf16 one
+    assert t[5]["E2E_speedup"] is None  # no row (b) at 64k
+    floor = (1e9 + 1000 * 100) / 2e12 * 1e3
+    assert t[0]["D_floor_ms"] == pytest.approx(floor) and t[0]["D_over_floor"] == pytest.approx(30.0 / floor)
+    assert "D_floor_ms" not in e2e.assemble(raw, None, 100)[0]
+    assert raw[0].keys() == _raw("a", "bf16", 0, 0, 0).keys()  # the input rows are not modified
+
+
+@pytest.fixture
+def tiny_model(monkeypatch):
+    """demo.TINY with the LLM twice as wide (hidden 128, MLP 256, 8 heads of 16) so that its linear layers
+    quantize with group 128."""
+    from sparsevila_ops.integrations import demo
+    tiny = copy.deepcopy(demo.TINY)
+    tiny["text_config"].update(hidden_size=128, intermediate_size=256, num_attention_heads=8)
+    tiny["vision_config"]["out_hidden_size"] = 128
+    monkeypatch.setattr(demo, "TINY", tiny)
+    return demo.build_model(False, torch.device("cpu"), torch.bfloat16)
+
+
+def test_harness_core_loop_on_the_tiny_model(tiny_model, tmp_path):
+    """Every row in bf16 and 4-bit with 3 new tokens, the table, its plot; the KV entries the floor assumes
+    equal what the caches hold after generate."""
+    from bench.common import write_results
+    from sparsevila_ops.integrations import demo
+    from sparsevila_ops.integrations import qwen2_5_vl as sv
+    from sparsevila_ops.quant import W4Linear, quantize_model_linears
+
+    model, steps = tiny_model, 3
+    video = e2e.video_for_tokens(36, side=12)
+    inputs = demo.video_inputs(model, video["frames"], video["h"], video["w"], 8, "cpu", torch.bfloat16)
+    prompt = inputs["input_ids"].shape[1]
+    bf16_bytes = e2e.decode_weight_bytes(model)
+    raw = e2e.run_rows(model, inputs, list(e2e.ROWS), decode_steps=steps, precision="bf16", video=video)
+    quantize_model_linears(model.model.language_model)
+    assert isinstance(model.model.language_model.layers[0].mlp.down_proj, W4Linear)
+    assert e2e.decode_weight_bytes(model) < bf16_bytes
+    raw += e2e.run_rows(model, inputs, list(e2e.ROWS), decode_steps=steps, precision="w4a16", video=video)
+    assert [(r["precision"], r["row"]) for r in raw] == [(p, k) for p in e2e.PRECISIONS for k in e2e.ROWS]
+    assert all(r["generated"] == steps and r["E_ms"] > 0 and r["P_ms"] > 0 and r["D_ms"] > 0 for r in raw)
+    assert all(r["graphs_compiled_in_timed_run"] == 0 for r in raw)  # nothing compiles on the CPU
+    assert [r["kept_visual"] for r in raw[:5]] == [36, 36, 9, 11, 4]
+    table = e2e.assemble(raw, 1.0, e2e.kv_bytes_per_token(model.config.text_config))
+    assert all(r["E2E_speedup"] is not None and r["D_floor_ms"] > 0 for r in table)
+    assert getattr(model, "_sparsevila", None) is None and "_compiled_call" not in model.__dict__
+
+    with torch.no_grad():  # the KV entries the floor counts are the ones the caches hold
+        for key, (_, sp) in e2e.ROWS.items():
+            if sp is not None:
+                sv.enable(model, *sp)
+            try:
+                out = model.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+                                     return_dict_in_generate=True,
+                                     **({"cache_implementation": "static"} if sp is None else {}))
+            finally:
+                if sp is not None:
+                    sv.disable(model)
+            cache = out.past_key_values
+            if sp is None:
+                held = int(cache.get_seq_length())
+            else:
+                held = int((cache.plengths if cache.sparse else cache.lengths)[0, 0])
+            p, d = sp or (0.0, 0.0)
+            assert e2e.decode_kv_tokens(prompt, 36, p, d, steps) == held - steps / 2 + 1, key
+    d = write_results("e2e_smoke", table, e2e.COLUMNS, plot=e2e.plot_stacked(table), out_dir=str(tmp_path))
+    assert (d / "e2e_smoke.png").stat().st_size > 1000 and "| 36 | 2 | 168 | bf16 | a |" in (d / "e2e_smoke.md").read_text()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available")
+def test_main_without_a_gpu_skips_with_one_line(capsys):
+    assert e2e.main(["--quick"]) == 0
+    assert capsys.readouterr().out.strip() == "bench.e2e: needs a CUDA GPU; skipped"
+
+
+@pytest.mark.parametrize("args,msg", [(["--tokens", "0"], "--tokens must be positive"),
+                                      (["--decode-steps", "1"], "--decode-steps must be >= 2"),
+                                      (["--rows", "z"], "invalid choice"), (["--precision", "fp8"], "invalid choice")])
+def test_main_rejects_bad_flags(args, msg, capsys):
+    with pytest.raises(SystemExit) as info:
+        e2e.main(args)
+    assert info.value.code == 2 and msg in capsys.readouterr().err
