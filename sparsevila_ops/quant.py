@@ -52,11 +52,11 @@ def _unpack(qweight: torch.Tensor) -> torch.Tensor:
 
 
 def _dequantize(qweight, scales, zeros, dtype: torch.dtype) -> torch.Tensor:
-    G = qweight.shape[1] * 8 // scales.shape[0]
-    q = _unpack(qweight).to(dtype)
-    s = scales.t().to(dtype).repeat_interleave(G, dim=1)
-    z = zeros.t().to(dtype).repeat_interleave(G, dim=1)
-    return (q - z) * s
+    """``(q - z) * s`` as ``[N, K]`` in ``dtype`` (q - z is exact in any float dtype: one rounding, of the product)."""
+    N, K = qweight.shape[0], qweight.shape[1] * 8
+    groups = scales.shape[0]
+    q = _unpack(qweight).view(N, groups, K // groups).to(dtype)
+    return ((q - zeros.t().to(dtype)[..., None]) * scales.t().to(dtype)[..., None]).view(N, K)
 
 
 def _reference_w4a16_linear(x, qweight, scales, zeros, bias, out) -> None:
