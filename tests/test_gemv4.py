@@ -245,3 +245,24 @@ def test_bench_without_a_gpu_skips_with_one_line(capsys):
     with pytest.raises(SystemExit):
         gemv4.main(["--batches", "17"])
     assert "--batches must lie in [1, 16]" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("N,K", [(4608, 3584), (3584, 3584), (37888, 3584), (3584, 18944)])
+def test_qwen_shapes_on_the_gpu_and_in_a_cuda_graph(N, K):
+    """Qwen2.5-7B's qkv / o / gate_up / down at decode batches 1, 3, 8 (heuristic configs, split-K where it
+    chooses it) against float64, then the same calls captured in one CUDA graph give the eager bits."""
+    _, w4 = _weight(N, K, torch.bfloat16, "cuda", seed=N + K)
+    xs = [torch.randn(M, K, generator=_gen(M)).to("cuda", torch.bfloat16) for M in (1, 3, 8)]
+    w64 = Q.dequantize_w4(w4, torch.float64)
+    eager = [Q.w4a16_linear(x, w4) for x in xs]
+    for x, y in zip(xs, eager):
+        assert rel_err(y, x.double() @ w64.t()) <= TOL[torch.bfloat16]
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        outs = [Q.w4a16_linear(x, w4) for x in xs]
+    for o in outs:
+        poison(o)
+    g.replay()
+    torch.cuda.synchronize()
+    assert all(torch.equal(o, y) for o, y in zip(outs, eager))
