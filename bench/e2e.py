@@ -150,8 +150,8 @@ def run_rows(model, inputs: dict, rows: Sequence[str], *, decode_steps: int, pre
                 sv.disable(model)
             _reset_compiled(model)
         p, d = sp or (0.0, 0.0)
-        row = {"input": f"{round(n_vis / 1024)}k" if n_vis >= 1024 else str(n_vis), "frames": video["frames"], "px": video["px"],
-               "visual_tokens": n_vis, "precision": precision, "row": key, "setting": label,
+        row = {"input": f"{round(n_vis / 1024)}k" if n_vis >= 1024 else str(n_vis), "frames": video["frames"],
+               "px": video["px"], "visual_tokens": n_vis, "precision": precision, "row": key, "setting": label,
                "kept_visual": kept_visual(n_vis, p), "kv_tokens": decode_kv_tokens(prompt, n_vis, p, d, decode_steps),
                "weight_bytes": weights, "E_ms": t["E_ms"], "P_ms": t["P_ms"],
                "D_ms": 1e3 * (t["end"] - t["p_end"]) / max(decode_steps - 1, 1),

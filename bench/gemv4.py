@@ -261,7 +261,8 @@ def main(argv=None) -> int:
         "floor4_us", "ours_over_floor", "ours_vs_tinygemm", "ours_vs_gemlite", "ours_vs_bf16"]
     note = "; ".join(f"{k}: {v}" for k, v in notes.items())
     write_results("gemv4", rows, cols, plot=_plot(rows, copy_tbps),
-                  title=f"W4A16 GEMV, Qwen2.5-7B layer, bf16, copy {copy_tbps:.2f} TB/s" + (f" ({note})" if note else ""))
+                  title=f"W4A16 GEMV, Qwen2.5-7B layer, bf16, copy {copy_tbps:.2f} TB/s"
+                        + (f" ({note})" if note else ""))
     return 0
 
 
