@@ -291,3 +291,23 @@ def test_compiled_decode_keeps_packed_cache_across_cache_sizes():
             sv.disable(model)
         assert hasattr(model, "_compiled_call")
         _check_packed(r.past_key_values)
+
+
+def test_pruned_prompt_two_turns(model, enabled, device):
+    """With prefill sparsity the cache holds the pruned prompt: turn 2 (the caller's full conversation) drops the
+    same visual tokens, continues at the right positions and returns the caller's ids plus the new tokens."""
+    inputs = visual_inputs(seed=4, device=device)
+    state = enabled(0.5, 0.0)._sparsevila
+    r1, r2 = _two_turns(model, inputs, device)
+    n_vis = int((inputs["input_ids"] == IMG).sum())
+    kept = state.last_kept.numel()
+    cache = r1.past_key_values
+    n1 = inputs["input_ids"].shape[1] - n_vis + kept  # pruned prompt
+    turn2 = r1.sequences.shape[1] + 5
+    assert r2.shape[1] == turn2 + 4 and torch.equal(r2[:, :r1.sequences.shape[1]], r1.sequences)
+    assert cache.lengths[:, 0].tolist() == [turn2 - (n_vis - kept) + 3] * 2 and n1 + 3 < turn2
+    # positions continue from the pruned prompt's last position: rope_deltas = max position + 1 - pruned length
+    ids = inputs["input_ids"]
+    positions, _ = model.model.get_rope_index(ids, mm_token_type_ids=(ids == IMG).int(),
+                                              image_grid_thw=inputs["image_grid_thw"])
+    assert int(model.model.rope_deltas[0, 0]) == int(positions.max()) + 1 - n1

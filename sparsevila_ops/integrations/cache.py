@@ -80,6 +80,8 @@ class SparseVILACache(Cache):
         self.pk = self.pv = self.plengths = None
         self.sparse = False  # decode reads the packed cache
         self.indices: Optional[torch.Tensor] = None  # the last selection, int32 [L, B, Hk, keep]
+        # set by an integration that pruned the first prompt: (its length, the pruned ids, the pruned mask)
+        self.prompt_map: Optional[Tuple[int, torch.Tensor, torch.Tensor]] = None
         # host state of the current prefill (set by begin_prefill)
         self.host_lens: List[int] = []
         self.vis_spans: List[Tuple[int, int]] = []

@@ -50,7 +50,6 @@ class SparseVILAState:
         self.salience_window_order: List[torch.Tensor] = []  # per visual() call, patch level, window order
         self.last_kept: Optional[torch.Tensor] = None  # merged-token indices kept by the last pruning
         self.last_salience: Optional[torch.Tensor] = None  # patch-level salience, original order
-        self.stage_times: dict = {}
 
 
 def _check_sparsity(name: str, x) -> float:
@@ -188,7 +187,6 @@ def _generate(orig_generate, model, input_ids: Optional[torch.Tensor] = None, **
     if cache is None:
         cache = SparseVILACache(cfg.text_config.num_hidden_layers, L + max_new, 1.0 - state.decode_sparsity,
                                 cuda_graph=state.cuda_graph)
-        cache.prompt_map = None
     elif not isinstance(cache, SparseVILACache):
         raise TypeError(f"past_key_values must be the SparseVILACache returned by an earlier generate (or None) "
                         f"while sparsevila is enabled; got {type(cache).__name__}")
