@@ -33,18 +33,18 @@ __all__ = [
 
 
 def _map_source_tree_subpackages() -> None:
-    """Installs map the top-level ``triton_kernels/`` and ``csrc/`` to ``sparsevila_ops.triton_kernels`` and
-    ``sparsevila_ops.csrc`` (pyproject.toml ``package-dir``; editable installs through setuptools' editable
-    finder). Where no install does (a plain ``PYTHONPATH`` checkout, e.g. the tests run from the source tree
-    without ``pip install -e``, or a legacy ``setup.py develop`` egg-link), register the same mapping from the
-    source tree. Imports nothing heavy (except triton under ``TRITON_INTERPRET=1``: triton_kernels/__init__.py
-    applies the interpreter workarounds of ``_interpreter``)."""
+    """Installs map the top-level ``autotune/``, ``triton_kernels/`` and ``csrc/`` to ``sparsevila_ops.autotune``,
+    ``sparsevila_ops.triton_kernels`` and ``sparsevila_ops.csrc`` (pyproject.toml ``package-dir``; editable
+    installs through setuptools' editable finder). Where no install does (a plain ``PYTHONPATH`` checkout, e.g.
+    the tests run from the source tree without ``pip install -e``, or a legacy ``setup.py develop`` egg-link),
+    register the same mapping from the source tree. Imports nothing heavy (except triton under
+    ``TRITON_INTERPRET=1``: triton_kernels/__init__.py applies the interpreter workarounds of ``_interpreter``)."""
     import importlib.util
     import os
     import sys
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    for sub in ("triton_kernels", "csrc"):
+    for sub in ("autotune", "triton_kernels", "csrc"):  # autotune first: the kernel modules import it
         name, src = f"{__name__}.{sub}", os.path.join(root, sub, "__init__.py")
         if name in sys.modules or importlib.util.find_spec(name) is not None or not os.path.isfile(src):
             continue

@@ -10,6 +10,8 @@ COMMANDS = {
     "demo": ("sparsevila_ops.demo", "the whole pipeline on synthetic inputs, on the GPU if present (else the "
                                     "CPU reference)"),
     "fuzz": ("sparsevila_ops.fuzz", "seeded fuzzing of a backend against the reference, a repro line per failure"),
+    "autotune": ("sparsevila_ops.autotune.cli", "kernel configs: tune (GPU), show, clear and export the per-GPU "
+                                                "tables"),
 }
 USAGE = "usage: python -m sparsevila_ops <command> [options]   (<command> --help for its options)"
 

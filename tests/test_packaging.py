@@ -1,6 +1,6 @@
 """Packaging: pyproject.toml declares a PEP 517/660 setuptools build (so `pip install --no-build-isolation -e .`
 works offline), the extras resolve with whatever torch is installed (triton only has a floor), and the wheel
-maps the top-level triton_kernels/ and csrc/ into sparsevila_ops with every package and the .cu sources."""
+maps the top-level autotune/, triton_kernels/ and csrc/ into sparsevila_ops with every package and the .cu sources."""
 import os
 import shutil
 import subprocess
@@ -71,9 +71,10 @@ def test_every_package_directory_is_listed(pyproject):
     package_dir = tool["package-dir"]
     assert package_dir["sparsevila_ops.triton_kernels"] == "triton_kernels"
     assert package_dir["sparsevila_ops.csrc"] == "csrc"
+    assert package_dir["sparsevila_ops.autotune"] == "autotune"
     found = set()
     for top, pkg in (("sparsevila_ops", "sparsevila_ops"), ("triton_kernels", "sparsevila_ops.triton_kernels"),
-                     ("csrc", "sparsevila_ops.csrc")):
+                     ("csrc", "sparsevila_ops.csrc"), ("autotune", "sparsevila_ops.autotune")):
         for dirpath, dirnames, filenames in os.walk(os.path.join(ROOT, top)):
             dirnames[:] = [d for d in dirnames if d != "__pycache__"]
             if "__init__.py" in filenames:
@@ -81,6 +82,7 @@ def test_every_package_directory_is_listed(pyproject):
                 found.add(pkg if rel == "." else pkg + "." + rel.replace(os.sep, "."))
     assert found == set(tool["packages"]), "pyproject [tool.setuptools] packages must list every package"
     assert pyproject["tool"]["setuptools"]["package-data"]["sparsevila_ops.csrc"] == ["*.cu"]
+    assert pyproject["tool"]["setuptools"]["package-data"]["sparsevila_ops.autotune"] == ["configs/*.json"]
     assert any(f.endswith(".cu") for f in os.listdir(os.path.join(ROOT, "csrc")))
 
 
@@ -105,8 +107,10 @@ def test_offline_wheel_maps_the_subpackages(tmp_path):
     if Version(setuptools.__version__) < Version("70.1"):
         pytest.skip(f"setuptools {setuptools.__version__} < 70.1 cannot build a wheel without the wheel package")
     src = tmp_path / "src"
-    for d in ("sparsevila_ops", "triton_kernels", "csrc"):
+    for d in ("sparsevila_ops", "triton_kernels", "csrc", "autotune"):
         shutil.copytree(os.path.join(ROOT, d), src / d, ignore=shutil.ignore_patterns("__pycache__"))
+    (src / "autotune" / "configs").mkdir(exist_ok=True)
+    (src / "autotune" / "configs" / "test_gpu.json").write_text("{}")  # a shipped table is package data
     for f in ("pyproject.toml", "README.md"):
         shutil.copy(os.path.join(ROOT, f), src / f)
     env = dict(os.environ, PIP_NO_INDEX="1", PIP_DISABLE_PIP_VERSION_CHECK="1")
@@ -118,9 +122,11 @@ def test_offline_wheel_maps_the_subpackages(tmp_path):
     names = set(zipfile.ZipFile(whl).namelist())
     for f in ("sparsevila_ops/__init__.py", "sparsevila_ops/_interpreter.py",
               "sparsevila_ops/triton_kernels/__init__.py", "sparsevila_ops/triton_kernels/decode.py",
-              "sparsevila_ops/csrc/__init__.py", "sparsevila_ops/csrc/decode_cluster.cu"):
+              "sparsevila_ops/csrc/__init__.py", "sparsevila_ops/csrc/decode_cluster.cu",
+              "sparsevila_ops/autotune/__init__.py", "sparsevila_ops/autotune/__main__.py",
+              "sparsevila_ops/autotune/configs/test_gpu.json"):
         assert f in names, f"{f} missing from the wheel"
-    assert not any(n.startswith(("triton_kernels/", "csrc/", "tests/", "bench/")) for n in names)
+    assert not any(n.startswith(("triton_kernels/", "csrc/", "autotune/", "tests/", "bench/")) for n in names)
     meta = [n for n in names if n.endswith(".dist-info/METADATA")][0]
     reqs = [line.split(":", 1)[1].strip() for line in zipfile.ZipFile(whl).read(meta).decode().splitlines()
             if line.startswith("Requires-Dist:")]

@@ -1,0 +1,76 @@
+"""Shape presets for ``tune --shapes``: the benchmark shapes and the model shapes the shipped tables cover.
+
+Each preset is a list of ``(op, shape)``; shapes are partial (``problems.PROBLEMS[op].defaults`` fills the rest).
+Models: SigLIP (16 heads x 72, 729 tokens per frame), the Qwen2.5-VL vision tower (16 x 80; windows of 64
+tokens and whole frames), Qwen2-7B (28 / 4 x 128, also the LLM of Qwen2.5-VL-7B) and Llama-2-7B (32 / 32 x 128),
+contexts 8k-128k. A ``--shapes`` file is a JSON list of ``{"op": OP, <shape fields>}``.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+Shape = Tuple[str, dict]
+CONTEXTS = (8192, 32768, 131072)
+DECODE_SLACK = 256  # capacity left for generated tokens (bench/decode.py)
+
+
+def _salience(H: int, D: int, segments) -> List[Shape]:
+    """Both passes (two-pass op), and the column-sum pass given an LSE, per (segment length, segments)."""
+    return [(op, {"H": H, "D": D, "n": n, "segs": segs}) for n, segs in segments
+            for op in ("visual_salience.lse", "visual_salience.colsum")]
+
+
+def _llm(Hq: int, Hk: int, L: int, prefill: Tuple[int, ...], contexts: Tuple[int, ...]) -> List[Shape]:
+    """A decoder: causal prefill, relevance of 64-512 question rows, select + pack of all layers (5 and 30 %
+    kept), decode over full and 5 %-packed caches, gather decode, append."""
+    llm = {"Hq": Hq, "Hk": Hk, "D": 128}
+    out: List[Shape] = [("prefill_attention", {**llm, "n": n}) for n in prefill]
+    out += [("kv_relevance", {**llm, "rows": m, "n": n}) for n in contexts for m in (64, 256, 512)]
+    for n in contexts:
+        out += [("select_kv", {"L": L, "Hk": Hk, "n": n})]
+        out += [("pack_kv", {"L": L, "Hk": Hk, "n": n, "keep": keep}) for keep in (0.05, 0.3)]
+        out += [("decode_attention", {**llm, "n": m}) for m in (n, max(1, n // 20))]
+        out += [("sparse_decode_attention", {**llm, "T": n, "n": max(1, n // 20)})]
+    out += [("append_kv", {"Hk": Hk, "D": 128, "cap": n + DECODE_SLACK}) for n in contexts]
+    return out
+
+
+SIGLIP = _salience(16, 72, [(729, 16), (729, 64), (729, 256)])
+QWEN2_5_VL_VISION = (_salience(16, 80, [(64, 256), (784, 16), (4096, 1), (16384, 1), (32768, 1)])
+                     + [("prefill_attention", {"Hq": 16, "Hk": 16, "D": 80, "n": n, "segs": segs, "causal": False})
+                        for n, segs in ((64, 256), (64, 1024), (784, 16), (4096, 1))])
+QWEN2 = _llm(28, 4, 28, (8192, 16384, 32768), CONTEXTS)
+LLAMA2 = _llm(32, 32, 32, (4096, 8192), (8192, 32768))
+BENCH = (_salience(16, 72, [(729, 64), (729, 256)]) + _salience(16, 80, [(4096, 1), (16384, 1), (32768, 1), (64, 256)])
+         + [("prefill_attention", {"Hq": hq, "Hk": hk, "D": 128, "n": n})
+            for hq, hk in ((28, 4), (32, 32)) for n in (8192, 16384, 32768)]
+         + [("kv_relevance", {"Hq": hq, "Hk": hk, "D": 128, "rows": m, "n": n})
+            for hq, hk in ((28, 4), (32, 32)) for n in CONTEXTS for m in (64, 128, 256, 512)]
+         + [("select_kv", {"L": L, "Hk": hk, "n": n}) for L, hk, ns in ((28, 4, CONTEXTS), (32, 32, CONTEXTS[:2]))
+            for n in ns]
+         + [("pack_kv", {"L": L, "Hk": hk, "n": n, "keep": keep})
+            for L, hk, ns in ((28, 4, CONTEXTS), (32, 32, CONTEXTS[:2])) for n in ns for keep in (0.05, 0.15, 0.3)]
+         + [("decode_attention", {"Hq": hq, "Hk": hk, "n": round(p * n)})
+            for hq, hk in ((28, 4), (32, 32)) for n in CONTEXTS for p in (1.0, 0.05, 0.15, 0.3)]
+         + [("sparse_decode_attention", {"Hq": hq, "Hk": hk, "T": n, "n": round(0.05 * n)})
+            for hq, hk in ((28, 4), (32, 32)) for n in CONTEXTS])
+
+PRESETS: Dict[str, List[Shape]] = {
+    "bench": BENCH, "siglip": SIGLIP, "qwen2_5_vl": QWEN2_5_VL_VISION + QWEN2, "qwen2": QWEN2, "llama2": LLAMA2,
+}
+PRESETS["all"] = [s for name in ("bench", "siglip", "qwen2_5_vl", "llama2") for s in PRESETS[name]]
+
+
+def load(spec: str) -> List[Shape]:
+    """A preset name, or a JSON file: a list of ``{"op": OP, <shape fields>}``."""
+    if spec in PRESETS:
+        return list(PRESETS[spec])
+    path = Path(spec)
+    if not path.is_file():
+        raise ValueError(f"--shapes must be a preset ({', '.join(PRESETS)}) or a JSON file; got {spec!r}")
+    items = json.loads(path.read_text())
+    if not isinstance(items, list) or not all(isinstance(i, dict) and "op" in i for i in items):
+        raise ValueError(f"{spec}: expected a JSON list of objects with an \"op\" field")
+    return [(i["op"], {k: v for k, v in i.items() if k != "op"}) for i in items]

@@ -1,0 +1,279 @@
+"""The tuner: time every config of a kernel's space on one problem; keep the fastest correct one.
+
+For each candidate (the default first, then the space, without duplicates):
+
+1. pruned, without a launch, when its estimated shared memory or registers (``Tunable.resources``) exceed the
+   GPU's :class:`Limits`;
+2. the arguments the launcher writes (``Problem.outputs``) of every input set are restored from one snapshot,
+   so accumulating outputs and in-place updates (``append_kv``'s lengths) start every trial from one state;
+3. launched once on input set 0 and compared with the reference's outputs (floats: relative L2 error within
+   ``REL_TOL`` of the inputs' dtype; integers: equal); a config that fails to launch or is wrong is rejected,
+   never timed;
+4. timed by ``timer(run, n_sets)`` (ms per call; ``run(i)`` launches on input set ``i``). Rotating input sets
+   (copies of the first, enough to exceed twice the L2 cache) keep repeated calls from reading L2. The default
+   timer, :func:`cuda_timer`, replays a CUDA graph of one call per set and takes the median of CUDA-event times
+   after warm-up.
+
+The fastest correct config wins, but replaces the default only when at least ``MIN_GAIN`` faster (so noise never
+swaps a heuristic for an equal config).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional, Sequence
+
+import torch
+
+from sparsevila_ops.testing import REL_TOL
+
+from . import tables
+from .tunable import Tunable
+
+MIN_GAIN = 0.02
+MAX_SETS = 8
+FROM_DEVICE = "the device's"
+OK, PRUNED, FAILED, WRONG = "ok", "pruned", "failed", "wrong"
+
+Timer = Callable[[Callable[[int], None], int], float]
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one program may use on a GPU: shared memory (opt-in maximum per block) and registers per thread."""
+    smem_bytes: int
+    regs_per_thread: int = 255
+
+
+@dataclass
+class Trial:
+    config: dict
+    status: str  # OK, PRUNED, FAILED or WRONG
+    ms: Optional[float] = None  # per call, for OK
+    err: Optional[float] = None  # largest relative error over the float outputs
+    note: str = ""
+
+
+@dataclass
+class Result:
+    tunable: Tunable
+    key: tuple
+    config: dict
+    ms: float
+    default_ms: Optional[float]  # None when the default itself failed
+    trials: List[Trial] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def device_limits(device: torch.device) -> Optional[Limits]:
+    """The limits of ``device``'s GPU (None on the CPU: the interpreter has none)."""
+    if device.type != "cuda":
+        return None
+    props = torch.cuda.get_device_properties(device)
+    return Limits(getattr(props, "shared_memory_per_block_optin", props.shared_memory_per_multiprocessor - 1024))
+
+
+def prune_reason(tunable: Tunable, key, config: dict, limits: Optional[Limits]) -> Optional[str]:
+    """Why ``config`` cannot fit (None: it may). Estimates, so a config that passes may still fail to launch."""
+    if limits is None or tunable.resources is None:
+        return None
+    smem, regs = tunable.resources(key, config)
+    if smem > limits.smem_bytes:
+        return f"~{smem // 1024} KB shared memory > {limits.smem_bytes // 1024} KB"
+    if regs > limits.regs_per_thread:
+        return f"~{regs} registers per thread > {limits.regs_per_thread}"
+    return None
+
+
+def candidates(tunable: Tunable, key, configs: Optional[Sequence[dict]] = None) -> List[dict]:
+    """The default, then ``configs`` (default: the space; complete configs), without repeats."""
+    out = [tunable.default(key)]
+    for c in tunable.space(key) if configs is None else configs:
+        if c not in out:
+            out.append(dict(c))
+    return out
+
+
+def _tensors(arg) -> List[torch.Tensor]:
+    if isinstance(arg, torch.Tensor):
+        return [arg]
+    if isinstance(arg, (list, tuple)):
+        return [t for t in arg if isinstance(t, torch.Tensor)]
+    return []
+
+
+def clone_args(args: tuple) -> tuple:
+    """A deep copy of ``args`` that keeps their aliasing: tensors sharing a storage (layer views of one stacked
+    cache, q and k views of a fused QKV) stay views of one cloned storage, with the same offsets and strides."""
+    storages = {}
+
+    def clone(t: torch.Tensor) -> torch.Tensor:
+        s = t.untyped_storage()
+        copy = storages.get(s.data_ptr())
+        if copy is None:
+            copy = storages[s.data_ptr()] = s.clone()
+        return t.new_empty(0).set_(copy, t.storage_offset(), t.size(), t.stride())
+
+    return tuple(clone(a) if isinstance(a, torch.Tensor)
+                 else type(a)(clone(t) for t in a) if isinstance(a, (list, tuple)) and _tensors(a) else a
+                 for a in args)
+
+
+def _device(args: tuple) -> torch.device:
+    return next(t for a in args for t in _tensors(a)).device
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def auto_sets(args: tuple) -> int:
+    """Input sets to rotate: enough copies that they exceed twice the L2 cache (1 on the CPU), at most MAX_SETS."""
+    device = _device(args)
+    if device.type != "cuda":
+        return 1
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for a in args for t in _tensors(a)}
+    l2 = torch.cuda.get_device_properties(device).L2_cache_size
+    return max(1, min(MAX_SETS, math.ceil(2 * l2 / max(1, sum(storages.values())))))
+
+
+def error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """``sparsevila_ops.testing.rel_err`` computed on the tensors' device: ``||out - ref|| / ||ref||`` over the
+    elements where ``ref`` is finite, inf when ``out`` is not finite there or differs where ``ref`` is not."""
+    fin = torch.isfinite(ref)
+    if not torch.equal(torch.isfinite(out), fin) or not torch.equal(out[~fin], ref[~fin]):
+        return math.inf
+    num = (out[fin].double() - ref[fin].double()).norm()
+    den = ref[fin].double().norm()
+    return float(num / den) if den > 0 else float(num)
+
+
+def cuda_timer(run: Callable[[int], None], n_sets: int, *, warmup: int = 3, iters: int = 20) -> float:
+    """Median ms per call: one CUDA graph runs every input set once and is replayed ``warmup`` + ``iters`` times
+    with CUDA events around each replay. A launch that cannot be captured (a host-to-device copy) is timed as
+    eager calls instead."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # JIT compiles and allocator growth happen outside capture
+        for i in range(n_sets):
+            run(i)
+    torch.cuda.current_stream().wait_stream(stream)
+    try:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for i in range(n_sets):
+                run(i)
+        step = graph.replay
+    except RuntimeError:
+        torch.cuda.synchronize()
+
+        def step():
+            for i in range(n_sets):
+                run(i)
+    for _ in range(warmup):
+        step()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    for s, e in zip(starts, ends):
+        s.record()
+        step()
+        e.record()
+    torch.cuda.synchronize()
+    times = sorted(s.elapsed_time(e) for s, e in zip(starts, ends))
+    return times[len(times) // 2] / n_sets
+
+
+def default_timer(device: torch.device) -> Timer:
+    if device.type != "cuda":
+        raise ValueError("timing needs a CUDA device; pass timer= to time elsewhere")
+    return cuda_timer
+
+
+def measure(tunable: Tunable, args: tuple, configs: Optional[Sequence[dict]] = None, *, problem=None,
+            timer: Optional[Timer] = None, sets: Optional[int] = None, limits=FROM_DEVICE,
+            copy: bool = False) -> List[Trial]:
+    """Verify and time each of :func:`candidates` on ``args`` (module docstring). ``copy``: work on copies of
+    ``args`` (else input set 0 is ``args`` itself and its outputs are overwritten). ``limits``: by default those
+    of the arguments' GPU; None prunes nothing."""
+    from .problems import problem_of
+    problem = problem or problem_of(tunable.op)
+    device = _device(args)
+    key = tunable.key(*args)
+    timer = timer or default_timer(device)
+    limits = device_limits(device) if limits is FROM_DEVICE else limits
+    n_sets = sets or auto_sets(args)
+    inputs = [clone_args(args) if copy or i else args for i in range(n_sets)]
+    tol = REL_TOL[_tensors(args[0])[0].dtype]
+
+    snapshot = {p: [t.clone() for t in _tensors(inputs[0][p])] for p in problem.outputs}
+    for ts in snapshot.values():
+        for t in ts:
+            if t.is_floating_point():
+                t.nan_to_num_(0.0)  # garbage in torch.empty outputs must not fail the comparison
+
+    def restore():
+        for s in inputs:
+            for p, ts in snapshot.items():
+                for dst, src in zip(_tensors(s[p]), ts):
+                    dst.copy_(src)
+
+    restore()
+    problem.reference(*inputs[0])
+    expected = {p: [t.clone() for t in _tensors(inputs[0][p])] for p in problem.outputs}
+
+    trials = []
+    for cfg in candidates(tunable, key, configs):
+        why = prune_reason(tunable, key, cfg, limits)
+        if why is not None:
+            trials.append(Trial(cfg, PRUNED, note=why))
+            continue
+        restore()
+        try:
+            tunable.launch(*inputs[0], cfg)
+            _sync(device)
+        except Exception as e:  # noqa: BLE001 - e.g. out of resources at compile or launch time
+            trials.append(Trial(cfg, FAILED, note=f"{type(e).__name__}: {e}"[:300]))
+            continue
+        err = 0.0
+        for p, refs in expected.items():
+            for out, ref in zip(_tensors(inputs[0][p]), refs):
+                e = error(out, ref) if out.is_floating_point() else (0.0 if torch.equal(out, ref) else math.inf)
+                err = max(err, e)
+        if err > tol:
+            trials.append(Trial(cfg, WRONG, err=err, note=f"relative error {err:.3g} > {tol:g}"))
+            continue
+        restore()
+        try:
+            ms = timer(lambda i, cfg=cfg: tunable.launch(*inputs[i], cfg), n_sets)
+        except Exception as e:  # noqa: BLE001 - e.g. out of memory for the timer's graph
+            trials.append(Trial(cfg, FAILED, err=err, note=f"timing: {type(e).__name__}: {e}"[:300]))
+            continue
+        trials.append(Trial(cfg, OK, ms=ms, err=err))
+    return trials
+
+
+def tune(tunable: Tunable, args: tuple, *, problem=None, timer: Optional[Timer] = None, sets: Optional[int] = None,
+         limits=FROM_DEVICE, copy: bool = False, store: bool = True) -> Result:
+    """Measure the candidates on ``args``, pick the winner (module docstring) and, with ``store``, record it in
+    the user cache. Raises RuntimeError when no candidate is correct."""
+    t0 = time.perf_counter()
+    key = tunable.key(*args)
+    trials = measure(tunable, args, problem=problem, timer=timer, sets=sets, limits=limits, copy=copy)
+    ok = [t for t in trials if t.status == OK]
+    if not ok:
+        raise RuntimeError(f"no config of {tunable.name} passed at {tunable.table_key(key)}: "
+                           + "; ".join(f"{t.config}: {t.status} {t.note}" for t in trials[:3]))
+    default = trials[0] if trials[0].status == OK else None
+    best = min(ok, key=lambda t: t.ms)
+    if default is not None and best.ms > default.ms * (1 - MIN_GAIN):
+        best = default
+    if default is None:
+        tables.log.warning("autotune: the default config of %s fails at %s: %s", tunable.name,
+                           tunable.table_key(key), trials[0].note)
+    result = Result(tunable, key, best.config, best.ms, default.ms if default else None, trials,
+                    time.perf_counter() - t0)
+    if store:
+        tables.store(tunable, key, best.config, 1e3 * best.ms, 1e3 * default.ms if default else None)
+    return result
