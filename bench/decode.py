@@ -18,8 +18,9 @@ timed eagerly (the baseline SDPA users see: 31 / 60 / 113 µs at 8k / 32k / 128k
 - ``sdpa_full`` / ``sdpa_p5``: ``F.scaled_dot_product_attention(enable_gqa=True)`` on the same tensors.
 
 Achieved TB/s = K + V bytes read / time. Outputs are verified against ``sparsevila_ops.reference`` first.
-``--sweep`` times the Triton split-KV config space at Qwen2-7B 8k / 32k instead (``decode_sweep.*``),
-``--sweep-cuda`` the cluster kernel's (cluster size, clusters per row, PDL) at 8k / 32k / 128k.
+``--sweep`` times the Triton decode kernel's declared config space (``sparsevila_ops.autotune``) at Qwen2-7B
+8k / 32k instead (``decode_sweep.*``), ``--sweep-cuda`` the cluster kernel's (cluster size, clusters per row,
+warps) at 8k / 32k / 128k; ``SPARSEVILA_PDL=0`` runs either without programmatic dependent launch.
 """
 from __future__ import annotations
 
@@ -168,64 +169,25 @@ def run_case(model: str, ctx: int, iters: int) -> dict:
     return row
 
 
-def _sweep(ctxs, variants, launch) -> list:
-    """Time each config of ``variants(ctx)`` at Qwen2-7B shapes (bf16, batch 1, R distinct caches per graph):
-    ``launch(cfg, q, k, v, lengths, out, lse)`` runs one decode. Configs are verified first; one that cannot
-    compile or launch is reported and skipped."""
+def sweep(ctxs, backend: str = "triton") -> list:
+    """Every config of the decode kernel's space on ``backend`` (``autotune.measure``: verified against the
+    reference, then timed per layer in a CUDA graph of R distinct caches), Qwen2-7B shapes, bf16, batch 1."""
+    from sparsevila_ops import autotune
     hk = MODELS["qwen2-7b"][1]
     rows = []
     for ctx in ctxs:
-        n_sets = _sets(2 * hk * ctx * D * 2)
-        qs, ks, vs, lengths, outs = qwen2_caches(ctx, n_sets)
-        r0 = _reference(qs[0], ks[0], vs[0], lengths)
-        for cfg in variants(ctx):
-            def fn(i, cfg=cfg):
-                launch(cfg, qs[i], ks[i], vs[i], lengths, outs[i][0], outs[i][1])
-            try:
-                fn(0)
-                verify(f"decode sweep {cfg}", outs[0][0].float(), r0, 2e-2)
-                us = _per_layer_us(fn, n_sets, iters=30)
-            except Exception as e:  # noqa: BLE001 - a config that cannot compile or run is reported, not fatal
-                print(f"skip {cfg}: {type(e).__name__}: {e}"[:300], flush=True)
+        qs, ks, vs, lengths, outs = qwen2_caches(ctx, 1)
+        args = (qs[0], ks[0], vs[0], lengths, D ** -0.5, outs[0][0], outs[0][1])
+        for t in autotune.measure("decode_attention", args, backend=backend, sets=_sets(2 * hk * ctx * D * 2)):
+            if t.status != "ok":  # a config that cannot compile, run or verify is reported, not fatal
+                print(f"skip {t.config}: {t.status} {t.note}"[:300], flush=True)
                 continue
-            rows.append({"ctx": ctx, **cfg, "us": us, "TBps": 2 * hk * ctx * D * 2 / (us * 1e-6) / 1e12})
+            us = 1e3 * t.ms
+            rows.append({"ctx": ctx, **t.config, "us": us, "TBps": 2 * hk * ctx * D * 2 / (us * 1e-6) / 1e12})
             print(rows[-1], flush=True)
-        del qs, ks, vs, outs
+        del qs, ks, vs, outs, args
         torch.cuda.empty_cache()
     return rows
-
-
-def sweep(ctxs=(8192, 32768)) -> list:
-    """Triton split-KV config sweep: splits / BLOCK_N / warps / stages (stages set shared memory, hence
-    programs per SM)."""
-    from sparsevila_ops.triton_kernels import decode as tk
-    hq, hk = MODELS["qwen2-7b"]
-
-    def variants(ctx):
-        base = tk._decode_config(1, hk, hq // hk, ctx + SLACK, D, 2, tk._num_sms(torch.device("cuda")))
-        return [dict(PDL=True, NUM_SPLITS=int(base["NUM_SPLITS"] * mult), BLOCK_N=bn, num_warps=nw, num_stages=st)
-                for mult in (1, 2, 4, 8) for bn in (32, 64) for nw in (2, 4) for st in (1, 2, 3)]
-
-    return _sweep(ctxs, variants, lambda cfg, q, k, v, n, out, lse: tk._launch_decode(
-        q, k, v, n, None, D ** -0.5, out, lse, **cfg))
-
-
-def sweep_cuda(ctxs=(8192, 32768, 131072)) -> list:
-    """Cluster-kernel config sweep: cluster size x clusters per row (up to what the GPU co-schedules), plus
-    no PDL, 12 warps, and the heuristic's pick (the last row per context)."""
-    from sparsevila_ops.csrc import decode as cd
-    hq, hk = MODELS["qwen2-7b"]
-
-    def variants(ctx):
-        fit = {c: cd._max_active_clusters(0, D, c, 8, hq // hk) // hk for c in (1, 2, 4, 8, 16)}
-        return ([dict(cluster=c, clusters_per_row=n, warps=8, pdl=True) for c in fit
-                 for n in sorted({1, 2, fit[c] // 2, fit[c]}) if 1 <= n <= fit[c]]
-                + [dict(cluster=16, clusters_per_row=1, warps=8, pdl=False),
-                   dict(cluster=8, clusters_per_row=fit[8], warps=12, pdl=True),
-                   {**cd.decode_config(1, hk, hq // hk, ctx + SLACK), "pdl": True}])
-
-    return _sweep(ctxs, variants, lambda cfg, q, k, v, n, out, lse: cd.decode_attention(
-        q, k, v, n, D ** -0.5, out, lse, **cfg))
 
 
 def _plot(rows):
@@ -255,15 +217,16 @@ def main(argv=None) -> int:
     if not require_gpu("bench.decode"):
         return 0
     if a.sweep_cuda:
-        rows = sweep_cuda()
-        write_results("decode_sweep_cuda", rows, ["ctx", "cluster", "clusters_per_row", "warps", "pdl", "us", "TBps"],
+        rows = sweep((8192, 32768, 131072), "cuda")
+        write_results("decode_sweep_cuda", rows, ["ctx", "cluster", "clusters_per_row", "warps", "us", "TBps"],
                       title="cuda decode (cluster kernel) config sweep, Qwen2-7B, bf16")
         return 0
     if a.sweep:
-        rows = sweep()
+        rows = sweep((8192, 32768))
         best = {c: min((r for r in rows if r["ctx"] == c), key=lambda r: r["us"]) for c in {r["ctx"] for r in rows}}
         print("best:", best)
-        write_results("decode_sweep", rows, ["ctx", "PDL", "NUM_SPLITS", "BLOCK_N", "num_warps", "num_stages", "us"], title="decode config sweep, Qwen2-7B, bf16")
+        write_results("decode_sweep", rows, ["ctx", "NUM_SPLITS", "BLOCK_N", "num_warps", "num_stages", "COMBINE_D",
+                                             "us", "TBps"], title="decode config sweep, Qwen2-7B, bf16")
         return 0
     grid = [("qwen2-7b", 8192), ("qwen2-7b", 131072)] if a.quick else [(m, c) for m in MODELS for c in CONTEXTS]
     rows = [run_case(m, c, iters=20 if a.quick else 50) for m, c in grid]

@@ -9,23 +9,28 @@
 - ``read_ldg`` / ``read_bulk`` (cupy/NVRTC, no Triton): the same bytes read by plain 16-byte loads with many in
   flight per thread, or by TMA bulk copies through a ring of shared-memory slots (one thread issues, one
   mbarrier per slot): a floor that does not depend on Triton's pipelining.
-- ``decode``: ``decode_attention`` with the heuristic config and with variants (stages, splits).
+- ``decode``: ``decode_attention`` with the default config and with variants (stages, splits), through
+  ``autotune.run_with_config``.
 - ``timeline``: %globaltimer stamps of every split program of the default decode for a middle layer: the split
   grid's span (first entry to last exit), the spread of program entries and exits (the tail), and the gap to
-  the next layer's first program (the combine and the launch).
+  the next layer's first program (the combine and the launch). The stamps come from this file's instrumented
+  copy of the production split kernel (``_timed_split_kernel``), followed by the production combine.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from bench.common import replay_in_graph, require_gpu, verify, write_results
-from bench.decode import D, MODELS, SLACK, _per_layer_us, _reference, qwen2_caches
-from sparsevila_ops.triton_kernels import decode as tk
+from bench.decode import D, MODELS, _per_layer_us, _reference, qwen2_caches
+from sparsevila_ops import autotune
+from sparsevila_ops.triton_kernels.decode import LOG2E, combine_partials
 
 CONTEXTS = (8192, 32768, 131072)
 
@@ -172,15 +177,17 @@ def read_floor(ctx: int, layers: int, ks, vs) -> list:
 
 
 def decode_variants(ctx: int, layers: int, qs, ks, vs, lengths, outs) -> list:
-    hq, hk = MODELS["qwen2-7b"]
-    base = tk._decode_config(1, hk, hq // hk, ctx + SLACK, D, 2, tk._num_sms(torch.device("cuda")))
+    def args(i):
+        return qs[i], ks[i], vs[i], lengths, D ** -0.5, outs[i][0], outs[i][1]
+
+    base = autotune.default_config("decode_attention", *args(0))
     variants = {"default": {}, "stages 4": {"num_stages": 4},
                 "splits x1.5": {"NUM_SPLITS": int(base["NUM_SPLITS"] * 1.5)}}
     r0 = _reference(qs[0], ks[0], vs[0], lengths)
     rows = []
     for name, cfg in variants.items():
         def fn(i, cfg=cfg):
-            tk._launch_decode(qs[i], ks[i], vs[i], lengths, None, D ** -0.5, outs[i][0], outs[i][1], **cfg)
+            autotune.run_with_config("decode_attention", cfg, *args(i))
         try:
             fn(0)
             verify(f"decode {name}", outs[0][0].float(), r0, 2e-2)
@@ -193,16 +200,124 @@ def decode_variants(ctx: int, layers: int, qs, ks, vs, lengths, outs) -> list:
     return rows
 
 
+@triton.jit
+def _globaltimer():
+    return tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1)
+
+
+@triton.jit
+def _smid():
+    return tl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r", [], dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _timed_split_kernel(q_ptr, k_ptr, v_ptr, len_ptr, out_ptr, lse_ptr, po_ptr, pl_ptr, time_ptr, qk_scale,
+                        q_sb, q_sh, k_sb, k_sg, k_sn, v_sb, v_sg, v_sn, len_s, o_sb, o_sh, l_sb, l_sh, G, HQ, D,
+                        NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_D: tl.constexpr, PDL: tl.constexpr):
+    """``_decode_split_kernel`` of triton_kernels/decode.py (no gather) with per-program stamps in
+    ``time_ptr [B, Hk, NUM_SPLITS, 4]``: %globaltimer at entry, after the PDL wait and at exit (ns), and the SM
+    id. Keep it a copy of the production kernel, or its timeline stops describing the kernel that runs."""
+    split = tl.program_id(0)
+    b = tl.program_id(1)
+    g = tl.program_id(2)
+    t_row = time_ptr + ((b * tl.num_programs(2) + g) * NUM_SPLITS + split) * 4
+    tl.store(t_row, _globaltimer())
+    tl.store(t_row + 3, _smid().to(tl.int64))
+    d = tl.arange(0, BLOCK_D)
+    k_row = k_ptr + b.to(tl.int64) * k_sb + g.to(tl.int64) * k_sg
+    v_row = v_ptr + b.to(tl.int64) * v_sb + g.to(tl.int64) * v_sg
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
+    tl.store(t_row + 1, _globaltimer())
+    rows = tl.arange(0, BLOCK_G)
+    heads = g * G + rows
+    mg = rows < G
+    md = d < D
+    n = tl.load(len_ptr + b * len_s)
+    q = tl.load(q_ptr + b.to(tl.int64) * q_sb + heads[:, None] * q_sh + d[None, :],
+                mask=mg[:, None] & md[None, :], other=0.0)
+    chunk = tl.cdiv(tl.cdiv(n, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    lo = split * chunk
+    bh = b.to(tl.int64) * HQ + heads
+    if lo >= n:
+        if NUM_SPLITS == 1:
+            tl.store(out_ptr + b.to(tl.int64) * o_sb + heads[:, None] * o_sh + d[None, :],
+                     tl.zeros([BLOCK_G, BLOCK_D], tl.float32).to(out_ptr.dtype.element_ty),
+                     mask=mg[:, None] & md[None, :])
+            tl.store(lse_ptr + b.to(tl.int64) * l_sb + heads * l_sh, tl.full([BLOCK_G], float("-inf"), tl.float32),
+                     mask=mg)
+        else:
+            tl.store(pl_ptr + bh * NUM_SPLITS + split, tl.full([BLOCK_G], float("-inf"), tl.float32), mask=mg)
+        tl.store(t_row + 2, _globaltimer())
+        return
+    hi = tl.minimum(lo + chunk, n)
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    for start in range(lo, hi, BLOCK_N):
+        j = start + tl.arange(0, BLOCK_N)
+        mj = j < hi
+        pos = j.to(tl.int64)
+        m2 = mj[:, None] & md[None, :]
+        kt = tl.load(k_row + pos[:, None] * k_sn + d[None, :], mask=m2, other=0.0)
+        vt = tl.load(v_row + pos[:, None] * v_sn + d[None, :], mask=m2, other=0.0)
+        if IEEE:
+            s = tl.dot(q, tl.trans(kt), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(kt))
+        s = tl.where(mj[None, :], s * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
+        m_i = m_new
+    o = acc / l_i[:, None]
+    lse2 = m_i + tl.math.log2(l_i)
+    if NUM_SPLITS == 1:
+        tl.store(out_ptr + b.to(tl.int64) * o_sb + heads[:, None] * o_sh + d[None, :],
+                 o.to(out_ptr.dtype.element_ty), mask=mg[:, None] & md[None, :])
+        tl.store(lse_ptr + b.to(tl.int64) * l_sb + heads * l_sh, lse2 * 0.6931471805599453, mask=mg)
+    else:
+        tl.store(po_ptr + (bh[:, None] * NUM_SPLITS + split) * D + d[None, :], o, mask=mg[:, None] & md[None, :])
+        tl.store(pl_ptr + bh * NUM_SPLITS + split, lse2, mask=mg)
+    tl.store(t_row + 2, _globaltimer())
+
+
+def decode_with_timeline(q, k, v, lengths, scale, out, lse, stamps, cfg) -> None:
+    """``decode_attention`` with config ``cfg`` through the instrumented split kernel, then the production
+    combine; ``stamps`` int64 ``[B, Hk, cfg["NUM_SPLITS"], 4]`` receives each split program's stamps."""
+    B, HQ, D_ = q.shape
+    HK = k.shape[1]
+    S = cfg["NUM_SPLITS"]
+    pdl = torch.cuda.get_device_capability(q.device) >= (9, 0) and os.environ.get("SPARSEVILA_PDL", "1") != "0"
+    po = torch.empty(B, HQ, S, D_, dtype=torch.float32, device=q.device) if S > 1 else lse
+    pl = torch.empty(B, HQ, S, dtype=torch.float32, device=q.device) if S > 1 else lse
+    _timed_split_kernel[(S, B, HK)](
+        q, k, v, lengths, out, lse, po, pl, stamps, scale * LOG2E,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        lengths.stride(0), out.stride(0), out.stride(1), lse.stride(0), lse.stride(1), HQ // HK, HQ, D_,
+        NUM_SPLITS=S, IEEE=q.dtype == torch.float32, BLOCK_G=max(16, triton.next_power_of_2(HQ // HK)),
+        BLOCK_N=cfg["BLOCK_N"], BLOCK_D=max(16, triton.next_power_of_2(D_)), PDL=pdl, num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"], **({"launch_pdl": True} if pdl else {}))
+    if S > 1:
+        combine_partials(po, pl, out, lse, pdl, cfg["COMBINE_D"])
+
+
 def timeline(ctx: int, layers: int, qs, ks, vs, lengths, outs) -> dict:
     """Per-program stamps of the default decode's split grid, layer R/2 of a replayed graph."""
-    hq, hk = MODELS["qwen2-7b"]
-    S = tk._decode_config(1, hk, hq // hk, ctx + SLACK, D, 2, tk._num_sms(torch.device("cuda")))["NUM_SPLITS"]
-    stamps = [torch.zeros(1, hk, S, 4, dtype=torch.int64, device="cuda") for _ in range(layers)]
+    hk = MODELS["qwen2-7b"][1]
+    cfg = autotune.default_config("decode_attention", qs[0], ks[0], vs[0], lengths, D ** -0.5, *outs[0])
+    stamps = [torch.zeros(1, hk, cfg["NUM_SPLITS"], 4, dtype=torch.int64, device="cuda") for _ in range(layers)]
 
     def step():
         for i in range(layers):
-            tk._launch_decode(qs[i], ks[i], vs[i], lengths, None, D ** -0.5, outs[i][0], outs[i][1],
-                              timeline=stamps[i])
+            decode_with_timeline(qs[i], ks[i], vs[i], lengths, D ** -0.5, outs[i][0], outs[i][1], stamps[i], cfg)
     replay_in_graph(step)
     mid = layers // 2
     t = stamps[mid].view(-1, 4).cpu().tolist()

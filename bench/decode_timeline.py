@@ -12,18 +12,47 @@ span (first CTA entry to last CTA exit) and the gap to the next layer's first en
   4→5 warp merge + remote stores into the cluster inboxes
   5→6 cluster barrier
   6→7 final merge and output stores
+
+The kernel records them when its ``timeline`` argument is not null; the library always passes null, so this file
+launches the kernel itself (``decode_with_timeline``, the host side of ``csrc/decode.py`` plus the pointer).
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
 import statistics
 
 import torch
 
 from bench.common import replay_in_graph, require_gpu
-from sparsevila_ops.csrc import decode as cd
+from sparsevila_ops import _cuda
+from sparsevila_ops.triton_kernels.decode import LOG2E, combine_partials
 
 PHASES = ["gdc_wait", "prologue", "first_data", "main_loop", "warp_merge", "cluster_sync", "out"]
+TIMELINE_STAMPS = 8  # kTimelineStamps in csrc/decode_cluster.cu
+DTYPES = {torch.bfloat16: 0, torch.float16: 1}  # the kernel's dtype codes (csrc/decode.py)
+
+
+def decode_with_timeline(q, k, v, lengths, scale, out, lse, timeline, cluster, clusters_per_row, warps, pdl):
+    """The cuda backend's decode with ``timeline`` int64 ``[B * Hk, cluster * clusters_per_row,
+    TIMELINE_STAMPS + 2]``: per CTA the %clock64 of each phase boundary, then %globaltimer at entry and exit."""
+    B, HQ, D = q.shape
+    HK = k.shape[1]
+    if clusters_per_row > 1:
+        po = torch.empty(B, HQ, clusters_per_row, D, dtype=torch.float32, device=q.device)
+        pl = torch.empty(B, HQ, clusters_per_row, dtype=torch.float32, device=q.device)
+    else:
+        po = pl = lse  # unused
+    strides = (ctypes.c_int64 * 12)(q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
+                                    v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1),
+                                    lse.stride(0), lse.stride(1))
+    code = _cuda.library().svo_decode_cluster(
+        DTYPES[q.dtype], D, q.data_ptr(), k.data_ptr(), v.data_ptr(), lengths.data_ptr(), out.data_ptr(),
+        lse.data_ptr(), po.data_ptr(), pl.data_ptr(), scale * LOG2E, strides, timeline.data_ptr(), B, HK, HQ // HK,
+        HQ, cluster * clusters_per_row, cluster, warps, int(pdl), torch.cuda.current_stream(q.device).cuda_stream)
+    _cuda.check(code, "decode_attention (cuda backend, with timeline) launch")
+    if clusters_per_row > 1:
+        combine_partials(po, pl, out, lse, pdl)
 
 
 def main(argv=None) -> int:
@@ -45,26 +74,25 @@ def main(argv=None) -> int:
     lengths = torch.tensor([a.ctx], dtype=torch.int32, device=dev)
     outs = [(torch.empty_like(q), torch.empty(B, hq, device=dev)) for q in qs]
     chunks = a.cluster * a.clusters_per_row
-    tl = [torch.zeros(B * hk, chunks, cd.TIMELINE_STAMPS + 2, dtype=torch.int64, device=dev) for _ in range(R)]
+    tl = [torch.zeros(B * hk, chunks, TIMELINE_STAMPS + 2, dtype=torch.int64, device=dev) for _ in range(R)]
     cfg = dict(cluster=a.cluster, clusters_per_row=a.clusters_per_row, warps=a.warps, pdl=bool(a.pdl))
 
     def step():
         for i in range(R):
-            cd.decode_attention(qs[i], ks[i], vs[i], lengths, D ** -0.5, outs[i][0], outs[i][1], timeline=tl[i],
-                                **cfg)
+            decode_with_timeline(qs[i], ks[i], vs[i], lengths, D ** -0.5, outs[i][0], outs[i][1], tl[i], **cfg)
     replay_in_graph(step)
     ghz = torch.cuda.get_device_properties(0).clock_rate / 1e6 if hasattr(torch.cuda.get_device_properties(0),
                                                                          "clock_rate") else 1.755
     mid = R // 2
-    t = tl[mid].view(-1, cd.TIMELINE_STAMPS + 2).cpu()
+    t = tl[mid].view(-1, TIMELINE_STAMPS + 2).cpu()
     print(f"ctx {a.ctx}, {cfg}, layer {mid} of {R}, {t.shape[0]} CTAs, clock {ghz:.3f} GHz")
     for j, name in enumerate(PHASES):
         d = [(int(r[j + 1]) - int(r[j])) / ghz / 1e3 for r in t]
         print(f"  {name:13s} median {statistics.median(d):6.2f} us  min {min(d):6.2f}  max {max(d):6.2f}")
     spans, gaps = [], []
     for i in range(1, R - 1):
-        ti = tl[i].view(-1, cd.TIMELINE_STAMPS + 2).cpu()
-        tn = tl[i + 1].view(-1, cd.TIMELINE_STAMPS + 2).cpu()
+        ti = tl[i].view(-1, TIMELINE_STAMPS + 2).cpu()
+        tn = tl[i + 1].view(-1, TIMELINE_STAMPS + 2).cpu()
         entry, exit_ = int(ti[:, -2].min()), int(ti[:, -1].max())
         spans.append((exit_ - entry) / 1e3)
         gaps.append((int(tn[:, -2].min()) - exit_) / 1e3)

@@ -23,9 +23,9 @@ Every output is verified before timing: relevance against ``sparsevila_ops.refer
 plus sum_{g,j} relevance[g, j] == Hq * M (each row's softmax sums to 1: checks the lse); prefill out against SDPA.
 
 Run: ``python -m bench.figure3_relevance [--quick] [--tune [prefill|relevance]] [--baseline FILE]``
-(``--tune`` sweeps kernel tiles and prints every candidate's time instead of the figure; ``--baseline`` times the
-``kv_relevance`` of another copy of ``triton_kernels/prefill.py``, e.g. ``git show HEAD:triton_kernels/prefill.py``,
-in the same sweep).
+(``--tune`` times every config of the kernels' declared spaces, ``sparsevila_ops.autotune``, instead of the
+figure; ``--baseline`` times the ``kv_relevance`` of another copy of ``triton_kernels/prefill.py``, e.g.
+``git show HEAD:triton_kernels/prefill.py``, in the same sweep).
 """
 from __future__ import annotations
 
@@ -237,90 +237,44 @@ def prefill_vs_sdpa(Ns):
     return rows
 
 
-RELEVANCE_CANDIDATES = [  # BLOCK_N keys, BLOCK_P rows, warps, stages (+ maxnreg: 3 CTAs/SM at 64 KB smem)
-    dict(BLOCK_N=128, BLOCK_P=64, num_warps=4, num_stages=3), dict(BLOCK_N=128, BLOCK_P=64, num_warps=4, num_stages=2),
-    dict(BLOCK_N=128, BLOCK_P=64, num_warps=4, num_stages=4), dict(BLOCK_N=128, BLOCK_P=64, num_warps=8, num_stages=3),
-    dict(BLOCK_N=128, BLOCK_P=32, num_warps=4, num_stages=3), dict(BLOCK_N=128, BLOCK_P=32, num_warps=4, num_stages=4),
-    dict(BLOCK_N=64, BLOCK_P=64, num_warps=4, num_stages=3), dict(BLOCK_N=64, BLOCK_P=128, num_warps=4, num_stages=3),
-    dict(BLOCK_N=64, BLOCK_P=32, num_warps=4, num_stages=4), dict(BLOCK_N=128, BLOCK_P=128, num_warps=8, num_stages=3),
-    dict(BLOCK_N=256, BLOCK_P=64, num_warps=8, num_stages=3),
-    dict(BLOCK_N=128, BLOCK_P=64, num_warps=4, num_stages=2, maxnreg=168),
-]
-
-
 def _load_baseline(path):
-    """The launchers of another copy of triton_kernels/prefill.py (same-run A/B of kv_relevance)."""
-    spec = importlib.util.spec_from_file_location("baseline_prefill", path)
+    """The launchers of another copy of triton_kernels/prefill.py (same-run A/B of kv_relevance), loaded inside
+    the package so its relative imports resolve; its Tunables use their own defaults (their source differs)."""
+    spec = importlib.util.spec_from_file_location("sparsevila_ops.triton_kernels._baseline_prefill", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
 
 
 def tune(what="all", baseline=None):
-    """Sweep tiles of both kernels at representative shapes; print each candidate's time (verified first).
-
-    kv_relevance candidates are timed as CUDA-graph replays (GPU time: the kernel is tens of us), beside the
-    current heuristic and, with ``baseline``, the baseline module's kv_relevance with its own heuristic.
-    """
-    from sparsevila_ops.triton_kernels import prefill as tk
+    """Every config of both kernels' spaces (``autotune.measure``: verified first, then timed as CUDA-graph
+    replays) at representative shapes, the default first; with ``baseline``, also that copy's kv_relevance."""
+    from sparsevila_ops import autotune
     base = _load_baseline(baseline) if baseline else None
     N, D = 16384, 128
     for model, (hq, hk, _) in MODELS.items():
         if what in ("all", "prefill"):
-            _tune_prefill(tk, model, hq, hk, N, D)
+            args = autotune.make_args("prefill_attention", {"Hq": hq, "Hk": hk, "D": D, "n": N}, "cuda")
+            for t in autotune.measure("prefill_attention", args):
+                perf = f"{t.ms:.3f} ms {2 * hq * N * N * D / t.ms * 1e-9:.0f} TFLOP/s" if t.ms else t.status
+                print(f"TUNE prefill {model} N={N} {t.config}: {perf} {t.note}"[:300], flush=True)
+            del args
         if what not in ("all", "relevance"):
             continue
         for M, Nk in [(64, 8192), (256, 8192), (512, 8192), (256, 32768)]:
-            qm = torch.randn(M, hq, D, device="cuda", dtype=DTYPE)
-            kk = torch.randn(Nk, hk, D, device="cuda", dtype=DTYPE)
-            cu_m = torch.tensor([0, M], dtype=torch.int32, device="cuda")
-            cu_n = torch.tensor([0, Nk], dtype=torch.int32, device="cuda")
-            rr = torch.tensor([[0, M]], dtype=torch.int32, device="cuda")
-            lse_m = torch.empty(hq, M, device="cuda")  # the question rows' lse, right-aligned causal
-            reference.prefill_attention(qm, kk, kk, cu_m, cu_n, M, Nk, D ** -0.5, True, torch.empty_like(qm), lse_m)
-            rel = torch.empty(hk, Nk, device="cuda")
-            good = torch.empty(hk, Nk, device="cuda")
-            reference.kv_relevance(qm, kk, lse_m, cu_m, cu_n, M, Nk, D ** -0.5, True, rr, good)
-            runs = [("heuristic", lambda: tk.kv_relevance(qm, kk, lse_m, cu_m, cu_n, M, Nk, D ** -0.5, True, rr,
-                                                          rel))]
+            args = autotune.make_args("kv_relevance", {"Hq": hq, "Hk": hk, "D": D, "rows": M, "n": Nk}, "cuda")
+            for t in autotune.measure("kv_relevance", args):
+                perf = f"{t.ms * 1e3:.1f} us" if t.ms else t.status
+                print(f"TUNE kv_relevance {model} M={M} N={Nk} {t.config}: {perf} {t.note}"[:300], flush=True)
             if base is not None:
-                runs.append(("baseline", lambda: base.kv_relevance(qm, kk, lse_m, cu_m, cu_n, M, Nk, D ** -0.5, True,
-                                                                   rr, rel)))
-            for cfg in RELEVANCE_CANDIDATES:
-                runs.append((str(cfg), lambda cfg=cfg: tk._launch_relevance(qm, kk, lse_m, cu_m, cu_n, Nk, D ** -0.5,
-                                                                            True, rr, rel, cfg)))
-            for name, fn in runs:
-                try:
-                    rel.fill_(float("nan"))
-                    fn()
-                    verify("tune relevance", rel, good, REL_TOL[torch.float32])
-                    t = time_cuda(lambda i, fn=fn: fn(), warmup=3, iters=30, graph=True)["median_ms"]
-                    print(f"TUNE kv_relevance {model} M={M} N={Nk} {name}: {t * 1e3:.1f} us", flush=True)
-                except Exception as e:  # noqa: BLE001 - report and go on (e.g. out of shared memory)
-                    print(f"TUNE kv_relevance {model} M={M} N={Nk} {name}: failed {type(e).__name__}: {str(e)[:160]}")
-
-
-def _tune_prefill(tk, model, hq, hk, N, D):
-    q, k, v = _inputs(N, hq, hk, D, 1)[0]
-    cu = torch.tensor([0, N], dtype=torch.int32, device="cuda")
-    out, lse = torch.empty_like(q), torch.empty(hq, N, device="cuda")
-    tk.prefill_attention(q, k, v, cu, cu, N, N, D ** -0.5, True, out, lse)
-    good_out, good_lse = out.clone(), lse.clone()
-    for bm, bn, w, s in [(128, 64, 8, 3), (128, 64, 8, 4), (128, 64, 8, 2), (128, 128, 8, 3), (128, 128, 8, 2),
-                         (128, 32, 4, 3), (128, 64, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3), (64, 64, 4, 4)]:
-        cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
-        try:
-            def fn(i, cfg=cfg):
-                tk._launch_prefill(q, k, v, cu, cu, N, D ** -0.5, True, out, lse, cfg)
-            out.fill_(float("nan"))
-            fn(0)
-            verify("tune prefill", out, good_out, 1e-2)
-            verify("tune lse", lse, good_lse, 1e-5)
-            t = time_cuda(fn, warmup=3, iters=10)["median_ms"]
-            print(f"TUNE prefill {model} N={N} {cfg}: {t:.3f} ms {2 * hq * N * N * D / t * 1e-9:.0f} TFLOP/s",
-                  flush=True)
-        except Exception as e:  # noqa: BLE001 - report and go on (e.g. out of shared memory)
-            print(f"TUNE prefill {model} {cfg}: failed {type(e).__name__}: {str(e)[:120]}")
+                rel, good = args[-1], torch.empty_like(args[-1])
+                reference.kv_relevance(*args[:-1], good)
+                rel.fill_(float("nan"))
+                base.kv_relevance(*args)
+                verify("baseline relevance", rel, good, REL_TOL[torch.float32])
+                ms = time_cuda(lambda i: base.kv_relevance(*args), warmup=3, iters=30, graph=True)["median_ms"]
+                print(f"TUNE kv_relevance {model} M={M} N={Nk} baseline: {ms * 1e3:.1f} us", flush=True)
+            del args
 
 
 def _plot(rel_rows, pf_rows):

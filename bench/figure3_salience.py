@@ -3,11 +3,13 @@
 ``python -m bench.figure3_salience [--quick] [--sweep]``. Per shape: naive torch (the fp32 chunked reference)
 vs Triton two passes (atomic and deterministic head reduction) vs Triton with ``lse`` given vs
 ``flash_colreduce`` (when importable) vs one SDPA forward of the same shape (yardstick). The exp floor is
-``passes * H * sum_s n_s^2 / 3.9e12 exp/s``. ``--sweep`` times the kernel's tile/exp configurations instead.
+``passes * H * sum_s n_s^2 / 3.9e12 exp/s``. ``--sweep`` times every config of each pass's declared space
+(``sparsevila_ops.autotune``; each pass alone, the column sums given an LSE) instead.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
@@ -165,54 +167,25 @@ def bench_shape(sh: Shape, iters: int) -> List[Dict[str, object]]:
 
 
 def sweep(shapes: List[Shape], iters: int) -> None:
-    """Time the kernel's tile configurations (the default first).
-    colsum is timed alone (lse given), lse through the two-pass op with the default colsum config."""
-    from sparsevila_ops.triton_kernels import salience as tk
-    default = tk._config
-    colsum_tiles = [(128, 64, 4, 2), (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3),
-                    (64, 64, 4, 3), (64, 128, 4, 3), (128, 32, 4, 3), (256, 64, 8, 2)]  # BLOCK_N, BLOCK_M, w, s
-    lse_tiles = [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2), (128, 128, 8, 3),
-                 (64, 128, 4, 3), (128, 32, 8, 3), (256, 64, 8, 2)]  # BLOCK_M, BLOCK_N, warps, stages
+    """Every config of both passes' spaces (``autotune.measure``: verified first, then timed; the default first),
+    each pass alone: its floor is one pass of exps."""
+    from sparsevila_ops import autotune
+    from sparsevila_ops.autotune.tuner import cuda_timer
+    timer = functools.partial(cuda_timer, iters=iters)
     rows = []
     for sh in shapes:
-        T, scale = sh.B * sh.N, sh.D ** -0.5
-        cu = torch.arange(0, T + 1, sh.N, dtype=torch.int32, device="cuda")
-        q, k, _ = _inputs(sh, 0)
-        lse = _natural_lse(q, k, sh.B, sh.N, scale)
-        out = torch.empty(T, device="cuda")
-        ref = torch.empty(T, device="cuda")
-        reference.visual_salience(q, k, cu, sh.N, scale, 0, lse, False, ref)
-        ref2 = torch.empty(T, device="cuda")
-        reference.visual_salience(q, k, cu, sh.N, scale, 0, None, False, ref2)
-
-        def measure(phase, cfg, with_lse):
-            def patched(ph, *a):
-                return dict(cfg) if ph == phase else default(ph, *a)
-            tk._config = patched
-            try:
-                fn = lambda i: sparsevila_ops.visual_salience(q, k, cu, sh.N, out=out,  # noqa: E731
-                                                              lse=lse if with_lse else None)
-                out.fill_(float("nan"))
-                fn(0)
-                err = verify("sweep", out, ref if with_lse else ref2, BF16_TOL)
-                t = time_cuda(fn, warmup=3, iters=iters)["median_ms"]
-            except Exception as e:  # a config that fails to compile or verify is reported, not fatal
-                t, err = float("inf"), f"{type(e).__name__}: {str(e)[:80]}"
-            finally:
-                tk._config = default
-            passes = 1 if with_lse else 2
-            rows.append({"shape": sh.name, "phase": phase, "config": str(cfg), "median_ms": t,
-                         "x_floor": t / (passes * sh.exps_per_pass / EXP_PER_S * 1e3), "rel_err": err})
-            print(f"{sh.name[:12]:12s} {phase:6s} {t:8.4f} ms  {cfg}  err={err}", flush=True)
-            return t
-
-        nr = sh.N
-        for phase, tiles, with_lse, keys in (("colsum", colsum_tiles, True, ("BLOCK_N", "BLOCK_M")),
-                                             ("lse", lse_tiles, False, ("BLOCK_M", "BLOCK_N"))):
-            base = default(phase, sh.N, nr, sh.D, q.dtype)
-            measure(phase, base, with_lse)
-            for t in tiles:
-                measure(phase, {keys[0]: t[0], keys[1]: t[1], "num_warps": t[2], "num_stages": t[3]}, with_lse)
+        shape = {"H": sh.H, "D": sh.D, "n": sh.N, "segs": sh.B}
+        floor = sh.exps_per_pass / EXP_PER_S * 1e3
+        for phase in ("colsum", "lse"):
+            op = f"visual_salience.{phase}"
+            args = autotune.make_args(op, shape, "cuda")
+            for t in autotune.measure(op, args, timer=timer, sets=N_INPUTS):
+                ms = t.ms if t.ms is not None else float("inf")
+                err = t.err if t.status == "ok" else f"{t.status}: {t.note}"[:80]
+                rows.append({"shape": sh.name, "phase": phase, "config": str(t.config), "median_ms": ms,
+                             "x_floor": ms / floor, "rel_err": err})
+                print(f"{sh.name[:12]:12s} {phase:6s} {ms:8.4f} ms  {t.config}  err={err}", flush=True)
+            del args
     write_results("figure3_salience_sweep", rows, ["shape", "phase", "config", "median_ms", "x_floor", "rel_err"],
                   title="visual_salience config sweep")
 

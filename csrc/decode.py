@@ -5,20 +5,24 @@ Covered: bf16/fp16, head dim 64 or 128, G = Hq / Hk <= 16, rows of q/k/v 16-byte
 move whole K/V rows), contiguous ``lengths``. Other calls run the Triton kernel, which covers every case of the
 contract.
 
-Config (``decode_config``): ``cluster`` CTAs (a power of two <= 16) split a row's keys and merge through
-distributed shared memory; ``clusters_per_row`` > 1 spreads a row over several clusters whose partials the
-Triton combine kernel merges (a second grid). Measured slower than the Triton backend on the H100 at
-batch 1 (bench/NOTES.md), so it is opt-in: ``use_backend("cuda")``.
+Config (``CLUSTER_DECODE``, the autotune seam; default ``decode_config``): ``cluster`` CTAs (a power of two
+<= 16) split a row's keys and merge through distributed shared memory; ``clusters_per_row`` > 1 spreads a row
+over several clusters whose partials the Triton combine kernel merges (a second grid); ``warps`` per CTA.
+Measured slower than the Triton backend on the H100 at batch 1 (bench/NOTES.md), so it is opt-in:
+``use_backend("cuda")``. The kernel's per-CTA timeline pointer is always null here (``bench/decode_timeline.py``
+sets it).
 """
 from __future__ import annotations
 
 import ctypes
 import functools
-from typing import Optional
+from pathlib import Path
+from typing import NamedTuple, Optional
 
 import torch
 
 from .. import _cuda
+from ..autotune import Tunable, gpu_name
 from ..triton_kernels import decode as tk
 
 _DTYPES = {torch.bfloat16: 0, torch.float16: 1}
@@ -68,13 +72,43 @@ def decode_config(B: int, hk: int, group: int, cap: int, dtype: int = 0, d: int 
     return {"cluster": best[0], "clusters_per_row": best[1], "warps": warps}
 
 
-TIMELINE_STAMPS = 8  # kTimelineStamps in decode_cluster.cu
+class ClusterKey(NamedTuple):
+    gpu: str
+    dtype: torch.dtype
+    D: int
+    G: int
+    B: int
+    Hk: int
+    cap: int
 
 
-def _launch(q, k, v, lengths, scale, out, lse, cluster, clusters_per_row, warps, pdl, timeline=None) -> None:
+def _key(q, k, v, lengths, scale, out, lse) -> ClusterKey:
     B, HQ, D = q.shape
     HK = k.shape[1]
-    num_chunks = cluster * clusters_per_row
+    return ClusterKey(gpu_name(q.device), q.dtype, D, HQ // max(HK, 1), B, HK, k.shape[2])
+
+
+def _default(key: ClusterKey) -> dict:
+    return dict(decode_config(key.B, key.Hk, key.G, key.cap, _DTYPES[key.dtype], key.D))
+
+
+def _space(key: ClusterKey) -> list:
+    """The cluster sweep of ``python -m bench.decode --sweep-cuda``: every cluster size x 1, 2, half the most
+    and the most clusters per row the GPU co-schedules for all B * Hk rows (8 warps), plus 12 warps at
+    cluster 8."""
+    rows = max(1, key.B * key.Hk)
+    fit = {c: _max_active_clusters(_DTYPES[key.dtype], key.D, c, 8, key.G) // rows for c in (1, 2, 4, 8, 16)}
+    return ([dict(cluster=c, clusters_per_row=n, warps=8) for c in fit
+             for n in sorted({1, 2, fit[c] // 2, fit[c]}) if 1 <= n <= fit[c]]
+            + [dict(cluster=8, clusters_per_row=max(1, fit[8]), warps=12)])
+
+
+def _launch(q, k, v, lengths, scale, out, lse, cfg) -> None:
+    B, HQ, D = q.shape
+    HK = k.shape[1]
+    if B == 0 or HQ == 0:
+        return
+    cluster, clusters_per_row, pdl = cfg["cluster"], cfg["clusters_per_row"], tk._use_pdl(q.device)
     if clusters_per_row > 1:
         po = torch.empty(B, HQ, clusters_per_row, D, dtype=torch.float32, device=q.device)
         pl = torch.empty(B, HQ, clusters_per_row, dtype=torch.float32, device=q.device)
@@ -85,27 +119,24 @@ def _launch(q, k, v, lengths, scale, out, lse, cluster, clusters_per_row, warps,
                                     lse.stride(0), lse.stride(1))
     code = _cuda.library().svo_decode_cluster(
         _DTYPES[q.dtype], D, q.data_ptr(), k.data_ptr(), v.data_ptr(), lengths.data_ptr(), out.data_ptr(),
-        lse.data_ptr(), po.data_ptr(), pl.data_ptr(), scale * tk.LOG2E, strides,
-        timeline.data_ptr() if timeline is not None else None, B, HK, HQ // HK, HQ,
-        num_chunks, cluster, warps, int(pdl), torch.cuda.current_stream(q.device).cuda_stream)
+        lse.data_ptr(), po.data_ptr(), pl.data_ptr(), scale * tk.LOG2E, strides, None, B, HK, HQ // HK, HQ,
+        cluster * clusters_per_row, cluster, cfg["warps"], int(pdl), torch.cuda.current_stream(q.device).cuda_stream)
     _cuda.check(code, "decode_attention (cuda backend) launch")
     if clusters_per_row > 1:
         tk.combine_partials(po, pl, out, lse, pdl)
 
 
+CLUSTER_DECODE = Tunable("decode_attention", "cuda", [__file__, Path(__file__).with_name("decode_cluster.cu")],
+                         key=_key, space=_space, default=_default, launch=_launch, buckets=("B", "Hk", "cap"))
+
+
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor, scale: float,
-                     out: torch.Tensor, lse: torch.Tensor, **overrides) -> None:
-    """Decode over ``k, v [B, Hk, capacity, D]`` up to ``lengths[b]`` in one cluster kernel (module doc);
-    ``overrides`` (cluster, clusters_per_row, warps, pdl) replace the heuristic for tests and sweeps;
-    ``timeline=`` an int64 tensor ``[B * Hk, num_chunks, TIMELINE_STAMPS + 2]`` records per-CTA phase clocks
-    (``bench/decode_timeline.py``)."""
-    B, HQ, _ = q.shape
-    if B == 0 or HQ == 0:
+                     out: torch.Tensor, lse: torch.Tensor) -> None:
+    """Decode over ``k, v [B, Hk, capacity, D]`` up to ``lengths[b]`` in one cluster kernel (module doc); inputs
+    it does not cover run the Triton kernel."""
+    if q.shape[0] == 0 or q.shape[1] == 0:
         return
     if unsupported(q, k, v) is not None or lengths.stride(0) != 1:  # the cluster kernel reads lengths contiguously
         tk.decode_attention(q, k, v, lengths, scale, out, lse)
         return
-    cfg = dict(decode_config(B, k.shape[1], HQ // k.shape[1], k.shape[2], _DTYPES[q.dtype], q.shape[2]))
-    cfg["pdl"] = tk._use_pdl(q.device)
-    cfg.update(overrides)
-    _launch(q, k, v, lengths, scale, out, lse, **cfg)
+    CLUSTER_DECODE(q, k, v, lengths, scale, out, lse)

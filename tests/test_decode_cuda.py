@@ -95,15 +95,16 @@ def test_cuda_decode_matches_reference_gpu(dtype, D, Hk, G):
 @pytest.mark.parametrize("cluster", [1, 2, 4, 8, 16])
 @pytest.mark.parametrize("clusters_per_row", [1, 3])
 @pytest.mark.parametrize("warps,pdl", [(8, False), (8, True), (12, True)])
-def test_cuda_decode_cluster_configs_gpu(cluster, clusters_per_row, warps, pdl):
-    from sparsevila_ops.csrc import decode as cd
+def test_cuda_decode_cluster_configs_gpu(cluster, clusters_per_row, warps, pdl, monkeypatch):
+    from sparsevila_ops.autotune import run_with_config
     B, Hk, G, cap, D = 3, 4, 7, 5000, 128
     q, k, v = _inputs(B, Hk, G, cap, D, torch.bfloat16, "cuda", seed=cluster)
     lengths = torch.tensor([4999, 17, 2500], dtype=torch.int32, device="cuda")
     _nan_tail(k, v, lengths)
     out, lse = _outs(q)
-    cd.decode_attention(q, k, v, lengths, D ** -0.5, out, lse, cluster=cluster,
-                        clusters_per_row=clusters_per_row, warps=warps, pdl=pdl)
+    monkeypatch.setenv("SPARSEVILA_PDL", "1" if pdl else "0")
+    run_with_config("decode_attention", dict(cluster=cluster, clusters_per_row=clusters_per_row, warps=warps),
+                    q, k, v, lengths, D ** -0.5, out, lse, backend="cuda")
     _check(out, lse, q, k, v, lengths, D ** -0.5, f"cluster {cluster} x {clusters_per_row} warps={warps} pdl={pdl}")
 
 

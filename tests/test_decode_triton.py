@@ -10,7 +10,7 @@ import torch
 
 import sparsevila_ops as so
 from sparsevila_ops import reference as ref
-from sparsevila_ops.triton_kernels import decode as tk
+from sparsevila_ops.autotune import run_with_config
 
 from helpers import REL_TOL, assert_2x_rule, assert_rel, column, poison
 
@@ -84,12 +84,12 @@ def test_decode_attention_matches_reference(device, dtype, G, strided_lengths):
 
 @pytest.mark.parametrize("num_splits", [1, 2, 5])
 def test_decode_attention_split_counts(device, num_splits):
-    # Forced split counts through the launcher: one split (direct write), few, more splits than tiles.
+    # Forced split counts: one split (direct write), few, more splits than tiles.
     B, Hk, G, cap, D = 3, 1, 4, 70, 64
     q, k, v = _inputs(B, Hk, G, cap, D, torch.float16, device, seed=num_splits, strided=False)
     lengths = torch.tensor([70, 0, 17], dtype=torch.int32, device=device)
     out, lse = _outs(q)
-    tk._launch_decode(q, k, v, lengths, None, 0.3, out, lse, num_splits=num_splits)
+    run_with_config("decode_attention", {"NUM_SPLITS": num_splits}, q, k, v, lengths, 0.3, out, lse)
     _check(out, lse, q, k, v, lengths, 0.3, f"splits={num_splits}")
 
 
@@ -104,10 +104,12 @@ def test_decode_combine_rows_of_different_lengths(device, num_splits, gather):
     out, lse = _outs(q)
     if gather:  # positions reversed: the gather path sees every key, in another order
         indices = torch.arange(cap - 1, -1, -1, dtype=torch.int32, device=device).expand(B, Hk, cap)
-        tk._launch_decode(q, k, v, lengths, indices, 0.2, out, lse, num_splits=num_splits, BLOCK_N=32)
+        run_with_config("sparse_decode_attention", {"NUM_SPLITS": num_splits, "BLOCK_N": 32}, q, k, v, indices,
+                        lengths, 0.2, out, lse)
         k, v = k.flip(2), v.flip(2)
     else:
-        tk._launch_decode(q, k, v, lengths, None, 0.2, out, lse, num_splits=num_splits, BLOCK_N=32)
+        run_with_config("decode_attention", {"NUM_SPLITS": num_splits, "BLOCK_N": 32}, q, k, v, lengths, 0.2, out,
+                        lse)
     _check(out, lse, q, k, v, lengths, 0.2, f"combine splits={num_splits} gather={gather}")
     assert (out[0] == 0).all() and (lse[0] == float("-inf")).all()
 
@@ -124,7 +126,7 @@ def test_decode_combine_ignores_poisoned_scratch_of_empty_splits(device, monkeyp
     lengths = torch.tensor([3, 0], dtype=torch.int32, device=device)  # 1 of 6 splits used; none used
     out, lse = _outs(q)
     monkeypatch.setattr(torch, "empty", nan_empty)
-    tk._launch_decode(q, k, v, lengths, None, 0.25, out, lse, num_splits=6, BLOCK_N=16)
+    run_with_config("decode_attention", {"NUM_SPLITS": 6, "BLOCK_N": 16}, q, k, v, lengths, 0.25, out, lse)
     monkeypatch.undo()
     _check(out, lse, q, k, v, lengths, 0.25, "poisoned scratch")
     assert (out[1] == 0).all() and (lse[1] == float("-inf")).all()
@@ -138,7 +140,7 @@ def test_decode_split_calls_are_deterministic(device):
     results = []
     for _ in range(2):
         out, lse = _outs(q)
-        tk._launch_decode(q, k, v, lengths, None, D ** -0.5, out, lse, num_splits=5)
+        run_with_config("decode_attention", {"NUM_SPLITS": 5}, q, k, v, lengths, D ** -0.5, out, lse)
         results.append((out, lse))
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
     _check(*results[0], q, k, v, lengths, D ** -0.5, "split calls")
@@ -199,25 +201,6 @@ def test_decode_real_sizes_gpu(Hq, Hk, ctx, dtype):
     out, lse = _outs(q)
     so.decode_attention(q, k, v, lengths, out=out, lse=lse)
     _check(out, lse, q, k, v, lengths, D ** -0.5, f"decode {Hq}/{Hk} {ctx} {dtype}")
-
-
-@pytest.mark.gpu
-def test_decode_timeline_stamps_gpu():
-    """``timeline=`` records entry <= wait released <= exit (ns) and a valid SM id per split program, and does
-    not change the output."""
-    B, Hk, G, ctx, D = 2, 4, 7, 8192, 128
-    q, k, v = _inputs(B, Hk, G, ctx, D, torch.bfloat16, "cuda", seed=5)
-    lengths = torch.tensor([ctx, 100], dtype=torch.int32, device="cuda")
-    out, lse = _outs(q)
-    S = 16
-    stamps = torch.full((B, Hk, S, 4), -1, dtype=torch.int64, device="cuda")
-    tk._launch_decode(q, k, v, lengths, None, D ** -0.5, out, lse, num_splits=S, timeline=stamps)
-    _check(out, lse, q, k, v, lengths, D ** -0.5, "decode with timeline")
-    t = stamps.view(-1, 4).cpu()
-    assert (t[:, 0] > 0).all() and (t[:, 1] >= t[:, 0]).all() and (t[:, 2] >= t[:, 1]).all()
-    assert (t[:, 2] - t[:, 0]).max() < 10 ** 8  # one launch, well under 0.1 s
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    assert ((t[:, 3] >= 0) & (t[:, 3] < sms)).all()
 
 
 @pytest.mark.gpu

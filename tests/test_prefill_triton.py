@@ -11,6 +11,7 @@ import torch
 
 import sparsevila_ops as so
 from sparsevila_ops import reference
+from sparsevila_ops.autotune import run_with_config
 from sparsevila_ops.triton_kernels import prefill as tk
 
 import brute
@@ -270,7 +271,7 @@ def test_kv_relevance_tiles(device, causal, hq, hk, layout, dtype):
     for cfg in (dict(BLOCK_N=32, BLOCK_P=16, num_warps=4, num_stages=1),
                 dict(BLOCK_N=16, BLOCK_P=32, num_warps=4, num_stages=1)):
         mine = poison(torch.empty_like(expected))
-        tk._launch_relevance(q, k, lse, *args[:2], args[3], scale, causal, rel_rows, mine, cfg)
+        run_with_config("kv_relevance", cfg, q, k, lse, *args, scale, causal, rel_rows, mine)
         assert_rel(mine, expected, TOL32, f"kv_relevance {cfg}")
 
 

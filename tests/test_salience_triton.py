@@ -9,6 +9,7 @@ import torch
 
 import sparsevila_ops
 from sparsevila_ops import reference
+from sparsevila_ops.autotune import run_with_config
 from sparsevila_ops.triton_kernels import salience as tk
 
 from helpers import REL_TOL, assert_rel, poison
@@ -60,13 +61,20 @@ def test_visual_salience_parity(device, dtype, D, c, reduce_heads):
 
 
 @pytest.mark.parametrize("c", [0, 3])
-def test_visual_salience_multiblock_tails(device, monkeypatch, c):
-    """16-wide tiles: several full key/row blocks plus masked tails in both passes."""
-    monkeypatch.setattr(tk, "_config", lambda phase, *a: dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=2))
+def test_visual_salience_multiblock_tails(device, c):
+    """16-wide tiles: several full key/row blocks plus masked tails in both passes (the LSE pass into a scratch,
+    then the column sums from it, as the op runs them)."""
+    tiles = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=2)
     lengths = [53, 16, 1]
     cu = _cu(lengths, device)
-    q, k = _inputs(int(cu[-1]), 2, 72, torch.float32, device, seed=1)
-    _check(q, k, cu, max(lengths), torch.float32, num_summary=c, reduce_heads=False)
+    T, H, D = int(cu[-1]), 2, 72
+    q, k = _inputs(T, H, D, torch.float32, device, seed=1)
+    lse2 = torch.full((H, T), float("nan"), device=device)
+    run_with_config("visual_salience.lse", tiles, q, k, cu, max(lengths), D ** -0.5, c, lse2)
+    got = _poisoned(T, H, False, device)
+    run_with_config("visual_salience.colsum", tiles, q, k, cu, max(lengths), D ** -0.5, c, lse2, True, False, got)
+    ref = _salience("reference", q, k, cu, max(lengths), num_summary=c, reduce_heads=False)
+    assert_rel(got, ref, REL_TOL[torch.float32], f"16-wide tiles, c={c}")
 
 
 def test_visual_salience_windows(device):

@@ -21,52 +21,42 @@ sparse_decode_attention is the same kernel with GATHER: key j of row (b, g) is c
 ``indices[b, g, j]`` for ``j < n_valid[b]``.
 
 append_kv: one program per b writes all heads of the new token at slot lengths[b], then bumps lengths[b].
+
+Configs (splits, tiles, warps, stages) come through the autotune seam: ``DECODE``, ``SPARSE_DECODE`` and
+``APPEND`` look them up (tuned tables, else ``_decode_default`` / ``_append_default``).
 """
 from __future__ import annotations
 
 import functools
 import os
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from ..autotune import Tunable, gpu_name
+
 LOG2E = 1.4426950408889634
-
-
-@triton.jit
-def _globaltimer():
-    return tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1)
-
-
-@triton.jit
-def _smid():
-    return tl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r", [], dtype=tl.int32, is_pure=True, pack=1)
 
 
 @triton.jit
 def _decode_split_kernel(q_ptr, k_ptr, v_ptr, len_ptr, idx_ptr, out_ptr, lse_ptr, po_ptr, pl_ptr, qk_scale,
                          q_sb, q_sh, k_sb, k_sg, k_sn, v_sb, v_sg, v_sn, len_s, i_sb, i_sg, o_sb, o_sh, l_sb, l_sh,
-                         G, HQ, D, time_ptr,
+                         G, HQ, D,
                          NUM_SPLITS: tl.constexpr, GATHER: tl.constexpr, IEEE: tl.constexpr,
                          BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                         PDL: tl.constexpr, TIMELINE: tl.constexpr):
+                         PDL: tl.constexpr):
     split = tl.program_id(0)
     b = tl.program_id(1)
     g = tl.program_id(2)
-    if TIMELINE:  # per-program stamps (bench/decode_floor.py): entry, after the wait, exit (ns), SM id
-        t_row = time_ptr + ((b * tl.num_programs(2) + g) * NUM_SPLITS + split) * 4
-        tl.store(t_row, _globaltimer())
-        tl.store(t_row + 3, _smid().to(tl.int64))
     d = tl.arange(0, BLOCK_D)
     k_row = k_ptr + b.to(tl.int64) * k_sb + g.to(tl.int64) * k_sg
     v_row = v_ptr + b.to(tl.int64) * v_sb + g.to(tl.int64) * v_sg
     if PDL:  # the previous kernel (e.g. append_kv, or the last layer's combine) may write q, k, v, lengths
         gdc_wait()
         gdc_launch_dependents()  # let the combine launch now; it waits for this grid to finish
-    if TIMELINE:
-        tl.store(t_row + 1, _globaltimer())
     rows = tl.arange(0, BLOCK_G)
     heads = g * G + rows
     mg = rows < G
@@ -86,8 +76,6 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, len_ptr, idx_ptr, out_ptr, lse_ptr
                      mask=mg)
         else:  # an empty split: weight 0 in the combine
             tl.store(pl_ptr + bh * NUM_SPLITS + split, tl.full([BLOCK_G], float("-inf"), tl.float32), mask=mg)
-        if TIMELINE:
-            tl.store(t_row + 2, _globaltimer())
         return
     hi = tl.minimum(lo + chunk, n)
 
@@ -130,8 +118,6 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, len_ptr, idx_ptr, out_ptr, lse_ptr
     else:
         tl.store(po_ptr + (bh[:, None] * NUM_SPLITS + split) * D + d[None, :], o, mask=mg[:, None] & md[None, :])
         tl.store(pl_ptr + bh * NUM_SPLITS + split, lse2, mask=mg)
-    if TIMELINE:
-        tl.store(t_row + 2, _globaltimer())
 
 
 @triton.jit
@@ -174,23 +160,6 @@ def _num_sms(device: torch.device) -> int:
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def _decode_config(B: int, hk: int, G: int, cap: int, D: int, elem: int, sms: int) -> dict:
-    """Split-KV heuristic: ~2 programs per SM, each slice >= 4 tiles of BLOCK_N keys (so the per-split cost
-    of loading q and writing partials stays small), at most 128 splits.
-
-    H100 sweep (``python -m bench.decode --sweep``, Qwen2-7B bf16, see bench/NOTES.md): 8 KB K + 8 KB V tiles
-    (BLOCK_N 32 at D 128) with 2 warps and 3 stages beat 16 KB tiles with 4 warps by up to 5 % at 8k and tie
-    at 32k; more than ~2 programs per SM, or fewer stages, loses (shared memory then caps residency).
-    """
-    block_d = max(16, triton.next_power_of_2(D))
-    block_n = max(16, min(128, 8192 // (block_d * elem)))
-    max_splits = max(1, min(128, triton.cdiv(cap, 4 * block_n)))
-    splits = max(1, min(max_splits, triton.cdiv(2 * sms, B * hk)))
-    return {"NUM_SPLITS": splits, "BLOCK_G": max(16, triton.next_power_of_2(G)), "BLOCK_N": block_n,
-            "BLOCK_D": block_d, "num_warps": 2 if block_d <= 128 else 4, "num_stages": 3 if elem < 4 else 2,
-            "COMBINE_D": min(block_d, 32)}
-
-
 def _use_pdl(device: torch.device) -> bool:
     """Programmatic dependent launch (Hopper+): kernels launch while their predecessor drains and wait in
     ``griddepcontrol.wait``. Off under the interpreter, before sm_90, or with ``SPARSEVILA_PDL=0``."""
@@ -204,24 +173,74 @@ def _capability(index: int):
     return torch.cuda.get_device_capability(index)
 
 
-def _launch_decode(q, k, v, lengths, indices, scale, out, lse, num_splits=None, timeline=None, **overrides) -> None:
-    """Split kernel (+ combine when num_splits > 1); ``indices`` not None selects the gather variant.
+class DecodeKey(NamedTuple):
+    gpu: str
+    dtype: torch.dtype
+    D: int
+    G: int
+    B: int
+    Hk: int
+    cap: int  # keys per cache row (the gather variant: positions in the full cache)
+    sms: int
 
-    ``overrides`` replace entries of the heuristic config (PDL, BLOCK_N, num_warps, num_stages, COMBINE_D) for
-    tests and sweeps. ``timeline`` (GPU only): an int64 tensor ``[B, Hk, NUM_SPLITS, 4]`` that receives each
-    split program's %globaltimer at entry, after the PDL wait and at exit, and its SM id."""
+
+def _decode_key(q, k, v, lengths, scale, out, lse) -> DecodeKey:
     B, HQ, D = q.shape
-    HK, cap = k.shape[1], k.shape[2]
+    HK = k.shape[1]
+    return DecodeKey(gpu_name(q.device), q.dtype, D, HQ // max(HK, 1), B, HK, k.shape[2], _num_sms(q.device))
+
+
+def _sparse_decode_key(q, k_cache, v_cache, indices, n_valid, scale, out, lse) -> DecodeKey:
+    return _decode_key(q, k_cache, v_cache, n_valid, scale, out, lse)
+
+
+def _block_d(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))
+
+
+def _decode_default(key: DecodeKey) -> dict:
+    """Split-KV heuristic: ~2 programs per SM, each slice >= 4 tiles of BLOCK_N keys (so the per-split cost
+    of loading q and writing partials stays small), at most 128 splits.
+
+    H100 sweep (``python -m bench.decode --sweep``, Qwen2-7B bf16, see bench/NOTES.md): 8 KB K + 8 KB V tiles
+    (BLOCK_N 32 at D 128) with 2 warps and 3 stages beat 16 KB tiles with 4 warps by up to 5 % at 8k and tie
+    at 32k; more than ~2 programs per SM, or fewer stages, loses (shared memory then caps residency).
+    """
+    elem, block_d = key.dtype.itemsize, _block_d(key.D)
+    block_n = max(16, min(128, 8192 // (block_d * elem)))
+    max_splits = max(1, min(128, triton.cdiv(key.cap, 4 * block_n)))
+    splits = max(1, min(max_splits, triton.cdiv(2 * key.sms, key.B * key.Hk)))
+    return {"NUM_SPLITS": splits, "BLOCK_N": block_n, "num_warps": 2 if block_d <= 128 else 4,
+            "num_stages": 3 if elem < 4 else 2, "COMBINE_D": min(block_d, 32)}
+
+
+def _decode_space(key: DecodeKey) -> list:
+    """The sweep of bench/NOTES.md around the default: splits x1, x2, x4, x8; BLOCK_N the default's and twice
+    it (<= 128); 2 or 4 warps; 1-3 stages."""
+    d = _decode_default(key)
+    return [{**d, "NUM_SPLITS": d["NUM_SPLITS"] * m, "BLOCK_N": bn, "num_warps": w, "num_stages": st}
+            for m in (1, 2, 4, 8) for bn in sorted({d["BLOCK_N"], min(128, 2 * d["BLOCK_N"])})
+            for w in (2, 4) for st in (1, 2, 3)]
+
+
+def _decode_resources(key: DecodeKey, cfg: dict):
+    """Shared memory: one K and one V tile per stage. Registers: the fp32 accumulator and scores of the
+    BLOCK_G query rows plus the K/V tiles, over the program's threads, + 32."""
+    elem, bd, bg, bn = key.dtype.itemsize, _block_d(key.D), max(16, triton.next_power_of_2(key.G)), cfg["BLOCK_N"]
+    smem = cfg["num_stages"] * 2 * bn * bd * elem
+    words = bg * bd + bg * bn + (2 * bn * bd + bg * bd) * elem // 4
+    return smem, 32 + words // (32 * cfg["num_warps"])
+
+
+def _launch_decode(q, k, v, lengths, indices, scale, out, lse, cfg) -> None:
+    """Split kernel (+ combine when ``cfg["NUM_SPLITS"]`` > 1); ``indices`` not None selects the gather variant."""
+    B, HQ, D = q.shape
+    HK = k.shape[1]
     if B == 0 or HQ == 0:
         return
     G = HQ // HK
     gather = indices is not None
-    cfg = _decode_config(B, HK, G, cap, D, q.element_size(), _num_sms(q.device))
-    cfg["PDL"] = _use_pdl(q.device)
-    if num_splits is not None:
-        cfg["NUM_SPLITS"] = num_splits
-    cfg.update(overrides)
-    S, pdl, combine_d = cfg["NUM_SPLITS"], cfg["PDL"], cfg.pop("COMBINE_D")
+    S, pdl = cfg["NUM_SPLITS"], _use_pdl(q.device)
     if S > 1:
         po = torch.empty(B, HQ, S, D, dtype=torch.float32, device=q.device)
         pl = torch.empty(B, HQ, S, dtype=torch.float32, device=q.device)
@@ -234,10 +253,11 @@ def _launch_decode(q, k, v, lengths, indices, scale, out, lse, num_splits=None, 
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         lengths.stride(0), idx.stride(0) if gather else 0, idx.stride(1) if gather else 0,
         out.stride(0), out.stride(1), lse.stride(0), lse.stride(1), G, HQ, D,
-        timeline if timeline is not None else lengths,
-        GATHER=gather, IEEE=q.dtype == torch.float32, TIMELINE=timeline is not None, **cfg, **launch)
+        NUM_SPLITS=S, GATHER=gather, IEEE=q.dtype == torch.float32, BLOCK_G=max(16, triton.next_power_of_2(G)),
+        BLOCK_N=cfg["BLOCK_N"], BLOCK_D=_block_d(D), PDL=pdl, num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"], **launch)
     if S > 1:
-        combine_partials(po, pl, out, lse, pdl, combine_d)
+        combine_partials(po, pl, out, lse, pdl, cfg["COMBINE_D"])
 
 
 def combine_partials(po: torch.Tensor, pl: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, pdl: bool,
@@ -251,16 +271,31 @@ def combine_partials(po: torch.Tensor, pl: torch.Tensor, out: torch.Tensor, lse:
         **({"launch_pdl": True} if pdl else {}))
 
 
+def _decode(q, k, v, lengths, scale, out, lse, cfg) -> None:
+    _launch_decode(q, k, v, lengths, None, scale, out, lse, cfg)
+
+
+def _sparse_decode(q, k_cache, v_cache, indices, n_valid, scale, out, lse, cfg) -> None:
+    _launch_decode(q, k_cache, v_cache, n_valid, indices, scale, out, lse, cfg)
+
+
+_DECODE_SEAM = dict(space=_decode_space, default=_decode_default, resources=_decode_resources,
+                    buckets=("B", "Hk", "cap"))
+DECODE = Tunable("decode_attention", "triton", [__file__], key=_decode_key, launch=_decode, **_DECODE_SEAM)
+SPARSE_DECODE = Tunable("sparse_decode_attention", "triton", [__file__], key=_sparse_decode_key,
+                        launch=_sparse_decode, **_DECODE_SEAM)
+
+
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor, scale: float,
                      out: torch.Tensor, lse: torch.Tensor) -> None:
     """Split-KV decode over ``k, v [B, Hk, capacity, D]`` up to ``lengths[b]``; see module doc."""
-    _launch_decode(q, k, v, lengths, None, scale, out, lse)
+    DECODE(q, k, v, lengths, scale, out, lse)
 
 
 def sparse_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, indices: torch.Tensor,
                             n_valid: torch.Tensor, scale: float, out: torch.Tensor, lse: torch.Tensor) -> None:
     """Split-KV decode over ``k_cache[b, g, indices[b, g, :n_valid[b]]]`` (gather in the kernel)."""
-    _launch_decode(q, k_cache, v_cache, n_valid, indices, scale, out, lse)
+    SPARSE_DECODE(q, k_cache, v_cache, indices, n_valid, scale, out, lse)
 
 
 @triton.jit
@@ -289,19 +324,56 @@ def _append_kv_kernel(kn_ptr, vn_ptr, kc_ptr, vc_ptr, len_ptr,
     tl.store(len_ptr + b * len_s, n + 1, mask=ok)
 
 
-def append_kv(k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-              lengths: torch.Tensor) -> None:
-    """``k_cache[b, :, lengths[b]] = k_new[b]`` (same for v), then ``lengths[b] += 1``; one program per b."""
+class AppendKey(NamedTuple):
+    gpu: str
+    dtype: torch.dtype
+    D: int
+    Hk: int
+    B: int
+
+
+def _append_key(k_new, v_new, k_cache, v_cache, lengths) -> AppendKey:
+    B, HK, D = k_new.shape
+    return AppendKey(gpu_name(k_new.device), k_new.dtype, D, HK, B)
+
+
+def _append_default(key: AppendKey) -> dict:
+    """All heads of the token in one tile of <= 4096 elements, 4 warps."""
+    return {"BLOCK_H": max(1, min(triton.next_power_of_2(key.Hk), 4096 // triton.next_power_of_2(key.D))),
+            "num_warps": 4}
+
+
+def _append_space(key: AppendKey) -> list:
+    """Heads per tile from 1 to all of them (tiles <= 8192 elements), 1-4 warps."""
+    top = min(triton.next_power_of_2(key.Hk), max(1, 8192 // triton.next_power_of_2(key.D)))
+    return [{"BLOCK_H": 1 << i, "num_warps": w} for i in range(top.bit_length()) for w in (1, 2, 4)]
+
+
+def _append_resources(key: AppendKey, cfg: dict):
+    """No shared memory; registers: the K and V tiles over the threads, + 32."""
+    words = 2 * cfg["BLOCK_H"] * triton.next_power_of_2(key.D) * key.dtype.itemsize // 4
+    return 0, 32 + words // (32 * cfg["num_warps"])
+
+
+def _append(k_new, v_new, k_cache, v_cache, lengths, cfg) -> None:
     B, HK, D = k_new.shape
     if B == 0:
         return
-    block_d = triton.next_power_of_2(D)
-    block_h = max(1, min(triton.next_power_of_2(HK), 4096 // block_d))
     pdl = _use_pdl(k_new.device)
     _append_kv_kernel[(B,)](
         k_new, v_new, k_cache, v_cache, lengths,
         k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), lengths.stride(0),
-        HK, D, k_cache.shape[2], BLOCK_H=block_h, BLOCK_D=block_d, PDL=pdl, num_warps=4,
-        **({"launch_pdl": True} if pdl else {}))
+        HK, D, k_cache.shape[2], BLOCK_H=cfg["BLOCK_H"], BLOCK_D=triton.next_power_of_2(D), PDL=pdl,
+        num_warps=cfg["num_warps"], **({"launch_pdl": True} if pdl else {}))
+
+
+APPEND = Tunable("append_kv", "triton", [__file__], key=_append_key, space=_append_space, default=_append_default,
+                 launch=_append, resources=_append_resources, buckets=("B",))
+
+
+def append_kv(k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+              lengths: torch.Tensor) -> None:
+    """``k_cache[b, :, lengths[b]] = k_new[b]`` (same for v), then ``lengths[b] += 1``; one program per b."""
+    APPEND(k_new, v_new, k_cache, v_cache, lengths)

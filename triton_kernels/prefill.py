@@ -20,12 +20,19 @@ Segment s holds m query rows and n keys; row i sees key j in [0, n), with ``caus
 
 ``prefill_attention_relevance`` = prefill launch, then the relevance launch reading the final lse (it needs
 the full softmax normalizer of each question row, which exists only after the row's attention finished).
+
+Tiles come through the autotune seam: ``PREFILL`` and ``RELEVANCE`` look them up (tuned tables, else
+``_prefill_default`` / ``_relevance_default``).
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
+
+from ..autotune import CPU, Tunable, gpu_name
 
 LOG2E = 1.4426950408889634
 _LOG2E = tl.constexpr(LOG2E)  # for use inside kernels
@@ -232,16 +239,43 @@ def _block_d(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
-def _prefill_config(d: int, dtype: torch.dtype, device: torch.device) -> dict:
-    """Tiles for ``_prefill_fwd_kernel`` (heuristic; an autotuner may replace it).
+class AttentionKey(NamedTuple):
+    gpu: str
+    dtype: torch.dtype
+    D: int
+    G: int
+    Hk: int
+    causal: bool
+    S: int  # segments
+    m: int  # max_seqlen_q (kv_relevance: the question rows)
+    n: int  # max_seqlen_k
+
+
+def _key(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, causal) -> AttentionKey:
+    Hk = k.shape[1]
+    return AttentionKey(gpu_name(q.device), q.dtype, q.shape[2], q.shape[1] // max(Hk, 1), Hk, bool(causal),
+                        cu_seqlens_q.shape[0] - 1, max_seqlen_q, max_seqlen_k)
+
+
+def _prefill_key(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal, out, lse):
+    return _key(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, causal)
+
+
+def _relevance_key(q, k, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal, rel_rows,
+                   relevance):
+    return _key(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, causal)
+
+
+def _prefill_default(key: AttentionKey) -> dict:
+    """Tiles for ``_prefill_fwd_kernel``.
 
     H100 sweep (bench/figure3_relevance.py --tune, bf16 D 128, 16k causal): 128 x 64 tiles, 8 warps,
     3 stages reach ~500 TFLOP/s; 2 stages lose 25-35 %, 4 warps at 128 x 64 spill (~100 TFLOP/s).
     """
-    if device.type != "cuda":  # interpreter: small tiles so tiny test shapes still cross block edges
+    if key.gpu == CPU:  # interpreter: small tiles so tiny test shapes still cross block edges
         return dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
-    bd = _block_d(d)
-    if dtype == torch.float32:
+    bd = _block_d(key.D)
+    if key.dtype == torch.float32:
         return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
     if bd <= 64:
         return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
@@ -250,10 +284,10 @@ def _prefill_config(d: int, dtype: torch.dtype, device: torch.device) -> dict:
     return dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2)
 
 
-def _relevance_config(d: int, dtype: torch.dtype, device: torch.device, group: int, max_rows: int) -> dict:
-    """Tiles for ``_kv_relevance_kernel``: BLOCK_N keys x BLOCK_P question rows of one head (heuristic).
+def _relevance_default(key: AttentionKey) -> dict:
+    """Tiles for ``_kv_relevance_kernel``: BLOCK_N keys x BLOCK_P question rows of one head.
 
-    ``max_rows`` bounds the rel rows of a segment (max_seqlen_q; the whole segment in the fused op). H100 sweep
+    ``key.m`` bounds the rel rows of a segment (max_seqlen_q; the whole segment in the fused op). H100 sweep
     (bench/figure3_relevance.py --tune relevance, bf16, D 128, 64-512 rows x 8k-32k keys):
     - G >= 4 (Qwen2 28/4): 64 keys x 128 rows (m64n128 wgmma: compute-bound rather than bound by the shared
       memory that feeds both operands) is best from 256 rows up (-5..-8 % vs 128 x 64); with <= 64 rows a
@@ -261,18 +295,53 @@ def _relevance_config(d: int, dtype: torch.dtype, device: torch.device, group: i
     - G < 4 (Llama-2 32/32, few row tiles per program): 128 keys x 64 rows, 2 stages, registers capped at 168
       so 3 CTAs fit per SM (64 KB shared memory each): best at every shape (-5..-12 %).
     """
-    if device.type != "cuda":  # interpreter: small tiles so tiny test shapes still cross block edges
+    if key.gpu == CPU:  # interpreter: small tiles so tiny test shapes still cross block edges
         return dict(BLOCK_N=16, BLOCK_P=16, num_warps=4, num_stages=1)
-    if dtype == torch.float32 or _block_d(d) > 128:
+    if key.dtype == torch.float32 or _block_d(key.D) > 128:
         return dict(BLOCK_N=64, BLOCK_P=64, num_warps=4, num_stages=2)
-    if group >= 4:
-        if max_rows <= 64:
+    if key.G >= 4:
+        if key.m <= 64:
             return dict(BLOCK_N=128, BLOCK_P=64, num_warps=4, num_stages=4)
         return dict(BLOCK_N=64, BLOCK_P=128, num_warps=4, num_stages=3)
     return dict(BLOCK_N=128, BLOCK_P=64, num_warps=4, num_stages=2, maxnreg=168)
 
 
-def _launch_prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, scale, causal, out, lse, cfg):
+def _prefill_space(key: AttentionKey) -> list:
+    """The prefill tiles of ``python -m bench.figure3_relevance --tune prefill`` (BLOCK_M, BLOCK_N, warps,
+    stages)."""
+    return [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s) for m, n, w, s in
+            ((128, 64, 8, 3), (128, 64, 8, 4), (128, 64, 8, 2), (128, 128, 8, 3), (128, 128, 8, 2), (128, 32, 4, 3),
+             (128, 64, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3), (64, 64, 4, 4))]
+
+
+def _relevance_space(key: AttentionKey) -> list:
+    """The relevance tiles of ``python -m bench.figure3_relevance --tune relevance`` (+ ``maxnreg`` 168: 3 CTAs
+    per SM at 64 KB of shared memory)."""
+    return [dict(BLOCK_N=n, BLOCK_P=p, num_warps=w, num_stages=s) for n, p, w, s in
+            ((128, 64, 4, 3), (128, 64, 4, 2), (128, 64, 4, 4), (128, 64, 8, 3), (128, 32, 4, 3), (128, 32, 4, 4),
+             (64, 64, 4, 3), (64, 128, 4, 3), (64, 32, 4, 4), (128, 128, 8, 3), (256, 64, 8, 3))] + [
+        dict(BLOCK_N=128, BLOCK_P=64, num_warps=4, num_stages=2, maxnreg=168)]
+
+
+def _prefill_resources(key: AttentionKey, cfg: dict):
+    """Shared memory: the q tile + a K and a V tile per stage. Registers: the fp32 accumulator and score tile,
+    and the q tile, over the threads, + 32 (128 x 64 tiles at 4 warps come out above 255: they spill)."""
+    bd, elem, bm, bn = _block_d(key.D), key.dtype.itemsize, cfg["BLOCK_M"], cfg["BLOCK_N"]
+    smem = (bm + cfg["num_stages"] * 2 * bn) * bd * elem
+    words = bm * bd + bm * bn + bm * bd * elem // 4
+    return smem, 32 + words // (32 * cfg["num_warps"])
+
+
+def _relevance_resources(key: AttentionKey, cfg: dict):
+    """Shared memory: the K tile + a q tile per stage. Registers: the fp32 score tile and the K tile over the
+    threads, + 32, or ``maxnreg`` when it caps them."""
+    bd, elem, bn, bp = _block_d(key.D), key.dtype.itemsize, cfg["BLOCK_N"], cfg["BLOCK_P"]
+    smem = (bn + cfg["num_stages"] * bp) * bd * elem
+    regs = 32 + (bn * bp + bn * bd * elem // 4) // (32 * cfg["num_warps"])
+    return smem, min(regs, cfg.get("maxnreg", regs))
+
+
+def _launch_prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal, out, lse, cfg):
     Tq, Hq, D = q.shape
     Hk = k.shape[1]
     S = cu_seqlens_q.shape[0] - 1
@@ -291,8 +360,8 @@ def _launch_prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, scale, ca
         IEEE=q.dtype == torch.float32, **cfg)
 
 
-def _launch_relevance(q, k, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_k, scale, causal, rel_rows, relevance,
-                      cfg):
+def _launch_relevance(q, k, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal, rel_rows,
+                      relevance, cfg):
     Hq, D = q.shape[1], q.shape[2]
     Hk = k.shape[1]
     S = cu_seqlens_k.shape[0] - 1
@@ -309,19 +378,24 @@ def _launch_relevance(q, k, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_k, scale
         IEEE=q.dtype == torch.float32, **cfg)
 
 
+_BUCKETS = ("Hk", "S", "m", "n")
+PREFILL = Tunable("prefill_attention", "triton", [__file__], key=_prefill_key, space=_prefill_space,
+                  default=_prefill_default, launch=_launch_prefill, resources=_prefill_resources, buckets=_BUCKETS)
+RELEVANCE = Tunable("kv_relevance", "triton", [__file__], key=_relevance_key, space=_relevance_space,
+                    default=_relevance_default, launch=_launch_relevance, resources=_relevance_resources,
+                    buckets=_BUCKETS)
+
+
 def prefill_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int, scale: float,
                       causal: bool, out, lse) -> None:
     """``torch.ops.sparsevila.prefill_attention``: writes out [Tq, Hq, D] (q's dtype) and lse [Hq, Tq] fp32."""
-    del max_seqlen_k
-    _launch_prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, scale, causal, out, lse,
-                    _prefill_config(q.shape[2], q.dtype, q.device))
+    PREFILL(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal, out, lse)
 
 
 def kv_relevance(q, k, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int, scale: float,
                  causal: bool, rel_rows, relevance) -> None:
     """``torch.ops.sparsevila.kv_relevance``: writes relevance [Hk, Tk] fp32 from q, k and the rows' lse."""
-    cfg = _relevance_config(q.shape[2], q.dtype, q.device, q.shape[1] // k.shape[1], max_seqlen_q)
-    _launch_relevance(q, k, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_k, scale, causal, rel_rows, relevance, cfg)
+    RELEVANCE(q, k, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal, rel_rows, relevance)
 
 
 def prefill_attention_relevance(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,

@@ -15,14 +15,19 @@ exp2 per score, no n x n buffer. A given natural-log ``lse`` is converted to log
 All segments, heads and blocks run in one launch per pass; programs past a segment's end exit at once.
 Heads are reduced with ``tl.atomic_add`` by default; ``deterministic=True`` stores per-head partials and
 sums them in a fixed order (``_sum_heads_kernel``), so results are bitwise reproducible.
+
+Each pass is a Tunable of the autotune seam: ``SALIENCE_LSE`` (its own arguments: the LSE scratch is its
+output) and ``SALIENCE_COLSUM`` (the op's arguments with an LSE, natural or log2, and the head reduction).
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton
 import triton.language as tl
+
+from ..autotune import Tunable, gpu_name
 
 LOG2E = 1.4426950408889634
 
@@ -33,30 +38,6 @@ def _split_head_dim(d: int):
     main = max(16, 1 << (d.bit_length() - 1))
     rest = d - main
     return main, (0 if rest <= 0 else max(16, triton.next_power_of_2(rest)))
-
-
-def _config(phase: str, max_seqlen: int, num_rows: int, head_dim: int, dtype: torch.dtype) -> dict:
-    """Tile sizes and launch parameters for ``phase`` ("lse" or "colsum"); a heuristic an autotuner can
-    replace. ``num_rows`` is the number of summed rows per segment (max_seqlen, or c for summary rows).
-
-    lse: BLOCK_M rows per program stream key blocks of BLOCK_N. colsum: BLOCK_N keys per program stream row
-    blocks of BLOCK_M. Small segments get smaller tiles so masked padding does not cost exps.
-    """
-    small = max_seqlen <= 64
-    if phase == "lse":
-        if small or num_rows <= 64:
-            return dict(BLOCK_M=max(16, min(64, triton.next_power_of_2(max(num_rows, 1)))), BLOCK_N=64,
-                        num_warps=4, num_stages=3)
-        # H100 sweep: 256-row tiles win on SigLIP frames (n = 729), 128 on long sequences.
-        if max_seqlen <= 1024:
-            return dict(BLOCK_M=256, BLOCK_N=64, num_warps=8, num_stages=2)
-        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
-    bm = max(16, min(64, triton.next_power_of_2(max(num_rows, 1))))
-    if small:
-        return dict(BLOCK_M=bm, BLOCK_N=64, num_warps=4, num_stages=3)
-    if max_seqlen <= 4096:  # H100 sweep: 256-key tiles amortize per-program cost on short segments
-        return dict(BLOCK_M=bm, BLOCK_N=256, num_warps=8, num_stages=2)
-    return dict(BLOCK_M=bm, BLOCK_N=128, num_warps=4, num_stages=3)
 
 
 @triton.jit
@@ -180,6 +161,134 @@ def _sum_heads_kernel(part, out, T, H, stride_ph, inv_heads, BLOCK: tl.constexpr
     tl.store(out + j, acc * inv_heads, mask=mask)
 
 
+class SalienceKey(NamedTuple):
+    gpu: str
+    dtype: torch.dtype
+    D: int
+    H: int
+    S: int  # segments
+    n: int  # max_seqlen
+    rows: int  # summed rows per segment: n, or num_summary
+    atomic: bool  # heads reduced with atomics (the column-sum pass; False for the LSE pass)
+
+
+def _num_rows(max_seqlen: int, num_summary: int) -> int:
+    return max_seqlen if num_summary == 0 else min(num_summary, max_seqlen)
+
+
+def _lse_key(q, k, cu_seqlens, max_seqlen, scale, num_summary, lse2) -> SalienceKey:
+    return SalienceKey(gpu_name(q.device), q.dtype, q.shape[2], q.shape[1], cu_seqlens.shape[0] - 1, max_seqlen,
+                       _num_rows(max_seqlen, num_summary), False)
+
+
+def _colsum_key(q, k, cu_seqlens, max_seqlen, scale, num_summary, lse, lse_log2, deterministic, out) -> SalienceKey:
+    return SalienceKey(gpu_name(q.device), q.dtype, q.shape[2], q.shape[1], cu_seqlens.shape[0] - 1, max_seqlen,
+                       _num_rows(max_seqlen, num_summary), out.dim() == 1 and not deterministic)
+
+
+def _lse_default(key: SalienceKey) -> dict:
+    """BLOCK_M rows per program stream key blocks of BLOCK_N; short segments or few summary rows get row tiles
+    no taller than the rows (masked padding costs exps). H100 sweep: 256-row tiles win on SigLIP frames
+    (n = 729), 128 on long sequences."""
+    if key.n <= 64 or key.rows <= 64:
+        return dict(BLOCK_M=max(16, min(64, triton.next_power_of_2(max(key.rows, 1)))), BLOCK_N=64,
+                    num_warps=4, num_stages=3)
+    if key.n <= 1024:
+        return dict(BLOCK_M=256, BLOCK_N=64, num_warps=8, num_stages=2)
+    return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
+
+
+def _colsum_default(key: SalienceKey) -> dict:
+    """BLOCK_N keys per program stream row blocks of BLOCK_M (<= 64: taller tiles spill). H100 sweep: 256-key
+    tiles amortize the per-program cost on segments up to 4096."""
+    bm = max(16, min(64, triton.next_power_of_2(max(key.rows, 1))))
+    if key.n <= 64:
+        return dict(BLOCK_M=bm, BLOCK_N=64, num_warps=4, num_stages=3)
+    if key.n <= 4096:
+        return dict(BLOCK_M=bm, BLOCK_N=256, num_warps=8, num_stages=2)
+    return dict(BLOCK_M=bm, BLOCK_N=128, num_warps=4, num_stages=3)
+
+
+def _lse_space(key: SalienceKey) -> list:
+    """The LSE tiles of ``python -m bench.figure3_salience --sweep`` (BLOCK_M, BLOCK_N, warps, stages)."""
+    return [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s) for m, n, w, s in
+            ((128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2), (128, 128, 8, 3), (64, 128, 4, 3),
+             (128, 32, 8, 3), (256, 64, 8, 2))]
+
+
+def _colsum_space(key: SalienceKey) -> list:
+    """The column-sum tiles of ``python -m bench.figure3_salience --sweep`` (BLOCK_N, BLOCK_M, warps, stages)."""
+    return [dict(BLOCK_N=n, BLOCK_M=m, num_warps=w, num_stages=s) for n, m, w, s in
+            ((128, 64, 4, 2), (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3), (64, 64, 4, 3),
+             (64, 128, 4, 3), (128, 32, 4, 3), (256, 64, 8, 2))]
+
+
+def _salience_resources(resident: str, streamed: str):
+    """Estimates for a pass that keeps a tile of ``resident`` rows and streams tiles of ``streamed`` rows (LSE:
+    q resident, k streamed; column sums: k resident, q streamed). Shared memory: the resident tile + one
+    streamed tile per stage. Registers: the fp32 score tile and the resident tile over the threads, + 32."""
+    def resources(key: SalienceKey, cfg: dict):
+        d, elem = sum(_split_head_dim(key.D)), key.dtype.itemsize
+        smem = (cfg[resident] + cfg["num_stages"] * cfg[streamed]) * d * elem
+        words = cfg["BLOCK_M"] * cfg["BLOCK_N"] + cfg[resident] * d * elem // 4
+        return smem, 32 + words // (32 * cfg["num_warps"])
+    return resources
+
+
+def _lse_pass(q, k, cu_seqlens, max_seqlen, scale, num_summary, lse2, cfg) -> None:
+    """Pass 1 into ``lse2`` fp32 ``[H, T]`` (log2 units; rows outside each segment's R are not written)."""
+    T, H, D = q.shape
+    S = cu_seqlens.shape[0] - 1
+    if T == 0 or S == 0:
+        return
+    d_main, d_tail = _split_head_dim(D)
+    n_row_blocks = triton.cdiv(max(_num_rows(max_seqlen, num_summary), 1), cfg["BLOCK_M"])
+    _salience_lse_kernel[(n_row_blocks * S, H)](
+        q, k, cu_seqlens, lse2, q.stride(0), q.stride(1), k.stride(0), k.stride(1), cu_seqlens.stride(0),
+        lse2.stride(0), float(scale) * LOG2E, num_summary, n_row_blocks, D=D, D_MAIN=d_main, D_TAIL=d_tail,
+        PREC=_precision(q), **cfg)
+
+
+def _colsum_pass(q, k, cu_seqlens, max_seqlen, scale, num_summary, lse, lse_log2, deterministic, out, cfg) -> None:
+    """Pass 2 into ``out`` (fp32 ``[T]`` heads reduced, or ``[H, T]``) from ``lse`` (log2 units when
+    ``lse_log2``, else natural), then the fixed-order head sum when deterministic."""
+    T, H, D = q.shape
+    S = cu_seqlens.shape[0] - 1
+    if T == 0 or S == 0:
+        return
+    reduce_heads = out.dim() == 1
+    atomic = reduce_heads and not deterministic
+    if not reduce_heads:
+        target, inv_heads = out, 1.0
+    elif atomic:
+        out.zero_()
+        target, inv_heads = out, 1.0 / H
+    else:
+        target, inv_heads = torch.empty(H, T, dtype=torch.float32, device=q.device), 1.0
+    d_main, d_tail = _split_head_dim(D)
+    n_key_blocks = triton.cdiv(max(max_seqlen, 1), cfg["BLOCK_N"])
+    _salience_colsum_kernel[(n_key_blocks * S, H)](
+        q, k, cu_seqlens, lse, target, q.stride(0), q.stride(1), k.stride(0), k.stride(1), cu_seqlens.stride(0),
+        lse.stride(0), target.stride(0) if target.dim() == 2 else 0, float(scale) * LOG2E,
+        1.0 if lse_log2 else LOG2E, inv_heads, num_summary, n_key_blocks, D=D, D_MAIN=d_main, D_TAIL=d_tail,
+        PREC=_precision(q), ATOMIC=atomic, **cfg)
+    if reduce_heads and deterministic:
+        block = 1024
+        _sum_heads_kernel[(triton.cdiv(T, block),)](target, out, T, H, target.stride(0), 1.0 / H, BLOCK=block)
+
+
+def _precision(q: torch.Tensor) -> str:
+    return "ieee" if q.dtype == torch.float32 else "tf32"
+
+
+SALIENCE_LSE = Tunable("visual_salience.lse", "triton", [__file__], key=_lse_key, space=_lse_space,
+                       default=_lse_default, launch=_lse_pass, buckets=("S", "n", "rows"),
+                       resources=_salience_resources("BLOCK_M", "BLOCK_N"))
+SALIENCE_COLSUM = Tunable("visual_salience.colsum", "triton", [__file__], key=_colsum_key, space=_colsum_space,
+                          default=_colsum_default, launch=_colsum_pass, buckets=("S", "n", "rows"),
+                          resources=_salience_resources("BLOCK_N", "BLOCK_M"))
+
+
 def visual_salience(q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, scale: float,
                     num_summary: int, lse: Optional[torch.Tensor], deterministic: bool,
                     out: torch.Tensor) -> None:
@@ -189,42 +298,12 @@ def visual_salience(q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor, 
     ``out`` fp32 ``[T]`` (heads reduced) or ``[H, T]``. Extra memory: fp32 ``[H, T]`` LSE scratch when
     ``lse`` is None, and fp32 ``[H, T]`` partials when reducing heads deterministically. No host syncs.
     """
-    T, H, D = q.shape
-    S = cu_seqlens.shape[0] - 1
-    if T == 0 or S == 0:
+    T, H, _ = q.shape
+    if T == 0 or cu_seqlens.shape[0] == 1:
         return
-    reduce_heads = out.dim() == 1
-    d_main, d_tail = _split_head_dim(D)
-    prec = "ieee" if q.dtype == torch.float32 else "tf32"
-    qk_scale = float(scale) * LOG2E
-    num_rows = max_seqlen if num_summary == 0 else min(num_summary, max_seqlen)
-    common = dict(D=D, D_MAIN=d_main, D_TAIL=d_tail, PREC=prec)
-
     if lse is None:
-        lse_t = torch.empty(H, T, dtype=torch.float32, device=q.device)
-        cfg = dict(_config("lse", max_seqlen, num_rows, D, q.dtype))
-        n_row_blocks = triton.cdiv(max(num_rows, 1), cfg["BLOCK_M"])
-        _salience_lse_kernel[(n_row_blocks * S, H)](
-            q, k, cu_seqlens, lse_t, q.stride(0), q.stride(1), k.stride(0), k.stride(1), cu_seqlens.stride(0),
-            lse_t.stride(0), qk_scale, num_summary, n_row_blocks, **common, **cfg)
-        lse_scale = 1.0
+        lse2 = torch.empty(H, T, dtype=torch.float32, device=q.device)
+        SALIENCE_LSE(q, k, cu_seqlens, max_seqlen, scale, num_summary, lse2)
+        SALIENCE_COLSUM(q, k, cu_seqlens, max_seqlen, scale, num_summary, lse2, True, deterministic, out)
     else:
-        lse_t, lse_scale = lse, LOG2E
-
-    atomic = reduce_heads and not deterministic
-    if not reduce_heads:
-        target, inv_heads = out, 1.0
-    elif atomic:
-        out.zero_()
-        target, inv_heads = out, 1.0 / H
-    else:
-        target, inv_heads = torch.empty(H, T, dtype=torch.float32, device=q.device), 1.0
-    cfg = dict(_config("colsum", max_seqlen, num_rows, D, q.dtype))
-    n_key_blocks = triton.cdiv(max(max_seqlen, 1), cfg["BLOCK_N"])
-    _salience_colsum_kernel[(n_key_blocks * S, H)](
-        q, k, cu_seqlens, lse_t, target, q.stride(0), q.stride(1), k.stride(0), k.stride(1), cu_seqlens.stride(0),
-        lse_t.stride(0), target.stride(0) if target.dim() == 2 else 0, qk_scale, lse_scale, inv_heads, num_summary,
-        n_key_blocks, ATOMIC=atomic, **common, **cfg)
-    if reduce_heads and deterministic:
-        block = 1024
-        _sum_heads_kernel[(triton.cdiv(T, block),)](target, out, T, H, target.stride(0), 1.0 / H, BLOCK=block)
+        SALIENCE_COLSUM(q, k, cu_seqlens, max_seqlen, scale, num_summary, lse, False, deterministic, out)

@@ -11,15 +11,20 @@ pack_kv: grid (row, split); each program copies tiles of ``BLOCK_N`` packed slot
 slot ``j`` reads cache position ``j`` (prefix), ``indices[j - vs]`` (selected) or ``j - vs - keep_b + ve``
 (suffix). Layers are addressed as ``base + l * layer_stride`` when they are views of one stacked tensor
 (checked from data_ptrs on the host), else through a device table of per-layer data_ptrs.
+
+Tiles come through the autotune seam: ``SELECT`` and ``PACK`` look them up (tuned tables, else
+``_select_default`` / ``_pack_default``).
 """
 from __future__ import annotations
 
 import functools
-from typing import List
+from typing import List, NamedTuple
 
 import torch
 import triton
 import triton.language as tl
+
+from ..autotune import Tunable, gpu_name
 
 RADIX_BITS = 8
 
@@ -105,25 +110,54 @@ def _select_kv_kernel(scores_ptr, vs_ptr, ve_ptr, idx_ptr,
             n_eq += tl.sum(eq_i, 0)
 
 
-def _select_config(span: int) -> dict:
-    """Heuristic tile of the radix passes: large chunks for long rows (fewer loop trips), 8 warps."""
-    block = min(4096, max(128, triton.next_power_of_2(max(span, 1))))
+class SelectKey(NamedTuple):
+    gpu: str
+    rows: int  # L * B * Hk
+    T: int
+
+
+def _select_key(scores, vis_start, vis_end, keep, indices) -> SelectKey:
+    L, B, HK, T = scores.shape
+    return SelectKey(gpu_name(scores.device), L * B * HK, T)
+
+
+def _select_default(key: SelectKey) -> dict:
+    """Large chunks for long rows (fewer loop trips), 8 warps from 2048 up."""
+    block = min(4096, max(128, triton.next_power_of_2(max(key.T, 1))))
     return {"BLOCK": block, "BLOCK_KEEP": 1024, "num_warps": 8 if block >= 2048 else 4}
 
 
-def select_kv(scores: torch.Tensor, vis_start: torch.Tensor, vis_end: torch.Tensor, keep: int,
-              indices: torch.Tensor) -> None:
-    """Radix top-k of ``scores[l, b, g, vs_b:ve_b]`` for every (layer, b, g) row in one launch; see module doc."""
+def _select_space(key: SelectKey) -> list:
+    """Chunks of 256-4096 scores, 4 or 8 warps."""
+    return [{"BLOCK": b, "BLOCK_KEEP": 1024, "num_warps": w} for b in (256, 512, 1024, 2048, 4096) for w in (4, 8)]
+
+
+def _select_resources(key: SelectKey, cfg: dict):
+    """Shared memory: the 256-bin histogram and the scan of a chunk. Registers: a chunk's keys and ranks over the
+    threads, + 32."""
+    return 4 * (256 + cfg["BLOCK"]), 32 + 4 * cfg["BLOCK"] // (32 * cfg["num_warps"])
+
+
+def _launch_select(scores, vis_start, vis_end, keep, indices, cfg) -> None:
     L, B, HK, T = scores.shape
     rows = L * B * HK
     if rows == 0 or keep == 0:
         return
-    cfg = _select_config(T)
     _select_kv_kernel[(rows,)](
         scores, vis_start, vis_end, indices,
         scores.stride(0), scores.stride(1), scores.stride(2),
         indices.stride(0), indices.stride(1), indices.stride(2),
         B, HK, keep, **cfg)
+
+
+SELECT = Tunable("select_kv", "triton", [__file__], key=_select_key, space=_select_space, default=_select_default,
+                 launch=_launch_select, resources=_select_resources, buckets=("rows", "T"))
+
+
+def select_kv(scores: torch.Tensor, vis_start: torch.Tensor, vis_end: torch.Tensor, keep: int,
+              indices: torch.Tensor) -> None:
+    """Radix top-k of ``scores[l, b, g, vs_b:ve_b]`` for every (layer, b, g) row in one launch; see module doc."""
+    SELECT(scores, vis_start, vis_end, keep, indices)
 
 
 @triton.jit
@@ -180,15 +214,6 @@ def _num_sms(device: torch.device) -> int:
         if device.type == "cuda" else 4
 
 
-def _pack_config(rows: int, max_len: int, d: int, elem: int, sms: int) -> dict:
-    """Tiles of ~16 KB per tensor (BLOCK_N x D), splits so that ~4 programs per SM stream the rows."""
-    block_d = triton.next_power_of_2(d)
-    block_n = max(16, min(128, 16384 // (block_d * elem)))
-    tiles = triton.cdiv(max(max_len, 1), block_n)
-    splits = max(1, min(tiles, triton.cdiv(4 * sms, rows), 65535))
-    return {"BLOCK_N": block_n, "BLOCK_D": block_d, "NUM_SPLITS": splits, "num_warps": 4}
-
-
 def _layer_addressing(ts: List[torch.Tensor]):
     """(stride in elements between consecutive layers, or None when the layers are not uniformly spaced)."""
     if len(ts) == 1:
@@ -206,24 +231,62 @@ def _pointer_table(ts: List[torch.Tensor], device) -> torch.Tensor:
     return torch.tensor([t.data_ptr() for t in ts], dtype=torch.int64).to(device, non_blocking=True)
 
 
-def pack_kv(k: List[torch.Tensor], v: List[torch.Tensor], indices: torch.Tensor, vis_start: torch.Tensor,
-            vis_end: torch.Tensor, seq_lens: torch.Tensor, k_out: torch.Tensor, v_out: torch.Tensor,
-            lengths: torch.Tensor) -> None:
-    """Gather-pack of every layer of ``k`` and ``v`` in one launch; see module doc.
+class PackKey(NamedTuple):
+    gpu: str
+    dtype: torch.dtype
+    D: int
+    rows: int  # (layer, b, g) rows of one launch: L * B * Hk, or B * Hk when layers launch one by one
+    len: int  # min(T, capacity): the longest packed row
+    sms: int
 
-    Layers whose strides differ from layer 0's (not allowed by the op contract, but cheap to honour) are
-    packed one launch per layer.
-    """
-    same = all(t.stride() == k[0].stride() for t in k) and all(t.stride() == v[0].stride() for t in v)
-    if not same:
-        for i in range(len(k)):
-            _launch_pack([k[i]], [v[i]], indices[i:i + 1], vis_start, vis_end, seq_lens,
-                         k_out[i:i + 1], v_out[i:i + 1], lengths)
+
+def _same_strides(k: List[torch.Tensor], v: List[torch.Tensor]) -> bool:
+    """Whether every layer has layer 0's strides (else the layers are packed one launch each)."""
+    return all(t.stride() == k[0].stride() for t in k) and all(t.stride() == v[0].stride() for t in v)
+
+
+def _pack_key(k, v, indices, vis_start, vis_end, seq_lens, k_out, v_out, lengths) -> PackKey:
+    _, B, HK, cap, D = k_out.shape
+    layers = len(k) if _same_strides(k, v) else 1
+    return PackKey(gpu_name(k_out.device), k_out.dtype, D, layers * B * HK, min(k[0].shape[2], cap),
+                   _num_sms(k_out.device))
+
+
+def _pack_default(key: PackKey) -> dict:
+    """Tiles of ~16 KB per tensor (BLOCK_N x D), splits so that ~4 programs per SM stream the rows."""
+    block_n = max(16, min(128, 16384 // (triton.next_power_of_2(key.D) * key.dtype.itemsize)))
+    tiles = triton.cdiv(max(key.len, 1), block_n)
+    splits = max(1, min(tiles, triton.cdiv(4 * key.sms, max(key.rows, 1)), 65535))
+    return {"BLOCK_N": block_n, "NUM_SPLITS": splits, "num_warps": 4}
+
+
+def _pack_space(key: PackKey) -> list:
+    """Around the default: half, the same and twice its tiles and splits, 4 or 8 warps."""
+    d = _pack_default(key)
+    return [{"BLOCK_N": bn, "NUM_SPLITS": sp, "num_warps": w}
+            for bn in sorted({max(16, d["BLOCK_N"] // 2), d["BLOCK_N"], min(256, 2 * d["BLOCK_N"])})
+            for sp in sorted({max(1, d["NUM_SPLITS"] // 2), d["NUM_SPLITS"], min(65535, 2 * d["NUM_SPLITS"])})
+            for w in (4, 8)]
+
+
+def _pack_resources(key: PackKey, cfg: dict):
+    """No shared memory; registers: a K (then V) tile and its positions over the threads, + 32."""
+    words = cfg["BLOCK_N"] * (triton.next_power_of_2(key.D) * key.dtype.itemsize // 4 + 2)
+    return 0, 32 + words // (32 * cfg["num_warps"])
+
+
+def _pack(k, v, indices, vis_start, vis_end, seq_lens, k_out, v_out, lengths, cfg) -> None:
+    """One launch for all layers, or one per layer when their strides differ (not allowed by the op contract,
+    but cheap to honour)."""
+    if _same_strides(k, v):
+        _launch_pack(k, v, indices, vis_start, vis_end, seq_lens, k_out, v_out, lengths, cfg)
         return
-    _launch_pack(k, v, indices, vis_start, vis_end, seq_lens, k_out, v_out, lengths)
+    for i in range(len(k)):
+        _launch_pack([k[i]], [v[i]], indices[i:i + 1], vis_start, vis_end, seq_lens, k_out[i:i + 1],
+                     v_out[i:i + 1], lengths, cfg)
 
 
-def _launch_pack(k, v, indices, vis_start, vis_end, seq_lens, k_out, v_out, lengths) -> None:
+def _launch_pack(k, v, indices, vis_start, vis_end, seq_lens, k_out, v_out, lengths, cfg) -> None:
     L = len(k)
     _, B, HK, cap, D = k_out.shape
     rows = L * B * HK
@@ -236,11 +299,21 @@ def _launch_pack(k, v, indices, vis_start, vis_end, seq_lens, k_out, v_out, leng
         k_ls = v_ls = 0
     else:
         k_table = v_table = lengths  # unused (USE_TABLE=False)
-    cfg = _pack_config(rows, min(k[0].shape[2], cap), D, k[0].element_size(), _num_sms(k_out.device))
     k0, v0 = k[0], v[0]
     _pack_kv_kernel[(rows, cfg["NUM_SPLITS"])](
         k0, v0, k_table, v_table, indices, vis_start, vis_end, seq_lens, k_out, v_out, lengths,
         k_ls, k0.stride(0), k0.stride(1), k0.stride(2), v_ls, v0.stride(0), v0.stride(1), v0.stride(2),
         indices.stride(0), indices.stride(1), indices.stride(2), indices.stride(3),
         k_out.stride(0), k_out.stride(1), k_out.stride(2), k_out.stride(3),
-        B, HK, indices.shape[-1], D, USE_TABLE=use_table, **cfg)
+        B, HK, indices.shape[-1], D, USE_TABLE=use_table, BLOCK_D=triton.next_power_of_2(D), **cfg)
+
+
+PACK = Tunable("pack_kv", "triton", [__file__], key=_pack_key, space=_pack_space, default=_pack_default,
+               launch=_pack, resources=_pack_resources, buckets=("rows", "len"))
+
+
+def pack_kv(k: List[torch.Tensor], v: List[torch.Tensor], indices: torch.Tensor, vis_start: torch.Tensor,
+            vis_end: torch.Tensor, seq_lens: torch.Tensor, k_out: torch.Tensor, v_out: torch.Tensor,
+            lengths: torch.Tensor) -> None:
+    """Gather-pack of every layer of ``k`` and ``v`` in one launch; see module doc."""
+    PACK(k, v, indices, vis_start, vis_end, seq_lens, k_out, v_out, lengths)
