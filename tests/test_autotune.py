@@ -1,0 +1,424 @@
+"""sparsevila_ops.autotune: the kernel-config seam, the tables, the tuner and its command line.
+
+CPU: a fake kernel (``out = x * scale``) with a fake timer exercises bucketing, the cache round trip, stale
+tables, the lookup order, the capture / compile guards, pruning, verification and output resets; one real kernel
+(``append_kv``, under the interpreter) is tuned end to end. GPU (``gpu``): the CLI tunes a kernel into a temp
+cache and a new process uses the table.
+"""
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import NamedTuple
+
+import pytest
+import torch
+
+import sparsevila_ops as so
+from sparsevila_ops import autotune
+from sparsevila_ops.autotune import cli, problems, tables, tuner
+from sparsevila_ops.autotune.problems import Problem
+from sparsevila_ops.autotune.tunable import Tunable, bucket, gpu_name
+
+ROOT = Path(__file__).resolve().parent.parent
+TRITON_OPS = sorted(op for op, backend in autotune.KERNELS if backend == "triton")
+
+
+@pytest.fixture(autouse=True)
+def tmp_tables(tmp_path, monkeypatch):
+    """Every test gets an empty user cache and shipped-table folder of its own, and a fresh lookup state."""
+    monkeypatch.setenv("SPARSEVILA_AUTOTUNE_CACHE", str(tmp_path / "cache" / "autotune.json"))
+    monkeypatch.delenv("SPARSEVILA_AUTOTUNE", raising=False)
+    monkeypatch.setattr(tables, "SHIPPED_DIR", tmp_path / "shipped")
+    tables.reset()
+    yield
+    tables.reset()
+
+
+class FakeKey(NamedTuple):
+    gpu: str
+    dtype: torch.dtype
+    n: int
+
+
+class Fake:
+    """``out = x * scale`` (``accumulate``: ``out += x * scale``) with a tile that changes nothing but the time
+    the fake timer reports; ``scale`` 3 is a wrong config. ``calls`` records the configs launched."""
+
+    DEFAULT = {"scale": 2.0, "tile": 16}
+    SPACE = [{"scale": 2.0, "tile": t} for t in (8, 16, 32, 64)] + [{"scale": 3.0, "tile": 4}]
+
+    def __init__(self, path: Path, accumulate: bool = False, resources=None, source: str = "# fake kernel v1\n"):
+        path.write_text(source)
+        self.calls, self.accumulate = [], accumulate
+        self.tunable = Tunable("fake_op", "triton", [path], key=self.key, space=lambda key: self.SPACE,
+                               default=lambda key: dict(self.DEFAULT), launch=self.launch, buckets=("n",),
+                               resources=resources)
+
+    @staticmethod
+    def key(x, out):
+        return FakeKey(gpu_name(x.device), x.dtype, x.shape[0])
+
+    def launch(self, x, out, cfg):
+        self.calls.append(cfg)
+        if self.accumulate:
+            out.add_(x * cfg["scale"])
+        else:
+            out.copy_(x * cfg["scale"])
+
+    def reference(self, x, out):
+        if self.accumulate:
+            out.add_(x * 2.0)
+        else:
+            out.copy_(x * 2.0)
+
+    def timer(self, cost):
+        """A timer that launches set 0 once and reports ``cost[tile]`` ms for the config it ran."""
+        def time(run, n_sets):
+            run(0)
+            return cost[self.calls[-1]["tile"]]
+        return time
+
+
+@pytest.fixture
+def fake(tmp_path, monkeypatch):
+    f = Fake(tmp_path / "fake_kernel.py")
+    monkeypatch.setitem(problems.PROBLEMS, "fake_op", Problem((1,), f.reference, None, {}))
+    return f
+
+
+def _args(n=4):
+    x = torch.arange(n, dtype=torch.float32) + 1
+    return x, torch.zeros(n)
+
+
+COST = {4: 0.1, 8: 1.0, 16: 2.0, 32: 0.5, 64: 3.0}  # the wrong config (tile 4) would be the fastest
+
+
+# --- the seam -------------------------------------------------------------------------------------------------------
+
+def test_bucket_is_the_power_of_two_at_or_below():
+    assert [bucket(n) for n in (0, 1, 2, 3, 8191, 8192, 8448, 16383)] == [0, 1, 2, 2, 4096, 8192, 8192, 8192]
+
+
+def test_table_key_buckets_sizes_while_the_default_sees_them_exactly():
+    from sparsevila_ops.triton_kernels.decode import DecodeKey
+    dec = autotune.kernel("decode_attention")
+    a = DecodeKey("NVIDIA H200", torch.bfloat16, 128, 7, 1, 1, 8448, 132)
+    b = DecodeKey("NVIDIA H200", torch.bfloat16, 128, 7, 1, 1, 12000, 132)
+    c = DecodeKey("NVIDIA H200", torch.bfloat16, 128, 7, 1, 1, 16384, 132)
+    assert dec.table_key(a) == dec.table_key(b) == "dtype=bfloat16,D=128,G=7,B=1,Hk=1,cap=8192,sms=132"
+    assert dec.table_key(c) != dec.table_key(a)
+    assert dec.default(a)["NUM_SPLITS"] == 66 and dec.default(b)["NUM_SPLITS"] == 94  # cdiv(cap, 4 * 32)
+
+
+def test_key_describes_the_call():
+    q, k, v, lengths, scale, out, lse = autotune.make_args(
+        "decode_attention", {"B": 3, "Hq": 8, "Hk": 2, "D": 40, "n": 50, "slack": 6, "dtype": "float16"}, "cpu")
+    key = autotune.kernel("decode_attention").key(q, k, v, lengths, scale, out, lse)
+    assert key == ("cpu", torch.float16, 40, 4, 3, 2, 56, 4)
+    assert key._fields[0] == "gpu"
+
+
+@pytest.mark.parametrize("op", TRITON_OPS)
+def test_every_kernel_declares_a_complete_seam(op):
+    """Tiny arguments of each op: the default is the first candidate, every candidate sets the default's
+    parameters (``maxnreg`` is an optional cap), and the table key is ``field=value`` pairs without the GPU."""
+    tiny = {"visual_salience.lse": {"n": 8, "H": 2, "D": 16}, "visual_salience.colsum": {"n": 8, "H": 2, "D": 16},
+            "prefill_attention": {"Hq": 4, "Hk": 2, "D": 16, "n": 8}, "kv_relevance": {"Hq": 4, "Hk": 2, "D": 16,
+                                                                                       "rows": 2, "n": 8},
+            "select_kv": {"L": 2, "Hk": 2, "n": 16, "prefix": 2, "suffix": 2},
+            "pack_kv": {"L": 2, "Hk": 2, "D": 16, "n": 16, "prefix": 2, "suffix": 2, "slack": 4},
+            "decode_attention": {"Hq": 4, "Hk": 2, "D": 16, "n": 8}, "sparse_decode_attention": {
+                "Hq": 4, "Hk": 2, "D": 16, "T": 16, "n": 4}, "append_kv": {"Hk": 2, "D": 16, "cap": 8}}
+    args = autotune.make_args(op, tiny[op], "cpu")
+    t = autotune.kernel(op)
+    space = autotune.config_space(op, *args)
+    assert space[0] == autotune.default_config(op, *args) and len(space) > 1
+    assert all(set(space[0]) - {"maxnreg"} <= set(c) for c in space)
+    key = t.key(*args)
+    assert key.gpu == "cpu" and "cpu" not in t.table_key(key)
+    assert [p.split("=")[0] for p in t.table_key(key).split(",")] == list(key._fields[1:])
+    assert autotune.lookup(op, *args) == (space[0], autotune.DEFAULT)
+
+
+def test_run_with_config_completes_a_partial_config_from_the_default(fake, monkeypatch):
+    monkeypatch.setattr(autotune, "kernel", lambda op, backend="triton": fake.tunable)
+    x, out = _args()
+    autotune.run_with_config("fake_op", {"tile": 64}, x, out)
+    assert fake.calls[-1] == {"scale": 2.0, "tile": 64} and torch.equal(out, 2 * x)
+
+
+# --- tables ---------------------------------------------------------------------------------------------------------
+
+def test_cache_path_env(monkeypatch, tmp_path):
+    assert tables.cache_path() == tmp_path / "cache" / "autotune.json"
+    monkeypatch.delenv("SPARSEVILA_AUTOTUNE_CACHE")
+    monkeypatch.setenv("SPARSEVILA_CACHE_DIR", str(tmp_path / "c"))
+    assert tables.cache_path() == tmp_path / "c" / "autotune.json"
+    monkeypatch.delenv("SPARSEVILA_CACHE_DIR")
+    assert tables.cache_path() == Path.home() / ".cache" / "sparsevila_ops" / "autotune.json"
+
+
+def test_cache_round_trip(fake):
+    x, out = _args()
+    r = tuner.tune(fake.tunable, (x, out), timer=fake.timer(COST), limits=None)
+    assert r.config == {"scale": 2.0, "tile": 32} and r.ms == 0.5 and r.default_ms == 2.0
+    data = json.loads(tables.cache_path().read_text())
+    table = data["tables"]["cpu"]
+    assert table["meta"] == tables.current_meta("cpu")
+    section = table["kernels"]["fake_op/triton"]
+    assert section["source"] == fake.tunable.source_hash
+    assert section["entries"]["dtype=float32,n=4"] == {"config": r.config, "us": 500.0, "default_us": 2000.0}
+    tables.reset()  # a new process
+    assert tables.lookup(fake.tunable, fake.key(x, out)) == (r.config, tables.USER)
+    fake.tunable(*_args(7))  # n = 7 falls in the same bucket
+    assert fake.calls[-1] == r.config
+
+
+def test_lookup_reads_the_files_once(fake, monkeypatch):
+    x, out = _args()
+    tuner.tune(fake.tunable, (x, out), timer=fake.timer(COST), limits=None)
+    tables.reset()
+    fake.tunable(x, out)
+
+    def no_io(path):
+        raise AssertionError(f"file read after the first lookup: {path}")
+    monkeypatch.setattr(tables, "_read", no_io)
+    fake.tunable(*_args(5))  # another exact key: the table is in memory
+    fake.tunable(*_args(64))  # a key no table has: the default, still without reading
+    assert fake.calls[-2] == {"scale": 2.0, "tile": 32} and fake.calls[-1] == Fake.DEFAULT
+
+
+@pytest.mark.parametrize("field", ["sparsevila_ops", "torch", "triton", "gpu"],
+                         ids=["package", "torch", "triton", "gpu_name"])  # an id "gpu" would read as the marker
+def test_stale_table_is_ignored_with_one_log_line(fake, field, caplog):
+    x, out = _args()
+    tuner.tune(fake.tunable, (x, out), timer=fake.timer(COST), limits=None)
+    data = json.loads(tables.cache_path().read_text())
+    data["tables"]["cpu"]["meta"][field] = "other"
+    tables.cache_path().write_text(json.dumps(data))
+    tables.reset()
+    with caplog.at_level(logging.WARNING, logger="sparsevila_ops.autotune"):
+        for n in (4, 5, 6):
+            fake.tunable(*_args(n))
+    assert fake.calls[-1] == Fake.DEFAULT
+    assert len(caplog.records) == 1 and f"tuned with {field} 'other'" in caplog.records[0].getMessage()
+
+
+def test_entries_of_a_changed_kernel_source_are_ignored_with_one_log_line(fake, tmp_path, caplog):
+    x, out = _args()
+    tuner.tune(fake.tunable, (x, out), timer=fake.timer(COST), limits=None)
+    changed = Fake(tmp_path / "fake_kernel.py", source="# fake kernel v2\n")  # as a new process imports it
+    tables.reset()
+    with caplog.at_level(logging.WARNING, logger="sparsevila_ops.autotune"):
+        changed.tunable(x, out)
+        changed.tunable(*_args(5))
+    assert changed.calls == [Fake.DEFAULT] * 2
+    assert len(caplog.records) == 1 and "kernel source changed" in caplog.records[0].getMessage()
+
+
+def test_lookup_order_user_then_shipped_then_default(fake):
+    x, out = _args()
+    tuner.tune(fake.tunable, (x, out), timer=fake.timer(COST), limits=None)
+    shipped = tables.export("cpu")  # the shipped format, in this test's shipped folder
+    assert shipped == tables.SHIPPED_DIR / "cpu.json"
+    assert json.loads(shipped.read_text()) == json.loads(tables.cache_path().read_text())["tables"]["cpu"]
+    tables.clear()
+    tuner.tune(fake.tunable, (x, out), timer=fake.timer({**COST, 8: 0.2}), limits=None)
+    tables.reset()
+    key, other = fake.key(x, out), fake.key(*_args(64))
+    assert tables.lookup(fake.tunable, key) == ({"scale": 2.0, "tile": 8}, tables.USER)
+    assert tables.lookup(fake.tunable, other) == (Fake.DEFAULT, tables.DEFAULT)
+    tables.clear()
+    assert tables.lookup(fake.tunable, key) == ({"scale": 2.0, "tile": 32}, tables.SHIPPED)
+
+
+# --- the tuner ------------------------------------------------------------------------------------------------------
+
+def test_verification_rejects_a_wrong_candidate_before_timing_it(fake):
+    x, out = _args()
+    timed = []
+    timer = fake.timer(COST)
+    r = tuner.tune(fake.tunable, (x, out), timer=lambda run, n: timed.append(1) or timer(run, n), limits=None)
+    wrong = [t for t in r.trials if t.config["scale"] == 3.0]
+    assert len(wrong) == 1 and wrong[0].status == tuner.WRONG and wrong[0].ms is None
+    assert len(timed) == len([t for t in r.trials if t.status == tuner.OK]) == 4
+    assert r.config == {"scale": 2.0, "tile": 32}
+
+
+def test_accumulating_outputs_are_reset_between_trials(tmp_path, monkeypatch):
+    f = Fake(tmp_path / "fake_kernel.py", accumulate=True)
+    monkeypatch.setitem(problems.PROBLEMS, "fake_op", Problem((1,), f.reference, None, {}))
+    x, out = _args()
+    out.fill_(float("nan"))  # torch.empty garbage: must not fail the comparison
+    trials = tuner.measure(f.tunable, (x, out), timer=f.timer(COST), limits=None)
+    assert [t.status for t in trials] == [tuner.OK] * 4 + [tuner.WRONG]
+
+
+def test_pruning_skips_configs_that_cannot_fit(tmp_path, monkeypatch):
+    f = Fake(tmp_path / "fake_kernel.py", resources=lambda key, cfg: (cfg["tile"] * 1024, 200 + cfg["tile"]))
+    monkeypatch.setitem(problems.PROBLEMS, "fake_op", Problem((1,), f.reference, None, {}))
+    trials = tuner.measure(f.tunable, _args(), timer=f.timer(COST), limits=tuner.Limits(48 * 1024, 255))
+    status = {t.config["tile"]: (t.status, t.note) for t in trials}
+    assert status[64][0] == tuner.PRUNED and "shared memory" in status[64][1]
+    assert status[8][0] == status[16][0] == status[32][0] == tuner.OK
+    n = len(f.calls)
+    trials = tuner.measure(f.tunable, _args(), timer=f.timer(COST), limits=tuner.Limits(1 << 20, 230))
+    status = {t.config["tile"]: (t.status, t.note) for t in trials}
+    assert status[32][0] == tuner.PRUNED and "registers" in status[32][1]
+    assert {c["tile"] for c in f.calls[n:]} == {4, 8, 16}  # pruned configs are never launched
+
+
+def test_resource_estimates_prune_the_prefill_tiles_known_to_spill():
+    """bench/NOTES.md: 128 x 64 prefill tiles with 4 warps spill (~100 TFLOP/s), with 8 warps they reach ~500."""
+    from sparsevila_ops.triton_kernels.prefill import AttentionKey
+    t = autotune.kernel("prefill_attention")
+    key = AttentionKey("NVIDIA H100 80GB HBM3", torch.bfloat16, 128, 7, 4, True, 1, 16384, 16384)
+    h100 = tuner.Limits(227 * 1024)
+    assert tuner.prune_reason(t, key, dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3), h100) is None
+    assert "registers" in tuner.prune_reason(t, key, dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3), h100)
+
+
+def test_tuning_a_real_kernel_restores_in_place_updates(device):
+    """append_kv bumps ``lengths`` in place: every candidate must be verified from the same state. The fake
+    timer makes each candidate faster than the one before, so the last one wins and is used afterwards."""
+    shape = {"B": 2, "Hk": 2, "D": 16, "cap": 8, "dtype": "float32"}
+    args = autotune.make_args("append_kv", shape, device)
+    lengths0 = args[4].clone()
+    times = iter(range(100, 0, -1))
+    r = autotune.tune("append_kv", args, timer=lambda run, n: run(0) or float(next(times)), limits=None)
+    assert [t.status for t in r.trials] == [tuner.OK] * len(r.trials) and len(r.trials) > 2
+    assert r.config == r.trials[-1].config != r.trials[0].config
+    tables.reset()
+    k_new, v_new, k_cache, v_cache, lengths = autotune.make_args("append_kv", shape, device, seed=1)
+    assert autotune.lookup("append_kv", k_new, v_new, k_cache, v_cache, lengths) == (r.config, autotune.USER)
+    with so.use_backend("triton"):
+        so.append_kv(k_new, v_new, k_cache, v_cache, lengths)
+    assert torch.equal(lengths, lengths0 + 1) and torch.equal(k_cache[:, :, 4], k_new)
+
+
+# --- tuning on a miss, and where it must not happen ------------------------------------------------------------------
+
+def test_autotune_env_tunes_a_missing_key_on_its_first_launch(fake, monkeypatch):
+    monkeypatch.setenv("SPARSEVILA_AUTOTUNE", "1")
+    monkeypatch.setattr(tuner, "default_timer", lambda device: fake.timer(COST))
+    monkeypatch.setattr(tuner, "device_limits", lambda device: None)
+    x, out = _args()
+    fake.tunable(x, out)
+    assert fake.calls[-1] == {"scale": 2.0, "tile": 32} and torch.equal(out, 2 * x)
+    assert tables.lookup(fake.tunable, fake.key(x, out))[1] == tables.USER
+    n = len(fake.calls)
+    fake.tunable(x, out)
+    assert len(fake.calls) == n + 1  # tuned once: the next launch is a lookup
+
+
+def test_no_tuning_while_a_cuda_graph_is_captured(fake, monkeypatch, caplog):
+    monkeypatch.setenv("SPARSEVILA_AUTOTUNE", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    monkeypatch.setattr(tuner, "default_timer", lambda device: pytest.fail("tuned during capture"))
+    x, out = _args()
+    with caplog.at_level(logging.WARNING, logger="sparsevila_ops.autotune"):
+        fake.tunable(x, out)
+        fake.tunable(x, out)
+    assert fake.calls == [Fake.DEFAULT] * 2 and not tables.cache_path().exists()
+    assert len(caplog.records) == 1 and "CUDA graph is being captured" in caplog.records[0].getMessage()
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)  # capture over: it tunes now
+    monkeypatch.setattr(tuner, "default_timer", lambda device: fake.timer(COST))
+    monkeypatch.setattr(tuner, "device_limits", lambda device: None)
+    fake.tunable(x, out)
+    assert fake.calls[-1] == {"scale": 2.0, "tile": 32} and tables.cache_path().exists()
+
+
+@pytest.mark.filterwarnings("ignore:Dynamo does not know how to trace")  # the first lookup reads the files
+def test_no_tuning_while_torch_compile_traces(fake, monkeypatch, caplog):
+    monkeypatch.setenv("SPARSEVILA_AUTOTUNE", "1")
+    monkeypatch.setattr(tuner, "default_timer", lambda device: pytest.fail("tuned while torch.compile traced"))
+    torch._dynamo.reset()
+    f = torch.compile(lambda x, out: fake.tunable(x, out), backend="eager")
+    with caplog.at_level(logging.WARNING, logger="sparsevila_ops.autotune"):
+        for n in (3, 3):
+            x, out = _args(n)
+            f(x, out)
+            assert torch.equal(out, 2 * x)
+    assert not tables.cache_path().exists()
+    notes = [r.getMessage() for r in caplog.records if "not tuning" in r.getMessage()]
+    assert len(notes) == 1 and "torch.compile traces" in notes[0]
+
+
+# --- command line -----------------------------------------------------------------------------------------------------
+
+def test_cli_help_lists_the_commands(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: python -m sparsevila_ops.autotune")
+    assert all(c in out for c in ("tune", "show", "clear", "export", "SPARSEVILA_AUTOTUNE"))
+    with pytest.raises(SystemExit) as info:
+        cli.main(["tune", "--help"])
+    out = capsys.readouterr().out
+    assert info.value.code == 0 and "--op" in out and "--shapes" in out and "qwen2_5_vl" in out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available")
+def test_cli_tune_refuses_without_cuda():
+    proc = subprocess.run([sys.executable, "-m", "sparsevila_ops.autotune", "tune", "--op", "all"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip().splitlines() == ["autotune tune: needs a CUDA GPU (none found here); nothing was tuned"]
+
+
+def test_cli_show_clear_export(fake, tmp_path, capsys):
+    tuner.tune(fake.tunable, _args(), timer=fake.timer(COST), limits=None)
+    assert cli.main(["show"]) == 0
+    out = capsys.readouterr().out
+    assert "fake_op/triton" in out and "n=4" in out and "'tile': 32" in out
+    assert cli.main(["export", "--gpu", "cpu", "--out", str(tmp_path / "t.json")]) == 0
+    assert json.loads((tmp_path / "t.json").read_text())["meta"]["gpu"] == "cpu"
+    assert cli.main(["export", "--gpu", "NVIDIA H200"]) == 2
+    assert "no configs for 'NVIDIA H200'" in capsys.readouterr().err
+    assert cli.main(["clear"]) == 0
+    assert "removed 1 entries" in capsys.readouterr().out and not tables.cache_path().exists()
+
+
+def test_presets_cover_every_op_with_valid_shapes():
+    from sparsevila_ops.autotune import shapes
+    assert {"bench", "siglip", "qwen2_5_vl", "qwen2", "llama2", "all"} <= set(shapes.PRESETS)
+    assert {op for op, _ in shapes.PRESETS["all"]} == set(TRITON_OPS)
+    for op, shape in shapes.PRESETS["all"]:
+        problems.full_shape(op, shape)  # raises on a field the op does not know
+    assert {(s["H"], s["D"], s["n"]) for op, s in shapes.PRESETS["siglip"]} == {(16, 72, 729)}
+
+
+def test_shapes_file(tmp_path):
+    from sparsevila_ops.autotune import shapes
+    path = tmp_path / "shapes.json"
+    path.write_text(json.dumps([{"op": "decode_attention", "n": 4096, "Hq": 32, "Hk": 8}]))
+    assert shapes.load(str(path)) == [("decode_attention", {"n": 4096, "Hq": 32, "Hk": 8})]
+    with pytest.raises(ValueError, match="preset"):
+        shapes.load(str(tmp_path / "missing.json"))
+
+
+@pytest.mark.gpu
+def test_tune_end_to_end_and_a_new_process_uses_the_table(tmp_path):
+    """The CLI tunes select_kv at one shape into a temp cache; a new process looks the same call up there."""
+    shape = {"L": 4, "Hk": 4, "n": 8192}
+    (tmp_path / "shapes.json").write_text(json.dumps([{"op": "select_kv", **shape}]))
+    env = dict(os.environ, SPARSEVILA_AUTOTUNE_CACHE=str(tmp_path / "cache.json"))
+    proc = subprocess.run([sys.executable, "-m", "sparsevila_ops.autotune", "tune", "--op", "select_kv",
+                           "--shapes", str(tmp_path / "shapes.json")], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    table = json.loads((tmp_path / "cache.json").read_text())["tables"][torch.cuda.get_device_name()]
+    (entry,) = table["kernels"]["select_kv/triton"]["entries"].values()
+    check = ("import json, sys; from sparsevila_ops import autotune; "
+             f"args = autotune.make_args('select_kv', {shape!r}, 'cuda', seed=3); "
+             "print(json.dumps(autotune.lookup('select_kv', *args)))")
+    proc = subprocess.run([sys.executable, "-c", check], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == [entry["config"], autotune.USER]
