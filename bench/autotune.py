@@ -1,0 +1,153 @@
+"""Tuned vs default kernel configs per op, over shapes the defaults were and were not swept on.
+
+``python -m bench.autotune [--quick] [--op OP] [--cache PATH]``. Every kernel (``sparsevila_ops.autotune.KERNELS``;
+the cuda backend's where it can run) is tuned at every shape of its grid below (>= 20 per op family: head dims
+64-256, GQA groups 1-8, batch 1-8, lengths 1k-128k, bf16) into this run's cache (a temp file unless ``--cache``),
+then its default and tuned configs are timed again side by side by ``autotune.measure`` (verified first, then
+CUDA-graph replays over rotating inputs). Rows: default and tuned µs, speedup, tuning seconds. Per op
+(``autotune_summary``): geometric-mean speedup over all shapes and over those the defaults were not swept on, the
+worst speedup, the tuning time, and the lookup overhead of one launch on a warm table (``Tunable.config``, µs).
+
+Targets (H200): tuned never slower than default beyond noise; geomean >= 1.15x on the unswept shapes; lookup
+<= 2 µs per call; tuning every shipped shape (``python -m sparsevila_ops.autotune tune --op all``) <= 15 min.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import tempfile
+import time
+
+import torch
+
+from bench.common import require_gpu, write_results
+
+SALIENCE_SEGMENTS = ((64, 256), (729, 64), (1024, 16), (4096, 1))  # (tokens per segment, segments)
+LLM_HEADS = ((28, 4, 128), (32, 32, 128), (32, 8, 128), (16, 2, 64), (32, 4, 256))  # (Hq, Hk, D)
+CONTEXTS = (1024, 8192, 32768, 131072)
+
+GRID = {
+    "visual_salience.lse": [{"H": 16, "D": d, "n": n, "segs": s} for d in (64, 72, 80, 96, 128)
+                            for n, s in SALIENCE_SEGMENTS],
+    "visual_salience.colsum": [{"H": 16, "D": d, "n": n, "segs": s} for d in (64, 72, 80, 96, 128)
+                               for n, s in SALIENCE_SEGMENTS],
+    "prefill_attention": [{"Hq": hq, "Hk": hk, "D": d, "n": n} for hq, hk, d in LLM_HEADS[:4]
+                          for n in (1024, 4096, 16384)]
+                         + [{"Hq": 32, "Hk": 4, "D": 256, "n": n} for n in (1024, 4096)]
+                         + [{"Hq": 16, "Hk": 16, "D": 80, "n": n, "segs": s, "causal": False}
+                            for n, s in ((64, 256), (784, 16), (4096, 1), (16384, 1))]
+                         + [{"Hq": 28, "Hk": 4, "D": 128, "n": 1024, "segs": 8},
+                            {"Hq": 24, "Hk": 8, "D": 96, "n": 4096}],
+    "kv_relevance": [{"Hq": hq, "Hk": hk, "D": d, "rows": m, "n": n} for hq, hk, d in LLM_HEADS
+                     for m, n in ((64, 8192), (256, 32768), (512, 4096), (128, 131072))],
+    "select_kv": [{"L": L, "Hk": hk, "n": n} for L, hk in ((28, 4), (32, 32), (32, 8), (24, 2)) for n in CONTEXTS]
+                 + [{"L": L, "Hk": hk, "B": b, "n": n} for L, hk, b in ((28, 4, 4), (32, 8, 8)) for n in (8192, 32768)],
+    "pack_kv": [{"L": L, "Hk": hk, "D": d, "n": n} for L, hk, d in ((28, 4, 128), (32, 8, 128), (28, 4, 64))
+                for n in (4096, 32768, 131072)]
+               + [{"L": 32, "Hk": 32, "D": 128, "n": n, "keep": k} for n in (4096, 32768) for k in (0.05, 0.3)]
+               + [{"L": 28, "Hk": 4, "D": 128, "n": n, "keep": k}
+                  for n, k in ((32768, 0.15), (32768, 0.3), (131072, 0.3))]
+               + [{"L": L, "Hk": hk, "D": 128, "B": b, "n": n} for L, hk, b in ((28, 4, 4), (32, 8, 2))
+                  for n in (8192, 32768)],
+    "decode_attention": [{"Hq": hq, "Hk": hk, "D": d, "n": n} for hq, hk, d in LLM_HEADS for n in CONTEXTS]
+                        + [{"Hq": 28, "Hk": 4, "D": 128, "B": b, "n": 32768} for b in (2, 4, 8)],
+    "sparse_decode_attention": [{"Hq": hq, "Hk": hk, "D": d, "T": n, "n": n // 20} for hq, hk, d in LLM_HEADS[:4]
+                                for n in (8192, 131072)],
+    "append_kv": [{"Hk": hk, "D": d, "B": b, "cap": 8448} for hk, d in ((4, 128), (32, 128), (8, 64), (2, 256))
+                  for b in (1, 8)],
+}
+
+
+def swept(op: str, s: dict) -> bool:
+    """Whether the default was tuned at this shape (the H100 sweeps of bench/NOTES.md): Qwen2-7B / Llama-2-7B
+    decoders at batch 1, the SigLIP and QwenVL salience shapes; select, pack and append were never swept."""
+    llm = (s.get("Hq"), s.get("Hk"), s.get("D")) in ((28, 4, 128), (32, 32, 128)) and s.get("B", 1) == 1
+    if op in ("decode_attention", "sparse_decode_attention"):
+        return llm and s["n"] >= 8192
+    if op in ("prefill_attention", "kv_relevance"):
+        return llm and s["n"] >= 8192
+    if op.startswith("visual_salience"):
+        return s["D"] in (72, 80) and (s["n"], s["segs"]) in ((729, 64), (4096, 1))
+    return False
+
+
+def _gmean(xs):
+    return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else None
+
+
+def lookup_us(tunable, args, calls: int = 20000) -> float:
+    """Host time of one launch's config lookup on a warm table (the exact key already memoized), µs."""
+    tunable.config(args)
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        tunable.config(args)
+    return (time.perf_counter() - t0) / calls * 1e6
+
+
+def run(ops, quick: bool):
+    from sparsevila_ops import autotune
+    from sparsevila_ops.csrc.decode import unsupported
+    from sparsevila_ops import _cuda
+    rows, summary = [], []
+    kernels = [(op, b) for op, b in autotune.KERNELS if op in ops
+               and (b == "triton" or _cuda.usable(torch.device("cuda")) and _cuda.nvcc_path() is not None)]
+    for op, backend in kernels:
+        t = autotune.kernel(op, backend)
+        grid = GRID[op][:3] if quick else GRID[op]
+        op_rows, tune_s, lookup = [], 0.0, None
+        for shape in grid:
+            args = autotune.make_args(op, shape, "cuda")
+            if backend == "cuda" and unsupported(*args[:3]):
+                continue
+            desc = ",".join(f"{k}={v}" for k, v in shape.items())
+            try:
+                r = autotune.tune(op, args, backend=backend)
+                again = autotune.measure(op, args, [r.config], backend=backend)  # the default, then the tuned one
+                bad = [x for x in again if x.status != "ok"]
+                if bad:
+                    raise RuntimeError(f"re-timing: {bad[0].config} {bad[0].status} {bad[0].note}")
+            except Exception as e:  # noqa: BLE001 - a shape that fails (memory, no valid config) is reported
+                print(f"FAILED {t.name} {desc}: {type(e).__name__}: {e}"[:300], flush=True)
+                continue
+            default_ms, tuned_ms = again[0].ms, again[-1].ms
+            tune_s += r.seconds
+            op_rows.append({"op": t.name, "shape": desc, "swept": swept(op, shape), "default_us": 1e3 * default_ms,
+                            "tuned_us": 1e3 * tuned_ms, "speedup": default_ms / tuned_ms, "tune_s": r.seconds,
+                            "config": "default" if len(again) == 1 else str(r.config)})
+            print(op_rows[-1], flush=True)
+            lookup = lookup_us(t, args)
+            del args, r, again
+            torch.cuda.empty_cache()
+        if not op_rows:
+            continue
+        rows += op_rows
+        speedups = [r["speedup"] for r in op_rows]
+        summary.append({"op": t.name, "shapes": len(op_rows), "geomean": _gmean(speedups),
+                        "geomean_unswept": _gmean([r["speedup"] for r in op_rows if not r["swept"]]),
+                        "worst": min(speedups), "tune_s": tune_s, "lookup_us": lookup})
+        print(summary[-1], flush=True)
+    return rows, summary
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="the first 3 shapes of each op")
+    p.add_argument("--op", action="append", choices=sorted(GRID), help="only these ops (repeatable)")
+    p.add_argument("--cache", help="the cache to tune into (default: a temp file; never the user cache)")
+    a = p.parse_args(argv)
+    if not require_gpu("bench.autotune"):
+        return 0
+    from sparsevila_ops import autotune
+    os.environ["SPARSEVILA_AUTOTUNE_CACHE"] = a.cache or os.path.join(tempfile.mkdtemp(), "autotune.json")
+    autotune.reset()
+    rows, summary = run(a.op or sorted(GRID), a.quick)
+    write_results("autotune", rows, ["op", "shape", "swept", "default_us", "tuned_us", "speedup", "tune_s", "config"],
+                  title="autotune: tuned vs default per shape")
+    write_results("autotune_summary", summary, ["op", "shapes", "geomean", "geomean_unswept", "worst", "tune_s",
+                                                "lookup_us"], title="autotune: per op")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
