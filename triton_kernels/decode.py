@@ -186,8 +186,8 @@ class DecodeKey(NamedTuple):
 
 def _decode_key(q, k, v, lengths, scale, out, lse) -> DecodeKey:
     B, HQ, D = q.shape
-    HK = k.shape[1]
-    return DecodeKey(gpu_name(q.device), q.dtype, D, HQ // max(HK, 1), B, HK, k.shape[2], _num_sms(q.device))
+    HK, device = k.shape[1], q.device
+    return DecodeKey(gpu_name(device), q.dtype, D, HQ // max(HK, 1), B, HK, k.shape[2], _num_sms(device))
 
 
 def _sparse_decode_key(q, k_cache, v_cache, indices, n_valid, scale, out, lse) -> DecodeKey:

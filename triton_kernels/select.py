@@ -247,9 +247,8 @@ def _same_strides(k: List[torch.Tensor], v: List[torch.Tensor]) -> bool:
 
 def _pack_key(k, v, indices, vis_start, vis_end, seq_lens, k_out, v_out, lengths) -> PackKey:
     _, B, HK, cap, D = k_out.shape
-    layers = len(k) if _same_strides(k, v) else 1
-    return PackKey(gpu_name(k_out.device), k_out.dtype, D, layers * B * HK, min(k[0].shape[2], cap),
-                   _num_sms(k_out.device))
+    layers, device = len(k) if _same_strides(k, v) else 1, k_out.device
+    return PackKey(gpu_name(device), k_out.dtype, D, layers * B * HK, min(k[0].shape[2], cap), _num_sms(device))
 
 
 def _pack_default(key: PackKey) -> dict:
