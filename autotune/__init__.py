@@ -35,6 +35,7 @@ KERNELS: Dict[Tuple[str, str], str] = {
     ("sparse_decode_attention", "triton"): f"{_TK}.decode:SPARSE_DECODE",
     ("append_kv", "triton"): f"{_TK}.decode:APPEND",
     ("decode_attention", "cuda"): "sparsevila_ops.csrc.decode:CLUSTER_DECODE",
+    ("w4a16_linear", "triton"): f"{_TK}.gemv4:W4A16",  # sparsevila_quant::w4a16_linear, the [quant] extra
 }
 
 __all__ = ["CPU", "DEFAULT", "KERNELS", "SHIPPED", "USER", "Tunable", "bucket", "cache_path", "config_space",

@@ -3,7 +3,8 @@ reference that says what those must hold.
 
 A shape is a dict of sizes; the op's ``defaults`` fill the fields it leaves out (``dtype`` is a torch dtype
 name). :func:`make_args` builds the launcher's arguments for it: inputs random from a seeded generator, outputs
-zero. References are ``sparsevila_ops.reference`` (the torch oracle), with the launcher's signature.
+zero. References are ``sparsevila_ops.reference`` (the torch oracle), with the launcher's signature; that of
+``w4a16_linear`` dequantizes the 4-bit weight (``sparsevila_ops.quant``) and multiplies in fp32.
 """
 from __future__ import annotations
 
@@ -153,6 +154,32 @@ def _make_append(s, device, gen):
     return k_new, v_new, k_cache, v_cache, _i32([s["cap"] // 2] * s["B"], device)
 
 
+# --- w4a16_linear (sparsevila_quant, the [quant] extra: imported only when its problem is built) -------------------
+
+def _make_w4(s, device, gen):
+    """x [M, K] and a random 4-bit weight [N, K] (every nibble and zero in [0, 15], scales in [0.002, 0.008) as
+    from quantizing weights of std ~0.02), bias [N] with ``bias``; out zero."""
+    from sparsevila_ops import quant
+    M, N, K, G, dt = s["M"], s["N"], s["K"], s["group"], _dtype(s)
+    if G < quant.PACK_K or G % quant.PACK_K or K % G:
+        raise ValueError(f"w4a16_linear: group must be a multiple of {quant.PACK_K} dividing K; got group {G}, K {K}")
+    w4 = quant.W4Weight(  # checks the layout
+        torch.randint(-2 ** 31, 2 ** 31, (N, K // 8), generator=gen, device=device, dtype=torch.int32),
+        (0.002 + 0.006 * torch.rand(K // G, N, generator=gen, device=device)).to(dt),
+        torch.randint(0, 16, (K // G, N), generator=gen, device=device, dtype=torch.uint8), G)
+    bias = (0.1 * _randn(gen, device, torch.float32, N)).to(dt) if s["bias"] else None
+    return (_randn(gen, device, dt, M, K), w4.qweight, w4.scales, w4.zeros, bias,
+            torch.zeros(M, N, dtype=dt, device=device))
+
+
+def _w4_reference(x, qweight, scales, zeros, bias, out):
+    """Dequantize to fp32 (exact), fp32 matmul, + bias."""
+    from sparsevila_ops import quant
+    w = quant.dequantize_w4(quant.W4Weight(qweight, scales, zeros, x.shape[1] // scales.shape[0]), torch.float32)
+    y = x.float() @ w.t()
+    out.copy_(y if bias is None else y + bias.float())
+
+
 _LLM = {"dtype": "bfloat16", "Hq": 28, "Hk": 4, "D": 128}  # Qwen2-7B (and the LLM of Qwen2.5-VL-7B)
 _VISION = {"dtype": "bfloat16", "H": 16, "D": 80, "segs": 1, "n": 4096, "summary": 0}  # Qwen2.5-VL vision
 _SPAN = {"L": 28, "B": 1, "Hk": 4, "n": 8192, "keep": 0.05, "prefix": 64, "suffix": 64}
@@ -174,6 +201,8 @@ PROBLEMS: Dict[str, Problem] = {
                                        {**_LLM, "B": 1, "T": 32768, "n": 1638}),
     "append_kv": Problem((2, 3, 4), reference.append_kv, _make_append,
                          {"dtype": "bfloat16", "B": 1, "Hk": 4, "D": 128, "cap": 8192}),
+    "w4a16_linear": Problem((5,), _w4_reference, _make_w4,  # Qwen2.5-7B's qkv at batch 1
+                            {"dtype": "bfloat16", "M": 1, "N": 4608, "K": 3584, "group": 128, "bias": False}),
 }
 
 

@@ -3,7 +3,8 @@
 Each preset is a list of ``(op, shape)``; shapes are partial (``problems.PROBLEMS[op].defaults`` fills the rest).
 Models: SigLIP (16 heads x 72, 729 tokens per frame), the Qwen2.5-VL vision tower (16 x 80; windows of 64
 tokens and whole frames), Qwen2-7B (28 / 4 x 128, also the LLM of Qwen2.5-VL-7B) and Llama-2-7B (32 / 32 x 128),
-contexts 8k-128k. A ``--shapes`` file is a JSON list of ``{"op": OP, <shape fields>}``.
+contexts 8k-128k, and their W4A16 linear layers (group 128) at decode batches 1-8. A ``--shapes`` file is a JSON
+list of ``{"op": OP, <shape fields>}``.
 """
 from __future__ import annotations
 
@@ -37,12 +38,22 @@ def _llm(Hq: int, Hk: int, L: int, prefill: Tuple[int, ...], contexts: Tuple[int
     return out
 
 
+def _w4_linears(hidden: int, q: int, kv: int, intermediate: int) -> List[Shape]:
+    """A decoder's W4A16 GEMVs (N x K) at decode batches 1-8: the fused qkv and gate_up of bench/gemv4.py, and the
+    per-module layers ``quantize_model_linears`` makes of a transformers model (q, k / v, o, gate / up, down)."""
+    nk = ((q + 2 * kv, hidden), (q, hidden), (kv, hidden), (hidden, q), (2 * intermediate, hidden),
+          (intermediate, hidden), (hidden, intermediate))
+    return [("w4a16_linear", {"M": m, "N": n, "K": k}) for n, k in dict.fromkeys(nk) for m in range(1, 9)]
+
+
+QWEN2_W4 = _w4_linears(3584, 3584, 512, 18944)  # Qwen2-7B = Qwen2.5-7B
+LLAMA2_W4 = _w4_linears(4096, 4096, 4096, 11008)
 SIGLIP = _salience(16, 72, [(729, 16), (729, 64), (729, 256)])
 QWEN2_5_VL_VISION = (_salience(16, 80, [(64, 256), (784, 16), (4096, 1), (16384, 1), (32768, 1)])
                      + [("prefill_attention", {"Hq": 16, "Hk": 16, "D": 80, "n": n, "segs": segs, "causal": False})
                         for n, segs in ((64, 256), (64, 1024), (784, 16), (4096, 1))])
-QWEN2 = _llm(28, 4, 28, (8192, 16384, 32768), CONTEXTS)
-LLAMA2 = _llm(32, 32, 32, (4096, 8192), (8192, 32768))
+QWEN2 = _llm(28, 4, 28, (8192, 16384, 32768), CONTEXTS) + QWEN2_W4
+LLAMA2 = _llm(32, 32, 32, (4096, 8192), (8192, 32768)) + LLAMA2_W4
 BENCH = (_salience(16, 72, [(729, 64), (729, 256)]) + _salience(16, 80, [(4096, 1), (16384, 1), (32768, 1), (64, 256)])
          + [("prefill_attention", {"Hq": hq, "Hk": hk, "D": 128, "n": n})
             for hq, hk in ((28, 4), (32, 32)) for n in (8192, 16384, 32768)]
@@ -55,7 +66,9 @@ BENCH = (_salience(16, 72, [(729, 64), (729, 256)]) + _salience(16, 80, [(4096, 
          + [("decode_attention", {"Hq": hq, "Hk": hk, "n": round(p * n)})
             for hq, hk in ((28, 4), (32, 32)) for n in CONTEXTS for p in (1.0, 0.05, 0.15, 0.3)]
          + [("sparse_decode_attention", {"Hq": hq, "Hk": hk, "T": n, "n": round(0.05 * n)})
-            for hq, hk in ((28, 4), (32, 32)) for n in CONTEXTS])
+            for hq, hk in ((28, 4), (32, 32)) for n in CONTEXTS]
+         + [("w4a16_linear", {"M": m, "N": n, "K": k})  # bench/gemv4.py: one Qwen2.5-7B layer, fused qkv / gate_up
+            for n, k in ((4608, 3584), (3584, 3584), (37888, 3584), (3584, 18944)) for m in range(1, 9)])
 
 PRESETS: Dict[str, List[Shape]] = {
     "bench": BENCH, "siglip": SIGLIP, "qwen2_5_vl": QWEN2_5_VL_VISION + QWEN2, "qwen2": QWEN2, "llama2": LLAMA2,

@@ -132,7 +132,8 @@ def test_every_kernel_declares_a_complete_seam(op):
             "select_kv": {"L": 2, "Hk": 2, "n": 16, "prefix": 2, "suffix": 2},
             "pack_kv": {"L": 2, "Hk": 2, "D": 16, "n": 16, "prefix": 2, "suffix": 2, "slack": 4},
             "decode_attention": {"Hq": 4, "Hk": 2, "D": 16, "n": 8}, "sparse_decode_attention": {
-                "Hq": 4, "Hk": 2, "D": 16, "T": 16, "n": 4}, "append_kv": {"Hk": 2, "D": 16, "cap": 8}}
+                "Hq": 4, "Hk": 2, "D": 16, "T": 16, "n": 4}, "append_kv": {"Hk": 2, "D": 16, "cap": 8},
+            "w4a16_linear": {"M": 2, "N": 20, "K": 256}}
     args = autotune.make_args(op, tiny[op], "cpu")
     t = autotune.kernel(op)
     space = autotune.config_space(op, *args)
@@ -422,3 +423,57 @@ def test_tune_end_to_end_and_a_new_process_uses_the_table(tmp_path):
                           timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout) == [entry["config"], autotune.USER]
+
+
+# --- the W4A16 GEMV (sparsevila_quant::w4a16_linear) ------------------------------------------------------------------
+
+def test_w4a16_linear_is_tuned_and_the_op_launches_with_the_winner(device, monkeypatch):
+    """Every candidate verified against dequantize-then-matmul (here under the interpreter); the fake timer makes
+    each faster than the one before, so the last wins. The public op, at another M of the same bucket, then
+    launches with it, and is still right."""
+    from sparsevila_ops import quant as Q
+    from sparsevila_ops.testing import rel_err
+    shape = {"M": 3, "N": 24, "K": 512, "bias": True, "dtype": "float16"}
+    args = autotune.make_args("w4a16_linear", shape, device)
+    times = iter(range(1000, 0, -1))
+    r = autotune.tune("w4a16_linear", args, timer=lambda run, n: run(0) or float(next(times)), limits=None)
+    assert [t.status for t in r.trials] == [tuner.OK] * len(r.trials) and len(r.trials) > 2
+    assert r.config == r.trials[-1].config != r.trials[0].config
+    tables.reset()
+    t = autotune.kernel("w4a16_linear")
+    launched = []
+    launch = t.launch
+    monkeypatch.setattr(t, "launch", lambda *a: launched.append(a[-1]) or launch(*a))
+    x, qw, s, z, bias, _ = autotune.make_args("w4a16_linear", {**shape, "M": 2}, device, seed=1)
+    with so.use_backend("triton"):
+        y = Q.w4a16_linear(x, Q.W4Weight(qw, s, z, 128), bias)
+    assert launched == [r.config]
+    ref = x.double() @ Q.dequantize_w4(Q.W4Weight(qw, s, z, 128), torch.float64).t() + bias.double()
+    assert rel_err(y, ref) <= 2.0 ** -11 + 1e-4
+
+
+def test_presets_cover_the_w4a16_linears_of_qwen2_5_and_llama2():
+    """Batch 1..8 of every linear shape: fused (bench/gemv4.py) and per module (quantize_model_linears)."""
+    from sparsevila_ops.autotune import shapes
+    nk = lambda preset: {(s["N"], s["K"]): sorted(x["M"] for o, x in shapes.PRESETS[preset]  # noqa: E731
+                                                  if o == "w4a16_linear" and (x["N"], x["K"]) == (s["N"], s["K"]))
+                         for op, s in shapes.PRESETS[preset] if op == "w4a16_linear"}
+    batches = list(range(1, 9))
+    assert nk("qwen2") == nk("qwen2_5_vl") == {(n, k): batches for n, k in (
+        (4608, 3584), (3584, 3584), (512, 3584), (37888, 3584), (18944, 3584), (3584, 18944))}
+    assert nk("llama2") == {(n, k): batches for n, k in (
+        (12288, 4096), (4096, 4096), (22016, 4096), (11008, 4096), (4096, 11008))}
+    assert nk("bench") == {(n, k): batches for n, k in ((4608, 3584), (3584, 3584), (37888, 3584), (3584, 18944))}
+    for op, s in shapes.PRESETS["all"]:
+        if op == "w4a16_linear":
+            assert problems.full_shape(op, s)["group"] == 128
+
+
+@pytest.mark.gpu
+def test_tune_w4a16_linear_on_the_gpu():
+    """Qwen2.5-7B's o projection at batch 1: the default and the space verify and time on the GPU."""
+    args = autotune.make_args("w4a16_linear", {"M": 1, "N": 3584, "K": 3584}, "cuda")
+    r = autotune.tune("w4a16_linear", args)
+    assert r.trials[0].status == tuner.OK and r.default_ms is not None and r.ms <= r.default_ms
+    assert sum(t.status == tuner.OK for t in r.trials) > len(r.trials) // 2, [(t.config, t.note) for t in r.trials]
+    assert autotune.lookup("w4a16_linear", *args) == (r.config, autotune.USER)

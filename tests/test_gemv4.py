@@ -85,7 +85,9 @@ def test_public_function_on_triton_strided_rows_3d_and_bias(device, dtype):
 
 
 def test_config_heuristic_splits_small_n_only():
-    cfg = _kernel()._config
+    from sparsevila_ops.autotune import kernel
+    default, W4Key = kernel("w4a16_linear").default, _kernel().W4Key
+    cfg = lambda M, N, K, sms: default(W4Key("NVIDIA H100", torch.bfloat16, M, N, K, 128, sms))  # noqa: E731
     assert cfg(1, 37888, 3584, 132)["SPLIT_K"] == 1  # gate_up: 592 tiles
     assert cfg(1, 3584, 3584, 132)["SPLIT_K"] == 4  # o
     assert cfg(8, 3584, 18944, 132)["SPLIT_K"] == 8  # down
@@ -267,3 +269,80 @@ def test_qwen_shapes_on_the_gpu_and_in_a_cuda_graph(N, K):
     g.replay()
     torch.cuda.synchronize()
     assert all(torch.equal(o, y) for o, y in zip(outs, eager))
+
+
+# --- the autotune seam ------------------------------------------------------------------------------------------------
+
+QWEN_GEMVS = ((4608, 3584), (3584, 3584), (37888, 3584), (3584, 18944))  # N, K: qkv, o, gate_up, down
+
+
+def _legacy_config(M, N, K, sms):
+    """The heuristic before the autotune seam (``gemv4._config``), frozen here."""
+    tiles, blocks, split = -(-N // 64), K // 128, 1
+    while tiles * split < 2 * sms and blocks >= 8 * split:
+        split *= 2
+    return {"BLOCK_N": 64, "SPLIT_K": split, "num_warps": 4, "num_stages": 4}
+
+
+def _legacy_sweep(N, K, sms):
+    """The configs ``bench/gemv4.py --sweep`` timed before the seam, in its order."""
+    splits = sorted({1, 2, 4, 8, 16, _legacy_config(1, N, K, sms)["SPLIT_K"]})
+    return [{"BLOCK_N": bn, "SPLIT_K": s, "num_warps": w, "num_stages": st} for bn in (32, 64, 128)
+            for s in splits if K // 128 >= 2 * s for w in (4, 8) for st in (3, 5)]
+
+
+def _meta_args(M, N, K, group=128, dtype=torch.bfloat16):
+    """The launcher's arguments as meta tensors (shapes only: keys and defaults at real sizes, no memory)."""
+    e = lambda *shape, dt=dtype: torch.empty(*shape, dtype=dt, device="meta")  # noqa: E731
+    return e(M, K), e(N, K // 8, dt=torch.int32), e(K // group, N), e(K // group, N, dt=torch.uint8), None, e(M, N)
+
+
+def test_default_config_is_the_old_heuristic_on_a_grid():
+    """The Tunable's default equals the old ``_config`` at Qwen2.5-7B's four GEMVs at batch 1..8 on several SM
+    counts, and on a grid of odd and large sizes."""
+    from sparsevila_ops.autotune import kernel
+    t, W4Key = kernel("w4a16_linear"), _kernel().W4Key
+    grid = [(M, N, K, sms) for N, K in QWEN_GEMVS for M in range(1, 9) for sms in (4, 78, 108, 114, 132, 144)]
+    grid += [(M, N, K, sms) for M in (1, 3, 16) for N in (1, 16, 37, 64, 100, 512, 2048, 4096, 11008, 22016, 65536)
+             for K in (128, 256, 384, 1024, 1280, 4096, 11008, 18944, 65536) for sms in (1, 4, 16, 132)]
+    for M, N, K, sms in grid:
+        for dtype, group in ((torch.bfloat16, 128), (torch.float16, 128), (torch.bfloat16, 1 << (K.bit_length() - 1))):
+            key = W4Key("NVIDIA H200", dtype, M, N, K, group, sms)
+            assert t.default(key) == _legacy_config(M, N, K, sms), key
+    assert len(grid) == 4 * 8 * 6 + 3 * 11 * 9 * 4
+
+
+def test_key_space_and_lookup_of_a_call_at_qwen_shapes():
+    """From the launcher's arguments: the key (gpu, dtype, M, N, K, group size, SMs), its table key (M, N, K
+    rounded down to powers of two), the default (the old heuristic) and the space (the old sweep's configs after
+    the default); with no table, the lookup is the default."""
+    from sparsevila_ops import autotune
+    t, W4Key = autotune.kernel("w4a16_linear"), _kernel().W4Key
+    for N, K in QWEN_GEMVS:
+        for M in range(1, 9):
+            args = _meta_args(M, N, K)
+            key = t.key(*args)
+            assert key == W4Key("cpu", torch.bfloat16, M, N, K, 128, 4)
+            assert autotune.default_config("w4a16_linear", *args) == _legacy_config(M, N, K, 4)
+            space = autotune.config_space("w4a16_linear", *args)
+            assert space == [_legacy_config(M, N, K, 4)] + _legacy_sweep(N, K, 4)
+            assert autotune.lookup("w4a16_linear", *args) == (space[0], autotune.DEFAULT)
+    assert t.table_key(t.key(*_meta_args(5, 4608, 3584, group=256))) == \
+        "dtype=bfloat16,M=4,N=4096,K=2048,group=256,sms=4"
+    assert t.space(W4Key("x", torch.bfloat16, 1, 3584, 18944, 128, 132)) == _legacy_sweep(3584, 18944, 132)
+
+
+def test_problem_reference_is_dequantize_then_matmul():
+    """``autotune.make_args`` builds a valid 4-bit weight; the tuner's reference is the float64 oracle rounded."""
+    from sparsevila_ops.autotune import make_args
+    from sparsevila_ops.autotune.problems import problem_of
+    x, qw, s, z, bias, out = make_args("w4a16_linear", {"M": 3, "N": 24, "K": 512, "group": 256, "bias": True},
+                                       "cpu")
+    w4 = Q.W4Weight(qw, s, z, 256)
+    assert x.shape == (3, 512) and out.shape == (3, 24) and bias.shape == (24,) and x.dtype == s.dtype == torch.bfloat16
+    assert (out == 0).all() and int(z.max()) <= 15 and bool((s > 0).all())
+    problem_of("w4a16_linear").reference(x, qw, s, z, bias, out)
+    assert rel_err(out, _oracle(x, w4, bias)) <= TOL[torch.bfloat16]
+    with pytest.raises(ValueError, match="group must be a multiple of 128 dividing K"):
+        make_args("w4a16_linear", {"K": 384, "group": 256}, "cpu")
+

@@ -20,14 +20,20 @@ rounding of a plain fp32 dot (~1e-5 relative), far below the output's rounding.
 SPLIT_K == 1 writes y (+ bias) in x's dtype; otherwise each program writes fp32 partials ``[SPLIT_K, M, N]`` and
 ``_reduce_kernel`` sums them in split order (deterministic), adds the bias and casts. With PDL (Hopper) each
 kernel waits in ``griddepcontrol.wait`` before reading anything and lets its dependent launch at once.
+
+The config (BLOCK_N, SPLIT_K, warps, stages) comes through the autotune seam: ``W4A16`` looks it up (tuned tables,
+else ``_default``); ``launch`` runs the kernels with an explicit one.
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from ..autotune import Tunable, gpu_name
 from .decode import _num_sms, _use_pdl
 
 PACK_K = 128  # K elements per packing block: 16 int32 words
@@ -98,17 +104,53 @@ def _reduce_kernel(part_ptr, b_ptr, out_ptr, M, N, so, HAS_BIAS: tl.constexpr, S
     tl.store(out_ptr + m * so + cols, y.to(out_ptr.dtype.element_ty), mask=mc)
 
 
-def _config(M: int, N: int, K: int, sms: int) -> dict:
+class W4Key(NamedTuple):
+    gpu: str
+    dtype: torch.dtype  # x's (and the scales')
+    M: int  # rows of x (the decode batch)
+    N: int  # out_features
+    K: int  # in_features
+    group: int  # group size (K elements per scale / zero)
+    sms: int
+
+
+def _key(x, qweight, scales, zeros, bias, out) -> W4Key:
+    M, K = x.shape
+    return W4Key(gpu_name(x.device), x.dtype, M, qweight.shape[0], K, K // max(1, scales.shape[0]),
+                 _num_sms(x.device))
+
+
+def _default(key: W4Key) -> dict:
     """Heuristic: tiles of 64 rows; split K (powers of two, each split >= 4 blocks of 128) until there are
     >= 2 programs per SM. Qwen2.5-7B on 132 SMs: qkv 4608x3584 and o 3584x3584 split 4, down 3584x18944 split 8,
     gate_up 37888x3584 none."""
     block_n = 64
-    tiles = triton.cdiv(N, block_n)
-    blocks = K // PACK_K
+    tiles = triton.cdiv(key.N, block_n)
+    blocks = key.K // PACK_K
     split = 1
-    while tiles * split < 2 * sms and blocks >= 8 * split:
+    while tiles * split < 2 * key.sms and blocks >= 8 * split:
         split *= 2
     return {"BLOCK_N": block_n, "SPLIT_K": split, "num_warps": 4, "num_stages": 4}
+
+
+def _space(key: W4Key) -> list:
+    """The sweep of ``bench/gemv4.py --sweep``: BLOCK_N 32-128; SPLIT_K 1-16 and the default's, each split >= 2
+    blocks of 128; 4 or 8 warps; 3 or 5 stages."""
+    blocks = key.K // PACK_K
+    splits = sorted({1, 2, 4, 8, 16, _default(key)["SPLIT_K"]})
+    return [{"BLOCK_N": bn, "SPLIT_K": split, "num_warps": warps, "num_stages": stages}
+            for bn in (32, 64, 128) for split in splits if blocks >= 2 * split for warps in (4, 8)
+            for stages in (3, 5)]
+
+
+def _resources(key: W4Key, cfg: dict):
+    """Estimates. Shared memory: per stage, the rows' 16 words, scales and zeros, and the eight 16 x BLOCK_M
+    slices of x. Registers: the two fp32 accumulators, the words, one slice of operands and x's slice, over the
+    program's threads, + 32."""
+    elem, bn = key.dtype.itemsize, cfg["BLOCK_N"]
+    smem = cfg["num_stages"] * (bn * 64 + bn * (elem + 1) + 8 * 16 * BLOCK_M * elem)
+    words = 2 * bn * BLOCK_M + bn * 16 + (bn * 16 + 16 * BLOCK_M) * elem // 4
+    return smem, 32 + words // (32 * cfg["num_warps"])
 
 
 def launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
@@ -138,8 +180,11 @@ def launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: 
             BLOCK_S=triton.next_power_of_2(split), BLOCK=block, PDL=pdl, num_warps=4, **launch_kw)
 
 
+W4A16 = Tunable("w4a16_linear", "triton", [__file__], key=_key, space=_space, default=_default, launch=launch,
+                resources=_resources, buckets=("M", "N", "K"))
+
+
 def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                  bias: torch.Tensor | None, out: torch.Tensor) -> None:
-    """``out = x @ W^T (+ bias)`` with the heuristic config (the ``sparsevila_quant::w4a16_linear`` op)."""
-    M, K = x.shape
-    launch(x, qweight, scales, zeros, bias, out, _config(M, qweight.shape[0], K, _num_sms(x.device)))
+    """``out = x @ W^T (+ bias)`` with the looked-up config (the ``sparsevila_quant::w4a16_linear`` op)."""
+    W4A16(x, qweight, scales, zeros, bias, out)
