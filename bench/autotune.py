@@ -2,11 +2,12 @@
 
 ``python -m bench.autotune [--quick] [--op OP] [--cache PATH]``. Every kernel (``sparsevila_ops.autotune.KERNELS``;
 the cuda backend's where it can run) is tuned at every shape of its grid below (>= 20 per op family: head dims
-64-256, GQA groups 1-8, batch 1-8, lengths 1k-128k, bf16) into this run's cache (a temp file unless ``--cache``),
-then its default and tuned configs are timed again side by side by ``autotune.measure`` (verified first, then
-CUDA-graph replays over rotating inputs). Rows: default and tuned µs, speedup, tuning seconds. Per op
-(``autotune_summary``): geometric-mean speedup over all shapes and over those the defaults were not swept on, the
-worst speedup, the tuning time, and the lookup overhead of one launch on a warm table (``Tunable.config``, µs).
+64-256, GQA groups 1-8, batch 1-8, lengths 1k-128k, bf16; W4A16 GEMVs of 7B and 1.5B decoders at batch 1-8) into
+this run's cache (a temp file unless ``--cache``), then its default and tuned configs are timed again side by side
+by ``autotune.measure`` (verified first, then CUDA-graph replays over rotating inputs). Rows: default and tuned µs,
+speedup, tuning seconds. Per op (``autotune_summary``): geometric-mean speedup over all shapes and over those the
+defaults were not swept on, the worst speedup, the tuning time, and the lookup overhead of one launch on a warm
+table (``Tunable.config``, µs).
 
 Targets (H200): tuned never slower than default beyond noise; geomean >= 1.15x on the unswept shapes; lookup
 <= 2 µs per call; tuning every shipped shape (``python -m sparsevila_ops.autotune tune --op all``) <= 15 min.
@@ -56,12 +57,19 @@ GRID = {
                                 for n in (8192, 131072)],
     "append_kv": [{"Hk": hk, "D": d, "B": b, "cap": 8448} for hk, d in ((4, 128), (32, 128), (8, 64), (2, 256))
                   for b in (1, 8)],
+    # Qwen2.5-7B's fused qkv / o / gate_up / down at batches 1-8, Llama-2-7B's and a 1.5B model's at 1 and 8, group 256
+    "w4a16_linear": [{"M": m, "N": n, "K": k} for n, k in ((4608, 3584), (3584, 3584), (37888, 3584), (3584, 18944))
+                     for m in (1, 2, 4, 8)]
+                    + [{"M": m, "N": n, "K": k} for n, k in ((12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008),
+                                                             (2048, 1536), (256, 1536), (1536, 8960)) for m in (1, 8)]
+                    + [{"M": m, "N": 4608, "K": 3584, "group": 256} for m in (1, 8)],
 }
 
 
 def swept(op: str, s: dict) -> bool:
     """Whether the default was tuned at this shape (the H100 sweeps of bench/NOTES.md): Qwen2-7B / Llama-2-7B
-    decoders at batch 1, the SigLIP and QwenVL salience shapes; select, pack and append were never swept."""
+    decoders at batch 1, the SigLIP and QwenVL salience shapes; select, pack, append and the W4A16 GEMV were never
+    swept."""
     llm = (s.get("Hq"), s.get("Hk"), s.get("D")) in ((28, 4, 128), (32, 32, 128)) and s.get("B", 1) == 1
     if op in ("decode_attention", "sparse_decode_attention"):
         return llm and s["n"] >= 8192

@@ -8,17 +8,20 @@ zeros: 122 MB). Methods, all on the same quantized values:
 - ``tinygemm``: PyTorch's ``aten._weight_int4pack_mm`` (weight from ``aten._convert_weight_to_int4pack`` of the
   uint8 ``[N, K/2]`` nibbles, inner k tiles 8; its dequant is ``(q - 8) * scale + zero``, so zero = (8 - z) s);
 - ``gemlite``: ``gemlite.helper.A16Wn`` when gemlite imports (a note says why not otherwise);
-- ``ours``: ``sparsevila_ops.quant.w4a16_linear`` (``triton_kernels/gemv4.py``, heuristic config).
+- ``ours``: ``sparsevila_ops.quant.w4a16_linear`` (``triton_kernels/gemv4.py``, its looked-up config: a tuned
+  table's, else the default heuristic).
 
 Each time is one CUDA graph that runs R weight sets back to back (R copies, so that they exceed the L2 by far),
 divided by R: per linear layer, and for the whole layer (four GEMVs per set). Effective TB/s = the method's own
 weight bytes / time. ``floor4_us`` = our 4-bit bytes / the device copy bandwidth measured in the same run.
 Every method's output is verified against dequantize-then-matmul in fp32 before it is timed.
-``--sweep`` times our kernel's config space (BLOCK_N, SPLIT_K, warps, stages) per shape instead.
+``--sweep`` times our kernel's declared config space (``sparsevila_ops.autotune``: the default, then BLOCK_N x
+SPLIT_K x warps x stages) per shape instead, each config verified first.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 
 import torch
@@ -170,43 +173,31 @@ def run(batches, iters: int) -> tuple:
     return rows, notes, copy_tbps
 
 
-def sweep(batches, iters: int) -> list:
-    """Our kernel over BLOCK_N x SPLIT_K x num_warps x num_stages per shape; each config verified first."""
-    from sparsevila_ops.triton_kernels import gemv4
-    gen = torch.Generator(device="cuda").manual_seed(0)
+def sweep(batches, iters: int, shapes=None, device: str = "cuda", timer=None) -> list:
+    """Every config of our kernel's declared space per shape (``autotune.measure``: the default first, each config
+    verified against dequantize-then-matmul, then timed in a CUDA graph over R weight copies). ``shapes`` (default
+    ``SHAPES``), ``device`` and ``timer`` let a test run it small under the interpreter (one weight set)."""
+    from sparsevila_ops import autotune
+    from sparsevila_ops.autotune.tuner import cuda_timer
+    timer = timer or functools.partial(cuda_timer, iters=iters)
     rows = []
-    for name, (N, K) in SHAPES.items():
-        R = _copies(N * K // 2)
-        w4s = [Q.quantize_w4((torch.randn(N, K, device="cuda", generator=gen) * 0.02).to(torch.bfloat16))
-               for _ in range(R)]
-        w_deq = Q.dequantize_w4(w4s[0], torch.float32)
-        blocks = K // GROUP
+    for name, (N, K) in (shapes or SHAPES).items():
         for M in batches:
-            x = torch.randn(M, K, device="cuda", generator=gen).to(torch.bfloat16)
-            outs = [torch.empty(M, N, dtype=torch.bfloat16, device="cuda") for _ in range(R)]
-            ref = x.float() @ w_deq.t()
-            heur = gemv4._config(M, N, K, gemv4._num_sms(x.device))
-            splits = sorted({1, 2, 4, 8, 16, heur["SPLIT_K"]})
-            for bn in (32, 64, 128):
-                for split in (s for s in splits if blocks >= 2 * s):
-                    for warps in (4, 8):
-                        for stages in (3, 5):
-                            cfg = {"BLOCK_N": bn, "SPLIT_K": split, "num_warps": warps, "num_stages": stages}
-                            calls = [(lambda r=r, cfg=cfg: gemv4.launch(x, w4s[r].qweight, w4s[r].scales,
-                                                                         w4s[r].zeros, None, outs[r], cfg))
-                                     for r in range(R)]
-                            try:
-                                calls[0]()
-                                verify(f"sweep {name} {cfg}", outs[0].float(), ref, 1e-2)
-                                us = _graph_us(calls, iters) / R
-                            except Exception as e:  # noqa: BLE001 - a config that cannot compile is reported
-                                print(f"skip {name} M={M} {cfg}: {type(e).__name__}: {e}"[:300], flush=True)
-                                continue
-                            rows.append({"op": name, "M": M, **cfg, "heuristic": cfg == heur, "us": us,
-                                         "TBps": w4s[0].nbytes / (us * 1e-6) / 1e12})
-                            print(rows[-1], flush=True)
-        del w4s
-        torch.cuda.empty_cache()
+            args = autotune.make_args("w4a16_linear", {"M": M, "N": N, "K": K, "group": GROUP}, device)
+            nbytes = sum(t.numel() * t.element_size() for t in args[1:4])  # qweight, scales, zeros
+            default = autotune.default_config("w4a16_linear", *args)
+            sets = _copies(N * K // 2) if device == "cuda" else 1
+            for t in autotune.measure("w4a16_linear", args, timer=timer, sets=sets):
+                if t.status != "ok":  # a config that cannot compile, run or verify is reported, not fatal
+                    print(f"skip {name} M={M} {t.config}: {t.status} {t.note}"[:300], flush=True)
+                    continue
+                us = 1e3 * t.ms
+                rows.append({"op": name, "M": M, **t.config, "heuristic": t.config == default, "us": us,
+                             "TBps": nbytes / (us * 1e-6) / 1e12})
+                print(rows[-1], flush=True)
+            del args
+            if device == "cuda":
+                torch.cuda.empty_cache()
     return rows
 
 

@@ -346,3 +346,16 @@ def test_problem_reference_is_dequantize_then_matmul():
     with pytest.raises(ValueError, match="group must be a multiple of 128 dividing K"):
         make_args("w4a16_linear", {"K": 384, "group": 256}, "cpu")
 
+
+def test_bench_sweep_measures_the_declared_space(capsys):
+    """``bench/gemv4.py --sweep`` times exactly the declared candidates (the default first, flagged), each verified
+    (here under the interpreter, with a fake timer)."""
+    from bench import gemv4 as bench
+    from sparsevila_ops import autotune
+    rows = bench.sweep([2], 1, shapes={"tiny": (24, 512)}, device="cpu", timer=lambda run, n: run(0) or 0.5)
+    space = autotune.config_space("w4a16_linear", *autotune.make_args("w4a16_linear", {"M": 2, "N": 24, "K": 512},
+                                                                      "cpu"))
+    assert [{k: r[k] for k in space[0]} for r in rows] == space and len(space) == 1 + 3 * 2 * 2 * 2
+    assert [r["heuristic"] for r in rows] == [True] + [False] * (len(space) - 1)
+    assert all(r["op"] == "tiny" and r["M"] == 2 and r["us"] == 500.0 for r in rows)
+    assert "skip" not in capsys.readouterr().out
