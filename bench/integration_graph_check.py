@@ -16,30 +16,12 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
 
-def packed_mismatch(cache) -> str:
-    """'' if every packed row equals the gather of the full cache at prefix + selected + suffix, else where."""
-    L, B, Hk = cache.k.shape[:3]
-    for b in range(B):
-        vs, ve = cache.vis_spans[b]
-        n_full = int(cache.lengths[0, b])
-        for layer in range(L):
-            for g in range(Hk):
-                sel = [int(j) for j in cache.indices[layer, b, g] if j >= 0]
-                pos = list(range(vs)) + sel + list(range(ve, n_full))
-                n = int(cache.plengths[layer, b])
-                if n != len(pos):
-                    return f"layer {layer} b {b}: plength {n} != {len(pos)}"
-                bad = [i for i, p in enumerate(pos) if not torch.equal(cache.pk[layer, b, g, i], cache.k[layer, b, g, p])]
-                if bad:
-                    return f"layer {layer} b {b} g {g}: packed slots {bad} of {len(pos)} differ (full length {n_full})"
-    return ""
-
-
 def main(argv=None) -> int:
     from qwen_tiny import tiny_model, visual_inputs
     from transformers.generation.configuration_utils import CompileConfig
 
     import sparsevila_ops.integrations.qwen2_5_vl as sv
+    from sparsevila_ops.integrations.cache import packed_mismatch
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--mode", default="reduce-overhead", choices=["reduce-overhead", "default"])

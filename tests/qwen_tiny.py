@@ -1,28 +1,24 @@
 """Tiny random Qwen2.5-VL models and inputs for the integration tests (no downloads: built from a config)."""
 from __future__ import annotations
 
+import copy
+
 import torch
 
 IMG, VID, VSTART, VEND = 151, 152, 153, 154
 
 
 def tiny_model(seed: int = 0, rope_theta: float = 10000.0, dtype=torch.float32, device="cpu"):
-    """4 vision blocks (full attention at 1 and 3, windows elsewhere), 2 decoder layers with GQA 4/2 x 16."""
+    """The demo's tiny config (``integrations.demo.TINY``): 4 vision blocks (full attention at 1 and 3, windows
+    elsewhere), 2 decoder layers with GQA 4/2 x 16; bos/eos/pad 0/1/2."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
+    from sparsevila_ops.integrations.demo import TINY
+
+    cfg = copy.deepcopy(TINY)
+    cfg["text_config"]["rope_parameters"]["rope_theta"] = rope_theta
     torch.manual_seed(seed)
-    cfg = Qwen2_5_VLConfig(
-        vision_config=dict(depth=4, hidden_size=32, num_heads=2, intermediate_size=64, out_hidden_size=64,
-                           fullatt_block_indexes=[1, 3], window_size=112, patch_size=14, spatial_merge_size=2,
-                           temporal_patch_size=2, in_channels=3, tokens_per_second=2),
-        text_config=dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
-                         intermediate_size=128, vocab_size=160, max_position_embeddings=4096,
-                         bos_token_id=0, eos_token_id=1, pad_token_id=2,
-                         rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3],
-                                          "rope_theta": rope_theta}),
-        image_token_id=IMG, video_token_id=VID, vision_start_token_id=VSTART, vision_end_token_id=VEND,
-        bos_token_id=0, eos_token_id=1, pad_token_id=2)
-    return Qwen2_5_VLForConditionalGeneration(cfg).to(device=device, dtype=dtype).eval()
+    return Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**cfg)).to(device=device, dtype=dtype).eval()
 
 
 def visual_inputs(h: int = 12, w: int = 12, pre: int = 3, post: int = 6, seed: int = 0, t: int = 1,

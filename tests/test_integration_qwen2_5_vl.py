@@ -10,6 +10,7 @@ import brute  # noqa: E402
 from qwen_tiny import IMG, batch_of_two, tiny_model, visual_inputs  # noqa: E402
 from sparsevila_ops import integrations  # noqa: E402
 from sparsevila_ops.integrations import attention as attn_mod  # noqa: E402
+from sparsevila_ops.integrations.cache import packed_mismatch  # noqa: E402
 from sparsevila_ops.integrations import qwen2_5_vl as sv  # noqa: E402
 from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as hf  # noqa: E402
 from transformers.vision_utils import get_vision_window_index  # noqa: E402
@@ -136,17 +137,8 @@ def test_prefill_keeps_reference_topk_at_vanilla_positions(model, enabled, devic
 
 def _check_packed(cache: integrations.SparseVILACache):
     """Every packed row equals the ordered gather of the full row at prefix + selected + suffix (+ generated)."""
-    L, B, Hk = cache.k.shape[:3]
-    for b in range(B):
-        vs, ve = cache.vis_spans[b]
-        n_full = int(cache.lengths[0, b])
-        for l in range(L):
-            for g in range(Hk):
-                sel = [int(j) for j in cache.indices[l, b, g] if j >= 0]
-                pos = list(range(vs)) + sel + list(range(ve, n_full))
-                assert int(cache.plengths[l, b]) == len(pos)
-                assert torch.equal(cache.pk[l, b, g, :len(pos)], cache.k[l, b, g, pos])
-                assert torch.equal(cache.pv[l, b, g, :len(pos)], cache.v[l, b, g, pos])
+    mismatch = packed_mismatch(cache)
+    assert not mismatch, mismatch
 
 
 def test_decode_packs_selection_and_turn_two_reselects(model, enabled, device, monkeypatch):

@@ -237,6 +237,29 @@ class SparseVILACache(Cache):
         raise NotImplementedError("SparseVILACache cannot be cropped (assisted decoding is not supported)")
 
 
+def packed_mismatch(cache: SparseVILACache) -> str:
+    """Consistency check of a sparse cache (tests, benchmarks, debugging): '' if every packed row (l, b, g) equals
+    the full row gathered at ``[0, vs) + indices[l, b, g] + [ve, lengths[l, b])`` (what decode appended included),
+    else where the first difference is."""
+    L, B, Hk = cache.k.shape[:3]
+    for b in range(B):
+        vs, ve = cache.vis_spans[b]
+        for layer in range(L):
+            n_full = int(cache.lengths[layer, b])
+            for g in range(Hk):
+                sel = [int(j) for j in cache.indices[layer, b, g] if j >= 0]
+                pos = list(range(vs)) + sel + list(range(ve, n_full))
+                n = int(cache.plengths[layer, b])
+                if n != len(pos):
+                    return f"layer {layer} b {b}: packed length {n}, expected {len(pos)}"
+                for buf, full, name in ((cache.pk, cache.k, "k"), (cache.pv, cache.v, "v")):
+                    bad = [i for i, p in enumerate(pos) if not torch.equal(buf[layer, b, g, i], full[layer, b, g, p])]
+                    if bad:
+                        return (f"layer {layer} b {b} g {g}: packed {name} slots {bad} of {n} differ from the full "
+                                f"cache (length {n_full})")
+    return ""
+
+
 def _cumsum(lens: Sequence[int], device) -> torch.Tensor:
     out = [0]
     for n in lens:

@@ -28,9 +28,11 @@ TINY = dict(
                        fullatt_block_indexes=[1, 3], window_size=112, patch_size=14, spatial_merge_size=2,
                        temporal_patch_size=2, in_channels=3, tokens_per_second=2),
     text_config=dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
-                     intermediate_size=128, vocab_size=160, max_position_embeddings=8192,
+                     intermediate_size=128, vocab_size=160, max_position_embeddings=8192, bos_token_id=0,
+                     eos_token_id=1, pad_token_id=2,
                      rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 1e4}),
-    image_token_id=151, video_token_id=152, vision_start_token_id=153, vision_end_token_id=154)
+    image_token_id=151, video_token_id=152, vision_start_token_id=153, vision_end_token_id=154, bos_token_id=0,
+    eos_token_id=1, pad_token_id=2)
 
 
 def build_model(full: bool, device: torch.device, dtype: torch.dtype):
