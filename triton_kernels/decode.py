@@ -27,8 +27,6 @@ Configs (splits, tiles, warps, stages) come through the autotune seam: ``DECODE`
 """
 from __future__ import annotations
 
-import functools
-import os
 from typing import NamedTuple
 
 import torch
@@ -36,6 +34,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from .._device import sm_count as _num_sms, use_pdl as _use_pdl  # gemv4 imports both names from here
 from ..autotune import Tunable, gpu_name
 
 LOG2E = 1.4426950408889634
@@ -147,30 +146,6 @@ def _decode_combine_kernel(po_ptr, pl_ptr, out_ptr, lse_ptr, o_sb, o_sh, l_sb, l
     tl.store(out_ptr + b.to(tl.int64) * o_sb + h * o_sh + d, o.to(out_ptr.dtype.element_ty), mask=md)
     lse = tl.where(m == float("-inf"), float("-inf"), (m_safe + tl.math.log2(denom)) * 0.6931471805599453)
     tl.store(lse_ptr + b.to(tl.int64) * l_sb + h * l_sh, lse, mask=tl.program_id(1) == 0)
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4  # Triton interpreter: a few splits, so the combine path is exercised
-    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-
-
-def _use_pdl(device: torch.device) -> bool:
-    """Programmatic dependent launch (Hopper+): kernels launch while their predecessor drains and wait in
-    ``griddepcontrol.wait``. Off under the interpreter, before sm_90, or with ``SPARSEVILA_PDL=0``."""
-    if device.type != "cuda" or os.environ.get("SPARSEVILA_PDL", "1") == "0":
-        return False
-    return _capability(device.index if device.index is not None else torch.cuda.current_device()) >= (9, 0)
-
-
-@functools.lru_cache(maxsize=None)
-def _capability(index: int):
-    return torch.cuda.get_device_capability(index)
 
 
 class DecodeKey(NamedTuple):

@@ -17,13 +17,13 @@ Tiles come through the autotune seam: ``SELECT`` and ``PACK`` look them up (tune
 """
 from __future__ import annotations
 
-import functools
 from typing import List, NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
+from .._device import sm_count as _num_sms
 from ..autotune import Tunable, gpu_name
 
 RADIX_BITS = 8
@@ -202,16 +202,6 @@ def _pack_kv_kernel(k_ptr, v_ptr, k_table, v_table, idx_ptr, vs_ptr, ve_ptr, tle
         tl.store(ko_row + o_offs, kt, mask=m2)
         vt = tl.load(v_row + pos[:, None] * v_st + d[None, :], mask=m2)
         tl.store(vo_row + o_offs, vt, mask=m2)
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _num_sms(device: torch.device) -> int:
-    return _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
-        if device.type == "cuda" else 4
 
 
 def _layer_addressing(ts: List[torch.Tensor]):

@@ -1,0 +1,40 @@
+"""Device facts shared by the Triton and the CUDA host code: compute capability, SM count, the PDL switch."""
+from __future__ import annotations
+
+import functools
+import os
+from typing import Tuple
+
+import torch
+
+
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> Tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def capability(device: torch.device) -> Tuple[int, int]:
+    """Compute capability of a CUDA ``device`` (read once per index)."""
+    return _capability(_index(device))
+
+
+def sm_count(device: torch.device) -> int:
+    """SMs of a CUDA ``device``; 4 elsewhere (Triton's interpreter: a few splits, so multi-split paths run)."""
+    return _sm_count(_index(device)) if device.type == "cuda" else 4
+
+
+def use_pdl(device: torch.device) -> bool:
+    """Programmatic dependent launch (Hopper+): kernels launch while their predecessor drains and wait in
+    ``griddepcontrol.wait``. Off for CPU tensors (the interpreter), before sm_90, or with ``SPARSEVILA_PDL=0``."""
+    if device.type != "cuda" or os.environ.get("SPARSEVILA_PDL", "1") == "0":
+        return False
+    return capability(device) >= (9, 0)
