@@ -61,16 +61,6 @@ def _selected(op: str, backend: str) -> List[tuple]:
     return [(o, b) for o, b in KERNELS if (op == "all" or o == op) and (backend == "all" or b == backend)]
 
 
-def _cuda_backend_usable() -> Optional[str]:
-    """Why the cuda backend's kernel cannot be tuned here (None: it can)."""
-    from sparsevila_ops import _cuda
-    if not _cuda.usable(torch.device("cuda")):
-        return "it needs a GPU of compute capability >= 9.0"
-    if _cuda.nvcc_path() is None:
-        return "it needs nvcc"
-    return None
-
-
 def cmd_tune(a) -> int:
     if not torch.cuda.is_available():
         print("autotune tune: needs a CUDA GPU (none found here); nothing was tuned", file=sys.stderr)
@@ -82,7 +72,8 @@ def cmd_tune(a) -> int:
         return 2
     selected = _selected(a.op, a.backend)
     if ("decode_attention", "cuda") in selected:
-        why = _cuda_backend_usable()
+        from sparsevila_ops import _cuda
+        why = _cuda.unusable(torch.device("cuda"))
         if why is not None:
             if a.backend == "cuda":
                 print(f"autotune tune: the cuda backend cannot run here: {why}", file=sys.stderr)
@@ -93,7 +84,7 @@ def cmd_tune(a) -> int:
     if not jobs:
         print(f"autotune tune: no shape of {a.shapes!r} is for {a.op}/{a.backend}", file=sys.stderr)
         return 2
-    from sparsevila_ops.csrc.decode import unsupported
+    from sparsevila_ops.cuda_decode import unsupported
     from .problems import make_args
     from .tuner import tune
     done, failed, progress = set(), 0, Progress(len(jobs))

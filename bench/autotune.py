@@ -95,11 +95,11 @@ def lookup_us(tunable, args, calls: int = 20000) -> float:
 
 def run(ops, quick: bool):
     from sparsevila_ops import autotune
-    from sparsevila_ops.csrc.decode import unsupported
+    from sparsevila_ops.cuda_decode import unsupported
     from sparsevila_ops import _cuda
     rows, summary = [], []
     kernels = [(op, b) for op, b in autotune.KERNELS if op in ops
-               and (b == "triton" or _cuda.usable(torch.device("cuda")) and _cuda.nvcc_path() is not None)]
+               and (b == "triton" or _cuda.unusable(torch.device("cuda")) is None)]
     for op, backend in kernels:
         t = autotune.kernel(op, backend)
         grid = GRID[op][:3] if quick else GRID[op]

@@ -14,23 +14,22 @@ span (first CTA entry to last CTA exit) and the gap to the next layer's first en
   6→7 final merge and output stores
 
 The kernel records them when its ``timeline`` argument is not null; the library always passes null, so this file
-launches the kernel itself (``decode_with_timeline``, the host side of ``csrc/decode.py`` plus the pointer).
+launches the kernel itself (``decode_with_timeline``, the host side of ``sparsevila_ops/cuda_decode.py`` plus the
+pointer).
 """
 from __future__ import annotations
 
 import argparse
-import ctypes
 import statistics
 
 import torch
 
 from bench.common import replay_in_graph, require_gpu
 from sparsevila_ops import _cuda
-from sparsevila_ops.triton_kernels.decode import LOG2E, combine_partials
+from sparsevila_ops.cuda_decode import _DTYPES, LOG2E, strides
 
 PHASES = ["gdc_wait", "prologue", "first_data", "main_loop", "warp_merge", "cluster_sync", "out"]
 TIMELINE_STAMPS = 8  # kTimelineStamps in csrc/decode_cluster.cu
-DTYPES = {torch.bfloat16: 0, torch.float16: 1}  # the kernel's dtype codes (csrc/decode.py)
 
 
 def decode_with_timeline(q, k, v, lengths, scale, out, lse, timeline, cluster, clusters_per_row, warps, pdl):
@@ -43,16 +42,11 @@ def decode_with_timeline(q, k, v, lengths, scale, out, lse, timeline, cluster, c
         pl = torch.empty(B, HQ, clusters_per_row, dtype=torch.float32, device=q.device)
     else:
         po = pl = lse  # unused
-    strides = (ctypes.c_int64 * 12)(q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
-                                    v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1),
-                                    lse.stride(0), lse.stride(1))
-    code = _cuda.library().svo_decode_cluster(
-        DTYPES[q.dtype], D, q.data_ptr(), k.data_ptr(), v.data_ptr(), lengths.data_ptr(), out.data_ptr(),
-        lse.data_ptr(), po.data_ptr(), pl.data_ptr(), scale * LOG2E, strides, timeline.data_ptr(), B, HK, HQ // HK,
-        HQ, cluster * clusters_per_row, cluster, warps, int(pdl), torch.cuda.current_stream(q.device).cuda_stream)
-    _cuda.check(code, "decode_attention (cuda backend, with timeline) launch")
-    if clusters_per_row > 1:
-        combine_partials(po, pl, out, lse, pdl)
+    _cuda.library().decode_cluster(
+        _DTYPES[q.dtype], D, q.data_ptr(), k.data_ptr(), v.data_ptr(), lengths.data_ptr(), out.data_ptr(),
+        lse.data_ptr(), po.data_ptr(), pl.data_ptr(), scale * LOG2E, strides(q, k, v, out, lse), timeline.data_ptr(),
+        B, HK, HQ // HK, HQ, cluster * clusters_per_row, cluster, warps, int(pdl),
+        torch.cuda.current_stream(q.device).cuda_stream)
 
 
 def main(argv=None) -> int:

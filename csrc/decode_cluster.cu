@@ -19,7 +19,8 @@
 // one cluster barrier publishes them and CTA r merges its slice over the cs partials:
 //     M* = max_c M_c,  L* = sum_c L_c 2^(M_c - M*),  out = sum_c O_c 2^(M_c - M*) / L*,  lse = (M* + log2 L*) ln 2
 // With num_chunks == cs (one cluster per row) that is the final output; with more clusters per row each
-// cluster writes (out, lse in log2) to fp32 scratch in the layout of the Triton combine kernel, which merges.
+// cluster writes (out, lse in log2) to fp32 scratch and a second, small kernel (decode_combine_kernel, the math
+// of the Triton backend's combine) merges them.
 // n_b == 0 gives out 0, lse -inf. Programmatic dependent launch: griddepcontrol.wait precedes every global
 // read, then the dependent grid may launch.
 #include <cooperative_groups.h>
@@ -29,6 +30,8 @@
 #include <stdint.h>
 
 #include <type_traits>
+
+#include "sparsevila_cuda.h"
 
 namespace cg = cooperative_groups;
 
@@ -509,6 +512,59 @@ cudaError_t launch(const Args& a, int batch, int pdl, cudaStream_t stream) {
   return cudaLaunchKernelEx(&cfg, kernel, a);
 }
 
+// Several clusters per row: merge their partials po [B, Hq, S, D] (normalised) and pl [B, Hq, S] (lse, log2).
+// Block (b * Hq + h, 32-column slice); warp w sums the clusters s = w (mod 4) and the warps add up in shared
+// memory. As in the Triton combine: M = max_s pl_s (0 when every cluster is empty), w_s = 2^(pl_s - M),
+//   out = sum_s w_s po_s / max(sum_s w_s, 1e-30),  lse = (M + log2 sum_s w_s) ln 2  (-inf when all are empty).
+constexpr int kCombineCols = 32;
+constexpr int kCombineWarps = 4;
+
+template <typename T>
+__global__ void __launch_bounds__(32 * kCombineWarps) decode_combine_kernel(const __grid_constant__ Args a,
+                                                                             int num_clusters, int head_dim) {
+  asm volatile("griddepcontrol.wait;" ::: "memory");  // PDL: the cluster grid's partials are visible after this
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+  __shared__ float part[kCombineWarps][kCombineCols];
+  const int64_t bh = blockIdx.x;
+  const int b = static_cast<int>(bh / a.hq), h = static_cast<int>(bh % a.hq);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int c = blockIdx.y * kCombineCols + lane;
+  const float* pl = a.pl + bh * num_clusters;
+  float m = -INFINITY;
+  for (int s = 0; s < num_clusters; ++s) m = fmaxf(m, pl[s]);
+  const float m_safe = m == -INFINITY ? 0.f : m;
+  float denom = 0.f, o = 0.f;
+  for (int s = 0; s < num_clusters; ++s) denom += exp2f(pl[s] - m_safe);
+  denom = fmaxf(denom, 1e-30f);
+  if (c < head_dim)
+    for (int s = warp; s < num_clusters; s += kCombineWarps) {
+      const float w = exp2f(pl[s] - m_safe);
+      if (w > 0.f) o += w * a.po[(bh * num_clusters + s) * head_dim + c];
+    }
+  part[warp][lane] = o;
+  __syncthreads();
+  if (warp == 0 && c < head_dim) {
+    for (int w = 1; w < kCombineWarps; ++w) o += part[w][lane];
+    static_cast<T*>(a.out)[b * a.o_sb + h * a.o_sh + c] = static_cast<T>(o / denom);
+    if (c == 0)
+      a.lse[b * a.l_sb + h * a.l_sh] = m == -INFINITY ? -INFINITY : (m_safe + log2f(denom)) * 0.6931471805599453f;
+  }
+}
+
+template <typename T>
+cudaError_t launch_combine(const Args& a, int batch, int head_dim, int pdl, cudaStream_t stream) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(batch * a.hq, (head_dim + kCombineCols - 1) / kCombineCols, 1);
+  cfg.blockDim = dim3(32 * kCombineWarps, 1, 1);
+  cfg.stream = stream;
+  cudaLaunchAttribute attr;
+  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr.val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = &attr;
+  cfg.numAttrs = pdl ? 1 : 0;
+  return cudaLaunchKernelEx(&cfg, decode_combine_kernel<T>, a, a.num_chunks / a.cluster, head_dim);
+}
+
 template <typename T, int D, int W, int NT>
 int max_active_clusters(int cluster) {
   using L = Layout<D, W>;
@@ -567,7 +623,6 @@ int dispatch(int dtype, int head_dim, int warps, int group, int fallback, Fn&& f
 
 extern "C" {
 
-// dtype: 0 bf16, 1 fp16. Returns a cudaError_t (0: launched).
 int svo_decode_cluster(int dtype, int head_dim, const void* q, const void* k, const void* v, const int* lengths,
                        void* out, float* lse, float* po, float* pl, float qk_scale, const int64_t* strides,
                        long long* timeline,
@@ -577,12 +632,13 @@ int svo_decode_cluster(int dtype, int head_dim, const void* q, const void* k, co
          strides[8], strides[9], strides[10], strides[11], hk, group, hq, num_chunks, cluster, timeline};
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   return dispatch(dtype, head_dim, warps, group, cudaErrorInvalidValue, [&](auto t, auto d, auto w, auto nt) {
-    return static_cast<int>(launch<typename decltype(t)::type, decltype(d)::value, decltype(w)::value,
-                                    decltype(nt)::value>(a, batch, pdl, s));
+    using T = typename decltype(t)::type;
+    cudaError_t e = launch<T, decltype(d)::value, decltype(w)::value, decltype(nt)::value>(a, batch, pdl, s);
+    if (e == cudaSuccess && num_chunks > cluster) e = launch_combine<T>(a, batch, head_dim, pdl, s);
+    return static_cast<int>(e);
   });
 }
 
-// How many clusters of `cluster` CTAs can be resident at once (-1 on error).
 int svo_decode_max_active_clusters(int dtype, int head_dim, int cluster, int warps, int group) {
   return dispatch(dtype, head_dim, warps, group, -1, [&](auto t, auto d, auto w, auto nt) {
     return max_active_clusters<typename decltype(t)::type, decltype(d)::value, decltype(w)::value,

@@ -13,9 +13,10 @@ Public ops (each also callable as ``torch.ops.sparsevila.<name>`` with out-varia
 =========================  ===================================================================
 
 Backends: ``reference`` (torch), ``triton`` (default on CUDA), ``cuda`` (opt-in CUDA C++ kernels of ``csrc/``,
-so far ``decode_attention``). Override with ``SPARSEVILA_BACKEND`` or
-``with sparsevila_ops.use_backend("reference"): ...``; ``available_backends(op, device)`` lists the backends that
-can run ``op`` on ``device`` here. The exact contract of every op: ``docs/ops.md`` in the repository.
+so far ``decode_attention``; ``python -m sparsevila_ops warmup`` builds them ahead of time). Override with
+``SPARSEVILA_BACKEND`` or ``with sparsevila_ops.use_backend("reference"): ...``; ``available_backends(op, device)``
+lists the backends that can run ``op`` on ``device`` here. The exact contract of every op: ``docs/ops.md`` in the
+repository.
 """
 from ._backend import available_backends, use_backend
 from .decode import append_kv, decode_attention, sparse_decode_attention
@@ -33,12 +34,13 @@ __all__ = [
 
 
 def _map_source_tree_subpackages() -> None:
-    """Installs map the top-level ``autotune/``, ``triton_kernels/`` and ``csrc/`` to ``sparsevila_ops.autotune``,
-    ``sparsevila_ops.triton_kernels`` and ``sparsevila_ops.csrc`` (pyproject.toml ``package-dir``; editable
-    installs through setuptools' editable finder). Where no install does (a plain ``PYTHONPATH`` checkout, e.g.
-    the tests run from the source tree without ``pip install -e``, or a legacy ``setup.py develop`` egg-link),
-    register the same mapping from the source tree. Imports nothing heavy (except triton under
-    ``TRITON_INTERPRET=1``: triton_kernels/__init__.py applies the interpreter workarounds of ``_interpreter``)."""
+    """Installs map the top-level ``autotune/``, ``triton_kernels/`` and ``csrc/`` (CUDA sources only; its
+    ``__init__`` lets ``_cuda`` find them) to ``sparsevila_ops.autotune``, ``sparsevila_ops.triton_kernels`` and
+    ``sparsevila_ops.csrc`` (pyproject.toml ``package-dir``; editable installs through setuptools' editable
+    finder). Where no install does (a plain ``PYTHONPATH`` checkout, e.g. the tests run from the source tree
+    without ``pip install -e``, or a legacy ``setup.py develop`` egg-link), register the same mapping from the
+    source tree. Imports nothing heavy (except triton under ``TRITON_INTERPRET=1``: triton_kernels/__init__.py
+    applies the interpreter workarounds of ``_interpreter``)."""
     import importlib.util
     import os
     import sys

@@ -12,6 +12,8 @@ COMMANDS = {
     "fuzz": ("sparsevila_ops.fuzz", "seeded fuzzing of a backend against the reference, a repro line per failure"),
     "autotune": ("sparsevila_ops.autotune.cli", "kernel configs: tune (GPU), show, clear and export the per-GPU "
                                                 "tables"),
+    "warmup": ("sparsevila_ops._cuda", "build the cuda backend's kernels into the cache now (nvcc, ninja, pybind11; "
+                                       "no GPU needed)"),
 }
 USAGE = "usage: python -m sparsevila_ops <command> [options]   (<command> --help for its options)"
 

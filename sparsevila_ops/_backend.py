@@ -5,7 +5,8 @@ Every op has one implementation per backend:
 - ``reference``: plain torch (``sparsevila_ops.reference``), any device;
 - ``triton``: ``sparsevila_ops.triton_kernels.<family>``, default on CUDA; on the CPU it runs only under
   Triton's interpreter (``TRITON_INTERPRET=1``);
-- ``cuda``: ``csrc/`` kernels (sm_90+, JIT-built by ``sparsevila_ops._cuda``) for the ops that have one;
+- ``cuda``: ``csrc/`` kernels (sm_90+, JIT-built by ``sparsevila_ops._cuda``; host code such as
+  ``sparsevila_ops.cuda_decode``) for the ops that have one;
   opt-in (``use_backend("cuda")`` or ``SPARSEVILA_BACKEND=cuda``): the defaults are the kernels measured
   fastest (bench/NOTES.md).
 
@@ -57,11 +58,6 @@ def requested_backend() -> Optional[str]:
     return forced
 
 
-def _cuda_usable(device: torch.device) -> bool:
-    from . import _cuda
-    return _cuda.usable(device)
-
-
 def default_backend(device: torch.device) -> str:
     return "triton" if device.type == "cuda" and _triton_usable(device) else "reference"
 
@@ -76,14 +72,22 @@ def _unusable(op: str, backend: str, device: torch.device) -> Optional[str]:
     if backend == "triton" and not _triton_usable(device):
         return (f"backend 'triton' cannot run {op!r} on {device.type}: Triton needs a CUDA device, or "
                 f"TRITON_INTERPRET=1 set before import for CPU tensors (install triton if it is missing)")
-    if backend == "cuda" and isinstance(impls[backend], str) and not _cuda_usable(device):
-        return f"backend 'cuda' cannot run {op!r} on {device}: it needs a GPU of compute capability >= 9.0"
+    if backend == "cuda" and isinstance(impls[backend], str):
+        from . import _cuda
+        why = _cuda.unusable(device)
+        if why is not None:
+            return f"backend 'cuda' cannot run {op!r} on {device}: {why}"
     return None
 
 
 def resolve(op: str, device: torch.device) -> Callable:
     """The implementation of ``op`` that runs for tensors on ``device``."""
-    backend = requested_backend() or default_backend(device)
+    return implementation(op, requested_backend() or default_backend(device), device)
+
+
+def implementation(op: str, backend: str, device: torch.device) -> Callable:
+    """``backend``'s implementation of ``op`` for tensors on ``device`` (imported on first use); RuntimeError
+    saying why when it cannot run there."""
     key = (op, backend)
     fn = _RESOLVED.get(key)
     if fn is not None:
@@ -123,8 +127,8 @@ def use_backend(backend: Optional[str]) -> Iterator[None]:
 def available_backends(op: str, device=None) -> List[str]:
     """The backends that can run ``op`` on ``device`` here, in ``BACKENDS`` order: those with an
     implementation of ``op`` whose requirements this machine meets (``reference``: always; ``triton``: a CUDA
-    device, or the CPU under ``TRITON_INTERPRET=1``; ``cuda``: a GPU of compute capability >= 9.0, its kernels
-    built with nvcc + ninja on first use).
+    device, or the CPU under ``TRITON_INTERPRET=1``; ``cuda``: a GPU of compute capability >= 9.0 and its kernels
+    loaded or buildable here: nvcc, ninja and pybind11, built on first use).
 
     ``device``: a ``torch.device`` or string; None means the current CUDA device when there is one, else the
     CPU. ``op`` is a public op name (``"decode_attention"``) or an internal one

@@ -1,30 +1,71 @@
-"""JIT build and loading of the CUDA C++ kernels in ``csrc/`` (the ``cuda`` backend).
+"""JIT build and loading of the ``cuda`` backend: the kernels of ``csrc/`` (``*.cu``, CUDA runtime only, no torch
+headers) and their one pybind11 binding (``csrc/bindings.cpp``: pointers as ints, no torch either) are compiled
+by nvcc through a ninja file into the extension module ``_sparsevila_cuda``, cudart linked statically (the
+module loads without a GPU and with any torch build).
 
-The sources use only the CUDA runtime (no torch headers), so they build in seconds with ninja + nvcc into a
-shared library that ``ctypes`` loads; it works with any torch build. The library is cached under
-``$SPARSEVILA_CACHE_DIR`` (default ``~/.cache/sparsevila_ops``) in a folder keyed by the sources, the flags and
-nvcc's version, so a change to any of them rebuilds. A failed build raises with nvcc's output on the first call
-that needs the library.
+Cache: ``$SPARSEVILA_CACHE_DIR`` (default ``~/.cache/sparsevila_ops``) holds one folder per key,
+``cuda-<package>-torch<version>-cu<nvcc version>-sm_90a-<hash>``, the hash over every source file of ``csrc/``,
+the flags, nvcc's version, the Python ABI and pybind11's version. A build runs in a temporary folder that is
+renamed to the key's name once complete, so a folder under that name always holds a whole build and a killed
+build leaves only a temporary folder (the next build removes it). Builders of a key serialize on an ``fcntl``
+lock of ``<folder>.lock``, which the OS releases when its holder dies, and look again once they hold it: a
+process that waited loads what the other one built. An INFO line of the ``sparsevila_ops`` logger names the
+folder before compiling (about a minute); ``python -m sparsevila_ops warmup`` builds ahead of time.
 
-The kernels target sm_90 (thread-block clusters, bulk async copies, programmatic dependent launch).
+Toolchain: nvcc (``$SPARSEVILA_NVCC``, else ``$CUDA_HOME/bin``, ``PATH``, ``/usr/local/cuda/bin``), ninja and
+pybind11 (``pip install -e ".[cuda]"``). Without them ``import sparsevila_ops`` still works and :func:`unusable`
+gives the reason the backend cannot run. Targets: sm_90a code plus compute_90 PTX, which later GPUs compile at
+load (the kernels use thread-block clusters, bulk async copies and programmatic dependent launch); code that needs
+sm_90a itself (wgmma, setmaxnreg) must sit under ``__CUDA_ARCH_FEAT_SM90_ALL``.
 """
 from __future__ import annotations
 
-import ctypes
+import argparse
+import contextlib
+import fcntl
 import functools
 import hashlib
+import importlib.util
+import logging
 import os
+import re
+import shlex
 import shutil
 import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 
-SOURCES = ("decode_cluster.cu",)
-NVCC_FLAGS = ("-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "-Xcompiler", "-fPIC", "-shared",
-              "-gencode", "arch=compute_90,code=sm_90", "-gencode", "arch=compute_90,code=compute_90")
-LIB_NAME = "sparsevila_cuda.so"
+from . import _device
+
+MODULE = "_sparsevila_cuda"
+ARCH = "sm_90a"
+BINDING = "bindings.cpp"
+SOURCE_SUFFIXES = (".cu", ".cuh", ".h", ".cpp")  # every file of csrc/ with these goes into the key
+NVCC_FLAGS = ("-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "-Xcompiler", "-fPIC",
+              "-gencode", "arch=compute_90a,code=sm_90a", "-gencode", "arch=compute_90,code=compute_90")
+CXX_FLAGS = ("-O2", "-std=c++17", "-Xcompiler", "-fPIC,-fvisibility=hidden")
+LINK_FLAGS = ("-shared", "--cudart", "static")
+EXT_SUFFIX = sysconfig.get_config_var("EXT_SUFFIX")
+
+log = logging.getLogger("sparsevila_ops")
+
+_module = None  # the loaded extension
+_failure: Optional[str] = None  # why the build or load failed in this process (not retried)
+
+
+class Toolchain(NamedTuple):
+    nvcc: str
+    nvcc_version: str  # the output of `nvcc --version`
+    release: str  # e.g. 13.0.88
+    ninja: str
+    pybind11_include: str
+    pybind11_version: str
 
 
 def source_dir() -> Path:
@@ -32,16 +73,29 @@ def source_dir() -> Path:
     return Path(csrc.__file__).parent
 
 
-def nvcc_path() -> Optional[str]:
-    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
-    if home and os.path.isfile(os.path.join(home, "bin", "nvcc")):
-        return os.path.join(home, "bin", "nvcc")
-    if shutil.which("nvcc"):
-        return shutil.which("nvcc")
-    return "/usr/local/cuda/bin/nvcc" if os.path.isfile("/usr/local/cuda/bin/nvcc") else None
+def sources() -> list:
+    """Every source file of ``csrc/`` (sorted): all of them go into the build key."""
+    return sorted(p for p in source_dir().iterdir() if p.suffix in SOURCE_SUFFIXES)
 
 
-def _ninja_path() -> Optional[str]:
+def cache_root() -> Path:
+    return Path(os.environ.get("SPARSEVILA_CACHE_DIR") or Path.home() / ".cache" / "sparsevila_ops")
+
+
+def _find_nvcc() -> Tuple[Optional[str], Optional[str]]:
+    explicit = os.environ.get("SPARSEVILA_NVCC")
+    if explicit:
+        if os.path.isfile(explicit) and os.access(explicit, os.X_OK):
+            return explicit, None
+        return None, f"SPARSEVILA_NVCC={explicit} is not an executable file"
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")):
+        if home and os.path.isfile(os.path.join(home, "bin", "nvcc")):
+            return os.path.join(home, "bin", "nvcc"), None
+    found = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if os.path.isfile("/usr/local/cuda/bin/nvcc") else None)
+    return (found, None) if found else (None, "nvcc not found (set SPARSEVILA_NVCC or CUDA_HOME, or put nvcc on PATH)")
+
+
+def _find_ninja() -> Optional[str]:
     try:
         import ninja  # the pip package ships the binary
         path = os.path.join(ninja.BIN_DIR, "ninja")
@@ -52,64 +106,164 @@ def _ninja_path() -> Optional[str]:
     return shutil.which("ninja")
 
 
-def build(verbose: bool = False) -> Path:
-    """Build (or find in the cache) the shared library; returns its path. Raises RuntimeError with nvcc's
-    output when the build fails."""
-    nvcc = nvcc_path()
+@functools.lru_cache(maxsize=None)
+def _toolchain(env: tuple) -> Tuple[Optional[Toolchain], Optional[str]]:
+    """(the tools, None) or (None, what is missing); cached per value of the environment variables it reads."""
+    nvcc, why = _find_nvcc()
     if nvcc is None:
-        raise RuntimeError("the cuda backend needs nvcc: set CUDA_HOME or put nvcc on PATH")
-    ninja = _ninja_path()
+        return None, why
+    try:
+        res = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return None, f"nvcc ({nvcc}) does not run: {e}"
+    release = re.search(r"release [\d.]+, V([\d.]+)", res.stdout)
+    if res.returncode != 0 or release is None:
+        return None, f"nvcc ({nvcc}) does not run: `nvcc --version` exited {res.returncode}: " \
+                     f"{(res.stdout + res.stderr).strip()[-300:]!r}"
+    ninja = _find_ninja()
     if ninja is None:
-        raise RuntimeError("the cuda backend needs ninja: pip install ninja")
-    src = source_dir()
-    version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
-    h = hashlib.sha256(version.encode() + " ".join(NVCC_FLAGS).encode())
-    for name in SOURCES:
-        h.update((src / name).read_bytes())
-    cache = Path(os.environ.get("SPARSEVILA_CACHE_DIR", Path.home() / ".cache" / "sparsevila_ops"))
-    out = cache / f"cuda-{h.hexdigest()[:16]}"
-    lib = out / LIB_NAME
+        return None, "ninja not found (pip install ninja)"
+    try:
+        import pybind11
+    except ImportError:
+        return None, "pybind11 not found (pip install pybind11)"
+    return Toolchain(nvcc, res.stdout, release.group(1), ninja, pybind11.get_include(), pybind11.__version__), None
+
+
+def _env() -> tuple:
+    return tuple(os.environ.get(v) for v in ("SPARSEVILA_NVCC", "CUDA_HOME", "CUDA_PATH", "PATH"))
+
+
+def toolchain() -> Toolchain:
+    """The build tools; RuntimeError saying what is missing."""
+    tools, why = _toolchain(_env())
+    if tools is None:
+        raise RuntimeError(f"the cuda backend cannot be built: {why}")
+    return tools
+
+
+def build_dir(tools: Optional[Toolchain] = None) -> Path:
+    """The cache folder of this package and torch version, nvcc, arch, sources and flags (module doc)."""
+    from . import __version__
+    tools = tools or toolchain()
+    h = hashlib.sha256()
+    for part in (__version__, torch.__version__, tools.nvcc_version, ARCH, NVCC_FLAGS, CXX_FLAGS, LINK_FLAGS,
+                 EXT_SUFFIX, tools.pybind11_version):
+        h.update(repr(part).encode() + b"\0")
+    for path in sources():
+        h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    name = f"cuda-{__version__}-torch{torch.__version__}-cu{tools.release}-{ARCH}-{h.hexdigest()[:16]}"
+    return cache_root() / re.sub(r"[^\w.-]", "_", name)
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    """An exclusive fcntl lock on ``path``, held for the block; the OS drops it if this process dies."""
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for another process building the cuda kernels (lock %s)", path)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+def _compile(tools: Toolchain, out: Path) -> None:
+    """Copy the sources into ``out`` and build the module there with ninja; RuntimeError with nvcc's output."""
+    for path in sources():
+        shutil.copy2(path, out / path.name)
+    q = shlex.quote
+    includes = " ".join(f"-I{q(p)}" for p in (".", tools.pybind11_include, sysconfig.get_paths()["include"]))
+    units = [p.name for p in sources() if p.suffix == ".cu"] + [BINDING]
+    objects = [Path(u).stem + ".o" for u in units]
+    lines = [f"nvcc = {q(tools.nvcc)}",
+             f"rule cu\n  command = $nvcc {' '.join(NVCC_FLAGS)} -I. -c $in -o $out\n  description = nvcc $in",
+             f"rule cxx\n  command = $nvcc {' '.join(CXX_FLAGS)} {includes} -c $in -o $out\n"
+             f"  description = nvcc (host) $in",
+             f"rule link\n  command = $nvcc {' '.join(LINK_FLAGS)} $in -o $out\n  description = link $out"]
+    lines += [f"build {o}: {'cu' if u.endswith('.cu') else 'cxx'} {u}" for u, o in zip(units, objects)]
+    lines.append(f"build {MODULE}{EXT_SUFFIX}: link {' '.join(objects)}")
+    (out / "build.ninja").write_text("\n".join(lines) + "\n")
+    res = subprocess.run([tools.ninja, "-C", str(out)], capture_output=True, text=True)
+    if res.returncode != 0 or not (out / f"{MODULE}{EXT_SUFFIX}").is_file():
+        raise RuntimeError(f"building the cuda kernels failed (ninja in {out}):\n{res.stdout[-6000:]}\n"
+                           f"{res.stderr[-2000:]}")
+
+
+def build() -> Path:
+    """The extension module's path, compiled first when the cache has no complete build of this key (module
+    doc). RuntimeError with the reason when a tool is missing or the build fails."""
+    tools = toolchain()
+    final = build_dir(tools)
+    lib = final / f"{MODULE}{EXT_SUFFIX}"
     if lib.is_file():
         return lib
-    out.mkdir(parents=True, exist_ok=True)
-    flags = " ".join(NVCC_FLAGS)
-    srcs = " ".join(str(src / name) for name in SOURCES)
-    (out / "build.ninja").write_text(
-        f"rule nvcc\n  command = {nvcc} {flags} $in -o $out\n  description = nvcc $out\n"
-        f"build {LIB_NAME}: nvcc {srcs}\n")
-    res = subprocess.run([ninja, "-C", str(out)], capture_output=not verbose, text=True)
-    if res.returncode != 0 or not lib.is_file():
-        raise RuntimeError(f"building the cuda backend failed (ninja in {out}):\n{res.stdout}\n{res.stderr}")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(final.with_name(final.name + ".lock")):
+        if lib.is_file():  # another process finished it while this one waited
+            return lib
+        for stale in final.parent.glob(f"{final.name}.tmp*"):  # left by killed or failed builds
+            shutil.rmtree(stale, ignore_errors=True)
+        if final.exists():  # not made by a rename (those always hold the module): not a build
+            shutil.rmtree(final)
+        tmp = Path(tempfile.mkdtemp(prefix=f"{final.name}.tmp", dir=final.parent))
+        log.info("building the cuda kernels into %s (first use, about a minute)", final)
+        _compile(tools, tmp)
+        os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide a prebuilt cache from other users
+        os.rename(tmp, final)
     return lib
 
 
-@functools.lru_cache(maxsize=None)
-def library() -> ctypes.CDLL:
-    """The loaded kernels, with argument types declared (built on first use)."""
-    lib = ctypes.CDLL(str(build()))
-    p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
-    lib.svo_decode_cluster.argtypes = [i, i, p, p, p, p, p, p, p, p, f, ctypes.POINTER(ctypes.c_int64), p,
-                                       i, i, i, i, i, i, i, i, p]
-    lib.svo_decode_cluster.restype = i
-    lib.svo_decode_max_active_clusters.argtypes = [i, i, i, i, i]
-    lib.svo_decode_max_active_clusters.restype = i
-    lib.svo_error_string.argtypes = [i]
-    lib.svo_error_string.restype = ctypes.c_char_p
-    return lib
+def load(path: Path):
+    """Import the extension module built at ``path``."""
+    spec = importlib.util.spec_from_file_location(f"{__package__}.{MODULE}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def check(code: int, what: str) -> None:
-    if code != 0:
-        raise RuntimeError(f"{what} failed: CUDA error {code} ({library().svo_error_string(code).decode()})")
+def library():
+    """The kernels' module, built or loaded from the cache on first use. A failure is kept: later calls raise it
+    again without rebuilding, and :func:`unusable` reports it."""
+    global _module, _failure
+    if _module is None:
+        if _failure is not None:
+            raise RuntimeError(_failure)
+        toolchain()  # a missing tool is not kept: it may be installed later
+        try:
+            _module = load(build())
+        except (RuntimeError, OSError, ImportError) as e:
+            _failure = str(e)
+            raise RuntimeError(_failure) from e
+    return _module
 
 
-@functools.lru_cache(maxsize=None)
-def _capability(index: int):
-    return torch.cuda.get_device_capability(index)
-
-
-def usable(device: torch.device) -> bool:
-    """True where the cuda backend's kernels can run: a CUDA device of compute capability >= 9.0."""
+def unusable(device: torch.device) -> Optional[str]:
+    """Why the cuda backend cannot run on ``device`` (None: it can): it needs a GPU of compute capability >= 9.0,
+    and its module, loaded or buildable here (the toolchain present, no failed build)."""
+    why = []
     if device.type != "cuda":
-        return False
-    return _capability(device.index if device.index is not None else torch.cuda.current_device()) >= (9, 0)
+        why.append("it needs a GPU of compute capability >= 9.0")
+    elif _device.capability(device) < (9, 0):
+        why.append("it needs a GPU of compute capability >= 9.0, this one is %d.%d" % _device.capability(device))
+    if _module is None:
+        why += [w for w in (_toolchain(_env())[1], _failure) if w is not None]
+    return "; ".join(why) or None
+
+
+def main(argv=None) -> int:
+    """``python -m sparsevila_ops warmup``."""
+    p = argparse.ArgumentParser(prog="python -m sparsevila_ops warmup",
+                                description="Build the cuda backend's kernels into the cache now (no GPU needed), "
+                                            "so the first cuda call does not compile.")
+    p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    t0 = time.perf_counter()
+    try:
+        path = build()
+        load(path)
+    except (RuntimeError, OSError, ImportError) as e:
+        print(f"warmup: {e}", file=sys.stderr)
+        return 1
+    print(f"cuda kernels ready ({time.perf_counter() - t0:.1f} s): {path}")
+    return 0

@@ -1,30 +1,28 @@
-"""Host side of ``decode_attention`` on the cuda backend: ``csrc/decode_cluster.cu`` (one kernel; the splits
-of a (b, KV head) row form a thread-block cluster and merge through distributed shared memory).
+"""Host side of ``decode_attention`` on the cuda backend: ``csrc/decode_cluster.cu`` (the splits of a (b, KV head)
+row form a thread-block cluster and merge through distributed shared memory), built and loaded by ``_cuda``.
 
 Covered: bf16/fp16, head dim 64 or 128, G = Hq / Hk <= 16, rows of q/k/v 16-byte aligned (the bulk copies
-move whole K/V rows), contiguous ``lengths``. Other calls run the Triton kernel, which covers every case of the
-contract.
+move whole K/V rows), contiguous ``lengths``. Other calls run the Triton backend's kernel (through the backend
+registry, so this module never imports Triton), which covers every case of the contract.
 
 Config (``CLUSTER_DECODE``, the autotune seam; default ``decode_config``): ``cluster`` CTAs (a power of two
 <= 16) split a row's keys and merge through distributed shared memory; ``clusters_per_row`` > 1 spreads a row
-over several clusters whose partials the Triton combine kernel merges (a second grid); ``warps`` per CTA.
+over several clusters whose partials a second small kernel of the same source merges; ``warps`` per CTA.
 Measured slower than the Triton backend on the H100 at batch 1 (bench/NOTES.md), so it is opt-in:
 ``use_backend("cuda")``. The kernel's per-CTA timeline pointer is always null here (``bench/decode_timeline.py``
 sets it).
 """
 from __future__ import annotations
 
-import ctypes
 import functools
-from pathlib import Path
 from typing import NamedTuple, Optional
 
 import torch
 
-from .. import _cuda
-from ..autotune import Tunable, gpu_name
-from ..triton_kernels import decode as tk
+from . import _backend, _cuda, _device
+from .autotune import Tunable, gpu_name
 
+LOG2E = 1.4426950408889634
 _DTYPES = {torch.bfloat16: 0, torch.float16: 1}
 _HEAD_DIMS = (64, 128)
 MAX_GROUP = 16
@@ -47,7 +45,7 @@ def unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Optional[s
 
 @functools.lru_cache(maxsize=None)
 def _max_active_clusters(dtype: int, d: int, cluster: int, warps: int, group: int) -> int:
-    return _cuda.library().svo_decode_max_active_clusters(dtype, d, cluster, warps, group)
+    return _cuda.library().decode_max_active_clusters(dtype, d, cluster, warps, group)
 
 
 @functools.lru_cache(maxsize=None)
@@ -108,35 +106,36 @@ def _launch(q, k, v, lengths, scale, out, lse, cfg) -> None:
     HK = k.shape[1]
     if B == 0 or HQ == 0:
         return
-    cluster, clusters_per_row, pdl = cfg["cluster"], cfg["clusters_per_row"], tk._use_pdl(q.device)
+    cluster, clusters_per_row = cfg["cluster"], cfg["clusters_per_row"]
     if clusters_per_row > 1:
         po = torch.empty(B, HQ, clusters_per_row, D, dtype=torch.float32, device=q.device)
         pl = torch.empty(B, HQ, clusters_per_row, dtype=torch.float32, device=q.device)
     else:
         po = pl = lse  # unused
-    strides = (ctypes.c_int64 * 12)(q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
-                                    v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1),
-                                    lse.stride(0), lse.stride(1))
-    code = _cuda.library().svo_decode_cluster(
+    _cuda.library().decode_cluster(
         _DTYPES[q.dtype], D, q.data_ptr(), k.data_ptr(), v.data_ptr(), lengths.data_ptr(), out.data_ptr(),
-        lse.data_ptr(), po.data_ptr(), pl.data_ptr(), scale * tk.LOG2E, strides, None, B, HK, HQ // HK, HQ,
-        cluster * clusters_per_row, cluster, cfg["warps"], int(pdl), torch.cuda.current_stream(q.device).cuda_stream)
-    _cuda.check(code, "decode_attention (cuda backend) launch")
-    if clusters_per_row > 1:
-        tk.combine_partials(po, pl, out, lse, pdl)
+        lse.data_ptr(), po.data_ptr(), pl.data_ptr(), scale * LOG2E, strides(q, k, v, out, lse), 0, B, HK,
+        HQ // HK, HQ, cluster * clusters_per_row, cluster, cfg["warps"], int(_device.use_pdl(q.device)),
+        torch.cuda.current_stream(q.device).cuda_stream)
 
 
-CLUSTER_DECODE = Tunable("decode_attention", "cuda", [__file__, Path(__file__).with_name("decode_cluster.cu")],
+def strides(q, k, v, out, lse) -> tuple:
+    """The kernel's 12 strides (elements): q (b, h), k and v (b, h, n), out (b, h), lse (b, h)."""
+    return (q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+            out.stride(0), out.stride(1), lse.stride(0), lse.stride(1))
+
+
+CLUSTER_DECODE = Tunable("decode_attention", "cuda", [__file__, _cuda.source_dir() / "decode_cluster.cu"],
                          key=_key, space=_space, default=_default, launch=_launch, buckets=("B", "Hk", "cap"))
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor, scale: float,
                      out: torch.Tensor, lse: torch.Tensor) -> None:
     """Decode over ``k, v [B, Hk, capacity, D]`` up to ``lengths[b]`` in one cluster kernel (module doc); inputs
-    it does not cover run the Triton kernel."""
+    it does not cover run the Triton backend's kernel."""
     if q.shape[0] == 0 or q.shape[1] == 0:
         return
     if unsupported(q, k, v) is not None or lengths.stride(0) != 1:  # the cluster kernel reads lengths contiguously
-        tk.decode_attention(q, k, v, lengths, scale, out, lse)
+        _backend.implementation("decode_attention", "triton", q.device)(q, k, v, lengths, scale, out, lse)
         return
     CLUSTER_DECODE(q, k, v, lengths, scale, out, lse)

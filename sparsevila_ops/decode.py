@@ -14,7 +14,7 @@ from ._library import define
 _TRITON = "sparsevila_ops.triton_kernels.decode"
 define("decode_attention",
        "(Tensor q, Tensor k, Tensor v, Tensor lengths, float scale, Tensor(a!) out, Tensor(b!) lse) -> ()",
-       triton=f"{_TRITON}:decode_attention", cuda="sparsevila_ops.csrc.decode:decode_attention")
+       triton=f"{_TRITON}:decode_attention", cuda="sparsevila_ops.cuda_decode:decode_attention")
 define("append_kv",
        "(Tensor k_new, Tensor v_new, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor(c!) lengths) -> ()",
        triton=f"{_TRITON}:append_kv")

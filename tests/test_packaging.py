@@ -1,6 +1,7 @@
 """Packaging: pyproject.toml declares a PEP 517/660 setuptools build (so `pip install --no-build-isolation -e .`
 works offline), the extras resolve with whatever torch is installed (triton only has a floor), and the wheel
-maps the top-level autotune/, triton_kernels/ and csrc/ into sparsevila_ops with every package and the .cu sources."""
+maps the top-level autotune/, triton_kernels/ and csrc/ into sparsevila_ops with every package and the CUDA/C++
+sources (csrc/ holds sources only: the cuda backend's host code lives in sparsevila_ops)."""
 import os
 import shutil
 import subprocess
@@ -81,9 +82,13 @@ def test_every_package_directory_is_listed(pyproject):
                 rel = os.path.relpath(dirpath, os.path.join(ROOT, top))
                 found.add(pkg if rel == "." else pkg + "." + rel.replace(os.sep, "."))
     assert found == set(tool["packages"]), "pyproject [tool.setuptools] packages must list every package"
-    assert pyproject["tool"]["setuptools"]["package-data"]["sparsevila_ops.csrc"] == ["*.cu"]
+    from sparsevila_ops._cuda import SOURCE_SUFFIXES
+    assert pyproject["tool"]["setuptools"]["package-data"]["sparsevila_ops.csrc"] == [f"*{s}" for s in SOURCE_SUFFIXES]
+    assert [f for f in os.listdir(os.path.join(ROOT, "csrc")) if f.endswith(".py")] == ["__init__.py"]
     assert pyproject["tool"]["setuptools"]["package-data"]["sparsevila_ops.autotune"] == ["configs/*.json"]
     assert any(f.endswith(".cu") for f in os.listdir(os.path.join(ROOT, "csrc")))
+    cuda_extra = {Requirement(r).name for r in pyproject["project"]["optional-dependencies"]["cuda"]}
+    assert {"ninja", "pybind11"} <= cuda_extra, "the cuda backend's build tools (besides nvcc)"
 
 
 def test_version_matches_package(pyproject):
@@ -101,8 +106,8 @@ def test_setuptools_accepts_the_configuration():
 
 def test_offline_wheel_maps_the_subpackages(tmp_path):
     """`pip wheel --no-build-isolation` with no index (the offline GPU image's situation) builds a wheel that
-    holds sparsevila_ops/triton_kernels/*.py and sparsevila_ops/csrc/*.cu. Built from a copy of the sources so
-    the checkout gets no build/ directory."""
+    holds sparsevila_ops/triton_kernels/*.py and every source of sparsevila_ops/csrc/. Built from a copy of the
+    sources so the checkout gets no build/ directory."""
     setuptools = pytest.importorskip("setuptools")
     if Version(setuptools.__version__) < Version("70.1"):
         pytest.skip(f"setuptools {setuptools.__version__} < 70.1 cannot build a wheel without the wheel package")
@@ -123,6 +128,8 @@ def test_offline_wheel_maps_the_subpackages(tmp_path):
     for f in ("sparsevila_ops/__init__.py", "sparsevila_ops/_interpreter.py",
               "sparsevila_ops/triton_kernels/__init__.py", "sparsevila_ops/triton_kernels/decode.py",
               "sparsevila_ops/csrc/__init__.py", "sparsevila_ops/csrc/decode_cluster.cu",
+              "sparsevila_ops/csrc/bindings.cpp", "sparsevila_ops/csrc/sparsevila_cuda.h",
+              "sparsevila_ops/cuda_decode.py", "sparsevila_ops/_cuda.py", "sparsevila_ops/_device.py",
               "sparsevila_ops/autotune/__init__.py", "sparsevila_ops/autotune/__main__.py",
               "sparsevila_ops/autotune/configs/test_gpu.json"):
         assert f in names, f"{f} missing from the wheel"

@@ -1,0 +1,56 @@
+// The Python module of the cuda backend (pybind11), built with the kernels by sparsevila_ops/_cuda.py. Tensors
+// cross as data pointers (ints) and the stream as its handle, so nothing here or in the kernels needs torch.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <array>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "sparsevila_cuda.h"
+
+namespace py = pybind11;
+
+namespace {
+
+template <typename T>
+T* ptr(std::uintptr_t p) {
+  return reinterpret_cast<T*>(p);
+}
+
+void check(int code, const char* what) {
+  if (code != 0)
+    throw std::runtime_error(std::string(what) + " failed: CUDA error " + std::to_string(code) + " (" +
+                             svo_error_string(code) + ")");
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_sparsevila_cuda, m) {
+  m.doc() = "CUDA kernels of sparsevila_ops' cuda backend (csrc/); host code: sparsevila_ops.cuda_decode";
+  m.def(
+      "decode_cluster",
+      [](int dtype, int head_dim, std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, std::uintptr_t lengths,
+         std::uintptr_t out, std::uintptr_t lse, std::uintptr_t po, std::uintptr_t pl, float qk_scale,
+         const std::array<int64_t, 12>& strides, std::uintptr_t timeline, int batch, int hk, int group, int hq,
+         int num_chunks, int cluster, int warps, int pdl, std::uintptr_t stream) {
+        check(svo_decode_cluster(dtype, head_dim, ptr<const void>(q), ptr<const void>(k), ptr<const void>(v),
+                                 ptr<const int>(lengths), ptr<void>(out), ptr<float>(lse), ptr<float>(po),
+                                 ptr<float>(pl), qk_scale, strides.data(), ptr<long long>(timeline), batch, hk,
+                                 group, hq, num_chunks, cluster, warps, pdl, ptr<void>(stream)),
+              "decode_attention (cuda backend) launch");
+      },
+      "Launch the cluster decode (+ the combine when num_chunks > cluster); see csrc/sparsevila_cuda.h. "
+      "Raises RuntimeError with the CUDA error.",
+      py::arg("dtype"), py::arg("head_dim"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("lengths"),
+      py::arg("out"), py::arg("lse"), py::arg("po"), py::arg("pl"), py::arg("qk_scale"), py::arg("strides"),
+      py::arg("timeline"), py::arg("batch"), py::arg("hk"), py::arg("group"), py::arg("hq"), py::arg("num_chunks"),
+      py::arg("cluster"), py::arg("warps"), py::arg("pdl"), py::arg("stream"));
+  m.def("decode_max_active_clusters", &svo_decode_max_active_clusters,
+        "Clusters of `cluster` CTAs of the decode kernel resident at once (-1 on error).", py::arg("dtype"),
+        py::arg("head_dim"), py::arg("cluster"), py::arg("warps"), py::arg("group"));
+  m.def(
+      "error_string", [](int code) { return std::string(svo_error_string(code)); },
+      "cudaGetErrorString of a CUDA error code.", py::arg("code"));
+}
