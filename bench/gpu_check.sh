@@ -39,6 +39,7 @@ step() {  # step NAME CMD...: run, log, remember failures
   [ "$rc" = 0 ] || status=1
 }
 if [ "$what" = tests ] || [ "$what" = all ]; then
+  step warmup python -m sparsevila_ops warmup  # the cuda backend's build, timed on its own (cached after)
   [ -n "${SKIP_GPU_TESTS:-}" ] || step gpu-tests python -m pytest -q -m gpu tests -x -p no:cacheprovider
   n=200; [ "$quick" = --quick ] && n=40
   # One process per op: real-size cases are bound by Triton JIT compiles (CPU), which run in parallel.
