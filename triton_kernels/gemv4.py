@@ -33,8 +33,8 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from .._device import sm_count, use_pdl
 from ..autotune import Tunable, gpu_name
-from .decode import _num_sms, _use_pdl
 
 PACK_K = 128  # K elements per packing block: 16 int32 words
 BLOCK_M = 16  # x rows per tensor-core tile (the kernel serves M <= BLOCK_M)
@@ -117,7 +117,7 @@ class W4Key(NamedTuple):
 def _key(x, qweight, scales, zeros, bias, out) -> W4Key:
     M, K = x.shape
     return W4Key(gpu_name(x.device), x.dtype, M, qweight.shape[0], K, K // max(1, scales.shape[0]),
-                 _num_sms(x.device))
+                 sm_count(x.device))
 
 
 def _default(key: W4Key) -> dict:
@@ -163,7 +163,7 @@ def launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: 
         return
     num_blocks = K // PACK_K
     bits, val = MAGIC[x.dtype]
-    pdl = _use_pdl(x.device)
+    pdl = use_pdl(x.device)
     launch_kw = {"launch_pdl": True} if pdl else {}
     split = cfg["SPLIT_K"]
     part = torch.empty(split, M, N, dtype=torch.float32, device=x.device) if split > 1 else out
