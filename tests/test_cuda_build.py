@@ -20,17 +20,16 @@ from sparsevila_ops.__main__ import main as cli
 ROOT = Path(__file__).resolve().parent.parent
 BUILDING = "building the cuda kernels into"
 
-# Stands in for nvcc: answers --version, logs each compile or link, marks that one started, sleeps
-# $FAKE_NVCC_SLEEP seconds, then creates its -o output (or fails when $FAKE_NVCC_FAIL is set).
+# Stands in for nvcc: answers --version; for a compile or link, logs "<pid> <args>", creates its -o output (or
+# fails when $FAKE_NVCC_FAIL is set), marks that one started, then becomes `sleep $FAKE_NVCC_SLEEP` (same pid).
 FAKE_NVCC = r"""#!/bin/sh
 if [ "$1" = "--version" ]; then echo "Cuda compilation tools, release 13.0, V13.0.88 (fake)"; exit 0; fi
-echo "$*" >> "$FAKE_NVCC_LOG"
-touch "$FAKE_NVCC_STARTED"
+echo "$$ $*" >> "$FAKE_NVCC_LOG"
 if [ -n "$FAKE_NVCC_FAIL" ]; then echo "fake nvcc: error in $*" >&2; exit 2; fi
-sleep "${FAKE_NVCC_SLEEP:-0}"
 out=; prev=
 for a in "$@"; do [ "$prev" = "-o" ] && out=$a; prev=$a; done
-touch "$out"
+touch "$out" "$FAKE_NVCC_STARTED"
+exec sleep "${FAKE_NVCC_SLEEP:-0}"
 """
 BUILD = ("import logging; logging.basicConfig(level=logging.INFO, format='%(message)s'); "
          "from sparsevila_ops import _cuda; print(_cuda.build())")
@@ -96,11 +95,23 @@ def _wait_until(path: Path, proc: subprocess.Popen, timeout: float = 60) -> None
         time.sleep(0.05)
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+def _kill(procs, log: Path) -> None:
+    """SIGKILL the builders' process groups and the fake nvccs still sleeping (ninja runs each in its own group)."""
+    pids = [int(line.split()[0]) for line in log.read_text().splitlines()] if log.exists() else []
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if not f.read().startswith(b"sleep"):
+                    continue
+            os.kill(pid, signal.SIGKILL)
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+    for proc in procs:
+        if proc is not None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 def test_warmup_builds_a_torch_free_module_that_loads_without_a_gpu(built, monkeypatch):
@@ -198,9 +209,7 @@ def test_a_killed_build_leaves_no_lock_that_blocks(fake_nvcc):
         assert lib.is_file() and lib.parent.parent == cache
         assert not any(".tmp" in n for n in os.listdir(cache)), "the killed build's folder was not removed"
     finally:
-        for proc in (victim, nxt):
-            if proc is not None:
-                _kill_group(proc)
+        _kill((victim, nxt), fake_nvcc / "nvcc.log")
 
 
 def test_a_process_that_waited_for_the_lock_loads_without_compiling(fake_nvcc):
@@ -217,9 +226,7 @@ def test_a_process_that_waited_for_the_lock_loads_without_compiling(fake_nvcc):
         assert "waiting for another process" in err2 and BUILDING not in err2
         assert len((fake_nvcc / "nvcc.log").read_text().splitlines()) == 3  # 2 objects + the link, once
     finally:
-        for proc in (first, second):
-            if proc is not None:
-                _kill_group(proc)
+        _kill((first, second), fake_nvcc / "nvcc.log")
 
 
 def test_a_folder_without_the_module_is_not_a_build(fake_nvcc, caplog):
