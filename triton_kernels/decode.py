@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from .._device import sm_count as _num_sms, use_pdl as _use_pdl  # gemv4 imports both names from here
+from .._device import sm_count, use_pdl
 from ..autotune import Tunable, gpu_name
 
 LOG2E = 1.4426950408889634
@@ -162,7 +162,7 @@ class DecodeKey(NamedTuple):
 def _decode_key(q, k, v, lengths, scale, out, lse) -> DecodeKey:
     B, HQ, D = q.shape
     HK, device = k.shape[1], q.device
-    return DecodeKey(gpu_name(device), q.dtype, D, HQ // max(HK, 1), B, HK, k.shape[2], _num_sms(device))
+    return DecodeKey(gpu_name(device), q.dtype, D, HQ // max(HK, 1), B, HK, k.shape[2], sm_count(device))
 
 
 def _sparse_decode_key(q, k_cache, v_cache, indices, n_valid, scale, out, lse) -> DecodeKey:
@@ -215,7 +215,7 @@ def _launch_decode(q, k, v, lengths, indices, scale, out, lse, cfg) -> None:
         return
     G = HQ // HK
     gather = indices is not None
-    S, pdl = cfg["NUM_SPLITS"], _use_pdl(q.device)
+    S, pdl = cfg["NUM_SPLITS"], use_pdl(q.device)
     if S > 1:
         po = torch.empty(B, HQ, S, D, dtype=torch.float32, device=q.device)
         pl = torch.empty(B, HQ, S, dtype=torch.float32, device=q.device)
@@ -334,7 +334,7 @@ def _append(k_new, v_new, k_cache, v_cache, lengths, cfg) -> None:
     B, HK, D = k_new.shape
     if B == 0:
         return
-    pdl = _use_pdl(k_new.device)
+    pdl = use_pdl(k_new.device)
     _append_kv_kernel[(B,)](
         k_new, v_new, k_cache, v_cache, lengths,
         k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),

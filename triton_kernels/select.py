@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._device import sm_count as _num_sms
+from .._device import sm_count
 from ..autotune import Tunable, gpu_name
 
 RADIX_BITS = 8
@@ -238,7 +238,7 @@ def _same_strides(k: List[torch.Tensor], v: List[torch.Tensor]) -> bool:
 def _pack_key(k, v, indices, vis_start, vis_end, seq_lens, k_out, v_out, lengths) -> PackKey:
     _, B, HK, cap, D = k_out.shape
     layers, device = len(k) if _same_strides(k, v) else 1, k_out.device
-    return PackKey(gpu_name(device), k_out.dtype, D, layers * B * HK, min(k[0].shape[2], cap), _num_sms(device))
+    return PackKey(gpu_name(device), k_out.dtype, D, layers * B * HK, min(k[0].shape[2], cap), sm_count(device))
 
 
 def _pack_default(key: PackKey) -> dict:
