@@ -35,14 +35,15 @@ class SparseVILALayer(CacheLayerMixin):
         self.cache, self.layer_idx = cache, layer_idx
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.cache._allocate(key_states)
+        """The layers share the cache's stacked buffers: the first layer to see a tensor allocates them."""
+        if not self.cache.allocated:
+            self.cache._allocate(key_states)
+        self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Write the new tokens into the full cache (and, while ``sparse``, the packed cache); returns them
         unchanged: the SparseVILA attention function reads the cache itself."""
-        if not self.cache.allocated:
-            self.cache._allocate(key_states)
-        self.is_initialized = True
+        self.lazy_initialization(key_states, value_states)
         self.cache._write(self.layer_idx, key_states, value_states)
         return key_states, value_states
 
@@ -154,7 +155,7 @@ class SparseVILACache(Cache):
         want_rel = self.keep_ratio < 1.0
         self.prefill = {
             "cu_q": _cumsum(n_q, dev), "cu_k": _cumsum(new, dev), "max_q": max(n_q), "max_k": max(new),
-            "n_q": n_q, "rel_rows": (torch.tensor([[r, n] for r, n in zip(ve_rel, n_q)], dtype=torch.int32,
+            "rel_rows": (torch.tensor([[r, n] for r, n in zip(ve_rel, n_q)], dtype=torch.int32,
                                                   device=dev) if want_rel else None),
             "scores": (torch.zeros(self.num_layers, B, self.k.shape[2], max(new), dtype=torch.float32, device=dev)
                        if want_rel else None),

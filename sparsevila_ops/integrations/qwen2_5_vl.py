@@ -50,6 +50,15 @@ class SparseVILAState:
         self.salience_window_order: List[torch.Tensor] = []  # per visual() call, patch level, window order
         self.last_kept: Optional[torch.Tensor] = None  # merged-token indices kept by the last pruning
         self.last_salience: Optional[torch.Tensor] = None  # patch-level salience, original order
+        self._seg_lens: dict = {}  # id(cu_seqlens) -> (cu_seqlens, host lengths), for one vision forward
+
+    def segment_lengths(self, cu_seqlens: torch.Tensor) -> List[int]:
+        """Host segment lengths, one device sync per distinct ``cu_seqlens``: the tower hands the same frame and
+        window tensors to all of its blocks."""
+        hit = self._seg_lens.get(id(cu_seqlens))
+        if hit is None or hit[0] is not cu_seqlens:
+            hit = self._seg_lens[id(cu_seqlens)] = (cu_seqlens, segment_lengths(cu_seqlens))
+        return hit[1]
 
 
 def _check_sparsity(name: str, x) -> float:
@@ -89,10 +98,9 @@ def enable(model, prefill_sparsity: float = 0.75, decode_sparsity: float = 0.95,
     if isinstance(salience_layer, bool) or not isinstance(salience_layer, int):
         raise TypeError(f"salience_layer must be an int; got {type(salience_layer).__name__}")
     if salience_layer not in full:
+        kind = "a window-attention block" if 0 <= salience_layer < vcfg.depth else "not a vision block"
         raise ValueError(f"salience_layer must be a full-attention vision block (one of fullatt_block_indexes = "
-                         f"{full}); got {salience_layer}, a window-attention block" if 0 <= salience_layer <
-                         vcfg.depth else f"salience_layer must be in fullatt_block_indexes = {full}; got "
-                         f"{salience_layer}")
+                         f"{full}); got {salience_layer}, {kind}")
     state = SparseVILAState(model, prefill_sparsity, decode_sparsity, salience_layer, cuda_graph)
     model._sparsevila = state
     AttentionInterface.register(ATTN_NAME, sparsevila_attention)
@@ -135,7 +143,7 @@ def _vision_attn_forward(self, hidden_states: torch.Tensor, cu_seqlens: torch.Te
     q, k, v = self.qkv(hidden_states).reshape(T, 3, self.num_heads, -1).unbind(1)
     cos, sin = position_embeddings
     q, k = hf.apply_rotary_pos_emb_vision(q, k, cos, sin)
-    lens = segment_lengths(cu_seqlens)
+    lens = state.segment_lengths(cu_seqlens)
     want = salience and state.collect_salience
     out, lse = varlen_attention(q, k, v, cu_seqlens, lens, self.scaling, need_lse=want)
     if want:
@@ -147,7 +155,10 @@ def _vision_attn_forward(self, hidden_states: torch.Tensor, cu_seqlens: torch.Te
 def _visual_forward(orig, state: SparseVILAState, visual, hidden_states, grid_thw, **kwargs):
     """The vision tower; when salience is collected, it is put back from window order to patch order."""
     n_before = len(state.salience_window_order)
-    out = orig(hidden_states, grid_thw, **kwargs)
+    try:
+        out = orig(hidden_states, grid_thw, **kwargs)
+    finally:
+        state._seg_lens.clear()
     if len(state.salience_window_order) > n_before:
         sal = state.salience_window_order.pop()
         window_index, _ = get_vision_window_index(grid_thw, visual.spatial_merge_size, visual.window_size,
