@@ -39,7 +39,8 @@ def register(op: str, backend: str, target) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
     _REGISTRY.setdefault(op, {})[backend] = target
-    _RESOLVED.pop((op, backend), None)
+    for key in [k for k in _RESOLVED if k[:2] == (op, backend)]:
+        del _RESOLVED[key]
 
 
 def _triton_usable(device: torch.device) -> bool:
@@ -88,7 +89,7 @@ def resolve(op: str, device: torch.device) -> Callable:
 def implementation(op: str, backend: str, device: torch.device) -> Callable:
     """``backend``'s implementation of ``op`` for tensors on ``device`` (imported on first use); RuntimeError
     saying why when it cannot run there."""
-    key = (op, backend)
+    key = (op, backend, device.type)  # the usability check is per device type
     fn = _RESOLVED.get(key)
     if fn is not None:
         return fn

@@ -331,15 +331,11 @@ def main(argv=None) -> int:
     device = _device(p, a.device)
     if a.backend == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         os.environ["TRITON_INTERPRET"] = "1"  # before the lazily imported kernels are loaded
-    if a.backend == "triton" and device.type == "cpu":
-        from .testing import patch_triton_interpreter
-        patch_triton_interpreter()
     big = (a.scale or ("real" if device.type == "cuda" else "small")) == "real"
     ops = sorted(GENERATORS) if a.op == "all" else [a.op]
     for op in ops:
         try:
-            with _backend.use_backend(a.backend):
-                _backend.resolve(op, device)
+            _backend.implementation(op, a.backend, device)
         except RuntimeError as e:
             p.error(f"--backend {a.backend}: {e}")
     failures = 0

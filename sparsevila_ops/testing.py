@@ -24,12 +24,3 @@ def poison(t: torch.Tensor) -> torch.Tensor:
     if t.is_floating_point():
         return t.fill_(float("nan"))
     return t.fill_(-12345)
-
-
-def patch_triton_interpreter() -> None:
-    """Kept for callers of the old name: the workarounds of Triton's CPU interpreter now live in
-    ``sparsevila_ops._interpreter`` and are applied automatically when ``sparsevila_ops.triton_kernels`` is
-    imported under ``TRITON_INTERPRET=1``. This applies them now (only those the installed Triton needs)."""
-    from ._interpreter import patch_interpreter
-
-    patch_interpreter()
