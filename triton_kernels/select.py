@@ -225,20 +225,22 @@ class PackKey(NamedTuple):
     gpu: str
     dtype: torch.dtype
     D: int
-    rows: int  # (layer, b, g) rows of one launch: L * B * Hk, or B * Hk when layers launch one by one
+    rows: int  # (layer, b, g) rows of all layers: L * B * Hk (also when layers launch one by one)
     len: int  # min(T, capacity): the longest packed row
     sms: int
 
 
 def _same_strides(k: List[torch.Tensor], v: List[torch.Tensor]) -> bool:
     """Whether every layer has layer 0's strides (else the layers are packed one launch each)."""
-    return all(t.stride() == k[0].stride() for t in k) and all(t.stride() == v[0].stride() for t in v)
+    ks, vs = k[0].stride(), v[0].stride()
+    return all(t.stride() == ks for t in k) and all(t.stride() == vs for t in v)
 
 
 def _pack_key(k, v, indices, vis_start, vis_end, seq_lens, k_out, v_out, lengths) -> PackKey:
+    """No stride scan here (``_pack`` does the one scan per launch): rows count every layer, bucketed anyway."""
     _, B, HK, cap, D = k_out.shape
-    layers, device = len(k) if _same_strides(k, v) else 1, k_out.device
-    return PackKey(gpu_name(device), k_out.dtype, D, layers * B * HK, min(k[0].shape[2], cap), sm_count(device))
+    device = k_out.device
+    return PackKey(gpu_name(device), k_out.dtype, D, len(k) * B * HK, min(k[0].shape[2], cap), sm_count(device))
 
 
 def _pack_default(key: PackKey) -> dict:
