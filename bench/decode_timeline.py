@@ -14,8 +14,8 @@ span (first CTA entry to last CTA exit) and the gap to the next layer's first en
   6→7 final merge and output stores
 
 The kernel records them when its ``timeline`` argument is not null; the library always passes null, so this file
-launches the kernel itself (``decode_with_timeline``, the host side of ``sparsevila_ops/cuda_decode.py`` plus the
-pointer).
+launches the kernel through the library's host side with the pointer (``decode_with_timeline``:
+``sparsevila_ops.cuda_decode._run``).
 """
 from __future__ import annotations
 
@@ -25,8 +25,7 @@ import statistics
 import torch
 
 from bench.common import replay_in_graph, require_gpu
-from sparsevila_ops import _cuda
-from sparsevila_ops.cuda_decode import _DTYPES, LOG2E, strides
+from sparsevila_ops.cuda_decode import _run
 
 PHASES = ["gdc_wait", "prologue", "first_data", "main_loop", "warp_merge", "cluster_sync", "out"]
 TIMELINE_STAMPS = 8  # kTimelineStamps in csrc/decode_cluster.cu
@@ -35,18 +34,7 @@ TIMELINE_STAMPS = 8  # kTimelineStamps in csrc/decode_cluster.cu
 def decode_with_timeline(q, k, v, lengths, scale, out, lse, timeline, cluster, clusters_per_row, warps, pdl):
     """The cuda backend's decode with ``timeline`` int64 ``[B * Hk, cluster * clusters_per_row,
     TIMELINE_STAMPS + 2]``: per CTA the %clock64 of each phase boundary, then %globaltimer at entry and exit."""
-    B, HQ, D = q.shape
-    HK = k.shape[1]
-    if clusters_per_row > 1:
-        po = torch.empty(B, HQ, clusters_per_row, D, dtype=torch.float32, device=q.device)
-        pl = torch.empty(B, HQ, clusters_per_row, dtype=torch.float32, device=q.device)
-    else:
-        po = pl = lse  # unused
-    _cuda.library().decode_cluster(
-        _DTYPES[q.dtype], D, q.data_ptr(), k.data_ptr(), v.data_ptr(), lengths.data_ptr(), out.data_ptr(),
-        lse.data_ptr(), po.data_ptr(), pl.data_ptr(), scale * LOG2E, strides(q, k, v, out, lse), timeline.data_ptr(),
-        B, HK, HQ // HK, HQ, cluster * clusters_per_row, cluster, warps, int(pdl),
-        torch.cuda.current_stream(q.device).cuda_stream)
+    _run(q, k, v, lengths, scale, out, lse, cluster, clusters_per_row, warps, pdl, timeline.data_ptr())
 
 
 def main(argv=None) -> int:

@@ -10,7 +10,7 @@ Config (``CLUSTER_DECODE``, the autotune seam; default ``decode_config``): ``clu
 over several clusters whose partials a second small kernel of the same source merges; ``warps`` per CTA.
 Measured slower than the Triton backend on the H100 at batch 1 (bench/NOTES.md), so it is opt-in:
 ``use_backend("cuda")``. The kernel's per-CTA timeline pointer is always null here (``bench/decode_timeline.py``
-sets it).
+sets it through ``_run``).
 """
 from __future__ import annotations
 
@@ -102,27 +102,30 @@ def _space(key: ClusterKey) -> list:
 
 
 def _launch(q, k, v, lengths, scale, out, lse, cfg) -> None:
+    _run(q, k, v, lengths, scale, out, lse, cfg["cluster"], cfg["clusters_per_row"], cfg["warps"],
+         _device.use_pdl(q.device))
+
+
+def _run(q, k, v, lengths, scale, out, lse, cluster, clusters_per_row, warps, pdl, timeline_ptr=0) -> None:
+    """The one call of the cluster kernel: ``cluster * clusters_per_row`` CTAs per (b, KV head) row.
+    ``timeline_ptr``: 0 (the library), or ``bench/decode_timeline.py``'s per-CTA stamps."""
     B, HQ, D = q.shape
     HK = k.shape[1]
     if B == 0 or HQ == 0:
         return
-    cluster, clusters_per_row = cfg["cluster"], cfg["clusters_per_row"]
     if clusters_per_row > 1:
         po = torch.empty(B, HQ, clusters_per_row, D, dtype=torch.float32, device=q.device)
         pl = torch.empty(B, HQ, clusters_per_row, dtype=torch.float32, device=q.device)
     else:
         po = pl = lse  # unused
+    # the kernel's 12 strides (elements): q (b, h), k and v (b, h, n), out (b, h), lse (b, h)
+    strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
+               v.stride(2), out.stride(0), out.stride(1), lse.stride(0), lse.stride(1))
     _cuda.library().decode_cluster(
         _DTYPES[q.dtype], D, q.data_ptr(), k.data_ptr(), v.data_ptr(), lengths.data_ptr(), out.data_ptr(),
-        lse.data_ptr(), po.data_ptr(), pl.data_ptr(), scale * LOG2E, strides(q, k, v, out, lse), 0, B, HK,
-        HQ // HK, HQ, cluster * clusters_per_row, cluster, cfg["warps"], int(_device.use_pdl(q.device)),
+        lse.data_ptr(), po.data_ptr(), pl.data_ptr(), scale * LOG2E, strides, timeline_ptr, B, HK,
+        HQ // HK, HQ, cluster * clusters_per_row, cluster, warps, int(pdl),
         torch.cuda.current_stream(q.device).cuda_stream)
-
-
-def strides(q, k, v, out, lse) -> tuple:
-    """The kernel's 12 strides (elements): q (b, h), k and v (b, h, n), out (b, h), lse (b, h)."""
-    return (q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-            out.stride(0), out.stride(1), lse.stride(0), lse.stride(1))
 
 
 CLUSTER_DECODE = Tunable("decode_attention", "cuda", [__file__, _cuda.source_dir() / "decode_cluster.cu"],
