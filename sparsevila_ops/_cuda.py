@@ -229,7 +229,7 @@ def library():
     if _module is None:
         if _failure is not None:
             raise RuntimeError(_failure)
-        toolchain()  # a missing tool is not kept: it may be installed later
+        toolchain()  # a missing tool is not kept as a build failure (the lookup is cached per PATH/CUDA_HOME)
         try:
             _module = load(build())
         except (RuntimeError, OSError, ImportError) as e:
