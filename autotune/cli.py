@@ -71,29 +71,25 @@ def cmd_tune(a) -> int:
         print(f"autotune tune: {e}", file=sys.stderr)
         return 2
     selected = _selected(a.op, a.backend)
-    if ("decode_attention", "cuda") in selected:
-        from sparsevila_ops import _cuda
-        why = _cuda.unusable(torch.device("cuda"))
-        if why is not None:
-            if a.backend == "cuda":
-                print(f"autotune tune: the cuda backend cannot run here: {why}", file=sys.stderr)
-                return 2
-            print(f"skipping decode_attention/cuda: {why}", file=sys.stderr)
-            selected.remove(("decode_attention", "cuda"))
     jobs = [(op, backend, shape) for op, shape in work for o, backend in selected if o == op]
     if not jobs:
         print(f"autotune tune: no shape of {a.shapes!r} is for {a.op}/{a.backend}", file=sys.stderr)
         return 2
-    from sparsevila_ops.cuda_decode import unsupported
     from .problems import make_args
     from .tuner import tune
-    done, failed, progress = set(), 0, Progress(len(jobs))
+    done, failed, skipped, progress = set(), 0, {}, Progress(len(jobs))
     for i, (op, backend, shape) in enumerate(jobs):
         t = kernel(op, backend)
         progress.update(i, f"{t.name} {_describe(shape)}")
         args = make_args(op, shape, "cuda")
         key = t.key(*args)
-        if (t.name, t.table_key(key)) in done or (backend == "cuda" and unsupported(*args[:3])):
+        if (t.name, t.table_key(key)) in done:
+            continue
+        why = t.unsupported(*args)
+        if why is not None:  # the kernel cannot run this shape here: skipped, each reason said once
+            if (t.name, why) not in skipped:
+                print(f"\nskipping {t.name} {_describe(shape)}: {why}", file=sys.stderr)
+            skipped[t.name, why] = skipped.get((t.name, why), 0) + 1
             continue
         done.add((t.name, t.table_key(key)))
         try:
@@ -110,7 +106,12 @@ def cmd_tune(a) -> int:
               file=sys.stderr)
     progress.update(len(jobs), "done")
     progress.close()
-    print(f"tuned {len(done) - failed} keys ({failed} failed) into {tables.cache_path()}")
+    if skipped and not done:
+        print("autotune tune: no selected kernel can run any of these shapes here: "
+              + "; ".join(f"{name}: {why}" for name, why in skipped), file=sys.stderr)
+        return 2
+    print(f"tuned {len(done) - failed} keys ({failed} failed, {sum(skipped.values())} shapes skipped) into "
+          f"{tables.cache_path()}")
     return 1 if failed else 0
 
 

@@ -9,7 +9,9 @@ gives the functions the library and the tuner need:
 - ``default(key)``: the hand-written heuristic; it runs everywhere and sees the exact sizes;
 - ``launch(*args, config)``: runs the kernel with ``config`` (``args`` are those of the op's launcher);
 - ``resources(key, config)`` (optional): estimated (shared memory bytes, registers per thread), so the tuner
-  can skip configs that cannot fit.
+  can skip configs that cannot fit;
+- ``unsupported(*args)`` (optional): why the kernel cannot run these arguments here (None: it can), so the
+  tuner, the CLI and the benchmarks skip them with the reason; without it every call is taken.
 
 Tables store configs under :meth:`Tunable.table_key`: the key without ``gpu`` (tables are per GPU), with the
 fields named in ``buckets`` rounded down to a power of two, so one tuned entry covers the sizes
@@ -63,10 +65,12 @@ class Tunable:
     def __init__(self, op: str, backend: str, source: Sequence[str], *, key: Callable[..., NamedTuple],
                  space: Callable[[NamedTuple], list], default: Callable[[NamedTuple], dict],
                  launch: Callable[..., None], buckets: Sequence[str] = (),
-                 resources: Optional[Callable[[NamedTuple, dict], Tuple[int, int]]] = None):
+                 resources: Optional[Callable[[NamedTuple, dict], Tuple[int, int]]] = None,
+                 unsupported: Optional[Callable[..., Optional[str]]] = None):
         self.op, self.backend, self.source = op, backend, tuple(str(s) for s in source)
         self.key, self.space, self.default, self.launch = key, space, default, launch
         self.buckets, self.resources = frozenset(buckets), resources
+        self._unsupported = unsupported
         self._memo: Dict[tuple, dict] = {}  # exact key -> config, filled by the lookup chain
         self._source_hash: Optional[str] = None
         _ALL.add(self)
@@ -92,6 +96,10 @@ class Tunable:
         """``field=value,...`` without ``gpu``, the ``buckets`` fields rounded down to a power of two."""
         return ",".join(f"{f}={_text(bucket(v) if f in self.buckets else v)}"
                         for f, v in zip(key._fields[1:], key[1:]))
+
+    def unsupported(self, *args) -> Optional[str]:
+        """Why the kernel cannot run a launch with ``args`` here (None: it can; always None without the hook)."""
+        return None if self._unsupported is None else self._unsupported(*args)
 
     def config(self, args: tuple) -> dict:
         """The config a launch with ``args`` uses (user cache > shipped table > default)."""

@@ -196,8 +196,12 @@ def measure(tunable: Tunable, args: tuple, configs: Optional[Sequence[dict]] = N
             copy: bool = False) -> List[Trial]:
     """Verify and time each of :func:`candidates` on ``args`` (module docstring). ``copy``: work on copies of
     ``args`` (else input set 0 is ``args`` itself and its outputs are overwritten). ``limits``: by default those
-    of the arguments' GPU; None prunes nothing."""
+    of the arguments' GPU; None prunes nothing. Raises ValueError, with the reason, when the Tunable says it
+    cannot run ``args`` (``Tunable.unsupported``)."""
     from .problems import problem_of
+    why = tunable.unsupported(*args)
+    if why is not None:
+        raise ValueError(f"{tunable.name} cannot run these arguments: {why}")
     problem = problem or problem_of(tunable.op)
     device = _device(args)
     key = tunable.key(*args)
@@ -257,7 +261,8 @@ def measure(tunable: Tunable, args: tuple, configs: Optional[Sequence[dict]] = N
 def tune(tunable: Tunable, args: tuple, *, problem=None, timer: Optional[Timer] = None, sets: Optional[int] = None,
          limits=FROM_DEVICE, copy: bool = False, store: bool = True) -> Result:
     """Measure the candidates on ``args``, pick the winner (module docstring) and, with ``store``, record it in
-    the user cache. Raises RuntimeError when no candidate is correct."""
+    the user cache. Raises RuntimeError when no candidate is correct, ValueError (with the reason) when the
+    Tunable cannot run ``args``."""
     t0 = time.perf_counter()
     key = tunable.key(*args)
     trials = measure(tunable, args, problem=problem, timer=timer, sets=sets, limits=limits, copy=copy)

@@ -95,18 +95,15 @@ def lookup_us(tunable, args, calls: int = 20000) -> float:
 
 def run(ops, quick: bool):
     from sparsevila_ops import autotune
-    from sparsevila_ops.cuda_decode import unsupported
-    from sparsevila_ops import _cuda
     rows, summary = [], []
-    kernels = [(op, b) for op, b in autotune.KERNELS if op in ops
-               and (b == "triton" or _cuda.unusable(torch.device("cuda")) is None)]
+    kernels = [(op, b) for op, b in autotune.KERNELS if op in ops]
     for op, backend in kernels:
         t = autotune.kernel(op, backend)
         grid = GRID[op][:3] if quick else GRID[op]
         op_rows, tune_s, lookup = [], 0.0, None
         for shape in grid:
             args = autotune.make_args(op, shape, "cuda")
-            if backend == "cuda" and unsupported(*args[:3]):
+            if t.unsupported(*args) is not None:  # e.g. the cuda backend off Hopper, or a head dim it lacks
                 continue
             desc = ",".join(f"{k}={v}" for k, v in shape.items())
             try:

@@ -128,8 +128,17 @@ def _run(q, k, v, lengths, scale, out, lse, cluster, clusters_per_row, warps, pd
         torch.cuda.current_stream(q.device).cuda_stream)
 
 
+def _unsupported(q, k, v, lengths, scale, out, lse) -> Optional[str]:
+    """Why the cluster kernel cannot take this launch here: the backend unusable on the device, or the inputs."""
+    why = _cuda.unusable(q.device)
+    if why is not None:
+        return f"the cuda backend cannot run here: {why}"
+    return unsupported(q, k, v)
+
+
 CLUSTER_DECODE = Tunable("decode_attention", "cuda", [__file__, _cuda.source_dir() / "decode_cluster.cu"],
-                         key=_key, space=_space, default=_default, launch=_launch, buckets=("B", "Hk", "cap"))
+                         key=_key, space=_space, default=_default, launch=_launch, buckets=("B", "Hk", "cap"),
+                         unsupported=_unsupported)
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor, scale: float,

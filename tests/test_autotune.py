@@ -273,6 +273,19 @@ def test_pruning_skips_configs_that_cannot_fit(tmp_path, monkeypatch):
     assert {c["tile"] for c in f.calls[n:]} == {4, 8, 16}  # pruned configs are never launched
 
 
+def test_the_tuner_refuses_arguments_the_tunable_cannot_run(fake):
+    x, out = _args()
+    fake.tunable._unsupported = lambda x, out: "odd sizes" if x.shape[0] % 2 else None
+    with pytest.raises(ValueError, match="odd sizes"):
+        tuner.tune(fake.tunable, _args(3), timer=fake.timer(COST), limits=None, store=False)
+    assert fake.calls == []  # refused before any launch
+    assert tuner.tune(fake.tunable, (x, out), timer=fake.timer(COST), limits=None, store=False).config
+    cuda = autotune.kernel("decode_attention", "cuda")
+    args = autotune.make_args("decode_attention", {"D": 64, "n": 16, "slack": 0}, "cpu")
+    assert "cuda backend cannot run here" in cuda.unsupported(*args)  # no sm_90 GPU: the reason, never a launch
+    assert autotune.kernel("decode_attention").unsupported(*args) is None  # no hook: every call is taken
+
+
 def test_resource_estimates_prune_the_prefill_tiles_known_to_spill():
     """bench/NOTES.md: 128 x 64 prefill tiles with 4 warps spill (~100 TFLOP/s), with 8 warps they reach ~500."""
     from sparsevila_ops.triton_kernels.prefill import AttentionKey
