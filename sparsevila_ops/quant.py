@@ -20,27 +20,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import _backend
 from . import _checks as C
+from ._library import define
 
 __all__ = ["W4Linear", "W4Weight", "dequantize_w4", "quantize_model_linears", "quantize_w4", "w4a16_linear"]
 
 PACK_K = 128  # K elements per packing block (16 int32 words); group sizes are multiples of it
 MAX_KERNEL_ROWS = 16  # rows of x served by the GEMV kernel (one tensor-core tile); more go to dequant + matmul
 HALF_DTYPES = (torch.float16, torch.bfloat16)
-
-# -- the op: schema, fake, dispatch (its own namespace: an extra, not part of torch.ops.sparsevila) -------------
-_lib = torch.library.Library("sparsevila_quant", "DEF")
-_lib.define("w4a16_linear(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, Tensor? bias, Tensor(a!) out) -> ()")
-torch.library.register_fake("sparsevila_quant::w4a16_linear", lambda *args: None, lib=_lib)
-
-
-def _dispatch(x, qweight, scales, zeros, bias, out):
-    return _backend.resolve("w4a16_linear", x.device)(x, qweight, scales, zeros, bias, out)
-
-
-_lib.impl("w4a16_linear", _dispatch, "CPU")
-_lib.impl("w4a16_linear", _dispatch, "CUDA")
 
 
 def _unpack(qweight: torch.Tensor) -> torch.Tensor:
@@ -67,8 +54,10 @@ def _reference_w4a16_linear(x, qweight, scales, zeros, bias, out) -> None:
     out.copy_(y)
 
 
-_backend.register("w4a16_linear", "reference", _reference_w4a16_linear)
-_backend.register("w4a16_linear", "triton", "sparsevila_ops.triton_kernels.gemv4:w4a16_linear")
+# -- the op: schema, fake, dispatch (its own namespace: an extra, not part of torch.ops.sparsevila) -------------
+_lib = torch.library.Library("sparsevila_quant", "DEF")
+define("w4a16_linear", "(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, Tensor? bias, Tensor(a!) out) -> ()",
+       lib=_lib, reference=_reference_w4a16_linear, triton="sparsevila_ops.triton_kernels.gemv4:w4a16_linear")
 
 
 # -- the weight bundle --------------------------------------------------------------------------------------------
