@@ -20,6 +20,8 @@ def main(argv=None) -> int:
     from qwen_tiny import tiny_model, visual_inputs
     from transformers.generation.configuration_utils import CompileConfig
 
+    from bench.common import require_gpu
+
     import sparsevila_ops.integrations.qwen2_5_vl as sv
     from sparsevila_ops.integrations.cache import packed_mismatch
 
@@ -27,8 +29,7 @@ def main(argv=None) -> int:
     p.add_argument("--mode", default="reduce-overhead", choices=["reduce-overhead", "default"])
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     a = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("integration_graph_check: needs a CUDA GPU; skipped")
+    if not require_gpu("integration_graph_check"):
         return 0
     dtype = getattr(torch, a.dtype)
     model = tiny_model(device="cuda", dtype=dtype)

@@ -123,3 +123,20 @@ def check_out(name: str, out, shape, dtype, device) -> None:
                          f"{out.dtype} {tuple(out.shape)} on {out.device}")
     if not out.is_contiguous():
         raise ValueError(f"{name} must be contiguous; got strides {out.stride()}")
+
+
+def device_flag_error(flag: str, name: str) -> Optional[str]:
+    """Why a command-line device ``name`` (cpu, cuda or cuda:N) cannot be used here, as one line naming ``flag``;
+    None when it can."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        return f"{flag} must be cpu, cuda or cuda:N; got {name!r}"
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return f"{flag} {name} needs a CUDA GPU and torch sees none; use {flag} cpu"
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            return f"{flag} {name}: there are {torch.cuda.device_count()} CUDA devices"
+    return None

@@ -32,6 +32,7 @@ import torch
 
 import sparsevila_ops as so
 from sparsevila_ops import _backend
+from sparsevila_ops import _checks as C
 
 SIZES = {
     # frames (temporal patch 2), patch grid per frame, LLM layers / heads, prefix and question tokens, steps
@@ -59,30 +60,17 @@ def _timed(times: Dict[str, float], name: str, device: torch.device):
 
 def time_decode_step(step: Callable[[], object], device: torch.device, replays: int = 20) -> float:
     """Milliseconds per call of ``step`` (one token's decode over every layer). On CUDA the step is captured in
-    one CUDA graph and the graph replayed ``replays`` times between two CUDA events, so the number is GPU time
-    without per-launch host latency (how bench/decode.py times decode). On the CPU: eager wall clock."""
+    one CUDA graph and the graph replayed ``replays`` times between CUDA events (the median), so the number is GPU
+    time without per-launch host latency (how bench/decode.py times decode). On the CPU: eager wall clock."""
     if device.type != "cuda":
         step()
         t0 = time.perf_counter()
         for _ in range(3):
             step()
         return (time.perf_counter() - t0) * 1e3 / 3
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up outside capture: JIT compiles happen here
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / replays
+    from .autotune.tuner import cuda_timer
+
+    return cuda_timer(lambda _: step(), 1, iters=replays)
 
 
 def run(device: torch.device, size: str, prefill_sparsity: float, decode_sparsity: float, seed: int,
@@ -197,17 +185,9 @@ def run(device: torch.device, size: str, prefill_sparsity: float, decode_sparsit
 
 def _flag_error(a: argparse.Namespace) -> Optional[str]:
     """The first invalid flag, as one line naming it, or None."""
-    try:
-        device = torch.device(a.device)
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in ("cpu", "cuda"):
-        return f"--device must be cpu, cuda or cuda:N; got {a.device!r}"
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            return f"--device {a.device} needs a CUDA GPU and torch sees none; use --device cpu"
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            return f"--device {a.device}: there are {torch.cuda.device_count()} CUDA devices"
+    err = C.device_flag_error("--device", a.device)
+    if err is not None:
+        return err
     for flag, val in (("--prefill-sparsity", a.prefill_sparsity), ("--decode-sparsity", a.decode_sparsity)):
         if not 0.0 <= val < 1.0:
             return f"{flag} must be in [0, 1); got {val}"

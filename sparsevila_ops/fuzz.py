@@ -22,6 +22,7 @@ from typing import Callable, Dict, List, Tuple
 import torch
 
 from . import _backend, reference
+from ._checks import device_flag_error
 from .testing import REL_TOL, poison, rel_err
 
 AWKWARD = (0, 1, 7, 97, 729, 1025, 5125)
@@ -299,17 +300,10 @@ def run_case(op: str, backend: str, seed: int, device: torch.device, big: bool) 
 
 def _device(p: argparse.ArgumentParser, name: str) -> torch.device:
     """``--device`` as a torch device this machine has (cpu, or cuda[:N] with CUDA present); else a usage error."""
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        p.error(f"--device must be cpu or cuda[:N]; got {name!r}")
-    if device.type not in ("cpu", "cuda"):
-        p.error(f"--device must be cpu or cuda[:N]; got {name!r}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        p.error(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        p.error(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return device
+    err = device_flag_error("--device", name)
+    if err is not None:
+        p.error(err)
+    return torch.device(name)
 
 
 PROGRESS_EVERY = 25  # cases between progress lines (real-size cases are bound by Triton JIT compiles)

@@ -15,6 +15,8 @@ from typing import Optional
 
 import torch
 
+from .._checks import device_flag_error
+
 QWEN25_VL_7B = dict(
     vision_config=dict(depth=32, hidden_size=1280, num_heads=16, intermediate_size=3420, out_hidden_size=3584,
                        fullatt_block_indexes=[7, 15, 23, 31], window_size=112, patch_size=14, spatial_merge_size=2,
@@ -149,8 +151,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-vanilla", action="store_true", help="skip the stock-transformers row")
     p.add_argument("--json", default=None, help="write the rows here")
     a = p.parse_args(argv)
-    if a.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA GPU is available")
+    if a.device is not None and (err := device_flag_error("--device", a.device)) is not None:
+        p.error(err)
     for flag, val in (("--frames", a.frames), ("--height", a.height), ("--width", a.width)):
         if val < 2 or val % 2:
             p.error(f"{flag} must be an even number >= 2; got {val}")
