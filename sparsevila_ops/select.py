@@ -103,8 +103,8 @@ def _check_pack_indices(indices: torch.Tensor, vs: List[int], ve: List[int], lay
     """Row (l, b, g) of ``indices [L, B, Hk, keep]``: ``keep_b = min(keep, ve_b - vs_b)`` cache positions in
     ``[vs_b, ve_b)``, then -1. Errors name the entry as the caller indexed it (no l for a 3-D ``indices``)."""
     keep, dev = indices.shape[-1], indices.device
-    lo = torch.tensor(vs, dtype=torch.int32, device=dev).view(1, -1, 1, 1)
-    hi = torch.tensor(ve, dtype=torch.int32, device=dev).view(1, -1, 1, 1)
+    lo = _as_i32(vs, dev).view(1, -1, 1, 1)  # the op's own (cached) upload of the spans
+    hi = _as_i32(ve, dev).view(1, -1, 1, 1)
     kept = torch.arange(keep, device=dev) < (hi - lo).clamp(max=keep)
     bad = torch.where(kept, (indices < lo) | (indices >= hi), indices != -1)
     if not bad.any():
