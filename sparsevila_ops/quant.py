@@ -34,16 +34,17 @@ def _unpack(qweight: torch.Tensor) -> torch.Tensor:
     """int32 ``[N, K/8]`` -> q int32 ``[N, K]`` in [0, 15]."""
     N, words = qweight.shape
     shifts = 4 * torch.arange(8, device=qweight.device, dtype=torch.int32)
-    q = (qweight.view(N, words // 16, 1, 16) >> shifts.view(1, 1, 8, 1)) & 0xF  # [N, blocks, j, i]
-    return q.reshape(N, words * 8)
+    q = (qweight.view(N, words // 16, 1, 16) >> shifts.view(1, 1, 8, 1)).bitwise_and_(0xF)  # [N, blocks, j, i]
+    return q.view(N, words * 8)
 
 
 def _dequantize(qweight, scales, zeros, dtype: torch.dtype) -> torch.Tensor:
     """``(q - z) * s`` as ``[N, K]`` in ``dtype`` (q - z is exact in any float dtype: one rounding, of the product)."""
     N, K = qweight.shape[0], qweight.shape[1] * 8
     groups = scales.shape[0]
-    q = _unpack(qweight).view(N, groups, K // groups).to(dtype)
-    return ((q - zeros.t().to(dtype)[..., None]) * scales.t().to(dtype)[..., None]).view(N, K)
+    w = _unpack(qweight).view(N, groups, K // groups).to(dtype)  # the int32 nibbles are freed here
+    w.sub_(zeros.t().to(dtype)[..., None]).mul_(scales.t().to(dtype)[..., None])  # in place: one [N, K] buffer
+    return w.view(N, K)
 
 
 def _reference_w4a16_linear(x, qweight, scales, zeros, bias, out) -> None:
