@@ -26,7 +26,7 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
-from sparsevila_ops.testing import REL_TOL
+from sparsevila_ops.testing import REL_TOL, rel_err
 
 from . import tables
 from .tunable import Tunable
@@ -139,17 +139,6 @@ def auto_sets(args: tuple) -> int:
     return max(1, min(MAX_SETS, math.ceil(2 * l2 / max(1, sum(storages.values())))))
 
 
-def error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """``sparsevila_ops.testing.rel_err`` computed on the tensors' device: ``||out - ref|| / ||ref||`` over the
-    elements where ``ref`` is finite, inf when ``out`` is not finite there or differs where ``ref`` is not."""
-    fin = torch.isfinite(ref)
-    if not torch.equal(torch.isfinite(out), fin) or not torch.equal(out[~fin], ref[~fin]):
-        return math.inf
-    num = (out[fin].double() - ref[fin].double()).norm()
-    den = ref[fin].double().norm()
-    return float(num / den) if den > 0 else float(num)
-
-
 def cuda_timer(run: Callable[[int], None], n_sets: int, *, warmup: int = 3, iters: int = 20) -> float:
     """Median ms per call: one CUDA graph runs every input set once and is replayed ``warmup`` + ``iters`` times
     with CUDA events around each replay. A launch that cannot be captured (a host-to-device copy) is timed as
@@ -243,7 +232,7 @@ def measure(tunable: Tunable, args: tuple, configs: Optional[Sequence[dict]] = N
         err = 0.0
         for p, refs in expected.items():
             for out, ref in zip(_tensors(inputs[0][p]), refs):
-                e = error(out, ref) if out.is_floating_point() else (0.0 if torch.equal(out, ref) else math.inf)
+                e = rel_err(out, ref) if out.is_floating_point() else (0.0 if torch.equal(out, ref) else math.inf)
                 err = max(err, e)
         if err > tol:
             trials.append(Trial(cfg, WRONG, err=err, note=f"relative error {err:.3g} > {tol:g}"))

@@ -9,8 +9,10 @@ REL_TOL = {torch.float32: 2e-3, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     """||out - ref|| / ||ref|| in float64 over elements where ref is finite; inf if out is not finite there,
-    or differs from ref where ref is infinite (e.g. an lse of -inf for a row that sees no key)."""
-    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
+    or differs from ref where ref is infinite (e.g. an lse of -inf for a row that sees no key). Computed on
+    ``ref``'s device (``out`` moves there), so a GPU comparison copies nothing to the host but the result."""
+    ref = ref.detach().double()
+    out = out.detach().to(device=ref.device, dtype=torch.float64)
     fin = torch.isfinite(ref)
     if not torch.equal(torch.isfinite(out), fin) or not torch.equal(out[~fin], ref[~fin]):
         return float("inf")
