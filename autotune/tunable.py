@@ -28,21 +28,9 @@ from typing import Callable, Dict, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
-CPU = "cpu"  # the gpu field of CPU tensors (Triton's interpreter)
+from sparsevila_ops._device import CPU, gpu_name  # noqa: F401  (re-exported: the gpu field of every key)
 
-_GPU_NAMES: Dict[int, str] = {}
 _ALL: "weakref.WeakSet[Tunable]" = weakref.WeakSet()
-
-
-def gpu_name(device: torch.device) -> str:
-    """``torch.cuda.get_device_name`` of ``device`` (read once per index); ``"cpu"`` for any other device."""
-    if device.type != "cuda":
-        return CPU
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    name = _GPU_NAMES.get(index)
-    if name is None:
-        name = _GPU_NAMES[index] = torch.cuda.get_device_name(index)
-    return name
 
 
 def bucket(n: int) -> int:

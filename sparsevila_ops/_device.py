@@ -1,4 +1,5 @@
-"""Device facts shared by the Triton and the CUDA host code: compute capability, SM count, the PDL switch."""
+"""Device facts shared by the Triton and the CUDA host code and the autotune seam: GPU name, compute capability,
+SM count, the PDL switch."""
 from __future__ import annotations
 
 import functools
@@ -12,6 +13,14 @@ def _index(device: torch.device) -> int:
     return device.index if device.index is not None else torch.cuda.current_device()
 
 
+CPU = "cpu"  # the GPU name of CPU tensors (Triton's interpreter)
+
+
+@functools.lru_cache(maxsize=None)
+def _gpu_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
+
+
 @functools.lru_cache(maxsize=None)
 def _capability(index: int) -> Tuple[int, int]:
     return torch.cuda.get_device_capability(index)
@@ -20,6 +29,11 @@ def _capability(index: int) -> Tuple[int, int]:
 @functools.lru_cache(maxsize=None)
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def gpu_name(device: torch.device) -> str:
+    """``torch.cuda.get_device_name`` of ``device`` (read once per index); ``"cpu"`` for any other device."""
+    return _gpu_name(_index(device)) if device.type == "cuda" else CPU
 
 
 def capability(device: torch.device) -> Tuple[int, int]:
