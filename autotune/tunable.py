@@ -99,12 +99,8 @@ class Tunable:
         return cfg
 
     def __call__(self, *args) -> None:
-        key = self.key(*args)
-        cfg = self._memo.get(key)
-        if cfg is None:
-            from .tables import resolve
-            cfg = resolve(self, key, args)
-        self.launch(*args, cfg)
+        """Launch with the config of :meth:`config`."""
+        self.launch(*args, self.config(args))
 
 
 def forget_lookups() -> None:
