@@ -36,7 +36,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from bench.common import copy_bandwidth_tbps, require_gpu, write_results
-from sparsevila_ops.integrations.demo import QWEN25_VL_7B, StageTimer, build_model, video_inputs
+from sparsevila_ops.integrations.demo import QWEN25_VL_7B, StageTimer, build_model, stage_row, video_inputs
 
 ANSWER_TOKENS = 1500
 QUESTION_TOKENS = 64
@@ -125,9 +125,9 @@ def _reset_compiled(model) -> None:
 
 def run_rows(model, inputs: dict, rows: Sequence[str], *, decode_steps: int, precision: str,
              video: Dict[str, int]) -> List[dict]:
-    """Measure E, P, D of each row on one input (warm-up ``generate``, then a timed one); returns raw rows."""
-    from sparsevila_ops.integrations import qwen2_5_vl as sv
-
+    """Measure E, P, D of each row on one input (``demo.stage_row``: warm-up ``generate``, then a timed one);
+    returns raw rows. ``kept_visual`` is what the pruning kept (``state.last_kept``), all visual tokens when
+    nothing was pruned."""
     prompt = inputs["input_ids"].shape[1]
     n_vis = int((inputs["input_ids"] == model.config.video_token_id).sum())
     weights = decode_weight_bytes(model)
@@ -137,25 +137,24 @@ def run_rows(model, inputs: dict, rows: Sequence[str], *, decode_steps: int, pre
     for key in rows:
         label, sp = ROWS[key]
         kw = dict(gen, cache_implementation="static") if sp is None else gen
-        if sp is not None:
-            sv.enable(model, sp[0], sp[1], cuda_graph=True)
+        graphs = []  # unique graphs compiled before each generate: the timed one is the second
+
+        def generate(kw=kw):
+            graphs.append(counters["stats"]["unique_graphs"])
+            return model.generate(**inputs, **kw)
+
         try:
-            with torch.no_grad():
-                timer.run(lambda: model.generate(**inputs, **kw))
-                graphs = counters["stats"]["unique_graphs"]
-                ids, t = timer.run(lambda: model.generate(**inputs, **kw))
-                recompiled = counters["stats"]["unique_graphs"] - graphs
+            r = stage_row(model, timer, generate, decode_steps, sp, cuda_graph=True)
         finally:
-            if sp is not None:
-                sv.disable(model)
             _reset_compiled(model)
+        recompiled = counters["stats"]["unique_graphs"] - graphs[1]
         p, d = sp or (0.0, 0.0)
         row = {"input": f"{round(n_vis / 1024)}k" if n_vis >= 1024 else str(n_vis), "frames": video["frames"],
                "px": video["px"], "visual_tokens": n_vis, "precision": precision, "row": key, "setting": label,
-               "kept_visual": kept_visual(n_vis, p), "kv_tokens": decode_kv_tokens(prompt, n_vis, p, d, decode_steps),
-               "weight_bytes": weights, "E_ms": t["E_ms"], "P_ms": t["P_ms"],
-               "D_ms": 1e3 * (t["end"] - t["p_end"]) / max(decode_steps - 1, 1),
-               "generated": ids.shape[1] - prompt, "graphs_compiled_in_timed_run": recompiled}
+               "kept_visual": n_vis if r["kept"] is None else r["kept"],
+               "kv_tokens": decode_kv_tokens(prompt, n_vis, p, d, decode_steps), "weight_bytes": weights,
+               "E_ms": r["E_ms"], "P_ms": r["P_ms"], "D_ms": r["D_ms"], "generated": r["out"].shape[1] - prompt,
+               "graphs_compiled_in_timed_run": recompiled}
         out.append(row)
         print(f"  {precision:6s} {row['input']:>5s} ({key}) {label:22s} E {row['E_ms']:9.1f} ms  P {row['P_ms']:9.1f} "
               f"ms  D {row['D_ms']:7.3f} ms/token", flush=True)
@@ -163,9 +162,17 @@ def run_rows(model, inputs: dict, rows: Sequence[str], *, decode_steps: int, pre
 
 
 def run(targets: Sequence[int], precisions: Sequence[str], rows: Sequence[str], decode_steps: int) -> tuple:
-    """The full-size table on the GPU: returns (rows, copy bandwidth TB/s, KV bytes per token)."""
+    """The full-size table on the GPU: returns (rows, copy bandwidth TB/s, KV bytes per token).
+
+    One model serves every precision: ``w4a16`` quantizes its LLM linears in place and nothing restores them,
+    so ``precisions`` must list bf16 before w4a16 (``PRECISIONS`` order, each once; ``ValueError`` otherwise).
+    """
     from sparsevila_ops.quant import quantize_model_linears
 
+    order = [PRECISIONS.index(p) if p in PRECISIONS else -1 for p in precisions]
+    if order != sorted(set(order)) or -1 in order:
+        raise ValueError(f"precisions must be drawn from {PRECISIONS} in that order, each once (w4a16 quantizes "
+                         f"the model in place for good, so bf16 rows run first); got {list(precisions)}")
     dev, dtype = torch.device("cuda"), torch.bfloat16
     copy_tbps = copy_bandwidth_tbps()
     model = build_model(True, dev, dtype)

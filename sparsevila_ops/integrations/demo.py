@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from typing import Optional
+from typing import Callable, Optional, Tuple
 
 import torch
 
@@ -92,11 +92,35 @@ class StageTimer:
         return out, {"E_ms": 1e3 * (e_end - start), "P_ms": 1e3 * (p_end - e_end), "end": end, "p_end": p_end}
 
 
+def stage_row(model, timer: StageTimer, generate: Callable[[], torch.Tensor], new_tokens: int,
+              sparsity: Optional[Tuple[float, float]] = None, *, cuda_graph: bool = False) -> dict:
+    """One measured row: ``enable(model, *sparsity)`` (None: stock transformers), a warm-up ``generate()`` (the
+    same shapes JIT-compile and graphs capture there), a timed one, ``disable`` (also on error).
+
+    Returns ``out`` (the timed call's output), ``E_ms``, ``P_ms``, ``D_ms`` (ms per generated token after the
+    first: ``new_tokens - 1`` steps) and ``kept`` (visual tokens kept by the last pruning; None when nothing was
+    pruned, e.g. the stock row).
+    """
+    from . import qwen2_5_vl as sv
+
+    if sparsity is not None:
+        sv.enable(model, sparsity[0], sparsity[1], cuda_graph=cuda_graph)
+    try:
+        with torch.no_grad():
+            timer.run(generate)
+            out, t = timer.run(generate)
+        state = getattr(model, "_sparsevila", None)
+        kept = int(state.last_kept.numel()) if state is not None and state.last_kept is not None else None
+    finally:
+        if sparsity is not None:
+            sv.disable(model)
+    return {"out": out, "E_ms": t["E_ms"], "P_ms": t["P_ms"],
+            "D_ms": 1e3 * (t["end"] - t["p_end"]) / max(new_tokens - 1, 1), "kept": kept}
+
+
 def run(device: Optional[str] = None, frames: int = 32, h: int = 28, w: int = 28, question: int = 64,
         new_tokens: int = 64, settings=((0.0, 0.0), (0.75, 0.95)), vanilla: bool = True, cuda_graph: bool = False,
         out_json: Optional[str] = None) -> list:
-    from . import qwen2_5_vl as sv
-
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     full = dev.type == "cuda"
     dtype = torch.bfloat16 if full else torch.float32
@@ -113,20 +137,10 @@ def run(device: Optional[str] = None, frames: int = 32, h: int = 28, w: int = 28
     cases = ([("stock transformers (sdpa)", None)] if vanilla else []) + [(f"sparsevila ({p}, {d})", (p, d))
                                                                           for p, d in settings]
     for name, sp in cases:
-        if sp is not None:
-            sv.enable(model, sp[0], sp[1], cuda_graph=cuda_graph)
-        try:
-            with torch.no_grad():
-                timer.run(lambda: model.generate(**inputs, **gen))  # warm-up: the same shapes JIT-compile here
-                out, t = timer.run(lambda: model.generate(**inputs, **gen))
-            state = getattr(model, "_sparsevila", None)
-            kept = int(state.last_kept.numel()) if state is not None and state.last_kept is not None else n_vis
-        finally:
-            if sp is not None:
-                sv.disable(model)
-        d_ms = 1e3 * (t["end"] - t["p_end"]) / max(new_tokens - 1, 1)
-        row = {"setting": name, "visual_tokens_kept": kept, "of": n_vis, "E_ms": round(t["E_ms"], 2),
-               "P_ms": round(t["P_ms"], 2), "D_ms_per_token": round(d_ms, 3), "generated": out.shape[1] -
+        r = stage_row(model, timer, lambda: model.generate(**inputs, **gen), new_tokens, sp, cuda_graph=cuda_graph)
+        kept = n_vis if r["kept"] is None else r["kept"]
+        row = {"setting": name, "visual_tokens_kept": kept, "of": n_vis, "E_ms": round(r["E_ms"], 2),
+               "P_ms": round(r["P_ms"], 2), "D_ms_per_token": round(r["D_ms"], 3), "generated": r["out"].shape[1] -
                inputs["input_ids"].shape[1]}
         rows.append(row)
         print(f"  {name:28s} kept {kept:6d}/{n_vis}  E {row['E_ms']:9.2f} ms  P {row['P_ms']:9.2f} ms  "
