@@ -5,7 +5,7 @@ Covered: bf16/fp16, head dim 64 or 128, G = Hq / Hk <= 16, rows of q/k/v 16-byte
 move whole K/V rows), contiguous ``lengths``. Other calls run the Triton backend's kernel (through the backend
 registry, so this module never imports Triton), which covers every case of the contract.
 
-Config (``CLUSTER_DECODE``, the autotune seam; default ``decode_config``): ``cluster`` CTAs (a power of two
+Config (``CLUSTER_DECODE``, the autotune seam; default ``_default``): ``cluster`` CTAs (a power of two
 <= 16) split a row's keys and merge through distributed shared memory; ``clusters_per_row`` > 1 spreads a row
 over several clusters whose partials a second small kernel of the same source merges; ``warps`` per CTA.
 Measured slower than the Triton backend on the H100 at batch 1 (bench/NOTES.md), so it is opt-in:
@@ -48,28 +48,6 @@ def _max_active_clusters(dtype: int, d: int, cluster: int, warps: int, group: in
     return _cuda.library().decode_max_active_clusters(dtype, d, cluster, warps, group)
 
 
-@functools.lru_cache(maxsize=None)
-def decode_config(B: int, hk: int, group: int, cap: int, dtype: int = 0, d: int = 128) -> dict:
-    """The (cluster size, clusters per row) that keeps the most CTAs co-resident: for each power-of-two
-    cluster size, as many clusters per row as the GPU can co-schedule for all B * Hk rows, each CTA >= 256
-    keys at capacity; ties go to one cluster per row (no combine) and then to larger clusters.
-
-    H100 sweep (``python -m bench.decode --sweep-cuda``, Qwen2-7B bf16, ``decode_sweep_cuda.md``): every
-    config that fills the GPU lands within 2-3 % (8k 12.6-13.0 us, 32k 30.2-31.2, 128k 99.3-101.7); this pick
-    (1 x 33 there) is within 2 % of the best; 12 warps are within noise of 8."""
-    rows, warps = B * hk, 8
-    best, best_key = (1, 1), None
-    for cluster in (16, 8, 4, 2, 1):
-        per_row = min(_max_active_clusters(dtype, d, cluster, warps, group) // max(rows, 1),
-                      max(1, cap // 256) // cluster)
-        if per_row < 1:
-            continue
-        key = (rows * cluster * per_row, per_row == 1, cluster)
-        if best_key is None or key > best_key:
-            best, best_key = (cluster, per_row), key
-    return {"cluster": best[0], "clusters_per_row": best[1], "warps": warps}
-
-
 class ClusterKey(NamedTuple):
     gpu: str
     dtype: torch.dtype
@@ -87,7 +65,24 @@ def _key(q, k, v, lengths, scale, out, lse) -> ClusterKey:
 
 
 def _default(key: ClusterKey) -> dict:
-    return dict(decode_config(key.B, key.Hk, key.G, key.cap, _DTYPES[key.dtype], key.D))
+    """The (cluster size, clusters per row) that keeps the most CTAs co-resident: for each power-of-two
+    cluster size, as many clusters per row as the GPU can co-schedule for all B * Hk rows, each CTA >= 256
+    keys at capacity; ties go to one cluster per row (no combine) and then to larger clusters.
+
+    H100 sweep (``python -m bench.decode --sweep-cuda``, Qwen2-7B bf16, ``decode_sweep_cuda.md``): every
+    config that fills the GPU lands within 2-3 % (8k 12.6-13.0 us, 32k 30.2-31.2, 128k 99.3-101.7); this pick
+    (1 x 33 there) is within 2 % of the best; 12 warps are within noise of 8."""
+    rows, warps = key.B * key.Hk, 8
+    best, best_key = (1, 1), None
+    for cluster in (16, 8, 4, 2, 1):
+        per_row = min(_max_active_clusters(_DTYPES[key.dtype], key.D, cluster, warps, key.G) // max(rows, 1),
+                      max(1, key.cap // 256) // cluster)
+        if per_row < 1:
+            continue
+        rank = (rows * cluster * per_row, per_row == 1, cluster)
+        if best_key is None or rank > best_key:
+            best, best_key = (cluster, per_row), rank
+    return {"cluster": best[0], "clusters_per_row": best[1], "warps": warps}
 
 
 def _space(key: ClusterKey) -> list:
