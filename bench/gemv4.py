@@ -1,8 +1,11 @@
-"""W4A16 decode GEMVs: one Qwen2.5-7B decoder layer's four linear layers at batch 1-8, in CUDA graphs.
+"""W4A16 decode GEMVs: one Qwen2.5-7B decoder layer's linear layers at batch 1-8, in CUDA graphs.
 
-``python -m bench.gemv4 [--quick] [--batches 1 8] [--sweep]``. Shapes (N x K): qkv 4608x3584, o 3584x3584,
+``python -m bench.gemv4 [--quick] [--batches 1 8] [--sweep]``. Shapes (N x K), fused: qkv 4608x3584, o 3584x3584,
 gate_up 37888x3584, down 3584x18944 (233 M weights: 466 MB in bf16; 4-bit with group 128 bf16 scales and uint8
-zeros: 122 MB). Methods, all on the same quantized values:
+zeros: 122 MB); and per module, as transformers' Qwen2.5-VL decoder holds them (what ``quantize_model_linears``
+and ``bench/e2e.py`` run): q 3584x3584, k and v 512x3584, gate and up 18944x3584 (same weights, 7 GEMVs). Rows
+``layer`` (fused: 4 GEMVs) and ``layer_unfused`` (7 GEMVs) time the whole layer. Methods, all on the same
+quantized values:
 
 - ``bf16``: ``torch.nn.functional.linear`` on the bf16 weight (cuBLAS);
 - ``tinygemm``: PyTorch's ``aten._weight_int4pack_mm`` (weight from ``aten._convert_weight_to_int4pack`` of the
@@ -12,8 +15,8 @@ zeros: 122 MB). Methods, all on the same quantized values:
   table's, else the default heuristic).
 
 Each time is one CUDA graph that runs R weight sets back to back (R copies, so that they exceed the L2 by far),
-divided by R: per linear layer, and for the whole layer (four GEMVs per set). Effective TB/s = the method's own
-weight bytes / time. ``floor4_us`` = our 4-bit bytes / the device copy bandwidth measured in the same run.
+divided by R: per linear layer, and for the whole layer (its four or seven GEMVs per set). Effective TB/s = the
+method's own weight bytes / time. ``floor4_us`` = our 4-bit bytes / the device copy bandwidth measured in the same run.
 Every method's output is verified against dequantize-then-matmul in fp32 before it is timed.
 ``--sweep`` times our kernel's declared config space (``sparsevila_ops.autotune``: the default, then BLOCK_N x
 SPLIT_K x warps x stages) per shape instead, each config verified first.
@@ -30,7 +33,10 @@ import torch.nn.functional as F
 from bench.common import copy_bandwidth_tbps, require_gpu, time_cuda, verify, write_results
 from sparsevila_ops import quant as Q
 
-SHAPES = {"qkv": (4608, 3584), "o": (3584, 3584), "gate_up": (37888, 3584), "down": (3584, 18944)}  # N, K
+SHAPES = {"qkv": (4608, 3584), "o": (3584, 3584), "gate_up": (37888, 3584), "down": (3584, 18944),  # N, K
+          "q": (3584, 3584), "k": (512, 3584), "v": (512, 3584), "gate": (18944, 3584), "up": (18944, 3584)}
+LAYERS = {"layer": ("qkv", "o", "gate_up", "down"),  # fused projections
+          "layer_unfused": ("q", "k", "v", "o", "gate", "up", "down")}  # transformers' Qwen2.5-VL decoder layer
 GROUP = 128
 L2_BYTES = 256 << 20  # R copies of a weight exceed this (5x the H100/H200 L2)
 METHODS = ("bf16", "tinygemm", "gemlite", "ours")
@@ -69,8 +75,6 @@ class Layer:
         self.name, self.N, self.K, self.copies = name, N, K, copies
         w = (torch.randn(N, K, device="cuda", generator=gen) * 0.02).to(torch.bfloat16)
         w4 = Q.quantize_w4(w, GROUP)
-        self.w_deq = Q.dequantize_w4(w4, torch.float32)
-        self.ref_w = w.float()
         try:
             tiny = _tinygemm(w4)
         except Exception as e:  # noqa: BLE001 - an aten signature change is reported, not fatal
@@ -101,7 +105,11 @@ class Layer:
         return lambda x: Q.w4a16_linear(x, self.ours[r])
 
     def check(self, method: str, x: torch.Tensor) -> None:
-        ref = x.float() @ (self.ref_w if method == "bf16" else self.w_deq).t()
+        """``method``'s output vs fp32 x @ W^T (the bf16 weight for bf16, the dequantized 4-bit one otherwise);
+        the fp32 weight is built for the check and freed with it, not kept beside the timed copies."""
+        w = self.bf16[0].float() if method == "bf16" else Q.dequantize_w4(self.ours[0], torch.float32)
+        ref = x.float() @ w.t()
+        del w
         verify(f"{method} {self.name} M={x.shape[0]}", self.fn(method, 0)(x).float(), ref,
                1e-2 if method in ("bf16", "ours") else 2e-2)
 
@@ -125,13 +133,14 @@ def run(batches, iters: int) -> tuple:
     layers = {}
     for name, (N, K) in SHAPES.items():
         layers[name] = Layer(name, _copies(N * K // 2), gen, notes)
-    layer_bytes = {m: sum(lay.bytes[m] or 0 for lay in layers.values()) for m in METHODS}
-    n_sets = min(lay.copies for lay in layers.values())
+    layer_bytes = {layer: {m: sum(layers[n].bytes[m] or 0 for n in names) for m in METHODS}
+                   for layer, names in LAYERS.items()}
+    n_sets = {layer: min(layers[n].copies for n in names) for layer, names in LAYERS.items()}
     rows = []
     for M in batches:
-        x = torch.randn(M, 3584, device="cuda", generator=gen).to(torch.bfloat16)
-        x_down = torch.randn(M, 18944, device="cuda", generator=gen).to(torch.bfloat16)
-        xs = {name: (x_down if name == "down" else x) for name in SHAPES}
+        x_of = {K: torch.randn(M, K, device="cuda", generator=gen).to(torch.bfloat16)  # hidden 3584, then MLP 18944
+                for K in sorted({K for _, K in SHAPES.values()})}
+        xs = {name: x_of[K] for name, (_, K) in SHAPES.items()}
         avail = []
         for method in METHODS:
             if any(lay.fn(method, 0) is None for lay in layers.values()):
@@ -145,18 +154,18 @@ def run(batches, iters: int) -> tuple:
                 notes[f"{method} M={M}"] = f"{type(e).__name__}: {e}"[:200]
                 continue
             avail.append(method)
-        for name in list(SHAPES) + ["layer"]:
+        for name in list(SHAPES) + list(LAYERS):
             row = {"M": M, "op": name}
-            if name == "layer":
-                row["N_x_K"] = "4 GEMVs"
-                nbytes, R = layer_bytes, n_sets
+            if name in LAYERS:
+                row["N_x_K"] = f"{len(LAYERS[name])} GEMVs"
+                nbytes, R = layer_bytes[name], n_sets[name]
             else:
                 lay = layers[name]
                 row["N_x_K"] = f"{lay.N}x{lay.K}"
                 nbytes, R = lay.bytes, lay.copies
             for method in avail:
-                if name == "layer":
-                    calls = [(lambda f=layers[n].fn(method, r), a=xs[n]: f(a)) for r in range(R) for n in SHAPES]
+                if name in LAYERS:
+                    calls = [(lambda f=layers[n].fn(method, r), a=xs[n]: f(a)) for r in range(R) for n in LAYERS[name]]
                 else:
                     calls = [(lambda f=layers[name].fn(method, r), a=xs[name]: f(a)) for r in range(R)]
                 us = _graph_us(calls, iters) / R
@@ -202,27 +211,30 @@ def sweep(batches, iters: int, shapes=None, device: str = "cuda", timer=None) ->
 
 
 def _plot(rows, copy_tbps):
+    styles = {"layer": ("-", "o", "fused, 4 GEMVs"), "layer_unfused": (":", "s", "per module, 7 GEMVs")}
+
     def plot(fig):
-        layer = [r for r in rows if r["op"] == "layer"]
-        Ms = [r["M"] for r in layer]
-        ax = fig.add_subplot(1, 2, 1)
-        for m in METHODS:
-            if any(f"{m}_TBps" in r for r in layer):
-                ax.plot(Ms, [r.get(f"{m}_TBps", math.nan) for r in layer], marker="o", label=m)
-        ax.axhline(copy_tbps, color="gray", ls="--", label=f"copy {copy_tbps:.2f} TB/s")
-        ax.set_xlabel("batch M")
-        ax.set_ylabel("effective TB/s (own weight bytes)")
-        ax.set_title("one decoder layer (4 GEMVs)", fontsize=9)
-        ax.legend(fontsize=7)
-        ax = fig.add_subplot(1, 2, 2)
-        for m in METHODS:
-            if any(f"{m}_us" in r for r in layer):
-                ax.plot(Ms, [r.get(f"{m}_us", math.nan) for r in layer], marker="o", label=m)
-        ax.plot(Ms, [r["floor4_us"] for r in layer], color="gray", ls="--", label="4-bit byte floor")
-        ax.set_xlabel("batch M")
-        ax.set_ylabel("µs per layer")
-        ax.set_ylim(bottom=0)
-        ax.legend(fontsize=7)
+        ax1, ax2 = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+        for layer, (ls, marker, what) in styles.items():
+            lr = [r for r in rows if r["op"] == layer]
+            Ms = [r["M"] for r in lr]
+            for m in METHODS:
+                if any(f"{m}_TBps" in r for r in lr):
+                    ax1.plot(Ms, [r.get(f"{m}_TBps", math.nan) for r in lr], ls=ls, marker=marker,
+                             label=f"{m} ({what})")
+                    ax2.plot(Ms, [r.get(f"{m}_us", math.nan) for r in lr], ls=ls, marker=marker,
+                             label=f"{m} ({what})")
+            ax2.plot(Ms, [r["floor4_us"] for r in lr], color="gray", ls="--" if layer == "layer" else "-.",
+                     label=f"4-bit byte floor ({what})")
+        ax1.axhline(copy_tbps, color="gray", ls="--", label=f"copy {copy_tbps:.2f} TB/s")
+        ax1.set_xlabel("batch M")
+        ax1.set_ylabel("effective TB/s (own weight bytes)")
+        ax1.set_title("one decoder layer", fontsize=9)
+        ax1.legend(fontsize=6)
+        ax2.set_xlabel("batch M")
+        ax2.set_ylabel("µs per layer")
+        ax2.set_ylim(bottom=0)
+        ax2.legend(fontsize=6)
     return plot
 
 
