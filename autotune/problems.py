@@ -173,11 +173,9 @@ def _make_w4(s, device, gen):
 
 
 def _w4_reference(x, qweight, scales, zeros, bias, out):
-    """Dequantize to fp32 (exact), fp32 matmul, + bias."""
+    """The op's reference backend: dequantize to fp32 (exact), fp32 matmul, + bias."""
     from sparsevila_ops import quant
-    w = quant.dequantize_w4(quant.W4Weight(qweight, scales, zeros, x.shape[1] // scales.shape[0]), torch.float32)
-    y = x.float() @ w.t()
-    out.copy_(y if bias is None else y + bias.float())
+    quant._reference_w4a16_linear(x, qweight, scales, zeros, bias, out)
 
 
 _LLM = {"dtype": "bfloat16", "Hq": 28, "Hk": 4, "D": 128}  # Qwen2-7B (and the LLM of Qwen2.5-VL-7B)
