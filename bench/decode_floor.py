@@ -19,7 +19,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 
 import torch
@@ -30,7 +29,8 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from bench.common import replay_in_graph, require_gpu, verify, write_results
 from bench.decode import D, MODELS, _per_layer_us, _reference, qwen2_caches
 from sparsevila_ops import autotune
-from sparsevila_ops.triton_kernels.decode import LOG2E, combine_partials
+from sparsevila_ops._device import use_pdl
+from sparsevila_ops.triton_kernels.decode import LOG2E, _block_d, _block_g, combine_partials
 
 CONTEXTS = (8192, 32768, 131072)
 
@@ -295,15 +295,15 @@ def decode_with_timeline(q, k, v, lengths, scale, out, lse, stamps, cfg) -> None
     B, HQ, D_ = q.shape
     HK = k.shape[1]
     S = cfg["NUM_SPLITS"]
-    pdl = torch.cuda.get_device_capability(q.device) >= (9, 0) and os.environ.get("SPARSEVILA_PDL", "1") != "0"
+    pdl = use_pdl(q.device)
     po = torch.empty(B, HQ, S, D_, dtype=torch.float32, device=q.device) if S > 1 else lse
     pl = torch.empty(B, HQ, S, dtype=torch.float32, device=q.device) if S > 1 else lse
     _timed_split_kernel[(S, B, HK)](
         q, k, v, lengths, out, lse, po, pl, stamps, scale * LOG2E,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         lengths.stride(0), out.stride(0), out.stride(1), lse.stride(0), lse.stride(1), HQ // HK, HQ, D_,
-        NUM_SPLITS=S, IEEE=q.dtype == torch.float32, BLOCK_G=max(16, triton.next_power_of_2(HQ // HK)),
-        BLOCK_N=cfg["BLOCK_N"], BLOCK_D=max(16, triton.next_power_of_2(D_)), PDL=pdl, num_warps=cfg["num_warps"],
+        NUM_SPLITS=S, IEEE=q.dtype == torch.float32, BLOCK_G=_block_g(HQ // HK),
+        BLOCK_N=cfg["BLOCK_N"], BLOCK_D=_block_d(D_), PDL=pdl, num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"], **({"launch_pdl": True} if pdl else {}))
     if S > 1:
         combine_partials(po, pl, out, lse, pdl, cfg["COMBINE_D"])

@@ -173,6 +173,11 @@ def _block_d(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
+def _block_g(g: int) -> int:
+    """The query rows of one program: the GQA group padded to a power of two >= 16 (the dot's minimum)."""
+    return max(16, triton.next_power_of_2(g))
+
+
 def _decode_default(key: DecodeKey) -> dict:
     """Split-KV heuristic: ~2 programs per SM, each slice >= 4 tiles of BLOCK_N keys (so the per-split cost
     of loading q and writing partials stays small), at most 128 splits.
@@ -201,7 +206,7 @@ def _decode_space(key: DecodeKey) -> list:
 def _decode_resources(key: DecodeKey, cfg: dict):
     """Shared memory: one K and one V tile per stage. Registers: the fp32 accumulator and scores of the
     BLOCK_G query rows plus the K/V tiles, over the program's threads, + 32."""
-    elem, bd, bg, bn = key.dtype.itemsize, _block_d(key.D), max(16, triton.next_power_of_2(key.G)), cfg["BLOCK_N"]
+    elem, bd, bg, bn = key.dtype.itemsize, _block_d(key.D), _block_g(key.G), cfg["BLOCK_N"]
     smem = cfg["num_stages"] * 2 * bn * bd * elem
     words = bg * bd + bg * bn + (2 * bn * bd + bg * bd) * elem // 4
     return smem, 32 + words // (32 * cfg["num_warps"])
@@ -228,7 +233,7 @@ def _launch_decode(q, k, v, lengths, indices, scale, out, lse, cfg) -> None:
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         lengths.stride(0), idx.stride(0) if gather else 0, idx.stride(1) if gather else 0,
         out.stride(0), out.stride(1), lse.stride(0), lse.stride(1), G, HQ, D,
-        NUM_SPLITS=S, GATHER=gather, IEEE=q.dtype == torch.float32, BLOCK_G=max(16, triton.next_power_of_2(G)),
+        NUM_SPLITS=S, GATHER=gather, IEEE=q.dtype == torch.float32, BLOCK_G=_block_g(G),
         BLOCK_N=cfg["BLOCK_N"], BLOCK_D=_block_d(D), PDL=pdl, num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"], **launch)
     if S > 1:
