@@ -175,7 +175,7 @@ def test_time_decode_step_replays_a_cuda_graph():
         x.add_(1.0)
     assert time_decode_step(step, torch.device("cuda"), replays=20) > 0.0
     assert len(calls) == 2  # warm-up + capture: the 21 timed runs are graph replays, with no Python in them
-    assert x[0].item() == 1 + 1 + 20  # warm-up, (capture runs nothing), one warm replay, 20 timed replays
+    assert x[0].item() == 1 + 3 + 20  # warm-up, (capture runs nothing), 3 warm replays, 20 timed replays
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available")

@@ -36,7 +36,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from .._device import sm_count, use_pdl
 from ..autotune import Tunable, gpu_name
 
-PACK_K = 128  # K elements per packing block: 16 int32 words
+PACK_K = 128  # K elements per packing block: 16 int32 words, 8 nibbles each (the kernel's 8 x 16)
 BLOCK_M = 16  # x rows per tensor-core tile (the kernel serves M <= BLOCK_M)
 MAGIC = {torch.bfloat16: (0x4300, 128.0), torch.float16: (0x6400, 1024.0)}  # bits, value
 
@@ -70,7 +70,7 @@ def _w4a16_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, part_ptr, M, N, N
         a = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
         xsum = tl.zeros([BLOCK_M], tl.float32)
         for j in tl.static_range(8):
-            xt = tl.load(x_ptr + m[None, :] * sx + (blk * PACK_K + 16 * j + kk)[:, None], mask=mm[None, :],
+            xt = tl.load(x_ptr + m[None, :] * sx + ((blk * 8 + j) * 16 + kk)[:, None], mask=mm[None, :],
                          other=0.0, eviction_policy="evict_last")  # [16 k, BLOCK_M] = x[:, slice]^T
             v = (((qw >> (4 * j)) & 0xF) | MAGIC_BITS).to(tl.int16).to(dt, bitcast=True)
             a = tl.dot(v, xt, a)
