@@ -51,6 +51,47 @@ PYBIND11_MODULE(_sparsevila_cuda, m) {
         "Clusters of `cluster` CTAs of the decode kernel resident at once (-1 on error).", py::arg("dtype"),
         py::arg("head_dim"), py::arg("cluster"), py::arg("warps"), py::arg("group"));
   m.def(
+      "salience_lse",
+      [](int dtype, int head_dim, std::uintptr_t q, std::uintptr_t k, std::uintptr_t cu_seqlens, std::uintptr_t lse2,
+         float qk_scale2, const std::array<int64_t, 7>& strides, int num_segments, int max_rows, int heads,
+         int num_summary, int poly_every, std::uintptr_t stream) {
+        check(svo_salience_lse(dtype, head_dim, ptr<const void>(q), ptr<const void>(k), ptr<const int>(cu_seqlens),
+                               ptr<float>(lse2), qk_scale2, strides.data(), num_segments, max_rows, heads,
+                               num_summary, poly_every, ptr<void>(stream)),
+              "visual_salience LSE pass (cuda backend) launch");
+      },
+      "Launch the salience LSE pass; see csrc/sparsevila_cuda.h. Raises RuntimeError with the CUDA error.",
+      py::arg("dtype"), py::arg("head_dim"), py::arg("q"), py::arg("k"), py::arg("cu_seqlens"), py::arg("lse2"),
+      py::arg("qk_scale2"), py::arg("strides"), py::arg("num_segments"), py::arg("max_rows"), py::arg("heads"),
+      py::arg("num_summary"), py::arg("poly_every"), py::arg("stream"));
+  m.def(
+      "salience_colsum",
+      [](int dtype, int head_dim, std::uintptr_t q, std::uintptr_t k, std::uintptr_t cu_seqlens, std::uintptr_t lse,
+         float lse_scale, std::uintptr_t out, float qk_scale2, const std::array<int64_t, 7>& strides,
+         int num_segments, int max_seqlen, int heads, int num_summary, int poly_every, std::uintptr_t stream) {
+        check(svo_salience_colsum(dtype, head_dim, ptr<const void>(q), ptr<const void>(k),
+                                  ptr<const int>(cu_seqlens), ptr<const float>(lse), lse_scale, ptr<float>(out),
+                                  qk_scale2, strides.data(), num_segments, max_seqlen, heads, num_summary,
+                                  poly_every, ptr<void>(stream)),
+              "visual_salience column-sum pass (cuda backend) launch");
+      },
+      "Launch the salience column-sum pass; see csrc/sparsevila_cuda.h. Raises RuntimeError with the CUDA error.",
+      py::arg("dtype"), py::arg("head_dim"), py::arg("q"), py::arg("k"), py::arg("cu_seqlens"), py::arg("lse"),
+      py::arg("lse_scale"), py::arg("out"), py::arg("qk_scale2"), py::arg("strides"), py::arg("num_segments"),
+      py::arg("max_seqlen"), py::arg("heads"), py::arg("num_summary"), py::arg("poly_every"), py::arg("stream"));
+  m.def(
+      "salience_sum_heads",
+      [](std::uintptr_t part, std::uintptr_t out, int tokens, int heads, int64_t stride_ph, float inv_heads,
+         std::uintptr_t stream) {
+        check(svo_salience_sum_heads(ptr<const float>(part), ptr<float>(out), tokens, heads, stride_ph, inv_heads,
+                                     ptr<void>(stream)),
+              "visual_salience head sum (cuda backend) launch");
+      },
+      "out[j] = inv_heads * sum_h part[h, j] in head order; see csrc/sparsevila_cuda.h.", py::arg("part"),
+      py::arg("out"), py::arg("tokens"), py::arg("heads"), py::arg("stride_ph"), py::arg("inv_heads"),
+      py::arg("stream"));
+  m.def("salience_block_rows", &svo_salience_block_rows, "Rows per salience CTA (grid sizing).");
+  m.def(
       "error_string", [](int code) { return std::string(svo_error_string(code)); },
       "cudaGetErrorString of a CUDA error code.", py::arg("code"));
 }

@@ -19,6 +19,25 @@ int svo_decode_cluster(int dtype, int head_dim, const void* q, const void* k, co
 // How many clusters of `cluster` CTAs of the decode kernel can be resident at once (-1 on error).
 int svo_decode_max_active_clusters(int dtype, int head_dim, int cluster, int warps, int group);
 
+// visual_salience passes (salience.cu). dtype: 0 bf16, 1 fp16; head_dim 64, 72, 80 or 128; poly_every 0, 2, 4 or
+// 8 (every poly_every-th column pair of a thread's scores takes its exp2 from the FMA-pipe polynomial, 0: none).
+// strides (elements): q (t, h), k (t, h), cu_seqlens, lse (h), the destination (h); rows of q/k 16-byte aligned.
+// Segments s = 0..num_segments-1 are [cu[s], cu[s+1]); rows R = all of them (num_summary 0) or the first
+// min(num_summary, n). svo_salience_lse: lse2 [H, T] (log2 units) for the rows of R, max_rows >= |R| of every
+// segment. svo_salience_colsum: out [H, T] = 1/|R| sum_{i in R} 2^(qk_scale2 s_ij - lse_scale lse[h, i]) for every
+// key, max_seqlen >= every segment's length. Returns a cudaError_t (0: launched).
+int svo_salience_lse(int dtype, int head_dim, const void* q, const void* k, const int* cu_seqlens, float* lse2,
+                     float qk_scale2, const int64_t* strides, int num_segments, int max_rows, int heads,
+                     int num_summary, int poly_every, void* stream);
+int svo_salience_colsum(int dtype, int head_dim, const void* q, const void* k, const int* cu_seqlens,
+                        const float* lse, float lse_scale, float* out, float qk_scale2, const int64_t* strides,
+                        int num_segments, int max_seqlen, int heads, int num_summary, int poly_every, void* stream);
+// out[j] = inv_heads * sum_{h = 0..heads-1} part[h * stride_ph + j] (heads in order: deterministic).
+int svo_salience_sum_heads(const float* part, float* out, int tokens, int heads, int64_t stride_ph, float inv_heads,
+                           void* stream);
+// Rows of a salience CTA (the grid has ceil(max_rows / this) CTAs per segment and head).
+int svo_salience_block_rows();
+
 const char* svo_error_string(int code);
 
 }  // extern "C"

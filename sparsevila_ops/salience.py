@@ -13,6 +13,7 @@ define(
     "(Tensor q, Tensor k, Tensor cu_seqlens, int max_seqlen, float scale, int num_summary, Tensor? lse, "
     "bool deterministic, Tensor(a!) out) -> ()",
     triton="sparsevila_ops.triton_kernels.salience:visual_salience",
+    cuda="sparsevila_ops.cuda_salience:visual_salience",
 )
 
 

@@ -1,0 +1,155 @@
+"""Host side of ``visual_salience`` on the cuda backend: ``csrc/salience.cu`` (mma.sync tensor cores, cp.async
+tiles, part of the exp2s on the FMA pipe), built and loaded by ``_cuda``.
+
+The math and pass structure are those of the Triton backend (docs/ops.md): pass 1 (skipped when ``lse`` is given)
+writes each row's log2-sum-exp into an fp32 ``[H, T]`` scratch; pass 2 gives every key the mean over the rows of R
+of ``2^(scale log2(e) q.k - lse2)``, per head into ``out [H, T]`` or, heads reduced, into an fp32 ``[H, T]``
+scratch that a third small kernel sums over heads in order. Nothing is accumulated with atomics, so every call is
+bitwise reproducible and ``deterministic`` changes nothing here.
+
+Covered: bf16/fp16, head dim 64, 72, 80 or 128. q/k rows must start 16-byte aligned (the cp.async tile copies
+move 16 bytes); views that are not are copied with ``.contiguous()`` first. Other dtypes or head dims run the
+Triton backend's kernels (through the backend registry, so this module never imports Triton).
+
+Config (``SALIENCE_CUDA``, the autotune seam; default ``_default``): ``poly_every`` in (0, 2, 4, 8): every
+``poly_every``-th column pair of a thread's scores takes its exp2 from the polynomial instead of MUFU (0: none).
+The tile shape is fixed in the source (4 warps x 128 resident rows, 64-row streamed tiles, 3 stages).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import NamedTuple, Optional
+
+import torch
+
+from . import _backend, _cuda
+from .autotune import Tunable, gpu_name
+
+LOG2E = 1.4426950408889634
+_DTYPES = {torch.bfloat16: 0, torch.float16: 1}
+HEAD_DIMS = (64, 72, 80, 128)
+POLY_EVERY = (0, 2, 4, 8)  # the instantiations of csrc/salience.cu
+
+
+def unsupported(q: torch.Tensor, k: torch.Tensor) -> Optional[str]:
+    """Why the salience kernels cannot take these inputs (None: they can, after :func:`_aligned`)."""
+    if q.dtype not in _DTYPES:
+        return f"dtype {q.dtype} (bf16/fp16 only)"
+    if q.shape[-1] not in HEAD_DIMS:
+        return f"head dim {q.shape[-1]} (one of {HEAD_DIMS} only)"
+    return None
+
+
+def _misaligned(t: torch.Tensor) -> bool:
+    """Rows (token, head) of ``t [T, H, D]`` do not all start 16-byte aligned, or the last dim is strided."""
+    e = t.element_size()
+    return (t.data_ptr() % 16 != 0 or (t.shape[2] > 1 and t.stride(2) != 1)
+            or any((t.stride(i) * e) % 16 for i in (0, 1) if t.shape[i] > 1))
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself, or a contiguous copy when its rows are not 16-byte aligned (D * 2 bytes is a multiple of 16
+    for every covered head dim, so a contiguous tensor always qualifies)."""
+    return t.contiguous() if _misaligned(t) else t
+
+
+def _num_rows(max_seqlen: int, num_summary: int) -> int:
+    """The most rows of R a segment can have."""
+    return max_seqlen if num_summary == 0 else min(num_summary, max_seqlen)
+
+
+class SalienceCudaKey(NamedTuple):
+    gpu: str
+    dtype: torch.dtype
+    D: int
+    H: int
+    S: int  # segments
+    n: int  # max_seqlen
+    rows: int  # summed rows per segment: n, or num_summary
+    lse_given: bool  # one pass instead of two
+
+
+def _key(q, k, cu_seqlens, max_seqlen, scale, num_summary, lse, deterministic, out) -> SalienceCudaKey:
+    return SalienceCudaKey(gpu_name(q.device), q.dtype, q.shape[2], q.shape[1], cu_seqlens.shape[0] - 1, max_seqlen,
+                           _num_rows(max_seqlen, num_summary), lse is not None)
+
+
+def _default(key: SalienceCudaKey) -> dict:
+    """Per score the MMA work grows with D and the exp work does not: at D <= 80 (5 k-steps or fewer) a quarter of
+    the exp2s go to the FMA pipe, at D = 128 (8 k-steps, the tensor cores are the bound) none. Not yet measured:
+    ``python -m bench.figure3_salience --poly-share`` times every value."""
+    return {"poly_every": 0 if key.D > 80 else 4}
+
+
+def _space(key: SalienceCudaKey) -> list:
+    return [{"poly_every": p} for p in POLY_EVERY]
+
+
+def _launch(q, k, cu_seqlens, max_seqlen, scale, num_summary, lse, deterministic, out, cfg) -> None:
+    _run(q, k, cu_seqlens, max_seqlen, scale, num_summary, lse, out, cfg["poly_every"])
+
+
+def _device_guard(device: torch.device):
+    """Launches go to the current CUDA device: switch to ``device`` when it is another one."""
+    if device.index is not None and device.index != torch.cuda.current_device():
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+def _run(q, k, cu_seqlens, max_seqlen, scale, num_summary, lse, out, poly_every) -> None:
+    """The kernel calls: LSE pass (when ``lse`` is None), column sums, head sum (when ``out`` is ``[T]``).
+    ``q, k`` covered by :func:`unsupported` with 16-byte aligned rows (:func:`_aligned`)."""
+    T, H, D = q.shape
+    S = cu_seqlens.shape[0] - 1
+    if T == 0 or S == 0 or H == 0:
+        return
+    if poly_every not in POLY_EVERY:
+        raise ValueError(f"poly_every must be one of {POLY_EVERY}; got {poly_every!r}")
+    lib = _cuda.library()
+    dt, qk2 = _DTYPES[q.dtype], float(scale) * LOG2E
+    qs = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), cu_seqlens.stride(0))
+    with _device_guard(q.device):
+        stream = torch.cuda.current_stream(q.device).cuda_stream
+        if lse is None:
+            lse2 = torch.empty(H, T, dtype=torch.float32, device=q.device)
+            lib.salience_lse(dt, D, q.data_ptr(), k.data_ptr(), cu_seqlens.data_ptr(), lse2.data_ptr(), qk2,
+                             qs + (0, lse2.stride(0)), S, _num_rows(max_seqlen, num_summary), H, num_summary,
+                             poly_every, stream)
+            src, lse_scale = lse2, 1.0
+        else:
+            src, lse_scale = lse, LOG2E
+        reduce_heads = out.dim() == 1
+        dst = torch.empty(H, T, dtype=torch.float32, device=q.device) if reduce_heads else out
+        lib.salience_colsum(dt, D, q.data_ptr(), k.data_ptr(), cu_seqlens.data_ptr(), src.data_ptr(), lse_scale,
+                            dst.data_ptr(), qk2, qs + (src.stride(0), dst.stride(0)), S, max_seqlen, H,
+                            num_summary, poly_every, stream)
+        if reduce_heads:
+            lib.salience_sum_heads(dst.data_ptr(), out.data_ptr(), T, H, dst.stride(0), 1.0 / H, stream)
+
+
+def _unsupported(q, k, cu_seqlens, max_seqlen, scale, num_summary, lse, deterministic, out) -> Optional[str]:
+    """Why the salience kernels cannot take this launch here: the backend unusable on the device, or the inputs."""
+    why = _cuda.unusable(q.device)
+    if why is not None:
+        return f"the cuda backend cannot run here: {why}"
+    return unsupported(q, k)
+
+
+SALIENCE_CUDA = Tunable("visual_salience", "cuda", [__file__, _cuda.source_dir() / "salience.cu"],
+                        key=_key, space=_space, default=_default, launch=_launch, buckets=("S", "n", "rows"),
+                        unsupported=_unsupported)
+
+
+def visual_salience(q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, scale: float,
+                    num_summary: int, lse: Optional[torch.Tensor], deterministic: bool,
+                    out: torch.Tensor) -> None:
+    """cuda launcher of ``torch.ops.sparsevila.visual_salience`` (module doc); inputs it does not cover run the
+    Triton backend's kernels. Extra memory: fp32 ``[H, T]`` LSE scratch when ``lse`` is None, fp32 ``[H, T]``
+    partials when reducing heads. No host syncs."""
+    if q.shape[0] == 0 or cu_seqlens.shape[0] == 1:
+        return
+    if unsupported(q, k) is not None:
+        _backend.implementation("visual_salience", "triton", q.device)(q, k, cu_seqlens, max_seqlen, scale,
+                                                                      num_summary, lse, deterministic, out)
+        return
+    SALIENCE_CUDA(_aligned(q), _aligned(k), cu_seqlens, max_seqlen, scale, num_summary, lse, deterministic, out)

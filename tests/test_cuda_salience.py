@@ -1,0 +1,373 @@
+"""visual_salience on the cuda backend (``csrc/salience.cu``; host side ``sparsevila_ops/cuda_salience.py``).
+
+CPU: the exp2 polynomial (a numpy mirror of the kernel's arithmetic, coefficients parsed from the source), the
+registration and the reason the backend gives where it cannot run, the support rules, the Triton fallback for
+inputs the kernels do not cover, no Triton import by the host code.
+GPU (`gpu`, sm_90+): parity with a float64 oracle and with the Triton backend over awkward segment lengths (1, 7,
+97, 729, 1000, 4100, empty), D 64/72/80/128, bf16/fp16, strided and misaligned views whose padding is NaN, lse
+given or not, summary rows, both head modes, every polynomial share, bitwise stability, CUDA-graph replay.
+Outputs are NaN-poisoned before every kernel call.
+"""
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import sparsevila_ops as so
+from sparsevila_ops import _backend, _cuda
+
+from helpers import REL_TOL, assert_rel, poison
+
+HAS_SM90 = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0)
+sm90 = pytest.mark.skipif(not HAS_SM90, reason="the cuda backend needs sm_90+")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SOURCE = os.path.join(ROOT, "csrc", "salience.cu")
+TARGET = "sparsevila_ops.cuda_salience:visual_salience"
+
+
+@pytest.fixture(autouse=True)
+def _real_cuda_registration():
+    """tests/test_cli.py's fuzz fixture registers a wrong 'cuda' salience and then pops the entry: put the real one
+    back for every test here (test_registered_in_a_fresh_process checks what an import registers)."""
+    _backend.register("visual_salience", "cuda", TARGET)
+    yield
+
+
+# ------------------------------------------------------------------------------------- exp2 polynomial (CPU)
+
+
+def _coefficients():
+    text = open(SOURCE).read()
+    return [np.float32(re.search(rf"constexpr float kExp2C{i} = ([0-9.eE+-]+)f;", text).group(1)) for i in (1, 2, 3)]
+
+
+def _fma32(a, b, c):
+    """fp32 fma: the exact product and sum in float64 (a float32 product is exact there), rounded once."""
+    return (a.astype(np.float64) * b.astype(np.float64) + c.astype(np.float64)).astype(np.float32)
+
+
+def ex2_poly(x):
+    """numpy mirror of csrc/salience.cu's ex2_poly, operation by operation in float32."""
+    c1, c2, c3 = _coefficients()
+    x = np.minimum(np.maximum(np.asarray(x, np.float32), np.float32(-127)), np.float32(127))  # fmaxf: NaN -> -127
+    x = np.where(np.isnan(x), np.float32(-127), x)
+    magic = np.float32(12582912.0)
+    t = (magic + np.floor(x)).astype(np.float32)  # __fadd_rd(x, magic): exact, t in [2^23, 2^24)
+    f = (x - (t - magic)).astype(np.float32)
+    p = _fma32(_fma32(_fma32(np.full_like(f, c3), f, np.full_like(f, c2)), f, np.full_like(f, c1)), f,
+               np.ones_like(f))
+    bits = (p.view(np.uint32).astype(np.uint64) + (t.view(np.uint32).astype(np.uint64) << np.uint64(23)))
+    return (bits & np.uint64(0xFFFFFFFF)).astype(np.uint32).view(np.float32)
+
+
+def test_ex2_poly_relative_error_over_the_normal_range():
+    """Max relative error over [-126, 0] (where results are normal floats): 8.6e-5 with these coefficients (the
+    minimax bound of the degree-3 fit with p(0) = 1); far inside the bf16/fp16 tolerances of the salience tests."""
+    x = np.concatenate([np.linspace(-126, 0, 4_000_001, dtype=np.float64),
+                        -np.logspace(-12, np.log10(126), 200_001)]).astype(np.float32)
+    err = np.abs(ex2_poly(x).astype(np.float64) / np.exp2(x.astype(np.float64)) - 1).max()
+    assert err < 9e-5, err
+    print(f"ex2_poly max relative error on [-126, 0]: {err:.3e}")
+
+
+def test_ex2_poly_edges():
+    c1, c2, c3 = _coefficients()
+    assert 1 + c1 + c2 + c3 < 2  # p(1) < 2: the exponent field never carries
+    y = ex2_poly(np.array([0, -1, -8, 1, 10, -0.0], np.float32))
+    assert np.allclose(y, [1, 0.5, 2 ** -8, 2, 1024, 1], rtol=1e-4)
+    assert ex2_poly(np.float32(0)) == 1  # p(0) == 1 exactly
+    # Very negative, -inf and NaN give exactly +0, never a negative or wrapped value; large x stays finite.
+    low = ex2_poly(np.array([-127, -127.0, -200, -1e30, -np.inf, np.nan], np.float32))
+    assert (low.view(np.uint32) == 0).all()
+    grid = ex2_poly(np.linspace(-300, 127.99, 1_000_001, dtype=np.float32))
+    assert np.isfinite(grid).all() and (grid >= 0).all()
+    assert np.all(np.diff(grid[grid > 2 ** -126].astype(np.float64)) >= 0)  # monotone on the normal range
+
+
+# ------------------------------------------------------------------------------------- registration (CPU)
+
+
+def test_registered_in_a_fresh_process():
+    code = "import sparsevila_ops; from sparsevila_ops import _backend; print(_backend._REGISTRY['visual_salience'])"
+    proc = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=ROOT), cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert f"'cuda': '{TARGET}'" in proc.stdout
+
+
+def test_cuda_salience_is_opt_in_and_refuses_where_unusable():
+    assert _backend.default_backend(torch.device("cpu")) == "reference"
+    assert "cuda" not in so.available_backends("visual_salience", "cpu")
+    q = torch.zeros(5, 2, 64, dtype=torch.bfloat16)
+    with so.use_backend("cuda"), pytest.raises(RuntimeError, match="backend 'cuda' cannot run 'visual_salience'"):
+        so.visual_salience(q, q)
+    from sparsevila_ops.cuda_salience import SALIENCE_CUDA
+    why = SALIENCE_CUDA.unsupported(q, q, torch.tensor([0, 5], dtype=torch.int32), 5, 0.125, 0, None, False,
+                                    torch.empty(5))
+    assert "compute capability >= 9.0" in why
+
+
+def test_cuda_salience_support_rules_and_alignment():
+    from sparsevila_ops import cuda_salience as cs
+    q = torch.zeros(6, 2, 72, dtype=torch.bfloat16)
+    assert cs.unsupported(q, q) is None
+    assert "dtype" in cs.unsupported(q.float(), q.float())
+    assert "head dim" in cs.unsupported(q[..., :40], q[..., :40])
+    assert not cs._misaligned(q)
+    big = torch.zeros(6, 2, 80, dtype=torch.bfloat16)
+    view = big[..., 4:76]  # rows start 8 bytes off
+    assert cs._misaligned(view)
+    fixed = cs._aligned(view)
+    assert fixed.is_contiguous() and not cs._misaligned(fixed) and torch.equal(fixed, view)
+    fused = torch.zeros(6, 3, 2, 80, dtype=torch.float16)[:, 1]  # a fused-QKV view: aligned, kept as is
+    assert cs._aligned(fused) is fused
+    key = cs._key(q, q, torch.tensor([0, 6], dtype=torch.int32), 6, 0.1, 2, None, False, torch.empty(6))
+    assert key.rows == 2 and key.S == 1 and not key.lse_given
+    assert cs._default(key)["poly_every"] in cs.POLY_EVERY
+    assert [c["poly_every"] for c in cs._space(key)] == list(cs.POLY_EVERY)
+
+
+def test_cuda_salience_uncovered_inputs_run_the_triton_kernels(device):
+    """fp32 (and head dims other than 64/72/80/128) go to the Triton backend through the registry (without a GPU:
+    on the CPU, under the interpreter)."""
+    from sparsevila_ops import cuda_salience as cs, reference
+    lengths = [9, 0, 1, 20]
+    cu = torch.tensor([0, 9, 9, 10, 30], dtype=torch.int32, device=device)
+    g = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(30, 2, 40, generator=g).to(device) for _ in range(2))
+    assert cs.unsupported(q, k) is not None
+    out = poison(torch.empty(2, 30, device=device))
+    cs.visual_salience(q, k, cu, max(lengths), 40 ** -0.5, 0, None, False, out)
+    ref = torch.empty_like(out)
+    reference.visual_salience(q, k, cu, max(lengths), 40 ** -0.5, 0, None, False, ref)
+    assert_rel(out, ref, REL_TOL[torch.float32], "fallback")
+
+
+def test_cuda_salience_host_code_does_not_import_triton():
+    """Neither triton nor a Triton kernel module (the ``sparsevila_ops.triton_kernels`` package itself may be
+    mapped by ``sparsevila_ops/__init__``'s source-tree mapping: its ``__init__`` imports no Triton)."""
+    code = ("import sys, sparsevila_ops.cuda_salience, sparsevila_ops._cuda; "
+            "print(sorted(m for m in sys.modules if m == 'triton' or m.startswith(('triton.', "
+            "'sparsevila_ops.triton_kernels.'))))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], env=dict(env, PYTHONPATH=ROOT), cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
+# ------------------------------------------------------------------------------------------------- GPU
+
+
+def _cu(lengths, device="cuda"):
+    return torch.tensor([0] + np.cumsum(lengths).tolist(), dtype=torch.int32, device=device)
+
+
+def _padded_inputs(T, H, D, dtype, seed):
+    """q, k [T, H, D] as views into [T + 16, H, D + 8] storage whose extra rows and columns are NaN: a read past a
+    row's D or past T poisons the result."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    views = []
+    for _ in range(2):
+        store = torch.full((T + 16, H, D + 8), float("nan"), dtype=dtype, device="cuda")
+        store[:T, :, :D] = torch.randn(T, H, D, generator=g, device="cuda").to(dtype)
+        views.append(store[:T, :, :D])
+    return views
+
+
+def _oracle(q, k, cu, num_summary=0, lse=None, reduce_heads=True):
+    """float64 salience of the (exactly representable) inputs: docs/ops.md, visual_salience."""
+    T, H, D = q.shape
+    scale = D ** -0.5
+    acc = torch.zeros(H, T, dtype=torch.float64, device=q.device)
+    bounds = cu.tolist()
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        n = b - a
+        if n == 0:
+            continue
+        r = n if num_summary == 0 else min(num_summary, n)
+        for h in range(H):
+            s = (q[a:a + r, h].double() @ k[a:b, h].double().T) * scale
+            L = lse[h, a:a + r].double()[:, None] if lse is not None else torch.logsumexp(s, 1, keepdim=True)
+            acc[h, a:b] = torch.exp(s - L).sum(0) / r
+    return acc.mean(0) if reduce_heads else acc
+
+
+def _natural_lse(q, k, cu):
+    """fp32 [H, T] natural-log row LSE over each segment (every row), as an attention forward returns it."""
+    T, H, D = q.shape
+    lse = torch.zeros(H, T, dtype=torch.float32, device=q.device)
+    bounds = cu.tolist()
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        if b > a:
+            s = torch.einsum("ihd,jhd->hij", q[a:b].double(), k[a:b].double()) * D ** -0.5
+            lse[:, a:b] = torch.logsumexp(s, -1).float()
+    return lse
+
+
+def _cuda_salience(q, k, cu, max_seqlen, **kw):
+    T, H = q.shape[:2]
+    out = poison(torch.empty((T,) if kw.get("reduce_heads", True) else (H, T), dtype=torch.float32,
+                             device=q.device))
+    with so.use_backend("cuda"):
+        got = so.visual_salience(q, k, cu, max_seqlen, out=out, **kw)
+    assert got.data_ptr() == out.data_ptr()
+    return got
+
+
+def _triton_salience(q, k, cu, max_seqlen, **kw):
+    with so.use_backend("triton"):
+        return so.visual_salience(q, k, cu, max_seqlen, **kw)
+
+
+ORACLE_TOL = 2e-3  # fp32 accumulation + ex2.approx + the polynomial (<= 8.6e-5) against float64: ~1e-4 expected
+AWKWARD = [1, 7, 97, 0, 729, 1000, 4100]
+
+
+@pytest.mark.gpu
+@sm90
+@pytest.mark.parametrize("D", [64, 72, 80, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("c,lse_given,reduce_heads", [(0, False, True), (0, True, False), (3, False, False),
+                                                      (1, True, True)])
+def test_cuda_salience_matches_float64_and_triton_gpu(D, dtype, c, lse_given, reduce_heads):
+    cu = _cu(AWKWARD)
+    T, H = int(cu[-1]), 2
+    q, k = _padded_inputs(T, H, D, dtype, seed=D + c)
+    lse = None
+    if lse_given:
+        full = torch.full((H, T + 5), float("nan"), device="cuda")  # a strided [H, T] view
+        lse = full[:, :T]
+        lse.copy_(_natural_lse(q, k, cu))
+    what = f"cuda D={D} {dtype} c={c} lse={lse_given} reduce_heads={reduce_heads}"
+    got = _cuda_salience(q, k, cu, max(AWKWARD), num_summary=c, lse=lse, reduce_heads=reduce_heads)
+    ref = _oracle(q, k, cu, c, lse, reduce_heads)
+    assert_rel(got, ref, ORACLE_TOL, what + " vs float64")
+    tri = _triton_salience(q, k, cu, max(AWKWARD), num_summary=c, lse=lse, reduce_heads=reduce_heads)
+    assert_rel(got, tri, REL_TOL[dtype], what + " vs triton")
+    if not reduce_heads:  # every non-empty segment sums to 1 per head
+        for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+            if b > a:
+                torch.testing.assert_close(got[:, a:b].double().sum(1), torch.ones(H, dtype=torch.float64,
+                                                                                      device="cuda"),
+                                           rtol=0, atol=2e-4)
+
+
+@pytest.mark.gpu
+@sm90
+@pytest.mark.parametrize("poly_every", [0, 2, 4, 8])
+@pytest.mark.parametrize("lse_given", [False, True])
+def test_cuda_salience_every_poly_share_gpu(poly_every, lse_given):
+    """Each compiled share of polynomial exp2s (the config of the autotune seam), launched directly."""
+    from sparsevila_ops.cuda_salience import SALIENCE_CUDA
+    lengths = [97, 1000, 0, 33, 130]
+    cu = _cu(lengths)
+    T, H, D = int(cu[-1]), 3, 80
+    q, k = _padded_inputs(T, H, D, torch.bfloat16, seed=11)
+    lse = _natural_lse(q, k, cu) if lse_given else None
+    for reduce_heads in (True, False):
+        out = poison(torch.empty((T,) if reduce_heads else (H, T), device="cuda"))
+        SALIENCE_CUDA.launch(q, k, cu, max(lengths), D ** -0.5, 0, lse, False, out, {"poly_every": poly_every})
+        assert_rel(out, _oracle(q, k, cu, 0, lse, reduce_heads), ORACLE_TOL,
+                   f"poly_every={poly_every} lse={lse_given} reduce_heads={reduce_heads}")
+
+
+@pytest.mark.gpu
+@sm90
+@pytest.mark.parametrize("D", [72, 128])
+def test_cuda_salience_strided_views_gpu(D):
+    """q, k as views of a fused QKV tensor (v NaN), k from a head-major [H, T, D] cache, and a view whose rows
+    start 8 bytes off 16-byte alignment (copied by the host code)."""
+    lengths = [37, 0, 1, 200, 64]
+    cu = _cu(lengths)
+    T, H = int(cu[-1]), 3
+    g = torch.Generator(device="cuda").manual_seed(5)
+    qkv = torch.randn(T, 3, H, D, generator=g, device="cuda").to(torch.bfloat16)
+    qkv[:, 2] = float("nan")
+    q, k = qkv[:, 0], qkv[:, 1]
+    assert not q.is_contiguous()
+    for c, reduce_heads in ((0, True), (2, False)):
+        got = _cuda_salience(q, k, cu, max(lengths), num_summary=c, reduce_heads=reduce_heads)
+        assert_rel(got, _oracle(q, k, cu, c, None, reduce_heads), ORACLE_TOL, f"fused qkv c={c}")
+    k_hm = torch.randn(H, T, D, generator=g, device="cuda").to(torch.bfloat16).transpose(0, 1)
+    got = _cuda_salience(q, k_hm, cu, max(lengths), reduce_heads=False)
+    assert_rel(got, _oracle(q, k_hm, cu, 0, None, False), ORACLE_TOL, "head-major k")
+    store = torch.randn(T, H, D + 16, generator=g, device="cuda").to(torch.bfloat16)
+    q_off = store[..., 4:4 + D]
+    got = _cuda_salience(q_off, k, cu, max(lengths))
+    assert_rel(got, _oracle(q_off, k, cu), ORACLE_TOL, "misaligned q")
+
+
+@pytest.mark.gpu
+@sm90
+def test_cuda_salience_windows_and_frames_gpu():
+    """Many short segments (Qwen2.5-VL windows) and SigLIP-like frames with 16 heads, bf16, max_seqlen larger than
+    every segment."""
+    for lengths, D in (([64] * 20 + [5, 0, 3], 80), ([729] * 6, 72)):
+        cu = _cu(lengths)
+        T, H = int(cu[-1]), 16
+        q, k = _padded_inputs(T, H, D, torch.bfloat16, seed=len(lengths))
+        for reduce_heads in (True, False):
+            got = _cuda_salience(q, k, cu, max(lengths) + 100, reduce_heads=reduce_heads)
+            assert_rel(got, _oracle(q, k, cu, 0, None, reduce_heads), ORACLE_TOL, f"{len(lengths)} segments")
+
+
+@pytest.mark.gpu
+@sm90
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_salience_bitwise_stable_gpu(dtype):
+    """No atomics anywhere: repeated calls are bitwise equal, with or without ``deterministic``."""
+    cu = _cu(AWKWARD)
+    T, H, D = int(cu[-1]), 4, 80
+    q, k = _padded_inputs(T, H, D, dtype, seed=4)
+    for reduce_heads in (True, False):
+        runs = [_cuda_salience(q, k, cu, max(AWKWARD), reduce_heads=reduce_heads, deterministic=det).clone()
+                for det in (True, True, False)]
+        assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
+
+
+@pytest.mark.gpu
+@sm90
+def test_cuda_salience_batched_empty_and_graph_gpu():
+    """4-D [B, N, H, D] input, a call whose segments are all empty (T = 0), and CUDA-graph replay."""
+    B, N, H, D = 3, 50, 2, 64
+    g = torch.Generator(device="cuda").manual_seed(6)
+    q4, k4 = (torch.randn(B, N, H, D, generator=g, device="cuda").half() for _ in range(2))
+    with so.use_backend("cuda"):
+        got = so.visual_salience(q4, k4)
+    assert got.shape == (B, N)
+    cu = _cu([N] * B)
+    assert_rel(got.flatten(), _oracle(q4.flatten(0, 1), k4.flatten(0, 1), cu), ORACLE_TOL, "batched")
+
+    empty = torch.zeros(0, H, D, dtype=torch.bfloat16, device="cuda")
+    with so.use_backend("cuda"):
+        assert so.visual_salience(empty, empty, _cu([0, 0]), 0).shape == (0,)
+
+    q, k = q4.flatten(0, 1), k4.flatten(0, 1)
+    out = torch.empty(B * N, device="cuda")
+    with so.use_backend("cuda"):
+        so.visual_salience(q, k, cu, N, out=out)  # warm-up outside the capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            so.visual_salience(q, k, cu, N, out=out)
+    ref = out.clone()
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, ref)
+
+
+@pytest.mark.gpu
+@sm90
+def test_cuda_salience_falls_back_to_triton_for_fp32_gpu():
+    cu = _cu([33, 0, 100])
+    T, H, D = 133, 2, 80
+    g = torch.Generator(device="cuda").manual_seed(9)
+    q, k = (torch.randn(T, H, D, generator=g, device="cuda") for _ in range(2))
+    got = _cuda_salience(q, k, cu, 100, reduce_heads=False)
+    assert_rel(got, _oracle(q, k, cu, 0, None, False), REL_TOL[torch.float32], "fp32 via triton")
