@@ -19,6 +19,9 @@ bf16; latency does not depend on weight values), the inputs ``demo.video_inputs`
   (0.75, 0.95), (0.70, 0.85) and (0.90, 0). Every row in bf16 and with the LLM's linear layers in 4-bit
   (``quantize_model_linears``, group 128; the vision tower and lm_head stay bf16). Speedups are over row (b) of
   the same input and precision;
+- D_gpu: the GPU time of one decode step as ``generate`` runs it, from ``torch.profiler`` (kernels of a run of
+  20 tokens minus one of 4, per step), with launches per step and ms per kernel kind (``step`` in the JSON):
+  D - D_gpu is host time the GPU waits for (``generate``'s per-step Python and its per-step sync);
 - beside D its byte floor: (weight bytes read per token + KV bytes read per step) / device copy bandwidth
   measured in the same run (``decode_floor_ms``), and D / floor. KV read per step = the valid entries a decode
   step must read (``decode_kv_tokens``), the same for (a) and (b).
@@ -30,7 +33,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch._dynamo.utils import counters
@@ -104,6 +107,8 @@ def assemble(rows: List[dict], copy_tbps: Optional[float], kv_bytes_tok: int,
         if copy_tbps:
             r["D_floor_ms"] = decode_floor_ms(r["weight_bytes"], r["kv_tokens"], kv_bytes_tok, copy_tbps)
             r["D_over_floor"] = r["D_ms"] / r["D_floor_ms"]
+            if "D_gpu_ms" in r:
+                r["D_gpu_over_floor"] = r["D_gpu_ms"] / r["D_floor_ms"]
         out.append(r)
     base = {(r["visual_tokens"], r["precision"]): r for r in out if r["row"] == "b"}
     for r in out:
@@ -113,21 +118,82 @@ def assemble(rows: List[dict], copy_tbps: Optional[float], kv_bytes_tok: int,
     return out
 
 
+# Kernel-name fragments (lower case) per kind, first match wins: cuBLAS (nvjet / gemv / xmma / cutlass / split-K
+# reduce) and our W4A16 GEMV; attention (our append + decode kernels, SDPA's flash / mem-efficient kernels);
+# inductor's fused element-wise and reduction kernels (triton_poi / triton_red / triton_per); the rest.
+KERNEL_KINDS = (("linear", ("nvjet", "gemv", "gemm", "xmma", "cutlass", "splitkreduce", "w4a16", "gemv4")),
+                ("attention", ("decode", "append_kv", "flash", "fmha", "attention", "sdpa")),
+                ("fused (inductor)", ("triton_",)))
+
+
+def kernel_kind(name: str) -> str:
+    """``linear``, ``attention``, ``fused (inductor)`` or ``other`` for a CUDA kernel name (``KERNEL_KINDS``)."""
+    low = name.lower()
+    return next((kind for kind, parts in KERNEL_KINDS if any(p in low for p in parts)), "other")
+
+
+def step_kernels(short: Dict[str, Tuple[float, int]], long: Dict[str, Tuple[float, int]], steps: int) -> dict:
+    """Per decode step, from two profiled runs that differ by ``steps`` decode steps: ``{name: (us, calls)}`` of
+    each run (summed kernel durations and launches) -> GPU busy ms per step, launches per step, ms per kind, and
+    the 8 kernels costing most per step (us, calls)."""
+    diff = {n: (long[n][0] - short.get(n, (0.0, 0))[0], long[n][1] - short.get(n, (0.0, 0))[1]) for n in long}
+    per = {n: (us / steps, c / steps) for n, (us, c) in diff.items() if c > 0}
+    kinds: Dict[str, float] = {}
+    for n, (us, _) in per.items():
+        kinds[kernel_kind(n)] = kinds.get(kernel_kind(n), 0.0) + us / 1e3
+    top = sorted(per.items(), key=lambda kv: -kv[1][0])[:8]
+    return {"gpu_ms": sum(us for us, _ in per.values()) / 1e3, "launches": sum(c for _, c in per.values()),
+            "kinds_ms": dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
+            "top": [{"kernel": n[:120], "us": round(us, 2), "calls": round(c, 2)} for n, (us, c) in top]}
+
+
+def profile_kernels(fn: Callable[[], object]) -> Dict[str, Tuple[float, int]]:
+    """``{kernel name: (summed device us, launches)}`` of one ``fn()`` under ``torch.profiler`` (kernels inside
+    CUDA-graph replays included)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    out: Dict[str, Tuple[float, int]] = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA and not e.name.startswith(("Memcpy", "Memset")):
+            us, c = out.get(e.name, (0.0, 0))
+            out[e.name] = (us + e.time_range.elapsed_us(), c + 1)
+    return out
+
+
+class _StopAfter:
+    """A ``generate`` stopping criterion: stop once ``n`` tokens are generated (the static cache keeps the size
+    ``max_new_tokens`` gave it, so nothing recompiles). It counts from its first call, which follows the first
+    token: the ids it sees are the model's call's, shorter than the caller's prompt when sparsevila pruned it."""
+
+    def __init__(self, n: int):
+        self.n, self.first = n, None
+
+    def __call__(self, input_ids, scores, **kwargs):
+        self.first = input_ids.shape[1] if self.first is None else self.first
+        done = input_ids.shape[1] - self.first + 1 >= self.n
+        return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+
+
+def decode_step_profile(generate: Callable[..., object], short: int = 4, long: int = 20) -> dict:
+    """GPU time of one decode step as ``generate`` runs it (CUDA graph included): kernels of a run stopped after
+    ``long`` tokens minus one stopped after ``short``, per step (``step_kernels``)."""
+    from transformers import StoppingCriteriaList
+
+    runs = [profile_kernels(lambda n=n: generate(stopping_criteria=StoppingCriteriaList([_StopAfter(n)])))
+            for n in (short, long)]
+    return step_kernels(runs[0], runs[1], long - short)
+
+
 # -- the harness ----------------------------------------------------------------------------------------------
-def _reset_compiled(model) -> None:
-    """Forget what ``generate`` compiled and sized for the last row (compiled call, static cache length)."""
-    for attr in ("_compiled_call", "_last_compile_config", "_previous_max_cache_length"):
-        model.__dict__.pop(attr, None)
-    torch._dynamo.reset()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 def run_rows(model, inputs: dict, rows: Sequence[str], *, decode_steps: int, precision: str,
-             video: Dict[str, int]) -> List[dict]:
+             video: Dict[str, int], profile_steps: int = 0) -> List[dict]:
     """Measure E, P, D of each row on one input (``demo.stage_row``: warm-up ``generate``, then a timed one);
     returns raw rows. ``kept_visual`` is what the pruning kept (``state.last_kept``), all visual tokens when
-    nothing was pruned."""
+    nothing was pruned. ``profile_steps`` > 0 adds ``step``: the GPU time of one decode step from that many
+    profiled steps (``decode_step_profile``)."""
     prompt = inputs["input_ids"].shape[1]
     n_vis = int((inputs["input_ids"] == model.config.video_token_id).sum())
     weights = decode_weight_bytes(model)
@@ -143,11 +209,15 @@ def run_rows(model, inputs: dict, rows: Sequence[str], *, decode_steps: int, pre
             graphs.append(counters["stats"]["unique_graphs"])
             return model.generate(**inputs, **kw)
 
-        try:
-            r = stage_row(model, timer, generate, decode_steps, sp, cuda_graph=True)
-        finally:
-            _reset_compiled(model)
-        recompiled = counters["stats"]["unique_graphs"] - graphs[1]
+        def probe(kw=kw):
+            graphs.append(counters["stats"]["unique_graphs"])  # the timed run ends here
+            if not profile_steps:
+                return None
+            return decode_step_profile(lambda **more: model.generate(**inputs, **kw, **more),
+                                       long=min(decode_steps, 4 + profile_steps))
+
+        r = stage_row(model, timer, generate, decode_steps, sp, cuda_graph=True, probe=probe)
+        recompiled = graphs[2] - graphs[1]
         p, d = sp or (0.0, 0.0)
         row = {"input": f"{round(n_vis / 1024)}k" if n_vis >= 1024 else str(n_vis), "frames": video["frames"],
                "px": video["px"], "visual_tokens": n_vis, "precision": precision, "row": key, "setting": label,
@@ -155,13 +225,17 @@ def run_rows(model, inputs: dict, rows: Sequence[str], *, decode_steps: int, pre
                "kv_tokens": decode_kv_tokens(prompt, n_vis, p, d, decode_steps), "weight_bytes": weights,
                "E_ms": r["E_ms"], "P_ms": r["P_ms"], "D_ms": r["D_ms"], "generated": r["out"].shape[1] - prompt,
                "graphs_compiled_in_timed_run": recompiled}
+        if r["probe"] is not None:
+            row["D_gpu_ms"], row["step"] = r["probe"]["gpu_ms"], r["probe"]
         out.append(row)
         print(f"  {precision:6s} {row['input']:>5s} ({key}) {label:22s} E {row['E_ms']:9.1f} ms  P {row['P_ms']:9.1f} "
-              f"ms  D {row['D_ms']:7.3f} ms/token", flush=True)
+              f"ms  D {row['D_ms']:7.3f} ms/token" + (f" (GPU {row['D_gpu_ms']:.3f} ms, {row['step']['launches']:.0f} "
+                                                       f"launches)" if "D_gpu_ms" in row else ""), flush=True)
     return out
 
 
-def run(targets: Sequence[int], precisions: Sequence[str], rows: Sequence[str], decode_steps: int) -> tuple:
+def run(targets: Sequence[int], precisions: Sequence[str], rows: Sequence[str], decode_steps: int,
+        profile_steps: int = 0) -> tuple:
     """The full-size table on the GPU: returns (rows, copy bandwidth TB/s, KV bytes per token).
 
     One model serves every precision: ``w4a16`` quantizes its LLM linears in place and nothing restores them,
@@ -187,14 +261,15 @@ def run(targets: Sequence[int], precisions: Sequence[str], rows: Sequence[str], 
             inputs = video_inputs(model, video["frames"], video["h"], video["w"], QUESTION_TOKENS, dev, dtype)
             print(f"{precision}: video {video['frames']} frames of {video['px']}x{video['px']} px -> "
                   f"{video['visual_tokens']} visual tokens, prompt {inputs['input_ids'].shape[1]} tokens", flush=True)
-            raw += run_rows(model, inputs, rows, decode_steps=decode_steps, precision=precision, video=video)
+            raw += run_rows(model, inputs, rows, decode_steps=decode_steps, precision=precision, video=video,
+                            profile_steps=profile_steps)
             del inputs
             torch.cuda.empty_cache()
     return assemble(raw, copy_tbps, kv_tok), copy_tbps, kv_tok
 
 
 COLUMNS = ["input", "frames", "px", "precision", "row", "setting", "kept_visual", "kv_tokens", "E_ms", "P_ms",
-           "D_ms", "D_floor_ms", "D_over_floor", "E2E_s", "E_speedup", "P_speedup", "D_speedup", "E2E_speedup",
+           "D_ms", "D_floor_ms", "D_over_floor", "D_gpu_ms", "D_gpu_over_floor", "E2E_s", "E_speedup", "P_speedup", "D_speedup", "E2E_speedup",
            "graphs_compiled_in_timed_run"]
 
 
@@ -229,19 +304,23 @@ def main(argv=None) -> int:
     p.add_argument("--rows", nargs="+", choices=list(ROWS), default=None, help="default: all")
     p.add_argument("--decode-steps", type=int, default=None, help="timed decode tokens (default 256; quick 64)")
     p.add_argument("--name", default=None, help="result file name (default e2e, e2e_quick with --quick)")
+    p.add_argument("--profile-steps", type=int, default=16,
+                   help="decode steps profiled per row for D_gpu, the GPU time of one step (0: none)")
     a = p.parse_args(argv)
     for t in a.tokens or ():
         if t < 1:
             p.error(f"--tokens must be positive; got {t}")
     if a.decode_steps is not None and a.decode_steps < 2:
         p.error(f"--decode-steps must be >= 2 (D is timed after the first token); got {a.decode_steps}")
+    if a.profile_steps < 0:
+        p.error(f"--profile-steps must be >= 0; got {a.profile_steps}")
     if not require_gpu("bench.e2e"):
         return 0
     targets = a.tokens or ((16384,) if a.quick else TARGETS)
     rows = a.rows or (["a", "b", "c1"] if a.quick else list(ROWS))
     precisions = [x for x in PRECISIONS if x in (a.precision or PRECISIONS)]
     steps = a.decode_steps or (64 if a.quick else 256)
-    table, copy_tbps, _ = run(sorted(targets), precisions, rows, steps)
+    table, copy_tbps, _ = run(sorted(targets), precisions, rows, steps, a.profile_steps)
     cfg = QWEN25_VL_7B["text_config"]
     write_results(a.name or ("e2e_quick" if a.quick else "e2e"), table, COLUMNS, plot=plot_stacked(table),
                   title=f"Table 2: Qwen2.5-VL-7B ({cfg['num_hidden_layers']} layers, random weights), E2E = E + P + "

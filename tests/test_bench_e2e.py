@@ -139,3 +139,40 @@ def test_main_rejects_bad_flags(args, msg, capsys):
     with pytest.raises(SystemExit) as info:
         e2e.main(args)
     assert info.value.code == 2 and msg in capsys.readouterr().err
+
+
+def test_kernel_kinds_and_per_step_kernels():
+    assert [e2e.kernel_kind(n) for n in ("nvjet_tst_128x8_64x16_4x1_v_bz_TNT", "void gemv2T_kernel_val<...>",
+                                         "_w4a16_kernel", "_decode_split_kernel", "decode_cluster_kernel",
+                                         "_append_kv_kernel", "pytorch_flash::flash_fwd_splitkv_kernel",
+                                         "triton_red_fused_add_mean_mul_pow_rsqrt_0", "void at::native::elementwise")
+            ] == ["linear"] * 3 + ["attention"] * 4 + ["fused (inductor)", "other"]
+    short = {"nvjet_a": (100.0, 4), "_decode_split_kernel": (40.0, 4), "triton_poi_x": (8.0, 8)}
+    long = {"nvjet_a": (500.0, 20), "_decode_split_kernel": (200.0, 20), "triton_poi_x": (40.0, 40),
+            "gemv2T_kernel": (32.0, 16), "prefill_only": (7.0, 0)}
+    s = e2e.step_kernels(short, long, 16)
+    assert s["gpu_ms"] == pytest.approx((400 + 160 + 32 + 32) / 16 / 1e3)
+    assert s["launches"] == pytest.approx((16 + 16 + 32 + 16) / 16)
+    assert s["kinds_ms"] == pytest.approx({"linear": 0.027, "attention": 0.01, "fused (inductor)": 0.002})
+    assert [t["kernel"] for t in s["top"]] == ["nvjet_a", "_decode_split_kernel", "triton_poi_x", "gemv2T_kernel"]
+
+
+def test_decode_step_profile_stops_generate_after_each_length(tiny_model, monkeypatch):
+    """The two profiled runs stop after 4 and 6 tokens through the stopping criterion (same max_new_tokens, so
+    nothing is resized), and the row gets the per-step numbers."""
+    from sparsevila_ops.integrations import demo
+    lengths = []
+
+    def fake_profile(fn):
+        out = fn()
+        lengths.append(out.shape[1])
+        return {"k": (10.0 * out.shape[1], out.shape[1])}
+    monkeypatch.setattr(e2e, "profile_kernels", fake_profile)
+    video = e2e.video_for_tokens(36, side=12)
+    inputs = demo.video_inputs(tiny_model, video["frames"], video["h"], video["w"], 8, "cpu", torch.bfloat16)
+    prompt = inputs["input_ids"].shape[1]
+    rows = e2e.run_rows(tiny_model, inputs, ["a", "c1"], decode_steps=8, precision="bf16", video=video,
+                        profile_steps=2)
+    assert lengths == [prompt + 4, prompt + 6] * 2
+    assert all(r["D_gpu_ms"] == pytest.approx(0.01) and r["step"]["launches"] == 1 for r in rows)
+    assert e2e.assemble(rows, 1.0, 100)[1]["D_gpu_over_floor"] > 0

@@ -4,7 +4,8 @@ On a GPU the full Qwen2.5-VL-7B config (bf16), else a tiny config on the CPU. Fo
 sparsity it prints what was kept and the time of each stage, measured around ``generate`` with a device sync
 at three points: E (vision encoder, salience and pruning: until the LLM's first forward starts), P (the LLM
 prefill with relevance and select + pack: its first forward), D (ms per generated token after that,
-including ``generate``'s per-step host work; the decode step is a CUDA graph when ``--cuda-graph``).
+including ``generate``'s per-step host work). On CUDA the decode step is compiled into a CUDA graph, the stock
+row's with a ``StaticCache`` (``cache_implementation="static"``), unless ``--eager``.
 """
 from __future__ import annotations
 
@@ -92,14 +93,26 @@ class StageTimer:
         return out, {"E_ms": 1e3 * (e_end - start), "P_ms": 1e3 * (p_end - e_end), "end": end, "p_end": p_end}
 
 
+def reset_compiled(model) -> None:
+    """Forget what ``generate`` compiled and sized for the last row (compiled call, static cache length), so the
+    next row compiles for its own shapes."""
+    for attr in ("_compiled_call", "_last_compile_config", "_previous_max_cache_length"):
+        model.__dict__.pop(attr, None)
+    torch._dynamo.reset()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def stage_row(model, timer: StageTimer, generate: Callable[[], torch.Tensor], new_tokens: int,
-              sparsity: Optional[Tuple[float, float]] = None, *, cuda_graph: bool = False) -> dict:
-    """One measured row: ``enable(model, *sparsity)`` (None: stock transformers), a warm-up ``generate()`` (the
-    same shapes JIT-compile and graphs capture there), a timed one, ``disable`` (also on error).
+              sparsity: Optional[Tuple[float, float]] = None, *, cuda_graph: bool = True,
+              probe: Optional[Callable[[], object]] = None) -> dict:
+    """One measured row: ``enable(model, *sparsity, cuda_graph=cuda_graph)`` (None: stock transformers), a
+    warm-up ``generate()`` (the same shapes JIT-compile and graphs capture there), a timed one, ``probe()`` if
+    given (still enabled, after the timed run), ``disable`` and ``reset_compiled`` (also on error).
 
     Returns ``out`` (the timed call's output), ``E_ms``, ``P_ms``, ``D_ms`` (ms per generated token after the
-    first: ``new_tokens - 1`` steps) and ``kept`` (visual tokens kept by the last pruning; None when nothing was
-    pruned, e.g. the stock row).
+    first: ``new_tokens - 1`` steps), ``kept`` (visual tokens kept by the last pruning; None when nothing was
+    pruned, e.g. the stock row) and ``probe`` (what ``probe()`` returned, else None).
     """
     from . import qwen2_5_vl as sv
 
@@ -111,15 +124,18 @@ def stage_row(model, timer: StageTimer, generate: Callable[[], torch.Tensor], ne
             out, t = timer.run(generate)
         state = getattr(model, "_sparsevila", None)
         kept = int(state.last_kept.numel()) if state is not None and state.last_kept is not None else None
+        probed = probe() if probe is not None else None
     finally:
         if sparsity is not None:
             sv.disable(model)
+        reset_compiled(model)
     return {"out": out, "E_ms": t["E_ms"], "P_ms": t["P_ms"],
-            "D_ms": 1e3 * (t["end"] - t["p_end"]) / max(new_tokens - 1, 1), "kept": kept}
+            "D_ms": 1e3 * (t["end"] - t["p_end"]) / max(new_tokens - 1, 1), "kept": kept,
+            "probe": probed}
 
 
 def run(device: Optional[str] = None, frames: int = 32, h: int = 28, w: int = 28, question: int = 64,
-        new_tokens: int = 64, settings=((0.0, 0.0), (0.75, 0.95)), vanilla: bool = True, cuda_graph: bool = False,
+        new_tokens: int = 64, settings=((0.0, 0.0), (0.75, 0.95)), vanilla: bool = True, cuda_graph: bool = True,
         out_json: Optional[str] = None) -> list:
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     full = dev.type == "cuda"
@@ -137,7 +153,8 @@ def run(device: Optional[str] = None, frames: int = 32, h: int = 28, w: int = 28
     cases = ([("stock transformers (sdpa)", None)] if vanilla else []) + [(f"sparsevila ({p}, {d})", (p, d))
                                                                           for p, d in settings]
     for name, sp in cases:
-        r = stage_row(model, timer, lambda: model.generate(**inputs, **gen), new_tokens, sp, cuda_graph=cuda_graph)
+        kw = dict(gen, cache_implementation="static") if sp is None and cuda_graph else gen
+        r = stage_row(model, timer, lambda kw=kw: model.generate(**inputs, **kw), new_tokens, sp, cuda_graph=cuda_graph)
         kept = n_vis if r["kept"] is None else r["kept"]
         row = {"setting": name, "visual_tokens_kept": kept, "of": n_vis, "E_ms": round(r["E_ms"], 2),
                "P_ms": round(r["P_ms"], 2), "D_ms_per_token": round(r["D_ms"], 3), "generated": r["out"].shape[1] -
@@ -161,7 +178,7 @@ def main(argv=None) -> int:
     p.add_argument("--height", type=int, default=28, help="patches (14 px) per frame column")
     p.add_argument("--width", type=int, default=28, help="patches (14 px) per frame row")
     p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--cuda-graph", action="store_true", help="let generate capture the decode step")
+    p.add_argument("--eager", action="store_true", help="decode eagerly (default on CUDA: a CUDA-graph decode step)")
     p.add_argument("--no-vanilla", action="store_true", help="skip the stock-transformers row")
     p.add_argument("--json", default=None, help="write the rows here")
     a = p.parse_args(argv)
@@ -171,5 +188,5 @@ def main(argv=None) -> int:
         if val < 2 or val % 2:
             p.error(f"{flag} must be an even number >= 2; got {val}")
     run(a.device, a.frames, a.height, a.width, new_tokens=a.new_tokens, vanilla=not a.no_vanilla,
-        cuda_graph=a.cuda_graph, out_json=a.json)
+        cuda_graph=not a.eager, out_json=a.json)
     return 0

@@ -70,7 +70,7 @@ def _check_sparsity(name: str, x) -> float:
 
 
 def enable(model, prefill_sparsity: float = 0.75, decode_sparsity: float = 0.95, *,
-           salience_layer: Optional[int] = None, cuda_graph: bool = False):
+           salience_layer: Optional[int] = None, cuda_graph: bool = True):
     """Run ``model.generate`` through the SparseVILA pipeline; returns ``model``.
 
     Args:
@@ -82,7 +82,9 @@ def enable(model, prefill_sparsity: float = 0.75, decode_sparsity: float = 0.95,
         salience_layer: the full-attention vision block whose attention scores salience (default: the last of
             ``vision_config.fullatt_block_indexes``).
         cuda_graph: report the cache compileable, so that ``generate`` on CUDA compiles the decode step into a
-            CUDA graph. Opt-in until the 7B graph-captured decode is measured on the GPU (bench/NOTES.md).
+            CUDA graph (``torch.compile``, mode ``reduce-overhead``; the first ``generate`` of each cache size
+            compiles). False decodes eagerly, launch by launch: several times slower on a 7B model
+            (bench/NOTES.md). ``generate(..., disable_compile=True)`` turns it off for one call.
     """
     if not isinstance(model, hf.Qwen2_5_VLForConditionalGeneration):
         raise TypeError(f"model must be a transformers Qwen2_5_VLForConditionalGeneration; got "
