@@ -1,10 +1,13 @@
 """Figure 3a: query-agnostic salience (``visual_salience``) at SigLIP and QwenVL shapes, bf16.
 
-``python -m bench.figure3_salience [--quick] [--sweep]``. Per shape: naive torch (the fp32 chunked reference)
-vs Triton two passes (atomic and deterministic head reduction) vs Triton with ``lse`` given vs
-``flash_colreduce`` (when importable) vs one SDPA forward of the same shape (yardstick). The exp floor is
-``passes * H * sum_s n_s^2 / 3.9e12 exp/s``. ``--sweep`` times every config of each pass's declared space
-(``sparsevila_ops.autotune``; each pass alone, the column sums given an LSE) instead.
+``python -m bench.figure3_salience [--quick] [--sweep] [--poly-share]``. Per shape: naive torch (the fp32 chunked
+reference) vs Triton two passes (atomic and deterministic head reduction) vs Triton with ``lse`` given vs the cuda
+backend (``csrc/salience.cu``: two passes, lse given; when it can run here) vs ``flash_colreduce`` (when
+importable) vs one SDPA forward of the same shape (yardstick). The exp floor is
+``passes * H * sum_s n_s^2 / 3.9e12 exp/s``; ``Texp_per_s`` and ``TFLOP_s`` are the achieved exp2 rate and QK^T
+rate (``passes * 2 H sum_s n_s^2 D`` FLOP). ``--sweep`` times every config of each Triton pass's declared space
+(``sparsevila_ops.autotune``; each pass alone, the column sums given an LSE) instead. ``--poly-share`` adds one
+cuda row per polynomial share (``poly_every`` 0, 2, 4, 8: every k-th column pair's exp2 on the FMA pipe).
 """
 from __future__ import annotations
 
@@ -40,6 +43,10 @@ class Shape:
     @property
     def exps_per_pass(self) -> float:
         return float(self.H) * self.B * self.N * self.N
+
+    @property
+    def flops_per_pass(self) -> float:
+        return 2.0 * self.exps_per_pass * self.D
 
 
 SHAPES = [
@@ -85,7 +92,15 @@ def _inputs(sh: Shape, seed: int):
     return [torch.randn(T, sh.H, sh.D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3)]
 
 
-def bench_shape(sh: Shape, iters: int) -> List[Dict[str, object]]:
+def _cuda_usable() -> Optional[str]:
+    """None when the cuda backend can run visual_salience here, else why not (the rows then carry the note)."""
+    if "cuda" in sparsevila_ops.available_backends("visual_salience", "cuda"):
+        return None
+    from sparsevila_ops import _cuda
+    return _cuda.unusable(torch.device("cuda")) or "not available"
+
+
+def bench_shape(sh: Shape, iters: int, poly_share: bool = False) -> List[Dict[str, object]]:
     T, scale = sh.B * sh.N, sh.D ** -0.5
     cu = torch.arange(0, T + 1, sh.N, dtype=torch.int32, device="cuda")
     sets = [_inputs(sh, 100 + i) for i in range(N_INPUTS)]
@@ -104,6 +119,16 @@ def bench_shape(sh: Shape, iters: int) -> List[Dict[str, object]]:
         q, k, _ = sets[i]
         sparsevila_ops.visual_salience(q, k, cu, sh.N, out=out, lse=lses[i])
 
+    def cuda_call(i, lse_given, poly_every=None):
+        q, k, _ = sets[i]
+        if poly_every is None:  # the library's path: the backend's default config
+            with sparsevila_ops.use_backend("cuda"):
+                sparsevila_ops.visual_salience(q, k, cu, sh.N, out=out, lse=lses[i] if lse_given else None)
+        else:
+            from sparsevila_ops.cuda_salience import SALIENCE_CUDA
+            SALIENCE_CUDA.launch(q, k, cu, sh.N, scale, 0, lses[i] if lse_given else None, False, out,
+                                 {"poly_every": poly_every})
+
     def sdpa(i):
         q, k, v = (t.view(sh.B, sh.N, sh.H, sh.D).transpose(1, 2) for t in sets[i])
         F.scaled_dot_product_attention(q, k, v)
@@ -114,6 +139,17 @@ def bench_shape(sh: Shape, iters: int) -> List[Dict[str, object]]:
         ("triton 2 passes, deterministic", lambda i: two_pass(i, True), 2, None, sh.target_2pass_ms),
         ("triton lse given", lse_given, 1, None, sh.target_lse_ms),
     ]
+    cuda_why = _cuda_usable()
+    if cuda_why is None:
+        impls += [("cuda 2 passes", lambda i: cuda_call(i, False), 2, None, sh.target_2pass_ms),
+                  ("cuda lse given", lambda i: cuda_call(i, True), 1, None, sh.target_lse_ms)]
+        if poly_share:
+            from sparsevila_ops.cuda_salience import POLY_EVERY
+            for p in POLY_EVERY:
+                impls += [(f"cuda 2 passes, poly_every={p}", functools.partial(cuda_call, lse_given=False,
+                                                                              poly_every=p), 2, None, None),
+                          (f"cuda lse given, poly_every={p}", functools.partial(cuda_call, lse_given=True,
+                                                                               poly_every=p), 1, None, None)]
     fcr = _flash_colreduce()
     if fcr is not None:
         def colreduce(i):  # its [B, H, N] column sums, then the head sum and the 1/(H N) of the mean
@@ -133,10 +169,17 @@ def bench_shape(sh: Shape, iters: int) -> List[Dict[str, object]]:
     for name, fn, passes, anchor, target in impls:
         row: Dict[str, object] = {"shape": f"{sh.name} ({sh.B}x{sh.H}x{sh.N}x{sh.D})", "impl": name,
                                   "anchor_ms": anchor, "target_ms": target}
-        if name.startswith("triton") or name == "flash-colreduce":
+        if name.startswith(("triton", "cuda")) or name == "flash-colreduce":
             out.fill_(float("nan"))
             fn(0)
-            row["rel_err"] = verify(name, out, ref_lse if name == "triton lse given" else ref, BF16_TOL)
+            try:
+                row["rel_err"] = verify(name, out, ref_lse if "lse given" in name else ref, BF16_TOL)
+            except AssertionError as e:
+                if not name.startswith("cuda"):
+                    raise
+                row["note"] = str(e)  # the other rows are still measured
+                rows.append(row)
+                continue
         n_it = iters
         if name.startswith("naive"):
             t0 = time_cuda(fn, n_inputs=N_INPUTS, warmup=1, iters=1)["median_ms"]
@@ -151,6 +194,9 @@ def bench_shape(sh: Shape, iters: int) -> List[Dict[str, object]]:
         if passes:
             floor = passes * sh.exps_per_pass / EXP_PER_S * 1e3
             row["exp_floor_ms"], row["x_floor"] = floor, med / floor
+            if not name.startswith("SDPA"):
+                row["Texp_per_s"] = passes * sh.exps_per_pass / (med * 1e-3) / 1e12
+                row["TFLOP_s"] = passes * sh.flops_per_pass / (med * 1e-3) / 1e12
         if name.startswith("naive"):
             naive_median = med
         if naive_median:
@@ -161,6 +207,8 @@ def bench_shape(sh: Shape, iters: int) -> List[Dict[str, object]]:
     if fcr is None:
         rows.append({"shape": rows[0]["shape"], "impl": "flash-colreduce", "anchor_ms": sh.colreduce_ms,
                      "note": "absent (pip flash-colreduce not installed on this machine)"})
+    if cuda_why is not None:
+        rows.append({"shape": rows[0]["shape"], "impl": "cuda", "note": f"cuda backend unavailable: {cuda_why}"})
     del sets, lses
     torch.cuda.empty_cache()
     return rows
@@ -222,6 +270,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="SigLIP 64 frames, QwenVL 4k and the window layer only")
     p.add_argument("--sweep", action="store_true", help="time kernel configurations instead of the figure")
+    p.add_argument("--poly-share", action="store_true",
+                   help="also time the cuda backend at every polynomial share (poly_every 0, 2, 4, 8)")
     p.add_argument("--iters", type=int, default=30)
     a = p.parse_args(argv)
     if not require_gpu("bench.figure3_salience"):
@@ -232,10 +282,10 @@ def main(argv=None) -> int:
         return 0
     rows = []
     for sh in shapes:
-        rows += bench_shape(sh, a.iters)
+        rows += bench_shape(sh, a.iters, a.poly_share)
         print(f"done {sh.name}", flush=True)
     cols = ["shape", "impl", "median_ms", "p20_ms", "p80_ms", "peak_extra_MB", "exp_floor_ms", "x_floor",
-            "speedup_vs_naive", "anchor_ms", "target_ms", "target/time", "rel_err", "note"]
+            "Texp_per_s", "TFLOP_s", "speedup_vs_naive", "anchor_ms", "target_ms", "target/time", "rel_err", "note"]
     write_results("figure3_salience", rows, cols, plot=_plot(rows),
                   title="Figure 3a: visual_salience (bf16, per layer)")
     return 0

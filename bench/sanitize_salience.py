@@ -1,0 +1,80 @@
+"""One small launch of every CUDA salience kernel, for compute-sanitizer.
+
+    compute-sanitizer --tool memcheck python -m bench.sanitize_salience
+    compute-sanitizer --tool racecheck python -m bench.sanitize_salience
+    compute-sanitizer --tool synccheck python -m bench.sanitize_salience
+
+Every instantiation of ``csrc/salience.cu`` (bf16/fp16 x D 64/72/80/128 x poly_every 0/2/4/8, LSE pass and
+column-sum pass) runs once on varlen segments with an empty one, a length-1 one, partial tiles and several key
+blocks (lengths 1, 0, 97, 200), q/k as views whose padding columns and extra rows are NaN; then the column sums
+given an LSE, summary rows, and the head sum. Each result is checked against the torch reference (finite, relative
+error within the bf16/fp16 tolerance), so a run that the sanitizer passes also computed the right thing. Exits 1 on
+a wrong result, 0 otherwise (the sanitizer's own report is its output).
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from bench.common import require_gpu
+from sparsevila_ops import reference
+from sparsevila_ops.testing import REL_TOL, rel_err
+
+LENGTHS = [1, 0, 97, 200]
+H = 2
+
+
+def _views(T: int, D: int, dtype: torch.dtype, seed: int):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    out = []
+    for _ in range(2):
+        store = torch.full((T + 8, H, D + 8), float("nan"), dtype=dtype, device="cuda")
+        store[:T, :, :D] = torch.randn(T, H, D, generator=g, device="cuda").to(dtype)
+        out.append(store[:T, :, :D])
+    return out
+
+
+def main() -> int:
+    if not require_gpu("bench.sanitize_salience"):
+        return 0
+    from sparsevila_ops.cuda_salience import HEAD_DIMS, POLY_EVERY, SALIENCE_CUDA
+    cu = torch.tensor([0, 1, 1, 98, 298], dtype=torch.int32, device="cuda")
+    T, n = 298, max(LENGTHS)
+    failures = []
+
+    def check(what, got, ref, dtype):
+        torch.cuda.synchronize()
+        err = rel_err(got, ref)
+        status = "ok" if err <= REL_TOL[dtype] else "WRONG"
+        print(f"{status:5s} {what}: rel err {err:.2e}", flush=True)
+        if status != "ok":
+            failures.append(what)
+
+    for dtype in (torch.bfloat16, torch.float16):
+        for D in HEAD_DIMS:
+            q, k = _views(T, D, dtype, seed=D)
+            scale = D ** -0.5
+            ref_h = torch.empty(H, T, device="cuda")
+            reference.visual_salience(q, k, cu, n, scale, 0, None, False, ref_h)
+            for p in POLY_EVERY:  # LSE pass + column sums into [H, T]
+                out = torch.full((H, T), float("nan"), device="cuda")
+                SALIENCE_CUDA.launch(q, k, cu, n, scale, 0, None, False, out, {"poly_every": p})
+                check(f"{dtype} D={D} poly_every={p} two passes", out, ref_h, dtype)
+    # The column sums from a given natural-log LSE (strided rows), summary rows, and the head sum.
+    dtype, D = torch.bfloat16, 80
+    q, k = _views(T, D, dtype, seed=1)
+    scale = D ** -0.5
+    lse = torch.full((H, T + 3), float("nan"), device="cuda")[:, :T]
+    lse.copy_(reference.segment_lse(q, k, cu, scale))
+    for c, given in ((0, lse), (3, None), (1, lse)):
+        out, ref = torch.full((T,), float("nan"), device="cuda"), torch.empty(T, device="cuda")
+        SALIENCE_CUDA.launch(q, k, cu, n, scale, c, given, True, out, {"poly_every": 4})
+        reference.visual_salience(q, k, cu, n, scale, c, given, True, ref)
+        check(f"heads reduced, num_summary={c}, lse given={given is not None}", out, ref, dtype)
+    print("all results right" if not failures else f"WRONG: {failures}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
