@@ -70,10 +70,44 @@ BENCH = (_salience(16, 72, [(729, 64), (729, 256)]) + _salience(16, 80, [(4096, 
          + [("w4a16_linear", {"M": m, "N": n, "K": k})  # bench/gemv4.py: one Qwen2.5-7B layer, fused qkv / gate_up
             for n, k in ((4608, 3584), (3584, 3584), (37888, 3584), (3584, 18944)) for m in range(1, 9)])
 
+
+
+def _keep(n: int, sparsity: float) -> int:
+    return n if sparsity == 0 else max(1, round((1.0 - sparsity) * n))
+
+
+def _qwen2_5_vl_e2e(visual=(16384, 131072), text: int = 78, steps: int = 256) -> List[Shape]:
+    """What bench/e2e.py runs on Qwen2.5-VL-7B: videos of 32 x 32 patches per frame (frames = visual / 128),
+    ``text`` prompt tokens beside the video, rows at sparsities (0, 0), (0.75, 0.95), (0.70, 0.85), (0.90, 0):
+    the vision tower's window (64 tokens) and full (1024 per 2 frames) attention and salience, the LLM's prefill,
+    relevance of the 64-token question, select + pack, decode over full and packed caches, append; its W4A16
+    linears (q, k / v, o, gate / up, down) at batch 1."""
+    out: List[Shape] = []
+    llm = {"Hq": 28, "Hk": 4, "D": 128}
+    vis = {"Hq": 16, "Hk": 16, "D": 80, "causal": False}
+    for v in visual:
+        groups = v // 256  # 2-frame groups of 32 x 32 patches
+        out += [("prefill_attention", {**vis, "n": 64, "segs": 16 * groups}),
+                ("prefill_attention", {**vis, "n": 1024, "segs": groups})]
+        out += _salience(16, 80, [(1024, groups)])
+        for ps, ds in ((0.0, 0.0), (0.75, 0.95), (0.70, 0.85), (0.90, 0.0)):
+            n = _keep(v, ps) + text
+            out += [("prefill_attention", {**llm, "n": n}), ("kv_relevance", {**llm, "rows": 64, "n": n}),
+                    ("append_kv", {"Hk": 4, "D": 128, "cap": n + steps})]
+            if ds:
+                out += [("select_kv", {"L": 28, "Hk": 4, "n": n}),
+                        ("pack_kv", {"L": 28, "Hk": 4, "n": n, "keep": 1.0 - ds})]
+            out += [("decode_attention", {**llm, "n": _keep(_keep(v, ps), ds) + text + steps // 2})]
+    nk = ((3584, 3584), (512, 3584), (18944, 3584), (3584, 18944))
+    return out + [("w4a16_linear", {"M": 1, "N": n, "K": k}) for n, k in nk]
+
+
+QWEN2_5_VL_E2E = _qwen2_5_vl_e2e()
 PRESETS: Dict[str, List[Shape]] = {
     "bench": BENCH, "siglip": SIGLIP, "qwen2_5_vl": QWEN2_5_VL_VISION + QWEN2, "qwen2": QWEN2, "llama2": LLAMA2,
+    "qwen2_5_vl_e2e": QWEN2_5_VL_E2E,
 }
-PRESETS["all"] = [s for name in ("bench", "siglip", "qwen2_5_vl", "llama2") for s in PRESETS[name]]
+PRESETS["all"] = [s for name in ("bench", "siglip", "qwen2_5_vl", "llama2", "qwen2_5_vl_e2e") for s in PRESETS[name]]
 
 
 def load(spec: str) -> List[Shape]:

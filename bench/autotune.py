@@ -91,7 +91,8 @@ def lookup_us(tunable, args, calls: int = 20000) -> float:
     return (time.perf_counter() - t0) / calls * 1e6
 
 
-def run(ops, quick: bool):
+def run(ops, quick: bool, done=None):
+    """Rows and per-op summaries; ``done(rows, summary)`` gets both so far after each op."""
     from sparsevila_ops import autotune
     rows, summary = [], []
     kernels = [(op, b) for op, b in autotune.KERNELS if op in ops]
@@ -131,6 +132,8 @@ def run(ops, quick: bool):
                         "geomean_unswept": _gmean([r["speedup"] for r in op_rows if not r["swept"]]),
                         "worst": min(speedups), "tune_s": tune_s, "lookup_us": lookup})
         print(summary[-1], flush=True)
+        if done is not None:
+            done(rows, summary)
     return rows, summary
 
 
@@ -145,11 +148,12 @@ def main(argv=None) -> int:
     from sparsevila_ops import autotune
     os.environ["SPARSEVILA_AUTOTUNE_CACHE"] = a.cache or os.path.join(tempfile.mkdtemp(), "autotune.json")
     autotune.reset()
-    rows, summary = run(a.op or sorted(GRID), a.quick)
-    write_results("autotune", rows, ["op", "shape", "swept", "default_us", "tuned_us", "speedup", "tune_s", "config"],
-                  title="autotune: tuned vs default per shape")
-    write_results("autotune_summary", summary, ["op", "shapes", "geomean", "geomean_unswept", "worst", "tune_s",
-                                                "lookup_us"], title="autotune: per op")
+    def write(rows, summary):
+        write_results("autotune", rows, ["op", "shape", "swept", "default_us", "tuned_us", "speedup", "tune_s",
+                                         "config"], title="autotune: tuned vs default per shape")
+        write_results("autotune_summary", summary, ["op", "shapes", "geomean", "geomean_unswept", "worst", "tune_s",
+                                                    "lookup_us"], title="autotune: per op")
+    run(a.op or sorted(GRID), a.quick, done=write)
     return 0
 
 

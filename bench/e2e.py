@@ -235,8 +235,9 @@ def run_rows(model, inputs: dict, rows: Sequence[str], *, decode_steps: int, pre
 
 
 def run(targets: Sequence[int], precisions: Sequence[str], rows: Sequence[str], decode_steps: int,
-        profile_steps: int = 0) -> tuple:
-    """The full-size table on the GPU: returns (rows, copy bandwidth TB/s, KV bytes per token).
+        profile_steps: int = 0, done: Optional[Callable[[List[dict], float], None]] = None) -> tuple:
+    """The full-size table on the GPU: returns (rows, copy bandwidth TB/s, KV bytes per token). ``done(table,
+    copy TB/s)`` gets the table so far after each input (so a run cut short keeps what it measured).
 
     One model serves every precision: ``w4a16`` quantizes its LLM linears in place and nothing restores them,
     so ``precisions`` must list bf16 before w4a16 (``PRECISIONS`` order, each once; ``ValueError`` otherwise).
@@ -265,6 +266,8 @@ def run(targets: Sequence[int], precisions: Sequence[str], rows: Sequence[str], 
                             profile_steps=profile_steps)
             del inputs
             torch.cuda.empty_cache()
+            if done is not None:
+                done(assemble(raw, copy_tbps, kv_tok), copy_tbps)
     return assemble(raw, copy_tbps, kv_tok), copy_tbps, kv_tok
 
 
@@ -320,11 +323,13 @@ def main(argv=None) -> int:
     rows = a.rows or (["a", "b", "c1"] if a.quick else list(ROWS))
     precisions = [x for x in PRECISIONS if x in (a.precision or PRECISIONS)]
     steps = a.decode_steps or (64 if a.quick else 256)
-    table, copy_tbps, _ = run(sorted(targets), precisions, rows, steps, a.profile_steps)
     cfg = QWEN25_VL_7B["text_config"]
-    write_results(a.name or ("e2e_quick" if a.quick else "e2e"), table, COLUMNS, plot=plot_stacked(table),
-                  title=f"Table 2: Qwen2.5-VL-7B ({cfg['num_hidden_layers']} layers, random weights), E2E = E + P + "
-                        f"{ANSWER_TOKENS} D from {steps} timed decode steps, copy {copy_tbps:.2f} TB/s")
+
+    def write(table, copy_tbps):
+        write_results(a.name or ("e2e_quick" if a.quick else "e2e"), table, COLUMNS, plot=plot_stacked(table),
+                      title=f"Table 2: Qwen2.5-VL-7B ({cfg['num_hidden_layers']} layers, random weights), E2E = E + "
+                            f"P + {ANSWER_TOKENS} D from {steps} timed decode steps, copy {copy_tbps:.2f} TB/s")
+    run(sorted(targets), precisions, rows, steps, a.profile_steps, done=write)
     return 0
 
 
