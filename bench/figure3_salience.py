@@ -119,14 +119,14 @@ def bench_shape(sh: Shape, iters: int, poly_share: bool = False) -> List[Dict[st
         q, k, _ = sets[i]
         sparsevila_ops.visual_salience(q, k, cu, sh.N, out=out, lse=lses[i])
 
-    def cuda_call(i, lse_given, poly_every=None):
+    def cuda_call(i, given, poly_every=None):  # given: with the LSE (one pass)
         q, k, _ = sets[i]
         if poly_every is None:  # the library's path: the backend's default config
             with sparsevila_ops.use_backend("cuda"):
-                sparsevila_ops.visual_salience(q, k, cu, sh.N, out=out, lse=lses[i] if lse_given else None)
+                sparsevila_ops.visual_salience(q, k, cu, sh.N, out=out, lse=lses[i] if given else None)
         else:
             from sparsevila_ops.cuda_salience import SALIENCE_CUDA
-            SALIENCE_CUDA.launch(q, k, cu, sh.N, scale, 0, lses[i] if lse_given else None, False, out,
+            SALIENCE_CUDA.launch(q, k, cu, sh.N, scale, 0, lses[i] if given else None, False, out,
                                  {"poly_every": poly_every})
 
     def sdpa(i):
@@ -146,9 +146,9 @@ def bench_shape(sh: Shape, iters: int, poly_share: bool = False) -> List[Dict[st
         if poly_share:
             from sparsevila_ops.cuda_salience import POLY_EVERY
             for p in POLY_EVERY:
-                impls += [(f"cuda 2 passes, poly_every={p}", functools.partial(cuda_call, lse_given=False,
+                impls += [(f"cuda 2 passes, poly_every={p}", functools.partial(cuda_call, given=False,
                                                                               poly_every=p), 2, None, None),
-                          (f"cuda lse given, poly_every={p}", functools.partial(cuda_call, lse_given=True,
+                          (f"cuda lse given, poly_every={p}", functools.partial(cuda_call, given=True,
                                                                                poly_every=p), 1, None, None)]
     fcr = _flash_colreduce()
     if fcr is not None:

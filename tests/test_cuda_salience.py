@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import sparsevila_ops as so
-from sparsevila_ops import _backend, _cuda
+from sparsevila_ops import _backend
 
 from helpers import REL_TOL, assert_rel, poison
 
