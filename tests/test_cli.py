@@ -25,13 +25,17 @@ def broken_cuda_backend():
     def wrong_select(scores, vs, ve, keep, indices):
         reference.select_kv(-scores, vs, ve, keep, indices)  # lowest instead of highest
 
+    before = {op: _backend._REGISTRY[op].get("cuda") for op in ("visual_salience", "select_kv")}
     _backend.register("visual_salience", "cuda", wrong_salience)
     _backend.register("select_kv", "cuda", wrong_select)
     yield
-    for op in ("visual_salience", "select_kv"):
-        _backend._REGISTRY[op].pop("cuda")
-        for key in [k for k in _backend._RESOLVED if k[:2] == (op, "cuda")]:
-            del _backend._RESOLVED[key]
+    for op, target in before.items():  # put back what was registered (visual_salience has a real cuda backend)
+        if target is None:
+            _backend._REGISTRY[op].pop("cuda")
+            for key in [k for k in _backend._RESOLVED if k[:2] == (op, "cuda")]:
+                del _backend._RESOLVED[key]
+        else:
+            _backend.register(op, "cuda", target)
 
 
 @pytest.mark.parametrize("op", ["visual_salience", "select_kv"])
