@@ -59,6 +59,10 @@ if [ "$what" = tests ] || [ "$what" = all ]; then
     return $rc
   }
   step fuzz fuzz_all
+  # compute-sanitizer on one launch of every csrc/salience.cu instantiation (checked against the reference too)
+  for tool in memcheck racecheck synccheck; do
+    step "sanitize-$tool" compute-sanitizer --tool "$tool" --error-exitcode 3 python -m bench.sanitize_salience
+  done
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
   q=(); [ "$quick" = --quick ] && q=(--quick)
@@ -67,8 +71,10 @@ if [ "$what" = bench ] || [ "$what" = all ]; then
   step decode python -m bench.decode "${q[@]}"
   step demo python -m sparsevila_ops demo --json "$SPARSEVILA_BENCH_DIR/demo.json"
   step qwen2_5_vl python -m sparsevila_ops demo --model qwen2_5_vl --json "$SPARSEVILA_BENCH_DIR/qwen2_5_vl_demo.json"
+  step qwen2_5_vl_graph_check python -m bench.integration_graph_check --dtype bfloat16
   step gemv4 python -m bench.gemv4 "${q[@]}"
   step e2e python -m bench.e2e "${q[@]}"
+  step autotune python -m bench.autotune "${q[@]}"
 fi
 tar -czf "$out/results.tgz" -C "$(dirname "$SPARSEVILA_BENCH_DIR")" "$(basename "$SPARSEVILA_BENCH_DIR")" 2>/dev/null
 echo; echo "==== summary ($what) ===="; cat "$SPARSEVILA_BENCH_DIR/summary.txt"
