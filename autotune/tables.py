@@ -13,8 +13,10 @@ The user cache is ``$SPARSEVILA_AUTOTUNE_CACHE``, else ``autotune.json`` in ``$S
 ``~/.cache/sparsevila_ops``): ``{"format": 1, "tables": {"<gpu name>": <table>}}``, written by ``tune``.
 Shipped tables are ``autotune/configs/<gpu slug>.json`` (package data), one table each, written by ``export``.
 
-A table is used only if its meta equals this process's (package, torch and triton versions, GPU name), a
-kernel's entries only if their source hash equals the kernel's; anything else is ignored with one log line.
+The user cache is used only if its meta equals this process's (package, torch and triton versions, GPU name); a
+shipped table only if its GPU name and Triton version do (what decides the code a config compiles to: shipped
+tables are tuned with the torch of the GPU machine, not the user's); a kernel's entries only if their source hash
+equals the kernel's. Anything else is ignored with one log line.
 
 Lookup (:func:`resolve`): user cache, then shipped table, then the kernel's default; the files are read once per
 process. With ``SPARSEVILA_AUTOTUNE=1`` a key found in neither table is tuned and stored in the user cache,
@@ -35,6 +37,7 @@ from .tunable import Tunable, forget_lookups
 
 FORMAT = 1
 META_FIELDS = ("sparsevila_ops", "torch", "triton", "gpu")
+SHIPPED_META_FIELDS = ("triton", "gpu")
 SHIPPED_DIR = Path(__file__).resolve().parent / "configs"
 USER, SHIPPED, DEFAULT = "user cache", "shipped table", "default"
 
@@ -81,12 +84,12 @@ def _note_once(message: str) -> None:
         log.warning(message)
 
 
-def _mismatch(table: dict, gpu: str) -> Optional[str]:
-    """Why ``table`` cannot be used for ``gpu`` here (None: it can)."""
+def _mismatch(table: dict, gpu: str, fields=META_FIELDS) -> Optional[str]:
+    """Why ``table`` cannot be used for ``gpu`` here (None: it can), comparing the meta ``fields``."""
     if table.get("format") != FORMAT:
         return f"format {table.get('format')!r}, this reads {FORMAT}"
     meta, ours = table.get("meta", {}), current_meta(gpu)
-    for field in META_FIELDS:
+    for field in fields:
         if meta.get(field) != ours[field]:
             return f"tuned with {field} {meta.get(field)!r}, this is {ours[field]!r}"
     return None
@@ -121,7 +124,7 @@ def _shipped_table(gpu: str) -> Optional[dict]:
     if gpu not in _shipped:
         path = shipped_path(gpu)
         table = _read(path)
-        why = table and _mismatch(table, gpu)
+        why = table and _mismatch(table, gpu, SHIPPED_META_FIELDS)
         if why:
             _note_once(f"autotune: ignoring {path}: {why}")
         _shipped[gpu] = None if why else table

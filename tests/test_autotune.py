@@ -209,6 +209,22 @@ def test_stale_table_is_ignored_with_one_log_line(fake, field, caplog):
     assert len(caplog.records) == 1 and f"tuned with {field} 'other'" in caplog.records[0].getMessage()
 
 
+@pytest.mark.parametrize("field,used", [("sparsevila_ops", True), ("torch", True), ("triton", False),
+                                         ("gpu", False)], ids=["package", "torch", "triton", "gpu_name"])
+def test_shipped_table_needs_only_the_same_gpu_and_triton(fake, field, used, caplog):
+    x, out = _args()
+    tuner.tune(fake.tunable, (x, out), timer=fake.timer(COST), limits=None)
+    shipped = tables.export("cpu")
+    table = json.loads(shipped.read_text())
+    table["meta"][field] = "other"
+    shipped.write_text(json.dumps(table))
+    tables.clear()
+    with caplog.at_level(logging.WARNING, logger="sparsevila_ops.autotune"):
+        where = tables.lookup(fake.tunable, fake.key(x, out))[1]
+    assert where == (tables.SHIPPED if used else tables.DEFAULT)
+    assert used or f"tuned with {field} 'other'" in caplog.records[0].getMessage()
+
+
 def test_entries_of_a_changed_kernel_source_are_ignored_with_one_log_line(fake, tmp_path, caplog):
     x, out = _args()
     tuner.tune(fake.tunable, (x, out), timer=fake.timer(COST), limits=None)
