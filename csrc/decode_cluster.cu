@@ -31,6 +31,7 @@
 
 #include <type_traits>
 
+#include "launch_once.cuh"
 #include "sparsevila_cuda.h"
 
 namespace cg = cooperative_groups;
@@ -487,14 +488,12 @@ template <typename T, int D, int W, int NT>
 cudaError_t launch(const Args& a, int batch, int pdl, cudaStream_t stream) {
   using L = Layout<D, W>;
   auto kernel = decode_cluster_kernel<T, D, W, NT>;
-  static bool configured = false;  // per instantiation; the attributes are process-wide
-  if (!configured) {
-    cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, L::kSmemBytes);
-    if (e != cudaSuccess) return e;
-    e = cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
-    if (e != cudaSuccess) return e;
-    configured = true;
-  }
+  static std::atomic<uint64_t> configured{0};  // per instantiation: the devices it was configured on
+  const cudaError_t set = sparsevila::once_per_device(configured, [&] {
+    const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, L::kSmemBytes);
+    return e != cudaSuccess ? e : cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
+  });
+  if (set != cudaSuccess) return set;
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(a.num_chunks, batch * a.hk, 1);
   cfg.blockDim = dim3(L::kThreads, 1, 1);

@@ -39,6 +39,7 @@
 
 #include <type_traits>
 
+#include "launch_once.cuh"
 #include "sparsevila_cuda.h"
 
 namespace {
@@ -386,12 +387,11 @@ template <typename T, int D, int kPass, int kPolyEvery>
 cudaError_t launch(const Args& a, int num_segments, int heads, cudaStream_t stream) {
   using S = Shape<D>;
   auto kernel = salience_kernel<T, D, kPass, kPolyEvery>;
-  static bool configured = false;  // per instantiation; the attribute is process-wide (a race sets it twice)
-  if (!configured) {
-    const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, S::kSmemBytes);
-    if (e != cudaSuccess) return e;
-    configured = true;
-  }
+  static std::atomic<uint64_t> configured{0};  // per instantiation: the devices it was configured on
+  const cudaError_t e = sparsevila::once_per_device(configured, [&] {
+    return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, S::kSmemBytes);
+  });
+  if (e != cudaSuccess) return e;
   const int64_t gx = static_cast<int64_t>(a.nblk) * num_segments;
   if (gx <= 0 || gx > 0x7fffffff || heads <= 0 || heads > 65535) return cudaErrorInvalidValue;
   kernel<<<dim3(static_cast<unsigned>(gx), heads, 1), kThreads, S::kSmemBytes, stream>>>(a);

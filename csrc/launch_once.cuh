@@ -1,0 +1,26 @@
+// Kernel attributes (the dynamic shared-memory opt-in, non-portable cluster sizes) belong to a kernel on one
+// device: set them on the first launch of each (kernel, device) pair, from any thread.
+#pragma once
+
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include <atomic>
+
+namespace sparsevila {
+
+// Runs ``configure()`` unless ``done`` records the current device (a bit per device index < 64; others always
+// configure). Two threads racing both configure, which is harmless.
+template <typename F>
+cudaError_t once_per_device(std::atomic<uint64_t>& done, F&& configure) {
+  int dev = 0;
+  cudaError_t e = cudaGetDevice(&dev);
+  if (e != cudaSuccess) return e;
+  const uint64_t bit = dev < 64 ? (uint64_t{1} << dev) : 0;
+  if (bit != 0 && (done.load(std::memory_order_acquire) & bit) != 0) return cudaSuccess;
+  e = configure();
+  if (e == cudaSuccess && bit != 0) done.fetch_or(bit, std::memory_order_release);
+  return e;
+}
+
+}  // namespace sparsevila
