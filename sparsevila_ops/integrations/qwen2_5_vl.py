@@ -70,7 +70,7 @@ def _check_sparsity(name: str, x) -> float:
 
 
 def enable(model, prefill_sparsity: float = 0.75, decode_sparsity: float = 0.95, *,
-           salience_layer: Optional[int] = None, cuda_graph: bool = True):
+           salience_layer: Optional[int] = None, cuda_graph: bool = False):
     """Run ``model.generate`` through the SparseVILA pipeline; returns ``model``.
 
     Args:
@@ -83,8 +83,10 @@ def enable(model, prefill_sparsity: float = 0.75, decode_sparsity: float = 0.95,
             ``vision_config.fullatt_block_indexes``).
         cuda_graph: report the cache compileable, so that ``generate`` on CUDA compiles the decode step into a
             CUDA graph (``torch.compile``, mode ``reduce-overhead``; the first ``generate`` of each cache size
-            compiles). False decodes eagerly, launch by launch: several times slower on a 7B model
-            (bench/NOTES.md). ``generate(..., disable_compile=True)`` turns it off for one call.
+            compiles): 4-5x faster decode on a 7B model than eager (bench/NOTES.md). Opt-in because, on the
+            H200 with the 7B model at sparsities (0.75, 0.95), GPU memory grew by ~60 GB per 128-token
+            ``generate`` until the third call ran out of memory (not seen at (0, 0); cause not yet found).
+            ``generate(..., disable_compile=True)`` turns it off for one call.
     """
     if not isinstance(model, hf.Qwen2_5_VLForConditionalGeneration):
         raise TypeError(f"model must be a transformers Qwen2_5_VLForConditionalGeneration; got "
