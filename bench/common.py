@@ -138,15 +138,21 @@ def env_meta() -> Dict[str, object]:
         meta["triton"] = importlib.import_module("triton").__version__
     except ImportError:
         meta["triton"] = None
-    commit = os.environ.get("GIT_COMMIT")
-    if not commit:
-        try:
-            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                    cwd=Path(__file__).parent, timeout=10).stdout.strip() or None
-        except (OSError, subprocess.SubprocessError):
-            commit = None
-    meta["commit"] = commit
+    meta["commit"] = os.environ.get("GIT_COMMIT") or git_commit()
     return meta
+
+
+def git_commit() -> Optional[str]:
+    """``git rev-parse --short HEAD``, with ``+dirty`` when tracked files differ from it (a copied working tree
+    whose ``.git`` is older than its files reads as dirty, not as the old commit); None without git."""
+    def git(*args):
+        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=Path(__file__).parent,
+                              timeout=20).stdout.strip()
+    try:
+        head = git("rev-parse", "--short", "HEAD")
+        return (head + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")) or None
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def gpu_slug(meta: Dict[str, object]) -> str:

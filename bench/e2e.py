@@ -19,9 +19,10 @@ bf16; latency does not depend on weight values), the inputs ``demo.video_inputs`
   (0.75, 0.95), (0.70, 0.85) and (0.90, 0). Every row in bf16 and with the LLM's linear layers in 4-bit
   (``quantize_model_linears``, group 128; the vision tower and lm_head stay bf16). Speedups are over row (b) of
   the same input and precision;
-- D_gpu: the GPU time of one decode step as ``generate`` runs it, from ``torch.profiler`` (kernels of a run of
-  20 tokens minus one of 4, per step), with launches per step and ms per kernel kind (``step`` in the JSON):
-  D - D_gpu is host time the GPU waits for (``generate``'s per-step Python and its per-step sync);
+- D_gpu: the GPU time of one decode step as ``generate`` runs it, from ``torch.profiler`` (busy time, the union
+  of kernel intervals, of a run of 20 tokens minus one of 4, per step), with launches per step and summed ms per
+  kernel kind (``step`` in the JSON): D - D_gpu is host time the GPU waits for (``generate``'s per-step Python
+  and its per-step sync);
 - beside D its byte floor: (weight bytes read per token + KV bytes read per step) / device copy bandwidth
   measured in the same run (``decode_floor_ms``), and D / floor. KV read per step = the valid entries a decode
   step must read (``decode_kv_tokens``), the same for (a) and (b).
@@ -132,35 +133,54 @@ def kernel_kind(name: str) -> str:
     return next((kind for kind, parts in KERNEL_KINDS if any(p in low for p in parts)), "other")
 
 
-def step_kernels(short: Dict[str, Tuple[float, int]], long: Dict[str, Tuple[float, int]], steps: int) -> dict:
-    """Per decode step, from two profiled runs that differ by ``steps`` decode steps: ``{name: (us, calls)}`` of
-    each run (summed kernel durations and launches) -> GPU busy ms per step, launches per step, ms per kind, and
-    the 8 kernels costing most per step (us, calls)."""
-    diff = {n: (long[n][0] - short.get(n, (0.0, 0))[0], long[n][1] - short.get(n, (0.0, 0))[1]) for n in long}
+Profile = Tuple[Dict[str, Tuple[float, int]], float]  # ({kernel: (summed us, launches)}, busy us)
+
+
+def busy_us(intervals: Sequence[Tuple[float, float]]) -> float:
+    """Length of the union of ``(start, end)`` intervals: GPU time with at least one kernel running. Kernels
+    overlap under programmatic dependent launch (the next one starts and waits in ``griddepcontrol.wait``), so
+    summed durations overcount."""
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(intervals):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total
+
+
+def step_kernels(short: Profile, long: Profile, steps: int) -> dict:
+    """Per decode step, from two profiled runs that differ by ``steps`` decode steps (``profile_kernels``): GPU
+    busy ms (the union of kernel intervals), the summed kernel ms (PDL waits counted twice), launches, summed ms
+    per kernel kind, and the 8 kernels costing most (us, calls)."""
+    (k_short, b_short), (k_long, b_long) = short, long
+    diff = {n: (k_long[n][0] - k_short.get(n, (0.0, 0))[0], k_long[n][1] - k_short.get(n, (0.0, 0))[1])
+            for n in k_long}
     per = {n: (us / steps, c / steps) for n, (us, c) in diff.items() if c > 0}
     kinds: Dict[str, float] = {}
     for n, (us, _) in per.items():
         kinds[kernel_kind(n)] = kinds.get(kernel_kind(n), 0.0) + us / 1e3
     top = sorted(per.items(), key=lambda kv: -kv[1][0])[:8]
-    return {"gpu_ms": sum(us for us, _ in per.values()) / 1e3, "launches": sum(c for _, c in per.values()),
-            "kinds_ms": dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
+    return {"gpu_ms": (b_long - b_short) / steps / 1e3, "kernel_sum_ms": sum(us for us, _ in per.values()) / 1e3,
+            "launches": sum(c for _, c in per.values()), "kinds_ms": dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
             "top": [{"kernel": n[:120], "us": round(us, 2), "calls": round(c, 2)} for n, (us, c) in top]}
 
 
-def profile_kernels(fn: Callable[[], object]) -> Dict[str, Tuple[float, int]]:
-    """``{kernel name: (summed device us, launches)}`` of one ``fn()`` under ``torch.profiler`` (kernels inside
-    CUDA-graph replays included)."""
+def profile_kernels(fn: Callable[[], object]) -> Profile:
+    """Kernels of one ``fn()`` under ``torch.profiler`` (inside CUDA-graph replays too): ``{name: (summed device
+    us, launches)}`` and the busy time (``busy_us``)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
     out: Dict[str, Tuple[float, int]] = {}
+    spans = []
     for e in prof.events():
         if e.device_type == torch.autograd.DeviceType.CUDA and not e.name.startswith(("Memcpy", "Memset")):
             us, c = out.get(e.name, (0.0, 0))
             out[e.name] = (us + e.time_range.elapsed_us(), c + 1)
-    return out
+            spans.append((e.time_range.start, e.time_range.end))
+    return out, busy_us(spans)
 
 
 class _StopAfter:

@@ -63,3 +63,16 @@ def test_decode_floor_read_kernel_reads_every_key(device):
     ks = k[0, :, :n].float().sum(-1, keepdim=True).to(torch.bfloat16).float()  # the kernel's bf16 P
     want = (ks * v[0, :, :n].float()).sum(1).cpu()
     assert torch.allclose(got, want, rtol=0, atol=0.5)  # one key more or less moves a sum by ~10
+
+
+def test_git_commit_marks_a_tree_that_differs_from_head(monkeypatch):
+    import subprocess
+    from bench import common
+    answers = {"rev-parse": "abc1234", "status": ""}
+
+    def fake_run(cmd, **kw):
+        return subprocess.CompletedProcess(cmd, 0, stdout=answers[cmd[1]] + "\n", stderr="")
+    monkeypatch.setattr(common.subprocess, "run", fake_run)
+    assert common.git_commit() == "abc1234"
+    answers["status"] = " M bench/e2e.py"
+    assert common.git_commit() == "abc1234+dirty"

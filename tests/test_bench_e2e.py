@@ -150,11 +150,18 @@ def test_kernel_kinds_and_per_step_kernels():
     short = {"nvjet_a": (100.0, 4), "_decode_split_kernel": (40.0, 4), "triton_poi_x": (8.0, 8)}
     long = {"nvjet_a": (500.0, 20), "_decode_split_kernel": (200.0, 20), "triton_poi_x": (40.0, 40),
             "gemv2T_kernel": (32.0, 16), "prefill_only": (7.0, 0)}
-    s = e2e.step_kernels(short, long, 16)
-    assert s["gpu_ms"] == pytest.approx((400 + 160 + 32 + 32) / 16 / 1e3)
+    s = e2e.step_kernels((short, 140.0), (long, 700.0), 16)
+    assert s["gpu_ms"] == pytest.approx(560 / 16 / 1e3)
+    assert s["kernel_sum_ms"] == pytest.approx((400 + 160 + 32 + 32) / 16 / 1e3)
     assert s["launches"] == pytest.approx((16 + 16 + 32 + 16) / 16)
     assert s["kinds_ms"] == pytest.approx({"linear": 0.027, "attention": 0.01, "fused (inductor)": 0.002})
     assert [t["kernel"] for t in s["top"]] == ["nvjet_a", "_decode_split_kernel", "triton_poi_x", "gemv2T_kernel"]
+
+
+def test_busy_time_is_the_union_of_kernel_intervals():
+    assert e2e.busy_us([]) == 0.0
+    assert e2e.busy_us([(0.0, 10.0), (5.0, 12.0), (20.0, 21.0)]) == 13.0  # a PDL kernel starts before its producer ends
+    assert e2e.busy_us([(3.0, 4.0), (0.0, 10.0)]) == 10.0  # nested, unsorted
 
 
 def test_decode_step_profile_stops_generate_after_each_length(tiny_model, monkeypatch):
@@ -166,7 +173,7 @@ def test_decode_step_profile_stops_generate_after_each_length(tiny_model, monkey
     def fake_profile(fn):
         out = fn()
         lengths.append(out.shape[1])
-        return {"k": (10.0 * out.shape[1], out.shape[1])}
+        return {"k": (10.0 * out.shape[1], out.shape[1])}, 10.0 * out.shape[1]
     monkeypatch.setattr(e2e, "profile_kernels", fake_profile)
     video = e2e.video_for_tokens(36, side=12)
     inputs = demo.video_inputs(tiny_model, video["frames"], video["h"], video["w"], 8, "cpu", torch.bfloat16)
