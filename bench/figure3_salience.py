@@ -111,13 +111,15 @@ def bench_shape(sh: Shape, iters: int, poly_share: bool = False) -> List[Dict[st
         q, k, _ = sets[i]
         reference.visual_salience(q, k, cu, sh.N, scale, 0, None, False, out)
 
-    def two_pass(i, deterministic=False):
+    def two_pass(i, deterministic=False):  # the Triton rows (short segments default to cuda on Hopper)
         q, k, _ = sets[i]
-        sparsevila_ops.visual_salience(q, k, cu, sh.N, out=out, deterministic=deterministic)
+        with sparsevila_ops.use_backend("triton"):
+            sparsevila_ops.visual_salience(q, k, cu, sh.N, out=out, deterministic=deterministic)
 
     def lse_given(i):
         q, k, _ = sets[i]
-        sparsevila_ops.visual_salience(q, k, cu, sh.N, out=out, lse=lses[i])
+        with sparsevila_ops.use_backend("triton"):
+            sparsevila_ops.visual_salience(q, k, cu, sh.N, out=out, lse=lses[i])
 
     def cuda_call(i, given, poly_every=None):  # given: with the LSE (one pass)
         q, k, _ = sets[i]

@@ -4,7 +4,7 @@ r"""The kernels that miss their performance targets (bench/NOTES.md), one launch
         --section WarpStateStats --section Occupancy python -m bench.ncu_targets
 
 Every op is run once to JIT-compile, then once between ``cudaProfilerStart/Stop`` (the launches ncu
-profiles): salience (SigLIP 64 frames, both passes), kv_relevance (Qwen2-7B, 512 question rows x 8k keys) and
+profiles): salience (SigLIP 64 frames, both passes, the default backend: cuda on Hopper), kv_relevance (Qwen2-7B, 512 question rows x 8k keys) and
 decode (Qwen2-7B, 8k, split + combine kernels).
 """
 import argparse

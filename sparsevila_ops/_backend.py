@@ -13,8 +13,10 @@ Every op has one implementation per backend:
 Implementations are registered by import path and imported on first use, so ``import sparsevila_ops``
 stays cheap and a broken or missing backend only matters when it is asked for.
 
-Choice, per call: ``use_backend(...)`` context > ``SPARSEVILA_BACKEND`` env var > default for the device
-(``triton`` on CUDA when Triton imports, else ``reference``).
+Choice, per call: ``use_backend(...)`` context > ``SPARSEVILA_BACKEND`` env var > the op's preference for
+these arguments (``prefer``: e.g. ``visual_salience`` takes ``cuda`` for short segments on Hopper, where it
+measured faster) when that backend can run here > default for the device (``triton`` on CUDA when Triton imports,
+else ``reference``).
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ BACKENDS = ("reference", "triton", "cuda")
 # op name -> backend -> "module:function" (resolved lazily) or a callable.
 _REGISTRY: Dict[str, Dict[str, object]] = {}
 _RESOLVED: Dict[tuple, Callable] = {}
+_PREFER: Dict[str, Callable[..., Optional[str]]] = {}
 _local = threading.local()
 
 
@@ -81,9 +84,36 @@ def _unusable(op: str, backend: str, device: torch.device) -> Optional[str]:
     return None
 
 
-def resolve(op: str, device: torch.device) -> Callable:
-    """The implementation of ``op`` that runs for tensors on ``device``."""
-    return implementation(op, requested_backend() or default_backend(device), device)
+def prefer(op: str, pick: Callable[..., Optional[str]]) -> None:
+    """Register ``pick(device, *op_args)``: the backend ``op`` should use for these arguments when none is
+    requested (None: the device default). A preferred backend that cannot run here falls back to the default."""
+    _PREFER[op] = pick
+
+
+def resolve(op: str, device: torch.device, args: tuple = ()) -> Callable:
+    """The implementation of ``op`` that runs for ``args`` (tensors on ``device``)."""
+    forced = requested_backend()
+    if forced is not None:
+        return implementation(op, forced, device)
+    pick = _PREFER.get(op)
+    backend = pick(device, *args) if pick is not None and args else None
+    if backend is not None and _loadable(op, backend, device):
+        return implementation(op, backend, device)
+    return implementation(op, default_backend(device), device)
+
+
+def _loadable(op: str, backend: str, device: torch.device) -> bool:
+    """``backend`` can run ``op`` on ``device``, its cuda module built or loaded now (a JIT build runs here, once
+    per machine; a failed one is remembered and reported by ``available_backends``)."""
+    if _unusable(op, backend, device) is not None:
+        return False
+    if backend == "cuda" and isinstance(_REGISTRY[op][backend], str):  # a csrc kernel (not a test's callable)
+        from . import _cuda
+        try:
+            _cuda.library()
+        except RuntimeError:
+            return False
+    return True
 
 
 def implementation(op: str, backend: str, device: torch.device) -> Callable:

@@ -38,7 +38,7 @@ def define(name: str, schema: str, *, triton: str | None = None, cuda: str | Non
 
     def impl(*args):
         first = args[0] if isinstance(args[0], torch.Tensor) else args[0][0]
-        return _backend.resolve(name, first.device)(*args)
+        return _backend.resolve(name, first.device, args)(*args)
 
     impl.__name__ = f"{lib.ns}_{name}_dispatch"
     lib.impl(name, impl, "CPU")

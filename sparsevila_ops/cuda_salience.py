@@ -75,10 +75,10 @@ def _key(q, k, cu_seqlens, max_seqlen, scale, num_summary, lse, deterministic, o
 
 
 def _default(key: SalienceCudaKey) -> dict:
-    """Per score the MMA work grows with D and the exp work does not: at D <= 80 (5 k-steps or fewer) a quarter of
-    the exp2s go to the FMA pipe, at D = 128 (8 k-steps, the tensor cores are the bound) none. Not yet measured:
-    ``python -m bench.figure3_salience --poly-share`` times every value."""
-    return {"poly_every": 0 if key.D > 80 else 4}
+    """No polynomial exp2s: on the H200 every share was slower at every Figure-3a shape (poly_every 2 / 4 / 8 vs 0:
+    +14-20 % / +6-9 % / +4-6 % time; ``python -m bench.figure3_salience --poly-share``): this kernel is bound by
+    its mma.sync issue rate, not by MUFU, so moving exps to the FMA pipe only adds instructions (bench/NOTES.md)."""
+    return {"poly_every": 0}
 
 
 def _space(key: SalienceCudaKey) -> list:

@@ -371,3 +371,40 @@ def test_cuda_salience_falls_back_to_triton_for_fp32_gpu():
     q, k = (torch.randn(T, H, D, generator=g, device="cuda") for _ in range(2))
     got = _cuda_salience(q, k, cu, 100, reduce_heads=False)
     assert_rel(got, _oracle(q, k, cu, 0, None, False), REL_TOL[torch.float32], "fp32 via triton")
+
+
+def test_short_segments_prefer_the_cuda_backend_on_hopper(monkeypatch):
+    """Without a requested backend, segments of at most CUDA_MAX_SEQLEN tokens (bf16/fp16, a covered head dim,
+    sm_90+) pick cuda, where it measured faster than Triton; anything else keeps the device default."""
+    from sparsevila_ops import _device, salience
+    cap = {"v": (9, 0)}
+    monkeypatch.setattr(_device, "capability", lambda d: cap["v"])
+    cuda, q = torch.device("cuda"), torch.empty(10, 2, 80, dtype=torch.bfloat16)
+    pick = salience._preferred_backend
+    assert pick(cuda, q, q, None, 729) == "cuda" and pick(cuda, q, q, None, salience.CUDA_MAX_SEQLEN) == "cuda"
+    assert pick(cuda, q, q, None, salience.CUDA_MAX_SEQLEN + 1) is None
+    assert pick(cuda, q.float(), q, None, 64) is None
+    assert pick(cuda, torch.empty(10, 2, 96, dtype=torch.float16), q, None, 64) is None
+    assert pick(torch.device("cpu"), q, q, None, 64) is None
+    cap["v"] = (8, 0)
+    assert pick(cuda, q, q, None, 64) is None
+
+
+def test_a_preferred_backend_that_cannot_run_falls_back_to_the_default(monkeypatch):
+    from sparsevila_ops import _backend
+    calls = []
+    monkeypatch.setitem(_backend._REGISTRY, "fake_pref_op", {})
+    _backend.register("fake_pref_op", "reference", lambda *a: calls.append("reference"))
+    _backend.register("fake_pref_op", "triton", lambda *a: calls.append("triton"))
+    monkeypatch.setitem(_backend._PREFER, "fake_pref_op", lambda device, x: "triton" if x > 0 else None)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # triton cannot run on the CPU now
+    cpu = torch.device("cpu")
+    _backend.resolve("fake_pref_op", cpu, (1,))(1)
+    _backend.resolve("fake_pref_op", cpu, (0,))(0)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    _backend.resolve("fake_pref_op", cpu, (1,))(1)  # now it can
+    with _backend.use_backend("reference"):  # a requested backend wins over the preference
+        _backend.resolve("fake_pref_op", cpu, (1,))(1)
+    assert calls == ["reference", "reference", "triton", "reference"]
+    for key in [k for k in _backend._RESOLVED if k[0] == "fake_pref_op"]:
+        del _backend._RESOLVED[key]
