@@ -186,7 +186,7 @@ def test_time_decode_step_replays_a_cuda_graph():
 @pytest.mark.parametrize("module,args", [
     ("bench.select", ["--quick"]), ("bench.decode", ["--quick"]), ("bench.decode_floor", []),
     ("bench.decode_timeline", []), ("bench.figure3", ["--quick"]), ("bench.ncu_targets", []),
-    ("bench.autotune", ["--quick"]),
+    ("bench.autotune", ["--quick"]), ("bench.integration_memory_check", []),
 ])
 def test_benchmarks_without_a_gpu_skip_with_one_line(module, args, capsys):
     import importlib
