@@ -19,7 +19,7 @@ import torch
 
 from bench.common import require_gpu
 from sparsevila_ops import reference
-from sparsevila_ops.testing import REL_TOL, rel_err
+from sparsevila_ops.testing import REL_TOL, nan_padded, rel_err
 
 LENGTHS = [1, 0, 97, 200]
 H = 2
@@ -27,12 +27,7 @@ H = 2
 
 def _views(T: int, D: int, dtype: torch.dtype, seed: int):
     g = torch.Generator(device="cuda").manual_seed(seed)
-    out = []
-    for _ in range(2):
-        store = torch.full((T + 8, H, D + 8), float("nan"), dtype=dtype, device="cuda")
-        store[:T, :, :D] = torch.randn(T, H, D, generator=g, device="cuda").to(dtype)
-        out.append(store[:T, :, :D])
-    return out
+    return [nan_padded((T, H, D), dtype, "cuda", g) for _ in range(2)]
 
 
 def main() -> int:

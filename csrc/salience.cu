@@ -39,10 +39,16 @@
 
 #include <type_traits>
 
-#include "launch_once.cuh"
+#include "launch_util.cuh"
+#include "mma_sync.cuh"
 #include "sparsevila_cuda.h"
 
 namespace {
+
+using sparsevila::ldsm_x4;
+using sparsevila::Int;
+using sparsevila::Mma;
+using sparsevila::Tag;
 
 constexpr int kWarps = 4;
 constexpr int kThreads = 32 * kWarps;
@@ -107,37 +113,6 @@ template <int N>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
 }
-
-__device__ __forceinline__ void ldsm_x4(uint32_t addr, uint32_t (&r)[4]) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-
-template <typename T>
-struct Mma;
-
-template <>
-struct Mma<__nv_bfloat16> {
-  static __device__ __forceinline__ void run(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-};
-
-template <>
-struct Mma<__half> {
-  static __device__ __forceinline__ void run(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-};
 
 // MUFU: 2^x, flushing denormal results to 0; ex2(-inf) = +0.
 __device__ __forceinline__ float ex2_mufu(float x) {
@@ -397,13 +372,6 @@ cudaError_t launch(const Args& a, int num_segments, int heads, cudaStream_t stre
   kernel<<<dim3(static_cast<unsigned>(gx), heads, 1), kThreads, S::kSmemBytes, stream>>>(a);
   return cudaGetLastError();
 }
-
-template <typename T>
-struct Tag {
-  using type = T;
-};
-template <int V>
-using Int = std::integral_constant<int, V>;
 
 // Calls fn(Tag<T>, Int<D>, Int<kPolyEvery>) for the compiled instantiation; cudaErrorInvalidValue if none.
 template <typename Fn>

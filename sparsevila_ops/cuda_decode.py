@@ -131,7 +131,7 @@ def _unsupported(q, k, v, lengths, scale, out, lse) -> Optional[str]:
     return unsupported(q, k, v)
 
 
-CLUSTER_DECODE = Tunable("decode_attention", "cuda", [__file__, _cuda.source_dir() / "decode_cluster.cu"],
+CLUSTER_DECODE = Tunable("decode_attention", "cuda", [__file__, *(_cuda.source_dir() / f for f in ("decode_cluster.cu", "mma_sync.cuh", "launch_util.cuh"))],
                          key=_key, space=_space, default=_default, launch=_launch, buckets=("B", "Hk", "cap"),
                          unsupported=_unsupported)
 

@@ -26,3 +26,12 @@ def poison(t: torch.Tensor) -> torch.Tensor:
     if t.is_floating_point():
         return t.fill_(float("nan"))
     return t.fill_(-12345)
+
+
+def nan_padded(shape, dtype: torch.dtype, device, generator: torch.Generator, pad=(16, 0, 8)) -> torch.Tensor:
+    """A random ``shape`` tensor as a view into storage ``pad`` larger per dim and NaN outside the view, so a
+    kernel that reads past a row's end (or past the last row) poisons its result; strides are not contiguous."""
+    store = torch.full([n + p for n, p in zip(shape, pad)], float("nan"), dtype=dtype, device=device)
+    view = store[tuple(slice(0, n) for n in shape)]
+    view.copy_(torch.randn(*shape, generator=generator, device=device).to(dtype))
+    return view

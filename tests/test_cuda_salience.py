@@ -19,6 +19,7 @@ import torch
 
 import sparsevila_ops as so
 from sparsevila_ops import _backend
+from sparsevila_ops.testing import nan_padded
 
 from helpers import REL_TOL, assert_rel, poison
 
@@ -171,12 +172,7 @@ def _padded_inputs(T, H, D, dtype, seed):
     """q, k [T, H, D] as views into [T + 16, H, D + 8] storage whose extra rows and columns are NaN: a read past a
     row's D or past T poisons the result."""
     g = torch.Generator(device="cuda").manual_seed(seed)
-    views = []
-    for _ in range(2):
-        store = torch.full((T + 16, H, D + 8), float("nan"), dtype=dtype, device="cuda")
-        store[:T, :, :D] = torch.randn(T, H, D, generator=g, device="cuda").to(dtype)
-        views.append(store[:T, :, :D])
-    return views
+    return [nan_padded((T, H, D), dtype, "cuda", g) for _ in range(2)]
 
 
 def _oracle(q, k, cu, num_summary=0, lse=None, reduce_heads=True):
@@ -408,3 +404,10 @@ def test_a_preferred_backend_that_cannot_run_falls_back_to_the_default(monkeypat
     assert calls == ["reference", "reference", "triton", "reference"]
     for key in [k for k in _backend._RESOLVED if k[0] == "fake_pref_op"]:
         del _backend._RESOLVED[key]
+
+
+def test_nan_padded_views_have_nan_beyond_their_rows():
+    v = nan_padded((5, 2, 3), torch.float16, "cpu", torch.Generator().manual_seed(0))
+    assert v.shape == (5, 2, 3) and not v.is_contiguous() and torch.isfinite(v).all()
+    store = torch.as_strided(v, (5 + 16, 2, 3 + 8), v.stride())
+    assert torch.isnan(store[5:]).all() and torch.isnan(store[:, :, 3:]).all()

@@ -1,13 +1,23 @@
-// Kernel attributes (the dynamic shared-memory opt-in, non-portable cluster sizes) belong to a kernel on one
-// device: set them on the first launch of each (kernel, device) pair, from any thread.
+// Host-side launch helpers shared by the kernels: compile-time dispatch tags, and kernel attributes (the
+// dynamic shared-memory opt-in, non-portable cluster sizes), which belong to a kernel on one device: set once per
+// (kernel, device) pair, from any thread.
 #pragma once
 
 #include <cuda_runtime.h>
 #include <stdint.h>
 
 #include <atomic>
+#include <type_traits>
 
 namespace sparsevila {
+
+// Runtime (dtype, head dim, ...) -> template arguments: dispatchers call fn(Tag<T>{}, Int<D>{}, ...).
+template <typename T>
+struct Tag {
+  using type = T;
+};
+template <int V>
+using Int = std::integral_constant<int, V>;
 
 // Runs ``configure()`` unless ``done`` records the current device (a bit per device index < 64; others always
 // configure). Two threads racing both configure, which is harmless.
