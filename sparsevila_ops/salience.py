@@ -5,7 +5,7 @@ from typing import Optional
 
 import torch
 
-from . import _backend
+from . import _backend, _device
 from . import _checks as C
 from ._library import define
 
@@ -21,17 +21,16 @@ define(
 # measured faster than Triton at 64-token windows (2.3-3x) and 729-token SigLIP frames (1.15x), slower from 4096
 # tokens (0.65-0.75x; bench/NOTES.md). 1024 (Qwen2.5-VL frames at 448 px) sits between and is not measured.
 CUDA_MAX_SEQLEN = 1024
-_CUDA_HEAD_DIMS = (64, 72, 80, 128)  # cuda_salience.HEAD_DIMS (not imported here: that module loads the extension)
 
 
 def _preferred_backend(device: torch.device, q: torch.Tensor, k, cu_seqlens, max_seqlen: int, *rest):
-    """``cuda`` for bf16/fp16 segments of at most ``CUDA_MAX_SEQLEN`` tokens at a head dim it covers on a GPU of
-    compute capability >= 9.0, else None (the device default, Triton)."""
-    from ._device import capability
-    if (device.type == "cuda" and max_seqlen <= CUDA_MAX_SEQLEN and q.dtype in (torch.bfloat16, torch.float16)
-            and q.shape[-1] in _CUDA_HEAD_DIMS and capability(device) >= (9, 0)):
-        return "cuda"
-    return None
+    """``cuda`` for segments of at most ``CUDA_MAX_SEQLEN`` tokens that its kernels cover (``cuda_salience.
+    unsupported``: bf16/fp16, head dim 64/72/80/128) on a GPU of compute capability >= 9.0, else None (the device
+    default, Triton). Importing ``cuda_salience`` builds nothing."""
+    if device.type != "cuda" or max_seqlen > CUDA_MAX_SEQLEN or _device.capability(device) < (9, 0):
+        return None
+    from .cuda_salience import unsupported
+    return "cuda" if unsupported(q, k) is None else None
 
 
 _backend.prefer("visual_salience", _preferred_backend)
