@@ -261,7 +261,7 @@ def run_rows(model, inputs: dict, rows: Sequence[str], *, decode_steps: int, pre
 def run(targets: Sequence[int], precisions: Sequence[str], rows: Sequence[str], decode_steps: int,
         profile_steps: int = 0, done: Optional[Callable[[List[dict], float], None]] = None) -> tuple:
     """The full-size table on the GPU: returns (rows, copy bandwidth TB/s, KV bytes per token). ``done(table,
-    copy TB/s)`` gets the table so far after each input (so a run cut short keeps what it measured).
+    copy TB/s)`` gets the table so far after each row (so a run cut short keeps what it measured).
 
     One model serves every precision: ``w4a16`` quantizes its LLM linears in place and nothing restores them,
     so ``precisions`` must list bf16 before w4a16 (``PRECISIONS`` order, each once; ``ValueError`` otherwise).
@@ -286,12 +286,13 @@ def run(targets: Sequence[int], precisions: Sequence[str], rows: Sequence[str], 
             inputs = video_inputs(model, video["frames"], video["h"], video["w"], QUESTION_TOKENS, dev, dtype)
             print(f"{precision}: video {video['frames']} frames of {video['px']}x{video['px']} px -> "
                   f"{video['visual_tokens']} visual tokens, prompt {inputs['input_ids'].shape[1]} tokens", flush=True)
-            raw += run_rows(model, inputs, rows, decode_steps=decode_steps, precision=precision, video=video,
-                            profile_steps=profile_steps)
+            for key in rows:
+                raw += run_rows(model, inputs, [key], decode_steps=decode_steps, precision=precision, video=video,
+                                profile_steps=profile_steps)
+                if done is not None:
+                    done(assemble(raw, copy_tbps, kv_tok), copy_tbps)
             del inputs
             torch.cuda.empty_cache()
-            if done is not None:
-                done(assemble(raw, copy_tbps, kv_tok), copy_tbps)
     return assemble(raw, copy_tbps, kv_tok), copy_tbps, kv_tok
 
 

@@ -1,11 +1,13 @@
 """GPU memory across repeated ``generate`` calls with the graph-captured decode (``enable(..., cuda_graph=True)``).
 
-``python -m bench.integration_memory_check [--model tiny|7b] [--calls 3] [--new-tokens 64] [--snapshot DIR]``
+``python -m bench.integration_memory_check [--model tiny|7b] [--calls 3] [--new-tokens 64] [--snapshot DIR]
+[--settings P,D ...]``
 
 On the H200 the 7B config at sparsities (0.75, 0.95) ran out of GPU memory on its third 128-token ``generate``
 (bench/NOTES.md); (0, 0) did not. For each setting, (0, 0), (0.75, 0.95), (0, 0.95) and (0.75, 0) (pruning and
-packed decode apart), it prints the allocated GB after every call and after the last one's compiled state is
-reset; ``--snapshot DIR`` also dumps ``torch.cuda.memory`` snapshots (pickles for pytorch.org/memory_viz).
+packed decode apart), it prints the allocated and reserved GB after every call, the allocated GB after the last
+one's compiled state is reset, and the graphs compiled so far; ``--snapshot DIR`` also dumps ``torch.cuda.memory``
+snapshots (pickles for pytorch.org/memory_viz).
 ``TORCH_LOGS=cudagraphs,perf_hints`` shows cudagraph re-recordings and skips. Exit status 1 when a setting
 grows by more than 1 GB between its second and last call.
 """
@@ -15,6 +17,7 @@ import argparse
 import os
 
 import torch
+from torch._dynamo.utils import counters
 
 from bench.common import require_gpu
 
@@ -27,7 +30,15 @@ def main(argv=None) -> int:
     p.add_argument("--calls", type=int, default=3)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--snapshot", default=None, help="write a memory snapshot per setting into this folder")
+    p.add_argument("--settings", nargs="+", default=None, metavar="P,D",
+                   help="sparsity pairs to run (default: " + " ".join(f"{x},{y}" for x, y in SETTINGS) + ")")
     a = p.parse_args(argv)
+    try:
+        settings = [tuple(float(x) for x in s.split(",")) for s in a.settings] if a.settings else SETTINGS
+    except ValueError:
+        p.error(f"--settings takes pairs P,D of floats; got {a.settings}")
+    if any(len(s) != 2 for s in settings):
+        p.error(f"--settings takes pairs P,D; got {a.settings}")
     if a.calls < 2:
         p.error(f"--calls must be >= 2; got {a.calls}")
     if not require_gpu("integration_memory_check"):
@@ -42,17 +53,18 @@ def main(argv=None) -> int:
     gen = dict(max_new_tokens=a.new_tokens, min_new_tokens=a.new_tokens, do_sample=False)
     gb = lambda: torch.cuda.memory_allocated() / 2 ** 30  # noqa: E731
     grew = []
-    for ps, ds in SETTINGS:
+    for ps, ds in settings:
         if a.snapshot:
             torch.cuda.memory._record_memory_history(max_entries=200000)
         sv.enable(model, ps, ds, cuda_graph=True)
-        used = []
+        used, reserved = [], []
         try:
             with torch.no_grad():
                 for _ in range(a.calls):
                     model.generate(**inputs, **gen)
                     torch.cuda.synchronize()
                     used.append(gb())
+                    reserved.append(torch.cuda.memory_reserved() / 2 ** 30)
         finally:
             sv.disable(model)
         if a.snapshot:
@@ -62,7 +74,8 @@ def main(argv=None) -> int:
         reset_compiled(model)
         after = gb()
         print(f"({ps}, {ds}): allocated GB after each call " + " ".join(f"{u:.2f}" for u in used)
-              + f"; after reset {after:.2f}", flush=True)
+              + f"; reserved " + " ".join(f"{u:.2f}" for u in reserved) + f"; after reset {after:.2f}; graphs "
+              f"compiled so far {counters['stats']['unique_graphs']}", flush=True)
         if used[-1] - used[1] > 1.0:
             grew.append((ps, ds))
     print("memory grows across calls at " + (", ".join(map(str, grew)) if grew else "no setting"))

@@ -303,3 +303,107 @@ def test_pruned_prompt_two_turns(model, enabled, device):
     positions, _ = model.model.get_rope_index(ids, mm_token_type_ids=(ids == IMG).int(),
                                               image_grid_thw=inputs["image_grid_thw"])
     assert int(model.model.rope_deltas[0, 0]) == int(positions.max()) + 1 - n1
+
+
+class _HostEvent:
+    """``torch.Event`` for the CPU (which has none): everything it would wait for has already run."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def record(self, *args):
+        pass
+
+    def synchronize(self):
+        pass
+
+
+@pytest.mark.parametrize("sparsity", [(0.0, 0.0), (0.5, 0.9)])
+def test_deferred_stop_check_rolls_back_the_extra_step(model, enabled, device, monkeypatch, sparsity):
+    """Under ``deferred_stop_checks`` generate reads the EOS flag one step late and undoes the extra step with
+    ``SparseVILACache.crop(-1)``: tokens, cache lengths and a second turn equal the synchronous run's."""
+    from sparsevila_ops.integrations import cache as cache_mod
+
+    inputs = visual_inputs(seed=2, device=device)
+    enabled(*sparsity)
+
+    def run(eos=None):
+        with torch.no_grad():
+            r1 = model.generate(**inputs, max_new_tokens=6, do_sample=False, return_dict_in_generate=True,
+                                eos_token_id=eos, pad_token_id=0)
+            ids = torch.cat([r1.sequences, torch.tensor([[5, 6, 7]], device=device)], 1)
+            r2 = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=3,
+                                past_key_values=r1.past_key_values, do_sample=False, pad_token_id=0)
+        c = r1.past_key_values
+        return r1.sequences, r2, int(c.seen), c.lengths.clone(), (c.plengths.clone() if c.sparse else None)
+
+    eos = int(run()[0][0, inputs["input_ids"].shape[1] + 2])  # the third generated token stops the runs below
+    sync = run(eos)
+    deferred = []
+    orig_check = cache_mod.gen_utils.DeferredStopCheck.__call__
+    monkeypatch.setattr(torch, "Event", _HostEvent)
+    monkeypatch.setattr(cache_mod.gen_utils.DeferredStopCheck, "__call__",
+                        lambda self, *a: deferred.append(1) or orig_check(self, *a))
+    monkeypatch.setattr(sv, "deferred_stop_checks", lambda: cache_mod.deferred_stop_checks(("cuda", "cpu")))
+    out = run(eos)
+    assert deferred, "the deferred stop check did not run"
+    assert sync[0].shape[1] < inputs["input_ids"].shape[1] + 6  # the EOS stop came before max_new_tokens
+    for a, b in zip(sync, out):
+        assert (a is None and b is None) or (a == b if isinstance(a, int) else torch.equal(a, b))
+
+
+def test_sparse_cache_crop_refuses_absolute_lengths():
+    from sparsevila_ops.integrations.cache import SparseVILACache
+    with pytest.raises(NotImplementedError, match="tokens_to_remove <= 0"):
+        SparseVILACache(2, 8).crop(3)
+
+
+def test_cuda_graph_reuses_the_cache_across_calls(model, enabled, device):
+    """With ``cuda_graph`` a ``generate`` without a cache reuses (empties) the previous call's buffers, so captured
+    graphs replay instead of re-recording; tokens equal a fresh cache's. Another batch size gets a new cache."""
+    inputs = visual_inputs(seed=6, device=device)
+    enabled(0.5, 0.9)
+    with torch.no_grad():
+        ref = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    sv.disable(model)
+    enabled(0.5, 0.9, cuda_graph=True)
+    caches, outs = [], []
+    for _ in range(2):
+        with torch.no_grad():
+            r = model.generate(**inputs, max_new_tokens=4, do_sample=False, return_dict_in_generate=True,
+                               disable_compile=True)
+        caches.append((r.past_key_values, r.past_key_values.k.data_ptr(), r.past_key_values.pk.data_ptr()))
+        outs.append(r.sequences)
+    assert caches[0] == caches[1]
+    assert all(torch.equal(o, ref) for o in outs)
+    _check_packed(caches[1][0])
+    with torch.no_grad():
+        r = model.generate(**batch_of_two(device), max_new_tokens=2, do_sample=False, return_dict_in_generate=True,
+                           disable_compile=True)
+    assert r.past_key_values is not caches[0][0]
+
+
+def test_enable_fuses_projections_into_views(device):
+    """``enable`` runs q/k/v and gate/up as one linear each over a concatenated weight whose views are the
+    original parameters (state_dict unchanged); a hooked projection keeps its own forward; ``disable`` removes
+    the fused forwards."""
+    from sparsevila_ops.integrations import fused
+
+    model = tiny_model(seed=1, device=device)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    layers = model.model.language_model.layers
+    hook = layers[1].mlp.up_proj.register_forward_hook(lambda *a: None)
+    sv.enable(model, 0.0, 0.0)
+    try:
+        attn0 = layers[0].self_attn
+        w, b, sizes = attn0.__dict__[fused.QKV]
+        assert attn0.k_proj.weight.untyped_storage().data_ptr() == w.untyped_storage().data_ptr()
+        assert sizes == [attn0.q_proj.out_features, attn0.k_proj.out_features, attn0.v_proj.out_features]
+        assert fused.GATE_UP in layers[0].mlp.__dict__ and fused.GATE_UP not in layers[1].mlp.__dict__
+        after = model.state_dict()
+        assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+    finally:
+        sv.disable(model)
+        hook.remove()
+    assert all("forward" not in layer.self_attn.__dict__ and "forward" not in layer.mlp.__dict__
+               for layer in layers)

@@ -15,19 +15,24 @@ with static buffer addresses. ``get_seq_length`` is the HF length (positions pro
 """
 from __future__ import annotations
 
+import contextlib
 from typing import List, Optional, Sequence, Tuple
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.generation import utils as gen_utils
 
 from ..decode import append_kv
 from ..select import pack_kv, select_kv
+
+PACK_ALIGN = 512  # the packed cache's capacity is a multiple of this many tokens
 
 
 class SparseVILALayer(CacheLayerMixin):
     """One layer's view of a ``SparseVILACache``; HF's ``update`` writes through it."""
 
     is_compileable = True
+    is_croppable = True  # the cache rolls back whole decode steps (``SparseVILACache.crop``)
     is_sliding = False
 
     def __init__(self, cache: "SparseVILACache", layer_idx: int):
@@ -196,6 +201,8 @@ class SparseVILACache(Cache):
         need = max(s + kb + n - e for s, e, kb, n in zip(vs, ve, keeps, lens)) + self._reserve
         L, B, Hk, _, D = self.k.shape
         if self.pk is None or self.pk.shape[3] < need or self.pk.shape[1] != B:
+            # whole PACK_ALIGN blocks: a reused cache keeps its packed buffers (and graphs) for similar prompts
+            need = -(-need // PACK_ALIGN) * PACK_ALIGN
             self.pk = self.k.new_zeros(L, B, Hk, need, D)
             self.pv = torch.zeros_like(self.pk)
             self.plengths = torch.zeros(L, B, dtype=torch.int32, device=self.k.device)
@@ -226,16 +233,34 @@ class SparseVILACache(Cache):
         return self.capacity
 
     def reset(self) -> None:
+        """Empty the cache, keeping its buffers (and so the addresses captured graphs replay on)."""
         if self.allocated:
             self.lengths.zero_()
             self.seen.zero_()
         self.host_lens, self.vis_spans, self.sparse, self.prefill = [0] * max(self.batch_size_, 0), [], False, None
+        self.indices = self.prompt_map = None
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         raise NotImplementedError("SparseVILACache does not support beam search (num_beams > 1)")
 
+    def activate_past_recording(self) -> None:
+        """Nothing to record: rolling back a decode step only shortens the lengths (``crop``)."""
+
     def crop(self, tokens_to_remove: int) -> None:
-        raise NotImplementedError("SparseVILACache cannot be cropped (assisted decoding is not supported)")
+        """Undo the last ``-tokens_to_remove`` decode steps (``tokens_to_remove <= 0``; device-side, no sync):
+        transformers' deferred stop check runs one step past the stop and rolls it back. A positive value (crop
+        to an absolute length, as assisted decoding asks) is refused. Only steps decoded since the last prefill
+        can be removed (not checked: that would cost a device sync)."""
+        if tokens_to_remove > 0:
+            raise NotImplementedError(f"SparseVILACache can only remove decode steps (tokens_to_remove <= 0); got "
+                                      f"{tokens_to_remove} (assisted decoding is not supported)")
+        n = -int(tokens_to_remove)
+        if n == 0 or not self.allocated:
+            return
+        self.lengths.sub_(n)
+        self.seen.sub_(n)
+        if self.sparse:
+            self.plengths.sub_(n)
 
 
 def packed_mismatch(cache: SparseVILACache) -> str:
@@ -266,3 +291,24 @@ def _cumsum(lens: Sequence[int], device) -> torch.Tensor:
     for n in lens:
         out.append(out[-1] + n)
     return torch.tensor(out, dtype=torch.int32, device=device)
+
+
+@contextlib.contextmanager
+def deferred_stop_checks(devices: Sequence[str] = ("cuda",)):
+    """Within the block, transformers' ``generate`` decoding into a ``SparseVILACache`` on ``devices`` reads its
+    stop flag one step late (``DeferredStopCheck``, which transformers 5.17 enables only on ``mps``): the host
+    queues step t+1 while the GPU runs step t instead of waiting for step t's tokens every step. An EOS stop then
+    costs one extra step, which ``generate`` rolls back with ``SparseVILACache.crop(-1)``. Other caches keep
+    transformers' own choice."""
+    original = gen_utils.DeferredStopCheck.is_supported
+
+    def is_supported(device, cache, cache_is_returned, is_assistant):
+        if isinstance(cache, SparseVILACache) and not is_assistant:
+            return device.type in devices
+        return original(device, cache, cache_is_returned, is_assistant)
+
+    gen_utils.DeferredStopCheck.is_supported = staticmethod(is_supported)
+    try:
+        yield
+    finally:
+        gen_utils.DeferredStopCheck.is_supported = staticmethod(original)

@@ -13,6 +13,8 @@
   3-D mRoPE positions (sliced from ``get_rope_index`` of the full sequence; ``rope_deltas`` set for later
   turns). It passes a ``SparseVILACache`` and returns the caller's full ``input_ids`` followed by the new
   tokens, as vanilla ``generate`` does.
+- **LLM decoder layers**: q/k/v and gate/up projections each run as one GEMV over a concatenated weight
+  (``fused.fuse``; the original weights become views of it).
 - **LLM attention**: ``sparsevila_attention`` (``AttentionInterface``) for the text config: prefill with the
   question rows' relevance, select + pack of all layers, decode over the packed cache.
 
@@ -31,8 +33,9 @@ from transformers.vision_utils import get_vision_window_index
 
 from ..salience import visual_salience
 from ..select import prune_visual_tokens
+from . import fused
 from .attention import ATTN_NAME, LLMState, segment_lengths, sparsevila_attention, varlen_attention
-from .cache import SparseVILACache
+from .cache import SparseVILACache, deferred_stop_checks
 
 __all__ = ["enable", "disable", "SparseVILAState"]
 
@@ -44,13 +47,33 @@ class SparseVILAState:
                  cuda_graph: bool):
         self.prefill_sparsity, self.decode_sparsity = prefill_sparsity, decode_sparsity
         self.salience_layer, self.cuda_graph = salience_layer, cuda_graph
-        self.llm = LLMState(model.config.text_config.num_hidden_layers)
+        self.text_config = model.config.text_config
+        self.llm = LLMState(self.text_config.num_hidden_layers)
+        self._graph_cache: Optional[SparseVILACache] = None  # reused by new_cache while cuda_graph
         self.prev_attn = model.config.text_config._attn_implementation
         self.collect_salience = False
         self.salience_window_order: List[torch.Tensor] = []  # per visual() call, patch level, window order
         self.last_kept: Optional[torch.Tensor] = None  # merged-token indices kept by the last pruning
         self.last_salience: Optional[torch.Tensor] = None  # patch-level salience, original order
         self._seg_lens: dict = {}  # id(cu_seqlens) -> (cu_seqlens, host lengths), for one vision forward
+
+    def new_cache(self, like: torch.Tensor, capacity: int) -> SparseVILACache:
+        """The cache of a ``generate`` called without one. With ``cuda_graph`` it is the previous such call's,
+        emptied, while it holds ``capacity`` tokens and matches ``like``'s batch size, dtype and device (as
+        transformers reuses its static cache): captured decode graphs replay on fixed buffer addresses, so a new
+        cache per call would record new graphs every call. A cache returned by the previous call is then emptied
+        too; it stays allocated until ``disable``."""
+        text = self.text_config
+        old = self._graph_cache
+        if (self.cuda_graph and old is not None and old.capacity >= capacity and old.allocated
+                and (old.batch_size_, old.k.dtype, old.k.device) == (like.shape[0], like.dtype, like.device)):
+            old.reset()
+            return old
+        cache = SparseVILACache(text.num_hidden_layers, capacity, 1.0 - self.decode_sparsity,
+                                cuda_graph=self.cuda_graph)
+        if self.cuda_graph:
+            self._graph_cache = cache
+        return cache
 
     def segment_lengths(self, cu_seqlens: torch.Tensor) -> List[int]:
         """Host segment lengths, one device sync per distinct ``cu_seqlens``: the tower hands the same frame and
@@ -111,6 +134,7 @@ def enable(model, prefill_sparsity: float = 0.75, decode_sparsity: float = 0.95,
     model.set_attn_implementation({"text_config": ATTN_NAME})
     for layer in model.model.language_model.layers:
         layer.self_attn._sparsevila_state = state.llm
+    fused.fuse(model.model.language_model.layers, hf.apply_rotary_pos_emb)
     visual = model.model.visual
     for i, blk in enumerate(visual.blocks):
         blk.attn.forward = types.MethodType(functools.partial(_vision_attn_forward, state=state,
@@ -133,6 +157,7 @@ def disable(model):
         blk.attn.__dict__.pop("forward", None)
     for layer in model.model.language_model.layers:
         layer.self_attn.__dict__.pop("_sparsevila_state", None)
+    fused.unfuse(model.model.language_model.layers)
     model.set_attn_implementation({"text_config": state.prev_attn})
     model._sparsevila = None
     return model
@@ -200,8 +225,7 @@ def _generate(orig_generate, model, input_ids: Optional[torch.Tensor] = None, **
         max_new = max(int(kwargs.get("max_length", gen_cfg.max_length)) - L, 0)
     cfg = model.config
     if cache is None:
-        cache = SparseVILACache(cfg.text_config.num_hidden_layers, L + max_new, 1.0 - state.decode_sparsity,
-                                cuda_graph=state.cuda_graph)
+        cache = state.new_cache(_like(model, B, input_ids.device), L + max_new)
     elif not isinstance(cache, SparseVILACache):
         raise TypeError(f"past_key_values must be the SparseVILACache returned by an earlier generate (or None) "
                         f"while sparsevila is enabled; got {type(cache).__name__}")
@@ -228,7 +252,8 @@ def _generate(orig_generate, model, input_ids: Optional[torch.Tensor] = None, **
     cache.begin_prefill(_like(model, B, input_ids.device), new.shape[1], pads, spans, reserve=max_new)
     state.llm.cache = cache
     try:
-        out = orig_generate(input_ids=call_ids, attention_mask=call_mask, past_key_values=cache, **kwargs)
+        with deferred_stop_checks():
+            out = orig_generate(input_ids=call_ids, attention_mask=call_mask, past_key_values=cache, **kwargs)
     finally:
         state.llm.cache = None
         cache.prefill = None
