@@ -1,9 +1,10 @@
 """Tuned kernel configs from the command line: ``python -m sparsevila_ops.autotune <command>`` (also
 ``python -m sparsevila_ops autotune <command>``).
 
-- ``tune --op OP|all [--backend triton|cuda|all] [--shapes PRESET|FILE]``: tune every kernel of OP at every
-  shape of the preset or file (shapes that fall in an already tuned bucket are skipped) into the user cache;
-  a progress bar with an ETA on stderr. Needs a CUDA GPU.
+- ``tune --op OP|all [--backend triton|cuda|all] [--shapes PRESET|FILE] [--jobs N]``: tune every kernel of OP at
+  every shape of the preset or file (shapes that fall in an already tuned bucket are skipped) into the user
+  cache, compiling each key's candidates on N threads first; a progress bar with an ETA on stderr. Needs a CUDA
+  GPU.
 - ``show [--op OP]``: the user cache and the shipped tables, and whether this install uses them.
 - ``clear [--op OP]``: remove the user cache's entries (all, or OP's).
 - ``export [--gpu NAME] [--out PATH]``: write the user cache's table of a GPU in the shipped format (default
@@ -19,6 +20,7 @@ from typing import List, Optional
 import torch
 
 from . import KERNELS, kernel, shapes, tables
+from .tuner import JOBS
 
 OPS = sorted({op for op, _ in KERNELS})
 
@@ -93,7 +95,7 @@ def cmd_tune(a) -> int:
             continue
         done.add((t.name, t.table_key(key)))
         try:
-            r = tune(t, args)
+            r = tune(t, args, jobs=a.jobs)
         except Exception as e:  # noqa: BLE001 - report the shape and go on with the others
             failed += 1
             print(f"\nFAILED {t.name} {_describe(shape)}: {type(e).__name__}: {e}"[:400], file=sys.stderr)
@@ -176,6 +178,9 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--shapes", default="all", metavar="PRESET|FILE",
                    help=f"a preset ({', '.join(shapes.PRESETS)}) or a JSON list of {{\"op\": OP, <shape fields>}} "
                         f"(default: all)")
+    t.add_argument("--jobs", type=int, default=JOBS, metavar="N",
+                   help=f"threads that compile a key's candidate configs before they are timed (default: one per "
+                        f"CPU, at most 32: {JOBS}; 1: each compiles at its first launch)")
     t.set_defaults(run=cmd_tune)
     s = sub.add_parser("show", help="the user cache and the shipped tables")
     s.add_argument("--op", choices=OPS)

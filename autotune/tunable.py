@@ -11,7 +11,10 @@ gives the functions the library and the tuner need:
 - ``resources(key, config)`` (optional): estimated (shared memory bytes, registers per thread), so the tuner
   can skip configs that cannot fit;
 - ``unsupported(*args)`` (optional): why the kernel cannot run these arguments here (None: it can), so the
-  tuner, the CLI and the benchmarks skip them with the reason; without it every call is taken.
+  tuner, the CLI and the benchmarks skip them with the reason; without it every call is taken;
+- ``warmup(*args, config)`` (optional; Triton kernels, made by :meth:`Tunable.triton_warmup` from ``launch``):
+  compiles what ``launch(*args, config)`` would run without launching it, so :meth:`Tunable.precompile` can compile
+  the tuner's candidates on several threads before they are timed.
 
 Tables store configs under :meth:`Tunable.table_key`: the key without ``gpu`` (tables are per GPU), with the
 fields named in ``buckets`` rounded down to a power of two, so one tuned entry covers the sizes
@@ -21,8 +24,12 @@ after that a launch costs one dict hit on the exact key.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
+import threading
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Dict, NamedTuple, Optional, Sequence, Tuple
 
@@ -31,6 +38,7 @@ import torch
 from sparsevila_ops._device import CPU, gpu_name  # noqa: F401  (re-exported: the gpu field of every key)
 
 _ALL: "weakref.WeakSet[Tunable]" = weakref.WeakSet()
+_WARMUP_LOCK = threading.Lock()
 
 
 def bucket(n: int) -> int:
@@ -54,9 +62,10 @@ class Tunable:
                  space: Callable[[NamedTuple], list], default: Callable[[NamedTuple], dict],
                  launch: Callable[..., None], buckets: Sequence[str] = (),
                  resources: Optional[Callable[[NamedTuple, dict], Tuple[int, int]]] = None,
-                 unsupported: Optional[Callable[..., Optional[str]]] = None):
+                 unsupported: Optional[Callable[..., Optional[str]]] = None,
+                 warmup: Optional[Callable[..., None]] = None):
         self.op, self.backend, self.source = op, backend, tuple(str(s) for s in source)
-        self.key, self.space, self.default, self.launch = key, space, default, launch
+        self.key, self.space, self.default, self.launch, self.warmup = key, space, default, launch, warmup
         self.buckets, self.resources = frozenset(buckets), resources
         self._unsupported = unsupported
         self._memo: Dict[tuple, dict] = {}  # exact key -> config, filled by the lookup chain
@@ -89,6 +98,41 @@ class Tunable:
         """Why the kernel cannot run a launch with ``args`` here (None: it can; always None without the hook)."""
         return None if self._unsupported is None else self._unsupported(*args)
 
+    def precompile(self, args: tuple, configs: Sequence[dict], jobs: int) -> None:
+        """Compile the kernels of ``configs`` for ``args`` on ``jobs`` threads, so that their first launches find
+        them in Triton's in-process cache instead of compiling one after the other. Each config's ``warmup`` runs
+        under Triton's async compile mode, which hands the compiles to the threads (Triton's compiler releases the
+        GIL) and, when all are done, caches the kernels. A config whose warmup or compile fails is passed over: its
+        launch fails the same way and reports it. Does nothing with ``jobs`` <= 1, without the hook, or where
+        :func:`_async_compiles` says no (CPU tensors: the interpreter compiles nothing)."""
+        if jobs <= 1 or self.warmup is None or not _async_compiles(args):
+            return
+        from triton.runtime._async_compile import AsyncCompileMode
+        with ThreadPoolExecutor(jobs) as pool, AsyncCompileMode(pool, ignore_errors=True):
+            for cfg in configs:
+                with contextlib.suppress(Exception):
+                    self.warmup(*args, cfg)
+
+    @staticmethod
+    def triton_warmup(launch: Callable[..., None]) -> Callable[..., None]:
+        """The ``warmup`` hook of ``launch``, a launcher of Triton kernels: it runs ``launch`` with each
+        ``kernel[grid](...)`` of this thread made a Triton warmup (binds the arguments and compiles, or finds the
+        kernel compiled, launching nothing), so launch and warmup map a config to kernel arguments in one place.
+        The launcher's other work (allocating scratch) still happens. Other threads launch as usual meanwhile; one
+        thread warms up at a time."""
+        def warmup(*args) -> None:
+            from triton.runtime.jit import KernelInterface
+            with _WARMUP_LOCK:
+                getitem, me = KernelInterface.__getitem__, threading.get_ident()
+                KernelInterface.__getitem__ = lambda kernel, grid: (
+                    functools.partial(kernel.run, grid=grid, warmup=True) if threading.get_ident() == me
+                    else getitem(kernel, grid))
+                try:
+                    launch(*args)
+                finally:
+                    KernelInterface.__getitem__ = getitem
+        return warmup
+
     def config(self, args: tuple) -> dict:
         """The config a launch with ``args`` uses (user cache > shipped table > default)."""
         key = self.key(*args)
@@ -101,6 +145,20 @@ class Tunable:
     def __call__(self, *args) -> None:
         """Launch with the config of :meth:`config`."""
         self.launch(*args, self.config(args))
+
+
+def _async_compiles(args: tuple) -> bool:
+    """Whether launches with ``args`` compile Triton kernels that :meth:`Tunable.precompile` can compile ahead:
+    CUDA tensors, not Triton's interpreter, a Triton with the async compile mode (3.4 has none) and none of the
+    caller's active."""
+    if not any(isinstance(a, torch.Tensor) and a.is_cuda for a in args):
+        return False
+    try:
+        from triton import knobs
+        from triton.runtime import _async_compile
+    except ImportError:
+        return False
+    return not knobs.runtime.interpret and _async_compile.active_mode.get() is None
 
 
 def forget_lookups() -> None:

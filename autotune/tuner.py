@@ -3,7 +3,8 @@
 For each candidate (the default first, then the space, without duplicates):
 
 1. pruned, without a launch, when its estimated shared memory or registers (``Tunable.resources``) exceed the
-   GPU's :class:`Limits`;
+   GPU's :class:`Limits`; the others are first compiled together on ``jobs`` threads
+   (:meth:`Tunable.precompile`; Triton kernels on a GPU), where each would otherwise compile at its first launch;
 2. the arguments the launcher writes (``Problem.outputs``) of every input set are restored from one snapshot,
    so accumulating outputs and in-place updates (``append_kv``'s lengths) start every trial from one state;
 3. launched once on input set 0 and compared with the reference's outputs (floats: relative L2 error within
@@ -20,6 +21,7 @@ swaps a heuristic for an equal config).
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence
@@ -33,6 +35,7 @@ from .tunable import Tunable
 
 MIN_GAIN = 0.02
 MAX_SETS = 8
+JOBS = min(32, os.cpu_count() or 1)  # compile threads: one per CPU, at most 32
 FROM_DEVICE = "the device's"
 OK, PRUNED, FAILED, WRONG = "ok", "pruned", "failed", "wrong"
 
@@ -182,10 +185,11 @@ def default_timer(device: torch.device) -> Timer:
 
 def measure(tunable: Tunable, args: tuple, configs: Optional[Sequence[dict]] = None, *, problem=None,
             timer: Optional[Timer] = None, sets: Optional[int] = None, limits=FROM_DEVICE,
-            copy: bool = False) -> List[Trial]:
+            copy: bool = False, jobs: int = JOBS) -> List[Trial]:
     """Verify and time each of :func:`candidates` on ``args`` (module docstring). ``copy``: work on copies of
     ``args`` (else input set 0 is ``args`` itself and its outputs are overwritten). ``limits``: by default those
-    of the arguments' GPU; None prunes nothing. Raises ValueError, with the reason, when the Tunable says it
+    of the arguments' GPU; None prunes nothing. ``jobs``: threads that compile the candidates before the first
+    launch (1: each compiles at its first launch). Raises ValueError, with the reason, when the Tunable says it
     cannot run ``args`` (``Tunable.unsupported``)."""
     from .problems import problem_of
     why = tunable.unsupported(*args)
@@ -216,9 +220,11 @@ def measure(tunable: Tunable, args: tuple, configs: Optional[Sequence[dict]] = N
     problem.reference(*inputs[0])
     expected = {p: [t.clone() for t in _tensors(inputs[0][p])] for p in problem.outputs}
 
+    cands = candidates(tunable, key, configs)
+    pruned = [prune_reason(tunable, key, cfg, limits) for cfg in cands]
+    tunable.precompile(inputs[0], [cfg for cfg, why in zip(cands, pruned) if why is None], jobs)
     trials = []
-    for cfg in candidates(tunable, key, configs):
-        why = prune_reason(tunable, key, cfg, limits)
+    for cfg, why in zip(cands, pruned):
         if why is not None:
             trials.append(Trial(cfg, PRUNED, note=why))
             continue
@@ -248,13 +254,13 @@ def measure(tunable: Tunable, args: tuple, configs: Optional[Sequence[dict]] = N
 
 
 def tune(tunable: Tunable, args: tuple, *, problem=None, timer: Optional[Timer] = None, sets: Optional[int] = None,
-         limits=FROM_DEVICE, copy: bool = False, store: bool = True) -> Result:
-    """Measure the candidates on ``args``, pick the winner (module docstring) and, with ``store``, record it in
-    the user cache. Raises RuntimeError when no candidate is correct, ValueError (with the reason) when the
-    Tunable cannot run ``args``."""
+         limits=FROM_DEVICE, copy: bool = False, store: bool = True, jobs: int = JOBS) -> Result:
+    """Measure the candidates on ``args`` (``jobs`` compile threads), pick the winner (module docstring) and,
+    with ``store``, record it in the user cache. Raises RuntimeError when no candidate is correct, ValueError (with
+    the reason) when the Tunable cannot run ``args``."""
     t0 = time.perf_counter()
     key = tunable.key(*args)
-    trials = measure(tunable, args, problem=problem, timer=timer, sets=sets, limits=limits, copy=copy)
+    trials = measure(tunable, args, problem=problem, timer=timer, sets=sets, limits=limits, copy=copy, jobs=jobs)
     ok = [t for t in trials if t.status == OK]
     if not ok:
         raise RuntimeError(f"no config of {tunable.name} passed at {tunable.table_key(key)}: "

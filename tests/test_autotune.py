@@ -1,8 +1,9 @@
 """sparsevila_ops.autotune: the kernel-config seam, the tables, the tuner and its command line.
 
 CPU: a fake kernel (``out = x * scale``) with a fake timer exercises bucketing, the cache round trip, stale
-tables, the lookup order, the capture / compile guards, pruning, verification and output resets; one real kernel
-(``append_kv``, under the interpreter) is tuned end to end. GPU (``gpu``): the CLI tunes a kernel into a temp
+tables, the lookup order, the capture / compile guards, pruning, verification, output resets and compiling the
+candidates ahead (the fake's warmup hook); one real kernel (``append_kv``, under the interpreter) is tuned end to
+end. GPU (``gpu``): the CLI tunes a kernel into a temp
 cache and a new process uses the table.
 """
 import json
@@ -10,6 +11,7 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import NamedTuple
 
@@ -19,6 +21,7 @@ import torch
 import sparsevila_ops as so
 from sparsevila_ops import autotune
 from sparsevila_ops.autotune import cli, problems, tables, tuner
+from sparsevila_ops.autotune import tunable as seam
 from sparsevila_ops.autotune.problems import Problem
 from sparsevila_ops.autotune.tunable import Tunable, bucket, gpu_name
 
@@ -302,6 +305,79 @@ def test_the_tuner_refuses_arguments_the_tunable_cannot_run(fake):
     assert autotune.kernel("decode_attention").unsupported(*args) is None  # no hook: every call is taken
 
 
+# --- compiling the candidates ahead -----------------------------------------------------------------------------------
+
+def test_precompile_warms_every_unpruned_candidate_up_before_any_launch(tmp_path, monkeypatch):
+    """With jobs > 1 (and a GPU: faked here), every candidate that is not pruned is warmed up once, all before the
+    first launch; a warmup that fails is passed over. The trials are those of jobs 1, which warms nothing up."""
+    f = Fake(tmp_path / "fake_kernel.py", resources=lambda key, cfg: (cfg["tile"] * 1024, 0))
+    monkeypatch.setitem(problems.PROBLEMS, "fake_op", Problem((1,), f.reference, None, {}))
+    monkeypatch.setattr(seam, "_async_compiles", lambda args: True)
+    events = []
+
+    def warmup(x, out, cfg):
+        events.append(("warmup", cfg["tile"], threading.get_ident()))
+        if cfg["tile"] == 8:
+            raise RuntimeError("out of resources")  # its launch works in the fake: it is timed as usual
+
+    def launch(x, out, cfg):
+        events.append(("launch", cfg["tile"], threading.get_ident()))
+        f.launch(x, out, cfg)
+
+    f.tunable.warmup, f.tunable.launch = warmup, launch
+    limits = tuner.Limits(48 * 1024)  # prunes tile 64
+    one = tuner.measure(f.tunable, _args(), timer=f.timer(COST), limits=limits, jobs=1)
+    assert {e[0] for e in events} == {"launch"}
+    events.clear()
+    many = tuner.measure(f.tunable, _args(), timer=f.timer(COST), limits=limits, jobs=4)
+    me = threading.get_ident()
+    assert events[:4] == [("warmup", tile, me) for tile in (16, 8, 32, 4)]  # the default first; 64 is pruned
+    assert {e[0] for e in events[4:]} == {"launch"}
+    assert [(t.config, t.status, t.ms) for t in many] == [(t.config, t.status, t.ms) for t in one]
+    assert [t.status for t in many] == [tuner.OK, tuner.OK, tuner.OK, tuner.PRUNED, tuner.WRONG]
+
+
+def test_precompile_does_nothing_on_cpu_tensors(fake):
+    """CPU tensors run under Triton's interpreter, which compiles nothing: no warmup, whatever ``jobs`` says."""
+    args = autotune.make_args("append_kv", {"B": 2, "Hk": 2, "D": 16, "cap": 8}, "cpu")
+    lengths = args[4].clone()
+    t = autotune.kernel("append_kv")
+    t.precompile(args, autotune.config_space("append_kv", *args), jobs=8)
+    assert torch.equal(args[4], lengths)  # a warmup under the interpreter would have run the kernel
+    warmed = []
+    fake.tunable.warmup = lambda x, out, cfg: warmed.append(cfg)
+    assert tuner.tune(fake.tunable, _args(), timer=fake.timer(COST), limits=None, jobs=8).config["tile"] == 32
+    assert warmed == []
+
+
+def test_triton_warmup_compiles_instead_of_launching_on_its_thread_only():
+    """The hook runs the launcher with this thread's ``kernel[grid](...)`` as Triton warmups; another thread's
+    launch meanwhile, and every launch after, is a launch. Triton kernels declare the hook, the CUDA ones none."""
+    from triton.runtime.jit import KernelInterface
+
+    class Kernel(KernelInterface):
+        def __init__(self):
+            self.runs = []
+
+        def run(self, *args, grid, warmup, **kwargs):
+            self.runs.append((args, grid, warmup, kwargs))
+
+    k = Kernel()
+
+    def launch(x, cfg):
+        k[(x, 2)](x, BLOCK=cfg["BLOCK"], num_warps=cfg["num_warps"])
+        other = threading.Thread(target=lambda: k[(1,)](x))
+        other.start()
+        other.join()
+
+    Tunable.triton_warmup(launch)(3, {"BLOCK": 16, "num_warps": 4})
+    k[(5,)](5)
+    assert k.runs == [((3,), (3, 2), True, {"BLOCK": 16, "num_warps": 4}), ((3,), (1,), False, {}),
+                      ((5,), (5,), False, {})]
+    assert all(autotune.kernel(op).warmup is not None for op in TRITON_OPS)
+    assert autotune.kernel("decode_attention", "cuda").warmup is None
+
+
 def test_resource_estimates_prune_the_prefill_tiles_known_to_spill():
     """bench/NOTES.md: 128 x 64 prefill tiles with 4 warps spill (~100 TFLOP/s), with 8 warps they reach ~500."""
     from sparsevila_ops.triton_kernels.prefill import AttentionKey
@@ -391,7 +467,26 @@ def test_cli_help_lists_the_commands(capsys):
     with pytest.raises(SystemExit) as info:
         cli.main(["tune", "--help"])
     out = capsys.readouterr().out
-    assert info.value.code == 0 and "--op" in out and "--shapes" in out and "qwen2_5_vl" in out
+    assert info.value.code == 0 and "--op" in out and "--shapes" in out and "qwen2_5_vl" in out and "--jobs" in out
+
+
+def test_cli_tune_compiles_on_jobs_threads(monkeypatch, tmp_path):
+    """``--jobs`` reaches the tuner (default: one thread per CPU, at most 32)."""
+    assert cli.parser().parse_args(["tune", "--op", "all"]).jobs == tuner.JOBS == min(32, os.cpu_count())
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    make_args = problems.make_args
+    monkeypatch.setattr(problems, "make_args", lambda op, shape, device: make_args(op, shape, "cpu"))
+    seen = []
+
+    def tune(t, args, jobs):
+        seen.append(jobs)
+        return tuner.Result(t, t.key(*args), t.default(t.key(*args)), 1e-3, 1e-3)
+
+    monkeypatch.setattr(tuner, "tune", tune)
+    path = tmp_path / "shapes.json"
+    path.write_text(json.dumps([{"op": "append_kv", "Hk": 2, "D": 16, "cap": 8}]))
+    assert cli.main(["tune", "--op", "append_kv", "--shapes", str(path), "--jobs", "3"]) == 0
+    assert seen == [3]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available")

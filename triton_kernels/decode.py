@@ -261,9 +261,10 @@ def _sparse_decode(q, k_cache, v_cache, indices, n_valid, scale, out, lse, cfg) 
 
 _DECODE_SEAM = dict(space=_decode_space, default=_decode_default, resources=_decode_resources,
                     buckets=("B", "Hk", "cap"))
-DECODE = Tunable("decode_attention", "triton", [__file__], key=_decode_key, launch=_decode, **_DECODE_SEAM)
+DECODE = Tunable("decode_attention", "triton", [__file__], key=_decode_key, launch=_decode,
+                 warmup=Tunable.triton_warmup(_decode), **_DECODE_SEAM)
 SPARSE_DECODE = Tunable("sparse_decode_attention", "triton", [__file__], key=_sparse_decode_key,
-                        launch=_sparse_decode, **_DECODE_SEAM)
+                        launch=_sparse_decode, warmup=Tunable.triton_warmup(_sparse_decode), **_DECODE_SEAM)
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor, scale: float,
@@ -350,7 +351,8 @@ def _append(k_new, v_new, k_cache, v_cache, lengths, cfg) -> None:
 
 
 APPEND = Tunable("append_kv", "triton", [__file__], key=_append_key, space=_append_space, default=_append_default,
-                 launch=_append, resources=_append_resources, buckets=("B",))
+                 launch=_append, warmup=Tunable.triton_warmup(_append), resources=_append_resources,
+                 buckets=("B",))
 
 
 def append_kv(k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

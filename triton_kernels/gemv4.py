@@ -181,7 +181,7 @@ def launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: 
 
 
 W4A16 = Tunable("w4a16_linear", "triton", [__file__], key=_key, space=_space, default=_default, launch=launch,
-                resources=_resources, buckets=("M", "N", "K"))
+                warmup=Tunable.triton_warmup(launch), resources=_resources, buckets=("M", "N", "K"))
 
 
 def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,

@@ -151,7 +151,8 @@ def _launch_select(scores, vis_start, vis_end, keep, indices, cfg) -> None:
 
 
 SELECT = Tunable("select_kv", "triton", [__file__], key=_select_key, space=_select_space, default=_select_default,
-                 launch=_launch_select, resources=_select_resources, buckets=("rows", "T"))
+                 launch=_launch_select, warmup=Tunable.triton_warmup(_launch_select), resources=_select_resources,
+                 buckets=("rows", "T"))
 
 
 def select_kv(scores: torch.Tensor, vis_start: torch.Tensor, vis_end: torch.Tensor, keep: int,
@@ -300,7 +301,8 @@ def _launch_pack(k, v, indices, vis_start, vis_end, seq_lens, k_out, v_out, leng
 
 
 PACK = Tunable("pack_kv", "triton", [__file__], key=_pack_key, space=_pack_space, default=_pack_default,
-               launch=_pack, resources=_pack_resources, buckets=("rows", "len"))
+               launch=_pack, warmup=Tunable.triton_warmup(_pack), resources=_pack_resources,
+               buckets=("rows", "len"))
 
 
 def pack_kv(k: List[torch.Tensor], v: List[torch.Tensor], indices: torch.Tensor, vis_start: torch.Tensor,
