@@ -93,7 +93,7 @@ def _check_sparsity(name: str, x) -> float:
 
 
 def enable(model, prefill_sparsity: float = 0.75, decode_sparsity: float = 0.95, *,
-           salience_layer: Optional[int] = None, cuda_graph: bool = False):
+           salience_layer: Optional[int] = None, cuda_graph: bool = True):
     """Run ``model.generate`` through the SparseVILA pipeline; returns ``model``.
 
     Args:
@@ -106,10 +106,9 @@ def enable(model, prefill_sparsity: float = 0.75, decode_sparsity: float = 0.95,
             ``vision_config.fullatt_block_indexes``).
         cuda_graph: report the cache compileable, so that ``generate`` on CUDA compiles the decode step into a
             CUDA graph (``torch.compile``, mode ``reduce-overhead``; the first ``generate`` of each cache size
-            compiles): 4-5x faster decode on a 7B model than eager (bench/NOTES.md). Opt-in because, on the
-            H200 with the 7B model at sparsities (0.75, 0.95), GPU memory grew by ~60 GB per 128-token
-            ``generate`` until the third call ran out of memory (not seen at (0, 0); cause not yet found).
-            ``generate(..., disable_compile=True)`` turns it off for one call.
+            compiles, later calls reuse the cache's buffers and replay): 4-5x faster decode on a 7B model than
+            eager (bench/NOTES.md). False decodes eagerly; ``generate(..., disable_compile=True)`` does for one
+            call.
     """
     if not isinstance(model, hf.Qwen2_5_VLForConditionalGeneration):
         raise TypeError(f"model must be a transformers Qwen2_5_VLForConditionalGeneration; got "
@@ -203,6 +202,7 @@ _VISUAL_KWARGS = ("pixel_values", "pixel_values_videos", "image_grid_thw", "vide
                   "second_per_grid_ts", "mm_token_type_ids")
 
 
+@torch.no_grad()  # as transformers' generate: pruning's encoder forward must not record an autograd graph
 def _generate(orig_generate, model, input_ids: Optional[torch.Tensor] = None, **kwargs):
     state: SparseVILAState = model._sparsevila
     if input_ids is None:
