@@ -7,6 +7,9 @@ Layout (all layers stacked, so select + pack of the whole model is one launch ea
 - packed cache ``pk, pv [L, B, Hk, packed_capacity, D]``, ``plengths [L, B]``: after each question's prefill,
   per (layer, b, kv head) the prefix before the visual span, the ``keep`` visual entries the question attends
   to most (``select_kv`` on the prefill's relevance), and the suffix; decode runs over it while ``sparse``.
+  Sparse decode steps append to the packed cache only; the tokens they add are copied into the full cache at
+  the next host sync point (``sync_full``: the end of ``generate``, or the next prefill), so a decode step
+  writes one cache, not two.
 
 A prefill (a forward with more than one new token) is announced by ``begin_prefill`` (host-side: the rows'
 left padding, the visual spans, the tokens still to be generated); decode steps (one new token) touch only
@@ -85,6 +88,7 @@ class SparseVILACache(Cache):
         self.k = self.v = self.lengths = self.seen = None
         self.pk = self.pv = self.plengths = None
         self.sparse = False  # decode reads the packed cache
+        self._packed_from: List[Tuple[int, int]] = []  # per row: (full, packed) lengths when the packing ended
         self.indices: Optional[torch.Tensor] = None  # the last selection, int32 [L, B, Hk, keep]
         # set by an integration that pruned the first prompt: (its length, the pruned ids, the pruned mask)
         self.prompt_map: Optional[Tuple[int, torch.Tensor, torch.Tensor]] = None
@@ -140,6 +144,7 @@ class SparseVILACache(Cache):
         """
         if not self.allocated:
             self._allocate(like)
+        self.sync_full()
         B = self.batch_size_
         pads = [0] * B if pads is None else [int(p) for p in pads]
         if len(pads) != B or any(not 0 <= p <= q_len for p in pads):
@@ -170,9 +175,10 @@ class SparseVILACache(Cache):
     def _write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         q_len = k.shape[2]
         if q_len == 1 and self.prefill is None:  # decode step: device-side append, graph-capturable
-            append_kv(k[:, :, 0], v[:, :, 0], self.k[layer], self.v[layer], self.lengths[layer])
-            if self.sparse:
+            if self.sparse:  # the full cache catches up in sync_full
                 append_kv(k[:, :, 0], v[:, :, 0], self.pk[layer], self.pv[layer], self.plengths[layer])
+            else:
+                append_kv(k[:, :, 0], v[:, :, 0], self.k[layer], self.v[layer], self.lengths[layer])
             if layer == 0:
                 self.seen.add_(1)
             return
@@ -208,6 +214,7 @@ class SparseVILACache(Cache):
             self.plengths = torch.zeros(L, B, dtype=torch.int32, device=self.k.device)
             self._mark_static(self.pk, self.pv, self.plengths)
         cap = self.pk.shape[3]
+        self._packed_from = [(n, s + kb + n - e) for s, e, kb, n in zip(vs, ve, keeps, lens)]
         if len(set(keeps)) == 1:  # one launch each for every layer and row
             self.indices = select_kv(scores, vs, ve, keeps[0])
             _, _, lengths = pack_kv(self.k, self.v, self.indices, vs, ve, cap, seq_lens=lens, k_out=self.pk,
@@ -225,6 +232,18 @@ class SparseVILACache(Cache):
                 self.indices[:, b:b + 1, :, :keeps[b]].copy_(idx)
         self.sparse = True
 
+    def sync_full(self) -> None:
+        """Copy the tokens decoded over the packed cache since the packing into the full cache and advance its
+        lengths (one host sync; a no-op unless ``sparse``). Every layer and row decodes in step, so row b's new
+        tokens are the packed slots ``[p_b, plengths[0, b])``, which go to ``[f_b, ...)`` of the full rows."""
+        if not self.sparse or not self._packed_from:
+            return
+        for b, (n, (f, p)) in enumerate(zip(self.plengths[0].tolist(), self._packed_from)):
+            d = n - p
+            self.k[:, b, :, f:f + d].copy_(self.pk[:, b, :, p:n])
+            self.v[:, b, :, f:f + d].copy_(self.pv[:, b, :, p:n])
+            self.lengths[:, b].fill_(f + d)
+
     # -- HF Cache API --------------------------------------------------------------------------------------
     def get_seq_length(self, layer_idx: int = 0):
         return self.seen if self.allocated else 0
@@ -239,6 +258,7 @@ class SparseVILACache(Cache):
             self.seen.zero_()
         self.host_lens, self.vis_spans, self.sparse, self.prefill = [0] * max(self.batch_size_, 0), [], False, None
         self.indices = self.prompt_map = None
+        self._packed_from = []
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         raise NotImplementedError("SparseVILACache does not support beam search (num_beams > 1)")
@@ -257,16 +277,15 @@ class SparseVILACache(Cache):
         n = -int(tokens_to_remove)
         if n == 0 or not self.allocated:
             return
-        self.lengths.sub_(n)
         self.seen.sub_(n)
-        if self.sparse:
-            self.plengths.sub_(n)
+        (self.plengths if self.sparse else self.lengths).sub_(n)
 
 
 def packed_mismatch(cache: SparseVILACache) -> str:
     """Consistency check of a sparse cache (tests, benchmarks, debugging): '' if every packed row (l, b, g) equals
     the full row gathered at ``[0, vs) + indices[l, b, g] + [ve, lengths[l, b])`` (what decode appended included),
     else where the first difference is."""
+    cache.sync_full()
     L, B, Hk = cache.k.shape[:3]
     for b in range(B):
         vs, ve = cache.vis_spans[b]

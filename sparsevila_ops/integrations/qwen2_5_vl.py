@@ -254,6 +254,7 @@ def _generate(orig_generate, model, input_ids: Optional[torch.Tensor] = None, **
     try:
         with deferred_stop_checks():
             out = orig_generate(input_ids=call_ids, attention_mask=call_mask, past_key_values=cache, **kwargs)
+        cache.sync_full()
     finally:
         state.llm.cache = None
         cache.prefill = None
