@@ -183,6 +183,31 @@ def profile_kernels(fn: Callable[[], object]) -> Profile:
     return out, busy_us(spans)
 
 
+ENCODER_KINDS = (("gemm", ("nvjet", "gemm", "cutlass", "xmma", "sm90_xmma", "splitkreduce")),
+                 ("attention", ("flash", "fmha", "attention", "_attn", "prefill", "salience")),
+                 ("conv", ("conv", "cudnn", "implicit")),
+                 ("elementwise / reduce", ("elementwise", "reduce", "cat", "copy", "index", "gather", "scatter",
+                                           "norm", "softmax", "triton_")))
+
+
+def encoder_profile(model, inputs: dict) -> dict:
+    """GPU time of one vision-tower pass over the input's video (as the row's ``enable`` left the tower): busy ms,
+    launches, summed ms per kind (``ENCODER_KINDS``) and the 8 kernels costing most."""
+    visual = model.model.visual
+    pix = inputs["pixel_values_videos"].to(visual.dtype)
+    with torch.no_grad():
+        kernels, busy = profile_kernels(lambda: visual(pix, grid_thw=inputs["video_grid_thw"]))
+    kinds: Dict[str, float] = {}
+    for name, (us, _) in kernels.items():
+        low = name.lower()
+        kind = next((k for k, parts in ENCODER_KINDS if any(p in low for p in parts)), "other")
+        kinds[kind] = kinds.get(kind, 0.0) + us / 1e3
+    top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:8]
+    return {"gpu_ms": busy / 1e3, "launches": sum(c for _, c in kernels.values()),
+            "kinds_ms": dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
+            "top": [{"kernel": n[:120], "us": round(us, 1), "calls": c} for n, (us, c) in top]}
+
+
 class _StopAfter:
     """A ``generate`` stopping criterion: stop once ``n`` tokens are generated (the static cache keeps the size
     ``max_new_tokens`` gave it, so nothing recompiles). It counts from its first call, which follows the first
@@ -213,7 +238,8 @@ def run_rows(model, inputs: dict, rows: Sequence[str], *, decode_steps: int, pre
     """Measure E, P, D of each row on one input (``demo.stage_row``: warm-up ``generate``, then a timed one);
     returns raw rows. ``kept_visual`` is what the pruning kept (``state.last_kept``), all visual tokens when
     nothing was pruned. ``profile_steps`` > 0 adds ``step``: the GPU time of one decode step from that many
-    profiled steps (``decode_step_profile``)."""
+    profiled steps (``decode_step_profile``), and for rows (a) and (b) ``encoder``: one vision-tower pass
+    (``encoder_profile``)."""
     prompt = inputs["input_ids"].shape[1]
     n_vis = int((inputs["input_ids"] == model.config.video_token_id).sum())
     weights = decode_weight_bytes(model)
@@ -229,16 +255,19 @@ def run_rows(model, inputs: dict, rows: Sequence[str], *, decode_steps: int, pre
             graphs.append(counters["stats"]["unique_graphs"])
             return model.generate(**inputs, **kw)
 
-        def probe(kw=kw):
+        def probe(kw=kw, key=key):
             graphs.append(counters["stats"]["unique_graphs"])  # the timed run ends here
             if not profile_steps:
                 return None
+            found = {}
             try:
-                return decode_step_profile(lambda **more: model.generate(**inputs, **kw, **more),
-                                           long=min(decode_steps, 4 + profile_steps))
+                found["step"] = decode_step_profile(lambda **more: model.generate(**inputs, **kw, **more),
+                                                    long=min(decode_steps, 4 + profile_steps))
+                if key in ("a", "b"):  # the vision tower is the same in every row of ours
+                    found["encoder"] = encoder_profile(model, inputs)
             except Exception as e:  # noqa: BLE001 - the row's E, P, D stand without the profile
-                print(f"  ({key}: no decode-step profile: {type(e).__name__}: {e})"[:300], flush=True)
-                return None
+                print(f"  ({key}: profile incomplete: {type(e).__name__}: {e})"[:300], flush=True)
+            return found
 
         r = stage_row(model, timer, generate, decode_steps, sp, cuda_graph=True, probe=probe)
         recompiled = graphs[2] - graphs[1]
@@ -249,8 +278,10 @@ def run_rows(model, inputs: dict, rows: Sequence[str], *, decode_steps: int, pre
                "kv_tokens": decode_kv_tokens(prompt, n_vis, p, d, decode_steps), "weight_bytes": weights,
                "E_ms": r["E_ms"], "P_ms": r["P_ms"], "D_ms": r["D_ms"], "generated": r["out"].shape[1] - prompt,
                "graphs_compiled_in_timed_run": recompiled}
-        if r["probe"] is not None:
-            row["D_gpu_ms"], row["step"] = r["probe"]["gpu_ms"], r["probe"]
+        if r["probe"] and "step" in r["probe"]:
+            row["D_gpu_ms"], row["step"] = r["probe"]["step"]["gpu_ms"], r["probe"]["step"]
+        if r["probe"] and "encoder" in r["probe"]:
+            row["encoder"] = r["probe"]["encoder"]
         out.append(row)
         print(f"  {precision:6s} {row['input']:>5s} ({key}) {label:22s} E {row['E_ms']:9.1f} ms  P {row['P_ms']:9.1f} "
               f"ms  D {row['D_ms']:7.3f} ms/token" + (f" (GPU {row['D_gpu_ms']:.3f} ms, {row['step']['launches']:.0f} "

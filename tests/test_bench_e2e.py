@@ -166,12 +166,14 @@ def test_busy_time_is_the_union_of_kernel_intervals():
 
 def test_decode_step_profile_stops_generate_after_each_length(tiny_model, monkeypatch):
     """The two profiled runs stop after 4 and 6 tokens through the stopping criterion (same max_new_tokens, so
-    nothing is resized), and the row gets the per-step numbers."""
+    nothing is resized), and the row gets the per-step numbers; row (a) also gets the vision tower's."""
     from sparsevila_ops.integrations import demo
     lengths = []
 
     def fake_profile(fn):
         out = fn()
+        if not isinstance(out, torch.Tensor):  # the vision tower's output (encoder_profile)
+            return {"gemm_kernel": (5.0, 2)}, 5.0
         lengths.append(out.shape[1])
         return {"k": (10.0 * out.shape[1], out.shape[1])}, 10.0 * out.shape[1]
     monkeypatch.setattr(e2e, "profile_kernels", fake_profile)
@@ -182,4 +184,7 @@ def test_decode_step_profile_stops_generate_after_each_length(tiny_model, monkey
                         profile_steps=2)
     assert lengths == [prompt + 4, prompt + 6] * 2
     assert all(r["D_gpu_ms"] == pytest.approx(0.01) and r["step"]["launches"] == 1 for r in rows)
+    assert rows[0]["encoder"] == {"gpu_ms": 0.005, "launches": 2, "kinds_ms": {"gemm": 0.005},
+                                  "top": [{"kernel": "gemm_kernel", "us": 5.0, "calls": 2}]}
+    assert "encoder" not in rows[1]  # the tower is profiled at rows (a) and (b) only
     assert e2e.assemble(rows, 1.0, 100)[1]["D_gpu_over_floor"] > 0

@@ -416,3 +416,15 @@ def test_generate_records_no_autograd_graph(model, enabled, device):
     state = enabled(0.5, 0.9)._sparsevila
     model.generate(**visual_inputs(seed=8, device=device), max_new_tokens=2, do_sample=False)
     assert state.last_salience.grad_fn is None and not state.last_salience.requires_grad
+
+
+def test_patch_embed_runs_as_one_linear(model, enabled, device):
+    """The Conv3d patch embedding (kernel == stride) as ``patches @ W^T`` equals the convolution."""
+    pe = model.model.visual.patch_embed
+    x = torch.randn(37, pe.in_channels * pe.temporal_patch_size * pe.patch_size ** 2, device=device)
+    want = pe(x)
+    enabled(0.0, 0.0)
+    assert "forward" in pe.__dict__
+    torch.testing.assert_close(pe(x), want, rtol=1e-5, atol=1e-5)
+    sv.disable(model)
+    assert "forward" not in pe.__dict__

@@ -2,9 +2,10 @@
 
 ``enable(model, prefill_sparsity, decode_sparsity)`` changes only this model instance:
 
-- **vision tower**: every block's ``attn`` gets an instance-level ``forward`` that runs the block's attention
-  as one launch over all its segments (``varlen_attention``: batched SDPA for equal frames, our varlen
-  ``prefill_attention`` for the uneven windows) instead of transformers' per-segment loop. With
+- **vision tower**: the patch embedding's Conv3d (kernel == stride) runs as one GEMM; every block's ``attn``
+  gets an instance-level ``forward`` that runs the block's attention as one launch over all its segments
+  (``varlen_attention``: batched SDPA for equal frames, our varlen ``prefill_attention`` for the uneven
+  windows) instead of transformers' per-segment loop. With
   ``prefill_sparsity > 0`` the salience block (default: the last full-attention block) runs
   ``prefill_attention`` (non-causal, with LSE) and ``visual_salience(..., lse=...)``: one pass over QK^T.
 - **generate**: an instance-level ``generate`` encodes the images/videos, undoes the window order, pools
@@ -27,6 +28,7 @@ import types
 from typing import List, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as hf
 from transformers.vision_utils import get_vision_window_index
@@ -139,6 +141,7 @@ def enable(model, prefill_sparsity: float = 0.75, decode_sparsity: float = 0.95,
         blk.attn.forward = types.MethodType(functools.partial(_vision_attn_forward, state=state,
                                                               salience=(i == salience_layer)), blk.attn)
     visual.forward = functools.partial(_visual_forward, visual.forward, state, visual)
+    visual.patch_embed.forward = types.MethodType(_patch_embed_forward, visual.patch_embed)
     model.generate = functools.partial(_generate, model.generate, model)
     return model
 
@@ -152,6 +155,7 @@ def disable(model):
         model.__dict__.pop(name, None)
     visual = model.model.visual
     visual.__dict__.pop("forward", None)
+    visual.patch_embed.__dict__.pop("forward", None)
     for blk in visual.blocks:
         blk.attn.__dict__.pop("forward", None)
     for layer in model.model.language_model.layers:
@@ -163,6 +167,13 @@ def disable(model):
 
 
 # -- vision tower ------------------------------------------------------------------------------------------
+def _patch_embed_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    """``Qwen2_5_VisionPatchEmbed.forward`` as one GEMM: its Conv3d has kernel == stride over each flattened
+    ``[C, T, P, P]`` patch, i.e. ``patches [N, C*T*P*P] @ weight.view(E, -1)^T`` (cuDNN runs it as a 3-D conv)."""
+    w = self.proj.weight
+    return F.linear(hidden_states.reshape(-1, w[0].numel()).to(w.dtype), w.reshape(w.shape[0], -1), self.proj.bias)
+
+
 def _vision_attn_forward(self, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor,
                          position_embeddings: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
                          max_seqlen=None, *, state: SparseVILAState, salience: bool, **kwargs) -> torch.Tensor:
