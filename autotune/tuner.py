@@ -16,15 +16,20 @@ For each candidate (the default first, then the space, without duplicates):
    after warm-up.
 
 The fastest correct config wins, but replaces the default only when at least ``MIN_GAIN`` faster (so noise never
-swaps a heuristic for an equal config).
+swaps a heuristic for an equal config), and then only if a confirmation agrees: the default and the winner are timed
+again ``CONFIRM_ROUNDS`` times, interleaved (which goes first alternates), and the winner is kept when the median
+of its times is still ``MIN_GAIN`` below the default's. The confirmation times are kept in ``Trial.confirm_ms``
+and the result's ``ms`` and ``default_ms`` are their medians. When the default wins the trials, nothing is timed
+again.
 """
 from __future__ import annotations
 
 import math
 import os
+import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -34,6 +39,7 @@ from . import tables
 from .tunable import Tunable
 
 MIN_GAIN = 0.02
+CONFIRM_ROUNDS = 3
 MAX_SETS = 8
 JOBS = min(32, os.cpu_count() or 1)  # compile threads: one per CPU, at most 32
 FROM_DEVICE = "the device's"
@@ -56,6 +62,12 @@ class Trial:
     ms: Optional[float] = None  # per call, for OK
     err: Optional[float] = None  # largest relative error over the float outputs
     note: str = ""
+    confirm_ms: List[float] = field(default_factory=list)  # tune's confirmation times, one per round
+
+    @property
+    def final_ms(self) -> Optional[float]:
+        """The median of the confirmation times where there are some, else ``ms``."""
+        return statistics.median(self.confirm_ms) if self.confirm_ms else self.ms
 
 
 @dataclass
@@ -63,8 +75,8 @@ class Result:
     tunable: Tunable
     key: tuple
     config: dict
-    ms: float
-    default_ms: Optional[float]  # None when the default itself failed
+    ms: float  # the config's Trial.final_ms
+    default_ms: Optional[float]  # the default's Trial.final_ms; None when the default itself failed
     trials: List[Trial] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -191,6 +203,13 @@ def measure(tunable: Tunable, args: tuple, configs: Optional[Sequence[dict]] = N
     of the arguments' GPU; None prunes nothing. ``jobs``: threads that compile the candidates before the first
     launch (1: each compiles at its first launch). Raises ValueError, with the reason, when the Tunable says it
     cannot run ``args`` (``Tunable.unsupported``)."""
+    return _measure(tunable, args, configs, problem, timer, sets, limits, copy, jobs)[0]
+
+
+def _measure(tunable: Tunable, args: tuple, configs, problem, timer, sets, limits, copy: bool,
+             jobs: int) -> Tuple[List[Trial], Callable[[dict], float]]:
+    """:func:`measure`'s trials, and the function that timed them (:func:`tune` confirms with it):
+    ``time_config(config)`` restores the outputs and returns ``timer``'s ms per call of ``config``."""
     from .problems import problem_of
     why = tunable.unsupported(*args)
     if why is not None:
@@ -215,6 +234,10 @@ def measure(tunable: Tunable, args: tuple, configs: Optional[Sequence[dict]] = N
             for p, ts in snapshot.items():
                 for dst, src in zip(_tensors(s[p]), ts):
                     dst.copy_(src)
+
+    def time_config(cfg: dict) -> float:
+        restore()
+        return timer(lambda i: tunable.launch(*inputs[i], cfg), n_sets)
 
     restore()
     problem.reference(*inputs[0])
@@ -243,37 +266,51 @@ def measure(tunable: Tunable, args: tuple, configs: Optional[Sequence[dict]] = N
         if err > tol:
             trials.append(Trial(cfg, WRONG, err=err, note=f"relative error {err:.3g} > {tol:g}"))
             continue
-        restore()
         try:
-            ms = timer(lambda i, cfg=cfg: tunable.launch(*inputs[i], cfg), n_sets)
+            ms = time_config(cfg)
         except Exception as e:  # noqa: BLE001 - e.g. out of memory for the timer's graph
             trials.append(Trial(cfg, FAILED, err=err, note=f"timing: {type(e).__name__}: {e}"[:300]))
             continue
         trials.append(Trial(cfg, OK, ms=ms, err=err))
-    return trials
+    return trials, time_config
+
+
+def _faster(ms: float, than_ms: float) -> bool:
+    return ms <= than_ms * (1 - MIN_GAIN)
+
+
+def _confirmed(default: Trial, best: Trial, time_config: Callable[[dict], float]) -> bool:
+    """Time ``default`` and ``best`` again, ``CONFIRM_ROUNDS`` interleaved rounds (round ``r`` times the default
+    first when ``r`` is even), appending to their ``confirm_ms``; whether ``best`` is still ``MIN_GAIN`` faster
+    in the medians."""
+    for r in range(CONFIRM_ROUNDS):
+        for t in (default, best) if r % 2 == 0 else (best, default):
+            t.confirm_ms.append(time_config(t.config))
+    return _faster(best.final_ms, default.final_ms)
 
 
 def tune(tunable: Tunable, args: tuple, *, problem=None, timer: Optional[Timer] = None, sets: Optional[int] = None,
          limits=FROM_DEVICE, copy: bool = False, store: bool = True, jobs: int = JOBS) -> Result:
-    """Measure the candidates on ``args`` (``jobs`` compile threads), pick the winner (module docstring) and,
-    with ``store``, record it in the user cache. Raises RuntimeError when no candidate is correct, ValueError (with
-    the reason) when the Tunable cannot run ``args``."""
+    """Measure the candidates on ``args`` (``jobs`` compile threads), pick the winner and confirm it against the
+    default (module docstring) and, with ``store``, record it in the user cache. Raises RuntimeError when no
+    candidate is correct, ValueError (with the reason) when the Tunable cannot run ``args``."""
     t0 = time.perf_counter()
     key = tunable.key(*args)
-    trials = measure(tunable, args, problem=problem, timer=timer, sets=sets, limits=limits, copy=copy, jobs=jobs)
+    trials, time_config = _measure(tunable, args, None, problem, timer, sets, limits, copy, jobs)
     ok = [t for t in trials if t.status == OK]
     if not ok:
         raise RuntimeError(f"no config of {tunable.name} passed at {tunable.table_key(key)}: "
                            + "; ".join(f"{t.config}: {t.status} {t.note}" for t in trials[:3]))
     default = trials[0] if trials[0].status == OK else None
     best = min(ok, key=lambda t: t.ms)
-    if default is not None and best.ms > default.ms * (1 - MIN_GAIN):
+    if default is not None and best is not default and not (
+            _faster(best.ms, default.ms) and _confirmed(default, best, time_config)):
         best = default
     if default is None:
         tables.log.warning("autotune: the default config of %s fails at %s: %s", tunable.name,
                            tunable.table_key(key), trials[0].note)
-    result = Result(tunable, key, best.config, best.ms, default.ms if default else None, trials,
-                    time.perf_counter() - t0)
+    default_ms = default.final_ms if default else None
+    result = Result(tunable, key, best.config, best.final_ms, default_ms, trials, time.perf_counter() - t0)
     if store:
-        tables.store(tunable, key, best.config, 1e3 * best.ms, 1e3 * default.ms if default else None)
+        tables.store(tunable, key, best.config, 1e3 * best.final_ms, None if default_ms is None else 1e3 * default_ms)
     return result

@@ -60,8 +60,8 @@ class ClusterKey(NamedTuple):
 
 def _key(q, k, v, lengths, scale, out, lse) -> ClusterKey:
     B, HQ, D = q.shape
-    HK = k.shape[1]
-    return ClusterKey(gpu_name(q.device), q.dtype, D, HQ // max(HK, 1), B, HK, k.shape[2])
+    _, HK, cap, _ = k.shape
+    return ClusterKey(gpu_name(q.device), q.dtype, D, HQ // max(HK, 1), B, HK, cap)
 
 
 def _default(key: ClusterKey) -> dict:

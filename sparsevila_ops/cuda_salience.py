@@ -70,7 +70,8 @@ class SalienceCudaKey(NamedTuple):
 
 
 def _key(q, k, cu_seqlens, max_seqlen, scale, num_summary, lse, deterministic, out) -> SalienceCudaKey:
-    return SalienceCudaKey(gpu_name(q.device), q.dtype, q.shape[2], q.shape[1], cu_seqlens.shape[0] - 1, max_seqlen,
+    _, H, D = q.shape
+    return SalienceCudaKey(gpu_name(q.device), q.dtype, D, H, cu_seqlens.shape[0] - 1, max_seqlen,
                            _num_rows(max_seqlen, num_summary), lse is not None)
 
 

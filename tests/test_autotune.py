@@ -1,9 +1,9 @@
 """sparsevila_ops.autotune: the kernel-config seam, the tables, the tuner and its command line.
 
 CPU: a fake kernel (``out = x * scale``) with a fake timer exercises bucketing, the cache round trip, stale
-tables, the lookup order, the capture / compile guards, pruning, verification, output resets and compiling the
-candidates ahead (the fake's warmup hook); one real kernel (``append_kv``, under the interpreter) is tuned end to
-end. GPU (``gpu``): the CLI tunes a kernel into a temp
+tables, the lookup order, warm lookups, the capture / compile guards, pruning, verification, the confirmation of a
+winner, output resets and compiling the candidates ahead (the fake's warmup hook); one real kernel (``append_kv``,
+under the interpreter) is tuned end to end. GPU (``gpu``): the CLI tunes a kernel into a temp
 cache and a new process uses the table.
 """
 import json
@@ -98,6 +98,22 @@ def _args(n=4):
 
 
 COST = {4: 0.1, 8: 1.0, 16: 2.0, 32: 0.5, 64: 3.0}  # the wrong config (tile 4) would be the fastest
+TINY = {"visual_salience.lse": {"n": 8, "H": 2, "D": 16}, "visual_salience.colsum": {"n": 8, "H": 2, "D": 16},
+        "prefill_attention": {"Hq": 4, "Hk": 2, "D": 16, "n": 8},
+        "kv_relevance": {"Hq": 4, "Hk": 2, "D": 16, "rows": 2, "n": 8},
+        "select_kv": {"L": 2, "Hk": 2, "n": 16, "prefix": 2, "suffix": 2},
+        "pack_kv": {"L": 2, "Hk": 2, "D": 16, "n": 16, "prefix": 2, "suffix": 2, "slack": 4},
+        "decode_attention": {"Hq": 4, "Hk": 2, "D": 16, "n": 8},
+        "sparse_decode_attention": {"Hq": 4, "Hk": 2, "D": 16, "T": 16, "n": 4},
+        "append_kv": {"Hk": 2, "D": 16, "cap": 8}, "w4a16_linear": {"M": 2, "N": 20, "K": 256}}
+
+
+def faster_in_order(monkeypatch, t: Tunable, args: tuple):
+    """A timer under which each candidate of ``t`` on ``args`` is faster than the one before, whenever it is
+    timed (it sees which config ran through ``t.launch``): the last candidate wins and is confirmed."""
+    cands, ran, launch = tuner.candidates(t, t.key(*args)), [], t.launch
+    monkeypatch.setattr(t, "launch", lambda *a: ran.append(a[-1]) or launch(*a))
+    return lambda run, n: run(0) or float(len(cands) - cands.index(ran[-1]))
 
 
 # --- the seam -------------------------------------------------------------------------------------------------------
@@ -129,15 +145,7 @@ def test_key_describes_the_call():
 def test_every_kernel_declares_a_complete_seam(op):
     """Tiny arguments of each op: the default is the first candidate, every candidate sets the default's
     parameters (``maxnreg`` is an optional cap), and the table key is ``field=value`` pairs without the GPU."""
-    tiny = {"visual_salience.lse": {"n": 8, "H": 2, "D": 16}, "visual_salience.colsum": {"n": 8, "H": 2, "D": 16},
-            "prefill_attention": {"Hq": 4, "Hk": 2, "D": 16, "n": 8}, "kv_relevance": {"Hq": 4, "Hk": 2, "D": 16,
-                                                                                       "rows": 2, "n": 8},
-            "select_kv": {"L": 2, "Hk": 2, "n": 16, "prefix": 2, "suffix": 2},
-            "pack_kv": {"L": 2, "Hk": 2, "D": 16, "n": 16, "prefix": 2, "suffix": 2, "slack": 4},
-            "decode_attention": {"Hq": 4, "Hk": 2, "D": 16, "n": 8}, "sparse_decode_attention": {
-                "Hq": 4, "Hk": 2, "D": 16, "T": 16, "n": 4}, "append_kv": {"Hk": 2, "D": 16, "cap": 8},
-            "w4a16_linear": {"M": 2, "N": 20, "K": 256}}
-    args = autotune.make_args(op, tiny[op], "cpu")
+    args = autotune.make_args(op, TINY[op], "cpu")
     t = autotune.kernel(op)
     space = autotune.config_space(op, *args)
     assert space[0] == autotune.default_config(op, *args) and len(space) > 1
@@ -153,6 +161,34 @@ def test_run_with_config_completes_a_partial_config_from_the_default(fake, monke
     x, out = _args()
     autotune.run_with_config("fake_op", {"tile": 64}, x, out)
     assert fake.calls[-1] == {"scale": 2.0, "tile": 64} and torch.equal(out, 2 * x)
+
+
+def test_gpu_name_asks_the_device_once_per_device(monkeypatch):
+    """Keys are built on every launch: the name is remembered per device, except for a CUDA device without an
+    index (the current one, which may change)."""
+    asked = []
+    monkeypatch.setattr(seam._device, "gpu_name", lambda device: asked.append(str(device)) or "NVIDIA H200")
+    monkeypatch.setattr(seam, "_GPU_NAMES", {})
+    assert {gpu_name(torch.device(d)) for d in ("cuda:1", "cuda:1", "cuda", "cuda", "cpu", "cpu")} == {"NVIDIA H200"}
+    assert asked == ["cuda:1", "cuda", "cuda", "cpu"]
+
+
+@pytest.mark.parametrize("name", sorted(f"{op}/{backend}" for op, backend in autotune.KERNELS))
+def test_a_warm_lookup_builds_the_key_and_hits_the_memo(name, monkeypatch):
+    """After a key's first lookup, ``Tunable.config`` (every launch) neither runs the lookup chain nor asks the
+    device for its name: it costs the key's construction and one dict hit (bench/autotune.py's lookup µs)."""
+    op, backend = name.split("/")
+    t, args = autotune.kernel(op, backend), autotune.make_args(op, TINY[op], "cpu")
+    cfg = t.config(args)
+
+    def fail(*a):
+        raise AssertionError("called on a warm key")
+    monkeypatch.setattr(tables, "resolve", fail)
+    monkeypatch.setattr(seam._device, "gpu_name", fail)
+    assert t.config(args) is cfg
+    t._memo.clear()
+    with pytest.raises(AssertionError, match="warm key"):  # the patches are live: a cold key runs the chain
+        t.config(args)
 
 
 # --- tables ---------------------------------------------------------------------------------------------------------
@@ -265,8 +301,55 @@ def test_verification_rejects_a_wrong_candidate_before_timing_it(fake):
     r = tuner.tune(fake.tunable, (x, out), timer=lambda run, n: timed.append(1) or timer(run, n), limits=None)
     wrong = [t for t in r.trials if t.config["scale"] == 3.0]
     assert len(wrong) == 1 and wrong[0].status == tuner.WRONG and wrong[0].ms is None
-    assert len(timed) == len([t for t in r.trials if t.status == tuner.OK]) == 4
+    assert len([t for t in r.trials if t.status == tuner.OK]) == 4
+    assert len(timed) == 4 + 2 * tuner.CONFIRM_ROUNDS  # each correct config, then the default and the winner again
     assert r.config == {"scale": 2.0, "tile": 32}
+
+
+def scripted_timer(fake, confirm):
+    """COST for the 4 correct configs' trials, then each tile's next time from ``confirm[tile]``; ``timed``
+    records the tiles in the order they were timed."""
+    timed = []
+
+    def timer(run, n_sets):
+        run(0)
+        timed.append(fake.calls[-1]["tile"])
+        return COST[timed[-1]] if len(timed) <= 4 else confirm[timed[-1]].pop(0)
+    return timer, timed
+
+
+def test_a_winner_that_loses_the_confirmation_leaves_the_default(fake):
+    """Tile 32 wins the trials (0.5 ms vs the default's 2), but timed again, interleaved, it is only 1 % faster
+    in the medians: the default stays, reported at its confirmation median."""
+    x, out = _args()
+    timer, timed = scripted_timer(fake, {16: [1.0, 1.2, 0.9], 32: [0.99, 0.9, 5.0]})
+    r = tuner.tune(fake.tunable, (x, out), timer=timer, limits=None)
+    assert timed == [16, 8, 32, 64] + [16, 32, 32, 16, 16, 32]  # which goes first alternates
+    assert r.config == Fake.DEFAULT and r.ms == r.default_ms == 1.0
+    trials = {t.config["tile"]: t for t in r.trials}
+    assert trials[16].confirm_ms == [1.0, 1.2, 0.9] and trials[32].confirm_ms == [0.99, 0.9, 5.0]
+    assert trials[32].ms == 0.5 and trials[32].final_ms == 0.99 and trials[8].confirm_ms == []
+    entry = json.loads(tables.cache_path().read_text())["tables"]["cpu"]["kernels"]["fake_op/triton"]["entries"]
+    assert entry["dtype=float32,n=4"] == {"config": Fake.DEFAULT, "us": 1000.0, "default_us": 1000.0}
+
+
+def test_a_winner_that_confirms_is_kept(fake):
+    """The medians of the confirmation (one slow outlier of the winner changes nothing) keep tile 32."""
+    timer, timed = scripted_timer(fake, {16: [2.0, 2.2, 1.9], 32: [0.6, 3.0, 0.5]})
+    r = tuner.tune(fake.tunable, _args(), timer=timer, limits=None, store=False)
+    assert len(timed) == 4 + 2 * tuner.CONFIRM_ROUNDS
+    assert r.config == {"scale": 2.0, "tile": 32} and (r.ms, r.default_ms) == (0.6, 2.0)
+
+
+@pytest.mark.parametrize("cost", [{**COST, 16: 0.2}, {**COST, 8: 2.5, 32: 1.97}], ids=["fastest", "within_min_gain"])
+def test_the_default_winning_the_trials_is_not_timed_again(fake, cost):
+    """Fastest, or faster candidates within ``MIN_GAIN``: the trials' times stand, nothing is confirmed."""
+    timed = []
+    timer = fake.timer(cost)
+    r = tuner.tune(fake.tunable, _args(), timer=lambda run, n: timed.append(1) or timer(run, n), limits=None,
+                   store=False)
+    assert r.config == Fake.DEFAULT and len(timed) == 4 and not any(t.confirm_ms for t in r.trials)
+    assert (r.ms, r.default_ms) == (cost[16], cost[16])
 
 
 def test_accumulating_outputs_are_reset_between_trials(tmp_path, monkeypatch):
@@ -388,14 +471,14 @@ def test_resource_estimates_prune_the_prefill_tiles_known_to_spill():
     assert "registers" in tuner.prune_reason(t, key, dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3), h100)
 
 
-def test_tuning_a_real_kernel_restores_in_place_updates(device):
+def test_tuning_a_real_kernel_restores_in_place_updates(device, monkeypatch):
     """append_kv bumps ``lengths`` in place: every candidate must be verified from the same state. The fake
     timer makes each candidate faster than the one before, so the last one wins and is used afterwards."""
     shape = {"B": 2, "Hk": 2, "D": 16, "cap": 8, "dtype": "float32"}
     args = autotune.make_args("append_kv", shape, device)
     lengths0 = args[4].clone()
-    times = iter(range(100, 0, -1))
-    r = autotune.tune("append_kv", args, timer=lambda run, n: run(0) or float(next(times)), limits=None)
+    timer = faster_in_order(monkeypatch, autotune.kernel("append_kv"), args)
+    r = autotune.tune("append_kv", args, timer=timer, limits=None)
     assert [t.status for t in r.trials] == [tuner.OK] * len(r.trials) and len(r.trials) > 2
     assert r.config == r.trials[-1].config != r.trials[0].config
     tables.reset()
@@ -559,8 +642,8 @@ def test_w4a16_linear_is_tuned_and_the_op_launches_with_the_winner(device, monke
     from sparsevila_ops.testing import rel_err
     shape = {"M": 3, "N": 24, "K": 512, "bias": True, "dtype": "float16"}
     args = autotune.make_args("w4a16_linear", shape, device)
-    times = iter(range(1000, 0, -1))
-    r = autotune.tune("w4a16_linear", args, timer=lambda run, n: run(0) or float(next(times)), limits=None)
+    timer = faster_in_order(monkeypatch, autotune.kernel("w4a16_linear"), args)
+    r = autotune.tune("w4a16_linear", args, timer=timer, limits=None)
     assert [t.status for t in r.trials] == [tuner.OK] * len(r.trials) and len(r.trials) > 2
     assert r.config == r.trials[-1].config != r.trials[0].config
     tables.reset()

@@ -161,8 +161,9 @@ class DecodeKey(NamedTuple):
 
 def _decode_key(q, k, v, lengths, scale, out, lse) -> DecodeKey:
     B, HQ, D = q.shape
-    HK, device = k.shape[1], q.device
-    return DecodeKey(gpu_name(device), q.dtype, D, HQ // max(HK, 1), B, HK, k.shape[2], sm_count(device))
+    _, HK, cap, _ = k.shape
+    device = q.device
+    return DecodeKey(gpu_name(device), q.dtype, D, HQ // max(HK, 1), B, HK, cap, sm_count(device))
 
 
 def _sparse_decode_key(q, k_cache, v_cache, indices, n_valid, scale, out, lse) -> DecodeKey:

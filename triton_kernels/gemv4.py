@@ -116,8 +116,8 @@ class W4Key(NamedTuple):
 
 def _key(x, qweight, scales, zeros, bias, out) -> W4Key:
     M, K = x.shape
-    return W4Key(gpu_name(x.device), x.dtype, M, qweight.shape[0], K, K // max(1, scales.shape[0]),
-                 sm_count(x.device))
+    device = x.device
+    return W4Key(gpu_name(device), x.dtype, M, qweight.shape[0], K, K // max(1, scales.shape[0]), sm_count(device))
 
 
 def _default(key: W4Key) -> dict:

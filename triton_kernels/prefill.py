@@ -252,8 +252,9 @@ class AttentionKey(NamedTuple):
 
 
 def _key(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, causal) -> AttentionKey:
+    _, Hq, D = q.shape
     Hk = k.shape[1]
-    return AttentionKey(gpu_name(q.device), q.dtype, q.shape[2], q.shape[1] // max(Hk, 1), Hk, bool(causal),
+    return AttentionKey(gpu_name(q.device), q.dtype, D, Hq // max(Hk, 1), Hk, bool(causal),
                         cu_seqlens_q.shape[0] - 1, max_seqlen_q, max_seqlen_k)
 
 

@@ -177,12 +177,14 @@ def _num_rows(max_seqlen: int, num_summary: int) -> int:
 
 
 def _lse_key(q, k, cu_seqlens, max_seqlen, scale, num_summary, lse2) -> SalienceKey:
-    return SalienceKey(gpu_name(q.device), q.dtype, q.shape[2], q.shape[1], cu_seqlens.shape[0] - 1, max_seqlen,
+    _, H, D = q.shape
+    return SalienceKey(gpu_name(q.device), q.dtype, D, H, cu_seqlens.shape[0] - 1, max_seqlen,
                        _num_rows(max_seqlen, num_summary), False)
 
 
 def _colsum_key(q, k, cu_seqlens, max_seqlen, scale, num_summary, lse, lse_log2, deterministic, out) -> SalienceKey:
-    return SalienceKey(gpu_name(q.device), q.dtype, q.shape[2], q.shape[1], cu_seqlens.shape[0] - 1, max_seqlen,
+    _, H, D = q.shape
+    return SalienceKey(gpu_name(q.device), q.dtype, D, H, cu_seqlens.shape[0] - 1, max_seqlen,
                        _num_rows(max_seqlen, num_summary), out.dim() == 1 and not deterministic)
 
 
