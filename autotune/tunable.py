@@ -36,26 +36,10 @@ from typing import Callable, Dict, NamedTuple, Optional, Sequence, Tuple
 import torch
 
 from sparsevila_ops import _device
-from sparsevila_ops._device import CPU  # noqa: F401  (re-exported: the gpu field of CPU tensors' keys)
+from sparsevila_ops._device import CPU, gpu_name  # noqa: F401  (re-exported: the gpu field of every key)
 
 _ALL: "weakref.WeakSet[Tunable]" = weakref.WeakSet()
 _WARMUP_LOCK = threading.Lock()
-_GPU_NAMES: Dict[torch.device, str] = {}
-
-
-def gpu_name(device: torch.device) -> str:
-    """The ``gpu`` field of every key: ``sparsevila_ops._device.gpu_name`` (``"cpu"`` off CUDA), remembered per
-    device, because keys are built on every launch and the uncached call costs 0.3-0.4 µs (``device.type`` makes a
-    new string each time). A CUDA device without an index (the current one, which may change) is not
-    remembered."""
-    name = _GPU_NAMES.get(device)
-    if name is None:
-        name = _device.gpu_name(device)
-        if device.index is not None or device.type != "cuda":
-            _GPU_NAMES[device] = name
-    return name
-
-
 def bucket(n: int) -> int:
     """The power of two at or below ``n`` (0 for 0): tables key sizes by it, so ``ctx + slack`` shares the entry
     of ``ctx``."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Tuple
+from typing import Callable, Dict, Tuple
 
 import torch
 
@@ -31,8 +31,27 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+_REMEMBERED: Dict[Tuple[str, torch.device], object] = {}
+
+
+def _per_device(fn: Callable[[torch.device], object]):
+    """Remember ``fn(device)`` per ``torch.device``: kernel keys ask on every launch, and even ``device.type``
+    costs ~0.2 µs (a new string per call). A CUDA device without an index (the current one, which may change) is
+    asked every time."""
+    @functools.wraps(fn)
+    def remembered(device: torch.device):
+        hit = _REMEMBERED.get((fn.__name__, device))
+        if hit is None:
+            hit = fn(device)
+            if device.index is not None or device.type != "cuda":
+                _REMEMBERED[(fn.__name__, device)] = hit
+        return hit
+    return remembered
+
+
+@_per_device
 def gpu_name(device: torch.device) -> str:
-    """``torch.cuda.get_device_name`` of ``device`` (read once per index); ``"cpu"`` for any other device."""
+    """``torch.cuda.get_device_name`` of ``device``; ``"cpu"`` for any other device."""
     return _gpu_name(_index(device)) if device.type == "cuda" else CPU
 
 
@@ -41,6 +60,7 @@ def capability(device: torch.device) -> Tuple[int, int]:
     return _capability(_index(device))
 
 
+@_per_device
 def sm_count(device: torch.device) -> int:
     """SMs of a CUDA ``device``; 4 elsewhere (Triton's interpreter: a few splits, so multi-split paths run)."""
     return _sm_count(_index(device)) if device.type == "cuda" else 4

@@ -164,19 +164,24 @@ def test_run_with_config_completes_a_partial_config_from_the_default(fake, monke
 
 
 def test_gpu_name_asks_the_device_once_per_device(monkeypatch):
-    """Keys are built on every launch: the name is remembered per device, except for a CUDA device without an
-    index (the current one, which may change)."""
+    """Keys are built on every launch: the name and SM count are remembered per device, except for a CUDA device
+    without an index (the current one, which may change)."""
+    from sparsevila_ops import _device
     asked = []
-    monkeypatch.setattr(seam._device, "gpu_name", lambda device: asked.append(str(device)) or "NVIDIA H200")
-    monkeypatch.setattr(seam, "_GPU_NAMES", {})
-    assert {gpu_name(torch.device(d)) for d in ("cuda:1", "cuda:1", "cuda", "cuda", "cpu", "cpu")} == {"NVIDIA H200"}
-    assert asked == ["cuda:1", "cuda", "cuda", "cpu"]
+    monkeypatch.setattr(_device, "_REMEMBERED", {})
+    monkeypatch.setattr(_device, "_index", lambda device: 0 if device.index is None else device.index)
+    monkeypatch.setattr(_device, "_gpu_name", lambda index: asked.append(index) or "NVIDIA H200")
+    monkeypatch.setattr(_device, "_sm_count", lambda index: asked.append(-index) or 132)
+    devices = [torch.device(d) for d in ("cuda:1", "cuda:1", "cuda", "cuda", "cpu", "cpu")]
+    assert [gpu_name(d) for d in devices] == ["NVIDIA H200"] * 4 + ["cpu"] * 2
+    assert [_device.sm_count(d) for d in devices] == [132] * 4 + [4] * 2
+    assert asked == [1, 0, 0, -1, 0, 0]
 
 
 @pytest.mark.parametrize("name", sorted(f"{op}/{backend}" for op, backend in autotune.KERNELS))
 def test_a_warm_lookup_builds_the_key_and_hits_the_memo(name, monkeypatch):
-    """After a key's first lookup, ``Tunable.config`` (every launch) neither runs the lookup chain nor asks the
-    device for its name: it costs the key's construction and one dict hit (bench/autotune.py's lookup µs)."""
+    """After a key's first lookup, ``Tunable.config`` (every launch) does not run the lookup chain: it costs the
+    key's construction and one dict hit (bench/autotune.py's lookup µs)."""
     op, backend = name.split("/")
     t, args = autotune.kernel(op, backend), autotune.make_args(op, TINY[op], "cpu")
     cfg = t.config(args)
@@ -184,7 +189,6 @@ def test_a_warm_lookup_builds_the_key_and_hits_the_memo(name, monkeypatch):
     def fail(*a):
         raise AssertionError("called on a warm key")
     monkeypatch.setattr(tables, "resolve", fail)
-    monkeypatch.setattr(seam._device, "gpu_name", fail)
     assert t.config(args) is cfg
     t._memo.clear()
     with pytest.raises(AssertionError, match="warm key"):  # the patches are live: a cold key runs the chain
