@@ -1,7 +1,8 @@
 """The kernel-config seam: every kernel declares one :class:`Tunable` next to itself.
 
-A Tunable names a kernel (``op``, ``backend``, the ``source`` files whose hash stamps its tuned entries) and
-gives the functions the library and the tuner need:
+A Tunable names a kernel (``op``, ``backend``, and ``source``: the files beyond its Python module that decide
+what a config means and how fast it runs, e.g. ``.cu`` sources; Triton kernels need none) and gives the functions
+the library and the tuner need:
 
 - ``key(*args)``: a NamedTuple describing the problem, first field ``gpu`` (:func:`gpu_name`), then dtype, head
   dim, GQA group and sizes, all exact;
@@ -27,11 +28,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import inspect
 import threading
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Dict, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -40,6 +42,28 @@ from sparsevila_ops._device import CPU, gpu_name  # noqa: F401  (re-exported: th
 
 _ALL: "weakref.WeakSet[Tunable]" = weakref.WeakSet()
 _WARMUP_LOCK = threading.Lock()
+def reached(fn: Callable) -> List[Callable]:
+    """``fn`` and the functions and Triton kernels of its own module that it references by name, transitively
+    (a Triton kernel counts as the Python function it wraps, compiled or interpreted), sorted by name."""
+    def names(code):
+        yield from code.co_names
+        for const in code.co_consts:
+            if hasattr(const, "co_names"):  # nested functions, lambdas, comprehensions
+                yield from names(const)
+
+    root = getattr(fn, "fn", fn)
+    found, todo = {root.__qualname__: root}, [root]
+    while todo:
+        f = todo.pop()
+        for name in names(f.__code__):
+            obj = getattr(f.__globals__.get(name), "fn", f.__globals__.get(name))
+            if (inspect.isfunction(obj) and obj.__module__ == root.__module__
+                    and obj.__qualname__ not in found):
+                found[obj.__qualname__] = obj
+                todo.append(obj)
+    return [found[k] for k in sorted(found)]
+
+
 def bucket(n: int) -> int:
     """The power of two at or below ``n`` (0 for 0): tables key sizes by it, so ``ctx + slack`` shares the entry
     of ``ctx``."""
@@ -57,18 +81,19 @@ def _text(v) -> str:
 class Tunable:
     """One kernel's seam (module docstring). ``op`` and ``backend`` name it in tables and on the CLI."""
 
-    def __init__(self, op: str, backend: str, source: Sequence[str], *, key: Callable[..., NamedTuple],
+    def __init__(self, op: str, backend: str, source: Sequence[object] = (), *, key: Callable[..., NamedTuple],
                  space: Callable[[NamedTuple], list], default: Callable[[NamedTuple], dict],
                  launch: Callable[..., None], buckets: Sequence[str] = (),
                  resources: Optional[Callable[[NamedTuple, dict], Tuple[int, int]]] = None,
                  unsupported: Optional[Callable[..., Optional[str]]] = None,
                  warmup: Optional[Callable[..., None]] = None):
-        self.op, self.backend, self.source = op, backend, tuple(str(s) for s in source)
+        self.op, self.backend, self.source = op, backend, tuple(source)
         self.key, self.space, self.default, self.launch, self.warmup = key, space, default, launch, warmup
         self.buckets, self.resources = frozenset(buckets), resources
         self._unsupported = unsupported
         self._memo: Dict[tuple, dict] = {}  # exact key -> config, filled by the lookup chain
         self._source_hash: Optional[str] = None
+        self._declared_launch = launch  # what the hash covers, even if a test or benchmark wraps ``launch``
         _ALL.add(self)
 
     def __repr__(self) -> str:
@@ -80,9 +105,13 @@ class Tunable:
 
     @property
     def source_hash(self) -> str:
-        """sha256 (16 hex digits) of the source files: tuned entries of another version are not used."""
+        """sha256 (16 hex digits) of what decides a config's meaning and speed: the declared ``launch`` and every
+        function and Triton kernel of its module it reaches (:func:`reached`), then the ``source`` files. Tuned
+        entries of another version of those are not used; edits elsewhere (keys, docs, other kernels) keep them."""
         if self._source_hash is None:
             h = hashlib.sha256()
+            for fn in reached(self._declared_launch):
+                h.update(inspect.getsource(fn).encode())
             for path in self.source:
                 h.update(Path(path).read_bytes())
             self._source_hash = h.hexdigest()[:16]

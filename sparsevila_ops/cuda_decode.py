@@ -131,7 +131,8 @@ def _unsupported(q, k, v, lengths, scale, out, lse) -> Optional[str]:
     return unsupported(q, k, v)
 
 
-CLUSTER_DECODE = Tunable("decode_attention", "cuda", [__file__, *(_cuda.source_dir() / f for f in ("decode_cluster.cu", "mma_sync.cuh", "launch_util.cuh"))],
+CLUSTER_DECODE = Tunable("decode_attention", "cuda",
+                         [_cuda.source_dir() / f for f in ("decode_cluster.cu", "mma_sync.cuh", "launch_util.cuh")],
                          key=_key, space=_space, default=_default, launch=_launch, buckets=("B", "Hk", "cap"),
                          unsupported=_unsupported)
 

@@ -136,7 +136,8 @@ def _unsupported(q, k, cu_seqlens, max_seqlen, scale, num_summary, lse, determin
     return unsupported(q, k)
 
 
-SALIENCE_CUDA = Tunable("visual_salience", "cuda", [__file__, *(_cuda.source_dir() / f for f in ("salience.cu", "mma_sync.cuh", "launch_util.cuh"))],
+SALIENCE_CUDA = Tunable("visual_salience", "cuda",
+                        [_cuda.source_dir() / f for f in ("salience.cu", "mma_sync.cuh", "launch_util.cuh")],
                         key=_key, space=_space, default=_default, launch=_launch, buckets=("S", "n", "rows"),
                         unsupported=_unsupported)
 

@@ -688,3 +688,26 @@ def test_tune_w4a16_linear_on_the_gpu():
     assert r.trials[0].status == tuner.OK and r.default_ms is not None and r.ms <= r.default_ms
     assert sum(t.status == tuner.OK for t in r.trials) > len(r.trials) // 2, [(t.config, t.note) for t in r.trials]
     assert autotune.lookup("w4a16_linear", *args) == (r.config, autotune.USER)
+
+
+def test_shipped_tables_match_the_kernels():
+    """Every kernel section of the shipped tables (the real package data) carries the current source hash of its
+    kernel: a change to a kernel or its launcher must retune or drop its shipped entries, never leave them to be
+    ignored silently at run time."""
+    shipped = sorted(Path(autotune.__file__).resolve().parent.joinpath("configs").glob("*.json"))
+    assert shipped, "no shipped table"
+    for path in shipped:
+        for name, section in json.loads(path.read_text())["kernels"].items():
+            tunable = autotune.kernel(*name.split("/"))
+            assert section["source"] == tunable.source_hash, (
+                f"{path.name}: {name} was tuned for another version of its kernel (source {section['source']}, "
+                f"now {tunable.source_hash}); retune it or remove the section")
+
+
+def test_source_hash_follows_the_launcher_and_its_kernels_only():
+    """A Tunable's hash covers its launcher and the functions and kernels of its module it reaches."""
+    from sparsevila_ops.triton_kernels import decode
+    names = [f.__name__ for f in seam.reached(decode.DECODE.launch)]
+    assert names == ["_block_d", "_block_g", "_decode", "_decode_combine_kernel", "_decode_split_kernel",
+                     "_launch_decode", "combine_partials"]
+    assert "_append_kv_kernel" not in names and "_decode_key" not in names

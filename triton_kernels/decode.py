@@ -262,9 +262,9 @@ def _sparse_decode(q, k_cache, v_cache, indices, n_valid, scale, out, lse, cfg) 
 
 _DECODE_SEAM = dict(space=_decode_space, default=_decode_default, resources=_decode_resources,
                     buckets=("B", "Hk", "cap"))
-DECODE = Tunable("decode_attention", "triton", [__file__], key=_decode_key, launch=_decode,
+DECODE = Tunable("decode_attention", "triton", key=_decode_key, launch=_decode,
                  warmup=Tunable.triton_warmup(_decode), **_DECODE_SEAM)
-SPARSE_DECODE = Tunable("sparse_decode_attention", "triton", [__file__], key=_sparse_decode_key,
+SPARSE_DECODE = Tunable("sparse_decode_attention", "triton", key=_sparse_decode_key,
                         launch=_sparse_decode, warmup=Tunable.triton_warmup(_sparse_decode), **_DECODE_SEAM)
 
 
@@ -351,7 +351,7 @@ def _append(k_new, v_new, k_cache, v_cache, lengths, cfg) -> None:
         num_warps=cfg["num_warps"], **({"launch_pdl": True} if pdl else {}))
 
 
-APPEND = Tunable("append_kv", "triton", [__file__], key=_append_key, space=_append_space, default=_append_default,
+APPEND = Tunable("append_kv", "triton", key=_append_key, space=_append_space, default=_append_default,
                  launch=_append, warmup=Tunable.triton_warmup(_append), resources=_append_resources,
                  buckets=("B",))
 

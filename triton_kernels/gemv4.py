@@ -180,7 +180,7 @@ def launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: 
             BLOCK_S=triton.next_power_of_2(split), BLOCK=block, PDL=pdl, num_warps=4, **launch_kw)
 
 
-W4A16 = Tunable("w4a16_linear", "triton", [__file__], key=_key, space=_space, default=_default, launch=launch,
+W4A16 = Tunable("w4a16_linear", "triton", key=_key, space=_space, default=_default, launch=launch,
                 warmup=Tunable.triton_warmup(launch), resources=_resources, buckets=("M", "N", "K"))
 
 

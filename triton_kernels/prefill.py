@@ -380,10 +380,10 @@ def _launch_relevance(q, k, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_s
 
 
 _BUCKETS = ("Hk", "S", "m", "n")
-PREFILL = Tunable("prefill_attention", "triton", [__file__], key=_prefill_key, space=_prefill_space,
+PREFILL = Tunable("prefill_attention", "triton", key=_prefill_key, space=_prefill_space,
                   default=_prefill_default, launch=_launch_prefill, warmup=Tunable.triton_warmup(_launch_prefill),
                   resources=_prefill_resources, buckets=_BUCKETS)
-RELEVANCE = Tunable("kv_relevance", "triton", [__file__], key=_relevance_key, space=_relevance_space,
+RELEVANCE = Tunable("kv_relevance", "triton", key=_relevance_key, space=_relevance_space,
                     default=_relevance_default, launch=_launch_relevance,
                     warmup=Tunable.triton_warmup(_launch_relevance), resources=_relevance_resources,
                     buckets=_BUCKETS)

@@ -150,7 +150,7 @@ def _launch_select(scores, vis_start, vis_end, keep, indices, cfg) -> None:
         B, HK, keep, **cfg)
 
 
-SELECT = Tunable("select_kv", "triton", [__file__], key=_select_key, space=_select_space, default=_select_default,
+SELECT = Tunable("select_kv", "triton", key=_select_key, space=_select_space, default=_select_default,
                  launch=_launch_select, warmup=Tunable.triton_warmup(_launch_select), resources=_select_resources,
                  buckets=("rows", "T"))
 
@@ -300,7 +300,7 @@ def _launch_pack(k, v, indices, vis_start, vis_end, seq_lens, k_out, v_out, leng
         B, HK, indices.shape[-1], D, USE_TABLE=use_table, BLOCK_D=triton.next_power_of_2(D), **cfg)
 
 
-PACK = Tunable("pack_kv", "triton", [__file__], key=_pack_key, space=_pack_space, default=_pack_default,
+PACK = Tunable("pack_kv", "triton", key=_pack_key, space=_pack_space, default=_pack_default,
                launch=_pack, warmup=Tunable.triton_warmup(_pack), resources=_pack_resources,
                buckets=("rows", "len"))
 
