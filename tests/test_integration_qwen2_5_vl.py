@@ -360,27 +360,34 @@ def test_sparse_cache_crop_refuses_absolute_lengths():
 
 def test_cuda_graph_reuses_the_cache_across_calls(model, enabled, device):
     """With ``cuda_graph`` a ``generate`` without a cache reuses (empties) the previous call's buffers, so captured
-    graphs replay instead of re-recording; tokens equal a fresh cache's. Another batch size gets a new cache."""
+    graphs replay instead of re-recording; tokens equal a fresh cache's. A cache handed back to the caller
+    (``return_dict_in_generate``) is never emptied by a later call; another batch size gets a new cache."""
     inputs = visual_inputs(seed=6, device=device)
     enabled(0.5, 0.9)
     with torch.no_grad():
         ref = model.generate(**inputs, max_new_tokens=4, do_sample=False)
     sv.disable(model)
-    enabled(0.5, 0.9, cuda_graph=True)
-    caches, outs = [], []
+    state = enabled(0.5, 0.9, cuda_graph=True)._sparsevila
+    kept, outs = [], []
     for _ in range(2):
         with torch.no_grad():
-            r = model.generate(**inputs, max_new_tokens=4, do_sample=False, return_dict_in_generate=True,
-                               disable_compile=True)
-        caches.append((r.past_key_values, r.past_key_values.k.data_ptr(), r.past_key_values.pk.data_ptr()))
-        outs.append(r.sequences)
-    assert caches[0] == caches[1]
+            outs.append(model.generate(**inputs, max_new_tokens=4, do_sample=False, disable_compile=True))
+        cache = state._graph_cache
+        kept.append((cache, cache.k.data_ptr(), cache.pk.data_ptr()))
+    assert kept[0] == kept[1]
     assert all(torch.equal(o, ref) for o in outs)
-    _check_packed(caches[1][0])
+    _check_packed(kept[1][0])
     with torch.no_grad():
-        r = model.generate(**batch_of_two(device), max_new_tokens=2, do_sample=False, return_dict_in_generate=True,
+        r = model.generate(**inputs, max_new_tokens=4, do_sample=False, return_dict_in_generate=True,
                            disable_compile=True)
-    assert r.past_key_values is not caches[0][0]
+        mine = r.past_key_values
+        lengths = mine.lengths.clone()
+        model.generate(**inputs, max_new_tokens=2, do_sample=False, disable_compile=True)
+    assert mine is kept[0][0] and state._graph_cache is not mine and torch.equal(mine.lengths, lengths)
+    assert torch.equal(r.sequences, ref)
+    with torch.no_grad():
+        model.generate(**batch_of_two(device), max_new_tokens=2, do_sample=False, disable_compile=True)
+    assert state._graph_cache.batch_size_ == 2
 
 
 def test_enable_fuses_projections_into_views(device):

@@ -63,8 +63,8 @@ class SparseVILAState:
         """The cache of a ``generate`` called without one. With ``cuda_graph`` it is the previous such call's,
         emptied, while it holds ``capacity`` tokens and matches ``like``'s batch size, dtype and device (as
         transformers reuses its static cache): captured decode graphs replay on fixed buffer addresses, so a new
-        cache per call would record new graphs every call. A cache returned by the previous call is then emptied
-        too; it stays allocated until ``disable``."""
+        cache per call would record new graphs every call. A cache the caller got back (``hand_out``) is never
+        reused; the kept one stays allocated until ``disable``."""
         text = self.text_config
         old = self._graph_cache
         if (self.cuda_graph and old is not None and old.capacity >= capacity and old.allocated
@@ -76,6 +76,11 @@ class SparseVILAState:
         if self.cuda_graph:
             self._graph_cache = cache
         return cache
+
+    def hand_out(self, cache: SparseVILACache) -> None:
+        """``cache`` goes back to the caller (``return_dict_in_generate``), who may continue from it: never reuse it."""
+        if self._graph_cache is cache:
+            self._graph_cache = None
 
     def segment_lengths(self, cu_seqlens: torch.Tensor) -> List[int]:
         """Host segment lengths, one device sync per distinct ``cu_seqlens``: the tower hands the same frame and
@@ -237,6 +242,8 @@ def _generate(orig_generate, model, input_ids: Optional[torch.Tensor] = None, **
     cfg = model.config
     if cache is None:
         cache = state.new_cache(_like(model, B, input_ids.device), L + max_new)
+        if kwargs.get("return_dict_in_generate", gen_cfg.return_dict_in_generate):
+            state.hand_out(cache)  # the caller gets it: a later call must not empty it
     elif not isinstance(cache, SparseVILACache):
         raise TypeError(f"past_key_values must be the SparseVILACache returned by an earlier generate (or None) "
                         f"while sparsevila is enabled; got {type(cache).__name__}")
