@@ -1,8 +1,8 @@
 """HF transformers integrations (``pip install sparsevila_ops[hf]``, transformers 5.17).
 
 ``enable(model, prefill_sparsity=0.75, decode_sparsity=0.95)`` picks the integration by model type
-(Qwen2.5-VL today); ``disable(model)`` undoes it. The shared parts (``SparseVILACache``, the attention functions)
-are model-agnostic.
+(Qwen2.5-VL today); ``disable(model)`` undoes it. The shared parts (``SparseVILACache``, the attention functions,
+the fused q/k/v and gate/up projections of ``fused``) are model-agnostic.
 """
 from .cache import SparseVILACache
 
