@@ -111,14 +111,32 @@ def _salience_lse_kernel(q, k, cu_seqlens, lse2, stride_qt, stride_qh, stride_kt
 
 
 @triton.jit
+def _colsum_scores(k_main, k_tail, q_base, lse_base, r0, r_end, stride_qt, lse_scale,
+                   D: tl.constexpr, D_MAIN: tl.constexpr, D_TAIL: tl.constexpr, BLOCK_M: tl.constexpr,
+                   PREC: tl.constexpr):
+    """Scores ``s [BLOCK_N, BLOCK_M]`` of the resident keys against rows ``[r0, r0 + BLOCK_M)`` and the rows'
+    L2 (log2 units). Rows past R get L2 = +inf, hence P = exp2(-inf) = 0: no per-score mask."""
+    rows = r0 + tl.arange(0, BLOCK_M)
+    l2 = tl.load(lse_base + rows, mask=rows < r_end, other=float("inf")) * lse_scale
+    q_main = _load_rows(q_base, rows, r_end, stride_qt, 0, D, D_MAIN)
+    s = tl.dot(k_main, tl.trans(q_main), input_precision=PREC)
+    if D_TAIL > 0:
+        q_tail = _load_rows(q_base, rows, r_end, stride_qt, D_MAIN, D, D_TAIL)
+        s = tl.dot(k_tail, tl.trans(q_tail), s, input_precision=PREC)
+    return s, l2
+
+
+@triton.jit
 def _salience_colsum_kernel(q, k, cu_seqlens, lse, out, stride_qt, stride_qh, stride_kt, stride_kh, stride_cu,
                             stride_lh, stride_oh, qk_scale, lse_scale, inv_heads, num_summary, n_key_blocks,
                             D: tl.constexpr, D_MAIN: tl.constexpr, D_TAIL: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
-                            ATOMIC: tl.constexpr):
+                            ATOMIC: tl.constexpr, SKEW: tl.constexpr):
     """Pass 2: ``out[h, j] (+)= inv_heads/|R| * sum_{i in R} exp2(qk_scale s[i, j] - lse_scale lse[h, i])``.
 
-    ``ATOMIC``: heads accumulate into ``out[T]`` with atomic adds; else ``out[h, j]`` is stored."""
+    ``ATOMIC``: heads accumulate into ``out[T]`` with atomic adds; else ``out[h, j]`` is stored. ``SKEW``: the
+    scores of the next row block are computed before the exps of the current one (software pipelining, so the
+    tensor cores can run while the exp unit works on the previous tile; two score tiles live in registers)."""
     blk, a, b, r_end = _segment_block(cu_seqlens, stride_cu, n_key_blocks, num_summary)
     h = tl.program_id(1).to(tl.int64)
     key0 = a + blk * BLOCK_N
@@ -133,16 +151,20 @@ def _salience_colsum_kernel(q, k, cu_seqlens, lse, out, stride_qt, stride_qh, st
     if D_TAIL > 0:
         k_tail = _load_rows(k_base, keys, b, stride_kt, D_MAIN, D, D_TAIL)
     acc = tl.zeros([BLOCK_N], tl.float32)
-    for r0 in range(a, r_end, BLOCK_M):
-        rows = r0 + tl.arange(0, BLOCK_M)
-        # Rows past R get L2 = +inf, hence P = exp2(-inf) = 0: no per-score mask.
-        l2 = tl.load(lse_base + rows, mask=rows < r_end, other=float("inf")) * lse_scale
-        q_main = _load_rows(q_base, rows, r_end, stride_qt, 0, D, D_MAIN)
-        s = tl.dot(k_main, tl.trans(q_main), input_precision=PREC)
-        if D_TAIL > 0:
-            q_tail = _load_rows(q_base, rows, r_end, stride_qt, D_MAIN, D, D_TAIL)
-            s = tl.dot(k_tail, tl.trans(q_tail), s, input_precision=PREC)
+    if SKEW:  # R is never empty here (b > a), so the first block exists
+        s, l2 = _colsum_scores(k_main, k_tail, q_base, lse_base, a, r_end, stride_qt, lse_scale, D, D_MAIN,
+                               D_TAIL, BLOCK_M, PREC)
+        for r0 in range(a + BLOCK_M, r_end, BLOCK_M):
+            s_next, l2_next = _colsum_scores(k_main, k_tail, q_base, lse_base, r0, r_end, stride_qt, lse_scale, D,
+                                             D_MAIN, D_TAIL, BLOCK_M, PREC)
+            acc += tl.sum(tl.math.exp2(s * qk_scale - l2[None, :]), 1)
+            s, l2 = s_next, l2_next
         acc += tl.sum(tl.math.exp2(s * qk_scale - l2[None, :]), 1)
+    else:
+        for r0 in range(a, r_end, BLOCK_M):
+            s, l2 = _colsum_scores(k_main, k_tail, q_base, lse_base, r0, r_end, stride_qt, lse_scale, D, D_MAIN,
+                                   D_TAIL, BLOCK_M, PREC)
+            acc += tl.sum(tl.math.exp2(s * qk_scale - l2[None, :]), 1)
     val = acc * (inv_heads / (r_end - a).to(tl.float32))
     if ATOMIC:
         tl.atomic_add(out + keys, val, mask=keys < b, sem="relaxed")
@@ -219,20 +241,23 @@ def _lse_space(key: SalienceKey) -> list:
 
 
 def _colsum_space(key: SalienceKey) -> list:
-    """The column-sum tiles of ``python -m bench.figure3_salience --sweep`` (BLOCK_N, BLOCK_M, warps, stages)."""
-    return [dict(BLOCK_N=n, BLOCK_M=m, num_warps=w, num_stages=s) for n, m, w, s in
-            ((128, 64, 4, 2), (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3), (64, 64, 4, 3),
-             (64, 128, 4, 3), (128, 32, 4, 3), (256, 64, 8, 2))]
+    """The column-sum tiles of ``python -m bench.figure3_salience --sweep`` (BLOCK_N, BLOCK_M, warps, stages),
+    and the skewed loop (``SKEW``) on the tiles whose two score tiles fit in registers (<= 64 fp32 per thread)."""
+    tiles = [dict(BLOCK_N=n, BLOCK_M=m, num_warps=w, num_stages=s) for n, m, w, s in
+             ((128, 64, 4, 2), (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3), (64, 64, 4, 3),
+              (64, 128, 4, 3), (128, 32, 4, 3), (256, 64, 8, 2))]
+    return tiles + [dict(t, SKEW=True) for t in tiles if t["BLOCK_N"] * t["BLOCK_M"] <= 64 * 32 * t["num_warps"]]
 
 
 def _salience_resources(resident: str, streamed: str):
     """Estimates for a pass that keeps a tile of ``resident`` rows and streams tiles of ``streamed`` rows (LSE:
     q resident, k streamed; column sums: k resident, q streamed). Shared memory: the resident tile + one
-    streamed tile per stage. Registers: the fp32 score tile and the resident tile over the threads, + 32."""
+    streamed tile per stage. Registers: the fp32 score tile (two when ``SKEW``) and the resident tile over the
+    threads, + 32."""
     def resources(key: SalienceKey, cfg: dict):
         d, elem = sum(_split_head_dim(key.D)), key.dtype.itemsize
         smem = (cfg[resident] + cfg["num_stages"] * cfg[streamed]) * d * elem
-        words = cfg["BLOCK_M"] * cfg["BLOCK_N"] + cfg[resident] * d * elem // 4
+        words = (1 + cfg.get("SKEW", False)) * cfg["BLOCK_M"] * cfg["BLOCK_N"] + cfg[resident] * d * elem // 4
         return smem, 32 + words // (32 * cfg["num_warps"])
     return resources
 
@@ -269,11 +294,12 @@ def _colsum_pass(q, k, cu_seqlens, max_seqlen, scale, num_summary, lse, lse_log2
         target, inv_heads = torch.empty(H, T, dtype=torch.float32, device=q.device), 1.0
     d_main, d_tail = _split_head_dim(D)
     n_key_blocks = triton.cdiv(max(max_seqlen, 1), cfg["BLOCK_N"])
+    tiles = {name: v for name, v in cfg.items() if name != "SKEW"}
     _salience_colsum_kernel[(n_key_blocks * S, H)](
         q, k, cu_seqlens, lse, target, q.stride(0), q.stride(1), k.stride(0), k.stride(1), cu_seqlens.stride(0),
         lse.stride(0), target.stride(0) if target.dim() == 2 else 0, float(scale) * LOG2E,
         1.0 if lse_log2 else LOG2E, inv_heads, num_summary, n_key_blocks, D=D, D_MAIN=d_main, D_TAIL=d_tail,
-        PREC=_precision(q), ATOMIC=atomic, **cfg)
+        PREC=_precision(q), ATOMIC=atomic, SKEW=cfg.get("SKEW", False), **tiles)
     if reduce_heads and deterministic:
         block = 1024
         _sum_heads_kernel[(triton.cdiv(T, block),)](target, out, T, H, target.stride(0), 1.0 / H, BLOCK=block)
