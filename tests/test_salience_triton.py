@@ -64,15 +64,15 @@ def test_visual_salience_parity(device, dtype, D, c, reduce_heads):
 @pytest.mark.parametrize("c", [0, 3])
 def test_visual_salience_multiblock_tails(device, c, skew):
     """16-wide tiles: several full key/row blocks plus masked tails in both passes (the LSE pass into a scratch,
-    then the column sums from it, as the op runs them); ``skew``: the column sums with the next block's scores
-    computed ahead (one block, several, and a single row)."""
+    then the column sums from it, as the op runs them); ``skew``: the next block's scores computed ahead in both
+    passes (one block, several, and a single row; segments shorter than a block)."""
     tiles = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=2)
     lengths = [53, 16, 1]
     cu = _cu(lengths, device)
     T, H, D = int(cu[-1]), 2, 72
     q, k = _inputs(T, H, D, torch.float32, device, seed=1)
     lse2 = torch.full((H, T), float("nan"), device=device)
-    run_with_config("visual_salience.lse", tiles, q, k, cu, max(lengths), D ** -0.5, c, lse2)
+    run_with_config("visual_salience.lse", dict(tiles, SKEW=skew), q, k, cu, max(lengths), D ** -0.5, c, lse2)
     got = _poisoned(T, H, False, device)
     run_with_config("visual_salience.colsum", dict(tiles, SKEW=skew), q, k, cu, max(lengths), D ** -0.5, c, lse2,
                     True, False, got)

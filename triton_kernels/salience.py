@@ -61,10 +61,10 @@ def _load_rows(base, rows, row_end, stride_t, d0, D: tl.constexpr, BLOCK_D: tl.c
 
 
 @triton.jit
-def _lse_block(q_main, q_tail, k_base, k_rows, k_end, stride_kt, m_i, l_i, qk_scale,
-               D: tl.constexpr, D_MAIN: tl.constexpr, D_TAIL: tl.constexpr, PREC: tl.constexpr,
-               MASK_KEYS: tl.constexpr):
-    """Online max/sum update of ``(m_i, l_i)`` (log2 units) with one key block."""
+def _lse_scores(q_main, q_tail, k_base, k_rows, k_end, stride_kt,
+                D: tl.constexpr, D_MAIN: tl.constexpr, D_TAIL: tl.constexpr, PREC: tl.constexpr,
+                MASK_KEYS: tl.constexpr):
+    """Scores ``s [BLOCK_M, BLOCK_N]`` of the resident rows against one key block (-inf past ``k_end``)."""
     k_main = _load_rows(k_base, k_rows, k_end, stride_kt, 0, D, D_MAIN)
     s = tl.dot(q_main, tl.trans(k_main), input_precision=PREC)
     if D_TAIL > 0:
@@ -72,6 +72,12 @@ def _lse_block(q_main, q_tail, k_base, k_rows, k_end, stride_kt, m_i, l_i, qk_sc
         s = tl.dot(q_tail, tl.trans(k_tail), s, input_precision=PREC)
     if MASK_KEYS:
         s = tl.where((k_rows < k_end)[None, :], s, float("-inf"))
+    return s
+
+
+@triton.jit
+def _lse_update(s, m_i, l_i, qk_scale):
+    """Online max/sum update of ``(m_i, l_i)`` (log2 units) with one block of scores."""
     m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
     p = tl.math.exp2(s * qk_scale - m_new[:, None])
     l_i = l_i * tl.math.exp2(m_i - m_new) + tl.sum(p, 1)
@@ -82,8 +88,10 @@ def _lse_block(q_main, q_tail, k_base, k_rows, k_end, stride_kt, m_i, l_i, qk_sc
 def _salience_lse_kernel(q, k, cu_seqlens, lse2, stride_qt, stride_qh, stride_kt, stride_kh, stride_cu,
                          stride_lh, qk_scale, num_summary, n_row_blocks,
                          D: tl.constexpr, D_MAIN: tl.constexpr, D_TAIL: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr):
-    """Pass 1: ``lse2[h, i] = log2 sum_j exp2(qk_scale * q[i, h] . k[j, h])`` for the rows ``i`` of R."""
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, SKEW: tl.constexpr):
+    """Pass 1: ``lse2[h, i] = log2 sum_j exp2(qk_scale * q[i, h] . k[j, h])`` for the rows ``i`` of R.
+
+    ``SKEW``: the next key block's scores are computed before the current block's exps (as in the column sums)."""
     blk, a, b, r_end = _segment_block(cu_seqlens, stride_cu, n_row_blocks, num_summary)
     h = tl.program_id(1).to(tl.int64)
     n = b - a
@@ -101,12 +109,24 @@ def _salience_lse_kernel(q, k, cu_seqlens, lse2, stride_qt, stride_qh, stride_kt
     l_i = tl.zeros([BLOCK_M], tl.float32)
     cols = tl.arange(0, BLOCK_N)
     n_full = n // BLOCK_N
-    for j in range(0, n_full):
-        m_i, l_i = _lse_block(q_main, q_tail, k_base, a + j * BLOCK_N + cols, b, stride_kt, m_i, l_i, qk_scale,
-                              D, D_MAIN, D_TAIL, PREC, False)
+    if SKEW:
+        if n_full > 0:
+            s = _lse_scores(q_main, q_tail, k_base, a + cols, b, stride_kt, D, D_MAIN, D_TAIL, PREC, False)
+            for j in range(1, n_full):
+                s_next = _lse_scores(q_main, q_tail, k_base, a + j * BLOCK_N + cols, b, stride_kt, D, D_MAIN,
+                                     D_TAIL, PREC, False)
+                m_i, l_i = _lse_update(s, m_i, l_i, qk_scale)
+                s = s_next
+            m_i, l_i = _lse_update(s, m_i, l_i, qk_scale)
+    else:
+        for j in range(0, n_full):
+            s = _lse_scores(q_main, q_tail, k_base, a + j * BLOCK_N + cols, b, stride_kt, D, D_MAIN, D_TAIL, PREC,
+                            False)
+            m_i, l_i = _lse_update(s, m_i, l_i, qk_scale)
     if n_full * BLOCK_N < n:
-        m_i, l_i = _lse_block(q_main, q_tail, k_base, a + n_full * BLOCK_N + cols, b, stride_kt, m_i, l_i,
-                              qk_scale, D, D_MAIN, D_TAIL, PREC, True)
+        s = _lse_scores(q_main, q_tail, k_base, a + n_full * BLOCK_N + cols, b, stride_kt, D, D_MAIN, D_TAIL,
+                        PREC, True)
+        m_i, l_i = _lse_update(s, m_i, l_i, qk_scale)
     tl.store(lse2 + h * stride_lh + rows, m_i + tl.math.log2(l_i), mask=rows < r_end)
 
 
@@ -234,18 +254,24 @@ def _colsum_default(key: SalienceKey) -> dict:
 
 
 def _lse_space(key: SalienceKey) -> list:
-    """The LSE tiles of ``python -m bench.figure3_salience --sweep`` (BLOCK_M, BLOCK_N, warps, stages)."""
-    return [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s) for m, n, w, s in
-            ((128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2), (128, 128, 8, 3), (64, 128, 4, 3),
-             (128, 32, 8, 3), (256, 64, 8, 2))]
+    """The LSE tiles of ``python -m bench.figure3_salience --sweep`` (BLOCK_M, BLOCK_N, warps, stages), and the
+    skewed loop (``SKEW``) on those whose two score tiles fit (:func:`_skewed`)."""
+    return _skewed([dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s) for m, n, w, s in
+                    ((128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2), (128, 128, 8, 3),
+                     (64, 128, 4, 3), (128, 32, 8, 3), (256, 64, 8, 2))])
 
 
 def _colsum_space(key: SalienceKey) -> list:
     """The column-sum tiles of ``python -m bench.figure3_salience --sweep`` (BLOCK_N, BLOCK_M, warps, stages),
-    and the skewed loop (``SKEW``) on the tiles whose two score tiles fit in registers (<= 64 fp32 per thread)."""
-    tiles = [dict(BLOCK_N=n, BLOCK_M=m, num_warps=w, num_stages=s) for n, m, w, s in
-             ((128, 64, 4, 2), (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3), (64, 64, 4, 3),
-              (64, 128, 4, 3), (128, 32, 4, 3), (256, 64, 8, 2))]
+    and the skewed loop (``SKEW``) on those whose two score tiles fit (:func:`_skewed`)."""
+    return _skewed([dict(BLOCK_N=n, BLOCK_M=m, num_warps=w, num_stages=s) for n, m, w, s in
+                    ((128, 64, 4, 2), (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3),
+                     (64, 64, 4, 3), (64, 128, 4, 3), (128, 32, 4, 3), (256, 64, 8, 2))])
+
+
+def _skewed(tiles: list) -> list:
+    """``tiles`` and, for those whose score tile is at most 64 fp32 per thread (two live at once when skewed),
+    the same tile with ``SKEW``."""
     return tiles + [dict(t, SKEW=True) for t in tiles if t["BLOCK_N"] * t["BLOCK_M"] <= 64 * 32 * t["num_warps"]]
 
 
@@ -273,7 +299,7 @@ def _lse_pass(q, k, cu_seqlens, max_seqlen, scale, num_summary, lse2, cfg) -> No
     _salience_lse_kernel[(n_row_blocks * S, H)](
         q, k, cu_seqlens, lse2, q.stride(0), q.stride(1), k.stride(0), k.stride(1), cu_seqlens.stride(0),
         lse2.stride(0), float(scale) * LOG2E, num_summary, n_row_blocks, D=D, D_MAIN=d_main, D_TAIL=d_tail,
-        PREC=_precision(q), **cfg)
+        PREC=_precision(q), SKEW=cfg.get("SKEW", False), **_tiles(cfg))
 
 
 def _colsum_pass(q, k, cu_seqlens, max_seqlen, scale, num_summary, lse, lse_log2, deterministic, out, cfg) -> None:
@@ -294,15 +320,19 @@ def _colsum_pass(q, k, cu_seqlens, max_seqlen, scale, num_summary, lse, lse_log2
         target, inv_heads = torch.empty(H, T, dtype=torch.float32, device=q.device), 1.0
     d_main, d_tail = _split_head_dim(D)
     n_key_blocks = triton.cdiv(max(max_seqlen, 1), cfg["BLOCK_N"])
-    tiles = {name: v for name, v in cfg.items() if name != "SKEW"}
     _salience_colsum_kernel[(n_key_blocks * S, H)](
         q, k, cu_seqlens, lse, target, q.stride(0), q.stride(1), k.stride(0), k.stride(1), cu_seqlens.stride(0),
         lse.stride(0), target.stride(0) if target.dim() == 2 else 0, float(scale) * LOG2E,
         1.0 if lse_log2 else LOG2E, inv_heads, num_summary, n_key_blocks, D=D, D_MAIN=d_main, D_TAIL=d_tail,
-        PREC=_precision(q), ATOMIC=atomic, SKEW=cfg.get("SKEW", False), **tiles)
+        PREC=_precision(q), ATOMIC=atomic, SKEW=cfg.get("SKEW", False), **_tiles(cfg))
     if reduce_heads and deterministic:
         block = 1024
         _sum_heads_kernel[(triton.cdiv(T, block),)](target, out, T, H, target.stride(0), 1.0 / H, BLOCK=block)
+
+
+def _tiles(cfg: dict) -> dict:
+    """The launch parameters of a config other than ``SKEW`` (absent from tables tuned before it existed)."""
+    return {name: v for name, v in cfg.items() if name != "SKEW"}
 
 
 def _precision(q: torch.Tensor) -> str:
