@@ -435,3 +435,62 @@ def test_patch_embed_runs_as_one_linear(model, enabled, device):
     torch.testing.assert_close(pe(x), want, rtol=1e-5, atol=1e-5)
     sv.disable(model)
     assert "forward" not in pe.__dict__
+
+
+def test_reused_cache_follows_inference_mode(model, enabled, device):
+    """A cache allocated under ``torch.inference_mode`` holds inference tensors, which cannot be emptied outside
+    it: the next ordinary call gets a new cache instead of failing (and so do all later calls)."""
+    inputs = visual_inputs(seed=6, device=device)
+    enabled(0.5, 0.9, cuda_graph=True)
+    with torch.inference_mode():
+        a = model.generate(**inputs, max_new_tokens=3, do_sample=False, disable_compile=True)
+    b = model.generate(**inputs, max_new_tokens=3, do_sample=False, disable_compile=True)
+    with torch.inference_mode():
+        c = model.generate(**inputs, max_new_tokens=3, do_sample=False, disable_compile=True)
+    assert torch.equal(a, b) and torch.equal(b, c)
+
+
+def test_deferred_stop_checks_nest_and_restore():
+    """Nested (or interleaved, from threads) blocks leave transformers' own check in place after the last."""
+    from sparsevila_ops.integrations import cache as cache_mod
+    original = cache_mod.gen_utils.DeferredStopCheck.is_supported
+    outer = cache_mod.deferred_stop_checks()
+    inner = cache_mod.deferred_stop_checks(("cuda", "cpu"))
+    outer.__enter__()
+    inner.__enter__()
+    outer.__exit__(None, None, None)  # out of order, as two threads may
+    patched = cache_mod.gen_utils.DeferredStopCheck.is_supported
+    cache = cache_mod.SparseVILACache(1, 4)
+    assert patched is not original and patched(torch.device("cpu"), cache, True, False)
+    assert patched(torch.device("cpu"), None, False, False) == original(torch.device("cpu"), None, False, False)
+    inner.__exit__(None, None, None)
+    assert cache_mod.gen_utils.DeferredStopCheck.is_supported is original
+
+
+def test_fused_projections_follow_replaced_weights_and_autograd(device):
+    """The fused weight is a separate tensor: replaced projection weights are re-fused before the next
+    ``generate``, a projection that stops being a plain linear is unfused, autograd into trainable weights runs
+    the projections themselves, and ``disable`` gives every projection its own storage again."""
+    from torch import nn
+    from sparsevila_ops.integrations import fused
+
+    model = tiny_model(seed=2, device=device)
+    layers = model.model.language_model.layers
+    inputs = visual_inputs(seed=3, device=device)
+    sv.enable(model, 0.0, 0.0)
+    try:
+        attn0, mlp0, mlp1 = layers[0].self_attn, layers[0].mlp, layers[1].mlp
+        new_q = torch.randn_like(attn0.q_proj.weight)
+        attn0.q_proj.weight = nn.Parameter(new_q)  # as load_state_dict(assign=True) does
+        mlp1.up_proj = nn.Sequential(mlp1.up_proj)  # no longer a plain linear
+        out = _generate(model, inputs)
+        assert torch.equal(attn0.__dict__[fused.QKV][0][:new_q.shape[0]], new_q)
+        assert fused.GATE_UP not in mlp1.__dict__ and "forward" not in mlp1.__dict__
+        x = torch.randn(2, 3, mlp0.gate_proj.in_features, device=device)
+        mlp0(x).sum().backward()
+        assert mlp0.gate_proj.weight.grad is not None and mlp0.up_proj.weight.grad is not None
+    finally:
+        sv.disable(model)
+    assert torch.equal(_generate(model, inputs), out)
+    ptrs = {layers[0].self_attn.__getattr__(n).weight.untyped_storage().data_ptr() for n in ("q_proj", "k_proj")}
+    assert len(ptrs) == 2

@@ -270,9 +270,9 @@ def _colsum_space(key: SalienceKey) -> list:
 
 
 def _skewed(tiles: list) -> list:
-    """``tiles`` and, for those whose score tile is at most 64 fp32 per thread (two live at once when skewed),
-    the same tile with ``SKEW``."""
-    return tiles + [dict(t, SKEW=True) for t in tiles if t["BLOCK_N"] * t["BLOCK_M"] <= 64 * 32 * t["num_warps"]]
+    """``tiles`` and, for those whose score tile is at most 32 fp32 per thread (two live at once when skewed; the
+    largest tiles would reach 255 registers), the same tile with ``SKEW``."""
+    return tiles + [dict(t, SKEW=True) for t in tiles if t["BLOCK_N"] * t["BLOCK_M"] <= 32 * 32 * t["num_warps"]]
 
 
 def _salience_resources(resident: str, streamed: str):

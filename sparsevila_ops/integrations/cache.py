@@ -19,6 +19,7 @@ with static buffer addresses. ``get_seq_length`` is the HF length (positions pro
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -312,22 +313,32 @@ def _cumsum(lens: Sequence[int], device) -> torch.Tensor:
     return torch.tensor(out, dtype=torch.int32, device=device)
 
 
+_DEFER_LOCK = threading.Lock()
+_DEFER_USERS = [0, None]  # [blocks inside deferred_stop_checks, transformers' own is_supported]
+
+
 @contextlib.contextmanager
 def deferred_stop_checks(devices: Sequence[str] = ("cuda",)):
     """Within the block, transformers' ``generate`` decoding into a ``SparseVILACache`` on ``devices`` reads its
     stop flag one step late (``DeferredStopCheck``, which transformers 5.17 enables only on ``mps``): the host
     queues step t+1 while the GPU runs step t instead of waiting for step t's tokens every step. An EOS stop then
     costs one extra step, which ``generate`` rolls back with ``SparseVILACache.crop(-1)``. Other caches keep
-    transformers' own choice."""
-    original = gen_utils.DeferredStopCheck.is_supported
-
+    transformers' own choice. Blocks may nest and run on several threads: transformers' check is restored when
+    the last one ends."""
     def is_supported(device, cache, cache_is_returned, is_assistant):
         if isinstance(cache, SparseVILACache) and not is_assistant:
             return device.type in devices
-        return original(device, cache, cache_is_returned, is_assistant)
+        return _DEFER_USERS[1](device, cache, cache_is_returned, is_assistant)
 
-    gen_utils.DeferredStopCheck.is_supported = staticmethod(is_supported)
+    with _DEFER_LOCK:
+        if _DEFER_USERS[0] == 0:
+            _DEFER_USERS[1] = gen_utils.DeferredStopCheck.is_supported
+        _DEFER_USERS[0] += 1
+        gen_utils.DeferredStopCheck.is_supported = staticmethod(is_supported)
     try:
         yield
     finally:
-        gen_utils.DeferredStopCheck.is_supported = staticmethod(original)
+        with _DEFER_LOCK:
+            _DEFER_USERS[0] -= 1
+            if _DEFER_USERS[0] == 0:
+                gen_utils.DeferredStopCheck.is_supported = staticmethod(_DEFER_USERS[1])

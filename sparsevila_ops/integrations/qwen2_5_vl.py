@@ -61,14 +61,15 @@ class SparseVILAState:
 
     def new_cache(self, like: torch.Tensor, capacity: int) -> SparseVILACache:
         """The cache of a ``generate`` called without one. With ``cuda_graph`` it is the previous such call's,
-        emptied, while it holds ``capacity`` tokens and matches ``like``'s batch size, dtype and device (as
-        transformers reuses its static cache): captured decode graphs replay on fixed buffer addresses, so a new
-        cache per call would record new graphs every call. A cache the caller got back (``hand_out``) is never
-        reused; the kept one stays allocated until ``disable``."""
+        emptied, while it holds ``capacity`` tokens and matches ``like``'s batch size, dtype, device and inference
+        mode (as transformers reuses its static cache): captured decode graphs replay on fixed buffer addresses, so
+        a new cache per call would record new graphs every call. A cache the caller got back (``hand_out``) is
+        never reused; the kept one stays allocated until ``disable``."""
         text = self.text_config
         old = self._graph_cache
         if (self.cuda_graph and old is not None and old.capacity >= capacity and old.allocated
-                and (old.batch_size_, old.k.dtype, old.k.device) == (like.shape[0], like.dtype, like.device)):
+                and (old.batch_size_, old.k.dtype, old.k.device) == (like.shape[0], like.dtype, like.device)
+                and old.k.is_inference() == torch.is_inference_mode_enabled()):  # inference tensors stay inside
             old.reset()
             return old
         cache = SparseVILACache(text.num_hidden_layers, capacity, 1.0 - self.decode_sparsity,
@@ -140,7 +141,7 @@ def enable(model, prefill_sparsity: float = 0.75, decode_sparsity: float = 0.95,
     model.set_attn_implementation({"text_config": ATTN_NAME})
     for layer in model.model.language_model.layers:
         layer.self_attn._sparsevila_state = state.llm
-    fused.fuse(model.model.language_model.layers, hf.apply_rotary_pos_emb)
+    _fuse(model)
     visual = model.model.visual
     for i, blk in enumerate(visual.blocks):
         blk.attn.forward = types.MethodType(functools.partial(_vision_attn_forward, state=state,
@@ -221,6 +222,7 @@ _VISUAL_KWARGS = ("pixel_values", "pixel_values_videos", "image_grid_thw", "vide
 @torch.no_grad()  # as transformers' generate: pruning's encoder forward must not record an autograd graph
 def _generate(orig_generate, model, input_ids: Optional[torch.Tensor] = None, **kwargs):
     state: SparseVILAState = model._sparsevila
+    _fuse(model)  # the weights may have been replaced or moved since enable
     if input_ids is None:
         input_ids = kwargs.pop("inputs", None)
     if input_ids is None or "inputs_embeds" in kwargs:
@@ -277,6 +279,11 @@ def _generate(orig_generate, model, input_ids: Optional[torch.Tensor] = None, **
         state.llm.cache = None
         cache.prefill = None
     return _restore_prompt(out, input_ids, call_ids.shape[1])
+
+
+def _fuse(model) -> None:
+    """(Re-)fuse the decoder layers' projections (``fused.fuse``: cheap when nothing changed)."""
+    fused.fuse(model.model.language_model.layers, hf.apply_rotary_pos_emb, hf.eager_attention_forward)
 
 
 def _like(model, B: int, device) -> torch.Tensor:
