@@ -1,8 +1,8 @@
 """The kernel-config seam: every kernel declares one :class:`Tunable` next to itself.
 
-A Tunable names a kernel (``op``, ``backend``, and ``source``: the files beyond its Python module that decide
-what a config means and how fast it runs, e.g. ``.cu`` sources; Triton kernels need none) and gives the functions
-the library and the tuner need:
+A Tunable names a kernel (``op``, ``backend``, and ``source``: what beyond its package's Python decides what a
+config means and how fast it runs: files (paths, e.g. ``.cu`` sources) and values (e.g. compiler flags); Triton
+kernels need none) and gives the functions the library and the tuner need:
 
 - ``key(*args)``: a NamedTuple describing the problem, first field ``gpu`` (:func:`gpu_name`), then dtype, head
   dim, GQA group and sizes, all exact;
@@ -42,26 +42,51 @@ from sparsevila_ops._device import CPU, gpu_name  # noqa: F401  (re-exported: th
 
 _ALL: "weakref.WeakSet[Tunable]" = weakref.WeakSet()
 _WARMUP_LOCK = threading.Lock()
-def reached(fn: Callable) -> List[Callable]:
-    """``fn`` and the functions and Triton kernels of its own module that it references by name, transitively
-    (a Triton kernel counts as the Python function it wraps, compiled or interpreted), sorted by name."""
+def _plain(v) -> bool:
+    """Numbers, strings, dtypes and containers of them: module constants whose ``repr`` is their meaning."""
+    if v is None or isinstance(v, (bool, int, float, str, bytes, torch.dtype)):
+        return True
+    if isinstance(v, (tuple, list, frozenset)):
+        return all(_plain(x) for x in v)
+    if isinstance(v, dict):
+        return all(_plain(k) and _plain(x) for k, x in v.items())
+    return False
+
+
+def reached(fn: Callable) -> Tuple[List[Callable], Dict[str, str]]:
+    """What ``fn`` depends on inside its package (``sparsevila_ops``): the functions and Triton kernels it
+    references by name, transitively (a Triton kernel counts as the Python function it wraps, compiled or
+    interpreted; decorated functions as the one they wrap), sorted by qualified name, and the plain module
+    constants they read (:func:`_plain`, ``tl.constexpr`` unwrapped) as ``{"module.name": repr}``."""
     def names(code):
         yield from code.co_names
         for const in code.co_consts:
             if hasattr(const, "co_names"):  # nested functions, lambdas, comprehensions
                 yield from names(const)
 
-    root = getattr(fn, "fn", fn)
-    found, todo = {root.__qualname__: root}, [root]
+    def unwrap(obj):
+        obj = getattr(obj, "fn", obj)
+        return getattr(obj, "__wrapped__", obj)
+
+    root = unwrap(fn)
+    package = root.__module__.split(".")[0]
+    found, consts, todo = {f"{root.__module__}.{root.__qualname__}": root}, {}, [root]
     while todo:
         f = todo.pop()
         for name in names(f.__code__):
-            obj = getattr(f.__globals__.get(name), "fn", f.__globals__.get(name))
-            if (inspect.isfunction(obj) and obj.__module__ == root.__module__
-                    and obj.__qualname__ not in found):
-                found[obj.__qualname__] = obj
-                todo.append(obj)
-    return [found[k] for k in sorted(found)]
+            if name not in f.__globals__:
+                continue
+            value = f.__globals__[name]
+            value = getattr(value, "value", value) if type(value).__name__ == "constexpr" else value
+            obj = unwrap(value)
+            if inspect.isfunction(obj) and obj.__module__.split(".")[0] == package:
+                qual = f"{obj.__module__}.{obj.__qualname__}"
+                if qual not in found:
+                    found[qual] = obj
+                    todo.append(obj)
+            elif _plain(value):
+                consts[f"{f.__module__}.{name}"] = repr(value)
+    return [found[k] for k in sorted(found)], dict(sorted(consts.items()))
 
 
 def bucket(n: int) -> int:
@@ -105,15 +130,18 @@ class Tunable:
 
     @property
     def source_hash(self) -> str:
-        """sha256 (16 hex digits) of what decides a config's meaning and speed: the declared ``launch`` and every
-        function and Triton kernel of its module it reaches (:func:`reached`), then the ``source`` files. Tuned
-        entries of another version of those are not used; edits elsewhere (keys, docs, other kernels) keep them."""
+        """sha256 (16 hex digits) of what decides a config's meaning and speed: the declared ``launch``, every
+        function and Triton kernel of the package it reaches and the module constants they read (:func:`reached`),
+        then the ``source`` files' bytes and values' ``repr``. Tuned entries of another version of those are not
+        used; edits elsewhere (keys, docs, other kernels) keep them."""
         if self._source_hash is None:
             h = hashlib.sha256()
-            for fn in reached(self._declared_launch):
+            functions, constants = reached(self._declared_launch)
+            for fn in functions:
                 h.update(inspect.getsource(fn).encode())
-            for path in self.source:
-                h.update(Path(path).read_bytes())
+            h.update(repr(constants).encode())
+            for item in self.source:
+                h.update(Path(item).read_bytes() if isinstance(item, (str, Path)) else repr(item).encode())
             self._source_hash = h.hexdigest()[:16]
         return self._source_hash
 

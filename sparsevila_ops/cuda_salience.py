@@ -136,8 +136,10 @@ def _unsupported(q, k, cu_seqlens, max_seqlen, scale, num_summary, lse, determin
     return unsupported(q, k)
 
 
-SALIENCE_CUDA = Tunable("visual_salience", "cuda",
-                        [_cuda.source_dir() / f for f in ("salience.cu", "mma_sync.cuh", "launch_util.cuh")],
+# what decides a config's meaning and speed besides the host code: the kernel sources, the binding, nvcc flags
+_SOURCE = [*(_cuda.source_dir() / f for f in ("salience.cu", "mma_sync.cuh", "launch_util.cuh", "bindings.cpp")),
+           _cuda.NVCC_FLAGS]
+SALIENCE_CUDA = Tunable("visual_salience", "cuda", _SOURCE,
                         key=_key, space=_space, default=_default, launch=_launch, buckets=("S", "n", "rows"),
                         unsupported=_unsupported)
 

@@ -705,9 +705,26 @@ def test_shipped_tables_match_the_kernels():
 
 
 def test_source_hash_follows_the_launcher_and_its_kernels_only():
-    """A Tunable's hash covers its launcher and the functions and kernels of its module it reaches."""
-    from sparsevila_ops.triton_kernels import decode
-    names = [f.__name__ for f in seam.reached(decode.DECODE.launch)]
-    assert names == ["_block_d", "_block_g", "_decode", "_decode_combine_kernel", "_decode_split_kernel",
-                     "_launch_decode", "combine_partials"]
-    assert "_append_kv_kernel" not in names and "_decode_key" not in names
+    """A Tunable's hash covers its launcher, the functions and kernels of the package it reaches and the module
+    constants they read; not the key builder or other kernels."""
+    from sparsevila_ops.triton_kernels import decode, gemv4
+    functions, constants = seam.reached(decode.DECODE.launch)
+    names = [f"{f.__module__.rsplit('.', 1)[1]}.{f.__name__}" for f in functions]
+    assert names == ["_device._capability", "_device._index", "_device.capability", "_device.use_pdl",
+                     "decode._block_d", "decode._block_g", "decode._decode", "decode._decode_combine_kernel",
+                     "decode._decode_split_kernel", "decode._launch_decode", "decode.combine_partials"]
+    assert constants == {"sparsevila_ops.triton_kernels.decode.LOG2E": repr(decode.LOG2E)}
+    assert set(seam.reached(gemv4.W4A16.launch)[1]) >= {"sparsevila_ops.triton_kernels.gemv4.PACK_K",
+                                                         "sparsevila_ops.triton_kernels.gemv4.BLOCK_M"}
+
+
+def test_source_hash_changes_with_a_module_constant(monkeypatch):
+    """A constant the launcher reads (here gemv4.BLOCK_M) changes the hash, so stale tuned entries are refused."""
+    from sparsevila_ops.triton_kernels import gemv4
+    before = gemv4.W4A16.source_hash
+    fresh = seam.Tunable("w4a16_linear", "triton", key=gemv4.W4A16.key, space=gemv4.W4A16.space,
+                         default=gemv4.W4A16.default, launch=gemv4.launch)
+    assert fresh.source_hash == before
+    monkeypatch.setattr(gemv4, "BLOCK_M", gemv4.BLOCK_M * 2)
+    assert seam.Tunable("w4a16_linear", "triton", key=gemv4.W4A16.key, space=gemv4.W4A16.space,
+                        default=gemv4.W4A16.default, launch=gemv4.launch).source_hash != before
