@@ -127,10 +127,23 @@ KERNEL_KINDS = (("linear", ("nvjet", "gemv", "gemm", "xmma", "cutlass", "splitkr
                 ("fused (inductor)", ("triton_",)))
 
 
-def kernel_kind(name: str) -> str:
-    """``linear``, ``attention``, ``fused (inductor)`` or ``other`` for a CUDA kernel name (``KERNEL_KINDS``)."""
+def kernel_kind(name: str, kinds=None) -> str:
+    """The kind of a CUDA kernel name: the first of ``kinds`` (default ``KERNEL_KINDS``: ``linear``,
+    ``attention``, ``fused (inductor)``) whose name fragments it contains, else ``other``."""
     low = name.lower()
-    return next((kind for kind, parts in KERNEL_KINDS if any(p in low for p in parts)), "other")
+    return next((kind for kind, parts in kinds or KERNEL_KINDS if any(p in low for p in parts)), "other")
+
+
+def kernel_summary(kernels: Dict[str, Tuple[float, float]], kinds=None) -> dict:
+    """``{name: (us, launches)}`` summed: kernel ms, launches, ms per kind (``kernel_kind``), the 8 costliest."""
+    by_kind: Dict[str, float] = {}
+    for n, (us, _) in kernels.items():
+        by_kind[kernel_kind(n, kinds)] = by_kind.get(kernel_kind(n, kinds), 0.0) + us / 1e3
+    top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:8]
+    return {"kernel_sum_ms": sum(us for us, _ in kernels.values()) / 1e3,
+            "launches": sum(c for _, c in kernels.values()),
+            "kinds_ms": dict(sorted(by_kind.items(), key=lambda kv: -kv[1])),
+            "top": [{"kernel": n[:120], "us": round(us, 2), "calls": round(c, 2)} for n, (us, c) in top]}
 
 
 Profile = Tuple[Dict[str, Tuple[float, int]], float]  # ({kernel: (summed us, launches)}, busy us)
@@ -156,13 +169,7 @@ def step_kernels(short: Profile, long: Profile, steps: int) -> dict:
     diff = {n: (k_long[n][0] - k_short.get(n, (0.0, 0))[0], k_long[n][1] - k_short.get(n, (0.0, 0))[1])
             for n in k_long}
     per = {n: (us / steps, c / steps) for n, (us, c) in diff.items() if c > 0}
-    kinds: Dict[str, float] = {}
-    for n, (us, _) in per.items():
-        kinds[kernel_kind(n)] = kinds.get(kernel_kind(n), 0.0) + us / 1e3
-    top = sorted(per.items(), key=lambda kv: -kv[1][0])[:8]
-    return {"gpu_ms": (b_long - b_short) / steps / 1e3, "kernel_sum_ms": sum(us for us, _ in per.values()) / 1e3,
-            "launches": sum(c for _, c in per.values()), "kinds_ms": dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
-            "top": [{"kernel": n[:120], "us": round(us, 2), "calls": round(c, 2)} for n, (us, c) in top]}
+    return {"gpu_ms": (b_long - b_short) / steps / 1e3, **kernel_summary(per)}
 
 
 def profile_kernels(fn: Callable[[], object]) -> Profile:
@@ -192,20 +199,12 @@ ENCODER_KINDS = (("gemm", ("nvjet", "gemm", "cutlass", "xmma", "sm90_xmma", "spl
 
 def encoder_profile(model, inputs: dict) -> dict:
     """GPU time of one vision-tower pass over the input's video (as the row's ``enable`` left the tower): busy ms,
-    launches, summed ms per kind (``ENCODER_KINDS``) and the 8 kernels costing most."""
+    and ``kernel_summary`` with ``ENCODER_KINDS``."""
     visual = model.model.visual
     pix = inputs["pixel_values_videos"].to(visual.dtype)
     with torch.no_grad():
         kernels, busy = profile_kernels(lambda: visual(pix, grid_thw=inputs["video_grid_thw"]))
-    kinds: Dict[str, float] = {}
-    for name, (us, _) in kernels.items():
-        low = name.lower()
-        kind = next((k for k, parts in ENCODER_KINDS if any(p in low for p in parts)), "other")
-        kinds[kind] = kinds.get(kind, 0.0) + us / 1e3
-    top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:8]
-    return {"gpu_ms": busy / 1e3, "launches": sum(c for _, c in kernels.values()),
-            "kinds_ms": dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
-            "top": [{"kernel": n[:120], "us": round(us, 1), "calls": c} for n, (us, c) in top]}
+    return {"gpu_ms": busy / 1e3, **kernel_summary(kernels, ENCODER_KINDS)}
 
 
 class _StopAfter:

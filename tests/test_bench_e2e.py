@@ -184,7 +184,7 @@ def test_decode_step_profile_stops_generate_after_each_length(tiny_model, monkey
                         profile_steps=2)
     assert lengths == [prompt + 4, prompt + 6] * 2
     assert all(r["D_gpu_ms"] == pytest.approx(0.01) and r["step"]["launches"] == 1 for r in rows)
-    assert rows[0]["encoder"] == {"gpu_ms": 0.005, "launches": 2, "kinds_ms": {"gemm": 0.005},
+    assert rows[0]["encoder"] == {"gpu_ms": 0.005, "kernel_sum_ms": 0.005, "launches": 2, "kinds_ms": {"gemm": 0.005},
                                   "top": [{"kernel": "gemm_kernel", "us": 5.0, "calls": 2}]}
     assert "encoder" not in rows[1]  # the tower is profiled at rows (a) and (b) only
     assert e2e.assemble(rows, 1.0, 100)[1]["D_gpu_over_floor"] > 0
