@@ -24,6 +24,7 @@ import torch
 
 from . import _backend, _cuda
 from .autotune import Tunable, gpu_name
+from .salience import summary_rows
 
 LOG2E = 1.4426950408889634
 _DTYPES = {torch.bfloat16: 0, torch.float16: 1}
@@ -53,11 +54,6 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous() if _misaligned(t) else t
 
 
-def _num_rows(max_seqlen: int, num_summary: int) -> int:
-    """The most rows of R a segment can have."""
-    return max_seqlen if num_summary == 0 else min(num_summary, max_seqlen)
-
-
 class SalienceCudaKey(NamedTuple):
     gpu: str
     dtype: torch.dtype
@@ -72,7 +68,7 @@ class SalienceCudaKey(NamedTuple):
 def _key(q, k, cu_seqlens, max_seqlen, scale, num_summary, lse, deterministic, out) -> SalienceCudaKey:
     _, H, D = q.shape
     return SalienceCudaKey(gpu_name(q.device), q.dtype, D, H, cu_seqlens.shape[0] - 1, max_seqlen,
-                           _num_rows(max_seqlen, num_summary), lse is not None)
+                           summary_rows(max_seqlen, num_summary), lse is not None)
 
 
 def _default(key: SalienceCudaKey) -> dict:
@@ -114,7 +110,7 @@ def _run(q, k, cu_seqlens, max_seqlen, scale, num_summary, lse, out, poly_every)
         if lse is None:
             lse2 = torch.empty(H, T, dtype=torch.float32, device=q.device)
             lib.salience_lse(dt, D, q.data_ptr(), k.data_ptr(), cu_seqlens.data_ptr(), lse2.data_ptr(), qk2,
-                             qs + (0, lse2.stride(0)), S, _num_rows(max_seqlen, num_summary), H, num_summary,
+                             qs + (0, lse2.stride(0)), S, summary_rows(max_seqlen, num_summary), H, num_summary,
                              poly_every, stream)
             src, lse_scale = lse2, 1.0
         else:

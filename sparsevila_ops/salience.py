@@ -23,6 +23,12 @@ define(
 CUDA_MAX_SEQLEN = 1024
 
 
+def summary_rows(max_seqlen: int, num_summary: int) -> int:
+    """The most rows of R a segment can have: all ``max_seqlen``, or the first ``num_summary``. Every backend
+    sizes R by it, so the LSE and column-sum passes agree."""
+    return max_seqlen if num_summary == 0 else min(num_summary, max_seqlen)
+
+
 def _preferred_backend(device: torch.device, q: torch.Tensor, k, cu_seqlens, max_seqlen: int, *rest):
     """``cuda`` for segments of at most ``CUDA_MAX_SEQLEN`` tokens that its kernels cover (``cuda_salience.
     unsupported``: bf16/fp16, head dim 64/72/80/128) on a GPU of compute capability >= 9.0, else None (the device

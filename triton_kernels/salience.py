@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from ..autotune import Tunable, gpu_name
+from ..salience import summary_rows
 
 LOG2E = 1.4426950408889634
 
@@ -214,20 +215,16 @@ class SalienceKey(NamedTuple):
     atomic: bool  # heads reduced with atomics (the column-sum pass; False for the LSE pass)
 
 
-def _num_rows(max_seqlen: int, num_summary: int) -> int:
-    return max_seqlen if num_summary == 0 else min(num_summary, max_seqlen)
-
-
 def _lse_key(q, k, cu_seqlens, max_seqlen, scale, num_summary, lse2) -> SalienceKey:
     _, H, D = q.shape
     return SalienceKey(gpu_name(q.device), q.dtype, D, H, cu_seqlens.shape[0] - 1, max_seqlen,
-                       _num_rows(max_seqlen, num_summary), False)
+                       summary_rows(max_seqlen, num_summary), False)
 
 
 def _colsum_key(q, k, cu_seqlens, max_seqlen, scale, num_summary, lse, lse_log2, deterministic, out) -> SalienceKey:
     _, H, D = q.shape
     return SalienceKey(gpu_name(q.device), q.dtype, D, H, cu_seqlens.shape[0] - 1, max_seqlen,
-                       _num_rows(max_seqlen, num_summary), out.dim() == 1 and not deterministic)
+                       summary_rows(max_seqlen, num_summary), out.dim() == 1 and not deterministic)
 
 
 def _lse_default(key: SalienceKey) -> dict:
@@ -295,7 +292,7 @@ def _lse_pass(q, k, cu_seqlens, max_seqlen, scale, num_summary, lse2, cfg) -> No
     if T == 0 or S == 0:
         return
     d_main, d_tail = _split_head_dim(D)
-    n_row_blocks = triton.cdiv(max(_num_rows(max_seqlen, num_summary), 1), cfg["BLOCK_M"])
+    n_row_blocks = triton.cdiv(max(summary_rows(max_seqlen, num_summary), 1), cfg["BLOCK_M"])
     _salience_lse_kernel[(n_row_blocks * S, H)](
         q, k, cu_seqlens, lse2, q.stride(0), q.stride(1), k.stride(0), k.stride(1), cu_seqlens.stride(0),
         lse2.stride(0), float(scale) * LOG2E, num_summary, n_row_blocks, D=D, D_MAIN=d_main, D_TAIL=d_tail,
