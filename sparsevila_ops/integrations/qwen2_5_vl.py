@@ -242,8 +242,9 @@ def _generate(orig_generate, model, input_ids: Optional[torch.Tensor] = None, **
     if max_new is None:
         max_new = max(int(kwargs.get("max_length", gen_cfg.max_length)) - L, 0)
     cfg = model.config
+    like = _like(model, B, input_ids.device)
     if cache is None:
-        cache = state.new_cache(_like(model, B, input_ids.device), L + max_new)
+        cache = state.new_cache(like, L + max_new)
         if kwargs.get("return_dict_in_generate", gen_cfg.return_dict_in_generate):
             state.hand_out(cache)  # the caller gets it: a later call must not empty it
     elif not isinstance(cache, SparseVILACache):
@@ -269,7 +270,7 @@ def _generate(orig_generate, model, input_ids: Optional[torch.Tensor] = None, **
     new = call_mask[:, seen:]
     pads = _left_pads(new)
     spans = _visual_spans(call_ids[:, seen:], pads, cfg)
-    cache.begin_prefill(_like(model, B, input_ids.device), new.shape[1], pads, spans, reserve=max_new)
+    cache.begin_prefill(like, new.shape[1], pads, spans, reserve=max_new)
     state.llm.cache = cache
     try:
         with deferred_stop_checks():
