@@ -37,7 +37,6 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
-from sparsevila_ops import _device
 from sparsevila_ops._device import CPU, gpu_name  # noqa: F401  (re-exported: the gpu field of every key)
 
 _ALL: "weakref.WeakSet[Tunable]" = weakref.WeakSet()

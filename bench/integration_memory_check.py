@@ -75,7 +75,7 @@ def main(argv=None) -> int:
         reset_compiled(model)
         after = gb()
         print(f"({ps}, {ds}): allocated GB after each call " + " ".join(f"{u:.2f}" for u in used)
-              + f"; reserved " + " ".join(f"{u:.2f}" for u in reserved) + f"; after reset {after:.2f}; graphs "
+              + "; reserved " + " ".join(f"{u:.2f}" for u in reserved) + f"; after reset {after:.2f}; graphs "
               f"compiled so far {counters['stats']['unique_graphs']}", flush=True)
         if used[-1] - used[1] > 1.0:
             grew.append((ps, ds))
