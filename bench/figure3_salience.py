@@ -2,12 +2,13 @@
 
 ``python -m bench.figure3_salience [--quick] [--sweep] [--poly-share]``. Per shape: naive torch (the fp32 chunked
 reference) vs Triton two passes (atomic and deterministic head reduction) vs Triton with ``lse`` given vs the cuda
-backend (``csrc/salience.cu``: two passes, lse given; when it can run here) vs ``flash_colreduce`` (when
+backend (its default config, then each kernel: ``csrc/salience_wgmma.cu``, ``csrc/salience.cu``; two passes, lse
+given; when it can run here) vs ``flash_colreduce`` (when
 importable) vs one SDPA forward of the same shape (yardstick). The exp floor is
 ``passes * H * sum_s n_s^2 / 3.9e12 exp/s``; ``Texp_per_s`` and ``TFLOP_s`` are the achieved exp2 rate and QK^T
 rate (``passes * 2 H sum_s n_s^2 D`` FLOP). ``--sweep`` times every config of each Triton pass's declared space
-(``sparsevila_ops.autotune``; each pass alone, the column sums given an LSE) instead. ``--poly-share`` adds one
-cuda row per polynomial share (``poly_every`` 0, 2, 4, 8: every k-th column pair's exp2 on the FMA pipe).
+(``sparsevila_ops.autotune``; each pass alone, the column sums given an LSE) instead. ``--poly-share`` adds cuda
+rows per kernel and polynomial share (``poly_every`` 2, 4, 8: every k-th column pair's exp2 on the FMA pipe).
 """
 from __future__ import annotations
 
@@ -111,7 +112,7 @@ def bench_shape(sh: Shape, iters: int, poly_share: bool = False) -> List[Dict[st
         q, k, _ = sets[i]
         reference.visual_salience(q, k, cu, sh.N, scale, 0, None, False, out)
 
-    def two_pass(i, deterministic=False):  # the Triton rows (short segments default to cuda on Hopper)
+    def two_pass(i, deterministic=False):  # the Triton rows (covered inputs default to cuda on Hopper)
         q, k, _ = sets[i]
         with sparsevila_ops.use_backend("triton"):
             sparsevila_ops.visual_salience(q, k, cu, sh.N, out=out, deterministic=deterministic)
@@ -121,15 +122,14 @@ def bench_shape(sh: Shape, iters: int, poly_share: bool = False) -> List[Dict[st
         with sparsevila_ops.use_backend("triton"):
             sparsevila_ops.visual_salience(q, k, cu, sh.N, out=out, lse=lses[i])
 
-    def cuda_call(i, given, poly_every=None):  # given: with the LSE (one pass)
+    def cuda_call(i, given, cfg=None):  # given: with the LSE (one pass)
         q, k, _ = sets[i]
-        if poly_every is None:  # the library's path: the backend's default config
+        if cfg is None:  # the library's path: the backend's default config
             with sparsevila_ops.use_backend("cuda"):
                 sparsevila_ops.visual_salience(q, k, cu, sh.N, out=out, lse=lses[i] if given else None)
         else:
             from sparsevila_ops.cuda_salience import SALIENCE_CUDA
-            SALIENCE_CUDA.launch(q, k, cu, sh.N, scale, 0, lses[i] if given else None, False, out,
-                                 {"poly_every": poly_every})
+            SALIENCE_CUDA.launch(q, k, cu, sh.N, scale, 0, lses[i] if given else None, False, out, cfg)
 
     def sdpa(i):
         q, k, v = (t.view(sh.B, sh.N, sh.H, sh.D).transpose(1, 2) for t in sets[i])
@@ -145,13 +145,12 @@ def bench_shape(sh: Shape, iters: int, poly_share: bool = False) -> List[Dict[st
     if cuda_why is None:
         impls += [("cuda 2 passes", lambda i: cuda_call(i, False), 2, None, sh.target_2pass_ms),
                   ("cuda lse given", lambda i: cuda_call(i, True), 1, None, sh.target_lse_ms)]
-        if poly_share:
-            from sparsevila_ops.cuda_salience import POLY_EVERY
-            for p in POLY_EVERY:
-                impls += [(f"cuda 2 passes, poly_every={p}", functools.partial(cuda_call, given=False,
-                                                                              poly_every=p), 2, None, None),
-                          (f"cuda lse given, poly_every={p}", functools.partial(cuda_call, given=True,
-                                                                               poly_every=p), 1, None, None)]
+        from sparsevila_ops.cuda_salience import KERNELS, POLY_EVERY
+        for kern in KERNELS:  # each kernel without polynomial exp2s, then (--poly-share) at every share
+            for p in POLY_EVERY if poly_share else (0,):
+                cfg, tag = {"kernel": kern, "poly_every": p}, f"cuda {kern}" + (f", poly_every={p}" if p else "")
+                impls += [(f"{tag} 2 passes", functools.partial(cuda_call, given=False, cfg=cfg), 2, None, None),
+                          (f"{tag} lse given", functools.partial(cuda_call, given=True, cfg=cfg), 1, None, None)]
     fcr = _flash_colreduce()
     if fcr is not None:
         def colreduce(i):  # its [B, H, N] column sums, then the head sum and the 1/(H N) of the mean

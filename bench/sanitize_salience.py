@@ -4,8 +4,8 @@
     compute-sanitizer --tool racecheck python -m bench.sanitize_salience
     compute-sanitizer --tool synccheck python -m bench.sanitize_salience
 
-Every instantiation of ``csrc/salience.cu`` (bf16/fp16 x D 64/72/80/128 x poly_every 0/2/4/8, LSE pass and
-column-sum pass) runs once on varlen segments with an empty one, a length-1 one, partial tiles and several key
+Every instantiation of ``csrc/salience.cu`` and ``csrc/salience_wgmma.cu`` (bf16/fp16 x D 64/72/80/128 x
+poly_every 0/2/4/8, LSE pass and column-sum pass; the wgmma kernel where the GPU runs it) runs once on varlen segments with an empty one, a length-1 one, partial tiles and several key
 blocks (lengths 1, 0, 97, 200), q/k as views whose padding columns and extra rows are NaN; then the column sums
 given an LSE, summary rows, and the head sum. Each result is checked against the torch reference (finite, relative
 error within the bf16/fp16 tolerance), so a run that the sanitizer passes also computed the right thing. Exits 1 on
@@ -33,7 +33,7 @@ def _views(T: int, D: int, dtype: torch.dtype, seed: int):
 def main() -> int:
     if not require_gpu("bench.sanitize_salience"):
         return 0
-    from sparsevila_ops.cuda_salience import HEAD_DIMS, POLY_EVERY, SALIENCE_CUDA
+    from sparsevila_ops.cuda_salience import HEAD_DIMS, SALIENCE_CUDA, _space
     cu = torch.tensor([0, 1, 1, 98, 298], dtype=torch.int32, device="cuda")
     T, n = 298, max(LENGTHS)
     failures = []
@@ -52,21 +52,23 @@ def main() -> int:
             scale = D ** -0.5
             ref_h = torch.empty(H, T, device="cuda")
             reference.visual_salience(q, k, cu, n, scale, 0, None, False, ref_h)
-            for p in POLY_EVERY:  # LSE pass + column sums into [H, T]
+            for cfg in _space(SALIENCE_CUDA.key(q, k, cu, n, scale, 0, None, False, ref_h)):  # both passes
                 out = torch.full((H, T), float("nan"), device="cuda")
-                SALIENCE_CUDA.launch(q, k, cu, n, scale, 0, None, False, out, {"poly_every": p})
-                check(f"{dtype} D={D} poly_every={p} two passes", out, ref_h, dtype)
+                SALIENCE_CUDA.launch(q, k, cu, n, scale, 0, None, False, out, cfg)
+                check(f"{dtype} D={D} {cfg} two passes", out, ref_h, dtype)
     # The column sums from a given natural-log LSE (strided rows), summary rows, and the head sum.
     dtype, D = torch.bfloat16, 80
     q, k = _views(T, D, dtype, seed=1)
     scale = D ** -0.5
     lse = torch.full((H, T + 3), float("nan"), device="cuda")[:, :T]
     lse.copy_(reference.segment_lse(q, k, cu, scale))
-    for c, given in ((0, lse), (3, None), (1, lse)):
-        out, ref = torch.full((T,), float("nan"), device="cuda"), torch.empty(T, device="cuda")
-        SALIENCE_CUDA.launch(q, k, cu, n, scale, c, given, True, out, {"poly_every": 4})
-        reference.visual_salience(q, k, cu, n, scale, c, given, True, ref)
-        check(f"heads reduced, num_summary={c}, lse given={given is not None}", out, ref, dtype)
+    kernels = sorted({cfg["kernel"] for cfg in _space(SALIENCE_CUDA.key(q, k, cu, n, scale, 0, None, False, lse))})
+    for kernel in kernels:
+        for c, given in ((0, lse), (3, None), (1, lse)):
+            out, ref = torch.full((T,), float("nan"), device="cuda"), torch.empty(T, device="cuda")
+            SALIENCE_CUDA.launch(q, k, cu, n, scale, c, given, True, out, {"kernel": kernel, "poly_every": 4})
+            reference.visual_salience(q, k, cu, n, scale, c, given, True, ref)
+            check(f"{kernel}: heads reduced, num_summary={c}, lse given={given is not None}", out, ref, dtype)
     print("all results right" if not failures else f"WRONG: {failures}")
     return 1 if failures else 0
 

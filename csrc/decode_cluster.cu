@@ -32,6 +32,7 @@
 #include <type_traits>
 
 #include "launch_util.cuh"
+#include "mbarrier.cuh"
 #include "mma_sync.cuh"
 #include "sparsevila_cuda.h"
 
@@ -41,6 +42,10 @@ namespace {
 
 using sparsevila::ldsm_x4;
 using sparsevila::Int;
+using sparsevila::mbar_expect_tx;
+using sparsevila::mbar_init;
+using sparsevila::mbar_wait;
+using sparsevila::smem_u32;
 using sparsevila::Mma;
 using sparsevila::Tag;
 
@@ -74,32 +79,6 @@ struct Layout {
   static constexpr int kSmemBytes = kBarOffset + kWarps * kStages * 8;
   static_assert(kSmemBytes <= kMaxSmem, "shared memory");
 };
-
-__device__ __forceinline__ uint32_t smem_u32(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count));
-}
-
-__device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
-}
-
-__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
-  asm volatile(
-      "{\n"
-      ".reg .pred P1;\n"
-      "WAIT:\n"
-      "mbarrier.try_wait.parity.shared::cta.b64 P1, [%0], %1;\n"
-      "@P1 bra DONE;\n"
-      "bra WAIT;\n"
-      "DONE:\n"
-      "}\n" ::"r"(bar),
-      "r"(parity)
-      : "memory");
-}
 
 __device__ __forceinline__ void bulk_g2s(uint32_t dst, const void* src, uint32_t bytes, uint32_t bar) {
   asm volatile(

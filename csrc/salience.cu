@@ -25,11 +25,7 @@
 // start 16-byte aligned (the host checks it and copies otherwise).
 //
 // exp2 split: pair p of a thread's C fragment (two adjacent columns of one row; 16 pairs per m-tile and tile)
-// goes to the polynomial when kPolyEvery > 0 and p % kPolyEvery == kPolyEvery - 1, else to MUFU
-// (ex2.approx.ftz). The polynomial (FlashAttention-4's trick): x clamped to [-127, 127], j = floor(x) by one
-// round-down add of 1.5 * 2^23, f = x - j in [0, 1], 2^f ~ 1 + f (c1 + f (c2 + f c3)) (minimax relative error
-// 8.6e-5 on [0, 1], p(0) = 1 exactly, p(1) < 2), and j added to the exponent bits as an integer. x = -127 (also
-// -inf, NaN) gives exactly +0; the result never wraps (tests/test_cuda_salience.py mirrors it in numpy).
+// goes to the polynomial of exp2.cuh when kPolyEvery > 0 and p % kPolyEvery == kPolyEvery - 1, else to MUFU.
 #include <assert.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -39,15 +35,20 @@
 
 #include <type_traits>
 
+#include "exp2.cuh"
 #include "launch_util.cuh"
+#include "mbarrier.cuh"
 #include "mma_sync.cuh"
 #include "sparsevila_cuda.h"
 
 namespace {
 
+using sparsevila::ex2_mufu;
+using sparsevila::ex2_pair;
 using sparsevila::ldsm_x4;
 using sparsevila::Int;
 using sparsevila::Mma;
+using sparsevila::smem_u32;
 using sparsevila::Tag;
 
 constexpr int kWarps = 4;
@@ -59,12 +60,6 @@ constexpr int kChunks = kTileRows / 16;
 constexpr int kStages = 3;
 constexpr int kPassLse = 1;
 constexpr int kPassColsum = 2;
-
-// 2^f on [0, 1]: 1 + f (c1 + f (c2 + f c3)), minimax in relative error with c0 = 1 (kept in sync with the
-// numpy mirror of tests/test_cuda_salience.py, which parses these three lines).
-constexpr float kExp2C1 = 0.6951173f;
-constexpr float kExp2C2 = 0.22764353f;
-constexpr float kExp2C3 = 0.07706803f;
 
 static_assert(kBlockRows == 128 && kTileRows % 16 == 0, "tile shape");
 
@@ -94,10 +89,6 @@ struct Args {
   int nblk;            // CTAs per segment along grid x
 };
 
-__device__ __forceinline__ uint32_t smem_u32(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
 // 16 bytes global -> shared; src_bytes 0 zero-fills without reading (src must still be a valid address).
 __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, int src_bytes) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
@@ -112,32 +103,6 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
-}
-
-// MUFU: 2^x, flushing denormal results to 0; ex2(-inf) = +0.
-__device__ __forceinline__ float ex2_mufu(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
-
-// FMA pipe: 2^x by the polynomial (file comment). floor(x) is read from the low mantissa bits of
-// t = 1.5 * 2^23 + x rounded toward -inf (t in [2^23, 2^24): integer steps); t's bits << 23 is j << 23 modulo
-// 2^32 (the constant's bits shift out), so the exponent field becomes 127 + j in [0, 254] (p in [1, 2)).
-__device__ __forceinline__ float ex2_poly(float x) {
-  x = fminf(fmaxf(x, -127.f), 127.f);
-  const float t = __fadd_rd(x, 12582912.f);
-  const float f = x - (t - 12582912.f);
-  const float p = fmaf(fmaf(fmaf(kExp2C3, f, kExp2C2), f, kExp2C1), f, 1.f);
-  return __uint_as_float(__float_as_uint(p) + (__float_as_uint(t) << 23));
-}
-
-template <int kPolyEvery>
-__device__ __forceinline__ float ex2_pair(float x, int pair) {
-  if constexpr (kPolyEvery > 0) {
-    if (pair % kPolyEvery == kPolyEvery - 1) return ex2_poly(x);  // pair is a compile-time constant once unrolled
-  }
-  return ex2_mufu(x);
 }
 
 template <typename T, int D, int kPass, int kPolyEvery>

@@ -1,5 +1,7 @@
-"""Host side of ``visual_salience`` on the cuda backend: ``csrc/salience.cu`` (mma.sync tensor cores, cp.async
-tiles, part of the exp2s on the FMA pipe), built and loaded by ``_cuda``.
+"""Host side of ``visual_salience`` on the cuda backend, built and loaded by ``_cuda``: two kernels of the same passes,
+``csrc/salience_wgmma.cu`` (Hopper: TMA tiles, wgmma, a producer warpgroup and two consumers that overlap each
+tile's QK^T with the previous tile's exp2s; compute capability 9.0 only) and ``csrc/salience.cu`` (mma.sync tensor
+cores, cp.async tiles; any sm_90+ GPU), both with part of the exp2s optionally on the FMA pipe.
 
 The math and pass structure are those of the Triton backend (docs/ops.md): pass 1 (skipped when ``lse`` is given)
 writes each row's log2-sum-exp into an fp32 ``[H, T]`` scratch; pass 2 gives every key the mean over the rows of R
@@ -7,13 +9,15 @@ of ``2^(scale log2(e) q.k - lse2)``, per head into ``out [H, T]`` or, heads redu
 scratch that a third small kernel sums over heads in order. Nothing is accumulated with atomics, so every call is
 bitwise reproducible and ``deterministic`` changes nothing here.
 
-Covered: bf16/fp16, head dim 64, 72, 80 or 128. q/k rows must start 16-byte aligned (the cp.async tile copies
-move 16 bytes); views that are not are copied with ``.contiguous()`` first. Other dtypes or head dims run the
-Triton backend's kernels (through the backend registry, so this module never imports Triton).
+Covered: bf16/fp16, head dim 64, 72, 80 or 128. q/k rows must start 16-byte aligned (cp.async and TMA move
+16-byte pieces); views that are not (or have a zero stride) are copied with ``.contiguous()`` first, and so is a
+given ``lse`` whose rows TMA cannot address (row stride not a multiple of 4 floats). Other dtypes or head dims run
+the Triton backend's kernels (through the backend registry, so this module never imports Triton).
 
-Config (``SALIENCE_CUDA``, the autotune seam; default ``_default``): ``poly_every`` in (0, 2, 4, 8): every
-``poly_every``-th column pair of a thread's scores takes its exp2 from the polynomial instead of MUFU (0: none).
-The tile shape is fixed in the source (4 warps x 128 resident rows, 64-row streamed tiles, 3 stages).
+Config (``SALIENCE_CUDA``, the autotune seam; default ``_default``): ``kernel`` "wgmma" (compute capability 9.0)
+or "mma"; ``poly_every`` in (0, 2, 4, 8): every ``poly_every``-th column pair of a thread's scores takes its exp2
+from the polynomial instead of MUFU (0: none). Tile shapes are fixed in the sources (wgmma: 2 x 64 resident rows,
+128-row streamed tiles, 4 stages; mma: 4 warps x 128 resident rows, 64-row streamed tiles, 3 stages).
 """
 from __future__ import annotations
 
@@ -22,14 +26,15 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from . import _backend, _cuda
+from . import _backend, _cuda, _device
 from .autotune import Tunable, gpu_name
 from .salience import summary_rows
 
 LOG2E = 1.4426950408889634
 _DTYPES = {torch.bfloat16: 0, torch.float16: 1}
 HEAD_DIMS = (64, 72, 80, 128)
-POLY_EVERY = (0, 2, 4, 8)  # the instantiations of csrc/salience.cu
+POLY_EVERY = (0, 2, 4, 8)  # the instantiations of csrc/salience.cu and csrc/salience_wgmma.cu
+KERNELS = ("wgmma", "mma")
 
 
 def unsupported(q: torch.Tensor, k: torch.Tensor) -> Optional[str]:
@@ -42,10 +47,11 @@ def unsupported(q: torch.Tensor, k: torch.Tensor) -> Optional[str]:
 
 
 def _misaligned(t: torch.Tensor) -> bool:
-    """Rows (token, head) of ``t [T, H, D]`` do not all start 16-byte aligned, or the last dim is strided."""
+    """Rows (token, head) of ``t [T, H, D]`` do not all start 16-byte aligned (or repeat: a zero stride), or the
+    last dim is strided."""
     e = t.element_size()
     return (t.data_ptr() % 16 != 0 or (t.shape[2] > 1 and t.stride(2) != 1)
-            or any((t.stride(i) * e) % 16 for i in (0, 1) if t.shape[i] > 1))
+            or any((t.stride(i) * e) % 16 or t.stride(i) <= 0 for i in (0, 1) if t.shape[i] > 1))
 
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:
@@ -63,27 +69,37 @@ class SalienceCudaKey(NamedTuple):
     n: int  # max_seqlen
     rows: int  # summed rows per segment: n, or num_summary
     lse_given: bool  # one pass instead of two
+    sm90a: bool  # compute capability 9.0: the wgmma kernel runs
 
 
 def _key(q, k, cu_seqlens, max_seqlen, scale, num_summary, lse, deterministic, out) -> SalienceCudaKey:
     _, H, D = q.shape
     return SalienceCudaKey(gpu_name(q.device), q.dtype, D, H, cu_seqlens.shape[0] - 1, max_seqlen,
-                           summary_rows(max_seqlen, num_summary), lse is not None)
+                           summary_rows(max_seqlen, num_summary), lse is not None,
+                           q.device.type == "cuda" and _device.capability(q.device) == (9, 0))
+
+
+WGMMA_MIN_SEQLEN = 256  # shorter segments fill less than two of the wgmma kernel's 128-row tiles
 
 
 def _default(key: SalienceCudaKey) -> dict:
-    """No polynomial exp2s: on the H200 every share was slower at every Figure-3a shape (poly_every 2 / 4 / 8 vs 0:
-    +14-20 % / +6-9 % / +4-6 % time; ``python -m bench.figure3_salience --poly-share``): this kernel is bound by
-    its mma.sync issue rate, not by MUFU, so moving exps to the FMA pipe only adds instructions (bench/NOTES.md)."""
-    return {"poly_every": 0}
+    """The wgmma kernel where it runs (its sm_90a code needs compute capability 9.0) for segments of at least
+    ``WGMMA_MIN_SEQLEN`` tokens, else the mma kernel; no polynomial exp2s. On the H200 the wgmma kernel took 0.69-0.94x
+    the mma kernel's time from 729-token frames to 32k tokens, and 2.6x at 64-token windows, where 3/4 of each
+    128-row tile is padding. The mma kernel was slower with polynomial exp2s at every Figure-3a shape (poly_every
+    2 / 4 / 8 vs 0: +14-20 % / +6-9 % / +4-6 % time), being bound by its mma.sync issue rate, not by MUFU; the
+    wgmma kernel within noise at poly_every 4 (bench/NOTES.md)."""
+    wgmma = key.sm90a and key.n >= WGMMA_MIN_SEQLEN
+    return {"kernel": "wgmma" if wgmma else "mma", "poly_every": 0}
 
 
 def _space(key: SalienceCudaKey) -> list:
-    return [{"poly_every": p} for p in POLY_EVERY]
+    kernels = KERNELS if key.sm90a else ("mma",)
+    return [{"kernel": kern, "poly_every": p} for kern in kernels for p in POLY_EVERY]
 
 
 def _launch(q, k, cu_seqlens, max_seqlen, scale, num_summary, lse, deterministic, out, cfg) -> None:
-    _run(q, k, cu_seqlens, max_seqlen, scale, num_summary, lse, out, cfg["poly_every"])
+    _run(q, k, cu_seqlens, max_seqlen, scale, num_summary, lse, out, cfg["poly_every"], cfg.get("kernel", "mma"))
 
 
 def _device_guard(device: torch.device):
@@ -93,33 +109,53 @@ def _device_guard(device: torch.device):
     return contextlib.nullcontext()
 
 
-def _run(q, k, cu_seqlens, max_seqlen, scale, num_summary, lse, out, poly_every) -> None:
-    """The kernel calls: LSE pass (when ``lse`` is None), column sums, head sum (when ``out`` is ``[T]``).
-    ``q, k`` covered by :func:`unsupported` with 16-byte aligned rows (:func:`_aligned`)."""
+def _tma_rows(lse: torch.Tensor) -> bool:
+    """TMA can read the rows of ``lse [H, T]`` fp32: contiguous rows, 16-byte aligned base and row stride."""
+    return (lse.data_ptr() % 16 == 0 and (lse.shape[1] <= 1 or lse.stride(1) == 1)
+            and (lse.shape[0] <= 1 or (lse.stride(0) % 4 == 0 and lse.stride(0) > 0)))
+
+
+def _scratch(H: int, T: int, device: torch.device) -> torch.Tensor:
+    """fp32 ``[H, T]`` with rows 16-byte aligned (TMA)."""
+    return torch.empty(H, (T + 3) // 4 * 4, dtype=torch.float32, device=device)[:, :T]
+
+
+def _run(q, k, cu_seqlens, max_seqlen, scale, num_summary, lse, out, poly_every, kernel="mma") -> None:
+    """The kernel calls: LSE pass (when ``lse`` is None), column sums, head sum (when ``out`` is ``[T]``), by
+    ``kernel`` ("wgmma" or "mma"). ``q, k`` covered by :func:`unsupported` with 16-byte aligned rows
+    (:func:`_aligned`)."""
     T, H, D = q.shape
     S = cu_seqlens.shape[0] - 1
     if T == 0 or S == 0 or H == 0:
         return
     if poly_every not in POLY_EVERY:
         raise ValueError(f"poly_every must be one of {POLY_EVERY}; got {poly_every!r}")
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}; got {kernel!r}")
     lib = _cuda.library()
+    wgmma = kernel == "wgmma"
+    lse_pass, colsum = (lib.salience_wgmma_lse, lib.salience_wgmma_colsum) if wgmma else \
+        (lib.salience_lse, lib.salience_colsum)
+    size = (T,) if wgmma else ()  # the wgmma kernels' TMA maps need the tensors' length
     dt, qk2 = _DTYPES[q.dtype], float(scale) * LOG2E
     qs = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), cu_seqlens.stride(0))
     with _device_guard(q.device):
         stream = torch.cuda.current_stream(q.device).cuda_stream
         if lse is None:
-            lse2 = torch.empty(H, T, dtype=torch.float32, device=q.device)
-            lib.salience_lse(dt, D, q.data_ptr(), k.data_ptr(), cu_seqlens.data_ptr(), lse2.data_ptr(), qk2,
-                             qs + (0, lse2.stride(0)), S, summary_rows(max_seqlen, num_summary), H, num_summary,
-                             poly_every, stream)
+            lse2 = _scratch(H, T, q.device)
+            lse_pass(dt, D, q.data_ptr(), k.data_ptr(), cu_seqlens.data_ptr(), lse2.data_ptr(), qk2,
+                     qs + (0, lse2.stride(0)), *size, S, summary_rows(max_seqlen, num_summary), H, num_summary,
+                     poly_every, stream)
             src, lse_scale = lse2, 1.0
         else:
             src, lse_scale = lse, LOG2E
+            if wgmma and not _tma_rows(src):
+                src = _scratch(H, T, q.device)
+                src.copy_(lse)
         reduce_heads = out.dim() == 1
         dst = torch.empty(H, T, dtype=torch.float32, device=q.device) if reduce_heads else out
-        lib.salience_colsum(dt, D, q.data_ptr(), k.data_ptr(), cu_seqlens.data_ptr(), src.data_ptr(), lse_scale,
-                            dst.data_ptr(), qk2, qs + (src.stride(0), dst.stride(0)), S, max_seqlen, H,
-                            num_summary, poly_every, stream)
+        colsum(dt, D, q.data_ptr(), k.data_ptr(), cu_seqlens.data_ptr(), src.data_ptr(), lse_scale, dst.data_ptr(),
+               qk2, qs + (src.stride(0), dst.stride(0)), *size, S, max_seqlen, H, num_summary, poly_every, stream)
         if reduce_heads:
             lib.salience_sum_heads(dst.data_ptr(), out.data_ptr(), T, H, dst.stride(0), 1.0 / H, stream)
 
@@ -133,7 +169,8 @@ def _unsupported(q, k, cu_seqlens, max_seqlen, scale, num_summary, lse, determin
 
 
 # what decides a config's meaning and speed besides the host code: the kernel sources, the binding, nvcc flags
-_SOURCE = [*(_cuda.source_dir() / f for f in ("salience.cu", "mma_sync.cuh", "launch_util.cuh", "bindings.cpp")),
+_SOURCE = [*(_cuda.source_dir() / f for f in ("salience.cu", "salience_wgmma.cu", "exp2.cuh", "mbarrier.cuh", "wgmma.cuh",
+                                              "mma_sync.cuh", "launch_util.cuh", "bindings.cpp")),
            _cuda.NVCC_FLAGS]
 SALIENCE_CUDA = Tunable("visual_salience", "cuda", _SOURCE,
                         key=_key, space=_space, default=_default, launch=_launch, buckets=("S", "n", "rows"),

@@ -17,9 +17,11 @@ define(
     cuda="sparsevila_ops.cuda_salience:visual_salience",
 )
 
-# Segments up to this length run the cuda kernels on Hopper when no backend is requested: on the H200 they
-# measured faster than Triton at 64-token windows (2.3-3x) and 729-token SigLIP frames (1.15x), slower from 4096
-# tokens (0.65-0.75x; bench/NOTES.md). 1024 (Qwen2.5-VL frames at 448 px) sits between and is not measured.
+# Where no backend is requested, covered inputs (bf16/fp16, head dim 64/72/80/128) run the cuda kernels on a GPU of
+# compute capability 9.0 at every length (its wgmma kernel measured 1.07-1.24x Triton's speed from 729-token
+# frames to 32k tokens on the H200, its mma kernel 2.2x at 64-token windows; bench/NOTES.md), and elsewhere from
+# sm_90 up to this length (the mma kernel alone: faster than Triton at 64-token windows and 729-token frames,
+# slower from 4096 tokens).
 CUDA_MAX_SEQLEN = 1024
 
 
@@ -30,10 +32,12 @@ def summary_rows(max_seqlen: int, num_summary: int) -> int:
 
 
 def _preferred_backend(device: torch.device, q: torch.Tensor, k, cu_seqlens, max_seqlen: int, *rest):
-    """``cuda`` for segments of at most ``CUDA_MAX_SEQLEN`` tokens that its kernels cover (``cuda_salience.
-    unsupported``: bf16/fp16, head dim 64/72/80/128) on a GPU of compute capability >= 9.0, else None (the device
-    default, Triton). Importing ``cuda_salience`` builds nothing."""
-    if device.type != "cuda" or max_seqlen > CUDA_MAX_SEQLEN or _device.capability(device) < (9, 0):
+    """``cuda`` for inputs its kernels cover (``cuda_salience.unsupported``: bf16/fp16, head dim 64/72/80/128) on a
+    GPU of compute capability 9.0, or of a later one for segments of at most ``CUDA_MAX_SEQLEN`` tokens; else None
+    (the device default, Triton). Importing ``cuda_salience`` builds nothing."""
+    if device.type != "cuda" or _device.capability(device) < (9, 0):
+        return None
+    if _device.capability(device) != (9, 0) and max_seqlen > CUDA_MAX_SEQLEN:
         return None
     from .cuda_salience import unsupported
     return "cuda" if unsupported(q, k) is None else None

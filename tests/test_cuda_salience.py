@@ -26,7 +26,7 @@ from helpers import REL_TOL, assert_rel, poison
 HAS_SM90 = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0)
 sm90 = pytest.mark.skipif(not HAS_SM90, reason="the cuda backend needs sm_90+")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SOURCE = os.path.join(ROOT, "csrc", "salience.cu")
+SOURCE = os.path.join(ROOT, "csrc", "exp2.cuh")
 TARGET = "sparsevila_ops.cuda_salience:visual_salience"
 
 
@@ -52,7 +52,7 @@ def _fma32(a, b, c):
 
 
 def ex2_poly(x):
-    """numpy mirror of csrc/salience.cu's ex2_poly, operation by operation in float32."""
+    """numpy mirror of csrc/exp2.cuh's ex2_poly, operation by operation in float32."""
     c1, c2, c3 = _coefficients()
     x = np.minimum(np.maximum(np.asarray(x, np.float32), np.float32(-127)), np.float32(127))  # fmaxf: NaN -> -127
     x = np.where(np.isnan(x), np.float32(-127), x)
@@ -127,9 +127,13 @@ def test_cuda_salience_support_rules_and_alignment():
     fused = torch.zeros(6, 3, 2, 80, dtype=torch.float16)[:, 1]  # a fused-QKV view: aligned, kept as is
     assert cs._aligned(fused) is fused
     key = cs._key(q, q, torch.tensor([0, 6], dtype=torch.int32), 6, 0.1, 2, None, False, torch.empty(6))
-    assert key.rows == 2 and key.S == 1 and not key.lse_given
-    assert cs._default(key)["poly_every"] in cs.POLY_EVERY
-    assert [c["poly_every"] for c in cs._space(key)] == list(cs.POLY_EVERY)
+    assert key.rows == 2 and key.S == 1 and not key.lse_given and not key.sm90a
+    assert cs._default(key) == {"kernel": "mma", "poly_every": 0}  # no wgmma kernel off compute capability 9.0
+    assert cs._space(key) == [{"kernel": "mma", "poly_every": p} for p in cs.POLY_EVERY]
+    hopper = key._replace(sm90a=True)
+    assert cs._default(hopper) == {"kernel": "mma", "poly_every": 0}  # 6-token segments: less than a wgmma tile
+    assert cs._default(hopper._replace(n=cs.WGMMA_MIN_SEQLEN)) == {"kernel": "wgmma", "poly_every": 0}
+    assert {c["kernel"] for c in cs._space(hopper)} == set(cs.KERNELS) and len(cs._space(hopper)) == 8
 
 
 def test_cuda_salience_uncovered_inputs_run_the_triton_kernels(device):
@@ -253,12 +257,18 @@ def test_cuda_salience_matches_float64_and_triton_gpu(D, dtype, c, lse_given, re
                                            rtol=0, atol=2e-4)
 
 
+HAS_SM90A = HAS_SM90 and torch.cuda.get_device_capability() == (9, 0)
+KERNELS_HERE = ["wgmma", "mma"] if HAS_SM90A else ["mma"]
+
+
 @pytest.mark.gpu
 @sm90
+@pytest.mark.parametrize("kernel", KERNELS_HERE)
 @pytest.mark.parametrize("poly_every", [0, 2, 4, 8])
 @pytest.mark.parametrize("lse_given", [False, True])
-def test_cuda_salience_every_poly_share_gpu(poly_every, lse_given):
-    """Each compiled share of polynomial exp2s (the config of the autotune seam), launched directly."""
+def test_cuda_salience_every_poly_share_gpu(kernel, poly_every, lse_given):
+    """Each kernel at each compiled share of polynomial exp2s (the configs of the autotune seam), launched
+    directly."""
     from sparsevila_ops.cuda_salience import SALIENCE_CUDA
     lengths = [97, 1000, 0, 33, 130]
     cu = _cu(lengths)
@@ -267,9 +277,32 @@ def test_cuda_salience_every_poly_share_gpu(poly_every, lse_given):
     lse = _natural_lse(q, k, cu) if lse_given else None
     for reduce_heads in (True, False):
         out = poison(torch.empty((T,) if reduce_heads else (H, T), device="cuda"))
-        SALIENCE_CUDA.launch(q, k, cu, max(lengths), D ** -0.5, 0, lse, False, out, {"poly_every": poly_every})
+        SALIENCE_CUDA.launch(q, k, cu, max(lengths), D ** -0.5, 0, lse, False, out,
+                             {"kernel": kernel, "poly_every": poly_every})
         assert_rel(out, _oracle(q, k, cu, 0, lse, reduce_heads), ORACLE_TOL,
-                   f"poly_every={poly_every} lse={lse_given} reduce_heads={reduce_heads}")
+                   f"{kernel} poly_every={poly_every} lse={lse_given} reduce_heads={reduce_heads}")
+
+
+@pytest.mark.gpu
+@sm90
+@pytest.mark.parametrize("kernel", KERNELS_HERE)
+@pytest.mark.parametrize("D", [64, 72, 80, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_salience_each_kernel_matches_float64_gpu(kernel, D, dtype):
+    """Both kernels (the default one also runs through the op in the test above) over the awkward segments:
+    summary rows, a given lse in a strided [H, T] view whose row stride TMA cannot use (copied), 1 and 5 heads."""
+    from sparsevila_ops.cuda_salience import SALIENCE_CUDA
+    cu = _cu(AWKWARD)
+    T = int(cu[-1])
+    for H, c, lse_given in ((5, 0, False), (1, 3, False), (5, 1, True)):
+        q, k = _padded_inputs(T, H, D, dtype, seed=D + H)
+        lse = None
+        if lse_given:
+            lse = torch.full((H, T + 5), float("nan"), device="cuda")[:, :T]
+            lse.copy_(_natural_lse(q, k, cu))
+        out = poison(torch.empty(H, T, device="cuda"))
+        SALIENCE_CUDA.launch(q, k, cu, max(AWKWARD), D ** -0.5, c, lse, False, out, {"kernel": kernel, "poly_every": 0})
+        assert_rel(out, _oracle(q, k, cu, c, lse, False), ORACLE_TOL, f"{kernel} D={D} {dtype} H={H} c={c}")
 
 
 @pytest.mark.gpu
@@ -369,19 +402,22 @@ def test_cuda_salience_falls_back_to_triton_for_fp32_gpu():
     assert_rel(got, _oracle(q, k, cu, 0, None, False), REL_TOL[torch.float32], "fp32 via triton")
 
 
-def test_short_segments_prefer_the_cuda_backend_on_hopper(monkeypatch):
-    """Without a requested backend, segments of at most CUDA_MAX_SEQLEN tokens (bf16/fp16, a covered head dim,
-    sm_90+) pick cuda, where it measured faster than Triton; anything else keeps the device default."""
+def test_covered_inputs_prefer_the_cuda_backend_on_hopper(monkeypatch):
+    """Without a requested backend, covered inputs (bf16/fp16, a covered head dim) pick cuda at every length on
+    compute capability 9.0 (the wgmma kernel), and up to CUDA_MAX_SEQLEN tokens on later GPUs (the mma kernel
+    alone); anything else keeps the device default."""
     from sparsevila_ops import _device, salience
     cap = {"v": (9, 0)}
     monkeypatch.setattr(_device, "capability", lambda d: cap["v"])
     cuda, q = torch.device("cuda"), torch.empty(10, 2, 80, dtype=torch.bfloat16)
     pick = salience._preferred_backend
-    assert pick(cuda, q, q, None, 729) == "cuda" and pick(cuda, q, q, None, salience.CUDA_MAX_SEQLEN) == "cuda"
-    assert pick(cuda, q, q, None, salience.CUDA_MAX_SEQLEN + 1) is None
+    assert pick(cuda, q, q, None, 729) == "cuda" and pick(cuda, q, q, None, 32768) == "cuda"
     assert pick(cuda, q.float(), q, None, 64) is None
     assert pick(cuda, torch.empty(10, 2, 96, dtype=torch.float16), q, None, 64) is None
     assert pick(torch.device("cpu"), q, q, None, 64) is None
+    cap["v"] = (10, 0)
+    assert pick(cuda, q, q, None, salience.CUDA_MAX_SEQLEN) == "cuda"
+    assert pick(cuda, q, q, None, salience.CUDA_MAX_SEQLEN + 1) is None
     cap["v"] = (8, 0)
     assert pick(cuda, q, q, None, 64) is None
 
