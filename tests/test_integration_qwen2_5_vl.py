@@ -416,6 +416,52 @@ def test_enable_fuses_projections_into_views(device):
                for layer in layers)
 
 
+def test_an_mlp_intermediate_is_padded_to_a_multiple_of_64(device):
+    """A gated MLP of intermediate size 100 (Qwen2.5-VL's vision blocks: 3420) runs with gate/up blocks and
+    down's input padded to 128 with zeros: the same outputs, the original parameters as views (state_dict
+    unchanged), re-padding after a replaced down weight, own storage again after ``unfuse``; the vision blocks of
+    an enabled model are fused too."""
+    from types import SimpleNamespace
+    from torch import nn
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLMLP
+    from sparsevila_ops.integrations import fused
+
+    torch.manual_seed(0)
+    block = nn.Module()
+    block.mlp = Qwen2_5_VLMLP(SimpleNamespace(hidden_size=48, intermediate_size=100, hidden_act="silu"),
+                              bias=True).to(device)
+    mlp, x = block.mlp, torch.randn(5, 48, device=device)
+    with torch.no_grad():
+        want = mlp(x)
+    before = {k: v.clone() for k, v in mlp.state_dict().items()}
+    assert fused.fuse([block]) == ["0.mlp"]
+    w, b, sizes = mlp.__dict__[fused.GATE_UP]
+    wd, _ = mlp.__dict__[fused.DOWN]
+    assert sizes == [128, 128] and w.shape == (256, 48) and wd.shape == (48, 128)
+    assert torch.count_nonzero(w[100:128]) == 0 and torch.count_nonzero(b[228:]) == 0
+    assert torch.count_nonzero(wd[:, 100:]) == 0
+    assert mlp.down_proj.weight.untyped_storage().data_ptr() == wd.untyped_storage().data_ptr()
+    with torch.no_grad():
+        torch.testing.assert_close(mlp(x), want, rtol=1e-5, atol=1e-6)
+    after = mlp.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    new_down = torch.randn_like(mlp.down_proj.weight)
+    mlp.down_proj.weight = nn.Parameter(new_down)  # as load_state_dict(assign=True) does
+    fused.fuse([block])
+    assert torch.equal(mlp.__dict__[fused.DOWN][0][:, :100], new_down)
+    fused.unfuse([block])
+    assert fused.DOWN not in mlp.__dict__ and "forward" not in mlp.__dict__
+    assert mlp.down_proj.weight.is_contiguous() and torch.equal(mlp.down_proj.weight, new_down)
+
+    model = tiny_model(seed=1, device=device)
+    sv.enable(model, 0.0, 0.0)
+    try:
+        assert all(fused.GATE_UP in blk.mlp.__dict__ for blk in model.model.visual.blocks)
+    finally:
+        sv.disable(model)
+    assert all("forward" not in blk.mlp.__dict__ for blk in model.model.visual.blocks)
+
+
 def test_generate_records_no_autograd_graph(model, enabled, device):
     """``generate`` outside ``torch.no_grad`` (as transformers allows): the pruning's encoder forward must not
     record an autograd graph; the salience kept on the state would hold every vision activation alive (on the

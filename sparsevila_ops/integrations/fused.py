@@ -1,4 +1,5 @@
-"""Fused projections for Llama-family decoder layers (model-agnostic): one GEMV for q/k/v, one for gate/up.
+"""Fused projections for Llama-family decoder layers and gated-MLP encoder blocks (model-agnostic): one GEMV for
+q/k/v, one for gate/up.
 
 At batch 1 a decode step is a chain of GEMVs that should stream the weights at copy bandwidth. Three small
 ones (q, k, v: the k and v outputs are 512 rows on Qwen2.5-7B) leave the GPU half idle and need split-K
@@ -14,6 +15,12 @@ fused weight is a separate tensor: ``fuse`` called again (the integration does, 
 re-fuses a group whose projection weights are no longer its views (``load_state_dict(assign=True)``, ``.to()``)
 and unfuses one that stopped qualifying (e.g. replaced by a quantized module). With autograd recording and
 trainable weights the forwards run the original projections, so gradients reach them.
+
+An MLP whose intermediate size is not a multiple of ``PAD`` (Qwen2.5-VL's vision blocks: 3420) gets its gate and
+up blocks padded to one with zero rows, and ``down_proj`` a zero-padded copy whose first columns are its weight
+(``act(0) * 0 = 0``: outputs unchanged): cuBLAS runs such GEMMs with Hopper kernels only at 16-byte aligned sizes
+(on the H200, the vision tower's 3420-wide MLP GEMMs ran as Ampere kernels at ~35 % of peak, 1.8 of the
+encoder's 3.8 s at 128k visual tokens; bench/NOTES.md).
 """
 from __future__ import annotations
 
@@ -25,7 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-QKV, GATE_UP = "_sparsevila_qkv", "_sparsevila_gate_up"
+QKV, GATE_UP, DOWN = "_sparsevila_qkv", "_sparsevila_gate_up", "_sparsevila_down"
+PAD = 64  # MLP intermediate sizes are padded to a multiple of this
 
 
 def _fusable(linears: Sequence[nn.Module]) -> bool:
@@ -40,27 +48,51 @@ def _fusable(linears: Sequence[nn.Module]) -> bool:
 
 
 def _current(linears: Sequence[nn.Module], fused: Optional[tuple]) -> bool:
-    """Whether the linears' weights (and biases) are still the views of ``fused`` that ``_concat_into_views`` made."""
+    """Whether the linears' weights (and biases) are still the views of ``fused`` that ``_concat_into_views`` or
+    ``_pad_columns`` made."""
     if fused is None:
         return False
-    weight, bias, _ = fused
+    weight, bias = fused[:2]
     same = lambda t, base: t is not None and t.untyped_storage().data_ptr() == base.untyped_storage().data_ptr()  # noqa: E731
     return all(same(m.weight, weight) and (bias is None or same(m.bias, bias)) for m in linears)
 
 
-def _concat_into_views(linears: Sequence[nn.Linear]) -> tuple:
-    """``(weight, bias or None, split sizes)`` of the linears concatenated along the output dim; each linear's
-    weight (and bias) is replaced by a view of it."""
-    sizes = [m.weight.shape[0] for m in linears]
+def _padded(n: int, pad: int) -> int:
+    return -(-n // pad) * pad
+
+
+def _concat_into_views(linears: Sequence[nn.Linear], pad: int = 1) -> tuple:
+    """``(weight, bias or None, split sizes)`` of the linears concatenated along the output dim, each padded with
+    zero rows to a multiple of ``pad``; each linear's weight (and bias) is replaced by a view of its block."""
+    outs = [m.weight.shape[0] for m in linears]
+    sizes = [_padded(n, pad) for n in outs]
+    w0 = linears[0].weight
     with torch.no_grad():
-        weight = torch.cat([m.weight.detach() for m in linears], dim=0)
-        bias = torch.cat([m.bias.detach() for m in linears], dim=0) if linears[0].bias is not None else None
-    for m, wv in zip(linears, weight.split(sizes, dim=0)):
-        m.weight = nn.Parameter(wv, requires_grad=m.weight.requires_grad)
-    if bias is not None:
-        for m, bv in zip(linears, bias.split(sizes, dim=0)):
-            m.bias = nn.Parameter(bv, requires_grad=m.bias.requires_grad)
+        weight = w0.new_zeros(sum(sizes), w0.shape[1])
+        bias = w0.new_zeros(sum(sizes)) if linears[0].bias is not None else None
+    blocks = list(zip(linears, weight.split(sizes, dim=0),
+                      bias.split(sizes, dim=0) if bias is not None else [None] * len(linears), outs))
+    with torch.no_grad():
+        for m, wv, bv, n in blocks:
+            wv[:n].copy_(m.weight)
+            if bv is not None:
+                bv[:n].copy_(m.bias)
+    for m, wv, bv, n in blocks:
+        m.weight = nn.Parameter(wv[:n], requires_grad=m.weight.requires_grad)
+        if bv is not None:
+            m.bias = nn.Parameter(bv[:n], requires_grad=m.bias.requires_grad)
     return weight, bias, sizes
+
+
+def _pad_columns(linear: nn.Linear, width: int) -> tuple:
+    """``(weight, bias)``: ``linear``'s weight in the first columns of a zero ``[out, width]`` tensor; the linear's
+    weight becomes that view (its bias is kept)."""
+    w = linear.weight
+    with torch.no_grad():
+        padded = w.new_zeros(w.shape[0], width)
+        padded[:, :w.shape[1]].copy_(w)
+    linear.weight = nn.Parameter(padded[:, :w.shape[1]], requires_grad=w.requires_grad)
+    return padded, linear.bias
 
 
 def _own_storage(linears: Sequence[nn.Linear]) -> None:
@@ -101,31 +133,60 @@ def _attention_forward(self, hidden_states: torch.Tensor, attention_mask=None, p
 
 
 def _mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
-    """``down(act(x W_gate^T) * (x W_up^T))`` with one GEMV for ``[W_gate; W_up]``."""
+    """``down(act(x W_gate^T) * (x W_up^T))`` with one GEMV for ``[W_gate; W_up]`` (and, intermediate size padded,
+    the padded ``down``)."""
     gate, up = _project(self, x, ("gate_proj", "up_proj"), GATE_UP)
-    return self.down_proj(self.act_fn(gate) * up)
+    h = self.act_fn(gate) * up
+    down = self.__dict__.get(DOWN)
+    if down is None or h.shape[-1] == self.down_proj.in_features:  # not padded, or the autograd path
+        return self.down_proj(h)
+    return F.linear(h, *down)
 
 
 def _groups(layer: nn.Module, rope: Callable, eager: Callable):
-    """(module, projection names, state attribute, forward) of a decoder layer's two fusable groups."""
-    attn_forward = lambda self, *a, **kw: _attention_forward(self, *a, rope=rope, eager=eager, **kw)  # noqa: E731
-    return ((layer.self_attn, ("q_proj", "k_proj", "v_proj"), QKV, attn_forward),
-            (layer.mlp, ("gate_proj", "up_proj"), GATE_UP, _mlp_forward))
+    """(module, projection names, state attribute, forward) of a layer's fusable groups: the attention's q/k/v
+    when it has ``self_attn.q_proj/k_proj/v_proj``, the MLP's gate/up when it has ``mlp.gate_proj/up_proj``."""
+    groups = []
+    attn = getattr(layer, "self_attn", None)
+    if attn is not None and all(hasattr(attn, n) for n in ("q_proj", "k_proj", "v_proj")):
+        attn_forward = lambda self, *a, **kw: _attention_forward(self, *a, rope=rope, eager=eager, **kw)  # noqa: E731
+        groups.append((attn, ("q_proj", "k_proj", "v_proj"), QKV, attn_forward))
+    mlp = getattr(layer, "mlp", None)
+    if mlp is not None and all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")):
+        groups.append((mlp, ("gate_proj", "up_proj"), GATE_UP, _mlp_forward))
+    return groups
 
 
-def fuse(layers: Iterable[nn.Module], rope: Callable, eager: Callable) -> List[str]:
-    """Fuse (or re-fuse, or unfuse, as the module docstring says) each decoder layer's ``self_attn`` q/k/v and
-    ``mlp`` gate/up projections; ``rope(q, k, cos, sin)`` is the model's rotary embedding, ``eager`` its eager
-    attention (for ``_attn_implementation == "eager"``). Returns the fused groups (``"3.self_attn"``, ...)."""
+def _fuse_mlp_down(mlp: nn.Module, width: int) -> bool:
+    """Give ``mlp.down_proj`` a zero-padded copy of ``width`` input columns (kept in ``DOWN``), or drop it when no
+    padding is needed; False when ``down_proj`` cannot be padded (not a plain linear...)."""
+    down = mlp.down_proj
+    if width == down.in_features:
+        mlp.__dict__.pop(DOWN, None)
+        return True
+    if not _fusable([down]):
+        return False
+    if not _current([down], mlp.__dict__.get(DOWN)):
+        mlp.__dict__[DOWN] = _pad_columns(down, width)
+    return True
+
+
+def fuse(layers: Iterable[nn.Module], rope: Optional[Callable] = None, eager: Optional[Callable] = None) -> List[str]:
+    """Fuse (or re-fuse, or unfuse, as the module docstring says) each layer's ``self_attn`` q/k/v and ``mlp``
+    gate/up projections (``_groups``); ``rope(q, k, cos, sin)`` is the model's rotary embedding, ``eager`` its eager
+    attention (for ``_attn_implementation == "eager"``), needed only by layers with a ``self_attn``. Returns the
+    fused groups (``"3.self_attn"``, ...)."""
     done = []
     for i, layer in enumerate(layers):
         for module, names, state, forward in _groups(layer, rope, eager):
             linears = [getattr(module, n) for n in names]
-            if not _fusable(linears):
+            pad = PAD if state == GATE_UP else 1
+            if not _fusable(linears) or (pad > 1 and not _fuse_mlp_down(module, _padded(linears[0].out_features,
+                                                                                     pad))):
                 _drop(module, state)
                 continue
             if not _current(linears, module.__dict__.get(state)):
-                module.__dict__[state] = _concat_into_views(linears)
+                module.__dict__[state] = _concat_into_views(linears, pad)
                 module.forward = types.MethodType(forward, module)
             done.append(f"{i}.{'self_attn' if state == QKV else 'mlp'}")
     return done
@@ -134,6 +195,10 @@ def fuse(layers: Iterable[nn.Module], rope: Callable, eager: Callable) -> List[s
 def _drop(module: nn.Module, state: str) -> None:
     if module.__dict__.pop(state, None) is not None:
         module.__dict__.pop("forward", None)
+    if state == GATE_UP:
+        down = module.__dict__.pop(DOWN, None)
+        if down is not None and isinstance(module.down_proj, nn.Linear) and _current([module.down_proj], down):
+            _own_storage([module.down_proj])
 
 
 def unfuse(layers: Iterable[nn.Module]) -> None:

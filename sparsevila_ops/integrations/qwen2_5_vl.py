@@ -167,6 +167,7 @@ def disable(model):
     for layer in model.model.language_model.layers:
         layer.self_attn.__dict__.pop("_sparsevila_state", None)
     fused.unfuse(model.model.language_model.layers)
+    fused.unfuse(model.model.visual.blocks)
     model.set_attn_implementation({"text_config": state.prev_attn})
     model._sparsevila = None
     return model
@@ -283,8 +284,10 @@ def _generate(orig_generate, model, input_ids: Optional[torch.Tensor] = None, **
 
 
 def _fuse(model) -> None:
-    """(Re-)fuse the decoder layers' projections (``fused.fuse``: cheap when nothing changed)."""
+    """(Re-)fuse the decoder layers' projections and the vision blocks' MLPs, their 3420-wide intermediate padded
+    (``fused.fuse``: cheap when nothing changed)."""
     fused.fuse(model.model.language_model.layers, hf.apply_rotary_pos_emb, hf.eager_attention_forward)
+    fused.fuse(model.model.visual.blocks)
 
 
 def _like(model, B: int, device) -> torch.Tensor:
