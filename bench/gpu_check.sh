@@ -67,7 +67,7 @@ fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
   q=(); [ "$quick" = --quick ] && q=(--quick)
   step figure3 python -m bench.figure3 "${q[@]}"
-  step salience_sweep python -m bench.figure3_salience --sweep "${q[@]}"  # every config, SKEW loops included
+  step salience_sweep python -m bench.figure3_salience --sweep "${q[@]}"  # every config of both Triton passes
   step select python -m bench.select "${q[@]}"
   step decode python -m bench.decode "${q[@]}"
   step demo python -m sparsevila_ops demo --json "$SPARSEVILA_BENCH_DIR/demo.json"

@@ -89,10 +89,8 @@ def _lse_update(s, m_i, l_i, qk_scale):
 def _salience_lse_kernel(q, k, cu_seqlens, lse2, stride_qt, stride_qh, stride_kt, stride_kh, stride_cu,
                          stride_lh, qk_scale, num_summary, n_row_blocks,
                          D: tl.constexpr, D_MAIN: tl.constexpr, D_TAIL: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, SKEW: tl.constexpr):
-    """Pass 1: ``lse2[h, i] = log2 sum_j exp2(qk_scale * q[i, h] . k[j, h])`` for the rows ``i`` of R.
-
-    ``SKEW``: the next key block's scores are computed before the current block's exps (as in the column sums)."""
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr):
+    """Pass 1: ``lse2[h, i] = log2 sum_j exp2(qk_scale * q[i, h] . k[j, h])`` for the rows ``i`` of R."""
     blk, a, b, r_end = _segment_block(cu_seqlens, stride_cu, n_row_blocks, num_summary)
     h = tl.program_id(1).to(tl.int64)
     n = b - a
@@ -110,20 +108,9 @@ def _salience_lse_kernel(q, k, cu_seqlens, lse2, stride_qt, stride_qh, stride_kt
     l_i = tl.zeros([BLOCK_M], tl.float32)
     cols = tl.arange(0, BLOCK_N)
     n_full = n // BLOCK_N
-    if SKEW:
-        if n_full > 0:
-            s = _lse_scores(q_main, q_tail, k_base, a + cols, b, stride_kt, D, D_MAIN, D_TAIL, PREC, False)
-            for j in range(1, n_full):
-                s_next = _lse_scores(q_main, q_tail, k_base, a + j * BLOCK_N + cols, b, stride_kt, D, D_MAIN,
-                                     D_TAIL, PREC, False)
-                m_i, l_i = _lse_update(s, m_i, l_i, qk_scale)
-                s = s_next
-            m_i, l_i = _lse_update(s, m_i, l_i, qk_scale)
-    else:
-        for j in range(0, n_full):
-            s = _lse_scores(q_main, q_tail, k_base, a + j * BLOCK_N + cols, b, stride_kt, D, D_MAIN, D_TAIL, PREC,
-                            False)
-            m_i, l_i = _lse_update(s, m_i, l_i, qk_scale)
+    for j in range(0, n_full):
+        s = _lse_scores(q_main, q_tail, k_base, a + j * BLOCK_N + cols, b, stride_kt, D, D_MAIN, D_TAIL, PREC, False)
+        m_i, l_i = _lse_update(s, m_i, l_i, qk_scale)
     if n_full * BLOCK_N < n:
         s = _lse_scores(q_main, q_tail, k_base, a + n_full * BLOCK_N + cols, b, stride_kt, D, D_MAIN, D_TAIL,
                         PREC, True)
@@ -152,12 +139,10 @@ def _salience_colsum_kernel(q, k, cu_seqlens, lse, out, stride_qt, stride_qh, st
                             stride_lh, stride_oh, qk_scale, lse_scale, inv_heads, num_summary, n_key_blocks,
                             D: tl.constexpr, D_MAIN: tl.constexpr, D_TAIL: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
-                            ATOMIC: tl.constexpr, SKEW: tl.constexpr):
+                            ATOMIC: tl.constexpr):
     """Pass 2: ``out[h, j] (+)= inv_heads/|R| * sum_{i in R} exp2(qk_scale s[i, j] - lse_scale lse[h, i])``.
 
-    ``ATOMIC``: heads accumulate into ``out[T]`` with atomic adds; else ``out[h, j]`` is stored. ``SKEW``: the
-    scores of the next row block are computed before the exps of the current one (software pipelining, so the
-    tensor cores can run while the exp unit works on the previous tile; two score tiles live in registers)."""
+    ``ATOMIC``: heads accumulate into ``out[T]`` with atomic adds; else ``out[h, j]`` is stored."""
     blk, a, b, r_end = _segment_block(cu_seqlens, stride_cu, n_key_blocks, num_summary)
     h = tl.program_id(1).to(tl.int64)
     key0 = a + blk * BLOCK_N
@@ -172,20 +157,10 @@ def _salience_colsum_kernel(q, k, cu_seqlens, lse, out, stride_qt, stride_qh, st
     if D_TAIL > 0:
         k_tail = _load_rows(k_base, keys, b, stride_kt, D_MAIN, D, D_TAIL)
     acc = tl.zeros([BLOCK_N], tl.float32)
-    if SKEW:  # R is never empty here (b > a), so the first block exists
-        s, l2 = _colsum_scores(k_main, k_tail, q_base, lse_base, a, r_end, stride_qt, lse_scale, D, D_MAIN,
-                               D_TAIL, BLOCK_M, PREC)
-        for r0 in range(a + BLOCK_M, r_end, BLOCK_M):
-            s_next, l2_next = _colsum_scores(k_main, k_tail, q_base, lse_base, r0, r_end, stride_qt, lse_scale, D,
-                                             D_MAIN, D_TAIL, BLOCK_M, PREC)
-            acc += tl.sum(tl.math.exp2(s * qk_scale - l2[None, :]), 1)
-            s, l2 = s_next, l2_next
+    for r0 in range(a, r_end, BLOCK_M):
+        s, l2 = _colsum_scores(k_main, k_tail, q_base, lse_base, r0, r_end, stride_qt, lse_scale, D, D_MAIN, D_TAIL,
+                               BLOCK_M, PREC)
         acc += tl.sum(tl.math.exp2(s * qk_scale - l2[None, :]), 1)
-    else:
-        for r0 in range(a, r_end, BLOCK_M):
-            s, l2 = _colsum_scores(k_main, k_tail, q_base, lse_base, r0, r_end, stride_qt, lse_scale, D, D_MAIN,
-                                   D_TAIL, BLOCK_M, PREC)
-            acc += tl.sum(tl.math.exp2(s * qk_scale - l2[None, :]), 1)
     val = acc * (inv_heads / (r_end - a).to(tl.float32))
     if ATOMIC:
         tl.atomic_add(out + keys, val, mask=keys < b, sem="relaxed")
@@ -251,36 +226,27 @@ def _colsum_default(key: SalienceKey) -> dict:
 
 
 def _lse_space(key: SalienceKey) -> list:
-    """The LSE tiles of ``python -m bench.figure3_salience --sweep`` (BLOCK_M, BLOCK_N, warps, stages), and the
-    skewed loop (``SKEW``) on those whose two score tiles fit (:func:`_skewed`)."""
-    return _skewed([dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s) for m, n, w, s in
-                    ((128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2), (128, 128, 8, 3),
-                     (64, 128, 4, 3), (128, 32, 8, 3), (256, 64, 8, 2))])
+    """The LSE tiles of ``python -m bench.figure3_salience --sweep`` (BLOCK_M, BLOCK_N, warps, stages)."""
+    return [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s) for m, n, w, s in
+            ((128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2), (128, 128, 8, 3), (64, 128, 4, 3),
+             (128, 32, 8, 3), (256, 64, 8, 2))]
 
 
 def _colsum_space(key: SalienceKey) -> list:
-    """The column-sum tiles of ``python -m bench.figure3_salience --sweep`` (BLOCK_N, BLOCK_M, warps, stages),
-    and the skewed loop (``SKEW``) on those whose two score tiles fit (:func:`_skewed`)."""
-    return _skewed([dict(BLOCK_N=n, BLOCK_M=m, num_warps=w, num_stages=s) for n, m, w, s in
-                    ((128, 64, 4, 2), (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3),
-                     (64, 64, 4, 3), (64, 128, 4, 3), (128, 32, 4, 3), (256, 64, 8, 2))])
-
-
-def _skewed(tiles: list) -> list:
-    """``tiles`` and, for those whose score tile is at most 32 fp32 per thread (two live at once when skewed; the
-    largest tiles would reach 255 registers), the same tile with ``SKEW``."""
-    return tiles + [dict(t, SKEW=True) for t in tiles if t["BLOCK_N"] * t["BLOCK_M"] <= 32 * 32 * t["num_warps"]]
+    """The column-sum tiles of ``python -m bench.figure3_salience --sweep`` (BLOCK_N, BLOCK_M, warps, stages)."""
+    return [dict(BLOCK_N=n, BLOCK_M=m, num_warps=w, num_stages=s) for n, m, w, s in
+            ((128, 64, 4, 2), (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3), (64, 64, 4, 3),
+             (64, 128, 4, 3), (128, 32, 4, 3), (256, 64, 8, 2))]
 
 
 def _salience_resources(resident: str, streamed: str):
     """Estimates for a pass that keeps a tile of ``resident`` rows and streams tiles of ``streamed`` rows (LSE:
     q resident, k streamed; column sums: k resident, q streamed). Shared memory: the resident tile + one
-    streamed tile per stage. Registers: the fp32 score tile (two when ``SKEW``) and the resident tile over the
-    threads, + 32."""
+    streamed tile per stage. Registers: the fp32 score tile and the resident tile over the threads, + 32."""
     def resources(key: SalienceKey, cfg: dict):
         d, elem = sum(_split_head_dim(key.D)), key.dtype.itemsize
         smem = (cfg[resident] + cfg["num_stages"] * cfg[streamed]) * d * elem
-        words = (1 + cfg.get("SKEW", False)) * cfg["BLOCK_M"] * cfg["BLOCK_N"] + cfg[resident] * d * elem // 4
+        words = cfg["BLOCK_M"] * cfg["BLOCK_N"] + cfg[resident] * d * elem // 4
         return smem, 32 + words // (32 * cfg["num_warps"])
     return resources
 
@@ -296,7 +262,7 @@ def _lse_pass(q, k, cu_seqlens, max_seqlen, scale, num_summary, lse2, cfg) -> No
     _salience_lse_kernel[(n_row_blocks * S, H)](
         q, k, cu_seqlens, lse2, q.stride(0), q.stride(1), k.stride(0), k.stride(1), cu_seqlens.stride(0),
         lse2.stride(0), float(scale) * LOG2E, num_summary, n_row_blocks, D=D, D_MAIN=d_main, D_TAIL=d_tail,
-        PREC=_precision(q), SKEW=cfg.get("SKEW", False), **_tiles(cfg))
+        PREC=_precision(q), **cfg)
 
 
 def _colsum_pass(q, k, cu_seqlens, max_seqlen, scale, num_summary, lse, lse_log2, deterministic, out, cfg) -> None:
@@ -321,15 +287,10 @@ def _colsum_pass(q, k, cu_seqlens, max_seqlen, scale, num_summary, lse, lse_log2
         q, k, cu_seqlens, lse, target, q.stride(0), q.stride(1), k.stride(0), k.stride(1), cu_seqlens.stride(0),
         lse.stride(0), target.stride(0) if target.dim() == 2 else 0, float(scale) * LOG2E,
         1.0 if lse_log2 else LOG2E, inv_heads, num_summary, n_key_blocks, D=D, D_MAIN=d_main, D_TAIL=d_tail,
-        PREC=_precision(q), ATOMIC=atomic, SKEW=cfg.get("SKEW", False), **_tiles(cfg))
+        PREC=_precision(q), ATOMIC=atomic, **cfg)
     if reduce_heads and deterministic:
         block = 1024
         _sum_heads_kernel[(triton.cdiv(T, block),)](target, out, T, H, target.stride(0), 1.0 / H, BLOCK=block)
-
-
-def _tiles(cfg: dict) -> dict:
-    """The launch parameters of a config other than ``SKEW`` (absent from tables tuned before it existed)."""
-    return {name: v for name, v in cfg.items() if name != "SKEW"}
 
 
 def _precision(q: torch.Tensor) -> str:
