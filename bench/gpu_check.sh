@@ -75,7 +75,7 @@ if [ "$what" = bench ] || [ "$what" = all ]; then
   step qwen2_5_vl_graph_check python -m bench.integration_graph_check --dtype bfloat16
   step qwen2_5_vl_memory_check python -m bench.integration_memory_check
   step gemv4 python -m bench.gemv4 "${q[@]}"
-  step vision_mlp python -m bench.vision_mlp
+  step vision_block python -m bench.vision_block
   step e2e python -m bench.e2e "${q[@]}"
   step autotune python -m bench.autotune "${q[@]}"
 fi

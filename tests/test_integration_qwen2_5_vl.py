@@ -462,6 +462,35 @@ def test_an_mlp_intermediate_is_padded_to_a_multiple_of_64(device):
     assert all("forward" not in blk.mlp.__dict__ for blk in model.model.visual.blocks)
 
 
+def test_vision_norms_and_rotary_run_the_triton_kernels(model, enabled, device, monkeypatch):
+    """Where Triton runs (forced here, so the CPU suite runs the kernels under the interpreter), every vision
+    RMSNorm and each block's rotary embedding go through ``triton_kernels/vision.py``; the tower's output matches
+    the stock tower's; ``disable`` restores the modules' own forwards."""
+    from sparsevila_ops.integrations import qwen2_5_vl as integ
+    from sparsevila_ops.triton_kernels import vision
+
+    inputs = visual_inputs(seed=12, device=device)
+    visual = model.model.visual
+    with torch.no_grad():
+        want = visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
+    calls = {"rms_norm": 0, "rotary_qk": 0}
+    for name in calls:
+        def counted(*a, _f=getattr(vision, name), _n=name):
+            calls[_n] += 1
+            return _f(*a)
+        monkeypatch.setattr(vision, name, counted)
+    monkeypatch.setattr(integ, "_triton_elementwise", lambda *a: True)
+    enabled(0.0, 0.0)
+    with torch.no_grad():
+        got = visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
+    depth = len(visual.blocks)
+    assert calls == {"rms_norm": 2 * depth + 1, "rotary_qk": depth}
+    for name in ("last_hidden_state", "pooler_output"):  # before / after the merger
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5)
+    sv.disable(model)
+    assert all("forward" not in n.__dict__ for n in integ._vision_norms(visual))
+
+
 def test_generate_records_no_autograd_graph(model, enabled, device):
     """``generate`` outside ``torch.no_grad`` (as transformers allows): the pruning's encoder forward must not
     record an autograd graph; the salience kept on the state would hold every vision activation alive (on the

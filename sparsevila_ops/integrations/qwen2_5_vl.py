@@ -2,7 +2,10 @@
 
 ``enable(model, prefill_sparsity, decode_sparsity)`` changes only this model instance:
 
-- **vision tower**: the patch embedding's Conv3d (kernel == stride) runs as one GEMM; every block's ``attn``
+- **vision tower**: the patch embedding's Conv3d (kernel == stride) runs as one GEMM; on CUDA the RMSNorms and
+  the rotary embedding run as one Triton kernel each (``triton_kernels/vision.py``) instead of chains of fp32
+  kernels, and each block's MLP as two GEMMs over its 3420-wide intermediate padded to 3456 (``fused.fuse``);
+  every block's ``attn``
   gets an instance-level ``forward`` that runs the block's attention as one launch over all its segments
   (``varlen_attention``: batched SDPA for equal frames, our varlen ``prefill_attention`` for the uneven
   windows) instead of transformers' per-segment loop. With
@@ -33,6 +36,7 @@ from transformers import AttentionInterface
 from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as hf
 from transformers.vision_utils import get_vision_window_index
 
+from .. import _backend
 from ..salience import visual_salience
 from ..select import prune_visual_tokens
 from . import fused
@@ -146,6 +150,8 @@ def enable(model, prefill_sparsity: float = 0.75, decode_sparsity: float = 0.95,
     for i, blk in enumerate(visual.blocks):
         blk.attn.forward = types.MethodType(functools.partial(_vision_attn_forward, state=state,
                                                               salience=(i == salience_layer)), blk.attn)
+    for norm in _vision_norms(visual):
+        norm.forward = types.MethodType(_rms_norm_forward, norm)
     visual.forward = functools.partial(_visual_forward, visual.forward, state, visual)
     visual.patch_embed.forward = types.MethodType(_patch_embed_forward, visual.patch_embed)
     model.generate = functools.partial(_generate, model.generate, model)
@@ -164,6 +170,8 @@ def disable(model):
     visual.patch_embed.__dict__.pop("forward", None)
     for blk in visual.blocks:
         blk.attn.__dict__.pop("forward", None)
+    for norm in _vision_norms(visual):
+        norm.__dict__.pop("forward", None)
     for layer in model.model.language_model.layers:
         layer.self_attn.__dict__.pop("_sparsevila_state", None)
     fused.unfuse(model.model.language_model.layers)
@@ -188,7 +196,11 @@ def _vision_attn_forward(self, hidden_states: torch.Tensor, cu_seqlens: torch.Te
     T = hidden_states.shape[0]
     q, k, v = self.qkv(hidden_states).reshape(T, 3, self.num_heads, -1).unbind(1)
     cos, sin = position_embeddings
-    q, k = hf.apply_rotary_pos_emb_vision(q, k, cos, sin)
+    if _triton_elementwise(q):
+        from ..triton_kernels.vision import rotary_qk
+        q, k = rotary_qk(q, k, cos, sin)
+    else:
+        q, k = hf.apply_rotary_pos_emb_vision(q, k, cos, sin)
     lens = state.segment_lengths(cu_seqlens)
     want = salience and state.collect_salience
     out, lse = varlen_attention(q, k, v, cu_seqlens, lens, self.scaling, need_lse=want)
@@ -196,6 +208,27 @@ def _vision_attn_forward(self, hidden_states: torch.Tensor, cu_seqlens: torch.Te
         cu = cu_seqlens.to(torch.int32)
         state.salience_window_order.append(visual_salience(q, k, cu, max(lens), lse=lse, scale=self.scaling))
     return self.proj(out.reshape(T, -1))
+
+
+def _vision_norms(visual) -> list:
+    """The vision tower's RMSNorms: each block's two and the merger's."""
+    return [n for blk in visual.blocks for n in (blk.norm1, blk.norm2)] + [visual.merger.ln_q]
+
+
+def _triton_elementwise(x: torch.Tensor, *params: torch.Tensor) -> bool:
+    """Whether the vision tower's element-wise steps run our Triton kernels on ``x``: CUDA tensors where Triton
+    runs (the device default backend), and no autograd recording (the kernels have no backward)."""
+    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
+        return False
+    return _backend.default_backend(x.device) == "triton"
+
+
+def _rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    """``Qwen2_5_VLRMSNorm.forward`` as one Triton kernel where :func:`_triton_elementwise` allows."""
+    if _triton_elementwise(hidden_states, self.weight):
+        from ..triton_kernels.vision import rms_norm
+        return rms_norm(hidden_states, self.weight, self.variance_epsilon)
+    return type(self).forward(self, hidden_states)
 
 
 def _visual_forward(orig, state: SparseVILAState, visual, hidden_states, grid_thw, **kwargs):

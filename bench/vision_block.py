@@ -1,0 +1,94 @@
+"""One Qwen2.5-VL-7B vision block's steps at 128k visual tokens (524,288 patches), bf16: the stock transformers
+code against what the integration runs instead. e2e's encoder profile found 1.8 of the encoder's 3.8 s in the MLP
+GEMMs, which cuBLAS ran as Ampere kernels at ~35 % of peak (3420 x 2 bytes is not a multiple of 16), and 1.6 s in
+chains of fp32 element-wise kernels (RMSNorm, rotary embedding).
+
+- MLP: stock (gate, up, down over 3420) vs fused and padded (``integrations.fused``: one GEMM for gate/up over
+  2 x 3456 rows, down over 3456 columns, zero padding);
+- RMSNorm: ``Qwen2_5_VLRMSNorm`` vs ``triton_kernels.vision.rms_norm``;
+- rotary: ``apply_rotary_pos_emb_vision`` on q, k views of the qkv output vs ``triton_kernels.vision.rotary_qk``.
+
+``python -m bench.vision_block [--patches N]``. Per row: time per call, the step's share of an encoder forward
+(x 32 blocks; x 2 for the norms), and the speedup of each replacement over stock; the bytes floor (inputs read
+once, outputs written once, at the measured copy bandwidth) for the element-wise rows.
+"""
+from __future__ import annotations
+
+import argparse
+from types import SimpleNamespace
+
+import torch
+from torch import nn
+
+from bench.common import copy_bandwidth_tbps, require_gpu, time_cuda, verify, write_results
+
+HIDDEN, INTERMEDIATE, HEADS, BLOCKS = 1280, 3420, 16, 32  # Qwen2.5-VL-7B vision config
+HEAD_DIM = HIDDEN // HEADS
+
+
+def _row(step, variant, ms, per_encoder, floor_ms=None, **extra):
+    row = {"step": step, "variant": variant, "median_ms": ms, "per_encoder_ms": per_encoder * ms, **extra}
+    if floor_ms:
+        row["floor_ms"], row["x_floor"] = floor_ms, ms / floor_ms
+    return row
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--patches", type=int, default=524288, help="rows of the block input (default: 128k tokens x 4)")
+    args = p.parse_args(argv)
+    if not require_gpu("bench.vision_block"):
+        return 0
+    from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as hf
+    from sparsevila_ops.integrations import fused
+    from sparsevila_ops.triton_kernels import vision
+
+    torch.manual_seed(0)
+    T, bw = args.patches, copy_bandwidth_tbps() * 1e12
+    time = lambda fn: time_cuda(lambda i: fn(), warmup=3, iters=10)["median_ms"]  # noqa: E731
+    rows = []
+    x = torch.randn(T, HIDDEN, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        # MLP
+        block = nn.Module()
+        cfg = SimpleNamespace(hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, hidden_act="silu")
+        block.mlp = hf.Qwen2_5_VLMLP(cfg, bias=True).to("cuda", torch.bfloat16)
+        ref = block.mlp(x).float()
+        flop = 3 * 2 * T * HIDDEN * INTERMEDIATE
+        stock = time(lambda: block.mlp(x))
+        rows.append(_row("MLP", "stock (3 GEMMs, intermediate 3420)", stock, BLOCKS, TFLOP_s=flop / stock / 1e9))
+        assert fused.fuse([block]) == ["0.mlp"]
+        verify("padded MLP", block.mlp(x).float(), ref, 1e-2)
+        ours = time(lambda: block.mlp(x))
+        rows.append(_row("MLP", "fused gate/up, padded to 3456", ours, BLOCKS, TFLOP_s=flop / ours / 1e9,
+                         speedup=stock / ours))
+        del block, ref
+        # RMSNorm
+        norm = hf.Qwen2_5_VLRMSNorm(HIDDEN).to("cuda", torch.bfloat16)
+        floor = 2 * x.numel() * 2 / bw * 1e3
+        verify("rms_norm", vision.rms_norm(x, norm.weight, norm.variance_epsilon).float(), norm(x).float(), 1e-2)
+        stock = time(lambda: norm(x))
+        rows.append(_row("RMSNorm", "Qwen2_5_VLRMSNorm (fp32 chain)", stock, 2 * BLOCKS, floor))
+        ours = time(lambda: vision.rms_norm(x, norm.weight, norm.variance_epsilon))
+        rows.append(_row("RMSNorm", "triton_kernels.vision.rms_norm", ours, 2 * BLOCKS, floor, speedup=stock / ours))
+        # rotary on q, k views of one qkv output
+        qkv = torch.randn(T, 3, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+        q, k = qkv[:, 0], qkv[:, 1]
+        emb = torch.randn(T, HEAD_DIM // 2, device="cuda").repeat(1, 2)
+        cos, sin = emb.cos(), emb.sin()
+        floor = (2 * 2 * q.numel() * 2 + 2 * cos.numel() * 4) / bw * 1e3
+        want = hf.apply_rotary_pos_emb_vision(q, k, cos, sin)
+        got = vision.rotary_qk(q, k, cos, sin)
+        for g, w in zip(got, want):
+            verify("rotary_qk", g.float(), w.float(), 1e-2)
+        stock = time(lambda: hf.apply_rotary_pos_emb_vision(q, k, cos, sin))
+        rows.append(_row("rotary q, k", "apply_rotary_pos_emb_vision (fp32 chain)", stock, BLOCKS, floor))
+        ours = time(lambda: vision.rotary_qk(q, k, cos, sin))
+        rows.append(_row("rotary q, k", "triton_kernels.vision.rotary_qk", ours, BLOCKS, floor, speedup=stock / ours))
+    write_results("vision_block", rows, ["step", "variant", "median_ms", "per_encoder_ms", "TFLOP_s", "floor_ms",
+                                         "x_floor", "speedup"], title="Qwen2.5-VL-7B vision block steps, bf16")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,50 @@
+"""The vision encoder's element-wise kernels (``triton_kernels/vision.py``) against the transformers modules they
+replace (``Qwen2_5_VLRMSNorm``, ``apply_rotary_pos_emb_vision``): awkward sizes, strided views, bf16 / fp32, weight
+dtypes that promote; on the CPU under Triton's interpreter."""
+import pytest
+import torch
+from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as hf
+
+from sparsevila_ops.triton_kernels import vision
+
+from helpers import assert_rel
+
+
+@pytest.mark.parametrize("dtype,wdtype", [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32),
+                                          (torch.bfloat16, torch.float32)])
+@pytest.mark.parametrize("N", [48, 100])
+def test_rms_norm_matches_the_module(device, dtype, wdtype, N):
+    g = torch.Generator().manual_seed(N)
+    norm = hf.Qwen2_5_VLRMSNorm(N, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(N, generator=g) * 0.5 + 1)
+    norm = norm.to(device, wdtype)
+    store = (torch.randn(3, 7, N + 9, generator=g) * 3).to(device, dtype)
+    x = store[..., 5:5 + N]  # rows 9 elements apart
+    want = norm(x)
+    got = vision.rms_norm(x, norm.weight, norm.variance_epsilon)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    assert_rel(got, want, 1e-2 if dtype == torch.bfloat16 else 1e-5, f"rms_norm {dtype} w {wdtype} N={N}")
+    assert vision.rms_norm(x[:0], norm.weight, 1e-6).shape == (0, 7, N)
+    with pytest.raises(ValueError, match="weight must have shape"):
+        vision.rms_norm(x, norm.weight[:-1], 1e-6)
+
+
+@pytest.mark.parametrize("D", [64, 72, 80])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_rotary_qk_matches_apply_rotary_pos_emb_vision(device, D, dtype):
+    T, H = 11, 3
+    g = torch.Generator().manual_seed(D)
+    qkv = torch.randn(T, 3, H, D, generator=g).to(device, dtype)
+    q, k = qkv[:, 0], qkv[:, 1]  # strided views, as the vision attention's qkv split gives them
+    freqs = torch.randn(T, D // 2, generator=g).to(device)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    cos, sin = emb.cos(), emb.sin()
+    want_q, want_k = hf.apply_rotary_pos_emb_vision(q, k, cos, sin)
+    got_q, got_k = vision.rotary_qk(q, k, cos, sin)
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
+    assert got_q.dtype == dtype and got_q.is_contiguous()
+    assert_rel(got_q, want_q, tol, f"rotary q D={D}")
+    assert_rel(got_k, want_k, tol, f"rotary k D={D}")
+    with pytest.raises(ValueError, match="cos, sin must be"):
+        vision.rotary_qk(q, k, cos[:, :-2], sin[:, :-2])

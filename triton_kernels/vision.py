@@ -1,0 +1,94 @@
+"""Triton kernels for the element-wise steps of a vision encoder block that eager PyTorch runs as chains of fp32
+kernels: RMSNorm and the vision rotary embedding (Qwen2.5-VL's ``Qwen2_5_VLRMSNorm`` and
+``apply_rotary_pos_emb_vision``). Each reads its inputs once and writes its outputs once, with the same math:
+
+    rms_norm:   y = w * bf(x / sqrt(mean(x^2) + eps))       (x in fp32; bf(): back to x's dtype, as the module does)
+    rotary_qk:  o = x * cos + rotate_half(x) * sin, for x in (q, k)   (fp32; rotate_half(x) = [-x2, x1]; o in x's dtype)
+
+On the H200 at 128k visual tokens (524,288 patches of 1280 features) eager PyTorch spent 1.6 of the encoder's 3.8 s
+in element-wise kernels (e2e's encoder profile; bench/NOTES.md). Used by the integration on CUDA tensors.
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rms_norm_kernel(x, w, out, n_rows, stride_x, stride_o, eps, N: tl.constexpr, BLOCK: tl.constexpr,
+                     ROWS: tl.constexpr):
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK)
+    mask = (rows < n_rows)[:, None] & (cols < N)[None, :]
+    v = tl.load(x + rows[:, None].to(tl.int64) * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    inv = 1.0 / tl.sqrt(tl.sum(v * v, 1) / N + eps)
+    y = (v * inv[:, None]).to(x.dtype.element_ty).to(tl.float32)
+    wv = tl.load(w + cols, mask=cols < N, other=0.0).to(tl.float32)
+    tl.store(out + rows[:, None].to(tl.int64) * stride_o + cols[None, :], (wv[None, :] * y).to(out.dtype.element_ty),
+             mask=mask)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim of ``x`` (any leading shape, last dim contiguous); the result has the dtype of
+    ``weight * x`` (PyTorch's promotion), as the module's."""
+    N = x.shape[-1]
+    if weight.shape != (N,):
+        raise ValueError(f"weight must have shape ({N},) (the last dim of x); got {tuple(weight.shape)}")
+    x2 = x.reshape(-1, N)
+    if x2.shape[0] and x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    out = torch.empty(x2.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
+    rows = x2.shape[0]
+    if rows:
+        BLOCK = triton.next_power_of_2(N)
+        ROWS = max(1, min(16, 4096 // BLOCK))
+        _rms_norm_kernel[(triton.cdiv(rows, ROWS),)](x2, weight, out, rows, x2.stride(0), out.stride(0), float(eps),
+                                                    N=N, BLOCK=BLOCK, ROWS=ROWS, num_warps=4)
+    return out.view(x.shape)
+
+
+@triton.jit
+def _rotary_kernel(x, cos, sin, out, H, stride_xt, stride_xh, stride_ct, stride_st, stride_ot, stride_oh,
+                   HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.arange(0, BLOCK_H)
+    d = tl.arange(0, BLOCK_D)
+    dm = d < HALF
+    c1 = tl.load(cos + t * stride_ct + d, mask=dm, other=0.0).to(tl.float32)
+    c2 = tl.load(cos + t * stride_ct + HALF + d, mask=dm, other=0.0).to(tl.float32)
+    s1 = tl.load(sin + t * stride_st + d, mask=dm, other=0.0).to(tl.float32)
+    s2 = tl.load(sin + t * stride_st + HALF + d, mask=dm, other=0.0).to(tl.float32)
+    mask = (h < H)[:, None] & dm[None, :]
+    src = x + t * stride_xt + h[:, None] * stride_xh + d[None, :]
+    x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
+    dst = out + t * stride_ot + h[:, None] * stride_oh + d[None, :]
+    tl.store(dst, (x1 * c1[None, :] + (-x2) * s1[None, :]).to(out.dtype.element_ty), mask=mask)
+    tl.store(dst + HALF, (x2 * c2[None, :] + x1 * s2[None, :]).to(out.dtype.element_ty), mask=mask)
+
+
+def _rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    T, H, D = x.shape
+    out = torch.empty(T, H, D, dtype=x.dtype, device=x.device)
+    if T and H:
+        _rotary_kernel[(T,)](x, cos, sin, out, H, x.stride(0), x.stride(1), cos.stride(0), sin.stride(0),
+                             out.stride(0), out.stride(1), HALF=D // 2, BLOCK_H=triton.next_power_of_2(H),
+                             BLOCK_D=triton.next_power_of_2(D // 2), num_warps=4)
+    return out
+
+
+def rotary_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+              ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``apply_rotary_pos_emb_vision(q, k, cos, sin)``: q, k ``[T, H, D]`` (any strides, last dim contiguous), cos,
+    sin ``[T, D]`` (rows contiguous); new contiguous outputs in q's and k's dtypes."""
+    if q.dim() != 3 or k.dim() != 3 or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
+        raise ValueError(f"q, k must be [T, H, D] with equal T and D; got {tuple(q.shape)}, {tuple(k.shape)}")
+    T, _, D = q.shape
+    if D % 2 or cos.shape != (T, D) or sin.shape != (T, D):
+        raise ValueError(f"cos, sin must be [T, D] = [{T}, {D}] with D even; got {tuple(cos.shape)}, "
+                         f"{tuple(sin.shape)}")
+    q, k, cos, sin = (t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous() for t in (q, k, cos, sin))
+    return _rotary(q, cos, sin), _rotary(k, cos, sin)
