@@ -87,8 +87,9 @@ def _default(key: SalienceCudaKey) -> dict:
     ``WGMMA_MIN_SEQLEN`` tokens, else the mma kernel; no polynomial exp2s. On the H200 the wgmma kernel took 0.69-0.94x
     the mma kernel's time from 729-token frames to 32k tokens, and 2.6x at 64-token windows, where 3/4 of each
     128-row tile is padding. The mma kernel was slower with polynomial exp2s at every Figure-3a shape (poly_every
-    2 / 4 / 8 vs 0: +14-20 % / +6-9 % / +4-6 % time), being bound by its mma.sync issue rate, not by MUFU; the
-    wgmma kernel within noise at poly_every 4 (bench/NOTES.md)."""
+    2 / 4 / 8 vs 0: +14-20 % / +6-9 % / +4-6 % time), being bound by its mma.sync issue rate, not by MUFU; nor did
+    the wgmma kernel gain at poly_every 4 (QwenVL 32k: LSE pass 1.5 % faster, column sums 9 % slower;
+    bench/NOTES.md)."""
     wgmma = key.sm90a and key.n >= WGMMA_MIN_SEQLEN
     return {"kernel": "wgmma" if wgmma else "mma", "poly_every": 0}
 
