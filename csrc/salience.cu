@@ -37,6 +37,7 @@
 
 #include "exp2.cuh"
 #include "launch_util.cuh"
+#include "salience_launch.cuh"
 #include "mbarrier.cuh"
 #include "mma_sync.cuh"
 #include "sparsevila_cuda.h"
@@ -46,10 +47,8 @@ namespace {
 using sparsevila::ex2_mufu;
 using sparsevila::ex2_pair;
 using sparsevila::ldsm_x4;
-using sparsevila::Int;
 using sparsevila::Mma;
 using sparsevila::smem_u32;
-using sparsevila::Tag;
 
 constexpr int kWarps = 4;
 constexpr int kThreads = 32 * kWarps;
@@ -325,43 +324,9 @@ __global__ void __launch_bounds__(256) salience_sum_heads_kernel(const float* pa
 
 template <typename T, int D, int kPass, int kPolyEvery>
 cudaError_t launch(const Args& a, int num_segments, int heads, cudaStream_t stream) {
-  using S = Shape<D>;
-  auto kernel = salience_kernel<T, D, kPass, kPolyEvery>;
   static std::atomic<uint64_t> configured{0};  // per instantiation: the devices it was configured on
-  const cudaError_t e = sparsevila::once_per_device(configured, [&] {
-    return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, S::kSmemBytes);
-  });
-  if (e != cudaSuccess) return e;
-  const int64_t gx = static_cast<int64_t>(a.nblk) * num_segments;
-  if (gx <= 0 || gx > 0x7fffffff || heads <= 0 || heads > 65535) return cudaErrorInvalidValue;
-  kernel<<<dim3(static_cast<unsigned>(gx), heads, 1), kThreads, S::kSmemBytes, stream>>>(a);
-  return cudaGetLastError();
-}
-
-// Calls fn(Tag<T>, Int<D>, Int<kPolyEvery>) for the compiled instantiation; cudaErrorInvalidValue if none.
-template <typename Fn>
-int dispatch(int dtype, int head_dim, int poly_every, Fn&& fn) {
-  auto by_poly = [&](auto t, auto d) -> int {
-    switch (poly_every) {
-      case 0: return fn(t, d, Int<0>{});
-      case 2: return fn(t, d, Int<2>{});
-      case 4: return fn(t, d, Int<4>{});
-      case 8: return fn(t, d, Int<8>{});
-      default: return static_cast<int>(cudaErrorInvalidValue);
-    }
-  };
-  auto by_d = [&](auto t) -> int {
-    switch (head_dim) {
-      case 64: return by_poly(t, Int<64>{});
-      case 72: return by_poly(t, Int<72>{});
-      case 80: return by_poly(t, Int<80>{});
-      case 128: return by_poly(t, Int<128>{});
-      default: return static_cast<int>(cudaErrorInvalidValue);
-    }
-  };
-  if (dtype == 0) return by_d(Tag<__nv_bfloat16>{});
-  if (dtype == 1) return by_d(Tag<__half>{});
-  return static_cast<int>(cudaErrorInvalidValue);
+  return sparsevila::launch_segments(salience_kernel<T, D, kPass, kPolyEvery>, configured, Shape<D>::kSmemBytes,
+                                     kThreads, a, a.nblk, num_segments, heads, stream);
 }
 
 template <int kPass>
@@ -372,7 +337,7 @@ int run_pass(int dtype, int head_dim, const void* q, const void* k, const int* c
   Args a{q, k, cu, lse, dst, strides[0], strides[1], strides[2], strides[3], strides[4], strides[5], strides[6],
          qk_scale2, lse_scale, num_summary, (max(max_rows, 1) + kBlockRows - 1) / kBlockRows};
   cudaStream_t s = static_cast<cudaStream_t>(stream);
-  return dispatch(dtype, head_dim, poly_every, [&](auto t, auto d, auto p) {
+  return sparsevila::dispatch_salience(dtype, head_dim, poly_every, [&](auto t, auto d, auto p) {
     using T = typename decltype(t)::type;
     return static_cast<int>(launch<T, decltype(d)::value, kPass, decltype(p)::value>(a, num_segments, heads, s));
   });

@@ -32,6 +32,7 @@
 
 #include "exp2.cuh"
 #include "launch_util.cuh"
+#include "salience_launch.cuh"
 #include "mbarrier.cuh"
 #include "sparsevila_cuda.h"
 #include "wgmma.cuh"
@@ -41,14 +42,12 @@ namespace {
 using sparsevila::ex2_mufu;
 using sparsevila::ex2_pair;
 using sparsevila::fence_operand;
-using sparsevila::Int;
 using sparsevila::mbar_arrive;
 using sparsevila::mbar_expect_tx;
 using sparsevila::mbar_init;
 using sparsevila::mbar_wait;
 using sparsevila::smem_u32;
 using sparsevila::Swizzle;
-using sparsevila::Tag;
 using sparsevila::wgmma_desc;
 
 constexpr int kConsumers = 2;                    // consumer warpgroups
@@ -370,42 +369,9 @@ CUresult lse_map(CUtensorMap* map, const float* base, int64_t T, int H, int64_t 
 
 template <typename T, int D, int kPass, int kPolyEvery>
 cudaError_t launch(const Args& a, int num_segments, int heads, cudaStream_t stream) {
-  using L = Layout<D>;
-  auto kernel = salience_wgmma_kernel<T, D, kPass, kPolyEvery>;
-  static std::atomic<uint64_t> configured{0};
-  const cudaError_t e = sparsevila::once_per_device(configured, [&] {
-    return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, L::kSmemBytes);
-  });
-  if (e != cudaSuccess) return e;
-  const int64_t gx = static_cast<int64_t>(a.nblk) * num_segments;
-  if (gx <= 0 || gx > 0x7fffffff || heads <= 0 || heads > 65535) return cudaErrorInvalidValue;
-  kernel<<<dim3(static_cast<unsigned>(gx), heads, 1), kThreads, L::kSmemBytes, stream>>>(a);
-  return cudaGetLastError();
-}
-
-template <typename Fn>
-int dispatch(int dtype, int head_dim, int poly_every, Fn&& fn) {
-  auto by_poly = [&](auto t, auto d) -> int {
-    switch (poly_every) {
-      case 0: return fn(t, d, Int<0>{});
-      case 2: return fn(t, d, Int<2>{});
-      case 4: return fn(t, d, Int<4>{});
-      case 8: return fn(t, d, Int<8>{});
-      default: return static_cast<int>(cudaErrorInvalidValue);
-    }
-  };
-  auto by_d = [&](auto t) -> int {
-    switch (head_dim) {
-      case 64: return by_poly(t, Int<64>{});
-      case 72: return by_poly(t, Int<72>{});
-      case 80: return by_poly(t, Int<80>{});
-      case 128: return by_poly(t, Int<128>{});
-      default: return static_cast<int>(cudaErrorInvalidValue);
-    }
-  };
-  if (dtype == 0) return by_d(Tag<__nv_bfloat16>{});
-  if (dtype == 1) return by_d(Tag<__half>{});
-  return static_cast<int>(cudaErrorInvalidValue);
+  static std::atomic<uint64_t> configured{0};  // per instantiation: the devices it was configured on
+  return sparsevila::launch_segments(salience_wgmma_kernel<T, D, kPass, kPolyEvery>, configured,
+                                     Layout<D>::kSmemBytes, kThreads, a, a.nblk, num_segments, heads, stream);
 }
 
 // 0 when the current device runs sm_90a code (compute capability exactly 9.0), else an error code.
@@ -450,7 +416,7 @@ int run_pass(int dtype, int head_dim, const void* q, const void* k, const int* c
   a.num_summary = num_summary;
   a.nblk = (max(max_rows, 1) + kRows - 1) / kRows;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
-  return dispatch(dtype, head_dim, poly_every, [&](auto t, auto d, auto p) {
+  return sparsevila::dispatch_salience(dtype, head_dim, poly_every, [&](auto t, auto d, auto p) {
     using T = typename decltype(t)::type;
     return static_cast<int>(launch<T, decltype(d)::value, kPass, decltype(p)::value>(a, num_segments, heads, s));
   });
