@@ -34,6 +34,7 @@ KERNELS: Dict[Tuple[str, str], str] = {
     ("decode_attention", "triton"): f"{_TK}.decode:DECODE",
     ("sparse_decode_attention", "triton"): f"{_TK}.decode:SPARSE_DECODE",
     ("append_kv", "triton"): f"{_TK}.decode:APPEND",
+    ("visual_salience", "cuda"): "sparsevila_ops.cuda_salience:SALIENCE_CUDA",
     ("decode_attention", "cuda"): "sparsevila_ops.cuda_decode:CLUSTER_DECODE",
     ("w4a16_linear", "triton"): f"{_TK}.gemv4:W4A16",  # sparsevila_quant::w4a16_linear, the [quant] extra
 }

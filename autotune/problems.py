@@ -76,6 +76,14 @@ def _colsum_reference(q, k, cu_seqlens, max_seqlen, scale, num_summary, lse, lse
                               lse * math.log(2) if lse_log2 else lse, deterministic, out)
 
 
+def _make_salience(s, device, gen):
+    """The whole op (the cuda backend's launcher): both passes, or the column sums when ``lse_given``."""
+    q, k, cu = _salience_qk(s, device, gen)
+    lse = reference.segment_lse(q, k, cu, s["D"] ** -0.5) if s["lse_given"] else None
+    out = torch.zeros(q.shape[0], device=device) if s["reduce"] else torch.zeros(s["H"], q.shape[0], device=device)
+    return q, k, cu, s["n"], s["D"] ** -0.5, s["summary"], lse, False, out
+
+
 # --- prefill_attention and kv_relevance ---------------------------------------------------------------------
 
 def _make_prefill(s, device, gen):
@@ -186,6 +194,8 @@ PROBLEMS: Dict[str, Problem] = {
     "visual_salience.lse": Problem((6,), _lse_reference, _make_lse, _VISION),
     "visual_salience.colsum": Problem((9,), _colsum_reference, _make_colsum,
                                       {**_VISION, "reduce": True, "deterministic": False}),
+    "visual_salience": Problem((8,), reference.visual_salience, _make_salience,
+                               {**_VISION, "reduce": True, "lse_given": False}),
     "prefill_attention": Problem((9, 10), reference.prefill_attention, _make_prefill,
                                  {**_LLM, "n": 8192, "segs": 1, "causal": True}),
     "kv_relevance": Problem((10,), reference.kv_relevance, _make_relevance,

@@ -18,9 +18,12 @@ DECODE_SLACK = 256  # capacity left for generated tokens (bench/decode.py)
 
 
 def _salience(H: int, D: int, segments) -> List[Shape]:
-    """Both passes (two-pass op), and the column-sum pass given an LSE, per (segment length, segments)."""
-    return [(op, {"H": H, "D": D, "n": n, "segs": segs}) for n, segs in segments
-            for op in ("visual_salience.lse", "visual_salience.colsum")]
+    """Per (segment length, segments): the Triton backend's two passes (the column-sum pass given an LSE), and the
+    whole op (the cuda backend's launcher) with two passes and with the LSE given."""
+    shapes = [(op, {"H": H, "D": D, "n": n, "segs": segs}) for n, segs in segments
+              for op in ("visual_salience.lse", "visual_salience.colsum")]
+    return shapes + [("visual_salience", {"H": H, "D": D, "n": n, "segs": segs, "lse_given": given})
+                     for n, segs in segments for given in (False, True)]
 
 
 def _llm(Hq: int, Hk: int, L: int, prefill: Tuple[int, ...], contexts: Tuple[int, ...]) -> List[Shape]:

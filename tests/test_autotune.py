@@ -99,6 +99,7 @@ def _args(n=4):
 
 COST = {4: 0.1, 8: 1.0, 16: 2.0, 32: 0.5, 64: 3.0}  # the wrong config (tile 4) would be the fastest
 TINY = {"visual_salience.lse": {"n": 8, "H": 2, "D": 16}, "visual_salience.colsum": {"n": 8, "H": 2, "D": 16},
+        "visual_salience": {"n": 8, "H": 2, "D": 64},
         "prefill_attention": {"Hq": 4, "Hk": 2, "D": 16, "n": 8},
         "kv_relevance": {"Hq": 4, "Hk": 2, "D": 16, "rows": 2, "n": 8},
         "select_kv": {"L": 2, "Hk": 2, "n": 16, "prefix": 2, "suffix": 2},
@@ -600,7 +601,7 @@ def test_cli_show_clear_export(fake, tmp_path, capsys):
 def test_presets_cover_every_op_with_valid_shapes():
     from sparsevila_ops.autotune import shapes
     assert {"bench", "siglip", "qwen2_5_vl", "qwen2", "llama2", "all"} <= set(shapes.PRESETS)
-    assert {op for op, _ in shapes.PRESETS["all"]} == set(TRITON_OPS)
+    assert {op for op, _ in shapes.PRESETS["all"]} == set(TRITON_OPS) | {"visual_salience"}  # + cuda salience
     for op, shape in shapes.PRESETS["all"]:
         problems.full_shape(op, shape)  # raises on a field the op does not know
     assert {(s["H"], s["D"], s["n"]) for op, s in shapes.PRESETS["siglip"]} == {(16, 72, 729)}
