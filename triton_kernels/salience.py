@@ -62,10 +62,10 @@ def _load_rows(base, rows, row_end, stride_t, d0, D: tl.constexpr, BLOCK_D: tl.c
 
 
 @triton.jit
-def _lse_scores(q_main, q_tail, k_base, k_rows, k_end, stride_kt,
-                D: tl.constexpr, D_MAIN: tl.constexpr, D_TAIL: tl.constexpr, PREC: tl.constexpr,
-                MASK_KEYS: tl.constexpr):
-    """Scores ``s [BLOCK_M, BLOCK_N]`` of the resident rows against one key block (-inf past ``k_end``)."""
+def _lse_block(q_main, q_tail, k_base, k_rows, k_end, stride_kt, m_i, l_i, qk_scale,
+               D: tl.constexpr, D_MAIN: tl.constexpr, D_TAIL: tl.constexpr, PREC: tl.constexpr,
+               MASK_KEYS: tl.constexpr):
+    """Online max/sum update of ``(m_i, l_i)`` (log2 units) with one key block."""
     k_main = _load_rows(k_base, k_rows, k_end, stride_kt, 0, D, D_MAIN)
     s = tl.dot(q_main, tl.trans(k_main), input_precision=PREC)
     if D_TAIL > 0:
@@ -73,12 +73,6 @@ def _lse_scores(q_main, q_tail, k_base, k_rows, k_end, stride_kt,
         s = tl.dot(q_tail, tl.trans(k_tail), s, input_precision=PREC)
     if MASK_KEYS:
         s = tl.where((k_rows < k_end)[None, :], s, float("-inf"))
-    return s
-
-
-@triton.jit
-def _lse_update(s, m_i, l_i, qk_scale):
-    """Online max/sum update of ``(m_i, l_i)`` (log2 units) with one block of scores."""
     m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
     p = tl.math.exp2(s * qk_scale - m_new[:, None])
     l_i = l_i * tl.math.exp2(m_i - m_new) + tl.sum(p, 1)
@@ -109,29 +103,12 @@ def _salience_lse_kernel(q, k, cu_seqlens, lse2, stride_qt, stride_qh, stride_kt
     cols = tl.arange(0, BLOCK_N)
     n_full = n // BLOCK_N
     for j in range(0, n_full):
-        s = _lse_scores(q_main, q_tail, k_base, a + j * BLOCK_N + cols, b, stride_kt, D, D_MAIN, D_TAIL, PREC, False)
-        m_i, l_i = _lse_update(s, m_i, l_i, qk_scale)
+        m_i, l_i = _lse_block(q_main, q_tail, k_base, a + j * BLOCK_N + cols, b, stride_kt, m_i, l_i, qk_scale,
+                              D, D_MAIN, D_TAIL, PREC, False)
     if n_full * BLOCK_N < n:
-        s = _lse_scores(q_main, q_tail, k_base, a + n_full * BLOCK_N + cols, b, stride_kt, D, D_MAIN, D_TAIL,
-                        PREC, True)
-        m_i, l_i = _lse_update(s, m_i, l_i, qk_scale)
+        m_i, l_i = _lse_block(q_main, q_tail, k_base, a + n_full * BLOCK_N + cols, b, stride_kt, m_i, l_i,
+                              qk_scale, D, D_MAIN, D_TAIL, PREC, True)
     tl.store(lse2 + h * stride_lh + rows, m_i + tl.math.log2(l_i), mask=rows < r_end)
-
-
-@triton.jit
-def _colsum_scores(k_main, k_tail, q_base, lse_base, r0, r_end, stride_qt, lse_scale,
-                   D: tl.constexpr, D_MAIN: tl.constexpr, D_TAIL: tl.constexpr, BLOCK_M: tl.constexpr,
-                   PREC: tl.constexpr):
-    """Scores ``s [BLOCK_N, BLOCK_M]`` of the resident keys against rows ``[r0, r0 + BLOCK_M)`` and the rows'
-    L2 (log2 units). Rows past R get L2 = +inf, hence P = exp2(-inf) = 0: no per-score mask."""
-    rows = r0 + tl.arange(0, BLOCK_M)
-    l2 = tl.load(lse_base + rows, mask=rows < r_end, other=float("inf")) * lse_scale
-    q_main = _load_rows(q_base, rows, r_end, stride_qt, 0, D, D_MAIN)
-    s = tl.dot(k_main, tl.trans(q_main), input_precision=PREC)
-    if D_TAIL > 0:
-        q_tail = _load_rows(q_base, rows, r_end, stride_qt, D_MAIN, D, D_TAIL)
-        s = tl.dot(k_tail, tl.trans(q_tail), s, input_precision=PREC)
-    return s, l2
 
 
 @triton.jit
@@ -158,8 +135,14 @@ def _salience_colsum_kernel(q, k, cu_seqlens, lse, out, stride_qt, stride_qh, st
         k_tail = _load_rows(k_base, keys, b, stride_kt, D_MAIN, D, D_TAIL)
     acc = tl.zeros([BLOCK_N], tl.float32)
     for r0 in range(a, r_end, BLOCK_M):
-        s, l2 = _colsum_scores(k_main, k_tail, q_base, lse_base, r0, r_end, stride_qt, lse_scale, D, D_MAIN, D_TAIL,
-                               BLOCK_M, PREC)
+        rows = r0 + tl.arange(0, BLOCK_M)
+        # Rows past R get L2 = +inf, hence P = exp2(-inf) = 0: no per-score mask.
+        l2 = tl.load(lse_base + rows, mask=rows < r_end, other=float("inf")) * lse_scale
+        q_main = _load_rows(q_base, rows, r_end, stride_qt, 0, D, D_MAIN)
+        s = tl.dot(k_main, tl.trans(q_main), input_precision=PREC)
+        if D_TAIL > 0:
+            q_tail = _load_rows(q_base, rows, r_end, stride_qt, D_MAIN, D, D_TAIL)
+            s = tl.dot(k_tail, tl.trans(q_tail), s, input_precision=PREC)
         acc += tl.sum(tl.math.exp2(s * qk_scale - l2[None, :]), 1)
     val = acc * (inv_heads / (r_end - a).to(tl.float32))
     if ATOMIC:
