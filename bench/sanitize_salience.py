@@ -33,7 +33,8 @@ def _views(T: int, D: int, dtype: torch.dtype, seed: int):
 def main() -> int:
     if not require_gpu("bench.sanitize_salience"):
         return 0
-    from sparsevila_ops.cuda_salience import HEAD_DIMS, SALIENCE_CUDA, _space
+    from sparsevila_ops import autotune
+    from sparsevila_ops.cuda_salience import HEAD_DIMS, SALIENCE_CUDA
     cu = torch.tensor([0, 1, 1, 98, 298], dtype=torch.int32, device="cuda")
     T, n = 298, max(LENGTHS)
     failures = []
@@ -52,7 +53,8 @@ def main() -> int:
             scale = D ** -0.5
             ref_h = torch.empty(H, T, device="cuda")
             reference.visual_salience(q, k, cu, n, scale, 0, None, False, ref_h)
-            for cfg in _space(SALIENCE_CUDA.key(q, k, cu, n, scale, 0, None, False, ref_h)):  # both passes
+            for cfg in autotune.config_space("visual_salience", q, k, cu, n, scale, 0, None, False, ref_h,
+                                             backend="cuda"):  # both passes
                 out = torch.full((H, T), float("nan"), device="cuda")
                 SALIENCE_CUDA.launch(q, k, cu, n, scale, 0, None, False, out, cfg)
                 check(f"{dtype} D={D} {cfg} two passes", out, ref_h, dtype)
@@ -62,7 +64,9 @@ def main() -> int:
     scale = D ** -0.5
     lse = torch.full((H, T + 3), float("nan"), device="cuda")[:, :T]
     lse.copy_(reference.segment_lse(q, k, cu, scale))
-    kernels = sorted({cfg["kernel"] for cfg in _space(SALIENCE_CUDA.key(q, k, cu, n, scale, 0, None, False, lse))})
+    space = autotune.config_space("visual_salience", q, k, cu, n, scale, 0, lse, True, torch.empty(T, device="cuda"),
+                                  backend="cuda")
+    kernels = sorted({cfg["kernel"] for cfg in space})
     for kernel in kernels:
         for c, given in ((0, lse), (3, None), (1, lse)):
             out, ref = torch.full((T,), float("nan"), device="cuda"), torch.empty(T, device="cuda")

@@ -100,7 +100,7 @@ def _space(key: SalienceCudaKey) -> list:
 
 
 def _launch(q, k, cu_seqlens, max_seqlen, scale, num_summary, lse, deterministic, out, cfg) -> None:
-    _run(q, k, cu_seqlens, max_seqlen, scale, num_summary, lse, out, cfg["poly_every"], cfg.get("kernel", "mma"))
+    _run(q, k, cu_seqlens, max_seqlen, scale, num_summary, lse, out, cfg["poly_every"], cfg["kernel"])
 
 
 def _device_guard(device: torch.device):
@@ -121,7 +121,7 @@ def _scratch(H: int, T: int, device: torch.device) -> torch.Tensor:
     return torch.empty(H, (T + 3) // 4 * 4, dtype=torch.float32, device=device)[:, :T]
 
 
-def _run(q, k, cu_seqlens, max_seqlen, scale, num_summary, lse, out, poly_every, kernel="mma") -> None:
+def _run(q, k, cu_seqlens, max_seqlen, scale, num_summary, lse, out, poly_every, kernel) -> None:
     """The kernel calls: LSE pass (when ``lse`` is None), column sums, head sum (when ``out`` is ``[T]``), by
     ``kernel`` ("wgmma" or "mma"). ``q, k`` covered by :func:`unsupported` with 16-byte aligned rows
     (:func:`_aligned`)."""

@@ -217,10 +217,11 @@ def _vision_norms(visual) -> list:
 
 def _triton_elementwise(x: torch.Tensor, *params: torch.Tensor) -> bool:
     """Whether the vision tower's element-wise steps run our Triton kernels on ``x``: CUDA tensors where Triton
-    runs (the device default backend), and no autograd recording (the kernels have no backward)."""
+    runs (the device default backend), unless the reference backend is requested (``use_backend``,
+    ``SPARSEVILA_BACKEND``), and no autograd recording (the kernels have no backward)."""
     if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
         return False
-    return _backend.default_backend(x.device) == "triton"
+    return _backend.requested_backend() != "reference" and _backend.default_backend(x.device) == "triton"
 
 
 def _rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
