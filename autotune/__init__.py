@@ -37,6 +37,7 @@ KERNELS: Dict[Tuple[str, str], str] = {
     ("visual_salience", "cuda"): "sparsevila_ops.cuda_salience:SALIENCE_CUDA",
     ("decode_attention", "cuda"): "sparsevila_ops.cuda_decode:CLUSTER_DECODE",
     ("w4a16_linear", "triton"): f"{_TK}.gemv4:W4A16",  # sparsevila_quant::w4a16_linear, the [quant] extra
+    ("w4a16_linear", "cuda"): "sparsevila_ops.cuda_gemv4:W4A16_CUDA",
 }
 
 __all__ = ["CPU", "DEFAULT", "KERNELS", "SHIPPED", "USER", "Tunable", "bucket", "cache_path", "config_space",

@@ -11,15 +11,16 @@ quantized values:
 - ``tinygemm``: PyTorch's ``aten._weight_int4pack_mm`` (weight from ``aten._convert_weight_to_int4pack`` of the
   uint8 ``[N, K/2]`` nibbles, inner k tiles 8; its dequant is ``(q - 8) * scale + zero``, so zero = (8 - z) s);
 - ``gemlite``: ``gemlite.helper.A16Wn`` when gemlite imports (a note says why not otherwise);
-- ``ours``: ``sparsevila_ops.quant.w4a16_linear`` (``triton_kernels/gemv4.py``, its looked-up config: a tuned
-  table's, else the default heuristic).
+- ``triton`` and ``cuda``: ``sparsevila_ops.quant.w4a16_linear`` on each of our backends (``triton_kernels/gemv4.py``
+  and ``csrc/gemv4.cu``; the looked-up config: a tuned table's, else the default heuristic).
 
 Each time is one CUDA graph that runs R weight sets back to back (R copies, so that they exceed the L2 by far),
 divided by R: per linear layer, and for the whole layer (its four or seven GEMVs per set). Effective TB/s = the
-method's own weight bytes / time. ``floor4_us`` = our 4-bit bytes / the device copy bandwidth measured in the same run.
+method's own weight bytes / time. ``floor4_us`` = our 4-bit bytes / the device copy bandwidth measured in the same run; ``cuda_over_floor`` and
+``cuda_vs_<method>`` compare the cuda backend (the default on the GPU) with them.
 Every method's output is verified against dequantize-then-matmul in fp32 before it is timed.
-``--sweep`` times our kernel's declared config space (``sparsevila_ops.autotune``: the default, then BLOCK_N x
-SPLIT_K x warps x stages) per shape instead, each config verified first.
+``--sweep [--backend B]`` times one of our kernels' declared config space (``sparsevila_ops.autotune``: the default
+first) per shape instead, each config verified first.
 """
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+import sparsevila_ops as so
+
 from bench.common import copy_bandwidth_tbps, require_gpu, time_cuda, verify, write_results
 from sparsevila_ops import quant as Q
 
@@ -39,7 +42,8 @@ LAYERS = {"layer": ("qkv", "o", "gate_up", "down"),  # fused projections
           "layer_unfused": ("q", "k", "v", "o", "gate", "up", "down")}  # transformers' Qwen2.5-VL decoder layer
 GROUP = 128
 L2_BYTES = 256 << 20  # R copies of a weight exceed this (5x the H100/H200 L2)
-METHODS = ("bf16", "tinygemm", "gemlite", "ours")
+METHODS = ("bf16", "tinygemm", "gemlite", "triton", "cuda")
+OURS = ("triton", "cuda")  # our backends of sparsevila_quant::w4a16_linear
 
 
 def _tinygemm(w4):
@@ -83,7 +87,7 @@ class Layer:
         gem, why = _gemlite(w4)
         if why:
             notes.setdefault("gemlite", why)
-        self.bytes = {"bf16": w.numel() * 2, "ours": w4.nbytes, "gemlite": w4.nbytes,
+        self.bytes = {"bf16": w.numel() * 2, "triton": w4.nbytes, "cuda": w4.nbytes, "gemlite": w4.nbytes,
                       "tinygemm": sum(t.numel() * t.element_size() for t in tiny) if tiny else None}
         clone = lambda ts: [t.clone() for t in ts]  # noqa: E731
         self.bf16 = [w] + [w.clone() for _ in range(copies - 1)]
@@ -102,7 +106,7 @@ class Layer:
             return lambda x: torch.ops.aten._weight_int4pack_mm(x, packed, GROUP, sz)
         if method == "gemlite":
             return None if self.gem is None else self.gem[r]
-        return lambda x: Q.w4a16_linear(x, self.ours[r])
+        return functools.partial(_ours, method, self.ours[r])
 
     def check(self, method: str, x: torch.Tensor) -> None:
         """``method``'s output vs fp32 x @ W^T (the bf16 weight for bf16, the dequantized 4-bit one otherwise);
@@ -111,7 +115,12 @@ class Layer:
         ref = x.float() @ w.t()
         del w
         verify(f"{method} {self.name} M={x.shape[0]}", self.fn(method, 0)(x).float(), ref,
-               1e-2 if method in ("bf16", "ours") else 2e-2)
+               1e-2 if method in ("bf16",) + OURS else 2e-2)
+
+
+def _ours(backend: str, w4, x):
+    with so.use_backend(backend):
+        return Q.w4a16_linear(x, w4)
 
 
 def _graph_us(calls, iters: int) -> float:
@@ -149,7 +158,7 @@ def run(batches, iters: int) -> tuple:
                 for name, lay in layers.items():
                     lay.check(method, xs[name])
             except Exception as e:  # noqa: BLE001 - a baseline that fails or computes something else is reported
-                if method == "ours":
+                if method in OURS:
                     raise
                 notes[f"{method} M={M}"] = f"{type(e).__name__}: {e}"[:200]
                 continue
@@ -171,19 +180,19 @@ def run(batches, iters: int) -> tuple:
                 us = _graph_us(calls, iters) / R
                 row[f"{method}_us"] = us
                 row[f"{method}_TBps"] = nbytes[method] / (us * 1e-6) / 1e12
-            row["floor4_us"] = nbytes["ours"] / (copy_tbps * 1e12) * 1e6
-            if "ours_us" in row:
-                row["ours_over_floor"] = row["ours_us"] / row["floor4_us"]
-                for base in ("bf16", "tinygemm", "gemlite"):
+            row["floor4_us"] = nbytes["cuda"] / (copy_tbps * 1e12) * 1e6
+            if "cuda_us" in row:
+                row["cuda_over_floor"] = row["cuda_us"] / row["floor4_us"]
+                for base in ("bf16", "tinygemm", "gemlite", "triton"):
                     if f"{base}_us" in row:
-                        row[f"ours_vs_{base}"] = row[f"{base}_us"] / row["ours_us"]
+                        row[f"cuda_vs_{base}"] = row[f"{base}_us"] / row["cuda_us"]
             rows.append(row)
             print(row, flush=True)
     return rows, notes, copy_tbps
 
 
-def sweep(batches, iters: int, shapes=None, device: str = "cuda", timer=None) -> list:
-    """Every config of our kernel's declared space per shape (``autotune.measure``: the default first, each config
+def sweep(batches, iters: int, shapes=None, device: str = "cuda", timer=None, backend: str = "triton") -> list:
+    """Every config of our ``backend``'s kernel's declared space per shape (``autotune.measure``: the default first, each config
     verified against dequantize-then-matmul, then timed in a CUDA graph over R weight copies). ``shapes`` (default
     ``SHAPES``), ``device`` and ``timer`` let a test run it small under the interpreter (one weight set)."""
     from sparsevila_ops import autotune
@@ -194,9 +203,9 @@ def sweep(batches, iters: int, shapes=None, device: str = "cuda", timer=None) ->
         for M in batches:
             args = autotune.make_args("w4a16_linear", {"M": M, "N": N, "K": K, "group": GROUP}, device)
             nbytes = sum(t.numel() * t.element_size() for t in args[1:4])  # qweight, scales, zeros
-            default = autotune.default_config("w4a16_linear", *args)
+            default = autotune.default_config("w4a16_linear", *args, backend=backend)
             sets = _copies(N * K // 2) if device == "cuda" else 1
-            for t in autotune.measure("w4a16_linear", args, timer=timer, sets=sets):
+            for t in autotune.measure("w4a16_linear", args, timer=timer, sets=sets, backend=backend):
                 if t.status != "ok":  # a config that cannot compile, run or verify is reported, not fatal
                     print(f"skip {name} M={M} {t.config}: {t.status} {t.note}"[:300], flush=True)
                     continue
@@ -243,6 +252,7 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="batches 1 and 8, fewer iterations")
     p.add_argument("--batches", type=int, nargs="+", default=None, help="decode batch sizes (default 1..8)")
     p.add_argument("--sweep", action="store_true", help="time our kernel's config space (default batch 1)")
+    p.add_argument("--backend", choices=OURS, default="cuda", help="the kernel --sweep times (default cuda)")
     a = p.parse_args(argv)
     for M in a.batches or ():
         if not 1 <= M <= 16:
@@ -251,17 +261,17 @@ def main(argv=None) -> int:
         return 0
     iters = 20 if a.quick else 50
     if a.sweep:
-        rows = sweep(a.batches or [1], iters)
-        write_results("gemv4_sweep", rows, ["op", "M", "BLOCK_N", "SPLIT_K", "num_warps", "num_stages",
-                                            "heuristic", "us", "TBps"],
-                      title="W4A16 GEMV config sweep (ours), Qwen2.5-7B shapes, bf16")
+        rows = sweep(a.batches or [1], iters, backend=a.backend)
+        fields = [f for r in rows for f in r if f not in ("op", "M", "heuristic", "us", "TBps")]
+        write_results(f"gemv4_sweep_{a.backend}", rows, ["op", "M", *dict.fromkeys(fields), "heuristic", "us", "TBps"],
+                      title=f"W4A16 GEMV config sweep ({a.backend} backend), Qwen2.5-7B shapes, bf16")
         return 0
     batches = a.batches or ([1, 8] if a.quick else list(range(1, 9)))
     rows, notes, copy_tbps = run(batches, iters)
     for r in rows:
         r["copy_TBps"] = copy_tbps
     cols = ["M", "op", "N_x_K"] + [f"{m}_{u}" for m in METHODS for u in ("us", "TBps")] + [
-        "floor4_us", "ours_over_floor", "ours_vs_tinygemm", "ours_vs_gemlite", "ours_vs_bf16"]
+        "floor4_us", "cuda_over_floor", "cuda_vs_triton", "cuda_vs_tinygemm", "cuda_vs_gemlite", "cuda_vs_bf16"]
     note = "; ".join(f"{k}: {v}" for k, v in notes.items())
     write_results("gemv4", rows, cols, plot=_plot(rows, copy_tbps),
                   title=f"W4A16 GEMV, Qwen2.5-7B layer, bf16, copy {copy_tbps:.2f} TB/s"

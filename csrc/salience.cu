@@ -35,6 +35,7 @@
 
 #include <type_traits>
 
+#include "cp_async.cuh"
 #include "exp2.cuh"
 #include "launch_util.cuh"
 #include "salience_launch.cuh"
@@ -44,6 +45,10 @@
 
 namespace {
 
+using sparsevila::cp_async16;
+using sparsevila::cp_async4;
+using sparsevila::cp_async_commit;
+using sparsevila::cp_async_wait;
 using sparsevila::ex2_mufu;
 using sparsevila::ex2_pair;
 using sparsevila::ldsm_x4;
@@ -87,22 +92,6 @@ struct Args {
   int num_summary;
   int nblk;            // CTAs per segment along grid x
 };
-
-// 16 bytes global -> shared; src_bytes 0 zero-fills without reading (src must still be a valid address).
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, int src_bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
-}
-
-__device__ __forceinline__ void cp_async4(uint32_t dst, const void* src) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(dst), "l"(src) : "memory");
-}
-
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
-}
 
 template <typename T, int D, int kPass, int kPolyEvery>
 __global__ void __launch_bounds__(kThreads) salience_kernel(const __grid_constant__ Args a) {

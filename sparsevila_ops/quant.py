@@ -6,9 +6,10 @@ Nothing in the bf16 path imports this module. A ``W4Weight`` stores ``W [N, K]``
 
 with G (``group_size``) a multiple of 128 dividing K: ``qweight`` int32 ``[N, K/8]`` (in each block of 128 along
 K, word i holds ``q[n, 128 b + 16 j + i]`` in bits ``[4j, 4j + 4)``), ``scales`` fp16/bf16 ``[K/G, N]``, ``zeros``
-uint8 ``[K/G, N]``. ``w4a16_linear`` runs ``torch.ops.sparsevila_quant.w4a16_linear`` (a Triton GEMV/GEMM with
-fp32 accumulation, ``triton_kernels/gemv4.py``) for up to 16 rows of x, and dequantize + ``F.linear`` for more
-rows (prefill). Backends follow ``sparsevila_ops._backend``: ``triton`` by default on CUDA, ``reference``
+uint8 ``[K/G, N]``. ``w4a16_linear`` runs ``torch.ops.sparsevila_quant.w4a16_linear`` (a GEMV/GEMM with fp32
+accumulation) for up to 16 rows of x, and dequantize + ``F.linear`` for more rows (prefill). Backends follow
+``sparsevila_ops._backend``: ``cuda`` (``csrc/gemv4.cu``, host side ``cuda_gemv4``) where that backend runs, for
+the inputs it covers, else ``triton`` (``triton_kernels/gemv4.py``) on CUDA, and ``reference``
 (dequantize to fp32, fp32 matmul) on the CPU unless ``use_backend("triton")`` under ``TRITON_INTERPRET=1``.
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import _backend
 from . import _checks as C
 from ._library import define
 
@@ -58,7 +60,22 @@ def _reference_w4a16_linear(x, qweight, scales, zeros, bias, out) -> None:
 # -- the op: schema, fake, dispatch (its own namespace: an extra, not part of torch.ops.sparsevila) -------------
 _lib = torch.library.Library("sparsevila_quant", "DEF")
 define("w4a16_linear", "(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, Tensor? bias, Tensor(a!) out) -> ()",
-       lib=_lib, reference=_reference_w4a16_linear, triton="sparsevila_ops.triton_kernels.gemv4:w4a16_linear")
+       lib=_lib, reference=_reference_w4a16_linear, triton="sparsevila_ops.triton_kernels.gemv4:w4a16_linear",
+       cuda="sparsevila_ops.cuda_gemv4:w4a16_linear")
+
+
+def _preferred_backend(device: torch.device, x: torch.Tensor, qweight, scales, zeros, *rest):
+    """``cuda`` on a GPU for inputs its kernel covers (``cuda_gemv4.unsupported``; measured faster than the Triton
+    kernel at every Qwen2.5-7B shape, ``bench/gemv4.py``), else None (the device default). Where the cuda backend
+    cannot run (``_cuda.unusable``), the registry falls back to the default. Importing ``cuda_gemv4`` builds
+    nothing."""
+    if device.type != "cuda":
+        return None
+    from .cuda_gemv4 import unsupported
+    return "cuda" if unsupported(x, qweight, scales, zeros) is None else None
+
+
+_backend.prefer("w4a16_linear", _preferred_backend)
 
 
 # -- the weight bundle --------------------------------------------------------------------------------------------
@@ -152,8 +169,8 @@ def w4a16_linear(x: torch.Tensor, w4: W4Weight, bias: Optional[torch.Tensor] = N
     """``y[..., N] = x[..., K] @ W^T (+ bias)`` in x's dtype, fp32 accumulation.
 
     ``x`` fp16/bf16 (the dtype of ``w4.scales``), last dim K contiguous; ``bias`` ``[N]`` in x's dtype or None.
-    Up to 16 rows (the decode batch) run ``torch.ops.sparsevila_quant.w4a16_linear`` (Triton GEMV/GEMM on the
-    ``triton`` backend, dequantize + fp32 matmul on ``reference``); more rows dequantize W and call ``F.linear``.
+    Up to 16 rows (the decode batch) run ``torch.ops.sparsevila_quant.w4a16_linear`` (the CUDA or Triton GEMV on
+    a GPU, dequantize + fp32 matmul on ``reference``); more rows dequantize W and call ``F.linear``.
     """
     if not isinstance(w4, W4Weight):
         raise TypeError(f"w4 must be a W4Weight; got {type(w4).__name__}")

@@ -61,9 +61,10 @@ def test_cuda_decode_runs_strided_lengths_on_triton(device):
 
 
 def test_cuda_host_code_does_not_import_triton():
-    """The cuda backend's host code reaches Triton only through the backend registry, for inputs it does not
-    cover: importing it (and the loader) imports neither triton nor the Triton kernels."""
-    code = ("import sys, sparsevila_ops.cuda_decode, sparsevila_ops._cuda; "  # the bare triton_kernels package
+    """The cuda backend's host code (decode, and the W4A16 GEMV of the [quant] extra) reaches Triton only through
+    the backend registry, for inputs it does not cover: importing it (and the loader) imports neither triton nor
+    the Triton kernels."""
+    code = ("import sys, sparsevila_ops.cuda_decode, sparsevila_ops.cuda_gemv4, sparsevila_ops._cuda; "  # the bare triton_kernels package
             "print(sorted(m for m in sys.modules if m == 'triton' or m.startswith(('triton.', "  # (mapped from the
             "'sparsevila_ops.triton_kernels.'))))")  # source tree without an install) imports no kernel
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
