@@ -4,7 +4,9 @@ GEMMs, which cuBLAS ran as Ampere kernels at ~35 % of peak (3420 x 2 bytes is no
 chains of fp32 element-wise kernels (RMSNorm, rotary embedding).
 
 - MLP: stock (gate, up, down over 3420) vs fused and padded (``integrations.fused``: one GEMM for gate/up over
-  2 x 3456 rows, down over 3456 columns, zero padding);
+  2 x 3456 rows, down over 3456 columns, zero padding, the SiLU gate as one kernel);
+- SiLU gate: ``F.silu(gate) * up`` (two element-wise kernels) vs ``triton_kernels.vision.silu_mul``, on the halves
+  of a fused gate/up output;
 - RMSNorm: ``Qwen2_5_VLRMSNorm`` vs ``triton_kernels.vision.rms_norm``;
 - rotary: ``apply_rotary_pos_emb_vision`` on q, k views of the qkv output vs ``triton_kernels.vision.rotary_qk``.
 
@@ -18,6 +20,7 @@ import argparse
 from types import SimpleNamespace
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from bench.common import copy_bandwidth_tbps, require_gpu, time_cuda, verify, write_results
@@ -63,6 +66,15 @@ def main(argv=None) -> int:
         rows.append(_row("MLP", "fused gate/up, padded to 3456", ours, BLOCKS, TFLOP_s=flop / ours / 1e9,
                          speedup=stock / ours))
         del block, ref
+        # SiLU gate on the two halves of the fused (padded) gate/up output
+        gate, up = torch.randn(T, 2 * 3456, device="cuda", dtype=torch.bfloat16).chunk(2, dim=-1)
+        floor = 3 * gate.numel() * 2 / bw * 1e3
+        verify("silu_mul", vision.silu_mul(gate, up).float(), (F.silu(gate) * up).float(), 1e-2)
+        stock = time(lambda: F.silu(gate) * up)
+        rows.append(_row("SiLU gate", "F.silu(gate) * up (2 kernels)", stock, BLOCKS, floor))
+        ours = time(lambda: vision.silu_mul(gate, up))
+        rows.append(_row("SiLU gate", "triton_kernels.vision.silu_mul", ours, BLOCKS, floor, speedup=stock / ours))
+        del gate, up
         # RMSNorm
         norm = hf.Qwen2_5_VLRMSNorm(HIDDEN).to("cuda", torch.bfloat16)
         floor = 2 * x.numel() * 2 / bw * 1e3

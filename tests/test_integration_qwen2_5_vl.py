@@ -464,8 +464,9 @@ def test_an_mlp_intermediate_is_padded_to_a_multiple_of_64(device):
 
 def test_vision_norms_and_rotary_run_the_triton_kernels(model, enabled, device, monkeypatch):
     """Where Triton runs (forced here, so the CPU suite runs the kernels under the interpreter), every vision
-    RMSNorm and each block's rotary embedding go through ``triton_kernels/vision.py``; the tower's output matches
-    the stock tower's; ``disable`` restores the modules' own forwards."""
+    RMSNorm, each block's rotary embedding and its MLP's SiLU gate go through ``triton_kernels/vision.py``; the
+    tower's output matches the stock tower's; ``disable`` restores the modules' own forwards."""
+    from sparsevila_ops.integrations import fused
     from sparsevila_ops.integrations import qwen2_5_vl as integ
     from sparsevila_ops.triton_kernels import vision
 
@@ -473,18 +474,19 @@ def test_vision_norms_and_rotary_run_the_triton_kernels(model, enabled, device, 
     visual = model.model.visual
     with torch.no_grad():
         want = visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
-    calls = {"rms_norm": 0, "rotary_qk": 0}
+    calls = {"rms_norm": 0, "rotary_qk": 0, "silu_mul": 0}
     for name in calls:
         def counted(*a, _f=getattr(vision, name), _n=name):
             calls[_n] += 1
             return _f(*a)
         monkeypatch.setattr(vision, name, counted)
-    monkeypatch.setattr(integ, "_triton_elementwise", lambda *a: True)
+    monkeypatch.setattr(integ, "triton_elementwise", lambda *a: True)
+    monkeypatch.setattr(fused, "triton_elementwise", lambda *a: True)
     enabled(0.0, 0.0)
     with torch.no_grad():
         got = visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
     depth = len(visual.blocks)
-    assert calls == {"rms_norm": 2 * depth + 1, "rotary_qk": depth}
+    assert calls == {"rms_norm": 2 * depth + 1, "rotary_qk": depth, "silu_mul": depth}
     for name in ("last_hidden_state", "pooler_output"):  # before / after the merger
         torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5)
     sv.disable(model)

@@ -1,5 +1,5 @@
 """The vision encoder's element-wise kernels (``triton_kernels/vision.py``) against the transformers modules they
-replace (``Qwen2_5_VLRMSNorm``, ``apply_rotary_pos_emb_vision``): awkward sizes, strided views, bf16 / fp32, weight
+replace (``Qwen2_5_VLRMSNorm``, ``apply_rotary_pos_emb_vision``, ``act_fn(gate) * up``): awkward sizes, strided views, bf16 / fp32, weight
 dtypes that promote; on the CPU under Triton's interpreter."""
 import pytest
 import torch
@@ -48,3 +48,19 @@ def test_rotary_qk_matches_apply_rotary_pos_emb_vision(device, D, dtype):
     assert_rel(got_k, want_k, tol, f"rotary k D={D}")
     with pytest.raises(ValueError, match="cos, sin must be"):
         vision.rotary_qk(q, k, cos[:, :-2], sin[:, :-2])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("N", [40, 4100])  # one block of columns; two (the second partial)
+def test_silu_mul_matches_eager(device, dtype, N):
+    """The two halves of a fused gate/up output (row stride 2N), as the integration's MLP passes them."""
+    g = torch.Generator().manual_seed(N)
+    fused = (torch.randn(2, 3, 2 * N, generator=g) * 4).to(device, dtype)
+    gate, up = fused.chunk(2, dim=-1)
+    want = torch.nn.functional.silu(gate) * up
+    got = vision.silu_mul(gate, up)
+    assert got.dtype == dtype and got.shape == want.shape and got.is_contiguous()
+    assert_rel(got, want, 1e-2 if dtype == torch.bfloat16 else 1e-5, f"silu_mul {dtype} N={N}")
+    assert vision.silu_mul(gate[:0], up[:0]).shape == (0, 3, N)
+    with pytest.raises(ValueError, match="one shape and dtype"):
+        vision.silu_mul(gate, up[..., :-1])

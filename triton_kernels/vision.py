@@ -1,9 +1,11 @@
 """Triton kernels for the element-wise steps of a vision encoder block that eager PyTorch runs as chains of fp32
-kernels: RMSNorm and the vision rotary embedding (Qwen2.5-VL's ``Qwen2_5_VLRMSNorm`` and
-``apply_rotary_pos_emb_vision``). Each reads its inputs once and writes its outputs once, with the same math:
+kernels: RMSNorm, the vision rotary embedding and the MLP's SiLU gate (Qwen2.5-VL's ``Qwen2_5_VLRMSNorm``,
+``apply_rotary_pos_emb_vision`` and ``act_fn(gate) * up``). Each reads its inputs once and writes its outputs once,
+with the same math:
 
     rms_norm:   y = w * bf(x / sqrt(mean(x^2) + eps))       (x in fp32; bf(): back to x's dtype, as the module does)
     rotary_qk:  o = x * cos + rotate_half(x) * sin, for x in (q, k)   (fp32; rotate_half(x) = [-x2, x1]; o in x's dtype)
+    silu_mul:   h = bf(bf(g / (1 + exp(-g))) * u)             (fp32 inside, rounded as eager's two kernels round)
 
 On the H200 at 128k visual tokens (524,288 patches of 1280 features) eager PyTorch spent 1.6 of the encoder's 3.8 s
 in element-wise kernels (e2e's encoder profile; bench/NOTES.md). Used by the integration on CUDA tensors.
@@ -92,3 +94,31 @@ def rotary_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Te
                          f"{tuple(sin.shape)}")
     q, k, cos, sin = (t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous() for t in (q, k, cos, sin))
     return _rotary(q, cos, sin), _rotary(k, cos, sin)
+
+
+@triton.jit
+def _silu_mul_kernel(gate, up, out, n_rows, N, stride_g, stride_u, stride_o, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < N
+    g = tl.load(gate + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(up + row * stride_u + cols, mask=mask, other=0.0).to(tl.float32)
+    act = (g / (1.0 + tl.exp(-g))).to(out.dtype.element_ty).to(tl.float32)
+    tl.store(out + row * stride_o + cols, (act * u).to(out.dtype.element_ty), mask=mask)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``F.silu(gate) * up`` in one pass: gate, up ``[..., N]`` of one dtype and shape (any row strides, last dim
+    contiguous: e.g. the two halves of a fused gate/up projection); a new contiguous result in their dtype."""
+    if gate.shape != up.shape or gate.dtype != up.dtype:
+        raise ValueError(f"gate and up must have one shape and dtype; got {tuple(gate.shape)} {gate.dtype}, "
+                         f"{tuple(up.shape)} {up.dtype}")
+    N = gate.shape[-1]
+    g2, u2 = (t.reshape(-1, N) for t in (gate, up))
+    g2, u2 = (t if t.shape[0] == 0 or t.stride(1) == 1 else t.contiguous() for t in (g2, u2))
+    out = torch.empty(g2.shape, dtype=gate.dtype, device=gate.device)
+    if out.numel():
+        BLOCK = min(4096, triton.next_power_of_2(N))
+        _silu_mul_kernel[(g2.shape[0], triton.cdiv(N, BLOCK))](g2, u2, out, g2.shape[0], N, g2.stride(0), u2.stride(0),
+                                                              out.stride(0), BLOCK=BLOCK, num_warps=4)
+    return out.view(gate.shape)

@@ -30,7 +30,10 @@ from typing import Callable, Iterable, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.activations import SiLUActivation
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from .. import _backend
 
 QKV, GATE_UP, DOWN = "_sparsevila_qkv", "_sparsevila_gate_up", "_sparsevila_down"
 PAD = 64  # MLP intermediate sizes are padded to a multiple of this
@@ -132,11 +135,27 @@ def _attention_forward(self, hidden_states: torch.Tensor, attention_mask=None, p
     return self.o_proj(out.reshape(bsz, q_len, -1).contiguous()), weights
 
 
+def triton_elementwise(x: torch.Tensor, *params: torch.Tensor) -> bool:
+    """Whether element-wise steps run our Triton kernels (``triton_kernels/vision.py``) on ``x``: eager CUDA tensors
+    where Triton runs (the device default backend), unless the reference backend is requested (``use_backend``,
+    ``SPARSEVILA_BACKEND``), with no autograd recording (the kernels have no backward) and outside
+    ``torch.compile`` tracing (inductor fuses those steps itself)."""
+    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
+        return False
+    if torch.compiler.is_compiling():
+        return False
+    return _backend.requested_backend() != "reference" and _backend.default_backend(x.device) == "triton"
+
+
 def _mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
     """``down(act(x W_gate^T) * (x W_up^T))`` with one GEMV for ``[W_gate; W_up]`` (and, intermediate size padded,
-    the padded ``down``)."""
+    the padded ``down``); a SiLU gate times up as one Triton kernel where :func:`triton_elementwise` allows."""
     gate, up = _project(self, x, ("gate_proj", "up_proj"), GATE_UP)
-    h = self.act_fn(gate) * up
+    if isinstance(self.act_fn, (nn.SiLU, SiLUActivation)) and triton_elementwise(gate):
+        from ..triton_kernels.vision import silu_mul
+        h = silu_mul(gate, up)
+    else:
+        h = self.act_fn(gate) * up
     down = self.__dict__.get(DOWN)
     if down is None or h.shape[-1] == self.down_proj.in_features:  # not padded, or the autograd path
         return self.down_proj(h)

@@ -36,10 +36,10 @@ from transformers import AttentionInterface
 from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as hf
 from transformers.vision_utils import get_vision_window_index
 
-from .. import _backend
 from ..salience import visual_salience
 from ..select import prune_visual_tokens
 from . import fused
+from .fused import triton_elementwise
 from .attention import ATTN_NAME, LLMState, segment_lengths, sparsevila_attention, varlen_attention
 from .cache import SparseVILACache, deferred_stop_checks
 
@@ -196,7 +196,7 @@ def _vision_attn_forward(self, hidden_states: torch.Tensor, cu_seqlens: torch.Te
     T = hidden_states.shape[0]
     q, k, v = self.qkv(hidden_states).reshape(T, 3, self.num_heads, -1).unbind(1)
     cos, sin = position_embeddings
-    if _triton_elementwise(q):
+    if triton_elementwise(q):
         from ..triton_kernels.vision import rotary_qk
         q, k = rotary_qk(q, k, cos, sin)
     else:
@@ -215,18 +215,9 @@ def _vision_norms(visual) -> list:
     return [n for blk in visual.blocks for n in (blk.norm1, blk.norm2)] + [visual.merger.ln_q]
 
 
-def _triton_elementwise(x: torch.Tensor, *params: torch.Tensor) -> bool:
-    """Whether the vision tower's element-wise steps run our Triton kernels on ``x``: CUDA tensors where Triton
-    runs (the device default backend), unless the reference backend is requested (``use_backend``,
-    ``SPARSEVILA_BACKEND``), and no autograd recording (the kernels have no backward)."""
-    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
-        return False
-    return _backend.requested_backend() != "reference" and _backend.default_backend(x.device) == "triton"
-
-
 def _rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-    """``Qwen2_5_VLRMSNorm.forward`` as one Triton kernel where :func:`_triton_elementwise` allows."""
-    if _triton_elementwise(hidden_states, self.weight):
+    """``Qwen2_5_VLRMSNorm.forward`` as one Triton kernel where :func:`fused.triton_elementwise` allows."""
+    if triton_elementwise(hidden_states, self.weight):
         from ..triton_kernels.vision import rms_norm
         return rms_norm(hidden_states, self.weight, self.variance_epsilon)
     return type(self).forward(self, hidden_states)
