@@ -462,6 +462,43 @@ def test_an_mlp_intermediate_is_padded_to_a_multiple_of_64(device):
     assert all("forward" not in blk.mlp.__dict__ for blk in model.model.visual.blocks)
 
 
+def test_4bit_projections_fuse_too(device):
+    """After ``quantize_model_linears`` a gated MLP's gate/up ``W4Linear`` layers run as one 4-bit GEMV (packed
+    weights as views of the fused one, state_dict unchanged, the per-module layers' outputs); a scale changed in
+    place is seen (re-fused on the next ``fuse``); ``unfuse`` gives the views their own storage. (q/k/v take the
+    same path; the e2e harness test runs a quantized model's generate through it.)"""
+    from types import SimpleNamespace
+    from torch import nn
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLMLP
+    from sparsevila_ops.integrations import fused
+    from sparsevila_ops.quant import W4Linear, quantize_model_linears
+
+    torch.manual_seed(0)
+    block = nn.Module()
+    block.mlp = Qwen2_5_VLMLP(SimpleNamespace(hidden_size=128, intermediate_size=256, hidden_act="silu"),
+                              bias=False).to(device, torch.bfloat16)
+    quantize_model_linears(block)
+    mlp, x = block.mlp, torch.randn(3, 128, device=device, dtype=torch.bfloat16)
+    with torch.no_grad():
+        want = mlp(x)
+    before = {k: v.clone() for k, v in mlp.state_dict().items()}
+    assert fused.fuse([block]) == ["0.mlp"]
+    fw, _, sizes, _ = mlp.__dict__[fused.GATE_UP]
+    assert isinstance(fw, W4Linear) and sizes == [256, 256] and fused.DOWN not in mlp.__dict__
+    assert mlp.up_proj.qweight.untyped_storage().data_ptr() == fw.qweight.untyped_storage().data_ptr()
+    with torch.no_grad():
+        torch.testing.assert_close(mlp(x), want, rtol=0, atol=0)
+    after = mlp.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+    with torch.no_grad():
+        mlp.up_proj.scales.mul_(2)
+    fused.fuse([block])
+    assert torch.equal(mlp.__dict__[fused.GATE_UP][0].scales[:, 256:], mlp.up_proj.scales)
+    fused.unfuse([block])
+    assert fused.GATE_UP not in mlp.__dict__ and "forward" not in mlp.__dict__
+    assert mlp.up_proj.qweight.untyped_storage().data_ptr() != mlp.gate_proj.qweight.untyped_storage().data_ptr()
+
+
 def test_vision_norms_and_rotary_run_the_triton_kernels(model, enabled, device, monkeypatch):
     """Where Triton runs (forced here, so the CPU suite runs the kernels under the interpreter), every vision
     RMSNorm, each block's rotary embedding and its MLP's SiLU gate go through ``triton_kernels/vision.py``; the

@@ -10,7 +10,9 @@ the model's parameters, ``state_dict`` and outputs are unchanged. ``unfuse(layer
 gives each projection its own storage again.
 
 A group is fused only when its projections are plain ``nn.Linear`` of one dtype and device with materialized
-weights, without hooks or wrapped forwards (quantized, hooked or offloaded layers keep their own forward). The
+weights, or 4-bit ``W4Linear`` layers (the ``[quant]`` extra) of one group size, without hooks or wrapped forwards
+(hooked or offloaded layers keep their own forward). 4-bit groups are never padded; their packed weights become
+views of the fused one and their scales and zeros (3 % of the bytes) are copied, re-fused when changed in place. The
 fused weight is a separate tensor: ``fuse`` called again (the integration does, before every ``generate``)
 re-fuses a group whose projection weights are no longer its views (``load_state_dict(assign=True)``, ``.to()``)
 and unfuses one that stopped qualifying (e.g. replaced by a quantized module). With autograd recording and
@@ -24,6 +26,7 @@ encoder's 3.8 s at 128k visual tokens; bench/NOTES.md).
 """
 from __future__ import annotations
 
+import sys
 import types
 from typing import Callable, Iterable, List, Optional, Sequence
 
@@ -39,34 +42,76 @@ QKV, GATE_UP, DOWN = "_sparsevila_qkv", "_sparsevila_gate_up", "_sparsevila_down
 PAD = 64  # MLP intermediate sizes are padded to a multiple of this
 
 
+def _w4_linear_class():
+    """``sparsevila_ops.quant.W4Linear`` when the [quant] extra is loaded (else no module can be one: the bf16 path
+    never imports it)."""
+    quant = sys.modules.get("sparsevila_ops.quant")
+    return None if quant is None else quant.W4Linear
+
+
+def _plain(m: nn.Module) -> bool:
+    return not (m._forward_hooks or m._forward_pre_hooks) and "forward" not in m.__dict__ and not hasattr(m, "_hf_hook")
+
+
 def _fusable(linears: Sequence[nn.Module]) -> bool:
     """Plain linears of one dtype, device and input size, all or none with bias, materialized, without hooks or
-    an instance-level (wrapped) forward."""
-    if not all(type(m) is nn.Linear and not (m._forward_hooks or m._forward_pre_hooks)
-               and "forward" not in m.__dict__ and not hasattr(m, "_hf_hook") and not m.weight.is_meta
-               for m in linears):
+    an instance-level (wrapped) forward; or 4-bit ``W4Linear`` layers alike, of one group size."""
+    if not all(_plain(m) for m in linears):
         return False
-    ws = [m.weight for m in linears]
-    return len({(w.dtype, w.device, w.shape[1]) for w in ws}) == 1 and len({m.bias is None for m in linears}) == 1
+    if all(type(m) is nn.Linear and not m.weight.is_meta for m in linears):
+        keys = {(m.weight.dtype, m.weight.device, m.weight.shape[1]) for m in linears}
+    else:
+        w4 = _w4_linear_class()
+        if w4 is None or not all(type(m) is w4 for m in linears):
+            return False
+        keys = {(m.scales.dtype, m.qweight.device, m.in_features, m.group_size) for m in linears}
+    return len(keys) == 1 and len({m.bias is None for m in linears}) == 1
+
+
+def _same_storage(t: Optional[torch.Tensor], base: torch.Tensor) -> bool:
+    return t is not None and t.untyped_storage().data_ptr() == base.untyped_storage().data_ptr()
 
 
 def _current(linears: Sequence[nn.Module], fused: Optional[tuple]) -> bool:
     """Whether the linears' weights (and biases) are still the views of ``fused`` that ``_concat_into_views`` or
-    ``_pad_columns`` made."""
+    ``_pad_columns`` made (4-bit: their packed weights the views, their scales and zeros unchanged since)."""
     if fused is None:
         return False
     weight, bias = fused[:2]
-    same = lambda t, base: t is not None and t.untyped_storage().data_ptr() == base.untyped_storage().data_ptr()  # noqa: E731
-    return all(same(m.weight, weight) and (bias is None or same(m.bias, bias)) for m in linears)
+    if isinstance(weight, nn.Module):  # a fused W4Linear
+        return all(_same_storage(m.qweight, weight.qweight) and (m.scales, m.scales._version, m.zeros,
+                                                                 m.zeros._version) == src
+                   for m, src in zip(linears, fused[3]))
+    return all(_same_storage(m.weight, weight) and (bias is None or _same_storage(m.bias, bias)) for m in linears)
 
 
 def _padded(n: int, pad: int) -> int:
     return -(-n // pad) * pad
 
 
-def _concat_into_views(linears: Sequence[nn.Linear], pad: int = 1) -> tuple:
+def _concat_w4(linears: Sequence[nn.Module]) -> tuple:
+    """``(fused W4Linear, None, split sizes, sources)`` of 4-bit layers concatenated along the output dim (no
+    padding): each layer's packed weight becomes a view of its rows; scales and zeros (3 % of the bytes) are copied,
+    so ``sources`` records them and their versions for ``_current``."""
+    quant = sys.modules["sparsevila_ops.quant"]
+    with torch.no_grad():
+        qweight = torch.cat([m.qweight for m in linears], dim=0)
+        w4 = quant.W4Weight(qweight, torch.cat([m.scales for m in linears], dim=1).contiguous(),
+                            torch.cat([m.zeros for m in linears], dim=1).contiguous(), linears[0].group_size)
+        bias = torch.cat([m.bias for m in linears]) if linears[0].bias is not None else None
+    sizes = [m.out_features for m in linears]
+    for m, view in zip(linears, qweight.split(sizes, dim=0)):
+        m.qweight = view
+    return quant.W4Linear(w4, bias), None, sizes, [(m.scales, m.scales._version, m.zeros, m.zeros._version)
+                                                   for m in linears]
+
+
+def _concat_into_views(linears: Sequence[nn.Module], pad: int = 1) -> tuple:
     """``(weight, bias or None, split sizes)`` of the linears concatenated along the output dim, each padded with
-    zero rows to a multiple of ``pad``; each linear's weight (and bias) is replaced by a view of its block."""
+    zero rows to a multiple of ``pad``; each linear's weight (and bias) is replaced by a view of its block. 4-bit
+    layers: ``_concat_w4`` (no padding)."""
+    if not isinstance(linears[0], nn.Linear):
+        return _concat_w4(linears)
     outs = [m.weight.shape[0] for m in linears]
     sizes = [_padded(n, pad) for n in outs]
     w0 = linears[0].weight
@@ -98,10 +143,14 @@ def _pad_columns(linear: nn.Linear, width: int) -> tuple:
     return padded, linear.bias
 
 
-def _own_storage(linears: Sequence[nn.Linear]) -> None:
-    """Give each linear's weight and bias a storage of its own (no longer views of one fused tensor)."""
+def _own_storage(linears: Sequence[nn.Module]) -> None:
+    """Give each linear's weight and bias (4-bit: packed weight) a storage of its own (no longer views of one fused
+    tensor)."""
     with torch.no_grad():
         for m in linears:
+            if not isinstance(m, nn.Linear):
+                m.qweight = m.qweight.clone()
+                continue
             m.weight = nn.Parameter(m.weight.detach().clone(), requires_grad=m.weight.requires_grad)
             if m.bias is not None:
                 m.bias = nn.Parameter(m.bias.detach().clone(), requires_grad=m.bias.requires_grad)
@@ -110,10 +159,12 @@ def _own_storage(linears: Sequence[nn.Linear]) -> None:
 def _project(module: nn.Module, x: torch.Tensor, names: Sequence[str], state: str) -> List[torch.Tensor]:
     """The outputs of ``module``'s projections ``names`` on ``x``: one fused linear, or the projections
     themselves while autograd records into trainable weights (the fused weight is detached)."""
-    if torch.is_grad_enabled() and getattr(module, names[0]).weight.requires_grad:
+    first = getattr(module, names[0])
+    if torch.is_grad_enabled() and isinstance(first, nn.Linear) and first.weight.requires_grad:
         return [getattr(module, n)(x) for n in names]
-    weight, bias, sizes = module.__dict__[state]
-    return list(F.linear(x, weight, bias).split(sizes, dim=-1))
+    weight, bias, sizes = module.__dict__[state][:3]
+    y = weight(x) if isinstance(weight, nn.Module) else F.linear(x, weight, bias)
+    return list(y.split(sizes, dim=-1))
 
 
 def _attention_forward(self, hidden_states: torch.Tensor, attention_mask=None, position_ids=None,
@@ -183,7 +234,7 @@ def _fuse_mlp_down(mlp: nn.Module, width: int) -> bool:
     if width == down.in_features:
         mlp.__dict__.pop(DOWN, None)
         return True
-    if not _fusable([down]):
+    if not isinstance(down, nn.Linear) or not _fusable([down]):
         return False
     if not _current([down], mlp.__dict__.get(DOWN)):
         mlp.__dict__[DOWN] = _pad_columns(down, width)
@@ -199,9 +250,9 @@ def fuse(layers: Iterable[nn.Module], rope: Optional[Callable] = None, eager: Op
     for i, layer in enumerate(layers):
         for module, names, state, forward in _groups(layer, rope, eager):
             linears = [getattr(module, n) for n in names]
-            pad = PAD if state == GATE_UP else 1
-            if not _fusable(linears) or (pad > 1 and not _fuse_mlp_down(module, _padded(linears[0].out_features,
-                                                                                     pad))):
+            pad = PAD if state == GATE_UP and isinstance(linears[0], nn.Linear) else 1  # 4-bit: never padded
+            if not _fusable(linears) or (state == GATE_UP and not _fuse_mlp_down(
+                    module, _padded(linears[0].out_features, pad))):
                 _drop(module, state)
                 continue
             if not _current(linears, module.__dict__.get(state)):
@@ -226,6 +277,6 @@ def unfuse(layers: Iterable[nn.Module]) -> None:
         for module, names, state, _ in _groups(layer, None, None):
             fused = module.__dict__.get(state)
             linears = [getattr(module, n) for n in names]
-            if fused is not None and all(isinstance(m, nn.Linear) for m in linears) and _current(linears, fused):
+            if fused is not None and _fusable(linears) and _current(linears, fused):
                 _own_storage(linears)
             _drop(module, state)
