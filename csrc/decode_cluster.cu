@@ -47,7 +47,6 @@ using sparsevila::mbar_init;
 using sparsevila::mbar_wait;
 using sparsevila::smem_u32;
 using sparsevila::Mma;
-using sparsevila::Tag;
 
 constexpr int kTile = 16;   // keys per warp tile
 constexpr int kRows = 16;   // query heads per KV head, padded (2 MMA n-tiles)
@@ -542,19 +541,11 @@ int dispatch(int dtype, int head_dim, int warps, int group, int fallback, Fn&& f
     if (group <= 16) return fn(t, d, w, Int<2>{});
     return fallback;
   };
-  auto by_w = [&](auto t, auto d) -> int {
-    if (warps == 8) return by_nt(t, d, Int<8>{});
-    if (warps == 12) return by_nt(t, d, Int<12>{});
-    return fallback;
-  };
-  auto by_d = [&](auto t) -> int {
-    if (head_dim == 64) return by_w(t, Int<64>{});
-    if (head_dim == 128) return by_w(t, Int<128>{});
-    return fallback;
-  };
-  if (dtype == 0) return by_d(Tag<__nv_bfloat16>{});
-  if (dtype == 1) return by_d(Tag<__half>{});
-  return fallback;
+  return sparsevila::dispatch_dtype(dtype, fallback, [&](auto t) {
+    return sparsevila::dispatch_int<64, 128>(head_dim, fallback, [&](auto d) {
+      return sparsevila::dispatch_int<8, 12>(warps, fallback, [&](auto w) { return by_nt(t, d, w); });
+    });
+  });
 }
 
 }  // namespace

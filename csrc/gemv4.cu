@@ -45,7 +45,6 @@ namespace {
 
 using sparsevila::Int;
 using sparsevila::Mma;
-using sparsevila::Tag;
 
 constexpr int kPackK = 128;  // K elements per packing block (16 int32 words)
 
@@ -318,26 +317,14 @@ cudaError_t launch(const Args& a, int warps, int kwarps, int pdl, cudaStream_t s
 // fn(Tag<T>, Int<R>, Int<S>, Int<MT>) for the compiled instantiation; `fallback` when there is none.
 template <typename Fn>
 int dispatch(int dtype, int tiles, int stages, int m, int fallback, Fn&& fn) {
-  auto by_mt = [&](auto t, auto r, auto s) -> int {
-    if (m <= 8) return fn(t, r, s, Int<1>{});
-    return fn(t, r, s, Int<2>{});
-  };
-  auto by_s = [&](auto t, auto r) -> int {
-    if (stages == 2) return by_mt(t, r, Int<2>{});
-    if (stages == 4) return by_mt(t, r, Int<4>{});
-    if (stages == 6) return by_mt(t, r, Int<6>{});
-    if (stages == 8) return by_mt(t, r, Int<8>{});
-    return fallback;
-  };
-  auto by_r = [&](auto t) -> int {
-    if (tiles == 1) return by_s(t, Int<1>{});
-    if (tiles == 2) return by_s(t, Int<2>{});
-    if (tiles == 4) return by_s(t, Int<4>{});
-    return fallback;
-  };
-  if (dtype == 0) return by_r(Tag<__nv_bfloat16>{});
-  if (dtype == 1) return by_r(Tag<__half>{});
-  return fallback;
+  using sparsevila::dispatch_int;
+  return sparsevila::dispatch_dtype(dtype, fallback, [&](auto t) {
+    return dispatch_int<1, 2, 4>(tiles, fallback, [&](auto r) {
+      return dispatch_int<2, 4, 6, 8>(stages, fallback, [&](auto s) {
+        return m <= 8 ? fn(t, r, s, Int<1>{}) : fn(t, r, s, Int<2>{});
+      });
+    });
+  });
 }
 
 }  // namespace

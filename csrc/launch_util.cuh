@@ -3,6 +3,8 @@
 // (kernel, device) pair, from any thread.
 #pragma once
 
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
 
@@ -18,6 +20,22 @@ struct Tag {
 };
 template <int V>
 using Int = std::integral_constant<int, V>;
+
+// fn(Int<V>{}) for the V of Vs equal to v; `fallback` when there is none.
+template <int... Vs, typename Fn>
+int dispatch_int(int v, int fallback, Fn&& fn) {
+  int rc = fallback;
+  (void)((v == Vs ? (rc = fn(Int<Vs>{}), true) : false) || ...);
+  return rc;
+}
+
+// fn(Tag<__nv_bfloat16>{}) for dtype 0, fn(Tag<__half>{}) for 1; `fallback` otherwise.
+template <typename Fn>
+int dispatch_dtype(int dtype, int fallback, Fn&& fn) {
+  if (dtype == 0) return fn(Tag<__nv_bfloat16>{});
+  if (dtype == 1) return fn(Tag<__half>{});
+  return fallback;
+}
 
 // Runs ``configure()`` unless ``done`` records the current device (a bit per device index < 64; others always
 // configure). Two threads racing both configure, which is harmless.

@@ -18,27 +18,12 @@ namespace sparsevila {
 // poly_every 0/2/4/8); cudaErrorInvalidValue if none.
 template <typename Fn>
 int dispatch_salience(int dtype, int head_dim, int poly_every, Fn&& fn) {
-  auto by_poly = [&](auto t, auto d) -> int {
-    switch (poly_every) {
-      case 0: return fn(t, d, Int<0>{});
-      case 2: return fn(t, d, Int<2>{});
-      case 4: return fn(t, d, Int<4>{});
-      case 8: return fn(t, d, Int<8>{});
-      default: return static_cast<int>(cudaErrorInvalidValue);
-    }
-  };
-  auto by_d = [&](auto t) -> int {
-    switch (head_dim) {
-      case 64: return by_poly(t, Int<64>{});
-      case 72: return by_poly(t, Int<72>{});
-      case 80: return by_poly(t, Int<80>{});
-      case 128: return by_poly(t, Int<128>{});
-      default: return static_cast<int>(cudaErrorInvalidValue);
-    }
-  };
-  if (dtype == 0) return by_d(Tag<__nv_bfloat16>{});
-  if (dtype == 1) return by_d(Tag<__half>{});
-  return static_cast<int>(cudaErrorInvalidValue);
+  constexpr int kInvalid = static_cast<int>(cudaErrorInvalidValue);
+  return dispatch_dtype(dtype, kInvalid, [&](auto t) {
+    return dispatch_int<64, 72, 80, 128>(head_dim, kInvalid, [&](auto d) {
+      return dispatch_int<0, 2, 4, 8>(poly_every, kInvalid, [&](auto p) { return fn(t, d, p); });
+    });
+  });
 }
 
 // kernel<<<(nblk * num_segments, heads), threads, smem>>>(args) after raising the kernel's dynamic shared-memory
