@@ -4,7 +4,7 @@ cp.async ring, K split over a CTA's warps and summed in shared memory: one launc
 by ``_cuda``.
 
 Covered: bf16/fp16, 1 <= M <= 16, N a multiple of 8, x with unit column stride and 16-byte aligned rows, weight
-tensors 16-byte aligned. Other calls run the Triton backend's kernel (through the backend registry, so this module
+tensors, out and bias contiguous (weights 16-byte aligned). Other calls run the Triton backend's kernel (through the backend registry, so this module
 never imports Triton), which covers every case of the op.
 
 Config (``W4A16_CUDA``, the autotune seam; default ``_default``): ``tiles`` (1, 2, 4) of 8 output rows per warp,
@@ -39,8 +39,8 @@ def unsupported(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
         return f"N = {qweight.shape[0]} not a multiple of 8"
     if x.stride(1) != 1 or (x.shape[0] > 1 and x.stride(0) % 8) or x.data_ptr() % 16:
         return "x not 16-byte aligned rows with unit column stride"
-    if any(t.data_ptr() % 16 for t in (qweight, scales, zeros)):
-        return "weight tensors not 16-byte aligned"
+    if any(t.data_ptr() % 16 or not t.is_contiguous() for t in (qweight, scales, zeros)):
+        return "weight tensors not contiguous and 16-byte aligned"
     return None
 
 
@@ -104,7 +104,14 @@ def _unsupported(x, qweight, scales, zeros, bias, out) -> Optional[str]:
     why = _cuda.unusable(x.device)
     if why is not None:
         return f"the cuda backend cannot run here: {why}"
-    return unsupported(x, qweight, scales, zeros)
+    return unsupported(x, qweight, scales, zeros) or _outputs_unsupported(bias, out)
+
+
+def _outputs_unsupported(bias: Optional[torch.Tensor], out: torch.Tensor) -> Optional[str]:
+    """The kernel writes ``out`` as a contiguous [M, N] and reads ``bias`` as a contiguous [N]."""
+    if not out.is_contiguous() or (bias is not None and not bias.is_contiguous()):
+        return "out or bias not contiguous"
+    return None
 
 
 # what decides a config's meaning and speed besides the host code: the kernel sources, the binding, nvcc flags
@@ -121,7 +128,7 @@ def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
     Triton backend's kernel."""
     if x.shape[0] == 0 or qweight.shape[0] == 0:
         return
-    if unsupported(x, qweight, scales, zeros) is not None:
+    if unsupported(x, qweight, scales, zeros) is not None or _outputs_unsupported(bias, out) is not None:
         _backend.implementation("w4a16_linear", "triton", x.device)(x, qweight, scales, zeros, bias, out)
         return
     W4A16_CUDA(x, qweight, scales, zeros, bias, out)

@@ -34,6 +34,10 @@ def test_support_rules():
     wide = torch.zeros(3, 268, dtype=torch.bfloat16)[:, 4:260]  # rows 8 bytes off, stride 268
     assert "x not" in unsupported(wide, w4.qweight, w4.scales, w4.zeros)
     assert unsupported(torch.zeros(3, 272, dtype=torch.bfloat16)[:, 8:264], w4.qweight, w4.scales, w4.zeros) is None
+    assert "contiguous" in unsupported(x, w4.qweight, w4.scales.t().contiguous().t(), w4.zeros)
+    from sparsevila_ops.cuda_gemv4 import _outputs_unsupported
+    assert _outputs_unsupported(None, torch.zeros(3, 16)) is None
+    assert "contiguous" in _outputs_unsupported(None, torch.zeros(16, 3).t())
 
 
 def test_preference_and_registration_on_the_cpu():
@@ -104,3 +108,15 @@ def test_op_routes_to_cuda_repeatable_and_in_a_graph():
     _, w12 = _weight(12, 256, torch.bfloat16, "cuda", seed=9)
     x12 = torch.randn(3, 256, generator=_gen(10)).to("cuda", torch.bfloat16)
     assert rel_err(Q.w4a16_linear(x12, w12), _oracle(x12, w12)) <= TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("M", [1, 8, 16])
+def test_default_is_in_the_space_and_fits(M):
+    """For the Qwen2.5-7B GEMVs and other sizes: the default config is one of the declared space's, every config
+    of the space fits the shared-memory limit, and kwarps divides warps (what the launcher requires)."""
+    from sparsevila_ops import cuda_gemv4 as C
+    for N, K in ((4608, 3584), (3584, 3584), (37888, 3584), (3584, 18944), (8, 128), (1032, 384)):
+        key = C.W4CudaKey("gpu", torch.bfloat16, M, N, K, 128, 132)
+        space = C._space(key)
+        assert C._default(key) in space
+        assert all(C._resources(key, c)[0] <= C.SMEM_LIMIT and c["warps"] % c["kwarps"] == 0 for c in space)
