@@ -207,6 +207,32 @@ def encoder_profile(model, inputs: dict) -> dict:
     return {"gpu_ms": busy / 1e3, **kernel_summary(kernels, ENCODER_KINDS)}
 
 
+class _AtLLM(Exception):
+    """Raised by ``until_llm``'s hook: the language model's first forward was reached."""
+
+
+def until_llm(model, generate: Callable[[], object]) -> None:
+    """Run ``generate()`` up to the language model's first forward, E's end (vision tower, salience, pruning, the
+    prompt's positions), and stop it there."""
+    def stop(*_):
+        raise _AtLLM
+    hook = model.model.language_model.register_forward_pre_hook(stop)
+    try:
+        generate()
+    except _AtLLM:
+        return
+    finally:
+        hook.remove()
+    raise RuntimeError("generate finished without a forward of the language model")
+
+
+def e_profile(model, generate: Callable[[], object]) -> dict:
+    """GPU time of E as ``generate`` runs it (``until_llm``): busy ms, and ``kernel_summary`` with ``ENCODER_KINDS``;
+    with E's wall time it says how much of E is host time, and between rows what salience and pruning add."""
+    kernels, busy = profile_kernels(lambda: until_llm(model, generate))
+    return {"gpu_ms": busy / 1e3, **kernel_summary(kernels, ENCODER_KINDS)}
+
+
 class _StopAfter:
     """A ``generate`` stopping criterion: stop once ``n`` tokens are generated (the static cache keeps the size
     ``max_new_tokens`` gave it, so nothing recompiles). It counts from its first call, which follows the first
@@ -237,8 +263,8 @@ def run_rows(model, inputs: dict, rows: Sequence[str], *, decode_steps: int, pre
     """Measure E, P, D of each row on one input (``demo.stage_row``: warm-up ``generate``, then a timed one);
     returns raw rows. ``kept_visual`` is what the pruning kept (``state.last_kept``), all visual tokens when
     nothing was pruned. ``profile_steps`` > 0 adds ``step``: the GPU time of one decode step from that many
-    profiled steps (``decode_step_profile``), and for rows (a) and (b) ``encoder``: one vision-tower pass
-    (``encoder_profile``)."""
+    profiled steps (``decode_step_profile``), ``E_profile``: the kernels of E (``e_profile``), and for rows (a) and
+    (b) ``encoder``: one vision-tower pass (``encoder_profile``)."""
     prompt = inputs["input_ids"].shape[1]
     n_vis = int((inputs["input_ids"] == model.config.video_token_id).sum())
     weights = decode_weight_bytes(model)
@@ -264,6 +290,7 @@ def run_rows(model, inputs: dict, rows: Sequence[str], *, decode_steps: int, pre
                                                     long=min(decode_steps, 4 + profile_steps))
                 if key in ("a", "b"):  # the vision tower is the same in every row of ours
                     found["encoder"] = encoder_profile(model, inputs)
+                found["E_profile"] = e_profile(model, lambda: model.generate(**inputs, **kw))
             except Exception as e:  # noqa: BLE001 - the row's E, P, D stand without the profile
                 print(f"  ({key}: profile incomplete: {type(e).__name__}: {e})"[:300], flush=True)
             return found
@@ -279,8 +306,9 @@ def run_rows(model, inputs: dict, rows: Sequence[str], *, decode_steps: int, pre
                "graphs_compiled_in_timed_run": recompiled}
         if r["probe"] and "step" in r["probe"]:
             row["D_gpu_ms"], row["step"] = r["probe"]["step"]["gpu_ms"], r["probe"]["step"]
-        if r["probe"] and "encoder" in r["probe"]:
-            row["encoder"] = r["probe"]["encoder"]
+        for part in ("encoder", "E_profile"):
+            if r["probe"] and part in r["probe"]:
+                row[part] = r["probe"][part]
         out.append(row)
         print(f"  {precision:6s} {row['input']:>5s} ({key}) {label:22s} E {row['E_ms']:9.1f} ms  P {row['P_ms']:9.1f} "
               f"ms  D {row['D_ms']:7.3f} ms/token" + (f" (GPU {row['D_gpu_ms']:.3f} ms, {row['step']['launches']:.0f} "

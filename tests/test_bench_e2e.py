@@ -166,12 +166,15 @@ def test_busy_time_is_the_union_of_kernel_intervals():
 
 def test_decode_step_profile_stops_generate_after_each_length(tiny_model, monkeypatch):
     """The two profiled runs stop after 4 and 6 tokens through the stopping criterion (same max_new_tokens, so
-    nothing is resized), and the row gets the per-step numbers; row (a) also gets the vision tower's."""
+    nothing is resized), and the row gets the per-step numbers and E's kernels; row (a) also gets the vision
+    tower's."""
     from sparsevila_ops.integrations import demo
     lengths = []
 
     def fake_profile(fn):
         out = fn()
+        if out is None:  # until_llm (e_profile)
+            return {"salience_kernel": (3.0, 1)}, 3.0
         if not isinstance(out, torch.Tensor):  # the vision tower's output (encoder_profile)
             return {"gemm_kernel": (5.0, 2)}, 5.0
         lengths.append(out.shape[1])
@@ -187,4 +190,29 @@ def test_decode_step_profile_stops_generate_after_each_length(tiny_model, monkey
     assert rows[0]["encoder"] == {"gpu_ms": 0.005, "kernel_sum_ms": 0.005, "launches": 2, "kinds_ms": {"gemm": 0.005},
                                   "top": [{"kernel": "gemm_kernel", "us": 5.0, "calls": 2}]}
     assert "encoder" not in rows[1]  # the tower is profiled at rows (a) and (b) only
+    assert all(r["E_profile"]["top"] == [{"kernel": "salience_kernel", "us": 3.0, "calls": 1}] for r in rows)
     assert e2e.assemble(rows, 1.0, 100)[1]["D_gpu_over_floor"] > 0
+
+
+def test_until_llm_stops_generate_at_the_language_model(tiny_model):
+    """E's profile runs ``generate`` up to the language model's first forward (the pruning ran, the LLM did not),
+    and the next ``generate`` of the same enabled model runs normally, with the output of one never stopped."""
+    from sparsevila_ops.integrations import demo
+    from sparsevila_ops.integrations import qwen2_5_vl as sv
+
+    video = e2e.video_for_tokens(36, side=12)
+    inputs = demo.video_inputs(tiny_model, video["frames"], video["h"], video["w"], 8, "cpu", torch.bfloat16)
+    sv.enable(tiny_model, 0.5, 0.5, cuda_graph=False)
+    try:
+        want = tiny_model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        calls = []
+        hook = tiny_model.model.language_model.register_forward_hook(lambda *a: calls.append(1))
+        tiny_model._sparsevila.last_kept = None
+        e2e.until_llm(tiny_model, lambda: tiny_model.generate(**inputs, max_new_tokens=3, do_sample=False))
+        hook.remove()
+        assert calls == [] and tiny_model._sparsevila.last_kept is not None
+        assert torch.equal(tiny_model.generate(**inputs, max_new_tokens=3, do_sample=False), want)
+        with pytest.raises(RuntimeError, match="without a forward of the language model"):
+            e2e.until_llm(tiny_model, lambda: None)
+    finally:
+        sv.disable(tiny_model)
