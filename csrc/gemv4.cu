@@ -86,15 +86,14 @@ struct Ring {
 };
 
 // One warp's streams, addresses fixed at the start. Per block blk: each lane copies 16 B of tile r at
-// w + r K + 16 blk (words); lanes 0..R-1 tile `lane`'s 8 scales, lanes 16..16+R-1 tile `lane - 16`'s 8 zeros (aux),
+// w[r] + 16 blk (words); lanes 0..R-1 tile `lane`'s 8 scales, lanes 16..16+R-1 tile `lane - 16`'s 8 zeros (aux),
 // of group blk / blocks_per_group; and x's M rows, 16 chunks of 16 B each, chunk q = lane + 32 i is row q / 16,
 // elements 128 blk + 8 (q % 16) .. + 8.
 template <typename T, int R, int S>
 struct Stream {
   Ring<R, S> ring_layout;
-  const int* w;
-  long long K;  // words per tile of 8 rows
-  int in_mask;  // bit r: tile r lies inside N
+  const int* w[R];  // tile r's row g, word 4t (tiles past N: tile 0's, never read)
+  int in_mask;      // bit r: tile r lies inside N
   const uint8_t* aux;
   long long aux_group;  // bytes between groups (N elements)
   int aux_bytes;        // 16 (scales), 8 (zeros) or 0
@@ -108,11 +107,13 @@ struct Stream {
 
   __device__ __forceinline__ Stream(const Args& a, int n0, int lane) : ring_layout(a.M) {
     const int g = lane >> 2, t = lane & 3;
-    K = a.K;
-    w = a.qweight + (long long)(n0 + g) * (a.K / 8) + 4 * t;
+    const int* w0 = a.qweight + (long long)(n0 + g) * (a.K / 8) + 4 * t;
     in_mask = 0;
 #pragma unroll
-    for (int r = 0; r < R; ++r) in_mask |= (n0 + 8 * r < a.N) << r;
+    for (int r = 0; r < R; ++r) {
+      in_mask |= (n0 + 8 * r < a.N) << r;
+      w[r] = n0 + 8 * r < a.N ? w0 + (long long)r * a.K : w0;  // 8 rows of K / 8 words
+    }
     const int r = lane < 16 ? lane : lane - 16;
     const bool scale = lane < R, zero = lane >= 16 && lane < 16 + R;
     aux_bytes = ((in_mask >> r) & 1) == 0 ? 0 : scale ? 16 : zero ? 8 : 0;
@@ -132,12 +133,9 @@ struct Stream {
   // Requests block blk's weights, scales and zeros into ring stage `stage` (nothing when blk >= hi).
   __device__ __forceinline__ void issue_weights(uint32_t ring, int lane, int blk, int hi, int stage) const {
     if (blk >= hi) return;
-    const int* src = w + blk * 16;
 #pragma unroll
-    for (int r = 0; r < R; ++r) {
-      const bool in = (in_mask >> r) & 1;
-      sparsevila::cp_async16(ring + ((stage * R + r) * 32 + lane) * 16, in ? src + r * K : w, in ? 16 : 0);
-    }
+    for (int r = 0; r < R; ++r)
+      sparsevila::cp_async16(ring + ((stage * R + r) * 32 + lane) * 16, w[r] + blk * 16, (in_mask >> r) & 1 ? 16 : 0);
     if (aux_bytes != 0) {
       const uint8_t* src_aux = aux + (bpg == 1 ? blk : blk / bpg) * aux_group;
       const uint32_t dst = ring + aux_dst + stage * aux_stage;
@@ -149,13 +147,23 @@ struct Stream {
   }
 
   // Requests block blk's x rows into ring stage `stage` (nothing when blk >= hi; M rows per stage).
+  template <int MT>
   __device__ __forceinline__ void issue_x(uint32_t ring, int blk, int hi, int stage, int M) const {
     if (blk >= hi) return;
     const T* src = x_src + (long long)blk * kPackK;
     const uint32_t dst = ring + x_dst + stage * M * kXPitch;
-    for (int i = 0; i < x_chunks; ++i) sparsevila::cp_async16(dst + i * 2 * kXPitch, src + i * x_step, 16);
+#pragma unroll
+    for (int i = 0; i < 4 * MT; ++i)  // 16 M chunks over 32 lanes: at most 4 (M <= 8) or 8 per lane
+      if (i < x_chunks) sparsevila::cp_async16(dst + i * 2 * kXPitch, src + i * x_step, 16);
   }
 };
+
+// (a & b) | c in one LOP3: with two constants ptxas emits an AND and an OR with immediates, two instructions.
+__device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t b, uint32_t c) {
+  uint32_t d;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  return d;
+}
 
 // MAGIC + z exactly as an fp32, z in [0, 127]: z written into the mantissa of MAGIC (bf16: 128 = 2^7, unit at
 // bit 16; fp16: 1024 = 2^10, unit at bit 13), no int-to-float conversion.
@@ -207,8 +215,8 @@ __device__ __forceinline__ void compute(float (&acc)[R][4], const uint8_t* ring,
     const int sh = 4 * (j & 3), hi = (j >> 2) * 2;
 #pragma unroll
     for (int r = 0; r < R; ++r) {
-      const uint32_t b0 = ((pairs[r][hi] >> sh) & kMask) | Magic<T>::kBits2;
-      const uint32_t b1 = ((pairs[r][hi + 1] >> sh) & kMask) | Magic<T>::kBits2;
+      const uint32_t b0 = and_or(pairs[r][hi] >> sh, kMask, Magic<T>::kBits2);
+      const uint32_t b1 = and_or(pairs[r][hi + 1] >> sh, kMask, Magic<T>::kBits2);
       Mma<T>::run(c[r], xa, b0, b1);
     }
   }
@@ -248,7 +256,7 @@ __global__ void __launch_bounds__(256) w4a16_kernel(const __grid_constant__ Args
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
   }
 #pragma unroll
-  for (int s = 0; s < S - 1; ++s) st.issue_x(ring_u32, lo + s, hi, s, a.M);
+  for (int s = 0; s < S - 1; ++s) st.template issue_x<MT>(ring_u32, lo + s, hi, s, a.M);
   sparsevila::cp_async_commit();
   sparsevila::cp_async_wait<0>();
   float acc[R][4] = {};
@@ -256,7 +264,7 @@ __global__ void __launch_bounds__(256) w4a16_kernel(const __grid_constant__ Args
     __syncwarp();  // every lane is done with the stage refilled next (read in the previous iteration)
     const int refill = stage == 0 ? S - 1 : stage - 1;
     st.issue_weights(ring_u32, lane, b + S - 1, hi, refill);
-    st.issue_x(ring_u32, b + S - 1, hi, refill, a.M);
+    st.template issue_x<MT>(ring_u32, b + S - 1, hi, refill, a.M);
     sparsevila::cp_async_commit();       // one group per block, empty ones too: the wait counts groups
     sparsevila::cp_async_wait<S - 1>();  // block b's group has landed (for this lane) ...
     __syncwarp();                        // ... and for every lane (scales, zeros and x come from other lanes)
