@@ -497,16 +497,8 @@ __global__ void __launch_bounds__(32 * kCombineWarps) decode_combine_kernel(cons
 
 template <typename T>
 cudaError_t launch_combine(const Args& a, int batch, int head_dim, int pdl, cudaStream_t stream) {
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(batch * a.hq, (head_dim + kCombineCols - 1) / kCombineCols, 1);
-  cfg.blockDim = dim3(32 * kCombineWarps, 1, 1);
-  cfg.stream = stream;
-  cudaLaunchAttribute attr;
-  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr.val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = &attr;
-  cfg.numAttrs = pdl ? 1 : 0;
-  return cudaLaunchKernelEx(&cfg, decode_combine_kernel<T>, a, a.num_chunks / a.cluster, head_dim);
+  return sparsevila::launch_pdl(decode_combine_kernel<T>, dim3(batch * a.hq, (head_dim + kCombineCols - 1) / kCombineCols),
+                                dim3(32 * kCombineWarps), 0, stream, pdl, a, a.num_chunks / a.cluster, head_dim);
 }
 
 template <typename T, int D, int W, int NT>

@@ -309,17 +309,8 @@ cudaError_t launch(const Args& a, int warps, int kwarps, int pdl, cudaStream_t s
   });
   if (e != cudaSuccess) return e;
   const int rows = 8 * R * (warps / kwarps);
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3((a.N + rows - 1) / rows, 1, 1);
-  cfg.blockDim = dim3(32 * warps, 1, 1);
-  cfg.dynamicSmemBytes = smem_bytes<R, S>(warps, a.M);
-  cfg.stream = stream;
-  cudaLaunchAttribute attr;
-  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr.val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = &attr;
-  cfg.numAttrs = pdl ? 1 : 0;
-  return cudaLaunchKernelEx(&cfg, kernel, a, kwarps, pdl);
+  return sparsevila::launch_pdl(kernel, dim3((a.N + rows - 1) / rows), dim3(32 * warps), smem_bytes<R, S>(warps, a.M),
+                                stream, pdl, a, kwarps, pdl);
 }
 
 // fn(Tag<T>, Int<R>, Int<S>, Int<MT>) for the compiled instantiation; `fallback` when there is none.

@@ -10,6 +10,7 @@
 
 #include <atomic>
 #include <type_traits>
+#include <utility>
 
 namespace sparsevila {
 
@@ -35,6 +36,24 @@ int dispatch_dtype(int dtype, int fallback, Fn&& fn) {
   if (dtype == 0) return fn(Tag<__nv_bfloat16>{});
   if (dtype == 1) return fn(Tag<__half>{});
   return fallback;
+}
+
+// kernel<<<grid, block, smem, stream>>>(args...), allowed to start early under programmatic dependent launch when
+// pdl != 0 (the kernel then waits in griddepcontrol.wait before reading what earlier kernels write).
+template <typename... KernelArgs, typename... Args>
+cudaError_t launch_pdl(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, int smem, cudaStream_t stream, int pdl,
+                       Args&&... args) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr;
+  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr.val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = &attr;
+  cfg.numAttrs = pdl ? 1 : 0;
+  return cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
 }
 
 // Runs ``configure()`` unless ``done`` records the current device (a bit per device index < 64; others always
