@@ -16,8 +16,8 @@ quantized values:
 
 Each time is one CUDA graph that runs R weight sets back to back (R copies, so that they exceed the L2 by far),
 divided by R: per linear layer, and for the whole layer (its four or seven GEMVs per set). Effective TB/s = the
-method's own weight bytes / time. ``floor4_us`` = our 4-bit bytes / the device copy bandwidth measured in the same run; ``cuda_over_floor`` and
-``cuda_vs_<method>`` compare the cuda backend (the default on the GPU) with them.
+method's own weight bytes / time. ``floor4_us`` = our 4-bit bytes / the device copy bandwidth measured in the same
+run; ``cuda_over_floor`` and ``cuda_vs_<method>`` compare the cuda backend (the default on the GPU) with them.
 Every method's output is verified against dequantize-then-matmul in fp32 before it is timed.
 ``--sweep [--backend B]`` times one of our kernels' declared config space (``sparsevila_ops.autotune``: the default
 first) per shape instead, each config verified first.
@@ -192,9 +192,10 @@ def run(batches, iters: int) -> tuple:
 
 
 def sweep(batches, iters: int, shapes=None, device: str = "cuda", timer=None, backend: str = "triton") -> list:
-    """Every config of our ``backend``'s kernel's declared space per shape (``autotune.measure``: the default first, each config
-    verified against dequantize-then-matmul, then timed in a CUDA graph over R weight copies). ``shapes`` (default
-    ``SHAPES``), ``device`` and ``timer`` let a test run it small under the interpreter (one weight set)."""
+    """Every config of our ``backend``'s kernel's declared space per shape (``autotune.measure``: the default first,
+    each config verified against dequantize-then-matmul, then timed in a CUDA graph over R weight copies).
+    ``shapes`` (default ``SHAPES``), ``device`` and ``timer`` let a test run it small under the interpreter (one
+    weight set)."""
     from sparsevila_ops import autotune
     from sparsevila_ops.autotune.tuner import cuda_timer
     timer = timer or functools.partial(cuda_timer, iters=iters)

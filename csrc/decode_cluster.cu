@@ -497,8 +497,9 @@ __global__ void __launch_bounds__(32 * kCombineWarps) decode_combine_kernel(cons
 
 template <typename T>
 cudaError_t launch_combine(const Args& a, int batch, int head_dim, int pdl, cudaStream_t stream) {
-  return sparsevila::launch_pdl(decode_combine_kernel<T>, dim3(batch * a.hq, (head_dim + kCombineCols - 1) / kCombineCols),
-                                dim3(32 * kCombineWarps), 0, stream, pdl, a, a.num_chunks / a.cluster, head_dim);
+  const dim3 grid(batch * a.hq, (head_dim + kCombineCols - 1) / kCombineCols);
+  return sparsevila::launch_pdl(decode_combine_kernel<T>, grid, dim3(32 * kCombineWarps), 0, stream, pdl, a,
+                                a.num_chunks / a.cluster, head_dim);
 }
 
 template <typename T, int D, int W, int NT>

@@ -23,10 +23,10 @@
 // rows (N a multiple of 8, so a tile is all in or all out; the R tiles share each x fragment) and the wk-th of WK
 // contiguous ranges of the K / 128 blocks.
 // Each warp streams its blocks' weights, scales, zeros and x rows through its own S-stage cp.async ring in shared
-// memory (S - 1 blocks in flight, no register cost while in flight, no block-wide barrier). The partials meet in shared memory (the rings, drained) and each row group's WK
-// are summed in K order (deterministic), + bias, cast to x's dtype. Under programmatic dependent launch the first S - 1
-// blocks' weights are requested before griddepcontrol.wait (they never depend on the previous kernel); x is read
-// and out written after it.
+// memory (S - 1 blocks in flight, no register cost while in flight, no block-wide barrier). The partials meet in
+// shared memory (the rings, drained) and each row group's WK are summed in K order (deterministic), + bias, cast
+// to x's dtype. Under programmatic dependent launch the first S - 1 blocks' weights are requested before
+// griddepcontrol.wait (they never depend on the previous kernel); x is read and out written after it.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -169,7 +169,8 @@ __device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t b, uint32_t c) {
 // bit 16; fp16: 1024 = 2^10, unit at bit 13), no int-to-float conversion.
 template <typename T>
 __device__ __forceinline__ float magic_plus(uint32_t z) {
-  return std::is_same<T, __half>::value ? __uint_as_float(0x44800000u | (z << 13)) : __uint_as_float(0x43000000u | (z << 16));
+  return std::is_same<T, __half>::value ? __uint_as_float(0x44800000u | (z << 13))
+                                         : __uint_as_float(0x43000000u | (z << 16));
 }
 
 template <typename T>

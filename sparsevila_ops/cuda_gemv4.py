@@ -4,8 +4,8 @@ cp.async ring, K split over a CTA's warps and summed in shared memory: one launc
 by ``_cuda``.
 
 Covered: bf16/fp16, 1 <= M <= 16, N a multiple of 8, x with unit column stride and 16-byte aligned rows, weight
-tensors, out and bias contiguous (weights 16-byte aligned). Other calls run the Triton backend's kernel (through the backend registry, so this module
-never imports Triton), which covers every case of the op.
+tensors, out and bias contiguous (weights 16-byte aligned). Other calls run the Triton backend's kernel (through the
+backend registry, so this module never imports Triton), which covers every case of the op.
 
 Config (``W4A16_CUDA``, the autotune seam; default ``_default``): ``tiles`` (1, 2, 4) of 8 output rows per warp,
 ``warps`` per CTA (1-8), of which ``kwarps`` (dividing ``warps``) split K and the rest own further rows, ``stages``
@@ -25,7 +25,6 @@ PACK_K = 128  # K elements per packing block (quant.PACK_K; not imported: quant 
 MAX_ROWS = 16  # rows of x per launch (the MMA's m)
 RING_BYTES_PER_TILE_STAGE = 512 + 16 + 8  # weights (32 lanes x 16 B), 8 scales, 8 zeros
 RING_BYTES_PER_X_ROW_STAGE = 288  # csrc/gemv4.cu kXPitch
-MAX_WARPS = 8
 SMEM_LIMIT = 227 * 1024  # sm_90's opt-in maximum per CTA (the tuner prunes by the device's own)
 
 

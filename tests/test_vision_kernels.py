@@ -1,6 +1,6 @@
 """The vision encoder's element-wise kernels (``triton_kernels/vision.py``) against the transformers modules they
-replace (``Qwen2_5_VLRMSNorm``, ``apply_rotary_pos_emb_vision``, ``act_fn(gate) * up``): awkward sizes, strided views, bf16 / fp32, weight
-dtypes that promote; on the CPU under Triton's interpreter."""
+replace (``Qwen2_5_VLRMSNorm``, ``apply_rotary_pos_emb_vision``, ``act_fn(gate) * up``): awkward sizes, strided
+views, bf16 / fp32, weight dtypes that promote; on the CPU under Triton's interpreter."""
 import pytest
 import torch
 from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as hf
