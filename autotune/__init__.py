@@ -36,6 +36,8 @@ KERNELS: Dict[Tuple[str, str], str] = {
     ("append_kv", "triton"): f"{_TK}.decode:APPEND",
     ("visual_salience", "cuda"): "sparsevila_ops.cuda_salience:SALIENCE_CUDA",
     ("decode_attention", "cuda"): "sparsevila_ops.cuda_decode:CLUSTER_DECODE",
+    ("gemv", "triton"): f"{_TK}.gemv:GEMV",
+    ("gemv", "cuda"): "sparsevila_ops.cuda_gemv:GEMV_CUDA",
     ("w4a16_linear", "triton"): f"{_TK}.gemv4:W4A16",  # sparsevila_quant::w4a16_linear, the [quant] extra
     ("w4a16_linear", "cuda"): "sparsevila_ops.cuda_gemv4:W4A16_CUDA",
 }

@@ -186,6 +186,17 @@ def _w4_reference(x, qweight, scales, zeros, bias, out):
     quant._reference_w4a16_linear(x, qweight, scales, zeros, bias, out)
 
 
+# --- gemv ----------------------------------------------------------------------------------------------------------
+
+def _make_gemv(s, device, gen):
+    """x [M, K] (gated: [M, 2K]), weight [N, K] * 0.05 (std ~0.05 as a trained layer's), bias [N] with ``bias``;
+    out zero."""
+    M, N, K, dt = s["M"], s["N"], s["K"], _dtype(s)
+    bias = (0.1 * _randn(gen, device, torch.float32, N)).to(dt) if s["bias"] else None
+    return (_randn(gen, device, dt, M, (2 if s["gated"] else 1) * K), (0.05 * _randn(gen, device, torch.float32, N, K)).to(dt),
+            bias, bool(s["gated"]), torch.zeros(M, N, dtype=dt, device=device))
+
+
 _LLM = {"dtype": "bfloat16", "Hq": 28, "Hk": 4, "D": 128}  # Qwen2-7B (and the LLM of Qwen2.5-VL-7B)
 _VISION = {"dtype": "bfloat16", "H": 16, "D": 80, "segs": 1, "n": 4096, "summary": 0}  # Qwen2.5-VL vision
 _SPAN = {"L": 28, "B": 1, "Hk": 4, "n": 8192, "keep": 0.05, "prefix": 64, "suffix": 64}
@@ -209,6 +220,8 @@ PROBLEMS: Dict[str, Problem] = {
                                        {**_LLM, "B": 1, "T": 32768, "n": 1638}),
     "append_kv": Problem((2, 3, 4), reference.append_kv, _make_append,
                          {"dtype": "bfloat16", "B": 1, "Hk": 4, "D": 128, "cap": 8192}),
+    "gemv": Problem((4,), reference.gemv, _make_gemv,  # Qwen2.5-7B's fused qkv at batch 1
+                    {"dtype": "bfloat16", "M": 1, "N": 4608, "K": 3584, "gated": False, "bias": False}),
     "w4a16_linear": Problem((5,), _w4_reference, _make_w4,  # Qwen2.5-7B's qkv at batch 1
                             {"dtype": "bfloat16", "M": 1, "N": 4608, "K": 3584, "group": 128, "bias": False}),
 }

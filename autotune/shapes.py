@@ -49,13 +49,21 @@ def _w4_linears(hidden: int, q: int, kv: int, intermediate: int) -> List[Shape]:
     return [("w4a16_linear", {"M": m, "N": n, "K": k}) for n, k in dict.fromkeys(nk) for m in range(1, 9)]
 
 
+def _gemvs(hidden: int, q: int, kv: int, intermediate: int, batches=range(1, 9)) -> List[Shape]:
+    """A decoder's dense GEMVs (N x K) as the integration runs them at decode batches: fused qkv (with bias: Qwen2's),
+    o, fused gate_up, and the down projection gated (its input the gate_up output)."""
+    return [("gemv", {"M": m, "N": n, "K": k, "gated": gated, "bias": bias}) for m in batches
+            for n, k, gated, bias in ((q + 2 * kv, hidden, False, True), (hidden, q, False, False),
+                                      (2 * intermediate, hidden, False, False), (hidden, intermediate, True, False))]
+
+
 QWEN2_W4 = _w4_linears(3584, 3584, 512, 18944)  # Qwen2-7B = Qwen2.5-7B
 LLAMA2_W4 = _w4_linears(4096, 4096, 4096, 11008)
 SIGLIP = _salience(16, 72, [(729, 16), (729, 64), (729, 256)])
 QWEN2_5_VL_VISION = (_salience(16, 80, [(64, 256), (784, 16), (4096, 1), (16384, 1), (32768, 1)])
                      + [("prefill_attention", {"Hq": 16, "Hk": 16, "D": 80, "n": n, "segs": segs, "causal": False})
                         for n, segs in ((64, 256), (64, 1024), (784, 16), (4096, 1))])
-QWEN2 = _llm(28, 4, 28, (8192, 16384, 32768), CONTEXTS) + QWEN2_W4
+QWEN2 = _llm(28, 4, 28, (8192, 16384, 32768), CONTEXTS) + QWEN2_W4 + _gemvs(3584, 3584, 512, 18944)
 LLAMA2 = _llm(32, 32, 32, (4096, 8192), (8192, 32768)) + LLAMA2_W4
 BENCH = (_salience(16, 72, [(729, 64), (729, 256)]) + _salience(16, 80, [(4096, 1), (16384, 1), (32768, 1), (64, 256)])
          + [("prefill_attention", {"Hq": hq, "Hk": hk, "D": 128, "n": n})
@@ -102,7 +110,7 @@ def _qwen2_5_vl_e2e(visual=(16384, 131072), text: int = 78, steps: int = 256) ->
                         ("pack_kv", {"L": 28, "Hk": 4, "n": n, "keep": 1.0 - ds})]
             out += [("decode_attention", {**llm, "n": _keep(_keep(v, ps), ds) + text + steps // 2})]
     nk = ((3584, 3584), (512, 3584), (18944, 3584), (3584, 18944))
-    return out + [("w4a16_linear", {"M": 1, "N": n, "K": k}) for n, k in nk]
+    return out + [("w4a16_linear", {"M": 1, "N": n, "K": k}) for n, k in nk] + _gemvs(3584, 3584, 512, 18944, (1,))
 
 
 QWEN2_5_VL_E2E = _qwen2_5_vl_e2e()

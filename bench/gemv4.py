@@ -1,4 +1,4 @@
-"""W4A16 decode GEMVs: one Qwen2.5-7B decoder layer's linear layers at batch 1-8, in CUDA graphs.
+"""Decode GEMVs: one Qwen2.5-7B decoder layer's linear layers at batch 1-8, in CUDA graphs (4-bit and bf16).
 
 ``python -m bench.gemv4 [--quick] [--batches 1 8] [--sweep]``. Shapes (N x K), fused: qkv 4608x3584, o 3584x3584,
 gate_up 37888x3584, down 3584x18944 (233 M weights: 466 MB in bf16; 4-bit with group 128 bf16 scales and uint8
@@ -8,6 +8,8 @@ and ``bench/e2e.py`` run): q 3584x3584, k and v 512x3584, gate and up 18944x3584
 quantized values:
 
 - ``bf16``: ``torch.nn.functional.linear`` on the bf16 weight (cuBLAS);
+- ``gemv``: ``sparsevila_ops.gemv`` on the bf16 weight (our dense GEMV, ``csrc/gemv.cu`` where the cuda backend
+  runs: what the integration's decode step uses instead of cuBLAS);
 - ``tinygemm``: PyTorch's ``aten._weight_int4pack_mm`` (weight from ``aten._convert_weight_to_int4pack`` of the
   uint8 ``[N, K/2]`` nibbles, inner k tiles 8; its dequant is ``(q - 8) * scale + zero``, so zero = (8 - z) s);
 - ``gemlite``: ``gemlite.helper.A16Wn`` when gemlite imports (a note says why not otherwise);
@@ -16,8 +18,9 @@ quantized values:
 
 Each time is one CUDA graph that runs R weight sets back to back (R copies, so that they exceed the L2 by far),
 divided by R: per linear layer, and for the whole layer (its four or seven GEMVs per set). Effective TB/s = the
-method's own weight bytes / time. ``floor4_us`` = our 4-bit bytes / the device copy bandwidth measured in the same
-run; ``cuda_over_floor`` and ``cuda_vs_<method>`` compare the cuda backend (the default on the GPU) with them.
+method's own weight bytes / time. ``floor4_us`` (``floor16_us``) = our 4-bit (the bf16) bytes / the device copy
+bandwidth measured in the same run; ``cuda_over_floor`` and ``cuda_vs_<method>`` compare the cuda backend (the
+default on the GPU) with them, ``gemv_over_floor16`` and ``gemv_vs_bf16`` our dense GEMV.
 Every method's output is verified against dequantize-then-matmul in fp32 before it is timed.
 ``--sweep [--backend B]`` times one of our kernels' declared config space (``sparsevila_ops.autotune``: the default
 first) per shape instead, each config verified first.
@@ -42,7 +45,7 @@ LAYERS = {"layer": ("qkv", "o", "gate_up", "down"),  # fused projections
           "layer_unfused": ("q", "k", "v", "o", "gate", "up", "down")}  # transformers' Qwen2.5-VL decoder layer
 GROUP = 128
 L2_BYTES = 256 << 20  # R copies of a weight exceed this (5x the H100/H200 L2)
-METHODS = ("bf16", "tinygemm", "gemlite", "triton", "cuda")
+METHODS = ("bf16", "gemv", "tinygemm", "gemlite", "triton", "cuda")
 OURS = ("triton", "cuda")  # our backends of sparsevila_quant::w4a16_linear
 
 
@@ -87,7 +90,7 @@ class Layer:
         gem, why = _gemlite(w4)
         if why:
             notes.setdefault("gemlite", why)
-        self.bytes = {"bf16": w.numel() * 2, "triton": w4.nbytes, "cuda": w4.nbytes, "gemlite": w4.nbytes,
+        self.bytes = {"bf16": w.numel() * 2, "gemv": w.numel() * 2, "triton": w4.nbytes, "cuda": w4.nbytes, "gemlite": w4.nbytes,
                       "tinygemm": sum(t.numel() * t.element_size() for t in tiny) if tiny else None}
         clone = lambda ts: [t.clone() for t in ts]  # noqa: E731
         self.bf16 = [w] + [w.clone() for _ in range(copies - 1)]
@@ -99,6 +102,8 @@ class Layer:
         """A callable ``x -> y`` for copy ``r`` (None when the method is unavailable)."""
         if method == "bf16":
             return lambda x: F.linear(x, self.bf16[r])
+        if method == "gemv":
+            return lambda x: so.gemv(x, self.bf16[r])
         if method == "tinygemm":
             if self.tiny is None:
                 return None
@@ -111,11 +116,11 @@ class Layer:
     def check(self, method: str, x: torch.Tensor) -> None:
         """``method``'s output vs fp32 x @ W^T (the bf16 weight for bf16, the dequantized 4-bit one otherwise);
         the fp32 weight is built for the check and freed with it, not kept beside the timed copies."""
-        w = self.bf16[0].float() if method == "bf16" else Q.dequantize_w4(self.ours[0], torch.float32)
+        w = self.bf16[0].float() if method in ("bf16", "gemv") else Q.dequantize_w4(self.ours[0], torch.float32)
         ref = x.float() @ w.t()
         del w
         verify(f"{method} {self.name} M={x.shape[0]}", self.fn(method, 0)(x).float(), ref,
-               1e-2 if method in ("bf16",) + OURS else 2e-2)
+               1e-2 if method in ("bf16", "gemv") + OURS else 2e-2)
 
 
 def _ours(backend: str, w4, x):
@@ -181,6 +186,11 @@ def run(batches, iters: int) -> tuple:
                 row[f"{method}_us"] = us
                 row[f"{method}_TBps"] = nbytes[method] / (us * 1e-6) / 1e12
             row["floor4_us"] = nbytes["cuda"] / (copy_tbps * 1e12) * 1e6
+            row["floor16_us"] = nbytes["bf16"] / (copy_tbps * 1e12) * 1e6
+            if "gemv_us" in row:
+                row["gemv_over_floor16"] = row["gemv_us"] / row["floor16_us"]
+                if "bf16_us" in row:
+                    row["gemv_vs_bf16"] = row["bf16_us"] / row["gemv_us"]
             if "cuda_us" in row:
                 row["cuda_over_floor"] = row["cuda_us"] / row["floor4_us"]
                 for base in ("bf16", "tinygemm", "gemlite", "triton"):
@@ -272,10 +282,11 @@ def main(argv=None) -> int:
     for r in rows:
         r["copy_TBps"] = copy_tbps
     cols = ["M", "op", "N_x_K"] + [f"{m}_{u}" for m in METHODS for u in ("us", "TBps")] + [
-        "floor4_us", "cuda_over_floor", "cuda_vs_triton", "cuda_vs_tinygemm", "cuda_vs_gemlite", "cuda_vs_bf16"]
+        "floor4_us", "cuda_over_floor", "cuda_vs_triton", "cuda_vs_tinygemm", "cuda_vs_gemlite", "cuda_vs_bf16",
+        "floor16_us", "gemv_over_floor16", "gemv_vs_bf16"]
     note = "; ".join(f"{k}: {v}" for k, v in notes.items())
     write_results("gemv4", rows, cols, plot=_plot(rows, copy_tbps),
-                  title=f"W4A16 GEMV, Qwen2.5-7B layer, bf16, copy {copy_tbps:.2f} TB/s"
+                  title=f"Decode GEMVs (W4A16 and dense), Qwen2.5-7B layer, bf16, copy {copy_tbps:.2f} TB/s"
                         + (f" ({note})" if note else ""))
     return 0
 

@@ -10,6 +10,7 @@ Public ops (each also callable as ``torch.ops.sparsevila.<name>`` with out-varia
 ``select_pack_kv``         both of the above; ``prune_visual_tokens`` for pre-LLM pruning
 ``decode_attention``       split-KV decode over the packed cache; ``append_kv`` (Op 4)
 ``sparse_decode_attention``  decode that gathers by indices in the kernel (comparison point)
+``gemv``                   a decode step's linear layer (1-8 rows), optionally with a gated MLP's silu(gate) * up
 =========================  ===================================================================
 
 Backends: ``reference`` (torch), ``triton`` (default on CUDA), ``cuda`` (opt-in CUDA C++ kernels of ``csrc/``,
@@ -20,6 +21,7 @@ repository.
 """
 from ._backend import available_backends, use_backend
 from .decode import append_kv, decode_attention, sparse_decode_attention
+from .linear import gemv
 from .prefill import kv_relevance, prefill_attention
 from .salience import visual_salience
 from .select import pack_kv, prune_visual_tokens, select_kv, select_pack_kv
@@ -27,7 +29,7 @@ from .select import pack_kv, prune_visual_tokens, select_kv, select_pack_kv
 __version__ = "0.1.0"
 
 __all__ = [
-    "append_kv", "available_backends", "decode_attention", "kv_relevance", "pack_kv", "prefill_attention",
+    "append_kv", "available_backends", "decode_attention", "gemv", "kv_relevance", "pack_kv", "prefill_attention",
     "prune_visual_tokens", "select_kv", "select_pack_kv", "sparse_decode_attention", "use_backend",
     "visual_salience",
 ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 # Upper bound on the elements of one fp32 logits chunk [H, rows, n] (64 Mi floats = 256 MB).
 _CHUNK_ELEMS = 1 << 26
@@ -230,3 +231,17 @@ def sparse_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         o, L = _decode_rows(q[b], kr, vr, scale)
         out[b] = o.to(out.dtype)
         lse[b] = L
+
+
+def gated_input(x: torch.Tensor, K: int) -> torch.Tensor:
+    """``silu(x[:, :K]) * x[:, K:2K]`` with each step rounded to x's dtype, as ``F.silu(gate) * up`` computes it."""
+    return F.silu(x[:, :K]) * x[:, K:2 * K]
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], gated: bool, out: torch.Tensor) -> None:
+    """``out = h @ W^T (+ bias)`` in fp32, ``h = x`` or (gated) :func:`gated_input`; cast to out's dtype."""
+    h = gated_input(x, weight.shape[1]) if gated else x
+    y = h.float() @ weight.float().t()
+    if bias is not None:
+        y += bias.float()
+    out.copy_(y)

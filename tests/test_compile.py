@@ -125,11 +125,18 @@ def _sparse_decode():
     return (lambda q, k, v, i, n: so.sparse_decode_attention(q, k, v, i, n)), (q, k, v, idx, n_valid)
 
 
+def _gemv():
+    g = _gen()
+    x = torch.randn(2, 24, generator=g).to(torch.bfloat16)
+    w, b = torch.randn(5, 12, generator=g).to(torch.bfloat16), torch.randn(5, generator=g).to(torch.bfloat16)
+    return (lambda x, w, b: (so.gemv(x, w, b, gated=True), so.gemv(x[:, :12], w))), (x, w, b)
+
+
 CASES: Dict[str, Callable[[], Tuple[Callable, tuple]]] = {
     "visual_salience": _salience, "visual_salience_batched": _salience_batched, "prefill_attention": _prefill,
     "prefill_attention_rel_rows": _prefill_relevance, "kv_relevance": _kv_relevance, "select_kv": _select,
     "pack_kv": _pack, "select_pack_kv": _select_pack, "prune_visual_tokens": _prune,
-    "decode_attention": _decode, "append_kv": _append, "sparse_decode_attention": _sparse_decode,
+    "decode_attention": _decode, "append_kv": _append, "sparse_decode_attention": _sparse_decode, "gemv": _gemv,
 }
 
 

@@ -608,3 +608,46 @@ def test_fused_projections_follow_replaced_weights_and_autograd(device):
     assert torch.equal(_generate(model, inputs), out)
     ptrs = {layers[0].self_attn.__getattr__(n).weight.untyped_storage().data_ptr() for n in ("q_proj", "k_proj")}
     assert len(ptrs) == 2
+
+
+def test_decode_sized_linears_run_the_gemv_op(device, monkeypatch):
+    """At decode sizes (1-8 rows) an enabled model's fused q/k/v, o, gate/up and the gated down projection run
+    ``sparsevila_ops.gemv`` (on the CPU the reference backend: the cuda-backend condition forced), with the
+    model's outputs unchanged within bf16 rounding; prefill-sized inputs keep ``F.linear``; a greedy generate
+    gives the tokens of the F.linear path."""
+    from sparsevila_ops import linear
+    from sparsevila_ops.integrations import fused
+
+    model = tiny_model(seed=3, device=device, dtype=torch.bfloat16)
+    layer = model.model.language_model.layers[0]
+    sv.enable(model, 0.0, 0.0)
+    try:
+        x1 = torch.randn(1, 1, layer.mlp.gate_proj.in_features, device=device, dtype=torch.bfloat16)
+        x9 = torch.randn(1, 9, layer.mlp.gate_proj.in_features, device=device, dtype=torch.bfloat16)
+        with torch.no_grad():
+            want1, want9 = layer.mlp(x1), layer.mlp(x9)
+            ref1 = layer.mlp.down_proj.weight.double() @ (
+                torch.nn.functional.silu(layer.mlp.gate_proj(x1)) * layer.mlp.up_proj(x1))[0, 0].double()
+        calls = []
+        real = linear.gemv
+        monkeypatch.setattr(linear, "gemv", lambda x, w, b=None, **kw: calls.append((tuple(x.shape), kw)) or
+                            real(x, w, b, **kw))
+        monkeypatch.setattr(fused, "_decode_gemv", lambda x, w: x.numel() <= linear.MAX_ROWS * x.shape[-1]
+                            and x.dtype == w.dtype == torch.bfloat16)
+        with torch.no_grad():
+            got1, got9 = layer.mlp(x1), layer.mlp(x9)
+        K2 = 2 * layer.mlp.down_proj.in_features
+        assert calls == [((1, layer.mlp.gate_proj.in_features), {}), ((1, K2), {"gated": True})]
+        assert torch.equal(got9, want9)  # 9 rows: F.linear, as before
+        assert (got1[0, 0].double() - ref1).abs().max() <= 2 * (want1[0, 0].double() - ref1).abs().max() + 1e-2
+        calls.clear()
+        inputs = visual_inputs(device=device, dtype=torch.bfloat16)
+        with torch.no_grad():
+            forced = model.generate(**inputs, max_new_tokens=4, do_sample=False, disable_compile=True)
+        assert len(calls) >= 3 * 4 * 2  # qkv, o, gate_up + gated down per layer and step (and more)
+        monkeypatch.undo()
+        with torch.no_grad():
+            plain = model.generate(**inputs, max_new_tokens=4, do_sample=False, disable_compile=True)
+        assert torch.equal(forced, plain)
+    finally:
+        sv.disable(model)

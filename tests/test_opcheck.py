@@ -95,6 +95,15 @@ def _sparse_decode_attention():
     return [(q, kc, vc, idx, _i32([3, 4]), 0.3, poison(torch.empty(2, 4, 8)), poison(torch.empty(2, 4)))]
 
 
+def _gemv():
+    g = _g()
+    x = torch.randn(3, 40, generator=g).to(torch.bfloat16)[:, 4:]  # strided rows
+    w = torch.randn(5, 18, generator=g).to(torch.bfloat16)
+    b = torch.randn(5, generator=g).to(torch.bfloat16)
+    return [(x, w, b, True, poison(torch.empty(3, 5, dtype=torch.bfloat16))),
+            (x[:, :18], w, None, False, poison(torch.empty(3, 5, dtype=torch.bfloat16)))]
+
+
 CASES = {
     "visual_salience": _visual_salience,
     "prefill_attention": _prefill_attention,
@@ -105,6 +114,7 @@ CASES = {
     "decode_attention": _decode_attention,
     "append_kv": _append_kv,
     "sparse_decode_attention": _sparse_decode_attention,
+    "gemv": _gemv,
 }
 
 

@@ -37,6 +37,7 @@ from transformers.activations import SiLUActivation
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .. import _backend
+from .. import linear as gemv_linear
 
 QKV, GATE_UP, DOWN = "_sparsevila_qkv", "_sparsevila_gate_up", "_sparsevila_down"
 PAD = 64  # MLP intermediate sizes are padded to a multiple of this
@@ -156,15 +157,66 @@ def _own_storage(linears: Sequence[nn.Module]) -> None:
                 m.bias = nn.Parameter(m.bias.detach().clone(), requires_grad=m.bias.requires_grad)
 
 
+_GEMV_DEVICES: dict = {}  # device -> whether the cuda backend runs there (asked once; ``fuse`` asks eagerly)
+
+
+def _gemv_device(device: torch.device) -> bool:
+    ready = _GEMV_DEVICES.get(device)
+    if ready is None:
+        from .. import _cuda
+        ready = _GEMV_DEVICES[device] = _cuda.unusable(device) is None
+    return ready
+
+
+def _decode_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether a linear layer of ``weight`` on ``x [..., K]`` runs :func:`sparsevila_ops.gemv`: 1-8 rows (a decode
+    step) of fp16/bf16 on a GPU where the cuda backend runs (its GEMV streams weights faster than cuBLAS at these
+    sizes, bench/NOTES.md; the portable Triton one does not, so without the cuda backend ``F.linear`` runs), no
+    autograd recording into a trainable weight or x, and (outside ``torch.compile``, whose graphs read only what
+    ``fuse`` recorded) no other backend requested."""
+    if x.device.type != "cuda" or x.dtype not in (torch.float16, torch.bfloat16) or weight.dtype != x.dtype:
+        return False
+    if x.numel() > gemv_linear.MAX_ROWS * x.shape[-1] or x.numel() == 0:
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return False
+    if not torch.compiler.is_compiling() and _backend.requested_backend() not in (None, "cuda"):
+        return False
+    return _gemv_device(x.device)
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``; one :func:`sparsevila_ops.gemv` launch where :func:`_decode_gemv` allows."""
+    if not _decode_gemv(x, weight):
+        return F.linear(x, weight, bias)
+    return gemv_linear.gemv(x.reshape(-1, x.shape[-1]), weight, bias).view(*x.shape[:-1], weight.shape[0])
+
+
+def _call_linear(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``linear(x)``, through :func:`_linear` when it is a plain ``nn.Linear``."""
+    if type(linear) is nn.Linear and _plain(linear):
+        return _linear(x, linear.weight, linear.bias)
+    return linear(x)
+
+
+def _fused_output(module: nn.Module, x: torch.Tensor, state: str) -> torch.Tensor:
+    """The fused projection's output ``x W^T (+ b)`` (the projections' outputs side by side, padded blocks
+    included)."""
+    weight, bias = module.__dict__[state][:2]
+    return weight(x) if isinstance(weight, nn.Module) else _linear(x, weight, bias)
+
+
 def _project(module: nn.Module, x: torch.Tensor, names: Sequence[str], state: str) -> List[torch.Tensor]:
     """The outputs of ``module``'s projections ``names`` on ``x``: one fused linear, or the projections
     themselves while autograd records into trainable weights (the fused weight is detached)."""
     first = getattr(module, names[0])
-    if torch.is_grad_enabled() and isinstance(first, nn.Linear) and first.weight.requires_grad:
+    if _trains(first):
         return [getattr(module, n)(x) for n in names]
-    weight, bias, sizes = module.__dict__[state][:3]
-    y = weight(x) if isinstance(weight, nn.Module) else F.linear(x, weight, bias)
-    return list(y.split(sizes, dim=-1))
+    return list(_fused_output(module, x, state).split(module.__dict__[state][2], dim=-1))
+
+
+def _trains(linear: nn.Module) -> bool:
+    return torch.is_grad_enabled() and isinstance(linear, nn.Linear) and linear.weight.requires_grad
 
 
 def _attention_forward(self, hidden_states: torch.Tensor, attention_mask=None, position_ids=None,
@@ -183,7 +235,7 @@ def _attention_forward(self, hidden_states: torch.Tensor, attention_mask=None, p
                              dropout=0.0 if not self.training else self.attention_dropout, scaling=self.scaling,
                              sliding_window=getattr(self, "sliding_window", None), position_ids=position_ids,
                              **kwargs)
-    return self.o_proj(out.reshape(bsz, q_len, -1).contiguous()), weights
+    return _call_linear(self.o_proj, out.reshape(bsz, q_len, -1).contiguous()), weights
 
 
 def triton_elementwise(x: torch.Tensor, *params: torch.Tensor) -> bool:
@@ -200,17 +252,27 @@ def triton_elementwise(x: torch.Tensor, *params: torch.Tensor) -> bool:
 
 def _mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
     """``down(act(x W_gate^T) * (x W_up^T))`` with one GEMV for ``[W_gate; W_up]`` (and, intermediate size padded,
-    the padded ``down``); a SiLU gate times up as one Triton kernel where :func:`triton_elementwise` allows."""
+    the padded ``down``); at decode sizes (:func:`_decode_gemv`) a SiLU MLP's down projection computes
+    ``silu(gate) * up`` itself (``gemv(..., gated=True)``); elsewhere a SiLU gate times up as one Triton kernel where
+    :func:`triton_elementwise` allows."""
+    silu = isinstance(self.act_fn, (nn.SiLU, SiLUActivation))
+    down, fused = self.__dict__.get(DOWN), self.__dict__.get(GATE_UP)
+    if (silu and fused is not None and type(self.down_proj) is nn.Linear and _plain(self.down_proj)
+            and not _trains(self.gate_proj)):
+        down_weight, down_bias = down if down is not None else (self.down_proj.weight, self.down_proj.bias)
+        if list(fused[2]) == [down_weight.shape[1]] * 2 and _decode_gemv(x, down_weight):
+            gate_up = _fused_output(self, x, GATE_UP)
+            y = gemv_linear.gemv(gate_up.reshape(-1, gate_up.shape[-1]), down_weight, down_bias, gated=True)
+            return y.view(*x.shape[:-1], down_weight.shape[0])
     gate, up = _project(self, x, ("gate_proj", "up_proj"), GATE_UP)
-    if isinstance(self.act_fn, (nn.SiLU, SiLUActivation)) and triton_elementwise(gate):
+    if silu and triton_elementwise(gate):
         from ..triton_kernels.vision import silu_mul
         h = silu_mul(gate, up)
     else:
         h = self.act_fn(gate) * up
-    down = self.__dict__.get(DOWN)
     if down is None or h.shape[-1] == self.down_proj.in_features:  # not padded, or the autograd path
-        return self.down_proj(h)
-    return F.linear(h, *down)
+        return _call_linear(self.down_proj, h)
+    return _linear(h, *down)
 
 
 def _groups(layer: nn.Module, rope: Callable, eager: Callable):
@@ -258,6 +320,9 @@ def fuse(layers: Iterable[nn.Module], rope: Optional[Callable] = None, eager: Op
             if not _current(linears, module.__dict__.get(state)):
                 module.__dict__[state] = _concat_into_views(linears, pad)
                 module.forward = types.MethodType(forward, module)
+            weight = getattr(linears[0], "weight", None)  # W4Linear: none (its GEMV is its own)
+            if weight is not None and weight.device.type == "cuda":
+                _gemv_device(weight.device)  # asked now, outside any torch.compile trace
             done.append(f"{i}.{'self_attn' if state == QKV else 'mlp'}")
     return done
 

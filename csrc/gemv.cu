@@ -1,0 +1,206 @@
+// gemv, cuda backend (sm_80+): out[M, N] = h[M, K] @ W^T (+ bias) for 1 <= M <= 8 rows (the decode batch), one
+// launch (no split-K reduce grid), W [N, K] bf16/fp16.
+//   plain: h = x[:, :K]
+//   gated: h = round(round(silu(x[:, :K])) * x[:, K:2K])   (x holds a gated MLP's gate and up halves; rounded to
+//          x's dtype twice, as F.silu(gate) * up stores it, so the fused down projection sees the unfused h)
+//
+// At M <= 8 a GEMV streams W once, 2 bytes per multiply-add per row of x: plain fp32 FMAs keep up with copy
+// bandwidth (per 16-byte chunk of W and row of x: one load, 8 conversions, 8 FMAs), no tensor cores needed.
+// CTA: warps = RW row groups x KW K slices; warp (wr, wk) owns R consecutive rows of W and the 256-element chunks
+// wk, wk + KW, wk + 2 KW, ... of K: lane l reads k = 256 c + 8 l .. + 8 of each row (16 bytes; a warp's load is
+// 512 contiguous bytes). Each lane keeps U = 8 / R chunks per row in flight (8 x 16 B), double-buffered in
+// registers: the next U chunks are requested before the current ones are multiplied. x (tiny, shared by every
+// CTA) is read through L1. Under programmatic dependent launch the first U chunks of W are requested before
+// griddepcontrol.wait (W never depends on the previous kernel; x and out may).
+// Sums: two fp32 chains per (row of x, row of W) at M = 1, one otherwise; a warp's lanes meet by shuffles, the KW
+// slices of a row in shared memory, summed in K-slice order (deterministic), + bias, cast to x's dtype.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include <type_traits>
+
+#include "launch_util.cuh"
+#include "sparsevila_cuda.h"
+
+namespace {
+
+using sparsevila::Int;
+
+constexpr int kMaxRows = 8;   // rows of x per launch
+constexpr int kMaxWarps = 8;  // per CTA
+
+struct Args {
+  const void* x;
+  const void* w;
+  const void* bias;  // null: none
+  void* out;
+  int M, N, K;
+  long long sx, sw;  // row strides of x and W (elements)
+};
+
+// 16 bytes of W, streamed once: not kept in L1. Volatile, so the prologue's loads stay before griddepcontrol.wait.
+__device__ __forceinline__ uint4 load_stream(const void* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+
+// 8 packed values -> fp32 (bf16: the bits shifted into an fp32's high half, exact).
+template <typename T>
+__device__ __forceinline__ void unpack8(const uint4& v, float (&f)[8]) {
+  const uint32_t u[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    if constexpr (std::is_same<T, __half>::value) {
+      const float2 p = __half22float2(*reinterpret_cast<const __half2*>(&u[i]));
+      f[2 * i] = p.x;
+      f[2 * i + 1] = p.y;
+    } else {
+      f[2 * i] = __uint_as_float(u[i] << 16);
+      f[2 * i + 1] = __uint_as_float(u[i] & 0xFFFF0000u);
+    }
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ float round_to(float v) {
+  return static_cast<float>(static_cast<T>(v));
+}
+
+// h's chunk (8 k's from k0) of x's row m, in fp32 (gated: the module doc's rounding).
+template <typename T, bool GATED>
+__device__ __forceinline__ void load_h(const Args& a, int m, int k0, float (&h)[8]) {
+  const T* row = static_cast<const T*>(a.x) + m * a.sx + k0;
+  unpack8<T>(*reinterpret_cast<const uint4*>(row), h);
+  if constexpr (GATED) {
+    float up[8];
+    unpack8<T>(*reinterpret_cast<const uint4*>(row + a.K), up);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) h[e] = round_to<T>(round_to<T>(__fdividef(h[e], 1.f + __expf(-h[e]))) * up[e]);
+  }
+}
+
+template <typename T, int R, int MT, bool GATED>
+__global__ void __launch_bounds__(256) gemv_kernel(const __grid_constant__ Args a, int kwarps, int pdl) {
+  constexpr int U = 8 / R;             // chunks per row in flight per lane
+  constexpr int A = MT == 1 ? 2 : 1;   // independent FMA chains per (x row, W row)
+  __shared__ float red[kMaxWarps][MT][R];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, W = blockDim.x >> 5;
+  const int wn = warp / kwarps, wk = warp % kwarps;
+  const int n0 = (blockIdx.x * (W / kwarps) + wn) * R;
+  const int chunks = a.K >> 3, stride = 32 * kwarps, step = stride * U;
+  const bool active = n0 < a.N;
+  const T* wrow[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r)  // rows past N read row N - 1 and are never stored
+    wrow[r] = static_cast<const T*>(a.w) + (long long)(n0 + r < a.N ? n0 + r : a.N - 1) * a.sw + 8 * lane;
+
+  uint4 buf[2][R][U];
+  auto request = [&](uint4 (&b)[R][U], int base) {  // chunks base + u * stride (+ lane) of the R rows
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+#pragma unroll
+      for (int r = 0; r < R; ++r)
+        b[r][u] = base + u * stride + lane < chunks ? load_stream(wrow[r] + 8 * (base + u * stride))
+                                                    : make_uint4(0u, 0u, 0u, 0u);
+  };
+  float acc[MT][R][A] = {};
+  auto multiply = [&](const uint4 (&b)[R][U], int base) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int c = base + u * stride + lane;
+      if (c >= chunks) continue;
+      float wf[R][8];
+#pragma unroll
+      for (int r = 0; r < R; ++r) unpack8<T>(b[r][u], wf[r]);
+#pragma unroll
+      for (int m = 0; m < MT; ++m) {
+        if (m >= a.M) break;
+        float h[8];
+        load_h<T, GATED>(a, m, 8 * c, h);
+#pragma unroll
+        for (int r = 0; r < R; ++r)
+#pragma unroll
+          for (int e = 0; e < 8; ++e) acc[m][r][e % A] = fmaf(wf[r][e], h[e], acc[m][r][e % A]);
+      }
+    }
+  };
+
+  int base = 32 * wk;
+  if (active) request(buf[0], base);
+  if (pdl) {
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+  }
+  // two buffers, unrolled by hand so no registers are copied between iterations
+  while (active && base < chunks) {
+    if (base + step < chunks) request(buf[1], base + step);
+    multiply(buf[0], base);
+    base += step;
+    if (base >= chunks) break;
+    if (base + step < chunks) request(buf[0], base + step);
+    multiply(buf[1], base);
+    base += step;
+  }
+
+#pragma unroll
+  for (int m = 0; m < MT; ++m)
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      float v = acc[m][r][0];
+#pragma unroll
+      for (int i = 1; i < A; ++i) v += acc[m][r][i];
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xFFFFFFFFu, v, o);
+      if (lane == 0) red[warp][m][r] = v;
+    }
+  __syncthreads();
+  const int rows = R * (W / kwarps);
+  for (int idx = threadIdx.x; idx < a.M * rows; idx += blockDim.x) {
+    const int m = idx / rows, c = idx % rows, n = blockIdx.x * rows + c;
+    if (n >= a.N) continue;
+    float y = 0.f;
+    for (int s = 0; s < kwarps; ++s) y += red[(c / R) * kwarps + s][m][c % R];  // K slices in order
+    if (a.bias != nullptr) y += static_cast<float>(static_cast<const T*>(a.bias)[n]);
+    static_cast<T*>(a.out)[(long long)m * a.N + n] = static_cast<T>(y);
+  }
+}
+
+// fn(Tag<T>, Int<R>, Int<MT>, Int<GATED>) for the compiled instantiation; `fallback` when there is none.
+template <typename Fn>
+int dispatch(int dtype, int rows, int m, int gated, int fallback, Fn&& fn) {
+  using sparsevila::dispatch_int;
+  return sparsevila::dispatch_dtype(dtype, fallback, [&](auto t) {
+    return dispatch_int<1, 2, 4>(rows, fallback, [&](auto r) {
+      return dispatch_int<1, 2, 4, 8>(m <= 1 ? 1 : m <= 2 ? 2 : m <= 4 ? 4 : 8, fallback, [&](auto mt) {
+        return dispatch_int<0, 1>(gated, fallback, [&](auto g) { return fn(t, r, mt, g); });
+      });
+    });
+  });
+}
+
+}  // namespace
+
+extern "C" {
+
+int svo_gemv(int dtype, const void* x, const void* w, const void* bias, void* out, int M, int N, int K,
+             long long sx, long long sw, int gated, int rows, int warps, int kwarps, int pdl, void* stream) {
+  if (M < 1 || M > kMaxRows || N < 1 || K < 8 || K % 8 || sw < K || sw % 8 || (M > 1 && (sx < (gated ? 2 : 1) * K ||
+      sx % 8)) || warps < 1 || warps > kMaxWarps || kwarps < 1 || warps % kwarps)
+    return cudaErrorInvalidValue;
+  const Args a{x, w, bias, out, M, N, K, sx, sw};
+  return dispatch(dtype, rows, M, gated, cudaErrorInvalidValue, [&](auto t, auto r, auto mt, auto g) -> int {
+    using T = typename decltype(t)::type;
+    constexpr int R = decltype(r)::value;
+    const int per_cta = R * (warps / kwarps);
+    return sparsevila::launch_pdl(gemv_kernel<T, R, decltype(mt)::value, decltype(g)::value == 1>,
+                                  dim3((N + per_cta - 1) / per_cta), dim3(32 * warps), 0,
+                                  static_cast<cudaStream_t>(stream), pdl, a, kwarps, pdl);
+  });
+}
+
+}  // extern "C"

@@ -1,0 +1,110 @@
+"""Host side of ``gemv`` on the cuda backend: ``csrc/gemv.cu`` (fp32-FMA GEMV for 1-8 rows of x, each lane keeping
+8 16-byte chunks of W in flight, double-buffered in registers; K split over a CTA's warps and summed in shared
+memory: one launch, deterministic; under PDL the first chunks of W are requested before the dependency wait),
+built and loaded by ``_cuda``.
+
+Covered: bf16/fp16, 1 <= M <= 8, K a multiple of 8, x and W with unit column stride and 16-byte aligned rows, out
+and bias contiguous. Other calls run the Triton backend's kernel (through the backend registry, so this module
+never imports Triton), which covers every case of the op.
+
+Config (``GEMV_CUDA``, the autotune seam; default ``_default``): ``rows`` of W per warp (1, 2, 4), ``warps`` per
+CTA (2, 4, 8), of which ``kwarps`` (dividing ``warps``) split K.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+
+from . import _backend, _cuda, _device
+from .autotune import Tunable, gpu_name
+
+_DTYPES = {torch.bfloat16: 0, torch.float16: 1}
+MAX_ROWS = 8  # rows of x per launch
+WARPS_PER_SM = 16  # the default aims for this many warps per SM (each keeps 8 x 16 B per lane in flight)
+
+
+def _aligned_rows(t: torch.Tensor) -> bool:
+    """Unit column stride, 16-byte aligned start and row stride (a single row: any row stride)."""
+    return t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and (t.shape[0] <= 1 or t.stride(0) % 8 == 0)
+
+
+def unsupported(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], out: torch.Tensor
+                ) -> Optional[str]:
+    """Why the kernel cannot take these inputs (None: it can)."""
+    if x.dtype not in _DTYPES:
+        return f"dtype {x.dtype} (bf16/fp16 only)"
+    if not 1 <= x.shape[0] <= MAX_ROWS:
+        return f"{x.shape[0]} rows of x (1..{MAX_ROWS})"
+    if weight.shape[1] % 8 or weight.shape[1] == 0:
+        return f"K = {weight.shape[1]} not a positive multiple of 8"
+    if not _aligned_rows(x) or not _aligned_rows(weight):
+        return "x or weight not 16-byte aligned rows with unit column stride"
+    if not out.is_contiguous() or (bias is not None and not bias.is_contiguous()):
+        return "out or bias not contiguous"
+    return None
+
+
+class GemvCudaKey(NamedTuple):
+    gpu: str
+    dtype: torch.dtype
+    M: int  # rows of x (the decode batch)
+    N: int  # out_features
+    K: int  # in_features
+    gated: bool
+    sms: int
+
+
+def _key(x, weight, bias, gated, out) -> GemvCudaKey:
+    return GemvCudaKey(gpu_name(x.device), x.dtype, x.shape[0], weight.shape[0], weight.shape[1], bool(gated),
+                       _device.sm_count(x.device))
+
+
+def _default(key: GemvCudaKey) -> dict:
+    """2 rows of W per warp; K split over as many warps (1, 2, 4, 8; each slice >= 2 chunks of 256) as it takes
+    to have ``WARPS_PER_SM`` warps per SM; 4 warps per CTA (8 when K is split 8 ways)."""
+    rows = 2
+    kwarps = 1
+    while kwarps < 8 and -(-key.N // rows) * kwarps < WARPS_PER_SM * key.sms and key.K >= 512 * 2 * kwarps:
+        kwarps *= 2
+    return {"rows": rows, "warps": max(4, kwarps), "kwarps": kwarps}
+
+
+def _space(key: GemvCudaKey) -> list:
+    """rows 1, 2, 4 x (warps, kwarps) in (2, 1), (4, 1), (8, 1), (4, 2), (8, 2), (4, 4), (8, 4), (8, 8)."""
+    return [{"rows": r, "warps": w, "kwarps": k} for r in (1, 2, 4)
+            for w, k in ((2, 1), (4, 1), (8, 1), (4, 2), (8, 2), (4, 4), (8, 4), (8, 8))]
+
+
+def _launch(x, weight, bias, gated, out, cfg) -> None:
+    M, N, K = x.shape[0], weight.shape[0], weight.shape[1]
+    _cuda.library().gemv(
+        _DTYPES[x.dtype], x.data_ptr(), weight.data_ptr(), 0 if bias is None else bias.data_ptr(), out.data_ptr(),
+        M, N, K, x.stride(0) if M > 1 else 2 * K, weight.stride(0) if N > 1 else K, int(gated), cfg["rows"],
+        cfg["warps"], cfg["kwarps"], int(_device.use_pdl(x.device)), torch.cuda.current_stream(x.device).cuda_stream)
+
+
+def _unsupported(x, weight, bias, gated, out) -> Optional[str]:
+    """Why the kernel cannot take this launch here: the backend unusable on the device, or the inputs."""
+    why = _cuda.unusable(x.device)
+    if why is not None:
+        return f"the cuda backend cannot run here: {why}"
+    return unsupported(x, weight, bias, out)
+
+
+# what decides a config's meaning and speed besides the host code: the kernel sources, the binding, nvcc flags
+_SOURCE = [*(_cuda.source_dir() / f for f in ("gemv.cu", "launch_util.cuh", "sparsevila_cuda.h", "bindings.cpp")),
+           _cuda.NVCC_FLAGS]
+GEMV_CUDA = Tunable("gemv", "cuda", _SOURCE, key=_key, space=_space, default=_default, launch=_launch,
+                    buckets=("M", "N", "K"), unsupported=_unsupported)
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], gated: bool, out: torch.Tensor) -> None:
+    """``out = h @ W^T (+ bias)`` in one launch of the CUDA kernel (module doc); inputs it does not cover run the
+    Triton backend's kernel."""
+    if x.shape[0] == 0 or weight.shape[0] == 0:
+        return
+    if unsupported(x, weight, bias, out) is not None:
+        _backend.implementation("gemv", "triton", x.device)(x, weight, bias, gated, out)
+        return
+    GEMV_CUDA(x, weight, bias, gated, out)

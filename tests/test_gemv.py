@@ -1,0 +1,187 @@
+"""gemv (``sparsevila_ops.linear``; ``triton_kernels/gemv.py``, ``csrc/gemv.cu`` with ``cuda_gemv.py``) against a
+float64 matmul of the same h (gated: ``F.silu(gate) * up`` in x's dtype, the op's contract), with the accuracy rule
+of the output's rounding. Outputs are poisoned first.
+
+CPU: the reference and the Triton kernel (interpreter), validation, the cuda kernel's support rules and configs.
+GPU (`gpu`, where the cuda backend runs): every config of the cuda space on awkward shapes, batches 1-8, strided and
+unaligned rows (the Triton fallback), fp16/bf16, bias, gated, bitwise repeatability, CUDA-graph replay, and the op's
+default routing.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sparsevila_ops as so
+from helpers import poison, rel_err
+from sparsevila_ops import _backend, _cuda, autotune
+
+# Unit roundoff of the output dtype (the fp32 sums' own error is far below), plus margin for a gated h that the
+# GPU's fast exp rounds one ulp the other way on a few elements.
+TOL = {torch.bfloat16: 2.0 ** -8 + 2e-4, torch.float16: 2.0 ** -11 + 2e-4}
+DTYPES = (torch.bfloat16, torch.float16)
+HAS_CUDA_BACKEND = torch.cuda.is_available() and _cuda.unusable(torch.device("cuda")) is None
+needs_cuda = pytest.mark.skipif(not HAS_CUDA_BACKEND, reason="the cuda backend cannot run here")
+
+
+def _gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def _inputs(M, N, K, dtype, device, gated=False, bias=True, pad=0, seed=0):
+    """x [M, K] (gated: [M, 2K]) as a view with `pad` extra columns per row, weight [N, K] * 0.05, bias [N]."""
+    width = 2 * K if gated else K
+    x = torch.randn(M, width + pad, generator=_gen(seed)).to(device, dtype)[:, pad:] if pad else \
+        torch.randn(M, width, generator=_gen(seed)).to(device, dtype)
+    w = (torch.randn(N, K, generator=_gen(seed + 1)) * 0.05).to(device, dtype)
+    b = torch.randn(N, generator=_gen(seed + 2)).to(device, dtype) if bias else None
+    return x, w, b
+
+
+def _oracle(x, w, b, gated):
+    h = F.silu(x[:, :w.shape[1]].cpu()) * x[:, w.shape[1]:].cpu() if gated else x.cpu()
+    y = h.double() @ w.double().cpu().t()
+    return y if b is None else y + b.double().cpu()
+
+
+def _kernel():
+    from sparsevila_ops.triton_kernels import gemv
+    return gemv
+
+
+TRITON_CONFIGS = [{"BLOCK_N": 16, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2},
+                  {"BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3}]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("gated", (False, True))
+@pytest.mark.parametrize("M", [1, 3, 8])
+@pytest.mark.parametrize("cfg", range(len(TRITON_CONFIGS)))
+def test_triton_kernel_matches_float64(device, dtype, gated, M, cfg):
+    """N = 37 (no multiple of a tile), K = 200 (a partial last slice), x rows strided, bias on odd M."""
+    N, K = 37, 200
+    x, w, b = _inputs(M, N, K, dtype, device, gated=gated, bias=M % 2 == 1, pad=8, seed=M)
+    out = poison(torch.empty(M, N, dtype=dtype, device=device))
+    _kernel().launch(x, w, b, gated, out, TRITON_CONFIGS[cfg])
+    assert rel_err(out, _oracle(x, w, b, gated)) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("gated", (False, True))
+def test_reference_backend_and_public_function(gated):
+    x, w, b = _inputs(5, 21, 48, torch.bfloat16, "cpu", gated=gated, seed=3)
+    with so.use_backend("reference"):
+        y = so.gemv(x, w, b, gated=gated)
+        out = poison(torch.empty(5, 21, dtype=torch.bfloat16))
+        assert so.gemv(x, w, b, gated=gated, out=out) is out
+    assert rel_err(y, _oracle(x, w, b, gated)) <= TOL[torch.bfloat16]
+    assert torch.equal(out, y)
+
+
+def test_validation():
+    x, w, b = _inputs(2, 16, 32, torch.bfloat16, "cpu")
+    with pytest.raises(TypeError, match="x must have dtype"):
+        so.gemv(x.float(), w)
+    with pytest.raises(TypeError, match="weight must have dtype"):
+        so.gemv(x, w.half())
+    with pytest.raises(ValueError, match="1 to 8 rows"):
+        so.gemv(torch.zeros(9, 32, dtype=torch.bfloat16), w)
+    with pytest.raises(ValueError, match=r"x must be \[M, 2K\] = \[M, 64\]"):
+        so.gemv(x, w, gated=True)
+    with pytest.raises(ValueError, match=r"x must be \[M, K\] = \[M, 32\]"):
+        so.gemv(torch.zeros(2, 30, dtype=torch.bfloat16), w)
+    with pytest.raises(ValueError, match=r"bias must be \[N\] = \[16\]"):
+        so.gemv(x, w, b[:8])
+    with pytest.raises(TypeError, match="gated must be a bool"):
+        so.gemv(x, w, gated=1)
+    with pytest.raises(ValueError, match="out must be"):
+        so.gemv(x, w, out=torch.empty(2, 15, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="contiguous in its last dim"):
+        so.gemv(x, w.t().contiguous().t())
+
+
+def test_cuda_support_rules():
+    from sparsevila_ops.cuda_gemv import unsupported
+    x, w, b = _inputs(3, 16, 256, torch.bfloat16, "cpu")
+    out = torch.empty(3, 16, dtype=torch.bfloat16)
+    assert unsupported(x, w, b, out) is None
+    assert "dtype" in unsupported(x.float(), w, b, out)
+    assert "rows of x" in unsupported(torch.zeros(9, 256, dtype=torch.bfloat16), w, b, out)
+    assert "multiple of 8" in unsupported(x[:, :252], w[:, :252], b, out)
+    assert "16-byte" in unsupported(torch.zeros(3, 268, dtype=torch.bfloat16)[:, 4:260], w, b, out)
+    assert unsupported(torch.zeros(3, 272, dtype=torch.bfloat16)[:, 8:264], w, b, out) is None
+    assert "16-byte" in unsupported(x, torch.zeros(16, 260, dtype=torch.bfloat16)[:, :256], b, out)
+    assert "contiguous" in unsupported(x, w, b, torch.empty(16, 3, dtype=torch.bfloat16).t())
+    assert "cuda" in _backend._REGISTRY["gemv"]
+    from sparsevila_ops import linear
+    assert linear._preferred_backend(torch.device("cpu"), x, w, b, False, out) is None
+    assert autotune.kernel("gemv", "cuda").op == "gemv"
+
+
+@pytest.mark.parametrize("M", [1, 8])
+def test_cuda_default_is_in_the_space(M):
+    from sparsevila_ops import cuda_gemv as C
+    for N, K in ((4608, 3584), (3584, 3584), (37888, 3584), (3584, 18944), (512, 3584), (8, 8), (152064, 3584)):
+        for gated in (False, True):
+            key = C.GemvCudaKey("gpu", torch.bfloat16, M, N, K, gated, 132)
+            space = C._space(key)
+            assert C._default(key) in space
+            assert all(c["warps"] % c["kwarps"] == 0 for c in space)
+
+
+def _cuda_launch(x, w, b, gated, cfg):
+    from sparsevila_ops import cuda_gemv
+    out = poison(torch.empty(x.shape[0], w.shape[0], dtype=x.dtype, device=x.device))
+    cuda_gemv._launch(x, w, b, gated, out, cfg)
+    return out
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("gated", (False, True))
+def test_cuda_every_config_of_the_space(gated):
+    """N = 37 (no multiple of a CTA's rows), K = 1000 (3 full warp chunks of 256 and a partial one: fewer than most
+    K splits), M 5."""
+    N, K, M = 37, 1000, 5
+    x, w, b = _inputs(M, N, K, torch.bfloat16, "cuda", gated=gated, pad=16, seed=4)
+    ref = _oracle(x, w, b, gated)
+    space = autotune.config_space("gemv", x, w, b, gated, x.new_empty(M, N), backend="cuda")
+    assert len(space) >= 24
+    for cfg in space:
+        assert rel_err(_cuda_launch(x, w, b, gated, cfg), ref) <= TOL[torch.bfloat16], cfg
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("gated", (False, True))
+@pytest.mark.parametrize("M,N,K", [(1, 4608, 3584), (2, 3584, 18944), (3, 1031, 8), (4, 520, 1288), (7, 264, 640),
+                                   (8, 2048, 1024), (1, 1, 4096)])
+def test_cuda_shapes_and_batches(dtype, gated, M, N, K):
+    x, w, b = _inputs(M, N, K, dtype, "cuda", gated=gated, bias=M % 2 == 1, pad=8, seed=M + N)
+    ref = _oracle(x, w, b, gated)
+    for cfg in ({"rows": 1, "warps": 8, "kwarps": 8}, {"rows": 4, "warps": 6, "kwarps": 3},
+                {"rows": 2, "warps": 3, "kwarps": 1}):
+        assert rel_err(_cuda_launch(x, w, b, gated, cfg), ref) <= TOL[dtype], cfg
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_routing_repeatable_and_in_a_graph():
+    """The op picks the cuda backend by default for covered inputs; results are bitwise repeatable and a CUDA
+    graph replays the eager bits; unaligned x rows run the Triton kernel, still correct."""
+    x, w, b = _inputs(1, 3584, 3584, torch.bfloat16, "cuda", seed=7)
+    assert _backend.resolve("gemv", x.device, (x, w, b, False, x.new_empty(1, 3584))).__module__ \
+        == "sparsevila_ops.cuda_gemv"
+    y = so.gemv(x, w, b)
+    assert rel_err(y, _oracle(x, w, b, False)) <= TOL[torch.bfloat16]
+    assert all(torch.equal(so.gemv(x, w, b), y) for _ in range(3))
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = so.gemv(x, w, b)
+    poison(out)
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, y)
+    xu, wu, bu = _inputs(3, 40, 256, torch.bfloat16, "cuda", gated=True, pad=4, seed=11)  # rows 8 bytes off
+    assert rel_err(so.gemv(xu, wu, bu, gated=True), _oracle(xu, wu, bu, True)) <= TOL[torch.bfloat16]

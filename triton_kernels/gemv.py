@@ -1,0 +1,118 @@
+"""Triton kernel for the dense decode GEMV ``out[M, N] = h[M, K] @ W^T (+ bias)``, M <= 8 (the ``gemv`` op).
+
+``h = x[:, :K]``, or with ``GATED`` ``h = round(round(silu(x[:, :K])) * x[:, K:2K])`` (a gated MLP's gate and up
+halves, rounded to x's dtype as ``F.silu(gate) * up`` stores them). Program p owns rows ``[p BLOCK_N, (p+1)
+BLOCK_N)`` of W and walks K in ``BLOCK_K`` slices: ``acc += h[:, slice] @ W[rows, slice]^T`` on tensor cores, x's
+rows padded to 16, fp32 accumulation; + bias, cast to x's dtype. With PDL (Hopper) it waits in
+``griddepcontrol.wait`` before reading anything and lets its dependent launch at once. This is the portable
+backend of the op; the cuda backend (``csrc/gemv.cu``) is preferred where it runs.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+from .._device import sm_count, use_pdl
+from ..autotune import Tunable, gpu_name
+
+BLOCK_M = 16  # x rows per tensor-core tile (the op serves M <= 8)
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, sx, sw, so, GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, PDL: tl.constexpr):
+    if PDL:  # x (and out) may be written by the previous kernel
+        gdc_wait()
+        gdc_launch_dependents()
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mrow = rows < N
+    m = tl.arange(0, BLOCK_M)
+    mm = m < M
+    kk = tl.arange(0, BLOCK_K)
+    dt = x_ptr.dtype.element_ty
+    w_rows = w_ptr + rows.to(tl.int64)[:, None] * sw
+    x_rows = x_ptr + m.to(tl.int64)[:, None] * sx
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + kk
+        mk = k < K
+        w = tl.load(w_rows + k[None, :], mask=mrow[:, None] & mk[None, :], other=0.0, eviction_policy="evict_first")
+        h = tl.load(x_rows + k[None, :], mask=mm[:, None] & mk[None, :], other=0.0)
+        if GATED:
+            up = tl.load(x_rows + K + k[None, :], mask=mm[:, None] & mk[None, :], other=0.0).to(tl.float32)
+            g = h.to(tl.float32)
+            act = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
+            h = (act * up).to(dt)
+        acc = tl.dot(h, tl.trans(w), acc)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rows, mask=mrow, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + m[:, None] * so + rows[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=mm[:, None] & mrow[None, :])
+
+
+class GemvKey(NamedTuple):
+    gpu: str
+    dtype: torch.dtype
+    M: int  # rows of x (the decode batch)
+    N: int  # out_features
+    K: int  # in_features
+    gated: bool
+    sms: int
+
+
+def _key(x, weight, bias, gated, out) -> GemvKey:
+    device = x.device
+    return GemvKey(gpu_name(device), x.dtype, x.shape[0], weight.shape[0], weight.shape[1], bool(gated),
+                   sm_count(device))
+
+
+def _default(key: GemvKey) -> dict:
+    """Slices of 128 along K; the widest tile of rows (64, 32, 16) that still gives >= 4 programs per SM."""
+    block_n = 64
+    while block_n > 16 and triton.cdiv(key.N, block_n) < 4 * key.sms:
+        block_n //= 2
+    return {"BLOCK_N": block_n, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3}
+
+
+def _space(key: GemvKey) -> list:
+    """BLOCK_N 16-64 x BLOCK_K 64-256 x 4 or 8 warps x 3 or 5 stages."""
+    return [{"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": w, "num_stages": s}
+            for bn in (16, 32, 64) for bk in (64, 128, 256) for w in (4, 8) for s in (3, 5)]
+
+
+def _resources(key: GemvKey, cfg: dict):
+    """Estimates. Shared memory: per stage, the W tile and x's (gated: two) slices. Registers: the accumulator and
+    one stage of operands over the program's threads, + 32."""
+    elem, bn, bk = key.dtype.itemsize, cfg["BLOCK_N"], cfg["BLOCK_K"]
+    x_tiles = 2 if key.gated else 1
+    smem = cfg["num_stages"] * (bn + x_tiles * BLOCK_M) * bk * elem
+    words = BLOCK_M * bn + (bn + x_tiles * BLOCK_M) * bk * elem // 4
+    return smem, 32 + words // (32 * cfg["num_warps"])
+
+
+def launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gated: bool, out: torch.Tensor,
+           cfg: dict) -> None:
+    """Run the kernel with an explicit config ``{BLOCK_N, BLOCK_K, num_warps, num_stages}`` (``x [M, K]`` or, gated,
+    ``[M, 2K]``, unit column stride; ``weight [N, K]`` unit column stride; ``out [M, N]`` unit column stride)."""
+    M, (N, K) = x.shape[0], weight.shape
+    if M == 0 or N == 0:
+        return
+    pdl = use_pdl(x.device)
+    _gemv_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](
+        x, weight, bias if bias is not None else out, out, M, N, K, x.stride(0), weight.stride(0), out.stride(0),
+        GATED=bool(gated), HAS_BIAS=bias is not None, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+        BLOCK_M=BLOCK_M, PDL=pdl, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        **({"launch_pdl": True} if pdl else {}))
+
+
+GEMV = Tunable("gemv", "triton", key=_key, space=_space, default=_default, launch=launch,
+               warmup=Tunable.triton_warmup(launch), resources=_resources, buckets=("M", "N", "K"))
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gated: bool, out: torch.Tensor) -> None:
+    """``out = h @ W^T (+ bias)`` with the looked-up config (the ``sparsevila::gemv`` op)."""
+    GEMV(x, weight, bias, gated, out)
