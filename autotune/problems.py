@@ -189,12 +189,13 @@ def _w4_reference(x, qweight, scales, zeros, bias, out):
 # --- gemv ----------------------------------------------------------------------------------------------------------
 
 def _make_gemv(s, device, gen):
-    """x [M, K] (gated: [M, 2K]), weight [N, K] * 0.05 (std ~0.05 as a trained layer's), bias [N] with ``bias``;
-    out zero."""
+    """x [M, K], weight [N, K] (glu: [2N, K]) * 0.05 (std ~0.05 as a trained layer's), bias with ``bias``; out
+    zero [M, N]."""
     M, N, K, dt = s["M"], s["N"], s["K"], _dtype(s)
-    bias = (0.1 * _randn(gen, device, torch.float32, N)).to(dt) if s["bias"] else None
-    return (_randn(gen, device, dt, M, (2 if s["gated"] else 1) * K), (0.05 * _randn(gen, device, torch.float32, N, K)).to(dt),
-            bias, bool(s["gated"]), torch.zeros(M, N, dtype=dt, device=device))
+    rows = 2 * N if s["glu"] else N
+    bias = (0.1 * _randn(gen, device, torch.float32, rows)).to(dt) if s["bias"] else None
+    return (_randn(gen, device, dt, M, K), (0.05 * _randn(gen, device, torch.float32, rows, K)).to(dt), bias,
+            bool(s["glu"]), torch.zeros(M, N, dtype=dt, device=device))
 
 
 _LLM = {"dtype": "bfloat16", "Hq": 28, "Hk": 4, "D": 128}  # Qwen2-7B (and the LLM of Qwen2.5-VL-7B)
@@ -221,7 +222,7 @@ PROBLEMS: Dict[str, Problem] = {
     "append_kv": Problem((2, 3, 4), reference.append_kv, _make_append,
                          {"dtype": "bfloat16", "B": 1, "Hk": 4, "D": 128, "cap": 8192}),
     "gemv": Problem((4,), reference.gemv, _make_gemv,  # Qwen2.5-7B's fused qkv at batch 1
-                    {"dtype": "bfloat16", "M": 1, "N": 4608, "K": 3584, "gated": False, "bias": False}),
+                    {"dtype": "bfloat16", "M": 1, "N": 4608, "K": 3584, "glu": False, "bias": False}),
     "w4a16_linear": Problem((5,), _w4_reference, _make_w4,  # Qwen2.5-7B's qkv at batch 1
                             {"dtype": "bfloat16", "M": 1, "N": 4608, "K": 3584, "group": 128, "bias": False}),
 }

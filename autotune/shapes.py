@@ -51,10 +51,10 @@ def _w4_linears(hidden: int, q: int, kv: int, intermediate: int) -> List[Shape]:
 
 def _gemvs(hidden: int, q: int, kv: int, intermediate: int, batches=range(1, 9)) -> List[Shape]:
     """A decoder's dense GEMVs (N x K) as the integration runs them at decode batches: fused qkv (with bias: Qwen2's),
-    o, fused gate_up, and the down projection gated (its input the gate_up output)."""
-    return [("gemv", {"M": m, "N": n, "K": k, "gated": gated, "bias": bias}) for m in batches
-            for n, k, gated, bias in ((q + 2 * kv, hidden, False, True), (hidden, q, False, False),
-                                      (2 * intermediate, hidden, False, False), (hidden, intermediate, True, False))]
+    o, the fused gate/up emitting silu(gate) * up (glu), down."""
+    return [("gemv", {"M": m, "N": n, "K": k, "glu": glu, "bias": bias}) for m in batches
+            for n, k, glu, bias in ((q + 2 * kv, hidden, False, True), (hidden, q, False, False),
+                                    (intermediate, hidden, True, False), (hidden, intermediate, False, False))]
 
 
 QWEN2_W4 = _w4_linears(3584, 3584, 512, 18944)  # Qwen2-7B = Qwen2.5-7B
@@ -92,7 +92,7 @@ def _qwen2_5_vl_e2e(visual=(16384, 131072), text: int = 78, steps: int = 256) ->
     ``text`` prompt tokens beside the video, rows at sparsities (0, 0), (0.75, 0.95), (0.70, 0.85), (0.90, 0):
     the vision tower's window (64 tokens) and full (1024 per 2 frames) attention and salience, the LLM's prefill,
     relevance of the 64-token question, select + pack, decode over full and packed caches, append; its W4A16
-    linears (q, k / v, o, gate / up, down) at batch 1."""
+    linears (fused qkv and gate / up as the integration runs them, and per module) and dense GEMVs at batch 1."""
     out: List[Shape] = []
     llm = {"Hq": 28, "Hk": 4, "D": 128}
     vis = {"Hq": 16, "Hk": 16, "D": 80, "causal": False}
@@ -109,7 +109,7 @@ def _qwen2_5_vl_e2e(visual=(16384, 131072), text: int = 78, steps: int = 256) ->
                 out += [("select_kv", {"L": 28, "Hk": 4, "n": n}),
                         ("pack_kv", {"L": 28, "Hk": 4, "n": n, "keep": 1.0 - ds})]
             out += [("decode_attention", {**llm, "n": _keep(_keep(v, ps), ds) + text + steps // 2})]
-    nk = ((3584, 3584), (512, 3584), (18944, 3584), (3584, 18944))
+    nk = ((4608, 3584), (3584, 3584), (37888, 3584), (3584, 18944), (512, 3584), (18944, 3584))  # fused, per module
     return out + [("w4a16_linear", {"M": 1, "N": n, "K": k}) for n, k in nk] + _gemvs(3584, 3584, 512, 18944, (1,))
 
 

@@ -1,19 +1,21 @@
-// gemv, cuda backend (sm_80+): out[M, N] = h[M, K] @ W^T (+ bias) for 1 <= M <= 8 rows (the decode batch), one
-// launch (no split-K reduce grid), W [N, K] bf16/fp16.
-//   plain: h = x[:, :K]
-//   gated: h = round(round(silu(x[:, :K])) * x[:, K:2K])   (x holds a gated MLP's gate and up halves; rounded to
-//          x's dtype twice, as F.silu(gate) * up stores it, so the fused down projection sees the unfused h)
+// gemv, cuda backend (sm_80+): y[M, N] = x[M, K] @ W^T (+ bias) for 1 <= M <= 8 rows (the decode batch), one launch
+// (no split-K reduce grid), W bf16/fp16.
+//   plain: out = y, W [N, K]
+//   glu:   out[:, n] = round(round(silu(round(y[:, n]))) * round(y[:, N + n])), W [2N, K] (a gated MLP's fused gate
+//          and up projections; bias [2N]): the gate/up GEMV emits silu(gate) * up itself, rounded to x's dtype at
+//          each step as the unfused path (F.linear, F.silu, *) stores it, so the down projection reads h directly.
 //
 // At M <= 8 a GEMV streams W once, 2 bytes per multiply-add per row of x: plain fp32 FMAs keep up with copy
-// bandwidth (per 16-byte chunk of W and row of x: one load, 8 conversions, 8 FMAs), no tensor cores needed.
-// CTA: warps = RW row groups x KW K slices; warp (wr, wk) owns R consecutive rows of W and the 256-element chunks
-// wk, wk + KW, wk + 2 KW, ... of K: lane l reads k = 256 c + 8 l .. + 8 of each row (16 bytes; a warp's load is
-// 512 contiguous bytes). Each lane keeps U = 8 / R chunks per row in flight (8 x 16 B), double-buffered in
-// registers: the next U chunks are requested before the current ones are multiplied. x (tiny, shared by every
-// CTA) is read through L1. Under programmatic dependent launch the first U chunks of W are requested before
-// griddepcontrol.wait (W never depends on the previous kernel; x and out may).
-// Sums: two fp32 chains per (row of x, row of W) at M = 1, one otherwise; a warp's lanes meet by shuffles, the KW
-// slices of a row in shared memory, summed in K-slice order (deterministic), + bias, cast to x's dtype.
+// bandwidth at batch 1 (per 16-byte chunk of W and row of x: one load, 8 conversions, 8 FMAs), no tensor cores.
+// CTA: warps = RW row groups x KW K slices; warp (wr, wk) owns R consecutive output rows (glu: their gate and up
+// rows of W, 2R rows) and the 256-element chunks wk, wk + KW, wk + 2 KW, ... of K: lane l reads
+// k = 256 c + 8 l .. + 8 of each row (16 bytes; a warp's load is 512 contiguous bytes). Each lane keeps U = 8 / rows
+// chunks per row in flight (8 x 16 B), double-buffered in registers: the next U chunks are requested before the
+// current ones are multiplied. x (tiny, shared by every CTA) is read through L1. Under programmatic dependent launch
+// the first U chunks of W are requested before griddepcontrol.wait (W never depends on the previous kernel; x and
+// out may). Sums: two fp32 chains per (row of x, row of W) at M = 1, one otherwise; a warp's lanes meet by
+// shuffles, the KW slices of a row in shared memory, summed in K-slice order (deterministic), + bias, cast to x's
+// dtype (glu: then the epilogue above).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -71,59 +73,55 @@ __device__ __forceinline__ float round_to(float v) {
   return static_cast<float>(static_cast<T>(v));
 }
 
-// h's chunk (8 k's from k0) of x's row m, in fp32 (gated: the module doc's rounding).
-template <typename T, bool GATED>
-__device__ __forceinline__ void load_h(const Args& a, int m, int k0, float (&h)[8]) {
-  const T* row = static_cast<const T*>(a.x) + m * a.sx + k0;
-  unpack8<T>(*reinterpret_cast<const uint4*>(row), h);
-  if constexpr (GATED) {
-    float up[8];
-    unpack8<T>(*reinterpret_cast<const uint4*>(row + a.K), up);
-#pragma unroll
-    for (int e = 0; e < 8; ++e) h[e] = round_to<T>(round_to<T>(__fdividef(h[e], 1.f + __expf(-h[e]))) * up[e]);
-  }
+// x's row m, 8 k's from k0, in fp32.
+template <typename T>
+__device__ __forceinline__ void load_x(const Args& a, int m, int k0, float (&h)[8]) {
+  unpack8<T>(*reinterpret_cast<const uint4*>(static_cast<const T*>(a.x) + m * a.sx + k0), h);
 }
 
-template <typename T, int R, int MT, bool GATED>
+template <typename T, int R, int MT, bool GLU>
 __global__ void __launch_bounds__(256) gemv_kernel(const __grid_constant__ Args a, int kwarps, int pdl) {
-  constexpr int U = 8 / R;             // chunks per row in flight per lane
+  constexpr int RW = GLU ? 2 * R : R;  // rows of W per warp (glu: gate rows, then the up rows N further)
+  constexpr int U = RW >= 8 ? 1 : 8 / RW;  // chunks per row in flight per lane
   constexpr int A = MT == 1 ? 2 : 1;   // independent FMA chains per (x row, W row)
-  __shared__ float red[kMaxWarps][MT][R];
+  __shared__ float red[kMaxWarps][MT][RW];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, W = blockDim.x >> 5;
   const int wn = warp / kwarps, wk = warp % kwarps;
   const int n0 = (blockIdx.x * (W / kwarps) + wn) * R;
   const int chunks = a.K >> 3, stride = 32 * kwarps, step = stride * U;
   const bool active = n0 < a.N;
-  const T* wrow[R];
+  const T* wrow[RW];
 #pragma unroll
-  for (int r = 0; r < R; ++r)  // rows past N read row N - 1 and are never stored
-    wrow[r] = static_cast<const T*>(a.w) + (long long)(n0 + r < a.N ? n0 + r : a.N - 1) * a.sw + 8 * lane;
+  for (int r = 0; r < RW; ++r) {  // rows past N read row N - 1 (of their half) and are never stored
+    const int n = (n0 + r % R < a.N ? n0 + r % R : a.N - 1) + (r < R ? 0 : a.N);
+    wrow[r] = static_cast<const T*>(a.w) + (long long)n * a.sw + 8 * lane;
+  }
 
-  uint4 buf[2][R][U];
-  auto request = [&](uint4 (&b)[R][U], int base) {  // chunks base + u * stride (+ lane) of the R rows
+  uint4 buf[2][RW][U];
+  auto request = [&](uint4 (&b)[RW][U], int base) {  // chunks base + u * stride (+ lane) of the RW rows
 #pragma unroll
     for (int u = 0; u < U; ++u)
 #pragma unroll
-      for (int r = 0; r < R; ++r)
+      for (int r = 0; r < RW; ++r)
         b[r][u] = base + u * stride + lane < chunks ? load_stream(wrow[r] + 8 * (base + u * stride))
                                                     : make_uint4(0u, 0u, 0u, 0u);
   };
-  float acc[MT][R][A] = {};
-  auto multiply = [&](const uint4 (&b)[R][U], int base) {
+  float acc[MT][RW][A] = {};
+  auto multiply = [&](const uint4 (&b)[RW][U], int base) {
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int c = base + u * stride + lane;
       if (c >= chunks) continue;
-      float wf[R][8];
+      float wf[RW][8];
 #pragma unroll
-      for (int r = 0; r < R; ++r) unpack8<T>(b[r][u], wf[r]);
+      for (int r = 0; r < RW; ++r) unpack8<T>(b[r][u], wf[r]);
 #pragma unroll
       for (int m = 0; m < MT; ++m) {
         if (m >= a.M) break;
         float h[8];
-        load_h<T, GATED>(a, m, 8 * c, h);
+        load_x<T>(a, m, 8 * c, h);
 #pragma unroll
-        for (int r = 0; r < R; ++r)
+        for (int r = 0; r < RW; ++r)
 #pragma unroll
           for (int e = 0; e < 8; ++e) acc[m][r][e % A] = fmaf(wf[r][e], h[e], acc[m][r][e % A]);
       }
@@ -150,7 +148,7 @@ __global__ void __launch_bounds__(256) gemv_kernel(const __grid_constant__ Args 
 #pragma unroll
   for (int m = 0; m < MT; ++m)
 #pragma unroll
-    for (int r = 0; r < R; ++r) {
+    for (int r = 0; r < RW; ++r) {
       float v = acc[m][r][0];
 #pragma unroll
       for (int i = 1; i < A; ++i) v += acc[m][r][i];
@@ -160,24 +158,33 @@ __global__ void __launch_bounds__(256) gemv_kernel(const __grid_constant__ Args 
     }
   __syncthreads();
   const int rows = R * (W / kwarps);
+  const T* bias = static_cast<const T*>(a.bias);
   for (int idx = threadIdx.x; idx < a.M * rows; idx += blockDim.x) {
     const int m = idx / rows, c = idx % rows, n = blockIdx.x * rows + c;
     if (n >= a.N) continue;
+    const float* part = &red[(c / R) * kwarps][m][c % R];  // + s * MT * RW: K slice s of this row
     float y = 0.f;
-    for (int s = 0; s < kwarps; ++s) y += red[(c / R) * kwarps + s][m][c % R];  // K slices in order
-    if (a.bias != nullptr) y += static_cast<float>(static_cast<const T*>(a.bias)[n]);
+    for (int s = 0; s < kwarps; ++s) y += part[s * MT * RW];  // K slices in order
+    if (bias != nullptr) y += static_cast<float>(bias[n]);
+    if constexpr (GLU) {
+      float up = 0.f;
+      for (int s = 0; s < kwarps; ++s) up += part[s * MT * RW + R];
+      if (bias != nullptr) up += static_cast<float>(bias[a.N + n]);
+      const float g = round_to<T>(y);
+      y = round_to<T>(round_to<T>(__fdividef(g, 1.f + __expf(-g))) * round_to<T>(up));
+    }
     static_cast<T*>(a.out)[(long long)m * a.N + n] = static_cast<T>(y);
   }
 }
 
-// fn(Tag<T>, Int<R>, Int<MT>, Int<GATED>) for the compiled instantiation; `fallback` when there is none.
+// fn(Tag<T>, Int<R>, Int<MT>, Int<GLU>) for the compiled instantiation; `fallback` when there is none.
 template <typename Fn>
-int dispatch(int dtype, int rows, int m, int gated, int fallback, Fn&& fn) {
+int dispatch(int dtype, int rows, int m, int glu, int fallback, Fn&& fn) {
   using sparsevila::dispatch_int;
   return sparsevila::dispatch_dtype(dtype, fallback, [&](auto t) {
     return dispatch_int<1, 2, 4>(rows, fallback, [&](auto r) {
       return dispatch_int<1, 2, 4, 8>(m <= 1 ? 1 : m <= 2 ? 2 : m <= 4 ? 4 : 8, fallback, [&](auto mt) {
-        return dispatch_int<0, 1>(gated, fallback, [&](auto g) { return fn(t, r, mt, g); });
+        return dispatch_int<0, 1>(glu, fallback, [&](auto g) { return fn(t, r, mt, g); });
       });
     });
   });
@@ -188,12 +195,12 @@ int dispatch(int dtype, int rows, int m, int gated, int fallback, Fn&& fn) {
 extern "C" {
 
 int svo_gemv(int dtype, const void* x, const void* w, const void* bias, void* out, int M, int N, int K,
-             long long sx, long long sw, int gated, int rows, int warps, int kwarps, int pdl, void* stream) {
-  if (M < 1 || M > kMaxRows || N < 1 || K < 8 || K % 8 || sw < K || sw % 8 || (M > 1 && (sx < (gated ? 2 : 1) * K ||
-      sx % 8)) || warps < 1 || warps > kMaxWarps || kwarps < 1 || warps % kwarps)
+             long long sx, long long sw, int glu, int rows, int warps, int kwarps, int pdl, void* stream) {
+  if (M < 1 || M > kMaxRows || N < 1 || K < 8 || K % 8 || sw < K || sw % 8 || (M > 1 && (sx < K || sx % 8)) ||
+      warps < 1 || warps > kMaxWarps || kwarps < 1 || warps % kwarps)
     return cudaErrorInvalidValue;
   const Args a{x, w, bias, out, M, N, K, sx, sw};
-  return dispatch(dtype, rows, M, gated, cudaErrorInvalidValue, [&](auto t, auto r, auto mt, auto g) -> int {
+  return dispatch(dtype, rows, M, glu, cudaErrorInvalidValue, [&](auto t, auto r, auto mt, auto g) -> int {
     using T = typename decltype(t)::type;
     constexpr int R = decltype(r)::value;
     const int per_cta = R * (warps / kwarps);

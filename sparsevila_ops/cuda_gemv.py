@@ -1,4 +1,5 @@
-"""Host side of ``gemv`` on the cuda backend: ``csrc/gemv.cu`` (fp32-FMA GEMV for 1-8 rows of x, each lane keeping
+"""Host side of ``gemv`` on the cuda backend: ``csrc/gemv.cu`` (fp32-FMA GEMV for 1-8 rows of x, optionally with a
+gated MLP's ``silu(gate) * up`` as its epilogue, each lane keeping
 8 16-byte chunks of W in flight, double-buffered in registers; K split over a CTA's warps and summed in shared
 memory: one launch, deterministic; under PDL the first chunks of W are requested before the dependency wait),
 built and loaded by ``_cuda``.
@@ -49,23 +50,26 @@ class GemvCudaKey(NamedTuple):
     gpu: str
     dtype: torch.dtype
     M: int  # rows of x (the decode batch)
-    N: int  # out_features
+    N: int  # outputs per row of x (glu: half of W's rows)
     K: int  # in_features
-    gated: bool
+    glu: bool
     sms: int
 
 
-def _key(x, weight, bias, gated, out) -> GemvCudaKey:
-    return GemvCudaKey(gpu_name(x.device), x.dtype, x.shape[0], weight.shape[0], weight.shape[1], bool(gated),
+def _key(x, weight, bias, glu, out) -> GemvCudaKey:
+    return GemvCudaKey(gpu_name(x.device), x.dtype, x.shape[0], out.shape[1], weight.shape[1], bool(glu),
                        _device.sm_count(x.device))
 
 
 def _default(key: GemvCudaKey) -> dict:
-    """2 rows of W per warp; K split over as many warps (1, 2, 4, 8; each slice >= 2 chunks of 256) as it takes
-    to have ``WARPS_PER_SM`` warps per SM; 4 warps per CTA (8 when K is split 8 ways)."""
+    """2 output rows per warp; K split over 2, 4 or 8 warps only while the doubled grid still fits in one wave of
+    ``WARPS_PER_SM`` warps per SM (each slice >= 2 chunks of 256): the H200 sweep of the first version showed a grid
+    just over one wave (Qwen2.5-7B's o and down split 2 ways: 3584 warps for ~2600 resident) 1.4x slower than one
+    wave; 4 warps per CTA (8 when K is split 8 ways)."""
     rows = 2
+    warps_per_split = -(-key.N // rows)
     kwarps = 1
-    while kwarps < 8 and -(-key.N // rows) * kwarps < WARPS_PER_SM * key.sms and key.K >= 512 * 2 * kwarps:
+    while kwarps < 8 and 2 * warps_per_split * kwarps <= WARPS_PER_SM * key.sms and key.K >= 512 * 2 * kwarps:
         kwarps *= 2
     return {"rows": rows, "warps": max(4, kwarps), "kwarps": kwarps}
 
@@ -76,15 +80,15 @@ def _space(key: GemvCudaKey) -> list:
             for w, k in ((2, 1), (4, 1), (8, 1), (4, 2), (8, 2), (4, 4), (8, 4), (8, 8))]
 
 
-def _launch(x, weight, bias, gated, out, cfg) -> None:
-    M, N, K = x.shape[0], weight.shape[0], weight.shape[1]
+def _launch(x, weight, bias, glu, out, cfg) -> None:
+    M, N, K = x.shape[0], out.shape[1], weight.shape[1]
     _cuda.library().gemv(
         _DTYPES[x.dtype], x.data_ptr(), weight.data_ptr(), 0 if bias is None else bias.data_ptr(), out.data_ptr(),
-        M, N, K, x.stride(0) if M > 1 else 2 * K, weight.stride(0) if N > 1 else K, int(gated), cfg["rows"],
+        M, N, K, x.stride(0) if M > 1 else K, weight.stride(0) if weight.shape[0] > 1 else K, int(glu), cfg["rows"],
         cfg["warps"], cfg["kwarps"], int(_device.use_pdl(x.device)), torch.cuda.current_stream(x.device).cuda_stream)
 
 
-def _unsupported(x, weight, bias, gated, out) -> Optional[str]:
+def _unsupported(x, weight, bias, glu, out) -> Optional[str]:
     """Why the kernel cannot take this launch here: the backend unusable on the device, or the inputs."""
     why = _cuda.unusable(x.device)
     if why is not None:
@@ -99,12 +103,12 @@ GEMV_CUDA = Tunable("gemv", "cuda", _SOURCE, key=_key, space=_space, default=_de
                     buckets=("M", "N", "K"), unsupported=_unsupported)
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], gated: bool, out: torch.Tensor) -> None:
-    """``out = h @ W^T (+ bias)`` in one launch of the CUDA kernel (module doc); inputs it does not cover run the
-    Triton backend's kernel."""
-    if x.shape[0] == 0 or weight.shape[0] == 0:
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], glu: bool, out: torch.Tensor) -> None:
+    """``out = x @ W^T (+ bias)`` (glu: ``silu(gate) * up`` of it) in one launch of the CUDA kernel (module doc);
+    inputs it does not cover run the Triton backend's kernel."""
+    if x.shape[0] == 0 or out.shape[1] == 0:
         return
     if unsupported(x, weight, bias, out) is not None:
-        _backend.implementation("gemv", "triton", x.device)(x, weight, bias, gated, out)
+        _backend.implementation("gemv", "triton", x.device)(x, weight, bias, glu, out)
         return
-    GEMV_CUDA(x, weight, bias, gated, out)
+    GEMV_CUDA(x, weight, bias, glu, out)

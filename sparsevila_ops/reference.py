@@ -233,15 +233,13 @@ def sparse_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         lse[b] = L
 
 
-def gated_input(x: torch.Tensor, K: int) -> torch.Tensor:
-    """``silu(x[:, :K]) * x[:, K:2K]`` with each step rounded to x's dtype, as ``F.silu(gate) * up`` computes it."""
-    return F.silu(x[:, :K]) * x[:, K:2 * K]
-
-
-def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], gated: bool, out: torch.Tensor) -> None:
-    """``out = h @ W^T (+ bias)`` in fp32, ``h = x`` or (gated) :func:`gated_input`; cast to out's dtype."""
-    h = gated_input(x, weight.shape[1]) if gated else x
-    y = h.float() @ weight.float().t()
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], glu: bool, out: torch.Tensor) -> None:
+    """``y = x @ W^T (+ bias)`` in fp32; ``out = y``, or (glu, W ``[2N, K]``) ``silu(gate) * up`` of y's halves, each
+    step rounded to out's dtype as ``F.silu(F.linear(x, W_gate)) * F.linear(x, W_up)`` computes it."""
+    y = x.float() @ weight.float().t()
     if bias is not None:
         y += bias.float()
+    if glu:
+        gate, up = y.to(out.dtype).split(out.shape[1], dim=1)
+        y = F.silu(gate) * up
     out.copy_(y)

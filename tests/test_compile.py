@@ -127,9 +127,9 @@ def _sparse_decode():
 
 def _gemv():
     g = _gen()
-    x = torch.randn(2, 24, generator=g).to(torch.bfloat16)
-    w, b = torch.randn(5, 12, generator=g).to(torch.bfloat16), torch.randn(5, generator=g).to(torch.bfloat16)
-    return (lambda x, w, b: (so.gemv(x, w, b, gated=True), so.gemv(x[:, :12], w))), (x, w, b)
+    x = torch.randn(2, 12, generator=g).to(torch.bfloat16)
+    w, b = torch.randn(10, 12, generator=g).to(torch.bfloat16), torch.randn(10, generator=g).to(torch.bfloat16)
+    return (lambda x, w, b: (so.gemv(x, w, b, glu=True), so.gemv(x, w))), (x, w, b)
 
 
 CASES: Dict[str, Callable[[], Tuple[Callable, tuple]]] = {

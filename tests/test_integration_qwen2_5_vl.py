@@ -611,10 +611,10 @@ def test_fused_projections_follow_replaced_weights_and_autograd(device):
 
 
 def test_decode_sized_linears_run_the_gemv_op(device, monkeypatch):
-    """At decode sizes (1-8 rows) an enabled model's fused q/k/v, o, gate/up and the gated down projection run
-    ``sparsevila_ops.gemv`` (on the CPU the reference backend: the cuda-backend condition forced), with the
-    model's outputs unchanged within bf16 rounding; prefill-sized inputs keep ``F.linear``; a greedy generate
-    gives the tokens of the F.linear path."""
+    """At decode sizes an enabled model's fused q/k/v, o, gate/up (emitting silu(gate) * up: glu) and down
+    projections run ``sparsevila_ops.gemv`` (on the CPU the reference backend: the cuda-backend condition forced),
+    with the model's outputs unchanged within bf16 rounding; prefill-sized inputs keep ``F.linear``; a greedy
+    generate gives the tokens of the F.linear path."""
     from sparsevila_ops import linear
     from sparsevila_ops.integrations import fused
 
@@ -636,15 +636,15 @@ def test_decode_sized_linears_run_the_gemv_op(device, monkeypatch):
                             and x.dtype == w.dtype == torch.bfloat16)
         with torch.no_grad():
             got1, got9 = layer.mlp(x1), layer.mlp(x9)
-        K2 = 2 * layer.mlp.down_proj.in_features
-        assert calls == [((1, layer.mlp.gate_proj.in_features), {}), ((1, K2), {"gated": True})]
+        assert calls == [((1, layer.mlp.gate_proj.in_features), {"glu": True}),
+                         ((1, layer.mlp.down_proj.in_features), {})]
         assert torch.equal(got9, want9)  # 9 rows: F.linear, as before
         assert (got1[0, 0].double() - ref1).abs().max() <= 2 * (want1[0, 0].double() - ref1).abs().max() + 1e-2
         calls.clear()
         inputs = visual_inputs(device=device, dtype=torch.bfloat16)
         with torch.no_grad():
             forced = model.generate(**inputs, max_new_tokens=4, do_sample=False, disable_compile=True)
-        assert len(calls) >= 3 * 4 * 2  # qkv, o, gate_up + gated down per layer and step (and more)
+        assert len(calls) >= 4 * 3 * 2  # qkv, o, gate_up (glu), down per layer and decode step
         monkeypatch.undo()
         with torch.no_grad():
             plain = model.generate(**inputs, max_new_tokens=4, do_sample=False, disable_compile=True)

@@ -97,11 +97,11 @@ def _sparse_decode_attention():
 
 def _gemv():
     g = _g()
-    x = torch.randn(3, 40, generator=g).to(torch.bfloat16)[:, 4:]  # strided rows
-    w = torch.randn(5, 18, generator=g).to(torch.bfloat16)
-    b = torch.randn(5, generator=g).to(torch.bfloat16)
+    x = torch.randn(3, 24, generator=g).to(torch.bfloat16)[:, 4:]  # strided rows
+    w = torch.randn(10, 20, generator=g).to(torch.bfloat16)
+    b = torch.randn(10, generator=g).to(torch.bfloat16)
     return [(x, w, b, True, poison(torch.empty(3, 5, dtype=torch.bfloat16))),
-            (x[:, :18], w, None, False, poison(torch.empty(3, 5, dtype=torch.bfloat16)))]
+            (x, w, None, False, poison(torch.empty(3, 10, dtype=torch.bfloat16)))]
 
 
 CASES = {

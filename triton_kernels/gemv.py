@@ -1,11 +1,12 @@
-"""Triton kernel for the dense decode GEMV ``out[M, N] = h[M, K] @ W^T (+ bias)``, M <= 8 (the ``gemv`` op).
+"""Triton kernel for the dense decode GEMV ``y[M, N] = x[M, K] @ W^T (+ bias)``, M <= 8 (the ``gemv`` op).
 
-``h = x[:, :K]``, or with ``GATED`` ``h = round(round(silu(x[:, :K])) * x[:, K:2K])`` (a gated MLP's gate and up
-halves, rounded to x's dtype as ``F.silu(gate) * up`` stores them). Program p owns rows ``[p BLOCK_N, (p+1)
-BLOCK_N)`` of W and walks K in ``BLOCK_K`` slices: ``acc += h[:, slice] @ W[rows, slice]^T`` on tensor cores, x's
-rows padded to 16, fp32 accumulation; + bias, cast to x's dtype. With PDL (Hopper) it waits in
-``griddepcontrol.wait`` before reading anything and lets its dependent launch at once. This is the portable
-backend of the op; the cuda backend (``csrc/gemv.cu``) is preferred where it runs.
+With ``GLU`` (a gated MLP's fused gate/up projection: W ``[2N, K]``, bias ``[2N]``) the output is
+``round(round(silu(round(y_gate))) * round(y_up))``, rounded to x's dtype at each step as the unfused path stores
+it. Program p owns output rows ``[p BLOCK_N, (p+1) BLOCK_N)`` (glu: their gate rows and the up rows N further) and
+walks K in ``BLOCK_K`` slices: ``acc += x[:, slice] @ W[rows, slice]^T`` on tensor cores, x's rows padded to 16,
+fp32 accumulation; + bias, cast to x's dtype. With PDL (Hopper) it waits in ``griddepcontrol.wait`` before reading
+anything and lets its dependent launch at once. This is the portable backend of the op; the cuda backend
+(``csrc/gemv.cu``) is preferred where it runs.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ BLOCK_M = 16  # x rows per tensor-core tile (the op serves M <= 8)
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, sx, sw, so, GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
+def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, sx, sw, so, GLU: tl.constexpr, HAS_BIAS: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, PDL: tl.constexpr):
     if PDL:  # x (and out) may be written by the previous kernel
         gdc_wait()
@@ -37,19 +38,25 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, sx, sw, so, GATED: tl.co
     w_rows = w_ptr + rows.to(tl.int64)[:, None] * sw
     x_rows = x_ptr + m.to(tl.int64)[:, None] * sx
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + kk
         mk = k < K
+        xs = tl.load(x_rows + k[None, :], mask=mm[:, None] & mk[None, :], other=0.0)
         w = tl.load(w_rows + k[None, :], mask=mrow[:, None] & mk[None, :], other=0.0, eviction_policy="evict_first")
-        h = tl.load(x_rows + k[None, :], mask=mm[:, None] & mk[None, :], other=0.0)
-        if GATED:
-            up = tl.load(x_rows + K + k[None, :], mask=mm[:, None] & mk[None, :], other=0.0).to(tl.float32)
-            g = h.to(tl.float32)
-            act = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
-            h = (act * up).to(dt)
-        acc = tl.dot(h, tl.trans(w), acc)
+        acc = tl.dot(xs, tl.trans(w), acc)
+        if GLU:
+            wu = tl.load(w_rows + N * sw + k[None, :], mask=mrow[:, None] & mk[None, :], other=0.0,
+                         eviction_policy="evict_first")
+            up = tl.dot(xs, tl.trans(wu), up)
     if HAS_BIAS:
         acc += tl.load(b_ptr + rows, mask=mrow, other=0.0).to(tl.float32)[None, :]
+        if GLU:
+            up += tl.load(b_ptr + N + rows, mask=mrow, other=0.0).to(tl.float32)[None, :]
+    if GLU:
+        g = acc.to(dt).to(tl.float32)
+        act = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
+        acc = act * up.to(dt).to(tl.float32)
     tl.store(out_ptr + m[:, None] * so + rows[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=mm[:, None] & mrow[None, :])
 
@@ -58,16 +65,15 @@ class GemvKey(NamedTuple):
     gpu: str
     dtype: torch.dtype
     M: int  # rows of x (the decode batch)
-    N: int  # out_features
+    N: int  # outputs per row of x (glu: half of W's rows)
     K: int  # in_features
-    gated: bool
+    glu: bool
     sms: int
 
 
-def _key(x, weight, bias, gated, out) -> GemvKey:
+def _key(x, weight, bias, glu, out) -> GemvKey:
     device = x.device
-    return GemvKey(gpu_name(device), x.dtype, x.shape[0], weight.shape[0], weight.shape[1], bool(gated),
-                   sm_count(device))
+    return GemvKey(gpu_name(device), x.dtype, x.shape[0], out.shape[1], weight.shape[1], bool(glu), sm_count(device))
 
 
 def _default(key: GemvKey) -> dict:
@@ -85,26 +91,26 @@ def _space(key: GemvKey) -> list:
 
 
 def _resources(key: GemvKey, cfg: dict):
-    """Estimates. Shared memory: per stage, the W tile and x's (gated: two) slices. Registers: the accumulator and
+    """Estimates. Shared memory: per stage, the W tile (glu: two) and x's slice. Registers: the accumulators and
     one stage of operands over the program's threads, + 32."""
     elem, bn, bk = key.dtype.itemsize, cfg["BLOCK_N"], cfg["BLOCK_K"]
-    x_tiles = 2 if key.gated else 1
-    smem = cfg["num_stages"] * (bn + x_tiles * BLOCK_M) * bk * elem
-    words = BLOCK_M * bn + (bn + x_tiles * BLOCK_M) * bk * elem // 4
+    w_tiles = 2 if key.glu else 1
+    smem = cfg["num_stages"] * (w_tiles * bn + BLOCK_M) * bk * elem
+    words = w_tiles * BLOCK_M * bn + (w_tiles * bn + BLOCK_M) * bk * elem // 4
     return smem, 32 + words // (32 * cfg["num_warps"])
 
 
-def launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gated: bool, out: torch.Tensor,
+def launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, glu: bool, out: torch.Tensor,
            cfg: dict) -> None:
-    """Run the kernel with an explicit config ``{BLOCK_N, BLOCK_K, num_warps, num_stages}`` (``x [M, K]`` or, gated,
-    ``[M, 2K]``, unit column stride; ``weight [N, K]`` unit column stride; ``out [M, N]`` unit column stride)."""
-    M, (N, K) = x.shape[0], weight.shape
+    """Run the kernel with an explicit config ``{BLOCK_N, BLOCK_K, num_warps, num_stages}`` (``x [M, K]``, unit
+    column stride; ``weight [N, K]`` (glu: ``[2N, K]``) unit column stride; ``out [M, N]`` unit column stride)."""
+    M, N, K = x.shape[0], out.shape[1], weight.shape[1]
     if M == 0 or N == 0:
         return
     pdl = use_pdl(x.device)
     _gemv_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](
         x, weight, bias if bias is not None else out, out, M, N, K, x.stride(0), weight.stride(0), out.stride(0),
-        GATED=bool(gated), HAS_BIAS=bias is not None, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+        GLU=bool(glu), HAS_BIAS=bias is not None, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
         BLOCK_M=BLOCK_M, PDL=pdl, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         **({"launch_pdl": True} if pdl else {}))
 
@@ -113,6 +119,7 @@ GEMV = Tunable("gemv", "triton", key=_key, space=_space, default=_default, launc
                warmup=Tunable.triton_warmup(launch), resources=_resources, buckets=("M", "N", "K"))
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gated: bool, out: torch.Tensor) -> None:
-    """``out = h @ W^T (+ bias)`` with the looked-up config (the ``sparsevila::gemv`` op)."""
-    GEMV(x, weight, bias, gated, out)
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, glu: bool, out: torch.Tensor) -> None:
+    """``out = x @ W^T (+ bias)`` (glu: ``silu(gate) * up`` of it) with the looked-up config (the ``sparsevila::gemv``
+    op)."""
+    GEMV(x, weight, bias, glu, out)

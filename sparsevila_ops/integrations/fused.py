@@ -157,6 +157,8 @@ def _own_storage(linears: Sequence[nn.Module]) -> None:
                 m.bias = nn.Parameter(m.bias.detach().clone(), requires_grad=m.bias.requires_grad)
 
 
+GEMV_ROWS = 1  # rows (decode batch) up to which linears run sparsevila_ops.gemv: faster than cuBLAS at 1 on the
+               # H200, 2.7x slower at 8 (bench/NOTES.md)
 _GEMV_DEVICES: dict = {}  # device -> whether the cuda backend runs there (asked once; ``fuse`` asks eagerly)
 
 
@@ -169,14 +171,14 @@ def _gemv_device(device: torch.device) -> bool:
 
 
 def _decode_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether a linear layer of ``weight`` on ``x [..., K]`` runs :func:`sparsevila_ops.gemv`: 1-8 rows (a decode
-    step) of fp16/bf16 on a GPU where the cuda backend runs (its GEMV streams weights faster than cuBLAS at these
+    """Whether a linear layer of ``weight`` on ``x [..., K]`` runs :func:`sparsevila_ops.gemv`: ``GEMV_ROWS`` rows
+    (a decode step) of fp16/bf16 on a GPU where the cuda backend runs (its GEMV streams weights faster than cuBLAS at these
     sizes, bench/NOTES.md; the portable Triton one does not, so without the cuda backend ``F.linear`` runs), no
     autograd recording into a trainable weight or x, and (outside ``torch.compile``, whose graphs read only what
     ``fuse`` recorded) no other backend requested."""
     if x.device.type != "cuda" or x.dtype not in (torch.float16, torch.bfloat16) or weight.dtype != x.dtype:
         return False
-    if x.numel() > gemv_linear.MAX_ROWS * x.shape[-1] or x.numel() == 0:
+    if x.numel() > GEMV_ROWS * x.shape[-1] or x.numel() == 0:
         return False
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return False
@@ -252,24 +254,23 @@ def triton_elementwise(x: torch.Tensor, *params: torch.Tensor) -> bool:
 
 def _mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
     """``down(act(x W_gate^T) * (x W_up^T))`` with one GEMV for ``[W_gate; W_up]`` (and, intermediate size padded,
-    the padded ``down``); at decode sizes (:func:`_decode_gemv`) a SiLU MLP's down projection computes
-    ``silu(gate) * up`` itself (``gemv(..., gated=True)``); elsewhere a SiLU gate times up as one Triton kernel where
+    the padded ``down``); at decode sizes (:func:`_decode_gemv`) a SiLU MLP's gate/up GEMV emits ``silu(gate) * up``
+    itself (``gemv(..., glu=True)``); elsewhere a SiLU gate times up as one Triton kernel where
     :func:`triton_elementwise` allows."""
     silu = isinstance(self.act_fn, (nn.SiLU, SiLUActivation))
-    down, fused = self.__dict__.get(DOWN), self.__dict__.get(GATE_UP)
-    if (silu and fused is not None and type(self.down_proj) is nn.Linear and _plain(self.down_proj)
-            and not _trains(self.gate_proj)):
-        down_weight, down_bias = down if down is not None else (self.down_proj.weight, self.down_proj.bias)
-        if list(fused[2]) == [down_weight.shape[1]] * 2 and _decode_gemv(x, down_weight):
-            gate_up = _fused_output(self, x, GATE_UP)
-            y = gemv_linear.gemv(gate_up.reshape(-1, gate_up.shape[-1]), down_weight, down_bias, gated=True)
-            return y.view(*x.shape[:-1], down_weight.shape[0])
-    gate, up = _project(self, x, ("gate_proj", "up_proj"), GATE_UP)
-    if silu and triton_elementwise(gate):
-        from ..triton_kernels.vision import silu_mul
-        h = silu_mul(gate, up)
+    fused = self.__dict__.get(GATE_UP)
+    if (silu and fused is not None and isinstance(fused[0], torch.Tensor) and fused[2][0] == fused[2][1]
+            and not _trains(self.gate_proj) and _decode_gemv(x, fused[0])):
+        h = gemv_linear.gemv(x.reshape(-1, x.shape[-1]), fused[0], fused[1], glu=True).view(*x.shape[:-1],
+                                                                                              fused[2][0])
     else:
-        h = self.act_fn(gate) * up
+        gate, up = _project(self, x, ("gate_proj", "up_proj"), GATE_UP)
+        if silu and triton_elementwise(gate):
+            from ..triton_kernels.vision import silu_mul
+            h = silu_mul(gate, up)
+        else:
+            h = self.act_fn(gate) * up
+    down = self.__dict__.get(DOWN)
     if down is None or h.shape[-1] == self.down_proj.in_features:  # not padded, or the autograd path
         return _call_linear(self.down_proj, h)
     return _linear(h, *down)
