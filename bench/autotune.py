@@ -28,6 +28,12 @@ SALIENCE_SEGMENTS = ((64, 256), (729, 64), (1024, 16), (4096, 1))  # (tokens per
 LLM_HEADS = ((28, 4, 128), (32, 32, 128), (32, 8, 128), (16, 2, 64), (32, 4, 256))  # (Hq, Hk, D)
 CONTEXTS = (1024, 8192, 32768, 131072)
 
+_DENSE_7B = ((4608, 3584, False, True), (3584, 3584, False, False), (18944, 3584, True, False),
+             (3584, 18944, False, False))  # (N, K, glu, bias)
+_DENSE_OTHER = ((12288, 4096, False, False), (4096, 4096, False, False), (11008, 4096, True, False),
+                (4096, 11008, False, False), (2048, 1536, False, True), (8960, 1536, True, False),
+                (1536, 8960, False, False))
+
 GRID = {
     "visual_salience.lse": [{"H": 16, "D": d, "n": n, "segs": s} for d in (64, 72, 80, 96, 128)
                             for n, s in SALIENCE_SEGMENTS],
@@ -63,13 +69,17 @@ GRID = {
                     + [{"M": m, "N": n, "K": k} for n, k in ((12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008),
                                                              (2048, 1536), (256, 1536), (1536, 8960)) for m in (1, 8)]
                     + [{"M": m, "N": 4608, "K": 3584, "group": 256} for m in (1, 8)],
+    # dense GEMVs as the integration runs them (fused qkv with bias, o, gate/up emitting silu(gate) * up, down):
+    # Qwen2.5-7B at batches 1-8, Llama-2-7B and Qwen2.5-1.5B at 1 and 8
+    "gemv": [{"M": m, "N": n, "K": k, "glu": glu, "bias": bias} for n, k, glu, bias in _DENSE_7B for m in (1, 2, 4, 8)]
+            + [{"M": m, "N": n, "K": k, "glu": glu, "bias": bias} for n, k, glu, bias in _DENSE_OTHER for m in (1, 8)],
 }
 
 
 def swept(op: str, s: dict) -> bool:
     """Whether the default was tuned at this shape (the H100 sweeps of bench/NOTES.md): Qwen2-7B / Llama-2-7B
-    decoders at batch 1, the SigLIP and QwenVL salience shapes; select, pack, append and the W4A16 GEMV were never
-    swept."""
+    decoders at batch 1, the SigLIP and QwenVL salience shapes; select, pack, append and the W4A16 and dense GEMVs
+    were never swept."""
     llm = (s.get("Hq"), s.get("Hk"), s.get("D")) in ((28, 4, 128), (32, 32, 128)) and s.get("B", 1) == 1
     if op in ("decode_attention", "sparse_decode_attention", "prefill_attention", "kv_relevance"):
         return llm and s["n"] >= 8192
