@@ -62,11 +62,12 @@ def _key(x, weight, bias, glu, out) -> GemvCudaKey:
 
 
 def _default(key: GemvCudaKey) -> dict:
-    """2 output rows per warp; K split over 2, 4 or 8 warps only while the doubled grid still fits in one wave of
-    ``WARPS_PER_SM`` warps per SM (each slice >= 2 chunks of 256): the H200 sweep of the first version showed a grid
-    just over one wave (Qwen2.5-7B's o and down split 2 ways: 3584 warps for ~2600 resident) 1.4x slower than one
-    wave; 4 warps per CTA (8 when K is split 8 ways)."""
-    rows = 2
+    """4 output rows per warp; K split over 2, 4 or 8 warps only while the doubled grid still fits in one wave of
+    ``WARPS_PER_SM`` warps per SM (each slice >= 2 chunks of 256); 4 warps per CTA (8 when K is split 8 ways). From
+    the H200 (``bench/NOTES.md``): a grid just over one wave (Qwen2.5-7B's o and down split 2 ways at 2 rows per
+    warp: 3584 warps for ~2600 resident) ran 1.4x slower than one wave, and 4 rows split 2 ways was the tuned
+    winner for o, down and the glu gate/up (1.03-1.24x over 2 rows)."""
+    rows = 4
     warps_per_split = -(-key.N // rows)
     kwarps = 1
     while kwarps < 8 and 2 * warps_per_split * kwarps <= WARPS_PER_SM * key.sms and key.K >= 512 * 2 * kwarps:
