@@ -13,12 +13,13 @@ CTA (2, 4, 8), of which ``kwarps`` (dividing ``warps``) split K.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 
 from . import _backend, _cuda, _device
-from .autotune import Tunable, gpu_name
+from .autotune import Tunable
+from .linear import GemvKey, gemv_key
 
 _DTYPES = {torch.bfloat16: 0, torch.float16: 1}
 MAX_ROWS = 8  # rows of x per launch
@@ -46,22 +47,7 @@ def unsupported(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     return None
 
 
-class GemvCudaKey(NamedTuple):
-    gpu: str
-    dtype: torch.dtype
-    M: int  # rows of x (the decode batch)
-    N: int  # outputs per row of x (glu: half of W's rows)
-    K: int  # in_features
-    glu: bool
-    sms: int
-
-
-def _key(x, weight, bias, glu, out) -> GemvCudaKey:
-    return GemvCudaKey(gpu_name(x.device), x.dtype, x.shape[0], out.shape[1], weight.shape[1], bool(glu),
-                       _device.sm_count(x.device))
-
-
-def _default(key: GemvCudaKey) -> dict:
+def _default(key: GemvKey) -> dict:
     """4 output rows per warp; K split over 2, 4 or 8 warps only while the doubled grid still fits in one wave of
     ``WARPS_PER_SM`` warps per SM (each slice >= 2 chunks of 256); 4 warps per CTA (8 when K is split 8 ways). From
     the H200 (``bench/NOTES.md``): a grid just over one wave (Qwen2.5-7B's o and down split 2 ways at 2 rows per
@@ -75,7 +61,7 @@ def _default(key: GemvCudaKey) -> dict:
     return {"rows": rows, "warps": max(4, kwarps), "kwarps": kwarps}
 
 
-def _space(key: GemvCudaKey) -> list:
+def _space(key: GemvKey) -> list:
     """rows 1, 2, 4 x (warps, kwarps) in (2, 1), (4, 1), (8, 1), (4, 2), (8, 2), (4, 4), (8, 4), (8, 8)."""
     return [{"rows": r, "warps": w, "kwarps": k} for r in (1, 2, 4)
             for w, k in ((2, 1), (4, 1), (8, 1), (4, 2), (8, 2), (4, 4), (8, 4), (8, 8))]
@@ -100,7 +86,7 @@ def _unsupported(x, weight, bias, glu, out) -> Optional[str]:
 # what decides a config's meaning and speed besides the host code: the kernel sources, the binding, nvcc flags
 _SOURCE = [*(_cuda.source_dir() / f for f in ("gemv.cu", "launch_util.cuh", "sparsevila_cuda.h", "bindings.cpp")),
            _cuda.NVCC_FLAGS]
-GEMV_CUDA = Tunable("gemv", "cuda", _SOURCE, key=_key, space=_space, default=_default, launch=_launch,
+GEMV_CUDA = Tunable("gemv", "cuda", _SOURCE, key=gemv_key, space=_space, default=_default, launch=_launch,
                     buckets=("M", "N", "K"), unsupported=_unsupported)
 
 

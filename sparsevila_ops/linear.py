@@ -10,12 +10,13 @@ Backends: ``cuda`` (``csrc/gemv.cu``, host side ``cuda_gemv``) where it runs, fo
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
 from . import _backend
 from . import _checks as C
+from ._device import gpu_name, sm_count
 from ._library import define
 
 MAX_ROWS = 8  # rows of x (the decode batch) the op serves
@@ -36,6 +37,23 @@ def _preferred_backend(device: torch.device, x: torch.Tensor, weight: torch.Tens
 
 
 _backend.prefer("gemv", _preferred_backend)
+
+
+class GemvKey(NamedTuple):
+    """The autotune key of both backends' kernels (``triton_kernels/gemv.py``, ``cuda_gemv.py``)."""
+    gpu: str
+    dtype: torch.dtype
+    M: int  # rows of x (the decode batch)
+    N: int  # outputs per row of x (glu: half of W's rows)
+    K: int  # in_features
+    glu: bool
+    sms: int
+
+
+def gemv_key(x, weight, bias, glu, out) -> GemvKey:
+    """The key of a launch with the op's arguments."""
+    device = x.device
+    return GemvKey(gpu_name(device), x.dtype, x.shape[0], out.shape[1], weight.shape[1], bool(glu), sm_count(device))
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *, glu: bool = False,

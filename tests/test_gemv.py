@@ -141,7 +141,7 @@ def test_cuda_default_is_in_the_space(M):
     from sparsevila_ops import cuda_gemv as C
     for N, K in ((4608, 3584), (3584, 3584), (37888, 3584), (3584, 18944), (512, 3584), (8, 8), (152064, 3584)):
         for glu in (False, True):
-            key = C.GemvCudaKey("gpu", torch.bfloat16, M, N, K, glu, 132)
+            key = C.GemvKey("gpu", torch.bfloat16, M, N, K, glu, 132)
             space = C._space(key)
             assert C._default(key) in space
             assert all(c["warps"] % c["kwarps"] == 0 for c in space)

@@ -10,15 +10,14 @@ anything and lets its dependent launch at once. This is the portable backend of 
 """
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from .._device import sm_count, use_pdl
-from ..autotune import Tunable, gpu_name
+from .._device import use_pdl
+from ..autotune import Tunable
+from ..linear import GemvKey, gemv_key
 
 BLOCK_M = 16  # x rows per tensor-core tile (the op serves M <= 8)
 
@@ -61,21 +60,6 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, sx, sw, so, GLU: tl.cons
              mask=mm[:, None] & mrow[None, :])
 
 
-class GemvKey(NamedTuple):
-    gpu: str
-    dtype: torch.dtype
-    M: int  # rows of x (the decode batch)
-    N: int  # outputs per row of x (glu: half of W's rows)
-    K: int  # in_features
-    glu: bool
-    sms: int
-
-
-def _key(x, weight, bias, glu, out) -> GemvKey:
-    device = x.device
-    return GemvKey(gpu_name(device), x.dtype, x.shape[0], out.shape[1], weight.shape[1], bool(glu), sm_count(device))
-
-
 def _default(key: GemvKey) -> dict:
     """Slices of 128 along K; the widest tile of rows (64, 32, 16) that still gives >= 4 programs per SM."""
     block_n = 64
@@ -115,7 +99,7 @@ def launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, glu
         **({"launch_pdl": True} if pdl else {}))
 
 
-GEMV = Tunable("gemv", "triton", key=_key, space=_space, default=_default, launch=launch,
+GEMV = Tunable("gemv", "triton", key=gemv_key, space=_space, default=_default, launch=launch,
                warmup=Tunable.triton_warmup(launch), resources=_resources, buckets=("M", "N", "K"))
 
 
