@@ -1,7 +1,7 @@
 """Table 2: end-to-end latency of Qwen2.5-VL-7B (random weights) on long videos, bf16 and 4-bit weights.
 
 ``python -m bench.e2e [--quick] [--tokens 16384 65536 131072] [--precision bf16 w4a16] [--rows a b c1 c2 c3]
-[--decode-steps 256]``. The model is ``sparsevila_ops.integrations.demo.build_model`` (the QWEN25_VL_7B config,
+[--decode-steps 256] [--inductor-pdl]``. The model is ``sparsevila_ops.integrations.demo.build_model`` (the QWEN25_VL_7B config,
 bf16; latency does not depend on weight values), the inputs ``demo.video_inputs``:
 
 - one video of F frames at 448x448 px (32x32 patches of 14 px): a 2x2 merge and 2-frame temporal patches make
@@ -317,10 +317,26 @@ def run_rows(model, inputs: dict, rows: Sequence[str], *, decode_steps: int, pre
     return out
 
 
+def pdl_compile_config():
+    """The decode step's ``CompileConfig`` as transformers' default (``reduce-overhead``: CUDA graphs) plus
+    inductor's programmatic dependent launch of its own Triton kernels (``triton.enable_pdl``; Hopper), for
+    ``--inductor-pdl``: the A/B of whether letting inductor's RMSNorm / RoPE kernels start early hides part of the
+    ~1-2 µs of idle GPU between a decode step's ~350-380 kernels (bench/NOTES.md). RuntimeError when this torch's
+    inductor has no such option."""
+    import torch._inductor.config as inductor_config
+    from transformers import CompileConfig
+
+    if not hasattr(inductor_config.triton, "enable_pdl"):
+        raise RuntimeError(f"torch {torch.__version__}'s inductor has no triton.enable_pdl option")
+    return CompileConfig(mode=None, options={"triton.cudagraphs": True, "triton.enable_pdl": True})
+
+
 def run(targets: Sequence[int], precisions: Sequence[str], rows: Sequence[str], decode_steps: int,
-        profile_steps: int = 0, done: Optional[Callable[[List[dict], float], None]] = None) -> tuple:
+        profile_steps: int = 0, done: Optional[Callable[[List[dict], float], None]] = None,
+        inductor_pdl: bool = False) -> tuple:
     """The full-size table on the GPU: returns (rows, copy bandwidth TB/s, KV bytes per token). ``done(table,
     copy TB/s)`` gets the table so far after each row (so a run cut short keeps what it measured).
+    ``inductor_pdl``: decode steps compiled with ``pdl_compile_config`` (each row says ``inductor_pdl``).
 
     One model serves every precision: ``w4a16`` quantizes its LLM linears in place and nothing restores them,
     so ``precisions`` must list bf16 before w4a16 (``PRECISIONS`` order, each once; ``ValueError`` otherwise).
@@ -334,6 +350,8 @@ def run(targets: Sequence[int], precisions: Sequence[str], rows: Sequence[str], 
     dev, dtype = torch.device("cuda"), torch.bfloat16
     copy_tbps = copy_bandwidth_tbps()
     model = build_model(True, dev, dtype)
+    if inductor_pdl:
+        model.generation_config.compile_config = pdl_compile_config()
     kv_tok = kv_bytes_per_token(model.config.text_config)
     raw = []
     for precision in precisions:
@@ -346,8 +364,9 @@ def run(targets: Sequence[int], precisions: Sequence[str], rows: Sequence[str], 
             print(f"{precision}: video {video['frames']} frames of {video['px']}x{video['px']} px -> "
                   f"{video['visual_tokens']} visual tokens, prompt {inputs['input_ids'].shape[1]} tokens", flush=True)
             for key in rows:
-                raw += run_rows(model, inputs, [key], decode_steps=decode_steps, precision=precision, video=video,
-                                profile_steps=profile_steps)
+                raw += [{**r, "inductor_pdl": inductor_pdl} for r in run_rows(
+                    model, inputs, [key], decode_steps=decode_steps, precision=precision, video=video,
+                    profile_steps=profile_steps)]
                 if done is not None:
                     done(assemble(raw, copy_tbps, kv_tok), copy_tbps)
             del inputs
@@ -357,7 +376,7 @@ def run(targets: Sequence[int], precisions: Sequence[str], rows: Sequence[str], 
 
 COLUMNS = ["input", "frames", "px", "precision", "row", "setting", "kept_visual", "kv_tokens", "E_ms", "P_ms",
            "D_ms", "D_floor_ms", "D_over_floor", "D_gpu_ms", "D_gpu_over_floor", "E2E_s", "E_speedup", "P_speedup",
-           "D_speedup", "E2E_speedup", "graphs_compiled_in_timed_run"]
+           "D_speedup", "E2E_speedup", "graphs_compiled_in_timed_run", "inductor_pdl"]
 
 
 def plot_stacked(rows: List[dict], answer_tokens: int = ANSWER_TOKENS):
@@ -391,6 +410,8 @@ def main(argv=None) -> int:
     p.add_argument("--rows", nargs="+", choices=list(ROWS), default=None, help="default: all")
     p.add_argument("--decode-steps", type=int, default=None, help="timed decode tokens (default 256; quick 64)")
     p.add_argument("--name", default=None, help="result file name (default e2e, e2e_quick with --quick)")
+    p.add_argument("--inductor-pdl", action="store_true",
+                   help="compile decode steps with inductor's PDL for its Triton kernels (pdl_compile_config)")
     p.add_argument("--profile-steps", type=int, default=16,
                    help="decode steps profiled per row for D_gpu, the GPU time of one step (0: none)")
     a = p.parse_args(argv)
@@ -413,7 +434,7 @@ def main(argv=None) -> int:
         write_results(a.name or ("e2e_quick" if a.quick else "e2e"), table, COLUMNS, plot=plot_stacked(table),
                       title=f"Table 2: Qwen2.5-VL-7B ({cfg['num_hidden_layers']} layers, random weights), E2E = E + "
                             f"P + {ANSWER_TOKENS} D from {steps} timed decode steps, copy {copy_tbps:.2f} TB/s")
-    run(sorted(targets), precisions, rows, steps, a.profile_steps, done=write)
+    run(sorted(targets), precisions, rows, steps, a.profile_steps, done=write, inductor_pdl=a.inductor_pdl)
     return 0
 
 

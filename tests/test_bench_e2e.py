@@ -216,3 +216,12 @@ def test_until_llm_stops_generate_at_the_language_model(tiny_model):
             e2e.until_llm(tiny_model, lambda: None)
     finally:
         sv.disable(tiny_model)
+
+
+def test_pdl_compile_config_is_reduce_overhead_plus_inductor_pdl():
+    """``--inductor-pdl``'s CompileConfig: CUDA graphs as ``reduce-overhead`` gives them, and inductor's PDL; both
+    options exist in this torch's inductor config (torch.compile rejects unknown ones)."""
+    import torch._inductor.config as inductor_config
+    cfg = e2e.pdl_compile_config()
+    assert cfg.mode is None and cfg.options == {"triton.cudagraphs": True, "triton.enable_pdl": True}
+    assert all(k in inductor_config.get_config_copy() for k in cfg.options)
