@@ -651,3 +651,21 @@ def test_decode_sized_linears_run_the_gemv_op(device, monkeypatch):
         assert torch.equal(forced, plain)
     finally:
         sv.disable(model)
+
+
+def test_the_gemv_decision_traces_in_one_graph(monkeypatch):
+    """Inside the compiled decode step the device record ``fuse`` made (``_gemv_device``: a dict hit) and the
+    decision on a CPU input trace without a graph break (the cuda loader is never asked while compiling)."""
+    from sparsevila_ops.integrations import fused
+
+    cuda0 = torch.device("cuda", 0)
+    monkeypatch.setitem(fused._GEMV_DEVICES, cuda0, True)
+    w = torch.ones(4, 3, dtype=torch.bfloat16)
+
+    def step(x):
+        use = fused._gemv_device(cuda0) and not fused._decode_gemv(x, w)
+        return x * 2 if use else x
+
+    explained = torch._dynamo.explain(step)(torch.ones(1, 3, dtype=torch.bfloat16))
+    assert explained.graph_break_count == 0 and explained.graph_count == 1
+    torch._dynamo.reset()
