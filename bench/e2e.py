@@ -1,8 +1,8 @@
 """Table 2: end-to-end latency of Qwen2.5-VL-7B (random weights) on long videos, bf16 and 4-bit weights.
 
 ``python -m bench.e2e [--quick] [--tokens 16384 65536 131072] [--precision bf16 w4a16] [--rows a b c1 c2 c3]
-[--decode-steps 256] [--inductor-pdl]``. The model is ``sparsevila_ops.integrations.demo.build_model`` (the QWEN25_VL_7B config,
-bf16; latency does not depend on weight values), the inputs ``demo.video_inputs``:
+[--decode-steps 256] [--inductor-pdl]``. The model is ``sparsevila_ops.integrations.demo.build_model`` (the
+QWEN25_VL_7B config, bf16; latency does not depend on weight values), the inputs ``demo.video_inputs``:
 
 - one video of F frames at 448x448 px (32x32 patches of 14 px): a 2x2 merge and 2-frame temporal patches make
   F/2 * 16 * 16 = 128 F LLM visual tokens, so 128 / 512 / 1024 frames give 16384 / 65536 / 131072 visual tokens

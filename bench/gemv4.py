@@ -90,8 +90,8 @@ class Layer:
         gem, why = _gemlite(w4)
         if why:
             notes.setdefault("gemlite", why)
-        self.bytes = {"bf16": w.numel() * 2, "gemv": w.numel() * 2, "triton": w4.nbytes, "cuda": w4.nbytes, "gemlite": w4.nbytes,
-                      "tinygemm": sum(t.numel() * t.element_size() for t in tiny) if tiny else None}
+        self.bytes = {"bf16": w.numel() * 2, "gemv": w.numel() * 2, "triton": w4.nbytes, "cuda": w4.nbytes,
+                      "gemlite": w4.nbytes, "tinygemm": sum(t.numel() * t.element_size() for t in tiny) if tiny else None}
         clone = lambda ts: [t.clone() for t in ts]  # noqa: E731
         self.bf16 = [w] + [w.clone() for _ in range(copies - 1)]
         self.tiny = None if tiny is None else [tiny] + [tuple(clone(tiny)) for _ in range(copies - 1)]

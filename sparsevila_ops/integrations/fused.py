@@ -18,6 +18,11 @@ re-fuses a group whose projection weights are no longer its views (``load_state_
 and unfuses one that stopped qualifying (e.g. replaced by a quantized module). With autograd recording and
 trainable weights the forwards run the original projections, so gradients reach them.
 
+At batch 1 on a GPU where the cuda backend runs, every linear of these forwards (fused q/k/v, o, fused gate/up,
+down) is one :func:`sparsevila_ops.gemv` launch instead of cuBLAS's (faster at these sizes, no split-K reduce
+kernels), the gate/up one emitting ``silu(gate) * up`` itself (``glu``), so a SiLU MLP needs no element-wise kernel
+(``_decode_gemv`` says when).
+
 An MLP whose intermediate size is not a multiple of ``PAD`` (Qwen2.5-VL's vision blocks: 3420) gets its gate and
 up blocks padded to one with zero rows, and ``down_proj`` a zero-padded copy whose first columns are its weight
 (``act(0) * 0 = 0``: outputs unchanged): cuBLAS runs such GEMMs with Hopper kernels only at 16-byte aligned sizes
@@ -158,11 +163,13 @@ def _own_storage(linears: Sequence[nn.Module]) -> None:
 
 
 GEMV_ROWS = 1  # rows (decode batch) up to which linears run sparsevila_ops.gemv: faster than cuBLAS at 1 on the
-               # H200, 2.7x slower at 8 (bench/NOTES.md)
+               # H200, 2.7-2.8x slower at 8 (bench/NOTES.md)
 _GEMV_DEVICES: dict = {}  # device -> whether the cuda backend runs there (asked once; ``fuse`` asks eagerly)
 
 
 def _gemv_device(device: torch.device) -> bool:
+    """Whether the cuda backend runs on ``device``, asked once per device (a dict hit after that, also while
+    ``torch.compile`` traces)."""
     ready = _GEMV_DEVICES.get(device)
     if ready is None:
         from .. import _cuda
@@ -171,11 +178,11 @@ def _gemv_device(device: torch.device) -> bool:
 
 
 def _decode_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether a linear layer of ``weight`` on ``x [..., K]`` runs :func:`sparsevila_ops.gemv`: ``GEMV_ROWS`` rows
-    (a decode step) of fp16/bf16 on a GPU where the cuda backend runs (its GEMV streams weights faster than cuBLAS at these
-    sizes, bench/NOTES.md; the portable Triton one does not, so without the cuda backend ``F.linear`` runs), no
-    autograd recording into a trainable weight or x, and (outside ``torch.compile``, whose graphs read only what
-    ``fuse`` recorded) no other backend requested."""
+    """Whether a linear layer of ``weight`` on ``x [..., K]`` runs :func:`sparsevila_ops.gemv`: up to ``GEMV_ROWS``
+    rows (a decode step) of fp16/bf16 on a GPU where the cuda backend runs (its GEMV streams weights faster than
+    cuBLAS at these sizes, bench/NOTES.md; the portable Triton one does not, so without the cuda backend
+    ``F.linear`` runs), no autograd recording into a trainable weight or x, and (outside ``torch.compile``, whose
+    graphs read only what ``fuse`` recorded) no other backend requested."""
     if x.device.type != "cuda" or x.dtype not in (torch.float16, torch.bfloat16) or weight.dtype != x.dtype:
         return False
     if x.numel() > GEMV_ROWS * x.shape[-1] or x.numel() == 0:
