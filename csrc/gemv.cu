@@ -28,8 +28,6 @@
 
 namespace {
 
-using sparsevila::Int;
-
 constexpr int kMaxRows = 8;   // rows of x per launch
 constexpr int kMaxWarps = 8;  // per CTA
 

@@ -58,13 +58,14 @@ int svo_w4a16_linear(int dtype, const void* x, const int* qweight, const void* s
                      const void* bias, void* out, int M, int N, int K, int group, long long sx, int tiles,
                      int warps, int kwarps, int stages, int pdl, void* stream);
 
-// gemv (gemv.cu): out [M, N] (contiguous) = h [M, K] @ W^T (+ bias) for 1 <= M <= 8, W [N, K] in x's dtype with row
-// stride sw (a multiple of 8, >= K; unit column stride, 16-byte aligned), K a multiple of 8; h = x[:, :K], or with
-// gated = 1 round(round(silu(x[:, :K])) * x[:, K:2K]). dtype: 0 bf16, 1 fp16; sx: x's row stride in elements (a
-// multiple of 8, x 16-byte aligned, unit column stride); bias null or [N]. Config: rows (1, 2 or 4) of W per warp,
-// warps (1..8) per CTA of which kwarps (dividing warps) split K. Returns a cudaError_t.
+// gemv (gemv.cu): out [M, N] (contiguous) = y = x [M, K] @ W^T (+ bias) for 1 <= M <= 8, W in x's dtype with row
+// stride sw (a multiple of 8, >= K; unit column stride, 16-byte aligned), K a multiple of 8; with glu = 1, W is
+// [2N, K] (bias [2N]) and out = round(round(silu(round(y[:, :N]))) * round(y[:, N:])). dtype: 0 bf16, 1 fp16; sx:
+// x's row stride in elements (a multiple of 8, x 16-byte aligned, unit column stride); bias null or as W's rows.
+// Config: rows (1, 2 or 4) of out per warp, warps (1..8) per CTA of which kwarps (dividing warps) split K. Returns
+// a cudaError_t.
 int svo_gemv(int dtype, const void* x, const void* w, const void* bias, void* out, int M, int N, int K, long long sx,
-             long long sw, int gated, int rows, int warps, int kwarps, int pdl, void* stream);
+             long long sw, int glu, int rows, int warps, int kwarps, int pdl, void* stream);
 
 const char* svo_error_string(int code);
 

@@ -73,6 +73,48 @@ def source_dir() -> Path:
     return Path(csrc.__file__).parent
 
 
+def interface(*names: str) -> Tuple[str, ...]:
+    """The binding statements (``m.def("name", ...)`` of ``bindings.cpp``) and C declarations (``svo_<name>`` of
+    ``sparsevila_cuda.h``) of the functions ``names``, as texts: what of those two shared files decides how a kernel
+    is launched (a Tunable's ``source``: a value, hashed by its repr), so that adding or changing another op's
+    binding leaves its tuned entries valid. ValueError naming a function that is not there."""
+    binding = (source_dir() / BINDING).read_text()
+    header = (source_dir() / "sparsevila_cuda.h").read_text()
+    out = []
+    for name in names:
+        start = binding.find(f'm.def(\n      "{name}",')
+        if start < 0:
+            start = binding.find(f'm.def("{name}",')
+        decl = re.search(rf"^int svo_{name}\([^;]*;", header, re.M)
+        if start < 0 or decl is None:
+            raise ValueError(f"no binding or declaration of {name!r} in csrc/{BINDING} / sparsevila_cuda.h")
+        out += [binding[start:_statement_end(binding, start)], decl.group(0)]
+    return tuple(out)
+
+
+def _statement_end(text: str, start: int) -> int:
+    """The index after the ``;`` that closes the parenthesized call starting at ``text[start:]`` (string and char
+    literals skipped)."""
+    depth, i, quote = 0, start, None
+    while i < len(text):
+        c = text[i]
+        if quote:
+            if c == "\\":
+                i += 1
+            elif c == quote:
+                quote = None
+        elif c in "\"'":
+            quote = c
+        elif c == "(":
+            depth += 1
+        elif c == ")":
+            depth -= 1
+        elif c == ";" and depth == 0:
+            return i + 1
+        i += 1
+    raise ValueError(f"unterminated statement at {start} of csrc/{BINDING}")
+
+
 def sources() -> list:
     """Every source file of ``csrc/`` (sorted): all of them go into the build key."""
     return sorted(p for p in source_dir().iterdir() if p.suffix in SOURCE_SUFFIXES)

@@ -131,10 +131,10 @@ def _unsupported(q, k, v, lengths, scale, out, lse) -> Optional[str]:
     return unsupported(q, k, v)
 
 
-# what decides a config's meaning and speed besides the host code: the kernel sources, the binding, nvcc flags
-_SOURCE = [*(_cuda.source_dir() / f for f in ("decode_cluster.cu", "mbarrier.cuh", "mma_sync.cuh", "launch_util.cuh",
-                                                    "bindings.cpp")),
-           _cuda.NVCC_FLAGS]
+# what decides a config's meaning and speed besides the host code: the kernel sources, the op's binding and
+# declaration (_cuda.interface), nvcc flags
+_SOURCE = [*(_cuda.source_dir() / f for f in ("decode_cluster.cu", "mbarrier.cuh", "mma_sync.cuh", "launch_util.cuh")),
+           _cuda.interface("decode_cluster", "decode_max_active_clusters"), _cuda.NVCC_FLAGS]
 CLUSTER_DECODE = Tunable("decode_attention", "cuda", _SOURCE,
                          key=_key, space=_space, default=_default, launch=_launch, buckets=("B", "Hk", "cap"),
                          unsupported=_unsupported)

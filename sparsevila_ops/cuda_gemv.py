@@ -83,8 +83,9 @@ def _unsupported(x, weight, bias, glu, out) -> Optional[str]:
     return unsupported(x, weight, bias, out)
 
 
-# what decides a config's meaning and speed besides the host code: the kernel sources, the binding, nvcc flags
-_SOURCE = [*(_cuda.source_dir() / f for f in ("gemv.cu", "launch_util.cuh", "sparsevila_cuda.h", "bindings.cpp")),
+# what decides a config's meaning and speed besides the host code: the kernel sources, the op's binding and
+# declaration (_cuda.interface), nvcc flags
+_SOURCE = [*(_cuda.source_dir() / f for f in ("gemv.cu", "launch_util.cuh")), _cuda.interface("gemv"),
            _cuda.NVCC_FLAGS]
 GEMV_CUDA = Tunable("gemv", "cuda", _SOURCE, key=gemv_key, space=_space, default=_default, launch=_launch,
                     buckets=("M", "N", "K"), unsupported=_unsupported)

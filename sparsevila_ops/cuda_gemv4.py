@@ -113,10 +113,11 @@ def _outputs_unsupported(bias: Optional[torch.Tensor], out: torch.Tensor) -> Opt
     return None
 
 
-# what decides a config's meaning and speed besides the host code: the kernel sources, the binding, nvcc flags
+# what decides a config's meaning and speed besides the host code: the kernel sources, the op's binding and
+# declaration (_cuda.interface), nvcc flags
 _SOURCE = [*(_cuda.source_dir() / f for f in ("gemv4.cu", "cp_async.cuh", "mbarrier.cuh", "mma_sync.cuh",
-                                                    "launch_util.cuh", "sparsevila_cuda.h", "bindings.cpp")),
-           _cuda.NVCC_FLAGS]
+                                                    "launch_util.cuh")),
+           _cuda.interface("w4a16_linear"), _cuda.NVCC_FLAGS]
 W4A16_CUDA = Tunable("w4a16_linear", "cuda", _SOURCE, key=_key, space=_space, default=_default, launch=_launch,
                      resources=_resources, buckets=("M", "N", "K"), unsupported=_unsupported)
 

@@ -169,11 +169,12 @@ def _unsupported(q, k, cu_seqlens, max_seqlen, scale, num_summary, lse, determin
     return unsupported(q, k)
 
 
-# what decides a config's meaning and speed besides the host code: the kernel sources, the binding, nvcc flags
+# what decides a config's meaning and speed besides the host code: the kernel sources, the op's binding and
+# declaration (_cuda.interface), nvcc flags
 _SOURCE = [*(_cuda.source_dir() / f for f in ("salience.cu", "salience_wgmma.cu", "salience_launch.cuh", "exp2.cuh",
-                                              "mbarrier.cuh", "wgmma.cuh", "mma_sync.cuh", "launch_util.cuh",
-                                              "bindings.cpp")),
-           _cuda.NVCC_FLAGS]
+                                              "mbarrier.cuh", "wgmma.cuh", "mma_sync.cuh", "launch_util.cuh")),
+           _cuda.interface("salience_lse", "salience_colsum", "salience_wgmma_lse", "salience_wgmma_colsum",
+                           "salience_sum_heads", "salience_block_rows"), _cuda.NVCC_FLAGS]
 SALIENCE_CUDA = Tunable("visual_salience", "cuda", _SOURCE,
                         key=_key, space=_space, default=_default, launch=_launch, buckets=("S", "n", "rows"),
                         unsupported=_unsupported)

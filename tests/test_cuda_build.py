@@ -304,3 +304,17 @@ def test_warmup_is_listed_and_has_help(capsys):
     with pytest.raises(SystemExit) as e:
         cli(["warmup", "--help"])
     assert e.value.code == 0 and "no GPU needed" in capsys.readouterr().out
+
+
+def test_interface_is_one_ops_binding_and_declaration():
+    """A cuda Tunable hashes its op's ``m.def`` statement and ``svo_`` declaration, not the whole shared files:
+    another op's binding can change without invalidating its tuned entries."""
+    gemv = _cuda.interface("gemv")
+    assert gemv[0].startswith('m.def(\n      "gemv",') and gemv[0].endswith('py::arg("stream"));')
+    assert gemv[1].startswith("int svo_gemv(") and gemv[1].endswith("void* stream);")
+    assert "w4a16" not in "".join(gemv)
+    one_line = _cuda.interface("salience_block_rows")
+    assert one_line == ('m.def("salience_block_rows", &svo_salience_block_rows, "Rows per salience CTA (grid sizing).");',
+                        "int svo_salience_block_rows();")
+    with pytest.raises(ValueError, match="no binding or declaration of 'nope'"):
+        _cuda.interface("nope")
