@@ -13,8 +13,9 @@ Public ops (each also callable as ``torch.ops.sparsevila.<name>`` with out-varia
 ``gemv``                   a decode step's linear layer (1-8 rows), optionally emitting a gated MLP's silu(gate) * up
 =========================  ===================================================================
 
-Backends: ``reference`` (torch), ``triton`` (default on CUDA), ``cuda`` (opt-in CUDA C++ kernels of ``csrc/``,
-so far ``decode_attention``; ``python -m sparsevila_ops warmup`` builds them ahead of time). Override with
+Backends: ``reference`` (torch), ``triton`` (default on CUDA), ``cuda`` (CUDA C++ kernels of ``csrc/`` for
+``visual_salience``, ``gemv`` and the ``[quant]`` extra's ``w4a16_linear``, preferred where they measured faster,
+and an opt-in ``decode_attention``; ``python -m sparsevila_ops warmup`` builds them ahead of time). Override with
 ``SPARSEVILA_BACKEND`` or ``with sparsevila_ops.use_backend("reference"): ...``; ``available_backends(op, device)``
 lists the backends that can run ``op`` on ``device`` here. The exact contract of every op: ``docs/ops.md`` in the
 repository.
