@@ -50,9 +50,11 @@ if [ "$what" = tests ] || [ "$what" = all ]; then
       python -m sparsevila_ops fuzz --op "$op" --backend triton --cases "$n" --seed 1000 --device cuda \
         > "$SPARSEVILA_BENCH_DIR/fuzz_$op.log" 2>&1 & pids+=($!)
     done
-    if [ -z "${FUZZ_OPS:-}" ]; then  # the cuda backend's one op
-      python -m sparsevila_ops fuzz --op decode_attention --backend cuda --cases "$n" --seed 1000 --device cuda \
-        > "$SPARSEVILA_BENCH_DIR/fuzz_decode_attention_cuda.log" 2>&1 & pids+=($!)
+    if [ -z "${FUZZ_OPS:-}" ]; then  # the cuda backend's ops (visual_salience's default backend is cuda on sm_90)
+      for op in decode_attention gemv; do
+        python -m sparsevila_ops fuzz --op "$op" --backend cuda --cases "$n" --seed 1000 --device cuda \
+          > "$SPARSEVILA_BENCH_DIR/fuzz_${op}_cuda.log" 2>&1 & pids+=($!)
+      done
     fi
     for p in "${pids[@]}"; do wait "$p" || rc=1; done
     cat "$SPARSEVILA_BENCH_DIR"/fuzz_*.log

@@ -246,6 +246,26 @@ def gen_sparse_decode_attention(rng, gen, dev, big):
                 [q, k, v, idx, n_valid, q.shape[-1] ** -0.5, out, lse], [6, 7])
 
 
+def gen_gemv(rng, gen, dev, big):
+    """1-8 rows of x (a view with 0, 4 or 8 leading columns cut: rows 16-byte aligned or not), N and K awkward
+    (K not always a multiple of 8: the cuda kernel's fallback), glu half the time, weight strided a third of the
+    time, bias half the time; fp16/bf16 (the op's dtypes)."""
+    dt = rng.choice([torch.float16, torch.bfloat16])
+    M = rng.randint(1, 8)
+    N = rng.choice([1, 7, 97, 729, 1025] + ([4608, 5125] if big else []))
+    K = rng.choice([8, 16, 97, 136, 1000] + ([3584, 4104] if big else []))
+    glu = rng.random() < 0.5
+    rows = 2 * N if glu else N
+    pad = rng.choice([0, 4, 8])
+    x = torch.randn(M, K + pad, generator=gen).to(dt).to(dev)[:, pad:]
+    w_pad = 8 if rng.random() < 1 / 3 else 0
+    w = (0.05 * torch.randn(rows, K + w_pad, generator=gen)).to(dt).to(dev)[:, :K]
+    bias = torch.randn(rows, generator=gen).to(dt).to(dev) if rng.random() < 0.5 else None
+    out = torch.empty(M, N, dtype=dt, device=dev)
+    desc = f"M={M} N={N} K={K} {dt} glu={glu} x_offset={pad} w_stride={K + w_pad} bias={bias is not None}"
+    return Case(desc, [x, w, bias, glu, out], [4])
+
+
 GENERATORS: Dict[str, Callable] = {name[4:]: fn for name, fn in globals().items() if name.startswith("gen_")}
 
 
