@@ -61,9 +61,10 @@ if [ "$what" = tests ] || [ "$what" = all ]; then
     return $rc
   }
   step fuzz fuzz_all
-  # compute-sanitizer on one launch of every csrc/salience.cu instantiation (checked against the reference too)
+  # compute-sanitizer on one launch of every salience and gemv instantiation (checked against the reference too)
   for tool in memcheck racecheck synccheck; do
     step "sanitize-$tool" compute-sanitizer --tool "$tool" --error-exitcode 3 python -m bench.sanitize_salience
+    step "sanitize-gemv-$tool" compute-sanitizer --tool "$tool" --error-exitcode 3 python -m bench.sanitize_gemv
   done
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
