@@ -145,10 +145,12 @@ def bench_shape(sh: Shape, iters: int, poly_share: bool = False) -> List[Dict[st
     if cuda_why is None:
         impls += [("cuda 2 passes", lambda i: cuda_call(i, False), 2, None, sh.target_2pass_ms),
                   ("cuda lse given", lambda i: cuda_call(i, True), 1, None, sh.target_lse_ms)]
-        from sparsevila_ops.cuda_salience import KERNELS, POLY_EVERY
-        for kern in KERNELS:  # each kernel without polynomial exp2s, then (--poly-share) at every share
-            for p in POLY_EVERY if poly_share else (0,):
-                cfg, tag = {"kernel": kern, "poly_every": p}, f"cuda {kern}" + (f", poly_every={p}" if p else "")
+        from sparsevila_ops.cuda_salience import POLY_EVERY, WGMMA_TILES
+        kernels = [("wgmma", c, n) for c, n in WGMMA_TILES] + [("mma", 2, 128)]
+        for kern, c, n in kernels:  # each kernel (wgmma: each tile shape) without polynomial exp2s, then (--poly-share)
+            for p in POLY_EVERY if poly_share else (0,):  # at every share
+                cfg = {"kernel": kern, "poly_every": p, "consumers": c, "tile_n": n}
+                tag = f"cuda {kern}" + (f" {c}x{n}" if kern == "wgmma" else "") + (f", poly_every={p}" if p else "")
                 impls += [(f"{tag} 2 passes", functools.partial(cuda_call, given=False, cfg=cfg), 2, None, None),
                           (f"{tag} lse given", functools.partial(cuda_call, given=True, cfg=cfg), 1, None, None)]
     fcr = _flash_colreduce()

@@ -83,26 +83,29 @@ PYBIND11_MODULE(_sparsevila_cuda, m) {
       "salience_wgmma_lse",
       [](int dtype, int head_dim, std::uintptr_t q, std::uintptr_t k, std::uintptr_t cu_seqlens, std::uintptr_t lse2,
          float qk_scale2, const std::array<int64_t, 7>& strides, int tokens, int num_segments, int max_rows,
-         int heads, int num_summary, int poly_every, std::uintptr_t stream) {
+         int heads, int num_summary, int poly_every, int consumers, int tile_n, std::uintptr_t stream) {
         check(svo_salience_wgmma_lse(dtype, head_dim, ptr<const void>(q), ptr<const void>(k),
                                      ptr<const int>(cu_seqlens), ptr<float>(lse2), qk_scale2, strides.data(), tokens,
-                                     num_segments, max_rows, heads, num_summary, poly_every, ptr<void>(stream)),
+                                     num_segments, max_rows, heads, num_summary, poly_every, consumers, tile_n,
+                                     ptr<void>(stream)),
               "visual_salience LSE pass (cuda backend, wgmma kernel) launch");
       },
       "Launch the salience LSE pass on the Hopper kernel; see csrc/sparsevila_cuda.h. Raises RuntimeError with the "
       "CUDA error.",
       py::arg("dtype"), py::arg("head_dim"), py::arg("q"), py::arg("k"), py::arg("cu_seqlens"), py::arg("lse2"),
       py::arg("qk_scale2"), py::arg("strides"), py::arg("tokens"), py::arg("num_segments"), py::arg("max_rows"),
-      py::arg("heads"), py::arg("num_summary"), py::arg("poly_every"), py::arg("stream"));
+      py::arg("heads"), py::arg("num_summary"), py::arg("poly_every"), py::arg("consumers"), py::arg("tile_n"),
+      py::arg("stream"));
   m.def(
       "salience_wgmma_colsum",
       [](int dtype, int head_dim, std::uintptr_t q, std::uintptr_t k, std::uintptr_t cu_seqlens, std::uintptr_t lse,
          float lse_scale, std::uintptr_t out, float qk_scale2, const std::array<int64_t, 7>& strides, int tokens,
-         int num_segments, int max_seqlen, int heads, int num_summary, int poly_every, std::uintptr_t stream) {
+         int num_segments, int max_seqlen, int heads, int num_summary, int poly_every, int consumers, int tile_n,
+         std::uintptr_t stream) {
         check(svo_salience_wgmma_colsum(dtype, head_dim, ptr<const void>(q), ptr<const void>(k),
                                         ptr<const int>(cu_seqlens), ptr<const float>(lse), lse_scale, ptr<float>(out),
                                         qk_scale2, strides.data(), tokens, num_segments, max_seqlen, heads,
-                                        num_summary, poly_every, ptr<void>(stream)),
+                                        num_summary, poly_every, consumers, tile_n, ptr<void>(stream)),
               "visual_salience column-sum pass (cuda backend, wgmma kernel) launch");
       },
       "Launch the salience column-sum pass on the Hopper kernel; see csrc/sparsevila_cuda.h. Raises RuntimeError "
@@ -110,7 +113,7 @@ PYBIND11_MODULE(_sparsevila_cuda, m) {
       py::arg("dtype"), py::arg("head_dim"), py::arg("q"), py::arg("k"), py::arg("cu_seqlens"), py::arg("lse"),
       py::arg("lse_scale"), py::arg("out"), py::arg("qk_scale2"), py::arg("strides"), py::arg("tokens"),
       py::arg("num_segments"), py::arg("max_seqlen"), py::arg("heads"), py::arg("num_summary"),
-      py::arg("poly_every"), py::arg("stream"));
+      py::arg("poly_every"), py::arg("consumers"), py::arg("tile_n"), py::arg("stream"));
   m.def(
       "salience_sum_heads",
       [](std::uintptr_t part, std::uintptr_t out, int tokens, int heads, int64_t stride_ph, float inv_heads,

@@ -37,14 +37,15 @@ int svo_salience_sum_heads(const float* part, float* out, int tokens, int heads,
                            void* stream);
 // The same two passes by the Hopper kernels (salience_wgmma.cu: TMA, wgmma, warp specialization; the current device
 // must be of compute capability 9.0). tokens = T; q/k rows and head strides, the lse row stride (strides[5]) and
-// every base address 16-byte aligned (TMA); lse2 / lse rows are read by TMA, out / lse2 written as above.
+// every base address 16-byte aligned (TMA); lse2 / lse rows are read by TMA, out / lse2 written as above. Tiles:
+// consumers (consumer warpgroups of 64 resident rows) and tile_n (streamed rows per tile): 2 and 128, or 4 and 64.
 int svo_salience_wgmma_lse(int dtype, int head_dim, const void* q, const void* k, const int* cu_seqlens, float* lse2,
                            float qk_scale2, const int64_t* strides, int tokens, int num_segments, int max_rows,
-                           int heads, int num_summary, int poly_every, void* stream);
+                           int heads, int num_summary, int poly_every, int consumers, int tile_n, void* stream);
 int svo_salience_wgmma_colsum(int dtype, int head_dim, const void* q, const void* k, const int* cu_seqlens,
                               const float* lse, float lse_scale, float* out, float qk_scale2, const int64_t* strides,
                               int tokens, int num_segments, int max_seqlen, int heads, int num_summary,
-                              int poly_every, void* stream);
+                              int poly_every, int consumers, int tile_n, void* stream);
 // Rows of a salience CTA (the grid has ceil(max_rows / this) CTAs per segment and head).
 int svo_salience_block_rows();
 

@@ -16,8 +16,9 @@ the Triton backend's kernels (through the backend registry, so this module never
 
 Config (``SALIENCE_CUDA``, the autotune seam; default ``_default``): ``kernel`` "wgmma" (compute capability 9.0)
 or "mma"; ``poly_every`` in (0, 2, 4, 8): every ``poly_every``-th column pair of a thread's scores takes its exp2
-from the polynomial instead of MUFU (0: none). Tile shapes are fixed in the sources (wgmma: 2 x 64 resident rows,
-128-row streamed tiles, 4 stages; mma: 4 warps x 128 resident rows, 64-row streamed tiles, 3 stages).
+from the polynomial instead of MUFU (0: none); for the wgmma kernel ``consumers`` x ``tile_n``: 2 consumer warpgroups
+of 64 resident rows with 128-row streamed tiles, or 4 with 64-row tiles (``WGMMA_TILES``; 4 stages either way). The
+mma kernel's tiles are fixed (4 warps x 128 resident rows, 64-row streamed tiles, 3 stages) and it ignores those two.
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ _DTYPES = {torch.bfloat16: 0, torch.float16: 1}
 HEAD_DIMS = (64, 72, 80, 128)
 POLY_EVERY = (0, 2, 4, 8)  # the instantiations of csrc/salience.cu and csrc/salience_wgmma.cu
 KERNELS = ("wgmma", "mma")
+WGMMA_TILES = ((2, 128), (4, 64))  # (consumer warpgroups, streamed rows per tile) of csrc/salience_wgmma.cu
 
 
 def unsupported(q: torch.Tensor, k: torch.Tensor) -> Optional[str]:
@@ -91,16 +93,21 @@ def _default(key: SalienceCudaKey) -> dict:
     the wgmma kernel gain at poly_every 4 (QwenVL 32k: LSE pass 1.5 % faster, column sums 9 % slower;
     bench/NOTES.md)."""
     wgmma = key.sm90a and key.n >= WGMMA_MIN_SEQLEN
-    return {"kernel": "wgmma" if wgmma else "mma", "poly_every": 0}
+    return {"kernel": "wgmma" if wgmma else "mma", "poly_every": 0, "consumers": 2, "tile_n": 128}
 
 
 def _space(key: SalienceCudaKey) -> list:
-    kernels = KERNELS if key.sm90a else ("mma",)
-    return [{"kernel": kern, "poly_every": p} for kern in kernels for p in POLY_EVERY]
+    """Both kernels (the wgmma one on compute capability 9.0, in both tile shapes) x ``POLY_EVERY``."""
+    mma = [{"kernel": "mma", "poly_every": p, "consumers": 2, "tile_n": 128} for p in POLY_EVERY]
+    if not key.sm90a:
+        return mma
+    return [{"kernel": "wgmma", "poly_every": p, "consumers": c, "tile_n": n} for c, n in WGMMA_TILES
+            for p in POLY_EVERY] + mma
 
 
 def _launch(q, k, cu_seqlens, max_seqlen, scale, num_summary, lse, deterministic, out, cfg) -> None:
-    _run(q, k, cu_seqlens, max_seqlen, scale, num_summary, lse, out, cfg["poly_every"], cfg["kernel"])
+    _run(q, k, cu_seqlens, max_seqlen, scale, num_summary, lse, out, cfg["poly_every"], cfg["kernel"],
+         (cfg["consumers"], cfg["tile_n"]))
 
 
 def _device_guard(device: torch.device):
@@ -121,10 +128,10 @@ def _scratch(H: int, T: int, device: torch.device) -> torch.Tensor:
     return torch.empty(H, (T + 3) // 4 * 4, dtype=torch.float32, device=device)[:, :T]
 
 
-def _run(q, k, cu_seqlens, max_seqlen, scale, num_summary, lse, out, poly_every, kernel) -> None:
+def _run(q, k, cu_seqlens, max_seqlen, scale, num_summary, lse, out, poly_every, kernel, tiles) -> None:
     """The kernel calls: LSE pass (when ``lse`` is None), column sums, head sum (when ``out`` is ``[T]``), by
-    ``kernel`` ("wgmma" or "mma"). ``q, k`` covered by :func:`unsupported` with 16-byte aligned rows
-    (:func:`_aligned`)."""
+    ``kernel`` ("wgmma" with ``tiles`` of ``WGMMA_TILES``, or "mma"). ``q, k`` covered by :func:`unsupported` with
+    16-byte aligned rows (:func:`_aligned`)."""
     T, H, D = q.shape
     S = cu_seqlens.shape[0] - 1
     if T == 0 or S == 0 or H == 0:
@@ -133,11 +140,14 @@ def _run(q, k, cu_seqlens, max_seqlen, scale, num_summary, lse, out, poly_every,
         raise ValueError(f"poly_every must be one of {POLY_EVERY}; got {poly_every!r}")
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}; got {kernel!r}")
+    if tuple(tiles) not in WGMMA_TILES:
+        raise ValueError(f"tiles (consumers, tile_n) must be one of {WGMMA_TILES}; got {tiles!r}")
     lib = _cuda.library()
     wgmma = kernel == "wgmma"
     lse_pass, colsum = (lib.salience_wgmma_lse, lib.salience_wgmma_colsum) if wgmma else \
         (lib.salience_lse, lib.salience_colsum)
-    size = (T,) if wgmma else ()  # the wgmma kernels' TMA maps need the tensors' length
+    size = (T,) if wgmma else ()  # the wgmma kernels' TMA maps need the tensors' length, and take the tile shape
+    shape = tuple(tiles) if wgmma else ()
     dt, qk2 = _DTYPES[q.dtype], float(scale) * LOG2E
     qs = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), cu_seqlens.stride(0))
     with _device_guard(q.device):
@@ -146,7 +156,7 @@ def _run(q, k, cu_seqlens, max_seqlen, scale, num_summary, lse, out, poly_every,
             lse2 = _scratch(H, T, q.device)
             lse_pass(dt, D, q.data_ptr(), k.data_ptr(), cu_seqlens.data_ptr(), lse2.data_ptr(), qk2,
                      qs + (0, lse2.stride(0)), *size, S, summary_rows(max_seqlen, num_summary), H, num_summary,
-                     poly_every, stream)
+                     poly_every, *shape, stream)
             src, lse_scale = lse2, 1.0
         else:
             src, lse_scale = lse, LOG2E
@@ -156,7 +166,8 @@ def _run(q, k, cu_seqlens, max_seqlen, scale, num_summary, lse, out, poly_every,
         reduce_heads = out.dim() == 1
         dst = torch.empty(H, T, dtype=torch.float32, device=q.device) if reduce_heads else out
         colsum(dt, D, q.data_ptr(), k.data_ptr(), cu_seqlens.data_ptr(), src.data_ptr(), lse_scale, dst.data_ptr(),
-               qk2, qs + (src.stride(0), dst.stride(0)), *size, S, max_seqlen, H, num_summary, poly_every, stream)
+               qk2, qs + (src.stride(0), dst.stride(0)), *size, S, max_seqlen, H, num_summary, poly_every, *shape,
+               stream)
         if reduce_heads:
             lib.salience_sum_heads(dst.data_ptr(), out.data_ptr(), T, H, dst.stride(0), 1.0 / H, stream)
 

@@ -128,12 +128,16 @@ def test_cuda_salience_support_rules_and_alignment():
     assert cs._aligned(fused) is fused
     key = cs._key(q, q, torch.tensor([0, 6], dtype=torch.int32), 6, 0.1, 2, None, False, torch.empty(6))
     assert key.rows == 2 and key.S == 1 and not key.lse_given and not key.sm90a
-    assert cs._default(key) == {"kernel": "mma", "poly_every": 0}  # no wgmma kernel off compute capability 9.0
-    assert cs._space(key) == [{"kernel": "mma", "poly_every": p} for p in cs.POLY_EVERY]
+    mma = {"kernel": "mma", "poly_every": 0, "consumers": 2, "tile_n": 128}
+    assert cs._default(key) == mma  # no wgmma kernel off compute capability 9.0
+    assert cs._space(key) == [{**mma, "poly_every": p} for p in cs.POLY_EVERY]
     hopper = key._replace(sm90a=True)
-    assert cs._default(hopper) == {"kernel": "mma", "poly_every": 0}  # 6-token segments: less than a wgmma tile
-    assert cs._default(hopper._replace(n=cs.WGMMA_MIN_SEQLEN)) == {"kernel": "wgmma", "poly_every": 0}
-    assert {c["kernel"] for c in cs._space(hopper)} == set(cs.KERNELS) and len(cs._space(hopper)) == 8
+    assert cs._default(hopper) == mma  # 6-token segments: less than a wgmma tile
+    assert cs._default(hopper._replace(n=cs.WGMMA_MIN_SEQLEN)) == {**mma, "kernel": "wgmma"}
+    space = cs._space(hopper)
+    assert {c["kernel"] for c in space} == set(cs.KERNELS) and len(space) == 12 and len(
+        {tuple(sorted(c.items())) for c in space}) == 12
+    assert {(c["consumers"], c["tile_n"]) for c in space if c["kernel"] == "wgmma"} == set(cs.WGMMA_TILES)
 
 
 def test_cuda_salience_uncovered_inputs_run_the_triton_kernels(device):
@@ -258,17 +262,22 @@ def test_cuda_salience_matches_float64_and_triton_gpu(D, dtype, c, lse_given, re
 
 
 HAS_SM90A = HAS_SM90 and torch.cuda.get_device_capability() == (9, 0)
-KERNELS_HERE = ["wgmma", "mma"] if HAS_SM90A else ["mma"]
+# (kernel, (consumers, tile_n)): the wgmma kernel in each tile shape, the mma kernel (its tiles are fixed)
+TILED_KERNELS_HERE = ([("wgmma", (2, 128)), ("wgmma", (4, 64))] if HAS_SM90A else []) + [("mma", (2, 128))]
+
+
+def _config(kernel: str, tiles, poly_every: int) -> dict:
+    return {"kernel": kernel, "poly_every": poly_every, "consumers": tiles[0], "tile_n": tiles[1]}
 
 
 @pytest.mark.gpu
 @sm90
-@pytest.mark.parametrize("kernel", KERNELS_HERE)
+@pytest.mark.parametrize("kernel,tiles", TILED_KERNELS_HERE)
 @pytest.mark.parametrize("poly_every", [0, 2, 4, 8])
 @pytest.mark.parametrize("lse_given", [False, True])
-def test_cuda_salience_every_poly_share_gpu(kernel, poly_every, lse_given):
-    """Each kernel at each compiled share of polynomial exp2s (the configs of the autotune seam), launched
-    directly."""
+def test_cuda_salience_every_poly_share_gpu(kernel, tiles, poly_every, lse_given):
+    """Each kernel (the wgmma one in both tile shapes) at each compiled share of polynomial exp2s (the configs of
+    the autotune seam), launched directly."""
     from sparsevila_ops.cuda_salience import SALIENCE_CUDA
     lengths = [97, 1000, 0, 33, 130]
     cu = _cu(lengths)
@@ -277,18 +286,17 @@ def test_cuda_salience_every_poly_share_gpu(kernel, poly_every, lse_given):
     lse = _natural_lse(q, k, cu) if lse_given else None
     for reduce_heads in (True, False):
         out = poison(torch.empty((T,) if reduce_heads else (H, T), device="cuda"))
-        SALIENCE_CUDA.launch(q, k, cu, max(lengths), D ** -0.5, 0, lse, False, out,
-                             {"kernel": kernel, "poly_every": poly_every})
+        SALIENCE_CUDA.launch(q, k, cu, max(lengths), D ** -0.5, 0, lse, False, out, _config(kernel, tiles, poly_every))
         assert_rel(out, _oracle(q, k, cu, 0, lse, reduce_heads), ORACLE_TOL,
-                   f"{kernel} poly_every={poly_every} lse={lse_given} reduce_heads={reduce_heads}")
+                   f"{kernel} {tiles} poly_every={poly_every} lse={lse_given} reduce_heads={reduce_heads}")
 
 
 @pytest.mark.gpu
 @sm90
-@pytest.mark.parametrize("kernel", KERNELS_HERE)
+@pytest.mark.parametrize("kernel,tiles", TILED_KERNELS_HERE)
 @pytest.mark.parametrize("D", [64, 72, 80, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_cuda_salience_each_kernel_matches_float64_gpu(kernel, D, dtype):
+def test_cuda_salience_each_kernel_matches_float64_gpu(kernel, tiles, D, dtype):
     """Both kernels (the default one also runs through the op in the test above) over the awkward segments:
     summary rows, a given lse in a strided [H, T] view whose row stride TMA cannot use (copied), 1 and 5 heads."""
     from sparsevila_ops.cuda_salience import SALIENCE_CUDA
@@ -301,8 +309,8 @@ def test_cuda_salience_each_kernel_matches_float64_gpu(kernel, D, dtype):
             lse = torch.full((H, T + 5), float("nan"), device="cuda")[:, :T]
             lse.copy_(_natural_lse(q, k, cu))
         out = poison(torch.empty(H, T, device="cuda"))
-        SALIENCE_CUDA.launch(q, k, cu, max(AWKWARD), D ** -0.5, c, lse, False, out, {"kernel": kernel, "poly_every": 0})
-        assert_rel(out, _oracle(q, k, cu, c, lse, False), ORACLE_TOL, f"{kernel} D={D} {dtype} H={H} c={c}")
+        SALIENCE_CUDA.launch(q, k, cu, max(AWKWARD), D ** -0.5, c, lse, False, out, _config(kernel, tiles, 0))
+        assert_rel(out, _oracle(q, k, cu, c, lse, False), ORACLE_TOL, f"{kernel} {tiles} D={D} {dtype} H={H} c={c}")
 
 
 @pytest.mark.gpu
