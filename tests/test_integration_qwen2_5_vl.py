@@ -669,3 +669,24 @@ def test_the_gemv_decision_traces_in_one_graph(monkeypatch):
     explained = torch._dynamo.explain(step)(torch.ones(1, 3, dtype=torch.bfloat16))
     assert explained.graph_break_count == 0 and explained.graph_count == 1
     torch._dynamo.reset()
+
+
+def test_a_failed_cuda_build_keeps_cublas_for_decode_linears(monkeypatch):
+    """The gemv decision asks once per device whether the cuda module builds or loads: a failed build leaves
+    ``F.linear`` (cuBLAS) in place, not the portable Triton gemv; a good one enables gemv."""
+    from sparsevila_ops import _backend, _cuda
+    from sparsevila_ops.integrations import fused
+
+    dev = torch.device("cuda", 5)
+    monkeypatch.setattr(_backend, "_unusable", lambda op, backend, device: None)  # as on a Hopper machine
+
+    def broken():
+        raise RuntimeError("nvcc failed")
+    monkeypatch.setattr(_cuda, "library", broken)
+    monkeypatch.delitem(fused._GEMV_DEVICES, dev, raising=False)
+    assert fused._gemv_device(dev) is False
+    monkeypatch.setattr(_cuda, "library", lambda: object())  # remembered per device: not asked again
+    assert fused._gemv_device(dev) is False
+    fused._GEMV_DEVICES.pop(dev)
+    assert fused._gemv_device(dev) is True
+    fused._GEMV_DEVICES.pop(dev)

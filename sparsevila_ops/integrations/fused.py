@@ -164,16 +164,16 @@ def _own_storage(linears: Sequence[nn.Module]) -> None:
 
 GEMV_ROWS = 1  # rows (decode batch) up to which linears run sparsevila_ops.gemv: faster than cuBLAS at 1 on the
                # H200, 2.7-2.8x slower at 8 (bench/NOTES.md)
-_GEMV_DEVICES: dict = {}  # device -> whether the cuda backend runs there (asked once; ``fuse`` asks eagerly)
+_GEMV_DEVICES: dict = {}  # device -> whether the cuda gemv runs there (asked once; ``fuse`` asks eagerly)
 
 
 def _gemv_device(device: torch.device) -> bool:
-    """Whether the cuda backend runs on ``device``, asked once per device (a dict hit after that, also while
-    ``torch.compile`` traces)."""
+    """Whether the cuda backend's ``gemv`` runs on ``device``: usable there and its module built or loaded (the JIT
+    build runs here, once per machine, so a failed build leaves cuBLAS in place rather than the slower portable
+    gemv). Asked once per device: a dict hit after that, also while ``torch.compile`` traces."""
     ready = _GEMV_DEVICES.get(device)
     if ready is None:
-        from .. import _cuda
-        ready = _GEMV_DEVICES[device] = _cuda.unusable(device) is None
+        ready = _GEMV_DEVICES[device] = _backend._loadable("gemv", "cuda", device)
     return ready
 
 
