@@ -62,21 +62,8 @@ __device__ __forceinline__ void fence_operand(float& r) { asm volatile("" : "+f"
           "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])       \
         : "l"(desc_a), "l"(desc_b), "r"(accumulate))
 
-template <typename T>
-struct Wgmma64x128 {
-  static_assert(std::is_same<T, __nv_bfloat16>::value || std::is_same<T, __half>::value, "bf16 or fp16");
-  static __device__ __forceinline__ void run(float (&d)[64], uint64_t desc_a, uint64_t desc_b, int accumulate) {
-    if constexpr (std::is_same<T, __half>::value) {
-      SVO_WGMMA_64X128("f16");
-    } else {
-      SVO_WGMMA_64X128("bf16");
-    }
-  }
-};
-#undef SVO_WGMMA_64X128
-
-// d (64 x 64 fp32) = A (64 x 16) B (64 x 16)^T + (accumulate ? d : 0): Wgmma64x128 on half the B rows
-// (d[4 i + ...] for i < 8).
+// d (64 x 64 fp32) = A (64 x 16) B (64 x 16)^T + (accumulate ? d : 0): the same on half the B rows (d[4 i + ...]
+// for i < 8).
 #define SVO_WGMMA_64X64(TY)                                                                                            \
     asm volatile(                                                                                                      \
         "{\n"                                                                                                          \
@@ -92,21 +79,21 @@ struct Wgmma64x128 {
           "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])       \
         : "l"(desc_a), "l"(desc_b), "r"(accumulate))
 
-template <typename T>
-struct Wgmma64x64 {
+// The 64 x N tile (N = 64 or 128) of d = A B^T (+ d), fp32, T = __nv_bfloat16 or __half.
+template <typename T, int N>
+struct Wgmma64xN {
   static_assert(std::is_same<T, __nv_bfloat16>::value || std::is_same<T, __half>::value, "bf16 or fp16");
-  static __device__ __forceinline__ void run(float (&d)[32], uint64_t desc_a, uint64_t desc_b, int accumulate) {
-    if constexpr (std::is_same<T, __half>::value) {
-      SVO_WGMMA_64X64("f16");
+  static_assert(N == 64 || N == 128, "n = 64 or 128");
+  static __device__ __forceinline__ void run(float (&d)[N / 2], uint64_t desc_a, uint64_t desc_b, int accumulate) {
+    constexpr bool kHalf = std::is_same<T, __half>::value;
+    if constexpr (N == 128) {
+      if constexpr (kHalf) SVO_WGMMA_64X128("f16"); else SVO_WGMMA_64X128("bf16");
     } else {
-      SVO_WGMMA_64X64("bf16");
+      if constexpr (kHalf) SVO_WGMMA_64X64("f16"); else SVO_WGMMA_64X64("bf16");
     }
   }
 };
+#undef SVO_WGMMA_64X128
 #undef SVO_WGMMA_64X64
-
-// The 64 x N (N = 64 or 128) tile of d = A B^T.
-template <typename T, int N>
-using Wgmma64xN = typename std::conditional<N == 128, Wgmma64x128<T>, Wgmma64x64<T>>::type;
 
 }  // namespace sparsevila
