@@ -82,13 +82,11 @@ def interface(*names: str) -> Tuple[str, ...]:
     header = (source_dir() / "sparsevila_cuda.h").read_text()
     out = []
     for name in names:
-        start = binding.find(f'm.def(\n      "{name}",')
-        if start < 0:
-            start = binding.find(f'm.def("{name}",')
+        start = re.search(rf'm\.def\(\s*"{name}",', binding)
         decl = re.search(rf"^int svo_{name}\([^;]*;", header, re.M)
-        if start < 0 or decl is None:
+        if start is None or decl is None:
             raise ValueError(f"no binding or declaration of {name!r} in csrc/{BINDING} / sparsevila_cuda.h")
-        out += [binding[start:_statement_end(binding, start)], decl.group(0)]
+        out += [binding[start.start():_statement_end(binding, start.start())], decl.group(0)]
     return tuple(out)
 
 
