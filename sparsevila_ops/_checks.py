@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+HALF_DTYPES = (torch.float16, torch.bfloat16)  # the GEMV ops' activations (gemv, w4a16_linear)
 MAX_HEAD_DIM = 256
 
 

@@ -20,7 +20,7 @@ from ._device import gpu_name, sm_count
 from ._library import define
 
 MAX_ROWS = 8  # rows of x (the decode batch) the op serves
-HALF_DTYPES = (torch.float16, torch.bfloat16)
+HALF_DTYPES = C.HALF_DTYPES
 
 define("gemv", "(Tensor x, Tensor weight, Tensor? bias, bool glu, Tensor(a!) out) -> ()",
        triton="sparsevila_ops.triton_kernels.gemv:gemv", cuda="sparsevila_ops.cuda_gemv:gemv")

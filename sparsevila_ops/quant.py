@@ -29,7 +29,7 @@ __all__ = ["W4Linear", "W4Weight", "dequantize_w4", "quantize_model_linears", "q
 
 PACK_K = 128  # K elements per packing block (16 int32 words); group sizes are multiples of it
 MAX_KERNEL_ROWS = 16  # rows of x served by the GEMV kernel (one tensor-core tile); more go to dequant + matmul
-HALF_DTYPES = (torch.float16, torch.bfloat16)
+HALF_DTYPES = C.HALF_DTYPES
 
 
 def _unpack(qweight: torch.Tensor) -> torch.Tensor:
