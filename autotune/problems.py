@@ -165,25 +165,27 @@ def _make_append(s, device, gen):
 # --- w4a16_linear (sparsevila_quant, the [quant] extra: imported only when its problem is built) -------------------
 
 def _make_w4(s, device, gen):
-    """x [M, K] and a random 4-bit weight [N, K] (every nibble and zero in [0, 15], scales in [0.002, 0.008) as
-    from quantizing weights of std ~0.02), bias [N] with ``bias``; out zero."""
+    """x [M, K] and a random 4-bit weight [N, K] (glu: [2N, K]; every nibble and zero in [0, 15], scales in
+    [0.002, 0.008) as from quantizing weights of std ~0.02), bias with ``bias``; out zero [M, N]."""
     from sparsevila_ops import quant
     M, N, K, G, dt = s["M"], s["N"], s["K"], s["group"], _dtype(s)
+    rows = 2 * N if s["glu"] else N
     if G < quant.PACK_K or G % quant.PACK_K or K % G:
         raise ValueError(f"w4a16_linear: group must be a multiple of {quant.PACK_K} dividing K; got group {G}, K {K}")
     w4 = quant.W4Weight(  # checks the layout
-        torch.randint(-2 ** 31, 2 ** 31, (N, K // 8), generator=gen, device=device, dtype=torch.int32),
-        (0.002 + 0.006 * torch.rand(K // G, N, generator=gen, device=device)).to(dt),
-        torch.randint(0, 16, (K // G, N), generator=gen, device=device, dtype=torch.uint8), G)
-    bias = (0.1 * _randn(gen, device, torch.float32, N)).to(dt) if s["bias"] else None
-    return (_randn(gen, device, dt, M, K), w4.qweight, w4.scales, w4.zeros, bias,
+        torch.randint(-2 ** 31, 2 ** 31, (rows, K // 8), generator=gen, device=device, dtype=torch.int32),
+        (0.002 + 0.006 * torch.rand(K // G, rows, generator=gen, device=device)).to(dt),
+        torch.randint(0, 16, (K // G, rows), generator=gen, device=device, dtype=torch.uint8), G)
+    bias = (0.1 * _randn(gen, device, torch.float32, rows)).to(dt) if s["bias"] else None
+    return (_randn(gen, device, dt, M, K), w4.qweight, w4.scales, w4.zeros, bias, bool(s["glu"]),
             torch.zeros(M, N, dtype=dt, device=device))
 
 
-def _w4_reference(x, qweight, scales, zeros, bias, out):
-    """The op's reference backend: dequantize to fp32 (exact), fp32 matmul, + bias."""
+def _w4_reference(x, qweight, scales, zeros, bias, glu, out):
+    """The op's reference backend: dequantize to fp32 (exact), fp32 matmul, + bias (glu: then the rounded
+    ``silu(gate) * up``)."""
     from sparsevila_ops import quant
-    quant._reference_w4a16_linear(x, qweight, scales, zeros, bias, out)
+    quant._reference_w4a16_linear(x, qweight, scales, zeros, bias, glu, out)
 
 
 # --- gemv ----------------------------------------------------------------------------------------------------------
@@ -223,8 +225,9 @@ PROBLEMS: Dict[str, Problem] = {
                          {"dtype": "bfloat16", "B": 1, "Hk": 4, "D": 128, "cap": 8192}),
     "gemv": Problem((4,), reference.gemv, _make_gemv,  # Qwen2.5-7B's fused qkv at batch 1
                     {"dtype": "bfloat16", "M": 1, "N": 4608, "K": 3584, "glu": False, "bias": False}),
-    "w4a16_linear": Problem((5,), _w4_reference, _make_w4,  # Qwen2.5-7B's qkv at batch 1
-                            {"dtype": "bfloat16", "M": 1, "N": 4608, "K": 3584, "group": 128, "bias": False}),
+    "w4a16_linear": Problem((6,), _w4_reference, _make_w4,  # Qwen2.5-7B's qkv at batch 1
+                            {"dtype": "bfloat16", "M": 1, "N": 4608, "K": 3584, "group": 128, "glu": False,
+                             "bias": False}),
 }
 
 

@@ -42,11 +42,13 @@ def _llm(Hq: int, Hk: int, L: int, prefill: Tuple[int, ...], contexts: Tuple[int
 
 
 def _w4_linears(hidden: int, q: int, kv: int, intermediate: int) -> List[Shape]:
-    """A decoder's W4A16 GEMVs (N x K) at decode batches 1-8: the fused qkv and gate_up of bench/gemv4.py, and the
-    per-module layers ``quantize_model_linears`` makes of a transformers model (q, k / v, o, gate / up, down)."""
+    """A decoder's W4A16 GEMVs (N x K) at decode batches 1-8: the fused qkv and gate_up of bench/gemv4.py (gate_up
+    also emitting silu(gate) * up: glu), and the per-module layers ``quantize_model_linears`` makes of a
+    transformers model (q, k / v, o, gate / up, down)."""
     nk = ((q + 2 * kv, hidden), (q, hidden), (kv, hidden), (hidden, q), (2 * intermediate, hidden),
           (intermediate, hidden), (hidden, intermediate))
-    return [("w4a16_linear", {"M": m, "N": n, "K": k}) for n, k in dict.fromkeys(nk) for m in range(1, 9)]
+    return ([("w4a16_linear", {"M": m, "N": n, "K": k}) for n, k in dict.fromkeys(nk) for m in range(1, 9)]
+            + [("w4a16_linear", {"M": m, "N": intermediate, "K": hidden, "glu": True}) for m in range(1, 9)])
 
 
 def _gemvs(hidden: int, q: int, kv: int, intermediate: int, batches=range(1, 9)) -> List[Shape]:
@@ -110,7 +112,8 @@ def _qwen2_5_vl_e2e(visual=(16384, 131072), text: int = 78, steps: int = 256) ->
                         ("pack_kv", {"L": 28, "Hk": 4, "n": n, "keep": 1.0 - ds})]
             out += [("decode_attention", {**llm, "n": _keep(_keep(v, ps), ds) + text + steps // 2})]
     nk = ((4608, 3584), (3584, 3584), (37888, 3584), (3584, 18944), (512, 3584), (18944, 3584))  # fused, per module
-    return out + [("w4a16_linear", {"M": 1, "N": n, "K": k}) for n, k in nk] + _gemvs(3584, 3584, 512, 18944, (1,))
+    return (out + [("w4a16_linear", {"M": 1, "N": n, "K": k}) for n, k in nk]
+            + [("w4a16_linear", {"M": 1, "N": 18944, "K": 3584, "glu": True})] + _gemvs(3584, 3584, 512, 18944, (1,)))
 
 
 QWEN2_5_VL_E2E = _qwen2_5_vl_e2e()

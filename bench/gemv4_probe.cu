@@ -42,7 +42,7 @@ bool check(int dtype, Prob p, int tiles, int warps, int kwarps, int stages, bool
   CK(cudaMemcpy(dx, xb.data(), xb.size() * 2, cudaMemcpyHostToDevice));
   CK(cudaMemcpy(db, bb.data(), N * 2, cudaMemcpyHostToDevice));
   CK(cudaMemset(dout, 0xFF, (size_t)M * N * 2));  // NaN poison
-  int rc = svo_w4a16_linear(dtype, dx, dq, ds, dz, bias ? db : nullptr, dout, M, N, K, G, sx, tiles, warps, kwarps, stages, 0, 0);
+  int rc = svo_w4a16_linear(dtype, dx, dq, ds, dz, bias ? db : nullptr, dout, M, N, K, G, sx, 0, tiles, warps, kwarps, stages, 0, 0);
   if (rc) { printf("launch rc %d %s\n", rc, cudaGetErrorString((cudaError_t)rc)); exit(1); }
   CK(cudaDeviceSynchronize());
   std::vector<uint16_t> out((size_t)M * N);
@@ -72,10 +72,10 @@ float time_cfg(int M, int N, int K, int tiles, int warps, int kwarps, int stages
                uint16_t* dx, uint16_t* dout, int iters) {
   cudaEvent_t a, b; cudaEventCreate(&a); cudaEventCreate(&b);
   for (int i = 0; i < copies; ++i)
-    if (svo_w4a16_linear(0, dx, dq[i], ds[i], dz[i], nullptr, dout, M, N, K, 128, K, tiles, warps, kwarps, stages, 0, 0)) return -1;
+    if (svo_w4a16_linear(0, dx, dq[i], ds[i], dz[i], nullptr, dout, M, N, K, 128, K, 0, tiles, warps, kwarps, stages, 0, 0)) return -1;
   cudaEventRecord(a);
   for (int it = 0; it < iters; ++it) { int i = it % copies;
-    svo_w4a16_linear(0, dx, dq[i], ds[i], dz[i], nullptr, dout, M, N, K, 128, K, tiles, warps, kwarps, stages, 0, 0); }
+    svo_w4a16_linear(0, dx, dq[i], ds[i], dz[i], nullptr, dout, M, N, K, 128, K, 0, tiles, warps, kwarps, stages, 0, 0); }
   cudaEventRecord(b); cudaEventSynchronize(b);
   float ms; cudaEventElapsedTime(&ms, a, b);
   return ms * 1000 / iters;

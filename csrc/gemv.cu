@@ -23,6 +23,7 @@
 
 #include <type_traits>
 
+#include "glu.cuh"
 #include "launch_util.cuh"
 #include "sparsevila_cuda.h"
 
@@ -64,11 +65,6 @@ __device__ __forceinline__ void unpack8(const uint4& v, float (&f)[8]) {
       f[2 * i + 1] = __uint_as_float(u[i] & 0xFFFF0000u);
     }
   }
-}
-
-template <typename T>
-__device__ __forceinline__ float round_to(float v) {
-  return static_cast<float>(static_cast<T>(v));
 }
 
 // x's row m, 8 k's from k0, in fp32.
@@ -168,8 +164,7 @@ __global__ void __launch_bounds__(256) gemv_kernel(const __grid_constant__ Args 
       float up = 0.f;
       for (int s = 0; s < kwarps; ++s) up += part[s * MT * RW + R];
       if (bias != nullptr) up += static_cast<float>(bias[a.N + n]);
-      const float g = round_to<T>(y);
-      y = round_to<T>(round_to<T>(__fdividef(g, 1.f + __expf(-g))) * round_to<T>(up));
+      y = sparsevila::glu<T>(y, up);
     }
     static_cast<T*>(a.out)[(long long)m * a.N + n] = static_cast<T>(y);
   }

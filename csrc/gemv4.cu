@@ -1,5 +1,9 @@
-// w4a16_linear, cuda backend (sm_80+): out[M, N] = x[M, K] @ W^T (+ bias) for M <= 16 with 4-bit weights, in one
+// w4a16_linear, cuda backend (sm_80+): y[M, :] = x[M, K] @ W^T (+ bias) for M <= 16 with 4-bit weights, in one
 // launch (no split-K reduce grid).
+//   plain: out = y, W [N, K]
+//   glu:   out[:, n] = glu(y[:, n], y[:, N + n]) (glu.cuh: silu(gate) * up, rounded as the unfused path), W [2N, K]
+//          (a gated MLP's fused gate and up projections; bias [2N]): a warp's tiles are the gate rows of its output
+//          rows and the up rows N further, so both halves meet in the CTA's reduction.
 //
 // Weight format (sparsevila_ops.quant.W4Weight): W[n, k] = (q[n, k] - z[k / G, n]) s[k / G, n], q in [0, 15];
 // qweight int32 [N, K / 8]: in each block of 128 along K, word i (0..15) holds q[n, 128 b + 16 j + i] in bits
@@ -19,9 +23,9 @@
 // No float op per weight: the dequantization is the MMA's. The cancellation costs ~MAGIC / |q - z| roundings of a
 // plain fp32 dot (~1e-5 relative), far below the output's.
 //
-// Grid: ceil(N / (8 R W / WK)) CTAs of W warps in W / WK row groups x WK K ranges: warp (wn, wk) owns R tiles of 8
-// rows (N a multiple of 8, so a tile is all in or all out; the R tiles share each x fragment) and the wk-th of WK
-// contiguous ranges of the K / 128 blocks.
+// Grid: ceil(N / (8 RO W / WK)) CTAs of W warps in W / WK row groups x WK K ranges: warp (wn, wk) owns RO = R
+// (glu: R / 2) tiles of 8 output rows (N a multiple of 8, so a tile is all in or all out), R tiles of W rows (the R
+// tiles share each x fragment), and the wk-th of WK contiguous ranges of the K / 128 blocks.
 // Each warp streams its blocks' weights, scales, zeros and x rows through its own S-stage cp.async ring in shared
 // memory (S - 1 blocks in flight, no register cost while in flight, no block-wide barrier). The partials meet in
 // shared memory (the rings, drained) and each row group's WK are summed in K order (deterministic), + bias, cast
@@ -36,6 +40,7 @@
 #include <type_traits>
 
 #include "cp_async.cuh"
+#include "glu.cuh"
 #include "launch_util.cuh"
 #include "mbarrier.cuh"
 #include "mma_sync.cuh"
@@ -55,7 +60,7 @@ struct Args {
   const uint8_t* zeros;
   const void* bias;  // null: none
   void* out;
-  int M, N, K, blocks_per_group;
+  int M, N, K, blocks_per_group;  // N: outputs per row of x (glu: half of W's rows)
   long long sx;  // x's row stride (elements)
 };
 
@@ -85,11 +90,18 @@ struct Ring {
         bytes((zeros + S * R * 8 + 15) / 16 * 16) {}
 };
 
+// The first W row of tile r of a warp whose output rows start at n0: tiles past the output tiles RO are the up rows.
+template <int R, bool GLU>
+__device__ __forceinline__ int tile_row(int n0, int r, int N) {
+  constexpr int RO = GLU ? R / 2 : R;
+  return n0 + 8 * (r % RO) + (r < RO ? 0 : N);
+}
+
 // One warp's streams, addresses fixed at the start. Per block blk: each lane copies 16 B of tile r at
 // w[r] + 16 blk (words); lanes 0..R-1 tile `lane`'s 8 scales, lanes 16..16+R-1 tile `lane - 16`'s 8 zeros (aux),
 // of group blk / blocks_per_group; and x's M rows, 16 chunks of 16 B each, chunk q = lane + 32 i is row q / 16,
 // elements 128 blk + 8 (q % 16) .. + 8.
-template <typename T, int R, int S>
+template <typename T, int R, int S, bool GLU>
 struct Stream {
   Ring<R, S> ring_layout;
   const int* w[R];  // tile r's row g, word 4t (tiles past N: tile 0's, never read)
@@ -106,20 +118,21 @@ struct Stream {
   int x_chunks;         // chunks this lane copies per block
 
   __device__ __forceinline__ Stream(const Args& a, int n0, int lane) : ring_layout(a.M) {
-    const int g = lane >> 2, t = lane & 3;
-    const int* w0 = a.qweight + (long long)(n0 + g) * (a.K / 8) + 4 * t;
+    constexpr int RO = GLU ? R / 2 : R;
+    const int g = lane >> 2, t = lane & 3, rows_w = GLU ? 2 * a.N : a.N;
     in_mask = 0;
 #pragma unroll
     for (int r = 0; r < R; ++r) {
-      in_mask |= (n0 + 8 * r < a.N) << r;
-      w[r] = n0 + 8 * r < a.N ? w0 + (long long)r * a.K : w0;  // 8 rows of K / 8 words
+      const bool in = n0 + 8 * (r % RO) < a.N;
+      in_mask |= in << r;
+      w[r] = a.qweight + (long long)((in ? tile_row<R, GLU>(n0, r, a.N) : 0) + g) * (a.K / 8) + 4 * t;
     }
     const int r = lane < 16 ? lane : lane - 16;
     const bool scale = lane < R, zero = lane >= 16 && lane < 16 + R;
     aux_bytes = ((in_mask >> r) & 1) == 0 ? 0 : scale ? 16 : zero ? 8 : 0;
-    aux = scale ? reinterpret_cast<const uint8_t*>(static_cast<const T*>(a.scales) + n0 + 8 * r)
-                : a.zeros + n0 + 8 * r;
-    aux_group = scale ? (long long)a.N * sizeof(T) : a.N;
+    const int row = r < R && aux_bytes != 0 ? tile_row<R, GLU>(n0, r, a.N) : 0;
+    aux = scale ? reinterpret_cast<const uint8_t*>(static_cast<const T*>(a.scales) + row) : a.zeros + row;
+    aux_group = scale ? (long long)rows_w * sizeof(T) : rows_w;
     aux_dst = scale ? ring_layout.scales + r * 16 : ring_layout.zeros + r * 8;
     aux_stage = scale ? R * 16 : R * 8;
     bpg = a.blocks_per_group;
@@ -233,15 +246,17 @@ __device__ __forceinline__ void compute(float (&acc)[R][4], const uint8_t* ring,
   }
 }
 
-template <typename T, int R, int S, int MT>
+template <typename T, int R, int S, int MT, bool GLU>
 __global__ void __launch_bounds__(256) w4a16_kernel(const __grid_constant__ Args a, int kwarps, int pdl) {
+  constexpr int RO = GLU ? R / 2 : R;  // tiles of output rows per warp
+  static_assert(RO >= 1, "glu needs an even number of tiles per warp (gate and up)");
   extern __shared__ __align__(16) uint8_t smem[];  // W rings, then (drained) the W partials [W][16 m][8 R n]
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, W = blockDim.x >> 5;
   const int wn = warp / kwarps, wk = warp % kwarps;  // row group of the CTA, K range
-  const int n0 = (blockIdx.x * (W / kwarps) + wn) * 8 * R;
+  const int n0 = (blockIdx.x * (W / kwarps) + wn) * 8 * RO;
   const int nb = a.K / kPackK;
   const int lo = (int)((long long)wk * nb / kwarps), hi = (int)((long long)(wk + 1) * nb / kwarps);
-  const Stream<T, R, S> st(a, n0, lane);
+  const Stream<T, R, S, GLU> st(a, n0, lane);
   const Ring<R, S>& L = st.ring_layout;
   uint8_t* ring = smem + warp * L.bytes;
   const uint32_t ring_u32 = sparsevila::smem_u32(ring);
@@ -274,8 +289,8 @@ __global__ void __launch_bounds__(256) w4a16_kernel(const __grid_constant__ Args
   sparsevila::cp_async_wait<0>();
   __syncthreads();
 
-  float* red = reinterpret_cast<float*>(smem);  // [W][16 m][8 R n]
-  const int g = lane >> 2, t = lane & 3, cols = 8 * R, rows = cols * (W / kwarps);
+  float* red = reinterpret_cast<float*>(smem);  // [W][16 m][8 R n]: tile r's columns 8 r .. 8 r + 7
+  const int g = lane >> 2, t = lane & 3, cols = 8 * R, out_cols = 8 * RO, rows = out_cols * (W / kwarps);
 #pragma unroll
   for (int r = 0; r < R; ++r)
 #pragma unroll
@@ -284,10 +299,17 @@ __global__ void __launch_bounds__(256) w4a16_kernel(const __grid_constant__ Args
   for (int idx = threadIdx.x; idx < a.M * rows; idx += blockDim.x) {
     const int m = idx / rows, c = idx % rows, n = blockIdx.x * rows + c;
     if (n >= a.N) continue;
-    const float* part = red + ((c / cols) * kwarps * 16 + m) * cols + c % cols;
+    const float* part = red + ((c / out_cols) * kwarps * 16 + m) * cols + c % out_cols;
+    const T* bias = static_cast<const T*>(a.bias);
     float y = 0.f;
     for (int w = 0; w < kwarps; ++w) y += part[w * 16 * cols];  // the K ranges in order: deterministic
-    if (a.bias != nullptr) y += static_cast<float>(static_cast<const T*>(a.bias)[n]);
+    if (bias != nullptr) y += static_cast<float>(bias[n]);
+    if constexpr (GLU) {  // the up row's sum sits RO tiles further
+      float up = 0.f;
+      for (int w = 0; w < kwarps; ++w) up += part[w * 16 * cols + out_cols];
+      if (bias != nullptr) up += static_cast<float>(bias[a.N + n]);
+      y = sparsevila::glu<T>(y, up);
+    }
     static_cast<T*>(a.out)[(long long)m * a.N + n] = static_cast<T>(y);
   }
 }
@@ -298,9 +320,9 @@ int smem_bytes(int warps, int M) {
   return warps * (ring > partials ? ring : partials);
 }
 
-template <typename T, int R, int S, int MT>
+template <typename T, int R, int S, int MT, bool GLU>
 cudaError_t launch(const Args& a, int warps, int kwarps, int pdl, cudaStream_t stream) {
-  auto kernel = w4a16_kernel<T, R, S, MT>;
+  auto kernel = w4a16_kernel<T, R, S, MT, GLU>;
   static std::atomic<uint64_t> configured{0};
   cudaError_t e = sparsevila::once_per_device(configured, [&] {  // allow up to the device's opt-in maximum
     int dev = 0, optin = 0;
@@ -309,19 +331,27 @@ cudaError_t launch(const Args& a, int warps, int kwarps, int pdl, cudaStream_t s
     return err != cudaSuccess ? err : cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, optin);
   });
   if (e != cudaSuccess) return e;
-  const int rows = 8 * R * (warps / kwarps);
+  const int rows = 8 * (GLU ? R / 2 : R) * (warps / kwarps);
   return sparsevila::launch_pdl(kernel, dim3((a.N + rows - 1) / rows), dim3(32 * warps), smem_bytes<R, S>(warps, a.M),
                                 stream, pdl, a, kwarps, pdl);
 }
 
-// fn(Tag<T>, Int<R>, Int<S>, Int<MT>) for the compiled instantiation; `fallback` when there is none.
+// fn(Tag<T>, Int<R>, Int<S>, Int<MT>, Int<GLU>) for the compiled instantiation (glu: R 2 or 4); `fallback` when
+// there is none.
 template <typename Fn>
-int dispatch(int dtype, int tiles, int stages, int m, int fallback, Fn&& fn) {
+int dispatch(int dtype, int tiles, int stages, int m, int glu, int fallback, Fn&& fn) {
   using sparsevila::dispatch_int;
   return sparsevila::dispatch_dtype(dtype, fallback, [&](auto t) {
     return dispatch_int<1, 2, 4>(tiles, fallback, [&](auto r) {
+      constexpr bool one_tile = decltype(r)::value == 1;  // no glu: a warp needs a gate and an up tile
       return dispatch_int<2, 4, 6, 8>(stages, fallback, [&](auto s) {
-        return m <= 8 ? fn(t, r, s, Int<1>{}) : fn(t, r, s, Int<2>{});
+        return dispatch_int<0, 1>(glu, fallback, [&](auto g) {
+          if constexpr (decltype(g)::value == 1 && one_tile) {
+            return fallback;
+          } else {
+            return m <= 8 ? fn(t, r, s, Int<1>{}, g) : fn(t, r, s, Int<2>{}, g);
+          }
+        });
       });
     });
   });
@@ -332,17 +362,18 @@ int dispatch(int dtype, int tiles, int stages, int m, int fallback, Fn&& fn) {
 extern "C" {
 
 int svo_w4a16_linear(int dtype, const void* x, const int* qweight, const void* scales, const uint8_t* zeros,
-                     const void* bias, void* out, int M, int N, int K, int group, long long sx, int tiles,
-                     int warps, int kwarps, int stages, int pdl, void* stream) {
+                     const void* bias, void* out, int M, int N, int K, int group, long long sx, int glu,
+                     int tiles, int warps, int kwarps, int stages, int pdl, void* stream) {
   if (M < 1 || M > 16 || N < 8 || N % 8 || K < kPackK || group < kPackK || K % group || group % kPackK ||
-      warps < 1 || warps > 8 || kwarps < 1 || warps % kwarps)
+      warps < 1 || warps > 8 || kwarps < 1 || warps % kwarps || (glu && tiles < 2))
     return cudaErrorInvalidValue;
   const Args a{x, qweight, scales, zeros, bias, out, M, N, K, group / kPackK, sx};
-  return dispatch(dtype, tiles, stages, M, cudaErrorInvalidValue, [&](auto t, auto r, auto s, auto mt) -> int {
-    using T = typename decltype(t)::type;
-    return launch<T, decltype(r)::value, decltype(s)::value, decltype(mt)::value>(
-        a, warps, kwarps, pdl, static_cast<cudaStream_t>(stream));
-  });
+  return dispatch(dtype, tiles, stages, M, glu, cudaErrorInvalidValue,
+                  [&](auto t, auto r, auto s, auto mt, auto g) -> int {
+                    using T = typename decltype(t)::type;
+                    return launch<T, decltype(r)::value, decltype(s)::value, decltype(mt)::value, decltype(g)::value == 1>(
+                        a, warps, kwarps, pdl, static_cast<cudaStream_t>(stream));
+                  });
 }
 
 }  // extern "C"

@@ -49,14 +49,15 @@ int svo_salience_wgmma_colsum(int dtype, int head_dim, const void* q, const void
 // Rows of a salience CTA (the grid has ceil(max_rows / this) CTAs per segment and head).
 int svo_salience_block_rows();
 
-// w4a16_linear (gemv4.cu): out [M, N] (contiguous) = x [M, K] @ W^T (+ bias) for 1 <= M <= 16, N a multiple of 8,
-// W in the 4-bit format of sparsevila_ops.quant.W4Weight (qweight int32 [N, K/8], scales [K/G, N] in x's dtype,
-// zeros uint8 [K/G, N], G = group a multiple of 128 dividing K; all contiguous, 16-byte aligned). dtype: 0 bf16,
-// 1 fp16; sx: x's row stride in elements (a multiple of 8, x 16-byte aligned, unit column stride); bias null or
-// [N]. Config: tiles (1, 2 or 4) of 8 output rows per warp, warps (1..8) per CTA of which kwarps (dividing warps)
-// split K, stages (2, 4, 6 or 8) of each warp's cp.async ring. Returns a cudaError_t.
+// w4a16_linear (gemv4.cu): out [M, N] (contiguous) = y = x [M, K] @ W^T (+ bias) for 1 <= M <= 16, N a multiple
+// of 8, W in the 4-bit format of sparsevila_ops.quant.W4Weight (qweight int32 [R, K/8], scales [K/G, R] in x's
+// dtype, zeros uint8 [K/G, R], G = group a multiple of 128 dividing K; all contiguous, 16-byte aligned) with R = N,
+// or with glu R = 2N and out[:, n] = glu(y[:, n], y[:, N + n]) (glu.cuh). dtype: 0 bf16, 1 fp16; sx: x's row stride
+// in elements (a multiple of 8, x 16-byte aligned, unit column stride); bias null or [R]. Config: tiles (1, 2 or 4;
+// glu 2 or 4) of 8 W rows per warp, warps (1..8) per CTA of which kwarps (dividing warps) split K, stages (2, 4, 6
+// or 8) of each warp's cp.async ring. Returns a cudaError_t.
 int svo_w4a16_linear(int dtype, const void* x, const int* qweight, const void* scales, const uint8_t* zeros,
-                     const void* bias, void* out, int M, int N, int K, int group, long long sx, int tiles,
+                     const void* bias, void* out, int M, int N, int K, int group, long long sx, int glu, int tiles,
                      int warps, int kwarps, int stages, int pdl, void* stream);
 
 // gemv (gemv.cu): out [M, N] (contiguous) = y = x [M, K] @ W^T (+ bias) for 1 <= M <= 8, W in x's dtype with row

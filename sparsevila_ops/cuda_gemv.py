@@ -85,7 +85,7 @@ def _unsupported(x, weight, bias, glu, out) -> Optional[str]:
 
 # what decides a config's meaning and speed besides the host code: the kernel sources, the op's binding and
 # declaration (_cuda.interface), nvcc flags
-_SOURCE = [*(_cuda.source_dir() / f for f in ("gemv.cu", "launch_util.cuh")), _cuda.interface("gemv"),
+_SOURCE = [*(_cuda.source_dir() / f for f in ("gemv.cu", "glu.cuh", "launch_util.cuh")), _cuda.interface("gemv"),
            _cuda.NVCC_FLAGS]
 GEMV_CUDA = Tunable("gemv", "cuda", _SOURCE, key=gemv_key, space=_space, default=_default, launch=_launch,
                     buckets=("M", "N", "K"), unsupported=_unsupported)

@@ -3,12 +3,13 @@
 cp.async ring, K split over a CTA's warps and summed in shared memory: one launch, deterministic), built and loaded
 by ``_cuda``.
 
-Covered: bf16/fp16, 1 <= M <= 16, N a multiple of 8, x with unit column stride and 16-byte aligned rows, weight
+Covered: bf16/fp16, 1 <= M <= 16, N (outputs; glu: half of W's rows) a multiple of 8, x with unit column stride and 16-byte aligned rows, weight
 tensors, out and bias contiguous (weights 16-byte aligned). Other calls run the Triton backend's kernel (through the
 backend registry, so this module never imports Triton), which covers every case of the op.
 
 Config (``W4A16_CUDA``, the autotune seam; default ``_default``): ``tiles`` (1, 2, 4) of 8 output rows per warp,
-``warps`` per CTA (1-8), of which ``kwarps`` (dividing ``warps``) split K and the rest own further rows, ``stages``
+``warps`` per CTA (1-8), of which ``kwarps`` (dividing ``warps``) split K (glu: ``tiles`` 2 or 4, half of them gate rows,
+half up rows) and the rest own further rows, ``stages``
 of each warp's ring (2, 4, 6, 8: stages - 1 blocks of 128 in flight).
 """
 from __future__ import annotations
@@ -28,14 +29,16 @@ RING_BYTES_PER_X_ROW_STAGE = 288  # csrc/gemv4.cu kXPitch
 SMEM_LIMIT = 227 * 1024  # sm_90's opt-in maximum per CTA (the tuner prunes by the device's own)
 
 
-def unsupported(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> Optional[str]:
+def unsupported(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                glu: bool = False) -> Optional[str]:
     """Why the kernel cannot take these inputs (None: it can)."""
     if x.dtype not in _DTYPES:
         return f"dtype {x.dtype} (bf16/fp16 only)"
     if not 1 <= x.shape[0] <= MAX_ROWS:
         return f"{x.shape[0]} rows of x (1..{MAX_ROWS})"
-    if qweight.shape[0] % 8:
-        return f"N = {qweight.shape[0]} not a multiple of 8"
+    N = qweight.shape[0] // 2 if glu else qweight.shape[0]
+    if N % 8:
+        return f"N = {N} not a multiple of 8"
     if x.stride(1) != 1 or (x.shape[0] > 1 and x.stride(0) % 8) or x.data_ptr() % 16:
         return "x not 16-byte aligned rows with unit column stride"
     if any(t.data_ptr() % 16 or not t.is_contiguous() for t in (qweight, scales, zeros)):
@@ -47,15 +50,16 @@ class W4CudaKey(NamedTuple):
     gpu: str
     dtype: torch.dtype
     M: int  # rows of x (the decode batch)
-    N: int  # out_features
+    N: int  # outputs per row of x (glu: half of W's rows)
     K: int  # in_features
     group: int
+    glu: bool
     sms: int
 
 
-def _key(x, qweight, scales, zeros, bias, out) -> W4CudaKey:
+def _key(x, qweight, scales, zeros, bias, glu, out) -> W4CudaKey:
     M, K = x.shape
-    return W4CudaKey(gpu_name(x.device), x.dtype, M, qweight.shape[0], K, K // max(1, scales.shape[0]),
+    return W4CudaKey(gpu_name(x.device), x.dtype, M, out.shape[1], K, K // max(1, scales.shape[0]), bool(glu),
                      _device.sm_count(x.device))
 
 
@@ -63,18 +67,19 @@ def _default(key: W4CudaKey) -> dict:
     """Every warp splits K (4 warps up to 32 blocks of 128, else 8), a 2-stage ring; the most rows per warp
     (4, 2, 1 tiles of 8) that still gives >= 6.5 warps per SM. From the H200 sweep at batch 1 and 8
     (``bench/NOTES.md``): Qwen2.5-7B qkv (2 tiles, 4 warps), gate_up (4, 4) and down (4, 8) are the best configs,
-    o (2, 4) within 6 %; more stages were never faster (the kernel is issue-bound, not latency-bound)."""
+    o (2, 4) within 6 %; more stages were never faster (the kernel is issue-bound, not latency-bound). glu counts
+    W's rows and keeps at least 2 tiles (a gate and an up tile)."""
     warps = 4 if key.K // PACK_K <= 32 else 8
-    tiles = 4
-    while tiles > 1 and -(-key.N // (8 * tiles)) * warps < 6.5 * key.sms:
+    tiles, least, rows = 4, 2 if key.glu else 1, 2 * key.N if key.glu else key.N
+    while tiles > least and -(-rows // (8 * tiles)) * warps < 6.5 * key.sms:
         tiles //= 2
     return {"tiles": tiles, "warps": warps, "kwarps": warps, "stages": 2}
 
 
 def _space(key: W4CudaKey) -> list:
-    """tiles 1, 2, 4 x (warps, kwarps) in (2, 2), (4, 4), (8, 8), (4, 2), (8, 4), (8, 2) x stages 2, 4, 8, without
-    those over the shared-memory limit."""
-    out = [{"tiles": t, "warps": w, "kwarps": k, "stages": s} for t in (1, 2, 4)
+    """tiles 1 (not with glu), 2, 4 x (warps, kwarps) in (2, 2), (4, 4), (8, 8), (4, 2), (8, 4), (8, 2) x stages 2,
+    4, 8, without those over the shared-memory limit."""
+    out = [{"tiles": t, "warps": w, "kwarps": k, "stages": s} for t in ((2, 4) if key.glu else (1, 2, 4))
            for w, k in ((2, 2), (4, 4), (8, 8), (4, 2), (8, 4), (8, 2)) for s in (2, 4, 8)]
     return [c for c in out if _resources(key, c)[0] <= SMEM_LIMIT]
 
@@ -87,23 +92,22 @@ def _resources(key: W4CudaKey, cfg: dict):
     return w * max(ring, 16 * 8 * t * 4), 148
 
 
-def _launch(x, qweight, scales, zeros, bias, out, cfg) -> None:
+def _launch(x, qweight, scales, zeros, bias, glu, out, cfg) -> None:
     M, K = x.shape
-    N = qweight.shape[0]
     _cuda.library().w4a16_linear(
         _DTYPES[x.dtype], x.data_ptr(), qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(),
-        0 if bias is None else bias.data_ptr(), out.data_ptr(), M, N, K, K // scales.shape[0],
-        x.stride(0) if M > 1 else K, cfg["tiles"], cfg["warps"], cfg["kwarps"], cfg["stages"],
+        0 if bias is None else bias.data_ptr(), out.data_ptr(), M, out.shape[1], K, K // scales.shape[0],
+        x.stride(0) if M > 1 else K, int(glu), cfg["tiles"], cfg["warps"], cfg["kwarps"], cfg["stages"],
         int(_device.use_pdl(x.device)),
         torch.cuda.current_stream(x.device).cuda_stream)
 
 
-def _unsupported(x, qweight, scales, zeros, bias, out) -> Optional[str]:
+def _unsupported(x, qweight, scales, zeros, bias, glu, out) -> Optional[str]:
     """Why the kernel cannot take this launch here: the backend unusable on the device, or the inputs."""
     why = _cuda.unusable(x.device)
     if why is not None:
         return f"the cuda backend cannot run here: {why}"
-    return unsupported(x, qweight, scales, zeros) or _outputs_unsupported(bias, out)
+    return unsupported(x, qweight, scales, zeros, glu) or _outputs_unsupported(bias, out)
 
 
 def _outputs_unsupported(bias: Optional[torch.Tensor], out: torch.Tensor) -> Optional[str]:
@@ -115,7 +119,7 @@ def _outputs_unsupported(bias: Optional[torch.Tensor], out: torch.Tensor) -> Opt
 
 # what decides a config's meaning and speed besides the host code: the kernel sources, the op's binding and
 # declaration (_cuda.interface), nvcc flags
-_SOURCE = [*(_cuda.source_dir() / f for f in ("gemv4.cu", "cp_async.cuh", "mbarrier.cuh", "mma_sync.cuh",
+_SOURCE = [*(_cuda.source_dir() / f for f in ("gemv4.cu", "cp_async.cuh", "glu.cuh", "mbarrier.cuh", "mma_sync.cuh",
                                                     "launch_util.cuh")),
            _cuda.interface("w4a16_linear"), _cuda.NVCC_FLAGS]
 W4A16_CUDA = Tunable("w4a16_linear", "cuda", _SOURCE, key=_key, space=_space, default=_default, launch=_launch,
@@ -123,12 +127,12 @@ W4A16_CUDA = Tunable("w4a16_linear", "cuda", _SOURCE, key=_key, space=_space, de
 
 
 def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                 bias: Optional[torch.Tensor], out: torch.Tensor) -> None:
-    """``out = x @ W^T (+ bias)`` in one launch of the CUDA kernel (module doc); inputs it does not cover run the
-    Triton backend's kernel."""
+                 bias: Optional[torch.Tensor], glu: bool, out: torch.Tensor) -> None:
+    """``out = x @ W^T (+ bias)`` (glu: ``silu(gate) * up`` of it) in one launch of the CUDA kernel (module doc);
+    inputs it does not cover run the Triton backend's."""
     if x.shape[0] == 0 or qweight.shape[0] == 0:
         return
-    if unsupported(x, qweight, scales, zeros) is not None or _outputs_unsupported(bias, out) is not None:
-        _backend.implementation("w4a16_linear", "triton", x.device)(x, qweight, scales, zeros, bias, out)
+    if unsupported(x, qweight, scales, zeros, glu) is not None or _outputs_unsupported(bias, out) is not None:
+        _backend.implementation("w4a16_linear", "triton", x.device)(x, qweight, scales, zeros, bias, glu, out)
         return
-    W4A16_CUDA(x, qweight, scales, zeros, bias, out)
+    W4A16_CUDA(x, qweight, scales, zeros, bias, glu, out)

@@ -7,7 +7,8 @@ Nothing in the bf16 path imports this module. A ``W4Weight`` stores ``W [N, K]``
 with G (``group_size``) a multiple of 128 dividing K: ``qweight`` int32 ``[N, K/8]`` (in each block of 128 along
 K, word i holds ``q[n, 128 b + 16 j + i]`` in bits ``[4j, 4j + 4)``), ``scales`` fp16/bf16 ``[K/G, N]``, ``zeros``
 uint8 ``[K/G, N]``. ``w4a16_linear`` runs ``torch.ops.sparsevila_quant.w4a16_linear`` (a GEMV/GEMM with fp32
-accumulation) for up to 16 rows of x, and dequantize + ``F.linear`` for more rows (prefill). Backends follow
+accumulation; ``glu=True``: a gated MLP's ``silu(gate) * up`` from the fused gate/up weight) for up to 16 rows of x,
+and dequantize + ``F.linear`` for more rows (prefill). Backends follow
 ``sparsevila_ops._backend``: ``cuda`` (``csrc/gemv4.cu``, host side ``cuda_gemv4``) where that backend runs, for
 the inputs it covers, else ``triton`` (``triton_kernels/gemv4.py``) on CUDA, and ``reference``
 (dequantize to fp32, fp32 matmul) on the CPU unless ``use_backend("triton")`` under ``TRITON_INTERPRET=1``.
@@ -24,6 +25,7 @@ from torch import nn
 from . import _backend
 from . import _checks as C
 from ._library import define
+from .reference import glu_rounded
 
 __all__ = ["W4Linear", "W4Weight", "dequantize_w4", "quantize_model_linears", "quantize_w4", "w4a16_linear"]
 
@@ -49,17 +51,22 @@ def _dequantize(qweight, scales, zeros, dtype: torch.dtype) -> torch.Tensor:
     return w.view(N, K)
 
 
-def _reference_w4a16_linear(x, qweight, scales, zeros, bias, out) -> None:
-    """Reference backend of the op: dequantize to fp32 (exact: (q - z) * s needs 15 bits), fp32 matmul."""
+def _reference_w4a16_linear(x, qweight, scales, zeros, bias, glu, out) -> None:
+    """Reference backend of the op: dequantize to fp32 (exact: (q - z) * s needs 15 bits), fp32 matmul (glu: then
+    ``reference.glu_rounded``)."""
     y = x.float() @ _dequantize(qweight, scales, zeros, torch.float32).t()
     if bias is not None:
         y += bias.float()
-    out.copy_(y)
+    if glu:
+        glu_rounded(y, out)
+    else:
+        out.copy_(y)
 
 
 # -- the op: schema, fake, dispatch (its own namespace: an extra, not part of torch.ops.sparsevila) -------------
 _lib = torch.library.Library("sparsevila_quant", "DEF")
-define("w4a16_linear", "(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, Tensor? bias, Tensor(a!) out) -> ()",
+define("w4a16_linear",
+       "(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, Tensor? bias, bool glu, Tensor(a!) out) -> ()",
        lib=_lib, reference=_reference_w4a16_linear, triton="sparsevila_ops.triton_kernels.gemv4:w4a16_linear",
        cuda="sparsevila_ops.cuda_gemv4:w4a16_linear")
 
@@ -72,7 +79,7 @@ def _preferred_backend(device: torch.device, x: torch.Tensor, qweight, scales, z
     if device.type != "cuda":
         return None
     from .cuda_gemv4 import unsupported
-    return "cuda" if unsupported(x, qweight, scales, zeros) is None else None
+    return "cuda" if unsupported(x, qweight, scales, zeros, rest[1]) is None else None
 
 
 _backend.prefer("w4a16_linear", _preferred_backend)
@@ -165,8 +172,11 @@ def dequantize_w4(w4: W4Weight, dtype: Optional[torch.dtype] = None) -> torch.Te
     return _dequantize(w4.qweight, w4.scales, w4.zeros, dtype or w4.dtype)
 
 
-def w4a16_linear(x: torch.Tensor, w4: W4Weight, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``y[..., N] = x[..., K] @ W^T (+ bias)`` in x's dtype, fp32 accumulation.
+def w4a16_linear(x: torch.Tensor, w4: W4Weight, bias: Optional[torch.Tensor] = None, *,
+                 glu: bool = False) -> torch.Tensor:
+    """``y[..., N] = x[..., K] @ W^T (+ bias)`` in x's dtype, fp32 accumulation; with ``glu`` (W ``[2N, K]``: a gated
+    MLP's gate rows, then its up rows; ``bias [2N]``) ``silu(gate) * up`` of y's halves ``[..., N]``, each step
+    rounded to x's dtype as ``F.silu(gate) * up`` of the unfused outputs.
 
     ``x`` fp16/bf16 (the dtype of ``w4.scales``), last dim K contiguous; ``bias`` ``[N]`` in x's dtype or None.
     Up to 16 rows (the decode batch) run ``torch.ops.sparsevila_quant.w4a16_linear`` (the CUDA or Triton GEMV on
@@ -181,7 +191,11 @@ def w4a16_linear(x: torch.Tensor, w4: W4Weight, bias: Optional[torch.Tensor] = N
         raise TypeError(f"x must have the dtype of w4.scales ({w4.dtype}); got {x.dtype}")
     C.check_same_device(x=x, qweight=w4.qweight)
     _check_bias(bias, w4)
-    return _w4a16_apply(x, w4.qweight, w4.scales, w4.zeros, bias)
+    if not isinstance(glu, bool):
+        raise TypeError(f"glu must be a bool; got {type(glu).__name__}")
+    if glu and w4.out_features % 2:
+        raise ValueError(f"w4 must be [2N, K] (gate rows, then up rows) with glu; got {w4.out_features} rows")
+    return _w4a16_apply(x, w4.qweight, w4.scales, w4.zeros, bias, glu)
 
 
 def _check_bias(bias: Optional[torch.Tensor], w4: W4Weight) -> None:
@@ -192,14 +206,19 @@ def _check_bias(bias: Optional[torch.Tensor], w4: W4Weight) -> None:
         C.check_same_device(qweight=w4.qweight, bias=bias)
 
 
-def _w4a16_apply(x, qweight, scales, zeros, bias) -> torch.Tensor:
-    """The body of ``w4a16_linear`` without checks: the caller has validated x, the weight and bias."""
-    N, K = qweight.shape[0], qweight.shape[1] * 8
+def _w4a16_apply(x, qweight, scales, zeros, bias, glu: bool = False) -> torch.Tensor:
+    """The body of ``w4a16_linear`` without checks: the caller has validated x, the weight, bias and glu."""
+    K = qweight.shape[1] * 8
+    N = qweight.shape[0] // 2 if glu else qweight.shape[0]
     x2 = x.reshape(-1, K)
     if x2.shape[0] > MAX_KERNEL_ROWS:
-        return F.linear(x2, _dequantize(qweight, scales, zeros, x.dtype), bias).view(*x.shape[:-1], N)
+        y = F.linear(x2, _dequantize(qweight, scales, zeros, x.dtype), bias)
+        if glu:
+            gate, up = y.split(N, dim=1)
+            y = F.silu(gate) * up
+        return y.view(*x.shape[:-1], N)
     out = torch.empty(x2.shape[0], N, dtype=x.dtype, device=x.device)
-    torch.ops.sparsevila_quant.w4a16_linear(x2, qweight, scales, zeros, bias, out)
+    torch.ops.sparsevila_quant.w4a16_linear(x2, qweight, scales, zeros, bias, glu, out)
     return out.view(*x.shape[:-1], N)
 
 
@@ -228,14 +247,22 @@ class W4Linear(nn.Module):
         return W4Weight(self.qweight, self.scales, self.zeros, self.group_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._linear(x, False)
+
+    def glu(self, x: torch.Tensor) -> torch.Tensor:
+        """``silu(gate) * up`` of this layer's output halves (a fused gate/up layer, ``[2N, K]``):
+        ``w4a16_linear(x, self.w4, self.bias, glu=True)``."""
+        return self._linear(x, True)
+
+    def _linear(self, x: torch.Tensor, glu: bool) -> torch.Tensor:
         # Per call only what x can change (the buffers were validated in __init__): building a W4Weight and the
         # full checks of w4a16_linear cost ~35 µs of host time per layer. Anything unexpected takes the public
         # path, which validates everything and names the rule that x breaks.
         scales, qweight = self.scales, self.qweight
         if (x.dim() == 0 or x.shape[-1] != self.in_features or x.dtype != scales.dtype or x.dtype not in HALF_DTYPES
-                or x.stride(-1) != 1 or x.device != qweight.device):
-            return w4a16_linear(x, self.w4, self.bias)
-        return _w4a16_apply(x, qweight, scales, self.zeros, self.bias)
+                or x.stride(-1) != 1 or x.device != qweight.device or (glu and self.out_features % 2)):
+            return w4a16_linear(x, self.w4, self.bias, glu=glu)
+        return _w4a16_apply(x, qweight, scales, self.zeros, self.bias, glu)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "

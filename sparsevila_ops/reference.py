@@ -233,13 +233,19 @@ def sparse_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         lse[b] = L
 
 
+def glu_rounded(y: torch.Tensor, out: torch.Tensor) -> None:
+    """``out = silu(gate) * up`` of ``y [M, 2N]``'s halves, each step rounded to out's dtype as
+    ``F.silu(F.linear(x, W_gate)) * F.linear(x, W_up)`` stores it (the ``glu`` epilogue of the GEMV ops)."""
+    gate, up = y.to(out.dtype).split(out.shape[1], dim=1)
+    out.copy_(F.silu(gate) * up)
+
+
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], glu: bool, out: torch.Tensor) -> None:
-    """``y = x @ W^T (+ bias)`` in fp32; ``out = y``, or (glu, W ``[2N, K]``) ``silu(gate) * up`` of y's halves, each
-    step rounded to out's dtype as ``F.silu(F.linear(x, W_gate)) * F.linear(x, W_up)`` computes it."""
+    """``y = x @ W^T (+ bias)`` in fp32; ``out = y``, or (glu, W ``[2N, K]``) ``glu_rounded(y)``."""
     y = x.float() @ weight.float().t()
     if bias is not None:
         y += bias.float()
     if glu:
-        gate, up = y.to(out.dtype).split(out.shape[1], dim=1)
-        y = F.silu(gate) * up
-    out.copy_(y)
+        glu_rounded(y, out)
+    else:
+        out.copy_(y)

@@ -657,7 +657,7 @@ def test_w4a16_linear_is_tuned_and_the_op_launches_with_the_winner(device, monke
     launched = []
     launch = t.launch
     monkeypatch.setattr(t, "launch", lambda *a: launched.append(a[-1]) or launch(*a))
-    x, qw, s, z, bias, _ = autotune.make_args("w4a16_linear", {**shape, "M": 2}, device, seed=1)
+    x, qw, s, z, bias, _, _ = autotune.make_args("w4a16_linear", {**shape, "M": 2}, device, seed=1)
     with so.use_backend("triton"):
         y = Q.w4a16_linear(x, Q.W4Weight(qw, s, z, 128), bias)
     assert launched == [r.config]
@@ -666,17 +666,23 @@ def test_w4a16_linear_is_tuned_and_the_op_launches_with_the_winner(device, monke
 
 
 def test_presets_cover_the_w4a16_linears_of_qwen2_5_and_llama2():
-    """Batch 1..8 of every linear shape: fused (bench/gemv4.py) and per module (quantize_model_linears)."""
+    """Batch 1..8 of every linear shape: fused (bench/gemv4.py; gate_up also with glu) and per module
+    (quantize_model_linears)."""
     from sparsevila_ops.autotune import shapes
-    nk = lambda preset: {(s["N"], s["K"]): sorted(x["M"] for o, x in shapes.PRESETS[preset]  # noqa: E731
-                                                  if o == "w4a16_linear" and (x["N"], x["K"]) == (s["N"], s["K"]))
-                         for op, s in shapes.PRESETS[preset] if op == "w4a16_linear"}
+    nk = lambda preset: {  # noqa: E731
+        (s["N"], s["K"], s.get("glu", False)): sorted(
+            x["M"] for o, x in shapes.PRESETS[preset]
+            if o == "w4a16_linear" and (x["N"], x["K"], x.get("glu", False)) == (s["N"], s["K"], s.get("glu", False)))
+        for op, s in shapes.PRESETS[preset] if op == "w4a16_linear"}
     batches = list(range(1, 9))
-    assert nk("qwen2") == nk("qwen2_5_vl") == {(n, k): batches for n, k in (
-        (4608, 3584), (3584, 3584), (512, 3584), (37888, 3584), (18944, 3584), (3584, 18944))}
-    assert nk("llama2") == {(n, k): batches for n, k in (
-        (12288, 4096), (4096, 4096), (22016, 4096), (11008, 4096), (4096, 11008))}
-    assert nk("bench") == {(n, k): batches for n, k in ((4608, 3584), (3584, 3584), (37888, 3584), (3584, 18944))}
+    assert nk("qwen2") == nk("qwen2_5_vl") == {(n, k, glu): batches for n, k, glu in (
+        (4608, 3584, False), (3584, 3584, False), (512, 3584, False), (37888, 3584, False), (18944, 3584, False),
+        (3584, 18944, False), (18944, 3584, True))}
+    assert nk("llama2") == {(n, k, glu): batches for n, k, glu in (
+        (12288, 4096, False), (4096, 4096, False), (22016, 4096, False), (11008, 4096, False), (4096, 11008, False),
+        (11008, 4096, True))}
+    assert nk("bench") == {(n, k, False): batches for n, k in ((4608, 3584), (3584, 3584), (37888, 3584),
+                                                               (3584, 18944))}
     for op, s in shapes.PRESETS["all"]:
         if op == "w4a16_linear":
             assert problems.full_shape(op, s)["group"] == 128

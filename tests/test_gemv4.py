@@ -14,6 +14,7 @@ from sparsevila_ops import quant as Q
 # Unit roundoff of the output dtype: the kernel's own error (fp32 sums) is ~1e-5, so the output's rounding
 # to nearest bounds the relative error; 1e-4 of margin.
 TOL = {torch.bfloat16: 2.0 ** -8 + 1e-4, torch.float16: 2.0 ** -11 + 1e-4}
+GLU_TOL = {dt: 3 * t for dt, t in TOL.items()}  # glu rounds three times (gate and up, silu, product: the contract)
 DTYPES = (torch.bfloat16, torch.float16)
 
 
@@ -26,9 +27,15 @@ def _weight(N, K, dtype, device, seed=0, group_size=128):
     return w, Q.quantize_w4(w.to(device), group_size)
 
 
-def _oracle(x, w4, bias=None):
+def _oracle(x, w4, bias=None, glu=False):
+    """float64 x W^T (+ bias); glu: silu(gate) * up of its halves, in float64 from the gate and up rounded to x's
+    dtype (what a correct kernel's last rounding starts from)."""
     y = x.double().cpu() @ Q.dequantize_w4(w4, torch.float64).cpu().t()
-    return y if bias is None else y + bias.double().cpu()
+    y = y if bias is None else y + bias.double().cpu()
+    if not glu:
+        return y
+    gate, up = y.to(x.dtype).chunk(2, dim=1)
+    return torch.nn.functional.silu(gate).double() * up.double()
 
 
 def _kernel():
@@ -51,8 +58,22 @@ def test_kernel_matches_float64_dequant_matmul(device, dtype, M, cfg):
     x = torch.randn(M, K, generator=_gen(10 + M)).to(device, dtype)
     bias = torch.randn(N, generator=_gen(20)).to(device, dtype) if cfg != 0 else None
     out = poison(torch.empty(M, N, dtype=dtype, device=device))
-    _kernel().launch(x, w4.qweight, w4.scales, w4.zeros, bias, out, CONFIGS[cfg])
+    _kernel().launch(x, w4.qweight, w4.scales, w4.zeros, bias, False, out, CONFIGS[cfg])
     assert rel_err(out, _oracle(x, w4, bias)) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M", [1, 5])
+def test_kernel_glu_matches_float64(device, dtype, M):
+    """glu: W [2 x 19, K] (gate rows, then up rows), bias [38]; out [M, 19] = silu(gate) * up, rounded as the
+    unfused path."""
+    N, K = 19, 384
+    _, w4 = _weight(2 * N, K, dtype, device, seed=30 + M)
+    x = torch.randn(M, K, generator=_gen(31 + M)).to(device, dtype)
+    bias = torch.randn(2 * N, generator=_gen(32)).to(device, dtype)
+    out = poison(torch.empty(M, N, dtype=dtype, device=device))
+    _kernel().launch(x, w4.qweight, w4.scales, w4.zeros, bias, True, out, CONFIGS[1])
+    assert rel_err(out, _oracle(x, w4, bias, glu=True)) <= GLU_TOL[dtype]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -62,7 +83,7 @@ def test_group_256_and_more_blocks_than_splits(device, dtype):
     assert tuple(w4.scales.shape) == (4, N)
     x = torch.randn(M, K, generator=_gen(4)).to(device, dtype)
     out = poison(torch.empty(M, N, dtype=dtype, device=device))
-    _kernel().launch(x, w4.qweight, w4.scales, w4.zeros, None, out,
+    _kernel().launch(x, w4.qweight, w4.scales, w4.zeros, None, False, out,
                      {"BLOCK_N": 16, "SPLIT_K": 3, "num_warps": 4, "num_stages": 2})
     assert rel_err(out, _oracle(x, w4)) <= TOL[dtype]
 
@@ -113,6 +134,22 @@ def test_reference_backend_and_many_rows(dtype):
     assert Q.w4a16_linear(torch.empty(0, K, dtype=dtype), w4).shape == (0, N)
 
 
+@pytest.mark.parametrize("M", [3, 17])
+def test_glu_equals_the_unfused_path(M):
+    """glu=True (reference backend at <= 16 rows, dequantize + F.linear above) is bit for bit
+    ``F.silu(gate) * up`` of the unfused output's halves, within the rule of the float64 oracle."""
+    N, K = 24, 256
+    _, w4 = _weight(2 * N, K, torch.bfloat16, "cpu", seed=40)
+    bias = torch.randn(2 * N, generator=_gen(41)).to(torch.bfloat16)
+    x = torch.randn(M, K, generator=_gen(42)).to(torch.bfloat16)
+    with so.use_backend("reference"):
+        y, full = Q.w4a16_linear(x, w4, bias, glu=True), Q.w4a16_linear(x, w4, bias)
+    assert y.shape == (M, N)
+    assert torch.equal(y, torch.nn.functional.silu(full[:, :N]) * full[:, N:])
+    if M <= Q.MAX_KERNEL_ROWS:
+        assert rel_err(y, _oracle(x, w4, bias, glu=True)) <= GLU_TOL[torch.bfloat16]
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_quantize_round_trip_error_bound(dtype):
     """|w - (q - z) s| <= s / 2 for every weight, including constant, all-zero and one-signed groups."""
@@ -159,8 +196,10 @@ def test_opcheck_and_compile_fullgraph():
     op = torch.ops.sparsevila_quant.w4a16_linear
     with so.use_backend("reference"):
         for b in (None, bias):
-            torch.library.opcheck(op, (x, w4.qweight, w4.scales, w4.zeros, b,
+            torch.library.opcheck(op, (x, w4.qweight, w4.scales, w4.zeros, b, False,
                                        poison(torch.empty(3, N, dtype=torch.bfloat16))))
+        torch.library.opcheck(op, (x, w4.qweight, w4.scales, w4.zeros, bias, True,
+                                   poison(torch.empty(3, N // 2, dtype=torch.bfloat16))))
         fn = torch.compile(lambda x: Q.w4a16_linear(x, w4, bias), fullgraph=True, backend="aot_eager")
         assert torch.equal(fn(x), Q.w4a16_linear(x, w4, bias))
 
@@ -215,6 +254,9 @@ def test_bad_inputs_name_the_argument_and_rule():
         (lambda: Q.w4a16_linear(x, w4, torch.zeros(7, dtype=torch.bfloat16)), ValueError,
          r"bias must be \[N\] = \[8\]"),
         (lambda: Q.w4a16_linear(x, w4, torch.zeros(8)), TypeError, "bias must have dtype in"),
+        (lambda: Q.w4a16_linear(x, w4, glu=1), TypeError, "glu must be a bool"),
+        (lambda: Q.w4a16_linear(x, Q.quantize_w4(torch.randn(6, 256).to(torch.bfloat16)[:5]), glu=True), ValueError,
+         r"w4 must be \[2N, K\] \(gate rows, then up rows\) with glu; got 5 rows"),
         (lambda: Q.W4Weight(w4.qweight, w4.scales.t().contiguous(), w4.zeros, 128), ValueError,
          r"scales must be \[K/group_size, N\] = \[2, 8\]"),
         (lambda: Q.W4Weight(w4.qweight.float(), w4.scales, w4.zeros, 128), TypeError, "qweight must have dtype in"),
@@ -294,7 +336,8 @@ def _legacy_sweep(N, K, sms):
 def _meta_args(M, N, K, group=128, dtype=torch.bfloat16):
     """The launcher's arguments as meta tensors (shapes only: keys and defaults at real sizes, no memory)."""
     e = lambda *shape, dt=dtype: torch.empty(*shape, dtype=dt, device="meta")  # noqa: E731
-    return e(M, K), e(N, K // 8, dt=torch.int32), e(K // group, N), e(K // group, N, dt=torch.uint8), None, e(M, N)
+    return (e(M, K), e(N, K // 8, dt=torch.int32), e(K // group, N), e(K // group, N, dt=torch.uint8), None, False,
+            e(M, N))
 
 
 def test_default_config_is_the_old_heuristic_on_a_grid():
@@ -336,13 +379,16 @@ def test_problem_reference_is_dequantize_then_matmul():
     """``autotune.make_args`` builds a valid 4-bit weight; the tuner's reference is the float64 oracle rounded."""
     from sparsevila_ops.autotune import make_args
     from sparsevila_ops.autotune.problems import problem_of
-    x, qw, s, z, bias, out = make_args("w4a16_linear", {"M": 3, "N": 24, "K": 512, "group": 256, "bias": True},
-                                       "cpu")
-    w4 = Q.W4Weight(qw, s, z, 256)
-    assert x.shape == (3, 512) and out.shape == (3, 24) and bias.shape == (24,) and x.dtype == s.dtype == torch.bfloat16
-    assert (out == 0).all() and int(z.max()) <= 15 and bool((s > 0).all())
-    problem_of("w4a16_linear").reference(x, qw, s, z, bias, out)
-    assert rel_err(out, _oracle(x, w4, bias)) <= TOL[torch.bfloat16]
+    for glu in (False, True):
+        x, qw, s, z, bias, g, out = make_args(
+            "w4a16_linear", {"M": 3, "N": 24, "K": 512, "group": 256, "glu": glu, "bias": True}, "cpu")
+        w4 = Q.W4Weight(qw, s, z, 256)
+        rows = 48 if glu else 24
+        assert x.shape == (3, 512) and out.shape == (3, 24) and bias.shape == (rows,) and qw.shape == (rows, 64)
+        assert g is glu and x.dtype == s.dtype == torch.bfloat16
+        assert (out == 0).all() and int(z.max()) <= 15 and bool((s > 0).all())
+        problem_of("w4a16_linear").reference(x, qw, s, z, bias, glu, out)
+        assert rel_err(out, _oracle(x, w4, bias, glu)) <= (GLU_TOL if glu else TOL)[torch.bfloat16]
     with pytest.raises(ValueError, match="group must be a multiple of 128 dividing K"):
         make_args("w4a16_linear", {"K": 384, "group": 256}, "cpu")
 

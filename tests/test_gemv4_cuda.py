@@ -13,10 +13,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+import sparsevila_ops as so
 from helpers import poison, rel_err
 from sparsevila_ops import _backend, _cuda, autotune
 from sparsevila_ops import quant as Q
-from test_gemv4 import TOL, _gen, _oracle, _weight
+from test_gemv4 import GLU_TOL, TOL, _gen, _oracle, _weight
 
 HAS_CUDA_BACKEND = torch.cuda.is_available() and _cuda.unusable(torch.device("cuda")) is None
 needs_cuda = pytest.mark.skipif(not HAS_CUDA_BACKEND, reason="the cuda backend cannot run here")
@@ -31,6 +32,8 @@ def test_support_rules():
     assert "rows of x" in unsupported(torch.zeros(17, 256, dtype=torch.bfloat16), w4.qweight, w4.scales, w4.zeros)
     _, w12 = _weight(12, 256, torch.bfloat16, "cpu")
     assert "multiple of 8" in unsupported(x, w12.qweight, w12.scales, w12.zeros)
+    assert unsupported(x, w4.qweight, w4.scales, w4.zeros, True) is None  # W [16, K]: 8 outputs
+    assert "N = 6 not a multiple of 8" in unsupported(x, w12.qweight, w12.scales, w12.zeros, True)
     wide = torch.zeros(3, 268, dtype=torch.bfloat16)[:, 4:260]  # rows 8 bytes off, stride 268
     assert "x not" in unsupported(wide, w4.qweight, w4.scales, w4.zeros)
     assert unsupported(torch.zeros(3, 272, dtype=torch.bfloat16)[:, 8:264], w4.qweight, w4.scales, w4.zeros) is None
@@ -48,10 +51,11 @@ def test_preference_and_registration_on_the_cpu():
     assert autotune.kernel("w4a16_linear", "cuda").op == "w4a16_linear"
 
 
-def _launch(x, w4, bias, cfg):
+def _launch(x, w4, bias, cfg, glu=False):
     from sparsevila_ops import cuda_gemv4
-    out = poison(torch.empty(x.shape[0], w4.out_features, dtype=x.dtype, device=x.device))
-    cuda_gemv4._launch(x, w4.qweight, w4.scales, w4.zeros, bias, out, cfg)
+    N = w4.out_features // 2 if glu else w4.out_features
+    out = poison(torch.empty(x.shape[0], N, dtype=x.dtype, device=x.device))
+    cuda_gemv4._launch(x, w4.qweight, w4.scales, w4.zeros, bias, glu, out, cfg)
     return out
 
 
@@ -64,11 +68,34 @@ def test_every_config_of_the_space():
     x = torch.randn(M, K, generator=_gen(2)).to("cuda", torch.bfloat16)
     bias = torch.randn(N, generator=_gen(3)).to("cuda", torch.bfloat16)
     ref = _oracle(x, w4, bias)
-    space = autotune.config_space("w4a16_linear", x, w4.qweight, w4.scales, w4.zeros, bias, x.new_empty(M, N),
-                                  backend="cuda")
+    space = autotune.config_space("w4a16_linear", x, w4.qweight, w4.scales, w4.zeros, bias, False,
+                                  x.new_empty(M, N), backend="cuda")
     assert len(space) >= 40
     for cfg in space:
         assert rel_err(_launch(x, w4, bias, cfg), ref) <= TOL[torch.bfloat16], cfg
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("M", [1, 3, 12])
+def test_glu_every_config_of_the_space(M):
+    """glu: W [2 x 40, K] (5 output tiles of 8: gate and up tiles of a warp straddle the CTA's end), K = 5 blocks,
+    bias [80]; out [M, 40] = silu(gate) * up with the contract's roundings, for every tuning config."""
+    N, K = 40, 640
+    _, w4 = _weight(2 * N, K, torch.bfloat16, "cuda", seed=11 + M)
+    x = torch.randn(M, K, generator=_gen(12 + M)).to("cuda", torch.bfloat16)
+    bias = torch.randn(2 * N, generator=_gen(13)).to("cuda", torch.bfloat16)
+    ref = _oracle(x, w4, bias, glu=True)
+    space = autotune.config_space("w4a16_linear", x, w4.qweight, w4.scales, w4.zeros, bias, True,
+                                  x.new_empty(M, N), backend="cuda")
+    assert len(space) >= 30 and all(c["tiles"] >= 2 for c in space)
+    for cfg in space:
+        assert rel_err(_launch(x, w4, bias, cfg, glu=True), ref) <= GLU_TOL[torch.bfloat16], cfg
+    y = _launch(x, w4, bias, space[0], glu=True)
+    with so.use_backend("reference"):  # the reference's roundings, bit for bit but for the fp32 sums' order
+        r = Q.w4a16_linear(x.cpu(), Q.W4Weight(w4.qweight.cpu(), w4.scales.cpu(), w4.zeros.cpu(), 128),
+                           bias.cpu(), glu=True)
+    assert rel_err(y, r.double()) <= GLU_TOL[torch.bfloat16]
 
 
 @pytest.mark.gpu
@@ -116,7 +143,8 @@ def test_default_is_in_the_space_and_fits(M):
     of the space fits the shared-memory limit, and kwarps divides warps (what the launcher requires)."""
     from sparsevila_ops import cuda_gemv4 as C
     for N, K in ((4608, 3584), (3584, 3584), (37888, 3584), (3584, 18944), (8, 128), (1032, 384)):
-        key = C.W4CudaKey("gpu", torch.bfloat16, M, N, K, 128, 132)
-        space = C._space(key)
-        assert C._default(key) in space
-        assert all(C._resources(key, c)[0] <= C.SMEM_LIMIT and c["warps"] % c["kwarps"] == 0 for c in space)
+        for glu in (False, True):
+            key = C.W4CudaKey("gpu", torch.bfloat16, M, N, K, 128, glu, 132)
+            space = C._space(key)
+            assert C._default(key) in space and (not glu or C._default(key)["tiles"] >= 2)
+            assert all(C._resources(key, c)[0] <= C.SMEM_LIMIT and c["warps"] % c["kwarps"] == 0 for c in space)

@@ -462,9 +462,10 @@ def test_an_mlp_intermediate_is_padded_to_a_multiple_of_64(device):
     assert all("forward" not in blk.mlp.__dict__ for blk in model.model.visual.blocks)
 
 
-def test_4bit_projections_fuse_too(device):
+def test_4bit_projections_fuse_too(device, monkeypatch):
     """After ``quantize_model_linears`` a gated MLP's gate/up ``W4Linear`` layers run as one 4-bit GEMV (packed
-    weights as views of the fused one, state_dict unchanged, the per-module layers' outputs); a scale changed in
+    weights as views of the fused one, state_dict unchanged, the per-module layers' outputs; at decode sizes the
+    GEMV's ``glu`` epilogue, bit for bit the unfused SiLU gate times up); a scale changed in
     place is seen (re-fused on the next ``fuse``); ``unfuse`` gives the views their own storage. (q/k/v take the
     same path; the e2e harness test runs a quantized model's generate through it.)"""
     from types import SimpleNamespace
@@ -488,6 +489,13 @@ def test_4bit_projections_fuse_too(device):
     assert mlp.up_proj.qweight.untyped_storage().data_ptr() == fw.qweight.untyped_storage().data_ptr()
     with torch.no_grad():
         torch.testing.assert_close(mlp(x), want, rtol=0, atol=0)
+    glu = []
+    monkeypatch.setattr(fw, "glu", lambda x, _f=fw.glu: glu.append(tuple(x.shape)) or _f(x))
+    monkeypatch.setattr(fused, "_decode_w4_glu", lambda x: True)  # as on a GPU where its cuda backend runs
+    with torch.no_grad():
+        torch.testing.assert_close(mlp(x), want, rtol=0, atol=0)
+    assert glu == [(3, 128)]
+    monkeypatch.undo()
     after = mlp.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
     with torch.no_grad():
@@ -654,16 +662,16 @@ def test_decode_sized_linears_run_the_gemv_op(device, monkeypatch):
 
 
 def test_the_gemv_decision_traces_in_one_graph(monkeypatch):
-    """Inside the compiled decode step the device record ``fuse`` made (``_gemv_device``: a dict hit) and the
+    """Inside the compiled decode step the device record ``fuse`` made (``_cuda_ready``: a dict hit) and the
     decision on a CPU input trace without a graph break (the cuda loader is never asked while compiling)."""
     from sparsevila_ops.integrations import fused
 
     cuda0 = torch.device("cuda", 0)
-    monkeypatch.setitem(fused._GEMV_DEVICES, cuda0, True)
+    monkeypatch.setitem(fused._CUDA_READY, ("gemv", cuda0), True)
     w = torch.ones(4, 3, dtype=torch.bfloat16)
 
     def step(x):
-        use = fused._gemv_device(cuda0) and not fused._decode_gemv(x, w)
+        use = fused._cuda_ready("gemv", cuda0) and not fused._decode_gemv(x, w)
         return x * 2 if use else x
 
     explained = torch._dynamo.explain(step)(torch.ones(1, 3, dtype=torch.bfloat16))
@@ -683,10 +691,12 @@ def test_a_failed_cuda_build_keeps_cublas_for_decode_linears(monkeypatch):
     def broken():
         raise RuntimeError("nvcc failed")
     monkeypatch.setattr(_cuda, "library", broken)
-    monkeypatch.delitem(fused._GEMV_DEVICES, dev, raising=False)
-    assert fused._gemv_device(dev) is False
-    monkeypatch.setattr(_cuda, "library", lambda: object())  # remembered per device: not asked again
-    assert fused._gemv_device(dev) is False
-    fused._GEMV_DEVICES.pop(dev)
-    assert fused._gemv_device(dev) is True
-    fused._GEMV_DEVICES.pop(dev)
+    for op in ("gemv", "w4a16_linear"):
+        monkeypatch.delitem(fused._CUDA_READY, (op, dev), raising=False)
+        assert fused._cuda_ready(op, dev) is False
+    monkeypatch.setattr(_cuda, "library", lambda: object())  # remembered per op and device: not asked again
+    assert fused._cuda_ready("gemv", dev) is False
+    fused._CUDA_READY.pop(("gemv", dev))
+    assert fused._cuda_ready("gemv", dev) is True and fused._cuda_ready("w4a16_linear", dev) is False
+    fused._CUDA_READY.pop(("gemv", dev))
+    fused._CUDA_READY.pop(("w4a16_linear", dev))

@@ -35,6 +35,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .._device import sm_count, use_pdl
 from ..autotune import Tunable, gpu_name
+from ..reference import glu_rounded
 
 PACK_K = 128  # K elements per packing block: 16 int32 words, 8 nibbles each (the kernel's 8 x 16)
 BLOCK_M = 16  # x rows per tensor-core tile (the kernel serves M <= BLOCK_M)
@@ -108,13 +109,13 @@ class W4Key(NamedTuple):
     gpu: str
     dtype: torch.dtype  # x's (and the scales')
     M: int  # rows of x (the decode batch)
-    N: int  # out_features
+    N: int  # W's rows (out_features; glu: twice the outputs)
     K: int  # in_features
     group: int  # group size (K elements per scale / zero)
     sms: int
 
 
-def _key(x, qweight, scales, zeros, bias, out) -> W4Key:
+def _key(x, qweight, scales, zeros, bias, glu, out) -> W4Key:
     M, K = x.shape
     device = x.device
     return W4Key(gpu_name(device), x.dtype, M, qweight.shape[0], K, K // max(1, scales.shape[0]), sm_count(device))
@@ -154,12 +155,18 @@ def _resources(key: W4Key, cfg: dict):
 
 
 def launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-           bias: torch.Tensor | None, out: torch.Tensor, cfg: dict) -> None:
+           bias: torch.Tensor | None, glu: bool, out: torch.Tensor, cfg: dict) -> None:
     """Run the kernel with an explicit config ``{BLOCK_N, SPLIT_K, num_warps, num_stages}`` (shapes as in the
-    module doc; ``x [M, K]`` with unit column stride, ``out [M, N]`` contiguous)."""
+    module doc; ``x [M, K]`` with unit column stride, ``out [M, N]`` contiguous). glu: the kernel writes an fp32
+    ``[M, 2N]`` buffer, then ``reference.glu_rounded`` (this portable backend has no fused epilogue)."""
     M, K = x.shape
     N = qweight.shape[0]
     if M == 0 or N == 0:
+        return
+    if glu:
+        y = torch.empty(M, N, dtype=torch.float32, device=x.device)
+        launch(x, qweight, scales, zeros, bias, False, y, cfg)
+        glu_rounded(y, out)
         return
     num_blocks = K // PACK_K
     bits, val = MAGIC[x.dtype]
@@ -185,6 +192,7 @@ W4A16 = Tunable("w4a16_linear", "triton", key=_key, space=_space, default=_defau
 
 
 def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                 bias: torch.Tensor | None, out: torch.Tensor) -> None:
-    """``out = x @ W^T (+ bias)`` with the looked-up config (the ``sparsevila_quant::w4a16_linear`` op)."""
-    W4A16(x, qweight, scales, zeros, bias, out)
+                 bias: torch.Tensor | None, glu: bool, out: torch.Tensor) -> None:
+    """``out = x @ W^T (+ bias)`` (glu: ``silu(gate) * up`` of it) with the looked-up config (the
+    ``sparsevila_quant::w4a16_linear`` op)."""
+    W4A16(x, qweight, scales, zeros, bias, glu, out)

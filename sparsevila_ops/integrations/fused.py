@@ -21,7 +21,8 @@ trainable weights the forwards run the original projections, so gradients reach 
 At batch 1 on a GPU where the cuda backend runs, every linear of these forwards (fused q/k/v, o, fused gate/up,
 down) is one :func:`sparsevila_ops.gemv` launch instead of cuBLAS's (faster at these sizes, no split-K reduce
 kernels), the gate/up one emitting ``silu(gate) * up`` itself (``glu``), so a SiLU MLP needs no element-wise kernel
-(``_decode_gemv`` says when).
+(``_decode_gemv`` says when). A 4-bit fused gate/up does the same through ``w4a16_linear(..., glu=True)`` at decode
+sizes where that op's cuda backend runs (``_decode_w4_glu``).
 
 An MLP whose intermediate size is not a multiple of ``PAD`` (Qwen2.5-VL's vision blocks: 3420) gets its gate and
 up blocks padded to one with zero rows, and ``down_proj`` a zero-padded copy whose first columns are its weight
@@ -164,16 +165,17 @@ def _own_storage(linears: Sequence[nn.Module]) -> None:
 
 GEMV_ROWS = 1  # rows (decode batch) up to which linears run sparsevila_ops.gemv: faster than cuBLAS at 1 on the
                # H200, 2.7-2.8x slower at 8 (bench/NOTES.md)
-_GEMV_DEVICES: dict = {}  # device -> whether the cuda gemv runs there (asked once; ``fuse`` asks eagerly)
+_CUDA_READY: dict = {}  # (op, device) -> whether the op's cuda backend runs there (asked once; ``fuse`` asks eagerly)
 
 
-def _gemv_device(device: torch.device) -> bool:
-    """Whether the cuda backend's ``gemv`` runs on ``device``: usable there and its module built or loaded (the JIT
-    build runs here, once per machine, so a failed build leaves cuBLAS in place rather than the slower portable
-    gemv). Asked once per device: a dict hit after that, also while ``torch.compile`` traces."""
-    ready = _GEMV_DEVICES.get(device)
+def _cuda_ready(op: str, device: torch.device) -> bool:
+    """Whether the cuda backend of ``op`` (``gemv``, ``w4a16_linear``) runs on ``device``: usable there and its
+    module built or loaded (the JIT build runs here, once per machine, so a failed build leaves the unfused path in
+    place rather than a slower portable kernel). Asked once per op and device: a dict hit after that, also while
+    ``torch.compile`` traces."""
+    ready = _CUDA_READY.get((op, device))
     if ready is None:
-        ready = _GEMV_DEVICES[device] = _backend._loadable("gemv", "cuda", device)
+        ready = _CUDA_READY[(op, device)] = _backend._loadable(op, "cuda", device)
     return ready
 
 
@@ -191,7 +193,19 @@ def _decode_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
         return False
     if not torch.compiler.is_compiling() and _backend.requested_backend() not in (None, "cuda"):
         return False
-    return _gemv_device(x.device)
+    return _cuda_ready("gemv", x.device)
+
+
+def _decode_w4_glu(x: torch.Tensor) -> bool:
+    """Whether a 4-bit fused gate/up ``W4Linear`` on ``x [..., K]`` runs ``w4a16_linear(..., glu=True)``: rows its
+    GEMV kernel serves (a decode step), on a GPU where that op's cuda backend runs (its epilogue is fused; the
+    portable one would add a pass), and (outside ``torch.compile``) no other backend requested."""
+    quant = sys.modules["sparsevila_ops.quant"]
+    if x.device.type != "cuda" or x.numel() == 0 or x.numel() > quant.MAX_KERNEL_ROWS * x.shape[-1]:
+        return False
+    if not torch.compiler.is_compiling() and _backend.requested_backend() not in (None, "cuda"):
+        return False
+    return _cuda_ready("w4a16_linear", x.device)
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
@@ -261,15 +275,17 @@ def triton_elementwise(x: torch.Tensor, *params: torch.Tensor) -> bool:
 
 def _mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
     """``down(act(x W_gate^T) * (x W_up^T))`` with one GEMV for ``[W_gate; W_up]`` (and, intermediate size padded,
-    the padded ``down``); at decode sizes (:func:`_decode_gemv`) a SiLU MLP's gate/up GEMV emits ``silu(gate) * up``
-    itself (``gemv(..., glu=True)``); elsewhere a SiLU gate times up as one Triton kernel where
+    the padded ``down``); at decode sizes (:func:`_decode_gemv`, :func:`_decode_w4_glu`) a SiLU MLP's gate/up GEMV
+    emits ``silu(gate) * up`` itself (``gemv`` or ``W4Linear.glu``); elsewhere a SiLU gate times up as one Triton kernel where
     :func:`triton_elementwise` allows."""
     silu = isinstance(self.act_fn, (nn.SiLU, SiLUActivation))
     fused = self.__dict__.get(GATE_UP)
-    if (silu and fused is not None and isinstance(fused[0], torch.Tensor) and fused[2][0] == fused[2][1]
-            and not _trains(self.gate_proj) and _decode_gemv(x, fused[0])):
+    glu = silu and fused is not None and fused[2][0] == fused[2][1] and not _trains(self.gate_proj)
+    if glu and isinstance(fused[0], torch.Tensor) and _decode_gemv(x, fused[0]):
         h = gemv_linear.gemv(x.reshape(-1, x.shape[-1]), fused[0], fused[1], glu=True).view(*x.shape[:-1],
                                                                                               fused[2][0])
+    elif glu and not isinstance(fused[0], torch.Tensor) and _decode_w4_glu(x):
+        h = fused[0].glu(x)
     else:
         gate, up = _project(self, x, ("gate_proj", "up_proj"), GATE_UP)
         if silu and triton_elementwise(gate):
@@ -328,9 +344,10 @@ def fuse(layers: Iterable[nn.Module], rope: Optional[Callable] = None, eager: Op
             if not _current(linears, module.__dict__.get(state)):
                 module.__dict__[state] = _concat_into_views(linears, pad)
                 module.forward = types.MethodType(forward, module)
-            weight = getattr(linears[0], "weight", None)  # W4Linear: none (its GEMV is its own)
-            if weight is not None and weight.device.type == "cuda":
-                _gemv_device(weight.device)  # asked now, outside any torch.compile trace
+            weight = getattr(linears[0], "weight", None)  # W4Linear: none, its buffers
+            device = weight.device if weight is not None else linears[0].qweight.device
+            if device.type == "cuda":  # asked now, outside any torch.compile trace
+                _cuda_ready("gemv" if weight is not None else "w4a16_linear", device)
             done.append(f"{i}.{'self_attn' if state == QKV else 'mlp'}")
     return done
 
