@@ -7,12 +7,13 @@ QWEN25_VL_7B config, bf16; latency does not depend on weight values), the inputs
 - one video of F frames at 448x448 px (32x32 patches of 14 px): a 2x2 merge and 2-frame temporal patches make
   F/2 * 16 * 16 = 128 F LLM visual tokens, so 128 / 512 / 1024 frames give 16384 / 65536 / 131072 visual tokens
   (``video_for_tokens``); 12 text tokens before the video, a 64-token question after;
-- E: vision encoder incl. salience and pruning (until the LLM's first forward), P: the LLM prefill incl.
-  relevance and select + pack (its first forward), D: ms per generated token over ``--decode-steps`` greedy
-  tokens (default 256) after a warm-up ``generate`` of the same length (compiles and graph captures happen
-  there; ``graphs_compiled_in_timed_run`` > 0 flags a D that includes a recompile), stage boundaries from
-  ``demo.StageTimer``; E2E = E + P + 1500 D: the 1500-token answer is estimated from the timed steps (its
-  steps read on average ~620 more KV entries, 36 MB: < 1 % of any row's bytes per step);
+- E: vision encoder incl. salience and pruning (until the LLM's first forward; the median of the timed run's and
+  ``E_REPEATS`` more runs stopped there, all in ``E_samples_ms``: one run's E can be an outlier), P: the LLM
+  prefill incl. relevance and select + pack (its first forward), D: ms per generated token over
+  ``--decode-steps`` greedy tokens (default 256) after a warm-up ``generate`` of the same length (compiles and
+  graph captures happen there; ``graphs_compiled_in_timed_run`` > 0 flags a D that includes a recompile), stage
+  boundaries from ``demo.StageTimer``; E2E = E + P + 1500 D: the 1500-token answer is estimated from the timed
+  steps (its steps read on average ~620 more KV entries, 36 MB: < 1 % of any row's bytes per step);
 - rows: (a) stock transformers (SDPA, stock vision loop, ``StaticCache`` + the decode step compiled into CUDA
   graphs as ``generate`` does); (b) ours at sparsities (0, 0): our vision attention in one launch per block, our
   prefill and decode kernels, decode step compiled the same way (``enable(..., cuda_graph=True)``); (c) ours at
@@ -34,6 +35,8 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import statistics
+import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -49,6 +52,8 @@ ROWS = {"a": ("stock transformers", None), "b": ("ours (0, 0)", (0.0, 0.0)), "c1
         "c2": ("ours (0.70, 0.85)", (0.70, 0.85)), "c3": ("ours (0.90, 0)", (0.90, 0.0))}
 PRECISIONS = ("bf16", "w4a16")
 TARGETS = (16384, 65536, 131072)
+E_REPEATS = 2  # runs up to the LLM per row beside the timed one; E is their median (one timed E once ran 16 %
+# over its GPU time, other runs 1-4 %)
 
 
 # -- pure parts (tested on the CPU) ---------------------------------------------------------------------------
@@ -227,6 +232,16 @@ def until_llm(model, generate: Callable[[], object]) -> None:
     raise RuntimeError("generate finished without a forward of the language model")
 
 
+def time_until_llm(model, generate: Callable[[], object]) -> float:
+    """Wall ms of ``until_llm(model, generate)`` between two device syncs: E as ``StageTimer`` times it."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    until_llm(model, generate)
+    sync()
+    return 1e3 * (time.perf_counter() - start)
+
+
 def e_profile(model, generate: Callable[[], object]) -> dict:
     """GPU time of E as ``generate`` runs it (``until_llm``): busy ms, and ``kernel_summary`` with ``ENCODER_KINDS``;
     with E's wall time it says how much of E is host time, and between rows what salience and pruning add."""
@@ -262,10 +277,12 @@ def decode_step_profile(generate: Callable[..., object], short: int = 4, long: i
 def run_rows(model, inputs: dict, rows: Sequence[str], *, decode_steps: int, precision: str,
              video: Dict[str, int], profile_steps: int = 0) -> List[dict]:
     """Measure E, P, D of each row on one input (``demo.stage_row``: warm-up ``generate``, then a timed one);
-    returns raw rows. ``kept_visual`` is what the pruning kept (``state.last_kept``), all visual tokens when
-    nothing was pruned. ``profile_steps`` > 0 adds ``step``: the GPU time of one decode step from that many
-    profiled steps (``decode_step_profile``), ``E_profile``: the kernels of E (``e_profile``), and for rows (a) and
-    (b) ``encoder``: one vision-tower pass (``encoder_profile``)."""
+    returns raw rows. E is the median of 1 + ``E_REPEATS`` runs: the timed one's and ``E_REPEATS`` more stopped at
+    the LLM (``time_until_llm``, still enabled, before any profile), all of them in ``E_samples_ms``.
+    ``kept_visual`` is what the pruning kept (``state.last_kept``), all visual tokens when nothing was pruned.
+    ``profile_steps`` > 0 adds ``step``: the GPU time of one decode step from that many profiled steps
+    (``decode_step_profile``), ``E_profile``: the kernels of E (``e_profile``), and for rows (a) and (b)
+    ``encoder``: one vision-tower pass (``encoder_profile``)."""
     prompt = inputs["input_ids"].shape[1]
     n_vis = int((inputs["input_ids"] == model.config.video_token_id).sum())
     weights = decode_weight_bytes(model)
@@ -283,9 +300,10 @@ def run_rows(model, inputs: dict, rows: Sequence[str], *, decode_steps: int, pre
 
         def probe(kw=kw, key=key):
             graphs.append(counters["stats"]["unique_graphs"])  # the timed run ends here
+            found = {"E_repeats_ms": [time_until_llm(model, lambda: model.generate(**inputs, **kw))
+                                      for _ in range(E_REPEATS)]}
             if not profile_steps:
-                return None
-            found = {}
+                return found
             try:
                 found["step"] = decode_step_profile(lambda **more: model.generate(**inputs, **kw, **more),
                                                     long=min(decode_steps, 4 + profile_steps))
@@ -298,17 +316,18 @@ def run_rows(model, inputs: dict, rows: Sequence[str], *, decode_steps: int, pre
 
         r = stage_row(model, timer, generate, decode_steps, sp, cuda_graph=True, probe=probe)
         recompiled = graphs[2] - graphs[1]
+        e_samples = [r["E_ms"], *r["probe"]["E_repeats_ms"]]
         p, d = sp or (0.0, 0.0)
         row = {"input": f"{round(n_vis / 1024)}k" if n_vis >= 1024 else str(n_vis), "frames": video["frames"],
                "px": video["px"], "visual_tokens": n_vis, "precision": precision, "row": key, "setting": label,
                "kept_visual": n_vis if r["kept"] is None else r["kept"],
                "kv_tokens": decode_kv_tokens(prompt, n_vis, p, d, decode_steps), "weight_bytes": weights,
-               "E_ms": r["E_ms"], "P_ms": r["P_ms"], "D_ms": r["D_ms"], "generated": r["out"].shape[1] - prompt,
-               "graphs_compiled_in_timed_run": recompiled}
-        if r["probe"] and "step" in r["probe"]:
+               "E_ms": statistics.median(e_samples), "E_samples_ms": e_samples, "P_ms": r["P_ms"], "D_ms": r["D_ms"],
+               "generated": r["out"].shape[1] - prompt, "graphs_compiled_in_timed_run": recompiled}
+        if "step" in r["probe"]:
             row["D_gpu_ms"], row["step"] = r["probe"]["step"]["gpu_ms"], r["probe"]["step"]
         for part in ("encoder", "E_profile"):
-            if r["probe"] and part in r["probe"]:
+            if part in r["probe"]:
                 row[part] = r["probe"][part]
         out.append(row)
         print(f"  {precision:6s} {row['input']:>5s} ({key}) {label:22s} E {row['E_ms']:9.1f} ms  P {row['P_ms']:9.1f} "

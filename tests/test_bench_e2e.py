@@ -218,6 +218,47 @@ def test_until_llm_stops_generate_at_the_language_model(tiny_model):
         sv.disable(tiny_model)
 
 
+def test_time_until_llm_is_the_wall_time_up_to_the_language_model(monkeypatch):
+    """An extra E run: the clock read before ``generate`` and after it stopped at the LLM's first forward (what
+    follows never runs), the hook removed."""
+    from types import SimpleNamespace
+    lm = torch.nn.Identity()
+    model = SimpleNamespace(model=SimpleNamespace(language_model=lm))
+    clock, after = [10.0], []
+
+    def generate():
+        clock[0] += 0.25
+        lm(torch.zeros(1))
+        after.append(1)
+        clock[0] += 100.0
+    monkeypatch.setattr(e2e.time, "perf_counter", lambda: clock[0])
+    assert e2e.time_until_llm(model, generate) == pytest.approx(250.0) and after == []
+    assert not lm._forward_pre_hooks
+
+
+def test_run_rows_e_is_the_median_of_the_timed_run_and_the_repeats(tiny_model, monkeypatch):
+    """Without profiling too, each row runs ``E_REPEATS`` more ``generate`` calls up to the LLM while the row is
+    enabled; E is the median of those and the timed run's E, all kept in ``E_samples_ms`` (not a table column)."""
+    from sparsevila_ops.integrations import demo
+    real, repeats, enabled = e2e.time_until_llm, iter([0.0, 1e9, 1e8, 2e8]), []
+
+    def fake(model, generate):
+        enabled.append(getattr(model, "_sparsevila", None) is not None)
+        real(model, generate)  # the repeat runs and stops at the LLM (else RuntimeError)
+        return next(repeats)
+    monkeypatch.setattr(e2e, "E_REPEATS", 2)
+    monkeypatch.setattr(e2e, "time_until_llm", fake)
+    video = e2e.video_for_tokens(36, side=12)
+    inputs = demo.video_inputs(tiny_model, video["frames"], video["h"], video["w"], 8, "cpu", torch.bfloat16)
+    rows = e2e.run_rows(tiny_model, inputs, ["a", "c1"], decode_steps=3, precision="bf16", video=video)
+    assert enabled == [False, False, True, True]  # row (a) is stock transformers, (c1) ours
+    timed = [r["E_samples_ms"][0] for r in rows]
+    assert all(0 < t < 1e8 for t in timed)
+    assert rows[0]["E_samples_ms"] == [timed[0], 0.0, 1e9] and rows[0]["E_ms"] == timed[0]
+    assert rows[1]["E_samples_ms"] == [timed[1], 1e8, 2e8] and rows[1]["E_ms"] == 1e8  # the timed run is the outlier
+    assert "E_samples_ms" not in e2e.COLUMNS
+
+
 def test_pdl_compile_config_is_reduce_overhead_plus_inductor_pdl():
     """``--inductor-pdl``'s CompileConfig: CUDA graphs as ``reduce-overhead`` gives them, and inductor's PDL; both
     options exist in this torch's inductor config (torch.compile rejects unknown ones)."""
