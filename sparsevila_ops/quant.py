@@ -71,7 +71,7 @@ define("w4a16_linear",
        cuda="sparsevila_ops.cuda_gemv4:w4a16_linear")
 
 
-def _preferred_backend(device: torch.device, x: torch.Tensor, qweight, scales, zeros, *rest):
+def _preferred_backend(device: torch.device, x: torch.Tensor, qweight, scales, zeros, bias=None, glu=False, *rest):
     """``cuda`` on a GPU for inputs its kernel covers (``cuda_gemv4.unsupported``; measured faster than the Triton
     kernel at every Qwen2.5-7B shape, ``bench/gemv4.py``), else None (the device default). Where the cuda backend
     cannot run (``_cuda.unusable``), the registry falls back to the default. Importing ``cuda_gemv4`` builds
@@ -79,7 +79,7 @@ def _preferred_backend(device: torch.device, x: torch.Tensor, qweight, scales, z
     if device.type != "cuda":
         return None
     from .cuda_gemv4 import unsupported
-    return "cuda" if unsupported(x, qweight, scales, zeros, rest[1]) is None else None
+    return "cuda" if unsupported(x, qweight, scales, zeros, glu) is None else None
 
 
 _backend.prefer("w4a16_linear", _preferred_backend)
