@@ -1,7 +1,7 @@
 """Table 2: end-to-end latency of Qwen2.5-VL-7B (random weights) on long videos, bf16 and 4-bit weights.
 
 ``python -m bench.e2e [--quick] [--tokens 16384 65536 131072] [--precision bf16 w4a16] [--rows a b c1 c2 c3]
-[--decode-steps 256] [--inductor-pdl]``. The model is ``sparsevila_ops.integrations.demo.build_model`` (the
+[--decode-steps 256] [--no-inductor-pdl]``. The model is ``sparsevila_ops.integrations.demo.build_model`` (the
 QWEN25_VL_7B config, bf16; latency does not depend on weight values), the inputs ``demo.video_inputs``:
 
 - one video of F frames at 448x448 px (32x32 patches of 14 px): a 2x2 merge and 2-frame temporal patches make
@@ -16,8 +16,9 @@ QWEN25_VL_7B config, bf16; latency does not depend on weight values), the inputs
   steps (its steps read on average ~620 more KV entries, 36 MB: < 1 % of any row's bytes per step);
 - rows: (a) stock transformers (SDPA, stock vision loop, ``StaticCache`` + the decode step compiled into CUDA
   graphs as ``generate`` does); (b) ours at sparsities (0, 0): our vision attention in one launch per block, our
-  prefill and decode kernels, decode step compiled the same way (``enable(..., cuda_graph=True)``); (c) ours at
-  (0.75, 0.95), (0.70, 0.85) and (0.90, 0). Every row in bf16 and with the LLM's linear layers in 4-bit
+  prefill and decode kernels, decode step compiled as the integration compiles it (``enable(..., cuda_graph=True)``:
+  transformers' CUDA graphs plus inductor's PDL on Hopper, ``decode_compile``; ``--no-inductor-pdl``: without);
+  (c) ours at (0.75, 0.95), (0.70, 0.85) and (0.90, 0). Every row in bf16 and with the LLM's linear layers in 4-bit
   (``quantize_model_linears``, group 128; the vision tower and lm_head stay bf16). Speedups are over row (b) of
   the same input and precision;
 - D_gpu: the GPU time of one decode step as ``generate`` runs it, from ``torch.profiler`` (busy time, the union
@@ -44,6 +45,7 @@ from torch._dynamo.utils import counters
 
 from bench.common import copy_bandwidth_tbps, require_gpu, write_results
 from sparsevila_ops.integrations.demo import QWEN25_VL_7B, StageTimer, build_model, stage_row, video_inputs
+from sparsevila_ops.integrations.decode_compile import decode_compile_config
 
 ANSWER_TOKENS = 1500
 QUESTION_TOKENS = 64
@@ -336,26 +338,14 @@ def run_rows(model, inputs: dict, rows: Sequence[str], *, decode_steps: int, pre
     return out
 
 
-def pdl_compile_config():
-    """The decode step's ``CompileConfig`` as transformers' default (``reduce-overhead``: CUDA graphs) plus
-    inductor's programmatic dependent launch of its own Triton kernels (``triton.enable_pdl``; Hopper), for
-    ``--inductor-pdl``: the A/B of whether letting inductor's RMSNorm / RoPE kernels start early hides part of the
-    ~1-2 µs of idle GPU between a decode step's ~350-380 kernels (bench/NOTES.md). RuntimeError when this torch's
-    inductor has no such option."""
-    import torch._inductor.config as inductor_config
-    from transformers import CompileConfig
-
-    if not hasattr(inductor_config.triton, "enable_pdl"):
-        raise RuntimeError(f"torch {torch.__version__}'s inductor has no triton.enable_pdl option")
-    return CompileConfig(mode=None, options={"triton.cudagraphs": True, "triton.enable_pdl": True})
-
-
 def run(targets: Sequence[int], precisions: Sequence[str], rows: Sequence[str], decode_steps: int,
         profile_steps: int = 0, done: Optional[Callable[[List[dict], float], None]] = None,
-        inductor_pdl: bool = False) -> tuple:
+        inductor_pdl: bool = True) -> tuple:
     """The full-size table on the GPU: returns (rows, copy bandwidth TB/s, KV bytes per token). ``done(table,
     copy TB/s)`` gets the table so far after each row (so a run cut short keeps what it measured).
-    ``inductor_pdl``: decode steps compiled with ``pdl_compile_config`` (each row says ``inductor_pdl``).
+    ``inductor_pdl``: our rows' decode steps compiled as the integration compiles them (``decode_compile``:
+    inductor's PDL on Hopper); False compiles them with transformers' default ``CompileConfig()`` as the stock row
+    (the A/B of ``--no-inductor-pdl``). Each row says ``inductor_pdl``.
 
     One model serves every precision: ``w4a16`` quantizes its LLM linears in place and nothing restores them,
     so ``precisions`` must list bf16 before w4a16 (``PRECISIONS`` order, each once; ``ValueError`` otherwise).
@@ -369,8 +359,10 @@ def run(targets: Sequence[int], precisions: Sequence[str], rows: Sequence[str], 
     dev, dtype = torch.device("cuda"), torch.bfloat16
     copy_tbps = copy_bandwidth_tbps()
     model = build_model(True, dev, dtype)
-    if inductor_pdl:
-        model.generation_config.compile_config = pdl_compile_config()
+    if not inductor_pdl:
+        from transformers import CompileConfig
+        model.generation_config.compile_config = CompileConfig()  # set, so the integration adds nothing
+    pdl = inductor_pdl and decode_compile_config(dev) is not None
     kv_tok = kv_bytes_per_token(model.config.text_config)
     raw = []
     for precision in precisions:
@@ -383,7 +375,7 @@ def run(targets: Sequence[int], precisions: Sequence[str], rows: Sequence[str], 
             print(f"{precision}: video {video['frames']} frames of {video['px']}x{video['px']} px -> "
                   f"{video['visual_tokens']} visual tokens, prompt {inputs['input_ids'].shape[1]} tokens", flush=True)
             for key in rows:
-                raw += [{**r, "inductor_pdl": inductor_pdl} for r in run_rows(
+                raw += [{**r, "inductor_pdl": pdl and key != "a"} for r in run_rows(
                     model, inputs, [key], decode_steps=decode_steps, precision=precision, video=video,
                     profile_steps=profile_steps)]
                 if done is not None:
@@ -429,8 +421,9 @@ def main(argv=None) -> int:
     p.add_argument("--rows", nargs="+", choices=list(ROWS), default=None, help="default: all")
     p.add_argument("--decode-steps", type=int, default=None, help="timed decode tokens (default 256; quick 64)")
     p.add_argument("--name", default=None, help="result file name (default e2e, e2e_quick with --quick)")
-    p.add_argument("--inductor-pdl", action="store_true",
-                   help="compile decode steps with inductor's PDL for its Triton kernels (pdl_compile_config)")
+    p.add_argument("--no-inductor-pdl", action="store_true",
+                   help="compile our rows' decode steps as transformers does by default, without the integration's "
+                        "inductor PDL (decode_compile)")
     p.add_argument("--profile-steps", type=int, default=16,
                    help="decode steps profiled per row for D_gpu, the GPU time of one step (0: none)")
     a = p.parse_args(argv)
@@ -453,7 +446,7 @@ def main(argv=None) -> int:
         write_results(a.name or ("e2e_quick" if a.quick else "e2e"), table, COLUMNS, plot=plot_stacked(table),
                       title=f"Table 2: Qwen2.5-VL-7B ({cfg['num_hidden_layers']} layers, random weights), E2E = E + "
                             f"P + {ANSWER_TOKENS} D from {steps} timed decode steps, copy {copy_tbps:.2f} TB/s")
-    run(sorted(targets), precisions, rows, steps, a.profile_steps, done=write, inductor_pdl=a.inductor_pdl)
+    run(sorted(targets), precisions, rows, steps, a.profile_steps, done=write, inductor_pdl=not a.no_inductor_pdl)
     return 0
 
 

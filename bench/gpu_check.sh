@@ -77,6 +77,7 @@ if [ "$what" = bench ] || [ "$what" = all ]; then
   step qwen2_5_vl python -m sparsevila_ops demo --model qwen2_5_vl --json "$SPARSEVILA_BENCH_DIR/qwen2_5_vl_demo.json"
   step qwen2_5_vl_graph_check python -m bench.integration_graph_check --dtype bfloat16
   step qwen2_5_vl_memory_check python -m bench.integration_memory_check
+  step pdl_check python -m bench.pdl_check  # inductor's PDL in the compiled decode step: every kernel waits
   step gemv4 python -m bench.gemv4 "${q[@]}"
   step vision_block python -m bench.vision_block
   step e2e python -m bench.e2e "${q[@]}"

@@ -1,16 +1,16 @@
 """Is inductor's programmatic dependent launch safe for the integration's compiled decode step?
 
 ``python -m bench.pdl_check [--tokens 24] [--repeats 20]`` (sm90+). With ``triton.enable_pdl``
-(``bench.e2e.pdl_compile_config``, ``--inductor-pdl``) inductor launches each of its Triton kernels with the PDL
-attribute, but emits ``gdc_wait()`` only in a kernel that reads what the scheduler's previous node writes (or writes
+(``sparsevila_ops.integrations.decode_compile``, the integration's default on sm90+) inductor launches each of its
+Triton kernels with the PDL attribute, but emits ``gdc_wait()`` only in a kernel that reads what the scheduler's previous node writes (or writes
 what it reads). A PDL kernel that never waits can finish before its predecessor; a later kernel that waits for its
 own predecessor only may then read memory an earlier grid is still writing (a transitive race).
 
 On the tiny random Qwen2.5-VL (``demo.build_model(False)``, bf16, a video, ``enable(model, 0.75, 0.95,
 cuda_graph=True)``), inductor's cache in a fresh directory: greedy ``generate`` with the PDL compile config
 2 + ``--repeats`` times (the second is the reference), a scan of every Triton kernel inductor wrote, and the
-reference again without PDL (the default compile config). Verdict: safe (exit 0) when some kernel is launched
-with PDL and none of them (nor a kernel triggering its dependents) lacks a ``gdc_wait``, the tokens equal those
+reference again without PDL (transformers' default ``CompileConfig()``). Verdict: safe (exit 0) when some kernel is
+launched with PDL and none of them (nor a kernel triggering its dependents) lacks a ``gdc_wait``, the tokens equal those
 without PDL, and every repeat gives the reference's tokens (a race shows as nondeterminism); else exit 1. Score
 differences are reported. Writes ``pdl_check.{json,md}``.
 """
@@ -113,14 +113,14 @@ def main(argv=None) -> int:
         return 0
     cache = os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="pdl_check_inductor_")  # before compiles
 
-    from bench.e2e import pdl_compile_config
+    from transformers import CompileConfig
+    from sparsevila_ops.integrations.decode_compile import decode_compile_config
     from sparsevila_ops.integrations import qwen2_5_vl as sv
     from sparsevila_ops.integrations.demo import build_model, reset_compiled, video_inputs
 
     dev, dtype = torch.device("cuda"), torch.bfloat16
     model = build_model(False, dev, dtype)
     inputs = video_inputs(model, 4, 12, 12, 16, dev, dtype)
-    default = model.generation_config.compile_config
 
     def runs(config, n):
         model.generation_config.compile_config = config
@@ -131,9 +131,9 @@ def main(argv=None) -> int:
             sv.disable(model)
             reset_compiled(model)
 
-    pdl = runs(pdl_compile_config(), 2 + a.repeats)
+    pdl = runs(decode_compile_config(dev), 2 + a.repeats)
     scan = scan_kernels(cache)  # before the default config compiles its own kernels into the same directory
-    base = runs(default, 2)[1]
+    base = runs(CompileConfig(), 2)[1]  # transformers' default: no PDL
     (ids, scores), same = pdl[1], [torch.equal(i, pdl[1][0]) for i, _ in pdl[2:]]
     rows = [{"check": "inductor kernels launched with PDL", "value": f"{scan['pdl']} of {scan['kernels']}",
              "ok": scan["pdl"] > 0},

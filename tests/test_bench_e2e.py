@@ -257,12 +257,3 @@ def test_run_rows_e_is_the_median_of_the_timed_run_and_the_repeats(tiny_model, m
     assert rows[0]["E_samples_ms"] == [timed[0], 0.0, 1e9] and rows[0]["E_ms"] == timed[0]
     assert rows[1]["E_samples_ms"] == [timed[1], 1e8, 2e8] and rows[1]["E_ms"] == 1e8  # the timed run is the outlier
     assert "E_samples_ms" not in e2e.COLUMNS
-
-
-def test_pdl_compile_config_is_reduce_overhead_plus_inductor_pdl():
-    """``--inductor-pdl``'s CompileConfig: CUDA graphs as ``reduce-overhead`` gives them, and inductor's PDL; both
-    options exist in this torch's inductor config (torch.compile rejects unknown ones)."""
-    import torch._inductor.config as inductor_config
-    cfg = e2e.pdl_compile_config()
-    assert cfg.mode is None and cfg.options == {"triton.cudagraphs": True, "triton.enable_pdl": True}
-    assert all(k in inductor_config.get_config_copy() for k in cfg.options)

@@ -276,8 +276,8 @@ def triton_elementwise(x: torch.Tensor, *params: torch.Tensor) -> bool:
 def _mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
     """``down(act(x W_gate^T) * (x W_up^T))`` with one GEMV for ``[W_gate; W_up]`` (and, intermediate size padded,
     the padded ``down``); at decode sizes (:func:`_decode_gemv`, :func:`_decode_w4_glu`) a SiLU MLP's gate/up GEMV
-    emits ``silu(gate) * up`` itself (``gemv`` or ``W4Linear.glu``); elsewhere a SiLU gate times up as one Triton kernel where
-    :func:`triton_elementwise` allows."""
+    emits ``silu(gate) * up`` itself (``gemv`` or ``W4Linear.glu``); elsewhere a SiLU gate times up as one Triton
+    kernel where :func:`triton_elementwise` allows."""
     silu = isinstance(self.act_fn, (nn.SiLU, SiLUActivation))
     fused = self.__dict__.get(GATE_UP)
     glu = silu and fused is not None and fused[2][0] == fused[2][1] and not _trains(self.gate_proj)

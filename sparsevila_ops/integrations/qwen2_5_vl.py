@@ -42,6 +42,7 @@ from . import fused
 from .fused import triton_elementwise
 from .attention import ATTN_NAME, LLMState, segment_lengths, sparsevila_attention, varlen_attention
 from .cache import SparseVILACache, deferred_stop_checks
+from .decode_compile import with_decode_compile
 
 __all__ = ["enable", "disable", "SparseVILAState"]
 
@@ -117,10 +118,11 @@ def enable(model, prefill_sparsity: float = 0.75, decode_sparsity: float = 0.95,
         salience_layer: the full-attention vision block whose attention scores salience (default: the last of
             ``vision_config.fullatt_block_indexes``).
         cuda_graph: report the cache compileable, so that ``generate`` on CUDA compiles the decode step into a
-            CUDA graph (``torch.compile``, mode ``reduce-overhead``; the first ``generate`` of each cache size
-            compiles, later calls reuse the cache's buffers and replay): 4-5x faster decode on a 7B model than
-            eager (bench/NOTES.md). False decodes eagerly; ``generate(..., disable_compile=True)`` does for one
-            call.
+            CUDA graph (``torch.compile``, mode ``reduce-overhead``, on Hopper and later with inductor's
+            programmatic dependent launch unless a ``compile_config`` is given: ``decode_compile``; the first
+            ``generate`` of each cache size compiles, later calls reuse the cache's buffers and replay): 4-5x faster
+            decode on a 7B model than eager (bench/NOTES.md). False decodes eagerly;
+            ``generate(..., disable_compile=True)`` does for one call.
     """
     if not isinstance(model, hf.Qwen2_5_VLForConditionalGeneration):
         raise TypeError(f"model must be a transformers Qwen2_5_VLForConditionalGeneration; got "
@@ -300,6 +302,7 @@ def _generate(orig_generate, model, input_ids: Optional[torch.Tensor] = None, **
     state.llm.cache = cache
     try:
         with deferred_stop_checks():
+            kwargs = with_decode_compile(kwargs, gen_cfg, like.device, state.cuda_graph)
             out = orig_generate(input_ids=call_ids, attention_mask=call_mask, past_key_values=cache, **kwargs)
         cache.sync_full()
     finally:
