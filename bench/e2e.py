@@ -154,7 +154,7 @@ def kernel_summary(kernels: Dict[str, Tuple[float, float]], kinds=None) -> dict:
             "top": [{"kernel": n[:120], "us": round(us, 2), "calls": round(c, 2)} for n, (us, c) in top]}
 
 
-Profile = Tuple[Dict[str, Tuple[float, int]], float]  # ({kernel: (summed us, launches)}, busy us)
+Profile = Tuple[Dict[str, Tuple[float, int]], float, Dict[str, float]]  # kernels: (us, launches), busy us, host us
 
 
 def busy_us(intervals: Sequence[Tuple[float, float]]) -> float:
@@ -172,30 +172,39 @@ def busy_us(intervals: Sequence[Tuple[float, float]]) -> float:
 def step_kernels(short: Profile, long: Profile, steps: int) -> dict:
     """Per decode step, from two profiled runs that differ by ``steps`` decode steps (``profile_kernels``): GPU
     busy ms (the union of kernel intervals), the summed kernel ms (PDL waits counted twice), launches, summed ms
-    per kernel kind, and the 8 kernels costing most (us, calls)."""
-    (k_short, b_short), (k_long, b_long) = short, long
+    per kernel kind, the 8 kernels costing most (us, calls), and ``host_ms``: host ms of the top-level profiled
+    host ops (the compiled step's call, ``aten`` ops outside it; pure Python between them is not an op), the 6
+    costliest by name."""
+    (k_short, b_short, h_short), (k_long, b_long, h_long) = short, long
     diff = {n: (k_long[n][0] - k_short.get(n, (0.0, 0))[0], k_long[n][1] - k_short.get(n, (0.0, 0))[1])
             for n in k_long}
     per = {n: (us / steps, c / steps) for n, (us, c) in diff.items() if c > 0}
-    return {"gpu_ms": (b_long - b_short) / steps / 1e3, **kernel_summary(per)}
+    host = {n: (us - h_short.get(n, 0.0)) / steps / 1e3 for n, us in h_long.items()}
+    host = {n: ms for n, ms in host.items() if ms > 0}
+    top = dict(sorted(host.items(), key=lambda kv: -kv[1])[:6])
+    return {"gpu_ms": (b_long - b_short) / steps / 1e3, **kernel_summary(per), "host_ms": sum(host.values()),
+            "host_top_ms": {n[:80]: round(ms, 4) for n, ms in top.items()}}
 
 
 def profile_kernels(fn: Callable[[], object]) -> Profile:
     """Kernels of one ``fn()`` under ``torch.profiler`` (inside CUDA-graph replays too): ``{name: (summed device
-    us, launches)}`` and the busy time (``busy_us``)."""
+    us, launches)}``, the busy time (``busy_us``) and ``{name: host us}`` of the top-level host ops."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
     out: Dict[str, Tuple[float, int]] = {}
+    host: Dict[str, float] = {}
     spans = []
     for e in prof.events():
         if e.device_type == torch.autograd.DeviceType.CUDA and not e.name.startswith(("Memcpy", "Memset")):
             us, c = out.get(e.name, (0.0, 0))
             out[e.name] = (us + e.time_range.elapsed_us(), c + 1)
             spans.append((e.time_range.start, e.time_range.end))
-    return out, busy_us(spans)
+        elif e.device_type == torch.autograd.DeviceType.CPU and e.cpu_parent is None:
+            host[e.name] = host.get(e.name, 0.0) + e.time_range.elapsed_us()
+    return out, busy_us(spans), host
 
 
 ENCODER_KINDS = (("gemm", ("nvjet", "gemm", "cutlass", "xmma", "sm90_xmma", "splitkreduce")),
@@ -211,7 +220,7 @@ def encoder_profile(model, inputs: dict) -> dict:
     visual = model.model.visual
     pix = inputs["pixel_values_videos"].to(visual.dtype)
     with torch.no_grad():
-        kernels, busy = profile_kernels(lambda: visual(pix, grid_thw=inputs["video_grid_thw"]))
+        kernels, busy, _ = profile_kernels(lambda: visual(pix, grid_thw=inputs["video_grid_thw"]))
     return {"gpu_ms": busy / 1e3, **kernel_summary(kernels, ENCODER_KINDS)}
 
 
@@ -247,7 +256,7 @@ def time_until_llm(model, generate: Callable[[], object]) -> float:
 def e_profile(model, generate: Callable[[], object]) -> dict:
     """GPU time of E as ``generate`` runs it (``until_llm``): busy ms, and ``kernel_summary`` with ``ENCODER_KINDS``;
     with E's wall time it says how much of E is host time, and between rows what salience and pruning add."""
-    kernels, busy = profile_kernels(lambda: until_llm(model, generate))
+    kernels, busy, _ = profile_kernels(lambda: until_llm(model, generate))
     return {"gpu_ms": busy / 1e3, **kernel_summary(kernels, ENCODER_KINDS)}
 
 
@@ -334,7 +343,9 @@ def run_rows(model, inputs: dict, rows: Sequence[str], *, decode_steps: int, pre
         out.append(row)
         print(f"  {precision:6s} {row['input']:>5s} ({key}) {label:22s} E {row['E_ms']:9.1f} ms  P {row['P_ms']:9.1f} "
               f"ms  D {row['D_ms']:7.3f} ms/token" + (f" (GPU {row['D_gpu_ms']:.3f} ms, {row['step']['launches']:.0f} "
-                                                       f"launches)" if "D_gpu_ms" in row else ""), flush=True)
+                                                       f"launches, host ops {row['step']['host_ms']:.3f} ms: "
+                                                       f"{row['step']['host_top_ms']})" if "D_gpu_ms" in row else ""),
+              flush=True)
     return out
 
 

@@ -150,7 +150,10 @@ def test_kernel_kinds_and_per_step_kernels():
     short = {"nvjet_a": (100.0, 4), "_decode_split_kernel": (40.0, 4), "triton_poi_x": (8.0, 8)}
     long = {"nvjet_a": (500.0, 20), "_decode_split_kernel": (200.0, 20), "triton_poi_x": (40.0, 40),
             "gemv2T_kernel": (32.0, 16), "prefill_only": (7.0, 0)}
-    s = e2e.step_kernels((short, 140.0), (long, 700.0), 16)
+    s = e2e.step_kernels((short, 140.0, {"Torch-Compiled Region": 800.0, "aten::argmax": 40.0}),
+                         (long, 700.0, {"Torch-Compiled Region": 4000.0, "aten::argmax": 200.0, "aten::copy_": 16.0}), 16)
+    assert s["host_ms"] == pytest.approx((3200 + 160 + 16) / 16 / 1e3)
+    assert s["host_top_ms"] == {"Torch-Compiled Region": 0.2, "aten::argmax": 0.01, "aten::copy_": 0.001}
     assert s["gpu_ms"] == pytest.approx(560 / 16 / 1e3)
     assert s["kernel_sum_ms"] == pytest.approx((400 + 160 + 32 + 32) / 16 / 1e3)
     assert s["launches"] == pytest.approx((16 + 16 + 32 + 16) / 16)
@@ -174,11 +177,11 @@ def test_decode_step_profile_stops_generate_after_each_length(tiny_model, monkey
     def fake_profile(fn):
         out = fn()
         if out is None:  # until_llm (e_profile)
-            return {"salience_kernel": (3.0, 1)}, 3.0
+            return {"salience_kernel": (3.0, 1)}, 3.0, {}
         if not isinstance(out, torch.Tensor):  # the vision tower's output (encoder_profile)
-            return {"gemm_kernel": (5.0, 2)}, 5.0
+            return {"gemm_kernel": (5.0, 2)}, 5.0, {}
         lengths.append(out.shape[1])
-        return {"k": (10.0 * out.shape[1], out.shape[1])}, 10.0 * out.shape[1]
+        return {"k": (10.0 * out.shape[1], out.shape[1])}, 10.0 * out.shape[1], {"step": 20.0 * out.shape[1]}
     monkeypatch.setattr(e2e, "profile_kernels", fake_profile)
     video = e2e.video_for_tokens(36, side=12)
     inputs = demo.video_inputs(tiny_model, video["frames"], video["h"], video["w"], 8, "cpu", torch.bfloat16)
