@@ -82,18 +82,24 @@ def _key(q, k, cu_seqlens, max_seqlen, scale, num_summary, lse, deterministic, o
 
 
 WGMMA_MIN_SEQLEN = 256  # shorter segments fill less than two of the wgmma kernel's 128-row tiles
+WGMMA_SMALL_TILES_MAX_SEQLEN = 1024  # up to here the wgmma kernel's 4 consumers x 64-row tiles are the default
 
 
 def _default(key: SalienceCudaKey) -> dict:
     """The wgmma kernel where it runs (its sm_90a code needs compute capability 9.0) for segments of at least
-    ``WGMMA_MIN_SEQLEN`` tokens, else the mma kernel; no polynomial exp2s. On the H200 the wgmma kernel took 0.69-0.94x
+    ``WGMMA_MIN_SEQLEN`` tokens, else the mma kernel; no polynomial exp2s. The wgmma kernel's tiles: four consumer
+    warpgroups of 64 rows up to ``WGMMA_SMALL_TILES_MAX_SEQLEN`` tokens, else two of 128 (H200, same run: SigLIP's
+    729-token frames 0.667 vs 0.760 ms with two passes, 0.345 vs 0.375 with the LSE given; QwenVL 4k 0.256 vs 0.252
+    and 0.136 vs 0.129; 1024 lies between the two and was not measured). On the H200 the wgmma kernel took 0.69-0.94x
     the mma kernel's time from 729-token frames to 32k tokens, and 2.6x at 64-token windows, where 3/4 of each
     128-row tile is padding. The mma kernel was slower with polynomial exp2s at every Figure-3a shape (poly_every
     2 / 4 / 8 vs 0: +14-20 % / +6-9 % / +4-6 % time), being bound by its mma.sync issue rate, not by MUFU; nor did
     the wgmma kernel gain at poly_every 4 (QwenVL 32k: LSE pass 1.5 % faster, column sums 9 % slower;
     bench/NOTES.md)."""
     wgmma = key.sm90a and key.n >= WGMMA_MIN_SEQLEN
-    return {"kernel": "wgmma" if wgmma else "mma", "poly_every": 0, "consumers": 2, "tile_n": 128}
+    small = wgmma and key.n <= WGMMA_SMALL_TILES_MAX_SEQLEN
+    return {"kernel": "wgmma" if wgmma else "mma", "poly_every": 0, "consumers": 4 if small else 2,
+            "tile_n": 64 if small else 128}
 
 
 def _space(key: SalienceCudaKey) -> list:

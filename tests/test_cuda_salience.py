@@ -133,7 +133,10 @@ def test_cuda_salience_support_rules_and_alignment():
     assert cs._space(key) == [{**mma, "poly_every": p} for p in cs.POLY_EVERY]
     hopper = key._replace(sm90a=True)
     assert cs._default(hopper) == mma  # 6-token segments: less than a wgmma tile
-    assert cs._default(hopper._replace(n=cs.WGMMA_MIN_SEQLEN)) == {**mma, "kernel": "wgmma"}
+    small = {**mma, "kernel": "wgmma", "consumers": 4, "tile_n": 64}
+    assert cs._default(hopper._replace(n=cs.WGMMA_MIN_SEQLEN)) == small
+    assert cs._default(hopper._replace(n=729)) == small  # SigLIP frames
+    assert cs._default(hopper._replace(n=cs.WGMMA_SMALL_TILES_MAX_SEQLEN + 1)) == {**mma, "kernel": "wgmma"}
     space = cs._space(hopper)
     assert {c["kernel"] for c in space} == set(cs.KERNELS) and len(space) == 12 and len(
         {tuple(sorted(c.items())) for c in space}) == 12
