@@ -3,6 +3,7 @@
     compute-sanitizer --tool memcheck python -m bench.sanitize_salience
     compute-sanitizer --tool racecheck python -m bench.sanitize_salience
     compute-sanitizer --tool synccheck python -m bench.sanitize_salience
+    compute-sanitizer --tool racecheck python -m bench.sanitize_salience --consumers 4 --poly 0 4   # a subset
 
 Every instantiation of ``csrc/salience.cu`` and ``csrc/salience_wgmma.cu`` (bf16/fp16 x D 64/72/80/128 x poly_every
 0/2/4/8, LSE pass and column-sum pass; the wgmma kernel, in both tile shapes, where the GPU runs it) runs once on
@@ -10,10 +11,12 @@ varlen segments with an empty one, a length-1 one, partial tiles and several key
 as views whose padding columns and extra rows are NaN; then the column sums given an LSE, summary rows, and the head
 sum. Each result is checked against the torch reference (finite, relative error within the bf16/fp16 tolerance), so
 a run that the sanitizer passes also computed the right thing. Exits 1 on a wrong result, 0 otherwise (the
-sanitizer's own report is its output).
+sanitizer's own report is its output). ``--consumers C`` / ``--poly P ...`` keep only the configs with those
+values (the wgmma kernel's tile shape, the polynomial shares), for a shorter run.
 """
 from __future__ import annotations
 
+import argparse
 import sys
 
 import torch
@@ -31,9 +34,17 @@ def _views(T: int, D: int, dtype: torch.dtype, seed: int):
     return [nan_padded((T, H, D), dtype, "cuda", g) for _ in range(2)]
 
 
-def main() -> int:
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.sanitize_salience", description=__doc__.split("\n\n")[0])
+    p.add_argument("--consumers", type=int, default=None, help="only configs with this many consumer warpgroups")
+    p.add_argument("--poly", type=int, nargs="+", default=None, help="only configs with these poly_every values")
+    a = p.parse_args(argv)
     if not require_gpu("bench.sanitize_salience"):
         return 0
+
+    def keep(cfg) -> bool:
+        return ((a.consumers is None or cfg["consumers"] == a.consumers)
+                and (a.poly is None or cfg["poly_every"] in a.poly))
     from sparsevila_ops import autotune
     from sparsevila_ops.cuda_salience import HEAD_DIMS, SALIENCE_CUDA
     cu = torch.tensor([0, 1, 1, 98, 298], dtype=torch.int32, device="cuda")
@@ -54,8 +65,8 @@ def main() -> int:
             scale = D ** -0.5
             ref_h = torch.empty(H, T, device="cuda")
             reference.visual_salience(q, k, cu, n, scale, 0, None, False, ref_h)
-            for cfg in autotune.config_space("visual_salience", q, k, cu, n, scale, 0, None, False, ref_h,
-                                             backend="cuda"):  # both passes
+            for cfg in filter(keep, autotune.config_space("visual_salience", q, k, cu, n, scale, 0, None, False,
+                                                          ref_h, backend="cuda")):  # both passes
                 out = torch.full((H, T), float("nan"), device="cuda")
                 SALIENCE_CUDA.launch(q, k, cu, n, scale, 0, None, False, out, cfg)
                 check(f"{dtype} D={D} {cfg} two passes", out, ref_h, dtype)
@@ -67,7 +78,8 @@ def main() -> int:
     lse.copy_(reference.segment_lse(q, k, cu, scale))
     space = autotune.config_space("visual_salience", q, k, cu, n, scale, 0, lse, True, torch.empty(T, device="cuda"),
                                   backend="cuda")
-    for cfg in [c for c in space if c["poly_every"] == 4]:  # each kernel and tile shape
+    for cfg in [c for c in space if c["poly_every"] == 4 and a.consumers in (None, c["consumers"])]:  # each
+        # kernel and tile shape
         for c, given in ((0, lse), (3, None), (1, lse)):
             out, ref = torch.full((T,), float("nan"), device="cuda"), torch.empty(T, device="cuda")
             SALIENCE_CUDA.launch(q, k, cu, n, scale, c, given, True, out, cfg)
