@@ -10,8 +10,11 @@ QWEN25_VL_7B config, bf16; latency does not depend on weight values), the inputs
 - E: vision encoder incl. salience and pruning (until the LLM's first forward; the median of the timed run's and
   ``E_REPEATS`` more runs stopped there, all in ``E_samples_ms``: one run's E can be an outlier), P: the LLM
   prefill incl. relevance and select + pack (its first forward), D: ms per generated token over
-  ``--decode-steps`` greedy tokens (default 256) after a warm-up ``generate`` of the same length (compiles and
-  graph captures happen there; ``graphs_compiled_in_timed_run`` > 0 flags a D that includes a recompile), stage
+  ``--decode-steps`` greedy tokens (default 256; EOS ignored, ``eos_token_id=None``, as serving benchmarks'
+  ``ignore_eos``: random weights may emit EOS anywhere, and ``min_new_tokens`` instead would add a logits
+  processor's four eager ops per step, ~0.45 ms of host time on the H200) after a warm-up ``generate`` of the same
+  length (compiles and graph captures happen there; ``graphs_compiled_in_timed_run`` > 0 flags a D that includes a
+  recompile), stage
   boundaries from ``demo.StageTimer``; E2E = E + P + 1500 D: the 1500-token answer is estimated from the timed
   steps (its steps read on average ~620 more KV entries, 36 MB: < 1 % of any row's bytes per step);
 - rows: (a) stock transformers (SDPA, stock vision loop, ``StaticCache`` + the decode step compiled into CUDA
@@ -298,7 +301,7 @@ def run_rows(model, inputs: dict, rows: Sequence[str], *, decode_steps: int, pre
     n_vis = int((inputs["input_ids"] == model.config.video_token_id).sum())
     weights = decode_weight_bytes(model)
     timer = StageTimer(model)
-    gen = dict(max_new_tokens=decode_steps, min_new_tokens=decode_steps, do_sample=False)
+    gen = dict(max_new_tokens=decode_steps, eos_token_id=None, do_sample=False)  # EOS ignored (module doc)
     out = []
     for key in rows:
         label, sp = ROWS[key]

@@ -77,6 +77,26 @@ def tiny_model(monkeypatch):
     return demo.build_model(False, torch.device("cpu"), torch.bfloat16)
 
 
+def test_decode_ignores_eos_without_a_per_step_logits_processor(tiny_model, monkeypatch):
+    """D's tokens ignore EOS (``eos_token_id=None``): the row generates every step even when the model's EOS is its
+    greedy token, and no ``min_new_tokens`` processor (four eager ops per step) or EOS check runs."""
+    from transformers.generation import logits_process, stopping_criteria
+    from sparsevila_ops.integrations import demo
+
+    video = e2e.video_for_tokens(36, side=12)
+    inputs = demo.video_inputs(tiny_model, video["frames"], video["h"], video["w"], 8, "cpu", torch.bfloat16)
+    with torch.no_grad():
+        first = tiny_model.generate(**inputs, max_new_tokens=1, do_sample=False)[0, -1].item()
+    monkeypatch.setattr(tiny_model.generation_config, "eos_token_id", first)  # EOS would stop at once
+
+    def forbidden(*a, **k):
+        raise AssertionError("a per-step EOS processor or check ran")
+    monkeypatch.setattr(logits_process.MinNewTokensLengthLogitsProcessor, "__call__", forbidden)
+    monkeypatch.setattr(stopping_criteria.EosTokenCriteria, "__call__", forbidden)
+    rows = e2e.run_rows(tiny_model, inputs, ["a", "c1"], decode_steps=4, precision="bf16", video=video)
+    assert [r["generated"] for r in rows] == [4, 4]
+
+
 def test_harness_core_loop_on_the_tiny_model(tiny_model, tmp_path):
     """Every row in bf16 and 4-bit with 3 new tokens, the table, its plot; the KV entries the floor assumes
     equal what the caches hold after generate."""
