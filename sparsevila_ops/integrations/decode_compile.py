@@ -10,8 +10,6 @@ waiting before its first read, and the tokens equal to those without PDL in 20 o
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 
@@ -35,5 +33,5 @@ def with_decode_compile(kwargs: dict, generation_config, device: torch.device, c
     ``generation_config``) and the device takes PDL; ``kwargs`` itself otherwise."""
     if not cuda_graph or "compile_config" in kwargs or generation_config.compile_config is not None:
         return kwargs
-    config: Optional[object] = decode_compile_config(device)
+    config = decode_compile_config(device)
     return kwargs if config is None else {**kwargs, "compile_config": config}
