@@ -34,6 +34,7 @@ KERNELS: Dict[Tuple[str, str], str] = {
     ("decode_attention", "triton"): f"{_TK}.decode:DECODE",
     ("sparse_decode_attention", "triton"): f"{_TK}.decode:SPARSE_DECODE",
     ("append_kv", "triton"): f"{_TK}.decode:APPEND",
+    ("rope_append_kv", "triton"): f"{_TK}.decode:ROPE_APPEND",
     ("visual_salience", "cuda"): "sparsevila_ops.cuda_salience:SALIENCE_CUDA",
     ("decode_attention", "cuda"): "sparsevila_ops.cuda_decode:CLUSTER_DECODE",
     ("gemv", "triton"): f"{_TK}.gemv:GEMV",

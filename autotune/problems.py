@@ -162,6 +162,18 @@ def _make_append(s, device, gen):
     return k_new, v_new, k_cache, v_cache, _i32([s["cap"] // 2] * s["B"], device)
 
 
+def _make_rope_append(s, device, gen):
+    """q, the new k / v, cos / sin of angles in [0, 2 pi) for one position per row, caches half full (repeated
+    timed calls keep finding a free slot), q_out zero."""
+    dt = _dtype(s)
+    q = _randn(gen, device, dt, s["B"], s["Hq"], s["D"])
+    k_new, v_new = (_randn(gen, device, dt, s["B"], s["Hk"], s["D"]) for _ in range(2))
+    angle = 6.283 * torch.rand(s["B"], s["D"], generator=gen, device=device)
+    k_cache, v_cache = (torch.zeros(s["B"], s["Hk"], s["cap"], s["D"], dtype=dt, device=device) for _ in range(2))
+    return (q, k_new, v_new, angle.cos().to(dt), angle.sin().to(dt), k_cache, v_cache,
+            _i32([s["cap"] // 2] * s["B"], device), torch.zeros_like(q))
+
+
 # --- w4a16_linear (sparsevila_quant, the [quant] extra: imported only when its problem is built) -------------------
 
 def _make_w4(s, device, gen):
@@ -223,6 +235,8 @@ PROBLEMS: Dict[str, Problem] = {
                                        {**_LLM, "B": 1, "T": 32768, "n": 1638}),
     "append_kv": Problem((2, 3, 4), reference.append_kv, _make_append,
                          {"dtype": "bfloat16", "B": 1, "Hk": 4, "D": 128, "cap": 8192}),
+    "rope_append_kv": Problem((5, 6, 7, 8), reference.rope_append_kv, _make_rope_append,
+                              {"dtype": "bfloat16", "B": 1, "Hq": 28, "Hk": 4, "D": 128, "cap": 8192}),
     "gemv": Problem((4,), reference.gemv, _make_gemv,  # Qwen2.5-7B's fused qkv at batch 1
                     {"dtype": "bfloat16", "M": 1, "N": 4608, "K": 3584, "glu": False, "bias": False}),
     "w4a16_linear": Problem((6,), _w4_reference, _make_w4,  # Qwen2.5-7B's qkv at batch 1

@@ -28,7 +28,7 @@ def _salience(H: int, D: int, segments) -> List[Shape]:
 
 def _llm(Hq: int, Hk: int, L: int, prefill: Tuple[int, ...], contexts: Tuple[int, ...]) -> List[Shape]:
     """A decoder: causal prefill, relevance of 64-512 question rows, select + pack of all layers (5 and 30 %
-    kept), decode over full and 5 %-packed caches, gather decode, append."""
+    kept), decode over full and 5 %-packed caches, gather decode, append (also fused with RoPE)."""
     llm = {"Hq": Hq, "Hk": Hk, "D": 128}
     out: List[Shape] = [("prefill_attention", {**llm, "n": n}) for n in prefill]
     out += [("kv_relevance", {**llm, "rows": m, "n": n}) for n in contexts for m in (64, 256, 512)]
@@ -38,6 +38,7 @@ def _llm(Hq: int, Hk: int, L: int, prefill: Tuple[int, ...], contexts: Tuple[int
         out += [("decode_attention", {**llm, "n": m}) for m in (n, max(1, n // 20))]
         out += [("sparse_decode_attention", {**llm, "T": n, "n": max(1, n // 20)})]
     out += [("append_kv", {"Hk": Hk, "D": 128, "cap": n + DECODE_SLACK}) for n in contexts]
+    out += [("rope_append_kv", {"Hq": Hq, "Hk": Hk, "D": 128, "cap": n + DECODE_SLACK}) for n in contexts]
     return out
 
 
@@ -106,7 +107,8 @@ def _qwen2_5_vl_e2e(visual=(16384, 131072), text: int = 78, steps: int = 256) ->
         for ps, ds in ((0.0, 0.0), (0.75, 0.95), (0.70, 0.85), (0.90, 0.0)):
             n = _keep(v, ps) + text
             out += [("prefill_attention", {**llm, "n": n}), ("kv_relevance", {**llm, "rows": 64, "n": n}),
-                    ("append_kv", {"Hk": 4, "D": 128, "cap": n + steps})]
+                    ("append_kv", {"Hk": 4, "D": 128, "cap": n + steps}),
+                    ("rope_append_kv", {"Hq": 28, "Hk": 4, "D": 128, "cap": n + steps})]
             if ds:
                 out += [("select_kv", {"L": 28, "Hk": 4, "n": n}),
                         ("pack_kv", {"L": 28, "Hk": 4, "n": n, "keep": 1.0 - ds})]

@@ -63,6 +63,7 @@ GRID = {
                                 for n in (8192, 131072)],
     "append_kv": [{"Hk": hk, "D": d, "B": b, "cap": 8448} for hk, d in ((4, 128), (32, 128), (8, 64), (2, 256))
                   for b in (1, 8)],
+    "rope_append_kv": [{"Hq": hq, "Hk": hk, "D": d, "B": b, "cap": 8448} for hq, hk, d in LLM_HEADS for b in (1, 8)],
     # Qwen2.5-7B's fused qkv / o / gate_up / down at batches 1-8, Llama-2-7B's and a 1.5B model's at 1 and 8, group 256
     "w4a16_linear": [{"M": m, "N": n, "K": k} for n, k in ((4608, 3584), (3584, 3584), (37888, 3584), (3584, 18944))
                      for m in (1, 2, 4, 8)]

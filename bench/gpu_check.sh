@@ -73,6 +73,7 @@ if [ "$what" = bench ] || [ "$what" = all ]; then
   step salience_sweep python -m bench.figure3_salience --sweep "${q[@]}"  # every config of both Triton passes
   step select python -m bench.select "${q[@]}"
   step decode python -m bench.decode "${q[@]}"
+  step rope_append python -m bench.rope_append
   step demo python -m sparsevila_ops demo --json "$SPARSEVILA_BENCH_DIR/demo.json"
   step qwen2_5_vl python -m sparsevila_ops demo --model qwen2_5_vl --json "$SPARSEVILA_BENCH_DIR/qwen2_5_vl_demo.json"
   step qwen2_5_vl_graph_check python -m bench.integration_graph_check --dtype bfloat16

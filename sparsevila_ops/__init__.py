@@ -8,7 +8,7 @@ Public ops (each also callable as ``torch.ops.sparsevila.<name>`` with out-varia
 ``kv_relevance``           relevance from a given LSE, when attention ran elsewhere (Op 2)
 ``select_kv``/``pack_kv``  top-k per (layer, b, kv-head) + gather-pack of all layers (Op 3)
 ``select_pack_kv``         both of the above; ``prune_visual_tokens`` for pre-LLM pruning
-``decode_attention``       split-KV decode over the packed cache; ``append_kv`` (Op 4)
+``decode_attention``       split-KV decode over the packed cache; ``append_kv``, ``rope_append_kv`` (Op 4)
 ``sparse_decode_attention``  decode that gathers by indices in the kernel (comparison point)
 ``gemv``                   a decode step's linear layer (1-8 rows), optionally emitting a gated MLP's silu(gate) * up
 =========================  ===================================================================
@@ -21,7 +21,7 @@ lists the backends that can run ``op`` on ``device`` here. The exact contract of
 repository.
 """
 from ._backend import available_backends, use_backend
-from .decode import append_kv, decode_attention, sparse_decode_attention
+from .decode import append_kv, decode_attention, rope_append_kv, sparse_decode_attention
 from .linear import gemv
 from .prefill import kv_relevance, prefill_attention
 from .salience import visual_salience
@@ -31,7 +31,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "append_kv", "available_backends", "decode_attention", "gemv", "kv_relevance", "pack_kv", "prefill_attention",
-    "prune_visual_tokens", "select_kv", "select_pack_kv", "sparse_decode_attention", "use_backend",
+    "prune_visual_tokens", "rope_append_kv", "select_kv", "select_pack_kv", "sparse_decode_attention", "use_backend",
     "visual_salience",
 ]
 

@@ -1,4 +1,5 @@
-"""Op 4: decode attention over the packed cache, in-place append, and the gather-in-kernel comparison op.
+"""Op 4: decode attention over the packed cache, in-place append (also fused with the step's rotary embedding),
+and the gather-in-kernel comparison op.
 
 Everything here is CUDA-graph capturable: no host syncs, fixed-capacity buffers, lengths live on the device.
 """
@@ -18,6 +19,10 @@ define("decode_attention",
 define("append_kv",
        "(Tensor k_new, Tensor v_new, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor(c!) lengths) -> ()",
        triton=f"{_TRITON}:append_kv")
+define("rope_append_kv",
+       "(Tensor q, Tensor k_new, Tensor v_new, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, "
+       "Tensor(c!) lengths, Tensor(d!) q_out) -> ()",
+       triton=f"{_TRITON}:rope_append_kv")
 define("sparse_decode_attention",
        "(Tensor q, Tensor k_cache, Tensor v_cache, Tensor indices, Tensor n_valid, float scale, Tensor(a!) out, "
        "Tensor(b!) lse) -> ()",
@@ -102,6 +107,43 @@ def append_kv(k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor, v
     C.check_same_device(k_new=k_new, v_new=v_new)
     _check_lengths("lengths", lengths, B, cap - 1, "k_new", k_new)
     torch.ops.sparsevila.append_kv(k_new, v_new, k_cache, v_cache, lengths)
+
+
+def rope_append_kv(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor, *,
+                   out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """A decode step's rotary embedding fused with its cache append; returns the rotated query.
+
+    ``rope(x) = x cos + rotate_half(x) sin`` (``rotate_half(x) = [-x[D/2:], x[:D/2]]``, Llama / Qwen's) in fp32 with
+    row b's ``cos[b], sin[b]``, rounded once to the output dtype: ``out = rope(q)``,
+    ``k_cache[b, :, lengths[b]] = rope(k_new[b])``, ``v_cache[b, :, lengths[b]] = v_new[b]``, ``lengths += 1``.
+    ``q [B, Hq, D]``, ``k_new, v_new [B, Hk, D]``, ``cos, sin [B, D]`` (any float dtype), caches ``[B, Hk, capacity,
+    D]``, ``lengths`` int32 ``[B]`` with a free slot (``append_kv``'s rule), ``out [B, Hq, D]`` in q's dtype.
+    """
+    B, Hq, D, cap = _check_cache(q, k_cache, v_cache, "q", "k_cache", "v_cache")
+    for name, t in (("k_new", k_new), ("v_new", v_new)):
+        C.check_tensor(name, t, ndim=3)
+        if tuple(t.shape) != (B, k_cache.shape[1], D):
+            raise ValueError(f"{name} must be [B, Hk, D] = [{B}, {k_cache.shape[1]}, {D}]; got {tuple(t.shape)}")
+    C.check_same_dtype(q=q, k_new=k_new, v_new=v_new)
+    C.check_same_device(q=q, k_new=k_new, v_new=v_new, cos=cos, sin=sin)
+    for name, t in (("cos", cos), ("sin", sin)):
+        C.check_tensor(name, t, ndim=2)
+        if tuple(t.shape) != (B, D):
+            raise ValueError(f"{name} must be [B, D] = [{B}, {D}]; got {tuple(t.shape)}")
+    if D % 2:
+        raise ValueError(f"q's head dim must be even for rotate_half; got {D}")
+    _check_lengths("lengths", lengths, B, cap - 1, "q", q)
+    if out is None:
+        out = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
+    else:
+        C.check_tensor("out", out, ndim=3)
+        C.check_same_dtype(q=q, out=out)
+        C.check_same_device(q=q, out=out)
+        if tuple(out.shape) != (B, Hq, D):
+            raise ValueError(f"out must be [B, Hq, D] = [{B}, {Hq}, {D}]; got {tuple(out.shape)}")
+    torch.ops.sparsevila.rope_append_kv(q, k_new, v_new, cos, sin, k_cache, v_cache, lengths, out)
+    return out
 
 
 def sparse_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, indices: torch.Tensor,

@@ -17,7 +17,7 @@ import random
 import sys
 import time
 import traceback
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -30,10 +30,12 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 class Case:
-    """Inputs of one op call: positional op arguments and the indices of the outputs among them."""
+    """Inputs of one op call: positional op arguments, the indices of the outputs among them, and of those the
+    ones poisoned before the run (default all; an output updated in place, such as a cache, is not)."""
 
-    def __init__(self, desc: str, args: list, outputs: List[int]):
+    def __init__(self, desc: str, args: list, outputs: List[int], poisoned: Optional[List[int]] = None):
         self.desc, self.args, self.outputs = desc, args, outputs
+        self.poisoned = outputs if poisoned is None else poisoned
 
 
 def _randn(shape, dtype, device, gen, strided: bool):
@@ -226,7 +228,25 @@ def gen_append_kv(rng, gen, dev, big):
     kn, vn = _randn((B, Hk, D), k.dtype, dev, gen, False), _randn((B, Hk, D), k.dtype, dev, gen, True)
     w = _index_width(rng)
     lengths = _column(torch.tensor(lens, dtype=torch.int32, device=dev), w)  # written in place, in its table
-    return Case(desc + f" index_stride={w}", [kn, vn, k.clone(), v.clone(), lengths], [2, 3, 4])
+    return Case(desc + f" index_stride={w}", [kn, vn, k.clone(), v.clone(), lengths], [2, 3, 4], poisoned=[])
+
+
+def gen_rope_append_kv(rng, gen, dev, big):
+    """``append_kv``'s caches and lengths, q of the decode inputs, cos / sin of random angles (rows of a wider
+    table, in q's dtype or fp32)."""
+    q, k, v, lens, desc = _decode_inputs(rng, gen, dev, big)
+    cap = k.shape[2]
+    lens = [min(n, cap - 1) for n in lens]
+    B, Hk, _, D = k.shape
+    kn, vn = _randn((B, Hk, D), k.dtype, dev, gen, rng.random() < 0.5), _randn((B, Hk, D), k.dtype, dev, gen, True)
+    angle_dt = rng.choice([q.dtype, torch.float32])
+    angles = 6.283 * torch.rand(B, 2 * D, generator=gen).to(dev)
+    cos, sin = angles.cos().to(angle_dt)[:, :D], angles.sin().to(angle_dt)[:, :D]
+    w = _index_width(rng)
+    lengths = _column(torch.tensor(lens, dtype=torch.int32, device=dev), w)
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    return Case(desc + f" angles={angle_dt} index_stride={w}",
+                [q, kn, vn, cos, sin, k.clone(), v.clone(), lengths, out], [5, 6, 7, 8], poisoned=[8])
 
 
 def gen_sparse_decode_attention(rng, gen, dev, big):
@@ -295,9 +315,8 @@ def run_case(op: str, backend: str, seed: int, device: torch.device, big: bool) 
     with _backend.use_backend("reference"):
         getattr(torch.ops.sparsevila, op)(*ref_args)
     test_args = _clone_args(case.args)
-    if op != "append_kv":  # append_kv works in place; every other op's outputs are poisoned
-        for i in case.outputs:
-            poison(test_args[i])
+    for i in case.poisoned:
+        poison(test_args[i])
     with _backend.use_backend(backend):
         getattr(torch.ops.sparsevila, op)(*test_args)
     if device.type == "cuda":
@@ -310,7 +329,8 @@ def run_case(op: str, backend: str, seed: int, device: torch.device, big: bool) 
             n = ref_args[8].long().cpu()
             mask = (torch.arange(got.shape[3]).view(1, 1, 1, -1) < n.view(1, -1, 1, 1))
             got, want = got.cpu()[mask.expand(got.shape[:4])], want.cpu()[mask.expand(want.shape[:4])]
-        exact = not want.is_floating_point() or op in ("pack_kv", "append_kv", "select_kv")
+        exact = not want.is_floating_point() or op in ("pack_kv", "append_kv", "select_kv") or (
+            op == "rope_append_kv" and i == 6)  # v is copied
         err = 0.0 if exact and torch.equal(got.cpu(), want.cpu()) else (float("inf") if exact else rel_err(got, want))
         worst.append(err)
         if not err <= tol:

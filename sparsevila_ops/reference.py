@@ -197,6 +197,22 @@ def append_kv(k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor, v
     lengths += 1
 
 
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``x cos + rotate_half(x) sin`` in fp32 (``rotate_half(x) = [-x[D/2:], x[:D/2]]``), unrounded; ``cos, sin``
+    broadcast against ``x [..., D]``."""
+    xf, half = x.float(), x.shape[-1] // 2
+    return xf * cos.float() + torch.cat([-xf[..., half:], xf[..., :half]], dim=-1) * sin.float()
+
+
+def rope_append_kv(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor, q_out: torch.Tensor) -> None:
+    """``q_out = rope(q)``; ``k_cache[b, :, lengths[b]] = rope(k_new[b])``, ``v_cache[b, :, lengths[b]] = v_new[b]``;
+    ``lengths += 1``. ``rope`` with row b's ``cos[b], sin[b]`` (``[B, D]``), rounded once to the output's dtype."""
+    c, s = cos[:, None, :], sin[:, None, :]
+    q_out.copy_(rope(q, c, s))
+    append_kv(rope(k_new, c, s).to(k_cache.dtype), v_new, k_cache, v_cache, lengths)
+
+
 def _decode_rows(q_b, k_rows, v_rows, scale):
     """Attention of q_b [Hq, D] over k_rows/v_rows [Hk, n, D]: (out [Hq, D] fp32, lse [Hq])."""
     Hq, Hk = q_b.shape[0], k_rows.shape[0]

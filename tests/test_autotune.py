@@ -106,7 +106,8 @@ TINY = {"visual_salience.lse": {"n": 8, "H": 2, "D": 16}, "visual_salience.colsu
         "pack_kv": {"L": 2, "Hk": 2, "D": 16, "n": 16, "prefix": 2, "suffix": 2, "slack": 4},
         "decode_attention": {"Hq": 4, "Hk": 2, "D": 16, "n": 8},
         "sparse_decode_attention": {"Hq": 4, "Hk": 2, "D": 16, "T": 16, "n": 4},
-        "append_kv": {"Hk": 2, "D": 16, "cap": 8}, "w4a16_linear": {"M": 2, "N": 20, "K": 256},
+        "append_kv": {"Hk": 2, "D": 16, "cap": 8}, "rope_append_kv": {"Hq": 4, "Hk": 2, "D": 16, "cap": 8},
+        "w4a16_linear": {"M": 2, "N": 20, "K": 256},
         "gemv": {"M": 2, "N": 20, "K": 64, "glu": True, "bias": True}}
 
 

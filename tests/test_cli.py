@@ -98,7 +98,8 @@ def test_fuzz_refuses_bad_arguments_up_front(args, named, capsys):
 
 
 @pytest.mark.parametrize("op", ["visual_salience", "prefill_attention", "prefill_attention_relevance", "kv_relevance",
-                                "pack_kv", "decode_attention", "append_kv", "sparse_decode_attention"])
+                                "pack_kv", "decode_attention", "append_kv", "rope_append_kv",
+                                "sparse_decode_attention"])
 def test_fuzz_draws_strided_index_tensors_and_keeps_their_layout(op):
     """Some seeds give an op's int32 index tensors a non-unit last-dim stride (a column of a wider table), and
     the copies each backend runs on keep every argument's strides."""

@@ -118,6 +118,16 @@ def _append():
     return step, (kn, vn, k, v, lengths)
 
 
+def _rope_append():
+    q, k, v, lengths = _decode_inputs()
+    g = _gen()
+    kn, vn, cs = torch.randn(2, 2, 8, generator=g), torch.randn(2, 2, 8, generator=g), torch.randn(2, 8, generator=g)
+
+    def step(q, kn, vn, c, s, k, v, n):  # mutates the caches and lengths: return them so both runs can be compared
+        return so.rope_append_kv(q, kn, vn, c, s, k, v, n), k, v, n
+    return step, (q, kn, vn, cs.cos(), cs.sin(), k, v, lengths)
+
+
 def _sparse_decode():
     q, k, v, _ = _decode_inputs()
     idx = torch.tensor([[[0, 3, 7], [2, 9, 15]], [[1, 4, 5], [6, 8, 10]]], dtype=I32)
@@ -136,7 +146,8 @@ CASES: Dict[str, Callable[[], Tuple[Callable, tuple]]] = {
     "visual_salience": _salience, "visual_salience_batched": _salience_batched, "prefill_attention": _prefill,
     "prefill_attention_rel_rows": _prefill_relevance, "kv_relevance": _kv_relevance, "select_kv": _select,
     "pack_kv": _pack, "select_pack_kv": _select_pack, "prune_visual_tokens": _prune,
-    "decode_attention": _decode, "append_kv": _append, "sparse_decode_attention": _sparse_decode, "gemv": _gemv,
+    "decode_attention": _decode, "append_kv": _append, "rope_append_kv": _rope_append,
+    "sparse_decode_attention": _sparse_decode, "gemv": _gemv,
 }
 
 

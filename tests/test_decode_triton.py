@@ -1,4 +1,5 @@
-"""Triton decode_attention (split-KV), append_kv and sparse_decode_attention against sparsevila_ops.reference.
+"""Triton decode_attention (split-KV), append_kv, rope_append_kv and sparse_decode_attention against
+sparsevila_ops.reference.
 
 Accuracy: flash-attention's 2x rule against an fp64 run of the reference; the low-precision baseline is torch
 computing in the inputs' dtype. CPU: Triton interpreter, tiny shapes. GPU (`gpu`): Qwen2-7B / Llama-2-7B
@@ -165,6 +166,68 @@ def test_append_kv_then_decode(device, dtype, strided_lengths):
         assert torch.equal(k, rk) and torch.equal(v, rv)
         out, lse = so.decode_attention(q, k, v, lengths)
     _check(out, lse, q, rk, rv, rlen, D ** -0.5, "append then decode")
+
+
+def _rope64(x, cos, sin):
+    """float64 ``x cos + rotate_half(x) sin`` with row b's ``cos[b], sin[b]`` ([B, D]) over x [B, H, D]."""
+    xf, h = x.double().cpu(), x.shape[-1] // 2
+    c, s = cos.double().cpu()[:, None], sin.double().cpu()[:, None]
+    return xf * c + torch.cat([-xf[..., h:], xf[..., :h]], dim=-1) * s
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("dtype,angle_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                               (torch.float16, torch.float32)])
+def test_rope_append_kv_matches_float64(device, backend, dtype, angle_dtype):
+    """q, k, v as views of one fused [B, Hq + 2 Hk, D] projection (the integration's layout), cos / sin rows of a
+    wider table, lengths a strided column: out = rope(q) and the appended k within the output's rounding of the
+    float64 rotation, v copied exactly, every other cache entry untouched, lengths bumped; a full row is left."""
+    B, Hk, G, cap, D = 3, 2, 3, 12, 48
+    g = torch.Generator().manual_seed(21)
+    qkv = torch.randn(B, G * Hk + 2 * Hk, D, generator=g).to(dtype).to(device)
+    q, k_new, v_new = qkv[:, :G * Hk], qkv[:, G * Hk:G * Hk + Hk], qkv[:, G * Hk + Hk:]
+    angles = 6.283 * torch.rand(B, 2 * D, generator=g)
+    cos, sin = (f(angles).to(angle_dtype).to(device)[:, :D] for f in (torch.cos, torch.sin))
+    k, v = (torch.randn(B, Hk, cap, D, generator=g).to(dtype).to(device) for _ in range(2))
+    lengths = column(torch.tensor([cap - 1, 4, 0], dtype=torch.int32, device=device))
+    k0, v0, n0 = k.clone(), v.clone(), lengths.clone()
+    out = poison(torch.empty(B, G * Hk, D, dtype=dtype, device=device))
+    with so.use_backend(backend):
+        got = so.rope_append_kv(q, k_new, v_new, cos, sin, k, v, lengths, out=out)
+    assert got is out and lengths.tolist() == [cap, 5, 1]
+    assert_rel(out.double().cpu(), _rope64(q, cos, sin), REL_TOL[dtype], "rope(q)")
+    want_k, slots = _rope64(k_new, cos, sin), n0.tolist()
+    for b, n in enumerate(slots):
+        assert_rel(k[b, :, n].double().cpu(), want_k[b], REL_TOL[dtype], f"rope(k) row {b}")
+        assert torch.equal(v[b, :, n], v_new[b])
+        keep = [i for i in range(cap) if i != n]
+        assert torch.equal(k[b, :, keep], k0[b, :, keep]) and torch.equal(v[b, :, keep], v0[b, :, keep])
+    if backend == "triton":  # a full row keeps its cache and length; q is still rotated
+        full = torch.full((B,), cap, dtype=torch.int32, device=device)
+        k1 = k.clone()
+        run_with_config("rope_append_kv", {}, q, k_new, v_new, cos, sin, k, v, full, out)
+        assert torch.equal(k, k1) and full.tolist() == [cap] * B
+        assert_rel(out.double().cpu(), _rope64(q, cos, sin), REL_TOL[dtype], "rope(q), full cache")
+
+
+def test_rope_append_kv_rules():
+    B, Hq, Hk, D, cap = 2, 4, 2, 16, 6
+    q, kn = torch.randn(B, Hq, D), torch.randn(B, Hk, D)
+    cs = torch.randn(B, D)
+    k, v = torch.zeros(B, Hk, cap, D), torch.zeros(B, Hk, cap, D)
+    n = torch.tensor([1, 2], dtype=torch.int32)
+    cases = [
+        (lambda: so.rope_append_kv(q, kn[:, :1], kn, cs, cs, k, v, n), ValueError, r"k_new must be \[B, Hk, D\]"),
+        (lambda: so.rope_append_kv(q, kn, kn, cs[:, :8], cs, k, v, n), ValueError, r"cos must be \[B, D\] = \[2, 16\]"),
+        (lambda: so.rope_append_kv(q, kn, kn.half(), cs, cs, k, v, n), TypeError, "share one dtype"),
+        (lambda: so.rope_append_kv(q, kn, kn, cs, cs, k, v, torch.tensor([1, cap], dtype=torch.int32)), ValueError,
+         r"lengths must lie in \[0, 5\]"),
+        (lambda: so.rope_append_kv(q, kn, kn, cs, cs, k, v, n, out=torch.empty(B, Hq, 8)), ValueError,
+         r"out must be \[B, Hq, D\]"),
+    ]
+    for fn, exc, msg in cases:
+        with pytest.raises(exc, match=msg):
+            fn()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

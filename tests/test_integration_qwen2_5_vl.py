@@ -65,6 +65,28 @@ def test_zero_sparsity_two_turns_equal_vanilla(model, enabled, device):
     assert torch.equal(out, ref)
 
 
+@pytest.mark.parametrize("sparsity", [(0.0, 0.0), (0.5, 0.9)])
+def test_decode_steps_fuse_rope_with_the_append(model, enabled, device, monkeypatch, sparsity):
+    """Every decode step rotates q and k and appends in one ``rope_append_kv`` per layer (into the packed cache
+    when decode is sparse; never at prefill), with the tokens of the unfused path (the model's rope, then
+    ``update``)."""
+    from sparsevila_ops.integrations import cache as cache_mod
+    calls = []
+    real = cache_mod.rope_append_kv
+    monkeypatch.setattr(cache_mod, "rope_append_kv", lambda *a, **kw: calls.append(a[5].data_ptr()) or real(*a, **kw))
+    enabled(*sparsity)
+    inputs = visual_inputs(device=device)
+    fused_out = _generate(model, inputs)
+    layers = model.config.text_config.num_hidden_layers
+    assert len(calls) == layers * (NEW - 1)
+    cache = model._sparsevila._graph_cache  # the generate's cache, kept for reuse
+    want = cache.pk[0] if sparsity[1] > 0 else cache.k[0]  # sparse decode appends to the packed cache
+    assert calls[0] == want.data_ptr()
+    monkeypatch.setattr(cache_mod.SparseVILACache, "decoding", lambda self: False)  # the unfused path
+    calls.clear()
+    assert torch.equal(_generate(model, inputs), fused_out) and not calls
+
+
 def test_disable_restores_vanilla(model, device):
     inputs = visual_inputs(seed=5, device=device)
     ref = _generate(model, inputs)

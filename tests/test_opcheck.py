@@ -86,6 +86,14 @@ def _append_kv():
              torch.randn(2, 2, 6, 8, generator=g), torch.randn(2, 2, 6, 8, generator=g), _i32([0, 4]))]
 
 
+def _rope_append_kv():
+    g = _g()
+    angles = torch.rand(2, 8, generator=g) * 6.283
+    return [(torch.randn(2, 4, 8, generator=g), torch.randn(2, 2, 8, generator=g), torch.randn(2, 2, 8, generator=g),
+             angles.cos(), angles.sin(), torch.randn(2, 2, 6, 8, generator=g), torch.randn(2, 2, 6, 8, generator=g),
+             _i32([0, 4]), poison(torch.empty(2, 4, 8)))]
+
+
 def _sparse_decode_attention():
     g = _g()
     q = torch.randn(2, 4, 8, generator=g)
@@ -113,6 +121,7 @@ CASES = {
     "pack_kv": _pack_kv,
     "decode_attention": _decode_attention,
     "append_kv": _append_kv,
+    "rope_append_kv": _rope_append_kv,
     "sparse_decode_attention": _sparse_decode_attention,
     "gemv": _gemv,
 }

@@ -360,3 +360,108 @@ def append_kv(k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor, v
               lengths: torch.Tensor) -> None:
     """``k_cache[b, :, lengths[b]] = k_new[b]`` (same for v), then ``lengths[b] += 1``; one program per b."""
     APPEND(k_new, v_new, k_cache, v_cache, lengths)
+
+
+# -- rope_append_kv: a decode step's rotary embedding of q and k, fused with the append -----------------------------
+@triton.jit
+def _rope_heads(src_ptr, dst_ptr, s_sh, d_sh, d_off, H, c, s, d, partner, md, mask_ok,
+                BLOCK_H: tl.constexpr):
+    """``dst[h] = src[h] * c + src[h][partner] * s`` for heads ``h < H`` (fp32, one rounding), BLOCK_H at a time;
+    ``d_off`` offsets the destination (the cache slot)."""
+    for h0 in range(0, H, BLOCK_H):
+        h = h0 + tl.arange(0, BLOCK_H)
+        m = tl.where(mask_ok, (h < H)[:, None] & md[None, :], False)
+        row = src_ptr + h[:, None].to(tl.int64) * s_sh
+        x = tl.load(row + d[None, :], mask=m).to(tl.float32)
+        xp = tl.load(row + partner[None, :], mask=m).to(tl.float32)
+        tl.store(dst_ptr + d_off + h[:, None].to(tl.int64) * d_sh + d[None, :],
+                 (x * c[None, :] + xp * s[None, :]).to(dst_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _rope_append_kv_kernel(q_ptr, kn_ptr, vn_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, len_ptr, qo_ptr,
+                           q_sb, q_sh, kn_sb, kn_sh, vn_sb, vn_sh, cos_sb, sin_sb, kc_sb, kc_sh, kc_sn,
+                           vc_sb, vc_sh, vc_sn, len_s, qo_sb, qo_sh,
+                           HQ, HK, D, CAP, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
+    b = tl.program_id(0)
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
+    n = tl.load(len_ptr + b * len_s)
+    ok = n < CAP  # a full cache is left as it is (q is still rotated)
+    d = tl.arange(0, BLOCK_D)
+    md = d < D
+    half = D // 2
+    partner = tl.where(d < half, d + half, d - half)  # rotate_half: [-x[D/2:], x[:D/2]]
+    c = tl.load(cos_ptr + b.to(tl.int64) * cos_sb + d, mask=md).to(tl.float32)
+    s = tl.load(sin_ptr + b.to(tl.int64) * sin_sb + d, mask=md).to(tl.float32)
+    s = tl.where(d < half, -s, s)
+    b64 = b.to(tl.int64)
+    _rope_heads(q_ptr + b64 * q_sb, qo_ptr + b64 * qo_sb, q_sh, qo_sh, 0, HQ, c, s, d, partner, md, True,
+                BLOCK_H)
+    slot = n.to(tl.int64)
+    _rope_heads(kn_ptr + b64 * kn_sb, kc_ptr + b64 * kc_sb, kn_sh, kc_sh, slot * kc_sn, HK, c, s, d, partner, md, ok,
+                BLOCK_H)
+    for h0 in range(0, HK, BLOCK_H):  # v unrotated
+        h = h0 + tl.arange(0, BLOCK_H)
+        m = tl.where(ok, (h < HK)[:, None] & md[None, :], False)
+        vt = tl.load(vn_ptr + b64 * vn_sb + h[:, None] * vn_sh + d[None, :], mask=m)
+        tl.store(vc_ptr + b64 * vc_sb + h[:, None].to(tl.int64) * vc_sh + slot * vc_sn + d[None, :], vt, mask=m)
+    tl.store(len_ptr + b * len_s, n + 1, mask=ok)
+
+
+class RopeAppendKey(NamedTuple):
+    gpu: str
+    dtype: torch.dtype
+    D: int
+    Hq: int
+    Hk: int
+    B: int
+
+
+def _rope_append_key(q, k_new, v_new, cos, sin, k_cache, v_cache, lengths, q_out) -> RopeAppendKey:
+    B, HQ, D = q.shape
+    return RopeAppendKey(gpu_name(q.device), q.dtype, D, HQ, k_new.shape[1], B)
+
+
+def _rope_append_default(key: RopeAppendKey) -> dict:
+    """``append_kv``'s: a tile of <= 4096 elements (the K heads', here also the q heads' step), 4 warps."""
+    return _append_default(AppendKey(key.gpu, key.dtype, key.D, key.Hk, key.B))
+
+
+def _rope_append_space(key: RopeAppendKey) -> list:
+    """Heads per tile from 1 to all the q heads (tiles <= 8192 elements), 1-4 warps."""
+    top = min(triton.next_power_of_2(key.Hq), max(1, 8192 // triton.next_power_of_2(key.D)))
+    return [{"BLOCK_H": 1 << i, "num_warps": w} for i in range(top.bit_length()) for w in (1, 2, 4)]
+
+
+def _rope_append_resources(key: RopeAppendKey, cfg: dict):
+    """No shared memory; registers: a tile and its partner in fp32 over the threads, + 32."""
+    words = 2 * cfg["BLOCK_H"] * triton.next_power_of_2(key.D)
+    return 0, 32 + words // (32 * cfg["num_warps"])
+
+
+def _rope_append(q, k_new, v_new, cos, sin, k_cache, v_cache, lengths, q_out, cfg) -> None:
+    B, HQ, D = q.shape
+    if B == 0:
+        return
+    pdl = use_pdl(q.device)
+    _rope_append_kv_kernel[(B,)](
+        q, k_new, v_new, cos, sin, k_cache, v_cache, lengths, q_out,
+        q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
+        cos.stride(0), sin.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), lengths.stride(0), q_out.stride(0), q_out.stride(1),
+        HQ, k_new.shape[1], D, k_cache.shape[2], BLOCK_H=cfg["BLOCK_H"], BLOCK_D=triton.next_power_of_2(D), PDL=pdl,
+        num_warps=cfg["num_warps"], **({"launch_pdl": True} if pdl else {}))
+
+
+ROPE_APPEND = Tunable("rope_append_kv", "triton", key=_rope_append_key, space=_rope_append_space,
+                      default=_rope_append_default, launch=_rope_append, warmup=Tunable.triton_warmup(_rope_append),
+                      resources=_rope_append_resources, buckets=("B",))
+
+
+def rope_append_kv(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor, q_out: torch.Tensor) -> None:
+    """``q_out = rope(q)``, ``k_cache[b, :, lengths[b]] = rope(k_new[b])`` (v as is), ``lengths[b] += 1``; one
+    program per b."""
+    ROPE_APPEND(q, k_new, v_new, cos, sin, k_cache, v_cache, lengths, q_out)

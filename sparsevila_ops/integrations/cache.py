@@ -13,8 +13,8 @@ Layout (all layers stacked, so select + pack of the whole model is one launch ea
 
 A prefill (a forward with more than one new token) is announced by ``begin_prefill`` (host-side: the rows'
 left padding, the visual spans, the tokens still to be generated); decode steps (one new token) touch only
-device tensors (``append_kv`` at ``lengths``, ``decode_attention``), so the decode step captures in a CUDA graph
-with static buffer addresses. ``get_seq_length`` is the HF length (positions processed, padding included).
+device tensors (``append_kv`` at ``lengths``, or ``rope_append_kv`` through ``rope_append``, and
+``decode_attention``), so the decode step captures in a CUDA graph with static buffer addresses. ``get_seq_length`` is the HF length (positions processed, padding included).
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.generation import utils as gen_utils
 
-from ..decode import append_kv
+from ..decode import append_kv, rope_append_kv
 from ..select import pack_kv, select_kv
 
 PACK_ALIGN = 512  # the packed cache's capacity is a multiple of this many tokens
@@ -172,6 +172,23 @@ class SparseVILACache(Cache):
                        if want_rel else None),
         }
         self.sparse = False
+
+    def decoding(self) -> bool:
+        """A decode step writes next (one token per row, device-side; no prefill announced)."""
+        return self.allocated and self.prefill is None
+
+    def rope_append(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                    sin: torch.Tensor) -> torch.Tensor:
+        """A decode step's ``update`` with the rotary embedding fused in (``rope_append_kv``, one launch): the
+        rotated new key and the value go where ``_write`` puts them (the packed cache while ``sparse``);
+        returns the rotated query. ``q [B, Hq, D]``, ``k, v [B, Hk, D]``, ``cos, sin [B, D]``."""
+        if self.sparse:
+            out = rope_append_kv(q, k, v, cos, sin, self.pk[layer], self.pv[layer], self.plengths[layer])
+        else:
+            out = rope_append_kv(q, k, v, cos, sin, self.k[layer], self.v[layer], self.lengths[layer])
+        if layer == 0:
+            self.seen.add_(1)
+        return out
 
     def _write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         q_len = k.shape[2]

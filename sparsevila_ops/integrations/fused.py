@@ -44,6 +44,8 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .. import _backend
 from .. import linear as gemv_linear
+from .attention import ATTN_NAME
+from .cache import SparseVILACache
 
 QKV, GATE_UP, DOWN = "_sparsevila_qkv", "_sparsevila_gate_up", "_sparsevila_down"
 PAD = 64  # MLP intermediate sizes are padded to a multiple of this
@@ -244,15 +246,23 @@ def _trains(linear: nn.Module) -> bool:
 
 def _attention_forward(self, hidden_states: torch.Tensor, attention_mask=None, position_ids=None,
                        past_key_values=None, position_embeddings=None, *, rope: Callable, eager: Callable,
-                       **kwargs):
-    """The Llama-family attention forward with ``q, k, v = split(x W_qkv^T + b_qkv)``."""
+                       standard_rope: bool, **kwargs):
+    """The Llama-family attention forward with ``q, k, v = split(x W_qkv^T + b_qkv)``. A decode step into a
+    ``SparseVILACache`` read by the SparseVILA attention function, with ``rope`` the standard rotary embedding
+    (``standard_rope``: ``x cos + rotate_half(x) sin``, ``cos, sin [B, 1, D]``), rotates q and k and appends in one
+    launch (``SparseVILACache.rope_append``; that attention function reads the cache, not the returned k, v)."""
     bsz, q_len, _ = hidden_states.shape
     q, k, v = _project(self, hidden_states, ("q_proj", "k_proj", "v_proj"), QKV)
     q, k, v = (t.view(bsz, q_len, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))
     cos, sin = position_embeddings
-    q, k = rope(q, k, cos, sin)
-    if past_key_values is not None:
-        k, v = past_key_values.update(k, v, self.layer_idx)
+    cache = past_key_values
+    if (standard_rope and q_len == 1 and cos.dim() == 3 and isinstance(cache, SparseVILACache) and cache.decoding()
+            and self.config._attn_implementation == ATTN_NAME):
+        q = cache.rope_append(self.layer_idx, q[:, :, 0], k[:, :, 0], v[:, :, 0], cos[:, 0], sin[:, 0])[:, :, None]
+    else:
+        q, k = rope(q, k, cos, sin)
+        if past_key_values is not None:
+            k, v = past_key_values.update(k, v, self.layer_idx)
     attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager)
     out, weights = attention(self, q, k, v, attention_mask,
                              dropout=0.0 if not self.training else self.attention_dropout, scaling=self.scaling,
@@ -299,13 +309,14 @@ def _mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
     return _linear(h, *down)
 
 
-def _groups(layer: nn.Module, rope: Callable, eager: Callable):
+def _groups(layer: nn.Module, rope: Callable, eager: Callable, standard_rope: bool):
     """(module, projection names, state attribute, forward) of a layer's fusable groups: the attention's q/k/v
     when it has ``self_attn.q_proj/k_proj/v_proj``, the MLP's gate/up when it has ``mlp.gate_proj/up_proj``."""
     groups = []
     attn = getattr(layer, "self_attn", None)
     if attn is not None and all(hasattr(attn, n) for n in ("q_proj", "k_proj", "v_proj")):
-        attn_forward = lambda self, *a, **kw: _attention_forward(self, *a, rope=rope, eager=eager, **kw)  # noqa: E731
+        attn_forward = lambda self, *a, **kw: _attention_forward(  # noqa: E731
+            self, *a, rope=rope, eager=eager, standard_rope=standard_rope, **kw)
         groups.append((attn, ("q_proj", "k_proj", "v_proj"), QKV, attn_forward))
     mlp = getattr(layer, "mlp", None)
     if mlp is not None and all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")):
@@ -327,14 +338,16 @@ def _fuse_mlp_down(mlp: nn.Module, width: int) -> bool:
     return True
 
 
-def fuse(layers: Iterable[nn.Module], rope: Optional[Callable] = None, eager: Optional[Callable] = None) -> List[str]:
+def fuse(layers: Iterable[nn.Module], rope: Optional[Callable] = None, eager: Optional[Callable] = None, *,
+         standard_rope: bool = False) -> List[str]:
     """Fuse (or re-fuse, or unfuse, as the module docstring says) each layer's ``self_attn`` q/k/v and ``mlp``
     gate/up projections (``_groups``); ``rope(q, k, cos, sin)`` is the model's rotary embedding, ``eager`` its eager
-    attention (for ``_attn_implementation == "eager"``), needed only by layers with a ``self_attn``. Returns the
-    fused groups (``"3.self_attn"``, ...)."""
+    attention (for ``_attn_implementation == "eager"``), needed only by layers with a ``self_attn``;
+    ``standard_rope``: ``rope`` is ``x cos + rotate_half(x) sin`` (Llama's ``apply_rotary_pos_emb``), so decode steps
+    may fuse it with the cache append (``_attention_forward``). Returns the fused groups (``"3.self_attn"``, ...)."""
     done = []
     for i, layer in enumerate(layers):
-        for module, names, state, forward in _groups(layer, rope, eager):
+        for module, names, state, forward in _groups(layer, rope, eager, standard_rope):
             linears = [getattr(module, n) for n in names]
             pad = PAD if state == GATE_UP and isinstance(linears[0], nn.Linear) else 1  # 4-bit: never padded
             if not _fusable(linears) or (state == GATE_UP and not _fuse_mlp_down(
@@ -364,7 +377,7 @@ def _drop(module: nn.Module, state: str) -> None:
 def unfuse(layers: Iterable[nn.Module]) -> None:
     """Remove what ``fuse`` installed; projections that were views of a fused weight get their own storage."""
     for layer in layers:
-        for module, names, state, _ in _groups(layer, None, None):
+        for module, names, state, _ in _groups(layer, None, None, False):
             fused = module.__dict__.get(state)
             linears = [getattr(module, n) for n in names]
             if fused is not None and _fusable(linears) and _current(linears, fused):

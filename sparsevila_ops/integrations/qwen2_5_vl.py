@@ -314,7 +314,8 @@ def _generate(orig_generate, model, input_ids: Optional[torch.Tensor] = None, **
 def _fuse(model) -> None:
     """(Re-)fuse the decoder layers' projections and the vision blocks' MLPs, their 3420-wide intermediate padded
     (``fused.fuse``: cheap when nothing changed)."""
-    fused.fuse(model.model.language_model.layers, hf.apply_rotary_pos_emb, hf.eager_attention_forward)
+    fused.fuse(model.model.language_model.layers, hf.apply_rotary_pos_emb, hf.eager_attention_forward,
+               standard_rope=True)  # Qwen2.5-VL's text rope: mrope sections are merged into cos / sin already
     fused.fuse(model.model.visual.blocks)
 
 
