@@ -130,16 +130,16 @@ PYBIND11_MODULE(_sparsevila_cuda, m) {
       "w4a16_linear",
       [](int dtype, std::uintptr_t x, std::uintptr_t qweight, std::uintptr_t scales, std::uintptr_t zeros,
          std::uintptr_t bias, std::uintptr_t out, int M, int N, int K, int group, long long sx, int glu, int tiles,
-         int warps, int kwarps, int stages, int pdl, std::uintptr_t stream) {
+         int warps, int kwarps, int stages, int aw, int pdl, std::uintptr_t stream) {
         check(svo_w4a16_linear(dtype, ptr<const void>(x), ptr<const int>(qweight), ptr<const void>(scales),
                                ptr<const uint8_t>(zeros), ptr<const void>(bias), ptr<void>(out), M, N, K, group, sx,
-                               glu, tiles, warps, kwarps, stages, pdl, ptr<void>(stream)),
+                               glu, tiles, warps, kwarps, stages, aw, pdl, ptr<void>(stream)),
               "w4a16_linear (cuda backend) launch");
       },
       "Launch the W4A16 GEMV; see csrc/sparsevila_cuda.h. Raises RuntimeError with the CUDA error.", py::arg("dtype"),
       py::arg("x"), py::arg("qweight"), py::arg("scales"), py::arg("zeros"), py::arg("bias"), py::arg("out"),
       py::arg("M"), py::arg("N"), py::arg("K"), py::arg("group"), py::arg("sx"), py::arg("glu"), py::arg("tiles"),
-      py::arg("warps"), py::arg("kwarps"), py::arg("stages"), py::arg("pdl"), py::arg("stream"));
+      py::arg("warps"), py::arg("kwarps"), py::arg("stages"), py::arg("aw"), py::arg("pdl"), py::arg("stream"));
   m.def(
       "gemv",
       [](int dtype, std::uintptr_t x, std::uintptr_t w, std::uintptr_t bias, std::uintptr_t out, int M, int N, int K,

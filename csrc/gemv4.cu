@@ -195,8 +195,11 @@ __device__ __forceinline__ float2 to_float2(uint32_t bits) {
   }
 }
 
-// acc += the contribution of the block held in ring stage `stage` for the warp's R tiles (module doc).
-template <typename T, int R, int S, int MT>
+// acc += the contribution of the block held in ring stage `stage` for the warp's R tiles (module doc). AW (weights
+// as the MMA's A operand, M <= 8, R even): tiles 2p and 2p + 1 are the 16 rows of one A tile (row g of each, the
+// operands the B form would use), x's row g is B's column g (2 registers, no zero rows, shared by the R / 2 MMAs),
+// so a slice takes R / 2 + 1 MMAs instead of R + 1; acc[r][i] is then (tile r's row g, x row 2t + i).
+template <typename T, int R, int S, int MT, bool AW>
 __device__ __forceinline__ void compute(float (&acc)[R][4], const uint8_t* ring, const Ring<R, S>& L, int M,
                                         int lane, int stage) {
   constexpr uint32_t kMask = 0x000F000Fu;
@@ -212,6 +215,38 @@ __device__ __forceinline__ void compute(float (&acc)[R][4], const uint8_t* ring,
   }
   // x's rows g, g + 8 (rows past M read row 0 and are zeroed): k = 16 j + 4t + 0..3 at byte 32 j + 8 t
   const uint8_t* xs_stage = ring + L.x + stage * M * kXPitch + 8 * t;
+  if constexpr (AW) {
+    static_assert(MT == 1 && R % 2 == 0, "weights as A: x rows <= 8, pairs of tiles");
+    const uint8_t* xrow = xs_stage + (g < M ? g : 0) * kXPitch;
+    const bool live = g < M;
+    constexpr uint32_t kOnes[4] = {Magic<T>::kOne2, Magic<T>::kOne2, Magic<T>::kOne2, Magic<T>::kOne2};
+    float xs[4] = {0.f, 0.f, 0.f, 0.f}, c[R / 2][4] = {};
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const uint2 v = *reinterpret_cast<const uint2*>(xrow + 32 * j);
+      const uint32_t b0 = live ? v.x : 0u, b1 = live ? v.y : 0u;  // k slots 2t, 2t+1 / 2t+8, 2t+9 of x row g
+      Mma<T>::run(xs, kOnes, b0, b1);
+      const int sh = 4 * (j & 3), hi = (j >> 2) * 2;
+#pragma unroll
+      for (int p = 0; p < R / 2; ++p) {
+        const uint32_t a[4] = {and_or(pairs[2 * p][hi] >> sh, kMask, Magic<T>::kBits2),
+                               and_or(pairs[2 * p + 1][hi] >> sh, kMask, Magic<T>::kBits2),
+                               and_or(pairs[2 * p][hi + 1] >> sh, kMask, Magic<T>::kBits2),
+                               and_or(pairs[2 * p + 1][hi + 1] >> sh, kMask, Magic<T>::kBits2)};
+        Mma<T>::run(c[p], a, b0, b1);
+      }
+    }
+    // c[p][0], c[p][1]: (tile 2p's row g, x rows 2t, 2t+1); c[p][2], c[p][3]: tile 2p+1's row g; xs[0], xs[1]:
+    // sum x of rows 2t, 2t+1
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const float s = static_cast<float>(reinterpret_cast<const T*>(ring + L.scales + (stage * R + r) * 16)[g]);
+      const float off = -s * magic_plus<T>((ring + L.zeros + (stage * R + r) * 8)[g]);
+#pragma unroll
+      for (int i = 0; i < 2; ++i) acc[r][i] = fmaf(off, xs[i], fmaf(s, c[r / 2][2 * (r & 1) + i], acc[r][i]));
+    }
+    return;
+  }
   const uint8_t* xrow[2] = {xs_stage + (g < M ? g : 0) * kXPitch, xs_stage + (g + 8 < M ? g + 8 : 0) * kXPitch};
   const bool live[2] = {g < M, MT == 2 && g + 8 < M};
   // slice-major: the R tiles' MMA chains and the x sums' are independent, so they interleave
@@ -246,7 +281,7 @@ __device__ __forceinline__ void compute(float (&acc)[R][4], const uint8_t* ring,
   }
 }
 
-template <typename T, int R, int S, int MT, bool GLU>
+template <typename T, int R, int S, int MT, bool GLU, bool AW>
 __global__ void __launch_bounds__(256) w4a16_kernel(const __grid_constant__ Args a, int kwarps, int pdl) {
   constexpr int RO = GLU ? R / 2 : R;  // tiles of output rows per warp
   static_assert(RO >= 1, "glu needs an even number of tiles per warp (gate and up)");
@@ -284,7 +319,7 @@ __global__ void __launch_bounds__(256) w4a16_kernel(const __grid_constant__ Args
     sparsevila::cp_async_commit();       // one group per block, empty ones too: the wait counts groups
     sparsevila::cp_async_wait<S - 1>();  // block b's group has landed (for this lane) ...
     __syncwarp();                        // ... and for every lane (scales, zeros and x come from other lanes)
-    compute<T, R, S, MT>(acc, ring, L, a.M, lane, stage);
+    compute<T, R, S, MT, AW>(acc, ring, L, a.M, lane, stage);
   }
   sparsevila::cp_async_wait<0>();
   __syncthreads();
@@ -294,7 +329,10 @@ __global__ void __launch_bounds__(256) w4a16_kernel(const __grid_constant__ Args
 #pragma unroll
   for (int r = 0; r < R; ++r)
 #pragma unroll
-    for (int i = 0; i < 4; ++i) red[(warp * 16 + g + 8 * (i >> 1)) * cols + 8 * r + 2 * t + (i & 1)] = acc[r][i];
+    for (int i = 0; i < (AW ? 2 : 4); ++i) {
+      const int m = AW ? 2 * t + i : g + 8 * (i >> 1), n = AW ? g : 2 * t + (i & 1);
+      red[(warp * 16 + m) * cols + 8 * r + n] = acc[r][i];
+    }
   __syncthreads();
   for (int idx = threadIdx.x; idx < a.M * rows; idx += blockDim.x) {
     const int m = idx / rows, c = idx % rows, n = blockIdx.x * rows + c;
@@ -320,9 +358,9 @@ int smem_bytes(int warps, int M) {
   return warps * (ring > partials ? ring : partials);
 }
 
-template <typename T, int R, int S, int MT, bool GLU>
+template <typename T, int R, int S, int MT, bool GLU, bool AW>
 cudaError_t launch(const Args& a, int warps, int kwarps, int pdl, cudaStream_t stream) {
-  auto kernel = w4a16_kernel<T, R, S, MT, GLU>;
+  auto kernel = w4a16_kernel<T, R, S, MT, GLU, AW>;
   static std::atomic<uint64_t> configured{0};
   cudaError_t e = sparsevila::once_per_device(configured, [&] {  // allow up to the device's opt-in maximum
     int dev = 0, optin = 0;
@@ -336,21 +374,26 @@ cudaError_t launch(const Args& a, int warps, int kwarps, int pdl, cudaStream_t s
                                 stream, pdl, a, kwarps, pdl);
 }
 
-// fn(Tag<T>, Int<R>, Int<S>, Int<MT>, Int<GLU>) for the compiled instantiation (glu: R 2 or 4); `fallback` when
-// there is none.
+// fn(Tag<T>, Int<R>, Int<S>, Int<MT>, Int<GLU>, Int<AW>) for the compiled instantiation (glu: R 2 or 4; aw: R 2
+// or 4 and m <= 8); `fallback` when there is none.
 template <typename Fn>
-int dispatch(int dtype, int tiles, int stages, int m, int glu, int fallback, Fn&& fn) {
+int dispatch(int dtype, int tiles, int stages, int m, int glu, int aw, int fallback, Fn&& fn) {
   using sparsevila::dispatch_int;
   return sparsevila::dispatch_dtype(dtype, fallback, [&](auto t) {
     return dispatch_int<1, 2, 4>(tiles, fallback, [&](auto r) {
-      constexpr bool one_tile = decltype(r)::value == 1;  // no glu: a warp needs a gate and an up tile
+      constexpr bool one_tile = decltype(r)::value == 1;  // no glu or aw: they need pairs of tiles
       return dispatch_int<2, 4, 6, 8>(stages, fallback, [&](auto s) {
         return dispatch_int<0, 1>(glu, fallback, [&](auto g) {
-          if constexpr (decltype(g)::value == 1 && one_tile) {
-            return fallback;
-          } else {
-            return m <= 8 ? fn(t, r, s, Int<1>{}, g) : fn(t, r, s, Int<2>{}, g);
-          }
+          constexpr bool glu_on = decltype(g)::value == 1;
+          return dispatch_int<0, 1>(aw, fallback, [&](auto w) {
+            if constexpr ((glu_on || decltype(w)::value == 1) && one_tile) {
+              return fallback;
+            } else if constexpr (decltype(w)::value == 1) {
+              return m <= 8 ? fn(t, r, s, Int<1>{}, g, w) : fallback;
+            } else {
+              return m <= 8 ? fn(t, r, s, Int<1>{}, g, w) : fn(t, r, s, Int<2>{}, g, w);
+            }
+          });
         });
       });
     });
@@ -363,15 +406,16 @@ extern "C" {
 
 int svo_w4a16_linear(int dtype, const void* x, const int* qweight, const void* scales, const uint8_t* zeros,
                      const void* bias, void* out, int M, int N, int K, int group, long long sx, int glu,
-                     int tiles, int warps, int kwarps, int stages, int pdl, void* stream) {
+                     int tiles, int warps, int kwarps, int stages, int aw, int pdl, void* stream) {
   if (M < 1 || M > 16 || N < 8 || N % 8 || K < kPackK || group < kPackK || K % group || group % kPackK ||
-      warps < 1 || warps > 8 || kwarps < 1 || warps % kwarps || (glu && tiles < 2))
+      warps < 1 || warps > 8 || kwarps < 1 || warps % kwarps || (glu && tiles < 2) || (aw && (tiles < 2 || M > 8)))
     return cudaErrorInvalidValue;
   const Args a{x, qweight, scales, zeros, bias, out, M, N, K, group / kPackK, sx};
-  return dispatch(dtype, tiles, stages, M, glu, cudaErrorInvalidValue,
-                  [&](auto t, auto r, auto s, auto mt, auto g) -> int {
+  return dispatch(dtype, tiles, stages, M, glu, aw, cudaErrorInvalidValue,
+                  [&](auto t, auto r, auto s, auto mt, auto g, auto w) -> int {
                     using T = typename decltype(t)::type;
-                    return launch<T, decltype(r)::value, decltype(s)::value, decltype(mt)::value, decltype(g)::value == 1>(
+                    return launch<T, decltype(r)::value, decltype(s)::value, decltype(mt)::value,
+                                  decltype(g)::value == 1, decltype(w)::value == 1>(
                         a, warps, kwarps, pdl, static_cast<cudaStream_t>(stream));
                   });
 }

@@ -55,10 +55,11 @@ int svo_salience_block_rows();
 // or with glu R = 2N and out[:, n] = glu(y[:, n], y[:, N + n]) (glu.cuh). dtype: 0 bf16, 1 fp16; sx: x's row stride
 // in elements (a multiple of 8, x 16-byte aligned, unit column stride); bias null or [R]. Config: tiles (1, 2 or 4;
 // glu 2 or 4) of 8 W rows per warp, warps (1..8) per CTA of which kwarps (dividing warps) split K, stages (2, 4, 6
-// or 8) of each warp's cp.async ring. Returns a cudaError_t.
+// or 8) of each warp's cp.async ring, aw (1: the weights as the MMA's A operand, for M <= 8 and tiles 2 or 4).
+// Returns a cudaError_t.
 int svo_w4a16_linear(int dtype, const void* x, const int* qweight, const void* scales, const uint8_t* zeros,
                      const void* bias, void* out, int M, int N, int K, int group, long long sx, int glu, int tiles,
-                     int warps, int kwarps, int stages, int pdl, void* stream);
+                     int warps, int kwarps, int stages, int aw, int pdl, void* stream);
 
 // gemv (gemv.cu): out [M, N] (contiguous) = y = x [M, K] @ W^T (+ bias) for 1 <= M <= 8, W in x's dtype with row
 // stride sw (a multiple of 8, >= K; unit column stride, 16-byte aligned), K a multiple of 8; with glu = 1, W is

@@ -10,7 +10,9 @@ backend registry, so this module never imports Triton), which covers every case 
 Config (``W4A16_CUDA``, the autotune seam; default ``_default``): ``tiles`` (1, 2, 4; glu 2 or 4, half of them
 gate rows, half up rows) of 8 W rows per warp, ``warps`` per CTA (1-8), of which ``kwarps`` (dividing ``warps``)
 split K and the rest own further rows, ``stages`` of each warp's ring (2, 4, 6, 8: stages - 1 blocks of 128 in
-flight).
+flight), ``aw`` (1: the weights as the MMA's A operand, two tiles per MMA and x as its 2-register B: R / 2 + 1
+MMAs per slice instead of R + 1 and half the fold; M <= 8 and tiles 2 or 4; 375 instead of 457 SASS instructions
+per block of 4 tiles, not yet timed, so the default stays 0 and the tuner decides).
 """
 from __future__ import annotations
 
@@ -73,14 +75,15 @@ def _default(key: W4CudaKey) -> dict:
     tiles, least, rows = 4, 2 if key.glu else 1, 2 * key.N if key.glu else key.N
     while tiles > least and -(-rows // (8 * tiles)) * warps < 6.5 * key.sms:
         tiles //= 2
-    return {"tiles": tiles, "warps": warps, "kwarps": warps, "stages": 2}
+    return {"tiles": tiles, "warps": warps, "kwarps": warps, "stages": 2, "aw": 0}
 
 
 def _space(key: W4CudaKey) -> list:
     """tiles 1 (not with glu), 2, 4 x (warps, kwarps) in (2, 2), (4, 4), (8, 8), (4, 2), (8, 4), (8, 2) x stages 2,
-    4, 8, without those over the shared-memory limit."""
-    out = [{"tiles": t, "warps": w, "kwarps": k, "stages": s} for t in ((2, 4) if key.glu else (1, 2, 4))
-           for w, k in ((2, 2), (4, 4), (8, 8), (4, 2), (8, 4), (8, 2)) for s in (2, 4, 8)]
+    4, 8 x aw 0, 1 (aw 1 for M <= 8 and tiles 2 or 4), without those over the shared-memory limit."""
+    out = [{"tiles": t, "warps": w, "kwarps": k, "stages": s, "aw": a} for t in ((2, 4) if key.glu else (1, 2, 4))
+           for w, k in ((2, 2), (4, 4), (8, 8), (4, 2), (8, 4), (8, 2)) for s in (2, 4, 8)
+           for a in ((0, 1) if t >= 2 and key.M <= 8 else (0,))]
     return [c for c in out if _resources(key, c)[0] <= SMEM_LIMIT]
 
 
@@ -97,7 +100,7 @@ def _launch(x, qweight, scales, zeros, bias, glu, out, cfg) -> None:
     _cuda.library().w4a16_linear(
         _DTYPES[x.dtype], x.data_ptr(), qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(),
         0 if bias is None else bias.data_ptr(), out.data_ptr(), M, out.shape[1], K, K // scales.shape[0],
-        x.stride(0) if M > 1 else K, int(glu), cfg["tiles"], cfg["warps"], cfg["kwarps"], cfg["stages"],
+        x.stride(0) if M > 1 else K, int(glu), cfg["tiles"], cfg["warps"], cfg["kwarps"], cfg["stages"], cfg["aw"],
         int(_device.use_pdl(x.device)),
         torch.cuda.current_stream(x.device).cuda_stream)
 

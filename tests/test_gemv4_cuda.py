@@ -70,7 +70,7 @@ def test_every_config_of_the_space():
     ref = _oracle(x, w4, bias)
     space = autotune.config_space("w4a16_linear", x, w4.qweight, w4.scales, w4.zeros, bias, False,
                                   x.new_empty(M, N), backend="cuda")
-    assert len(space) >= 40
+    assert len(space) >= 40 and {c["aw"] for c in space} == {0, 1}
     for cfg in space:
         assert rel_err(_launch(x, w4, bias, cfg), ref) <= TOL[torch.bfloat16], cfg
 
@@ -108,8 +108,13 @@ def test_shapes_batches_groups(dtype, M, N, K, group):
     wide = torch.randn(M, K + 24, generator=_gen(M)).to("cuda", dtype)
     x = wide[:, 8:K + 8]  # rows strided, 16-byte aligned
     bias = torch.randn(N, generator=_gen(N)).to("cuda", dtype) if M % 2 else None
-    for cfg in ({"tiles": 1, "warps": 8, "kwarps": 8, "stages": 4}, {"tiles": 4, "warps": 6, "kwarps": 3, "stages": 2},
-                {"tiles": 2, "warps": 3, "kwarps": 1, "stages": 8}):
+    cfgs = [{"tiles": 1, "warps": 8, "kwarps": 8, "stages": 4, "aw": 0},
+            {"tiles": 4, "warps": 6, "kwarps": 3, "stages": 2, "aw": 0},
+            {"tiles": 2, "warps": 3, "kwarps": 1, "stages": 8, "aw": 0}]
+    if M <= 8:  # the weights as the MMA's A operand
+        cfgs += [{"tiles": 4, "warps": 6, "kwarps": 3, "stages": 2, "aw": 1},
+                 {"tiles": 2, "warps": 3, "kwarps": 1, "stages": 8, "aw": 1}]
+    for cfg in cfgs:
         assert rel_err(_launch(x, w4, bias, cfg), _oracle(x, w4, bias)) <= TOL[dtype], cfg
 
 
@@ -148,3 +153,4 @@ def test_default_is_in_the_space_and_fits(M):
             space = C._space(key)
             assert C._default(key) in space and (not glu or C._default(key)["tiles"] >= 2)
             assert all(C._resources(key, c)[0] <= C.SMEM_LIMIT and c["warps"] % c["kwarps"] == 0 for c in space)
+            assert all(c["tiles"] >= 2 and M <= 8 for c in space if c["aw"])  # what the launcher requires
