@@ -22,7 +22,8 @@ At batch 1 on a GPU where the cuda backend runs, every linear of these forwards 
 down) is one :func:`sparsevila_ops.gemv` launch instead of cuBLAS's (faster at these sizes, no split-K reduce
 kernels), the gate/up one emitting ``silu(gate) * up`` itself (``glu``), so a SiLU MLP needs no element-wise kernel
 (``_decode_gemv`` says when). A 4-bit fused gate/up does the same through ``w4a16_linear(..., glu=True)`` at decode
-sizes where that op's cuda backend runs (``_decode_w4_glu``).
+sizes where that op's cuda backend runs (``_decode_w4_glu``). With ``fuse(..., standard_rope=True)`` a decode step
+into a ``SparseVILACache`` rotates q and k and appends them in one ``rope_append_kv`` launch (``_attention_forward``).
 
 An MLP whose intermediate size is not a multiple of ``PAD`` (Qwen2.5-VL's vision blocks: 3420) gets its gate and
 up blocks padded to one with zero rows, and ``down_proj`` a zero-padded copy whose first columns are its weight
