@@ -25,7 +25,7 @@ from torch import nn
 from . import _backend
 from . import _checks as C
 from ._library import define
-from .reference import glu_rounded
+from .reference import linear_epilogue
 
 __all__ = ["W4Linear", "W4Weight", "dequantize_w4", "quantize_model_linears", "quantize_w4", "w4a16_linear"]
 
@@ -54,13 +54,7 @@ def _dequantize(qweight, scales, zeros, dtype: torch.dtype) -> torch.Tensor:
 def _reference_w4a16_linear(x, qweight, scales, zeros, bias, glu, out) -> None:
     """Reference backend of the op: dequantize to fp32 (exact: (q - z) * s needs 15 bits), fp32 matmul (glu: then
     ``reference.glu_rounded``)."""
-    y = x.float() @ _dequantize(qweight, scales, zeros, torch.float32).t()
-    if bias is not None:
-        y += bias.float()
-    if glu:
-        glu_rounded(y, out)
-    else:
-        out.copy_(y)
+    linear_epilogue(x.float() @ _dequantize(qweight, scales, zeros, torch.float32).t(), bias, glu, out)
 
 
 # -- the op: schema, fake, dispatch (its own namespace: an extra, not part of torch.ops.sparsevila) -------------

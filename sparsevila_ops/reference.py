@@ -256,12 +256,16 @@ def glu_rounded(y: torch.Tensor, out: torch.Tensor) -> None:
     out.copy_(F.silu(gate) * up)
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], glu: bool, out: torch.Tensor) -> None:
-    """``y = x @ W^T (+ bias)`` in fp32; ``out = y``, or (glu, W ``[2N, K]``) ``glu_rounded(y)``."""
-    y = x.float() @ weight.float().t()
+def linear_epilogue(y: torch.Tensor, bias: Optional[torch.Tensor], glu: bool, out: torch.Tensor) -> None:
+    """The GEMV ops' output from their fp32 ``y = x W^T``: ``+ bias``, then ``out = y`` or (glu) ``glu_rounded(y)``."""
     if bias is not None:
         y += bias.float()
     if glu:
         glu_rounded(y, out)
     else:
         out.copy_(y)
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], glu: bool, out: torch.Tensor) -> None:
+    """``y = x @ W^T (+ bias)`` in fp32; ``out = y``, or (glu, W ``[2N, K]``) ``glu_rounded(y)``."""
+    linear_epilogue(x.float() @ weight.float().t(), bias, glu, out)
