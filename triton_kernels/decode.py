@@ -319,10 +319,14 @@ def _append_key(k_new, v_new, k_cache, v_cache, lengths) -> AppendKey:
     return AppendKey(gpu_name(k_new.device), k_new.dtype, D, HK, B)
 
 
+def _heads_per_tile(heads: int, D: int) -> dict:
+    """All ``heads`` of the token in one tile of <= 4096 elements, 4 warps."""
+    return {"BLOCK_H": max(1, min(triton.next_power_of_2(heads), 4096 // triton.next_power_of_2(D))), "num_warps": 4}
+
+
 def _append_default(key: AppendKey) -> dict:
-    """All heads of the token in one tile of <= 4096 elements, 4 warps."""
-    return {"BLOCK_H": max(1, min(triton.next_power_of_2(key.Hk), 4096 // triton.next_power_of_2(key.D))),
-            "num_warps": 4}
+    """All K heads of the token in one tile of <= 4096 elements, 4 warps."""
+    return _heads_per_tile(key.Hk, key.D)
 
 
 def _append_space(key: AppendKey) -> list:
@@ -425,8 +429,8 @@ def _rope_append_key(q, k_new, v_new, cos, sin, k_cache, v_cache, lengths, q_out
 
 
 def _rope_append_default(key: RopeAppendKey) -> dict:
-    """``append_kv``'s: a tile of <= 4096 elements (the K heads', here also the q heads' step), 4 warps."""
-    return _append_default(AppendKey(key.gpu, key.dtype, key.D, key.Hk, key.B))
+    """``append_kv``'s tile (the K heads', here also the q heads' step), 4 warps."""
+    return _heads_per_tile(key.Hk, key.D)
 
 
 def _rope_append_space(key: RopeAppendKey) -> list:
