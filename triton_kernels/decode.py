@@ -329,10 +329,14 @@ def _append_default(key: AppendKey) -> dict:
     return _heads_per_tile(key.Hk, key.D)
 
 
-def _append_space(key: AppendKey) -> list:
-    """Heads per tile from 1 to all of them (tiles <= 8192 elements), 1-4 warps."""
-    top = min(triton.next_power_of_2(key.Hk), max(1, 8192 // triton.next_power_of_2(key.D)))
+def _heads_space(heads: int, D: int) -> list:
+    """Heads per tile from 1 to all ``heads`` (tiles <= 8192 elements), 1-4 warps."""
+    top = min(triton.next_power_of_2(heads), max(1, 8192 // triton.next_power_of_2(D)))
     return [{"BLOCK_H": 1 << i, "num_warps": w} for i in range(top.bit_length()) for w in (1, 2, 4)]
+
+
+def _append_space(key: AppendKey) -> list:
+    return _heads_space(key.Hk, key.D)
 
 
 def _append_resources(key: AppendKey, cfg: dict):
@@ -434,9 +438,7 @@ def _rope_append_default(key: RopeAppendKey) -> dict:
 
 
 def _rope_append_space(key: RopeAppendKey) -> list:
-    """Heads per tile from 1 to all the q heads (tiles <= 8192 elements), 1-4 warps."""
-    top = min(triton.next_power_of_2(key.Hq), max(1, 8192 // triton.next_power_of_2(key.D)))
-    return [{"BLOCK_H": 1 << i, "num_warps": w} for i in range(top.bit_length()) for w in (1, 2, 4)]
+    return _heads_space(key.Hq, key.D)  # up to all the q heads
 
 
 def _rope_append_resources(key: RopeAppendKey, cfg: dict):
