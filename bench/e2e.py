@@ -57,6 +57,7 @@ ROWS = {"a": ("stock transformers", None), "b": ("ours (0, 0)", (0.0, 0.0)), "c1
         "c2": ("ours (0.70, 0.85)", (0.70, 0.85)), "c3": ("ours (0.90, 0)", (0.90, 0.0))}
 PRECISIONS = ("bf16", "w4a16")
 TARGETS = (16384, 65536, 131072)
+DECODE_MARK = "sparsevila.bench.decode_step"  # record_function around _StopAfter: the host window
 E_REPEATS = 2  # runs up to the LLM per row beside the timed one; E is their median (one timed E once ran 16 %
 # over its GPU time, other runs 1-4 %)
 
@@ -189,23 +190,32 @@ def step_kernels(short: Profile, long: Profile, steps: int) -> dict:
             "host_top_ms": {n[:80]: round(ms, 4) for n, ms in top.items()}}
 
 
-def profile_kernels(fn: Callable[[], object]) -> Profile:
+def profile_kernels(fn: Callable[[], object], host_since: Optional[str] = None) -> Profile:
     """Kernels of one ``fn()`` under ``torch.profiler`` (inside CUDA-graph replays too): ``{name: (summed device
-    us, launches)}``, the busy time (``busy_us``) and ``{name: host us}`` of the top-level host ops."""
+    us, launches)}``, the busy time (``busy_us``) and ``{name: host us}`` of the top-level host ops, only those
+    from the first op named ``host_since`` on when given (a host wait for the prefill, whichever op it falls in,
+    would otherwise swamp a step's host ops)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
+    return summarize_events(prof.events(), host_since)
+
+
+def summarize_events(events, host_since: Optional[str] = None) -> Profile:
+    """``profile_kernels``' sums over profiler events (``device_type``, ``name``, ``time_range``, ``cpu_parent``)."""
     out: Dict[str, Tuple[float, int]] = {}
     host: Dict[str, float] = {}
     spans = []
-    for e in prof.events():
+    since = min((e.time_range.start for e in events if e.name == host_since), default=float("inf")) \
+        if host_since else float("-inf")
+    for e in events:
         if e.device_type == torch.autograd.DeviceType.CUDA and not e.name.startswith(("Memcpy", "Memset")):
             us, c = out.get(e.name, (0.0, 0))
             out[e.name] = (us + e.time_range.elapsed_us(), c + 1)
             spans.append((e.time_range.start, e.time_range.end))
-        elif e.device_type == torch.autograd.DeviceType.CPU and e.cpu_parent is None:
+        elif e.device_type == torch.autograd.DeviceType.CPU and e.cpu_parent is None and e.time_range.start >= since:
             host[e.name] = host.get(e.name, 0.0) + e.time_range.elapsed_us()
     return out, busy_us(spans), host
 
@@ -272,9 +282,10 @@ class _StopAfter:
         self.n, self.first = n, None
 
     def __call__(self, input_ids, scores, **kwargs):
-        self.first = input_ids.shape[1] if self.first is None else self.first
-        done = input_ids.shape[1] - self.first + 1 >= self.n
-        return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+        with torch.profiler.record_function(DECODE_MARK):  # after each token: opens profile_kernels' host window
+            self.first = input_ids.shape[1] if self.first is None else self.first
+            done = input_ids.shape[1] - self.first + 1 >= self.n
+            return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
 
 
 def decode_step_profile(generate: Callable[..., object], short: int = 4, long: int = 20) -> dict:
@@ -282,8 +293,8 @@ def decode_step_profile(generate: Callable[..., object], short: int = 4, long: i
     ``long`` tokens minus one stopped after ``short``, per step (``step_kernels``)."""
     from transformers import StoppingCriteriaList
 
-    runs = [profile_kernels(lambda n=n: generate(stopping_criteria=StoppingCriteriaList([_StopAfter(n)])))
-            for n in (short, long)]
+    runs = [profile_kernels(lambda n=n: generate(stopping_criteria=StoppingCriteriaList([_StopAfter(n)])),
+                            host_since=DECODE_MARK) for n in (short, long)]
     return step_kernels(runs[0], runs[1], long - short)
 
 

@@ -82,6 +82,7 @@ if [ "$what" = bench ] || [ "$what" = all ]; then
   step gemv4 python -m bench.gemv4 "${q[@]}"
   step vision_block python -m bench.vision_block
   step e2e python -m bench.e2e "${q[@]}"
+  step decode_host python -m bench.decode_host  # host ms per decode step by Python function (4-bit, 0.75 / 0.95)
   step autotune python -m bench.autotune "${q[@]}"
 fi
 tar -czf "$out/results.tgz" -C "$(dirname "$SPARSEVILA_BENCH_DIR")" "$(basename "$SPARSEVILA_BENCH_DIR")" 2>/dev/null

@@ -181,6 +181,34 @@ def test_kernel_kinds_and_per_step_kernels():
     assert [t["kernel"] for t in s["top"]] == ["nvjet_a", "_decode_split_kernel", "triton_poi_x", "gemv2T_kernel"]
 
 
+def test_host_ops_are_summed_from_the_decode_window_on():
+    """Top-level host ops count from the first ``DECODE_MARK`` (the stopping criterion after the first token), so
+    a host wait for the prefill is not a decode step's; kernels count throughout; child ops are their parent's."""
+    from types import SimpleNamespace as NS
+    cpu, cuda = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
+    span = lambda a, b: NS(start=a, end=b, elapsed_us=lambda: b - a)  # noqa: E731
+    ev = lambda name, dev, a, b, parent=None: NS(name=name, device_type=dev, time_range=span(a, b),  # noqa: E731
+                                                 cpu_parent=parent)
+    events = [ev("cudaEventSynchronize", cpu, 0, 900), ev("prefill_kernel", cuda, 10, 890),
+              ev(e2e.DECODE_MARK, cpu, 900, 905), ev("aten::full", cpu, 901, 904, parent="mark"),
+              ev("cudaEventSynchronize", cpu, 910, 930), ev("step_kernel", cuda, 905, 940),
+              ev(e2e.DECODE_MARK, cpu, 950, 953)]
+    kernels, busy, host = e2e.summarize_events(events, e2e.DECODE_MARK)
+    assert kernels == {"prefill_kernel": (880, 1), "step_kernel": (35, 1)} and busy == 880 + 35
+    assert host == {e2e.DECODE_MARK: 8, "cudaEventSynchronize": 20}
+    assert e2e.summarize_events(events)[2] == {"cudaEventSynchronize": 920, e2e.DECODE_MARK: 8}
+    assert e2e.summarize_events(events, "never")[2] == {}
+
+
+def test_stop_after_marks_each_token_for_the_profiler():
+    from torch.profiler import ProfilerActivity, profile
+    stop = e2e._StopAfter(2)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        done = [bool(stop(torch.zeros(1, n, dtype=torch.long), None)[0]) for n in (5, 6)]
+    assert done == [False, True]
+    assert sum(e.name == e2e.DECODE_MARK for e in prof.events()) == 2
+
+
 def test_busy_time_is_the_union_of_kernel_intervals():
     assert e2e.busy_us([]) == 0.0
     assert e2e.busy_us([(0.0, 10.0), (5.0, 12.0), (20.0, 21.0)]) == 13.0  # a PDL kernel starts before its producer ends
@@ -194,7 +222,7 @@ def test_decode_step_profile_stops_generate_after_each_length(tiny_model, monkey
     from sparsevila_ops.integrations import demo
     lengths = []
 
-    def fake_profile(fn):
+    def fake_profile(fn, host_since=None):
         out = fn()
         if out is None:  # until_llm (e_profile)
             return {"salience_kernel": (3.0, 1)}, 3.0, {}
