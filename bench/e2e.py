@@ -26,8 +26,10 @@ QWEN25_VL_7B config, bf16; latency does not depend on weight values), the inputs
   the same input and precision;
 - D_gpu: the GPU time of one decode step as ``generate`` runs it, from ``torch.profiler`` (busy time, the union
   of kernel intervals, of a run of 20 tokens minus one of 4, per step), with launches per step and summed ms per
-  kernel kind (``step`` in the JSON): D - D_gpu is host time the GPU waits for (``generate``'s per-step Python
-  and its per-step sync);
+  kernel kind (``step`` in the JSON). D - D_gpu is the GPU idle, split by length (``idle_gaps``): gaps up to
+  10 us between kernels are launch latency inside the CUDA graph (a kernel not launched early by PDL), longer ones
+  the GPU waiting for the host (``generate``'s per-step Python); ``host_top_ms`` names the host ops of a step,
+  ``cudaEventSynchronize`` being the host's wait for the GPU;
 - beside D its byte floor: (weight bytes read per token + KV bytes read per step) / device copy bandwidth
   measured in the same run (``decode_floor_ms``), and D / floor. KV read per step = the valid entries a decode
   step must read (``decode_kv_tokens``), the same for (a) and (b).
@@ -57,6 +59,7 @@ ROWS = {"a": ("stock transformers", None), "b": ("ours (0, 0)", (0.0, 0.0)), "c1
         "c2": ("ours (0.70, 0.85)", (0.70, 0.85)), "c3": ("ours (0.90, 0)", (0.90, 0.0))}
 PRECISIONS = ("bf16", "w4a16")
 TARGETS = (16384, 65536, 131072)
+GAP_SHORT_US = 10.0  # idle gaps between kernels up to this are launch latency, longer ones host waits
 DECODE_MARK = "sparsevila.bench.decode_step"  # record_function around _StopAfter: the host window
 E_REPEATS = 2  # runs up to the LLM per row beside the timed one; E is their median (one timed E once ran 16 %
 # over its GPU time, other runs 1-4 %)
@@ -158,7 +161,8 @@ def kernel_summary(kernels: Dict[str, Tuple[float, float]], kinds=None) -> dict:
             "top": [{"kernel": n[:120], "us": round(us, 2), "calls": round(c, 2)} for n, (us, c) in top]}
 
 
-Profile = Tuple[Dict[str, Tuple[float, int]], float, Dict[str, float]]  # kernels: (us, launches), busy us, host us
+# kernels: (us, launches), busy us, host us, idle gaps (short us, count, long us, count)
+Profile = Tuple[Dict[str, Tuple[float, int]], float, Dict[str, float], Tuple[float, int, float, int]]
 
 
 def busy_us(intervals: Sequence[Tuple[float, float]]) -> float:
@@ -173,28 +177,46 @@ def busy_us(intervals: Sequence[Tuple[float, float]]) -> float:
     return total
 
 
+def idle_gaps(intervals: Sequence[Tuple[float, float]], short_us: float = GAP_SHORT_US) -> Tuple[float, int, float, int]:
+    """Idle time between kernels (holes in their union): ``(us, count)`` of gaps up to ``short_us`` (a launch's
+    latency inside a CUDA graph, where the next kernel is not launched early by PDL) and of longer ones (the GPU
+    waiting for the host)."""
+    out = [0.0, 0, 0.0, 0]
+    end = None
+    for a, b in sorted(intervals):
+        if end is not None and a > end:
+            i = 0 if a - end <= short_us else 2
+            out[i] += a - end
+            out[i + 1] += 1
+        end = b if end is None else max(end, b)
+    return out[0], out[1], out[2], out[3]
+
+
 def step_kernels(short: Profile, long: Profile, steps: int) -> dict:
     """Per decode step, from two profiled runs that differ by ``steps`` decode steps (``profile_kernels``): GPU
     busy ms (the union of kernel intervals), the summed kernel ms (PDL waits counted twice), launches, summed ms
-    per kernel kind, the 8 kernels costing most (us, calls), and ``host_ms``: host ms of the top-level profiled
+    per kernel kind, the 8 kernels costing most (us, calls), ``host_ms``: host ms of the top-level profiled
     host ops (the compiled step's call, ``aten`` ops outside it; pure Python between them is not an op), the 6
-    costliest by name."""
-    (k_short, b_short, h_short), (k_long, b_long, h_long) = short, long
+    costliest by name, and the GPU's idle gaps (``idle_gaps``): ``gap_launch_ms`` / ``gaps_launch`` (short, launch
+    latency) and ``gap_host_ms`` / ``gaps_host`` (longer, waiting for the host)."""
+    (k_short, b_short, h_short, g_short), (k_long, b_long, h_long, g_long) = short, long
     diff = {n: (k_long[n][0] - k_short.get(n, (0.0, 0))[0], k_long[n][1] - k_short.get(n, (0.0, 0))[1])
             for n in k_long}
     per = {n: (us / steps, c / steps) for n, (us, c) in diff.items() if c > 0}
     host = {n: (us - h_short.get(n, 0.0)) / steps / 1e3 for n, us in h_long.items()}
     host = {n: ms for n, ms in host.items() if ms > 0}
     top = dict(sorted(host.items(), key=lambda kv: -kv[1])[:6])
+    gaps = [(x - y) / steps for x, y in zip(g_long, g_short)]
     return {"gpu_ms": (b_long - b_short) / steps / 1e3, **kernel_summary(per), "host_ms": sum(host.values()),
-            "host_top_ms": {n[:80]: round(ms, 4) for n, ms in top.items()}}
+            "host_top_ms": {n[:80]: round(ms, 4) for n, ms in top.items()},
+            "gap_launch_ms": gaps[0] / 1e3, "gaps_launch": gaps[1], "gap_host_ms": gaps[2] / 1e3, "gaps_host": gaps[3]}
 
 
 def profile_kernels(fn: Callable[[], object], host_since: Optional[str] = None) -> Profile:
     """Kernels of one ``fn()`` under ``torch.profiler`` (inside CUDA-graph replays too): ``{name: (summed device
-    us, launches)}``, the busy time (``busy_us``) and ``{name: host us}`` of the top-level host ops, only those
+    us, launches)}``, the busy time (``busy_us``), ``{name: host us}`` of the top-level host ops, only those
     from the first op named ``host_since`` on when given (a host wait for the prefill, whichever op it falls in,
-    would otherwise swamp a step's host ops)."""
+    would otherwise swamp a step's host ops), and the kernels' ``idle_gaps``."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -217,7 +239,7 @@ def summarize_events(events, host_since: Optional[str] = None) -> Profile:
             spans.append((e.time_range.start, e.time_range.end))
         elif e.device_type == torch.autograd.DeviceType.CPU and e.cpu_parent is None and e.time_range.start >= since:
             host[e.name] = host.get(e.name, 0.0) + e.time_range.elapsed_us()
-    return out, busy_us(spans), host
+    return out, busy_us(spans), host, idle_gaps(spans)
 
 
 ENCODER_KINDS = (("gemm", ("nvjet", "gemm", "cutlass", "xmma", "sm90_xmma", "splitkreduce")),
@@ -233,7 +255,7 @@ def encoder_profile(model, inputs: dict) -> dict:
     visual = model.model.visual
     pix = inputs["pixel_values_videos"].to(visual.dtype)
     with torch.no_grad():
-        kernels, busy, _ = profile_kernels(lambda: visual(pix, grid_thw=inputs["video_grid_thw"]))
+        kernels, busy, *_ = profile_kernels(lambda: visual(pix, grid_thw=inputs["video_grid_thw"]))
     return {"gpu_ms": busy / 1e3, **kernel_summary(kernels, ENCODER_KINDS)}
 
 
@@ -269,7 +291,7 @@ def time_until_llm(model, generate: Callable[[], object]) -> float:
 def e_profile(model, generate: Callable[[], object]) -> dict:
     """GPU time of E as ``generate`` runs it (``until_llm``): busy ms, and ``kernel_summary`` with ``ENCODER_KINDS``;
     with E's wall time it says how much of E is host time, and between rows what salience and pruning add."""
-    kernels, busy, _ = profile_kernels(lambda: until_llm(model, generate))
+    kernels, busy, *_ = profile_kernels(lambda: until_llm(model, generate))
     return {"gpu_ms": busy / 1e3, **kernel_summary(kernels, ENCODER_KINDS)}
 
 
@@ -282,8 +304,11 @@ class _StopAfter:
         self.n, self.first = n, None
 
     def __call__(self, input_ids, scores, **kwargs):
+        if self.first is None:
+            self.first = input_ids.shape[1]
+            if input_ids.is_cuda:  # the prefill ends before the host window opens: a wait for it is no step's
+                torch.cuda.synchronize(input_ids.device)
         with torch.profiler.record_function(DECODE_MARK):  # after each token: opens profile_kernels' host window
-            self.first = input_ids.shape[1] if self.first is None else self.first
             done = input_ids.shape[1] - self.first + 1 >= self.n
             return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
 
@@ -357,7 +382,11 @@ def run_rows(model, inputs: dict, rows: Sequence[str], *, decode_steps: int, pre
         out.append(row)
         print(f"  {precision:6s} {row['input']:>5s} ({key}) {label:22s} E {row['E_ms']:9.1f} ms  P {row['P_ms']:9.1f} "
               f"ms  D {row['D_ms']:7.3f} ms/token" + (f" (GPU {row['D_gpu_ms']:.3f} ms, {row['step']['launches']:.0f} "
-                                                       f"launches, host ops {row['step']['host_ms']:.3f} ms: "
+                                                       f"launches, idle {row['step']['gap_launch_ms']:.3f} ms in "
+                                                       f"{row['step']['gaps_launch']:.0f} launch gaps + "
+                                                       f"{row['step']['gap_host_ms']:.3f} ms in "
+                                                       f"{row['step']['gaps_host']:.0f} longer, host ops "
+                                                       f"{row['step']['host_ms']:.3f} ms: "
                                                        f"{row['step']['host_top_ms']})" if "D_gpu_ms" in row else ""),
               flush=True)
     return out
