@@ -4,14 +4,15 @@
 host-bound when its step's GPU work (``bench.e2e``'s D_gpu) is shorter than the host's work per step: the GPU
 then idles while the host prepares the next step, and D tracks the host's speed. Here: the e2e model and input
 (``bench.e2e``), the row enabled as there (``cuda_graph=True``), one warm-up ``generate`` (compiles and captures),
-then one profiled with Python stacks (``torch.profiler``, ``with_stack=True``) and stopped after ``4 + steps``
-tokens. Over the decode window (from the stopping criterion's first mark, ``bench.e2e.DECODE_MARK``, on), per
-step: every Python function's inclusive and self host ms (self = inclusive minus its Python callees), and the
+then one profiled with CUDA activity (the GPU's busy time, span and longest idle gaps per step, named by the
+kernels around them: ``gpu_timeline``) and one with Python stacks (``with_stack=True``), each stopped after
+``4 + steps`` tokens. Over the decode window (from the stopping criterion's first mark, ``bench.e2e.DECODE_MARK``,
+on), per step: every Python function's inclusive and self host ms (self = inclusive minus its Python callees), and the
 host's wait for the GPU (``cudaEventSynchronize``: the deferred stop check's wait for the step before; ~0 when
 host-bound). Profiling slows Python, so the ms overstate; the split is what this is for.
 
-Writes ``decode_host_<precision>_<row>.{json,md}``: rows ``kind`` (inclusive / self / wait), ``function``,
-``ms_per_step``, the 25 costliest of each kind.
+Writes ``decode_host_<precision>_<row>.{json,md}``: rows ``kind`` (gpu / gpu idle / wait / inclusive / self),
+``function``, ``ms_per_step``; the 10 longest idle boundaries and the 25 costliest functions of each kind.
 """
 from __future__ import annotations
 
@@ -24,8 +25,8 @@ from typing import Dict, List
 import torch
 
 from bench.common import require_gpu, write_results
-from bench.e2e import (DECODE_MARK, PRECISIONS, QUESTION_TOKENS, ROWS, _StopAfter, build_model, video_for_tokens,
-                       video_inputs)
+from bench.e2e import (DECODE_MARK, GAP_SHORT_US, PRECISIONS, QUESTION_TOKENS, ROWS, _StopAfter, build_model,
+                       busy_us, video_for_tokens, video_inputs)
 
 TOP = 25
 
@@ -66,9 +67,41 @@ def python_times(trace: dict, since_mark: str) -> tuple:
     return incl, self_t, waits, len(marks)
 
 
-def table(incl: Dict[str, float], self_t: Dict[str, float], waits: Dict[str, float], steps: int) -> List[dict]:
-    """The 25 costliest functions by inclusive and by self time and the waits, in ms per step."""
-    rows = []
+def gpu_timeline(events, since_mark: str, short_us: float = GAP_SHORT_US) -> tuple:
+    """The GPU's side of the decode window (``torch.profiler`` events from the first ``since_mark`` on): ``(busy
+    us, span us, {(kernel before, kernel after): [idle us, count]} of the idle gaps longer than ``short_us``,
+    marks)``. Names the boundaries where the GPU waits: a step's first kernel after the last one of the step before
+    is the graph launch's latency and the host's lag."""
+    marks = [e.time_range.start for e in events if e.name == since_mark]
+    if not marks:
+        return 0.0, 0.0, {}, 0
+    t0 = min(marks)
+    ks = sorted((e.time_range.start, e.time_range.end, e.name) for e in events
+                if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.start >= t0)
+    gaps: Dict[tuple, list] = {}
+    end, prev = None, None
+    for a, b, name in ks:
+        if end is not None and a - end > short_us:
+            g = gaps.setdefault((prev[:70], name[:70]), [0.0, 0])
+            g[0] += a - end
+            g[1] += 1
+        if end is None or b > end:
+            end, prev = b, name
+    span = end - ks[0][0] if ks else 0.0
+    return busy_us([(a, b) for a, b, _ in ks]), span, gaps, len(marks)
+
+
+def table(incl: Dict[str, float], self_t: Dict[str, float], waits: Dict[str, float], steps: int,
+          gpu: tuple = (0.0, 0.0, {}, 0), gpu_steps: int = 1) -> List[dict]:
+    """The GPU's busy / span / idle gaps (``gpu_timeline``, over ``gpu_steps``), then the 25 costliest functions by
+    inclusive and by self time and the waits, in ms per step."""
+    busy, span, gaps, _ = gpu
+    rows = [{"kind": "gpu", "function": n, "ms_per_step": round(us / gpu_steps / 1e3, 4)}
+            for n, us in (("busy (union of kernels)", busy), ("span (first kernel to last)", span),
+                          ("idle", span - busy)) if span]
+    rows += [{"kind": "gpu idle", "function": f"{a} -> {b} (x{c / gpu_steps:.2f})",
+              "ms_per_step": round(us / gpu_steps / 1e3, 4)}
+             for (a, b), (us, c) in sorted(gaps.items(), key=lambda kv: -kv[1][0])[:10]]
     for kind, d in (("wait", waits), ("inclusive", incl), ("self", self_t)):
         top = sorted(d.items(), key=lambda kv: -kv[1])[:TOP]
         rows += [{"kind": kind, "function": n[:140], "ms_per_step": round(us / steps / 1e3, 4)} for n, us in top]
@@ -107,6 +140,9 @@ def main(argv=None) -> int:
             for _ in range(2):  # compile + capture, then a replay-only run
                 model.generate(**inputs, **gen, stopping_criteria=StoppingCriteriaList([_StopAfter(n)]))
             torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as gpu_prof:
+                model.generate(**inputs, **gen, stopping_criteria=StoppingCriteriaList([_StopAfter(n)]))
+                torch.cuda.synchronize()
             with profile(activities=[ProfilerActivity.CPU], with_stack=True) as prof:
                 model.generate(**inputs, **gen, stopping_criteria=StoppingCriteriaList([_StopAfter(n)]))
                 torch.cuda.synchronize()
@@ -119,7 +155,8 @@ def main(argv=None) -> int:
             trace = json.load(f)
     incl, self_t, waits, marks = python_times(trace, DECODE_MARK)
     steps = max(marks - 1, 1)  # the window opens at the first token's mark: marks - 1 decode steps follow
-    write_results(f"decode_host_{a.precision}_{a.row}", table(incl, self_t, waits, steps),
+    gpu = gpu_timeline(gpu_prof.events(), DECODE_MARK)
+    write_results(f"decode_host_{a.precision}_{a.row}", table(incl, self_t, waits, steps, gpu, max(gpu[3] - 1, 1)),
                   ["kind", "function", "ms_per_step"],
                   title=f"Host ms per decode step of generate, {a.precision} row {a.row}, {video['visual_tokens']} "
                         f"visual tokens, {steps} profiled steps (Python profiling overhead included)")

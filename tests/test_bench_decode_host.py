@@ -58,3 +58,22 @@ def test_python_times_nesting_self_time_and_waits():
 def test_main_without_a_gpu_skips_with_one_line(capsys):
     assert decode_host.main([]) == 0
     assert capsys.readouterr().out.strip() == "bench.decode_host: needs a CUDA GPU; skipped"
+
+
+def test_gpu_timeline_names_the_idle_boundaries():
+    from types import SimpleNamespace as NS
+    cpu, cuda = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
+    ev = lambda name, dev, a, b: NS(name=name, device_type=dev, time_range=NS(start=a, end=b))  # noqa: E731
+    events = [ev("prefill", cuda, 0, 90), ev(DECODE_MARK, cpu, 100, 101),
+              ev("gemv", cuda, 110, 150), ev("norm", cuda, 145, 160), ev("argmax", cuda, 165, 170),
+              ev(DECODE_MARK, cpu, 171, 172), ev("gemv", cuda, 300, 340), ev("argmax", cuda, 345, 350),
+              ev(DECODE_MARK, cpu, 351, 352)]
+    busy, span, gaps, marks = decode_host.gpu_timeline(events, DECODE_MARK, short_us=10.0)
+    assert (busy, span, marks) == (50 + 5 + 40 + 5, 240, 3)
+    assert gaps == {("argmax", "gemv"): [130, 1]}  # the 5 us gaps are launch latency
+    rows = decode_host.table({}, {}, {}, 2, (busy, span, gaps, marks), 2)
+    assert rows == [{"kind": "gpu", "function": "busy (union of kernels)", "ms_per_step": 0.05},
+                    {"kind": "gpu", "function": "span (first kernel to last)", "ms_per_step": 0.12},
+                    {"kind": "gpu", "function": "idle", "ms_per_step": 0.07},
+                    {"kind": "gpu idle", "function": "argmax -> gemv (x0.50)", "ms_per_step": 0.065}]
+    assert decode_host.gpu_timeline([], DECODE_MARK) == (0.0, 0.0, {}, 0)
