@@ -72,12 +72,14 @@ def gpu_timeline(events, since_mark: str, short_us: float = GAP_SHORT_US) -> tup
     us, span us, {(kernel before, kernel after): [idle us, count]} of the idle gaps longer than ``short_us``,
     marks)``. Names the boundaries where the GPU waits: a step's first kernel after the last one of the step before
     is the graph launch's latency and the host's lag."""
-    marks = [e.time_range.start for e in events if e.name == since_mark]
+    cpu, cuda = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
+    marks = [e.time_range.start for e in events if e.name == since_mark and e.device_type == cpu]
     if not marks:
         return 0.0, 0.0, {}, 0
     t0 = min(marks)
-    ks = sorted((e.time_range.start, e.time_range.end, e.name) for e in events
-                if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.start >= t0)
+    ks = sorted((e.time_range.start, e.time_range.end, e.name) for e in events  # kernels and copies, not the
+                if e.device_type == cuda and not getattr(e, "is_user_annotation", False)  # GPU side of a range
+                and e.time_range.start >= t0)
     gaps: Dict[tuple, list] = {}
     end, prev = None, None
     for a, b, name in ks:

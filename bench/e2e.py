@@ -230,10 +230,12 @@ def summarize_events(events, host_since: Optional[str] = None) -> Profile:
     out: Dict[str, Tuple[float, int]] = {}
     host: Dict[str, float] = {}
     spans = []
-    since = min((e.time_range.start for e in events if e.name == host_since), default=float("inf")) \
+    since = min((e.time_range.start for e in events if e.name == host_since
+                 and e.device_type == torch.autograd.DeviceType.CPU), default=float("inf")) \
         if host_since else float("-inf")
     for e in events:
-        if e.device_type == torch.autograd.DeviceType.CUDA and not e.name.startswith(("Memcpy", "Memset")):
+        if e.device_type == torch.autograd.DeviceType.CUDA and not e.name.startswith(("Memcpy", "Memset")) \
+                and not getattr(e, "is_user_annotation", False):  # a record_function range's GPU side is no kernel
             us, c = out.get(e.name, (0.0, 0))
             out[e.name] = (us + e.time_range.elapsed_us(), c + 1)
             spans.append((e.time_range.start, e.time_range.end))

@@ -63,8 +63,9 @@ def test_main_without_a_gpu_skips_with_one_line(capsys):
 def test_gpu_timeline_names_the_idle_boundaries():
     from types import SimpleNamespace as NS
     cpu, cuda = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
-    ev = lambda name, dev, a, b: NS(name=name, device_type=dev, time_range=NS(start=a, end=b))  # noqa: E731
-    events = [ev("prefill", cuda, 0, 90), ev(DECODE_MARK, cpu, 100, 101),
+    ev = lambda name, dev, a, b, ann=False: NS(name=name, device_type=dev, time_range=NS(start=a, end=b),  # noqa: E731
+                                               is_user_annotation=ann)
+    events = [ev("prefill", cuda, 0, 90), ev(DECODE_MARK, cpu, 100, 101), ev(DECODE_MARK, cuda, 102, 300, True),
               ev("gemv", cuda, 110, 150), ev("norm", cuda, 145, 160), ev("argmax", cuda, 165, 170),
               ev(DECODE_MARK, cpu, 171, 172), ev("gemv", cuda, 300, 340), ev("argmax", cuda, 345, 350),
               ev(DECODE_MARK, cpu, 351, 352)]

@@ -195,7 +195,8 @@ def test_host_ops_are_summed_from_the_decode_window_on():
     events = [ev("cudaEventSynchronize", cpu, 0, 900), ev("prefill_kernel", cuda, 10, 890),
               ev(e2e.DECODE_MARK, cpu, 900, 905), ev("aten::full", cpu, 901, 904, parent="mark"),
               ev("cudaEventSynchronize", cpu, 910, 930), ev("step_kernel", cuda, 905, 940),
-              ev(e2e.DECODE_MARK, cpu, 950, 953)]
+              ev(e2e.DECODE_MARK, cpu, 950, 953), ev(e2e.DECODE_MARK, cuda, 905, 990)]
+    events[-1].is_user_annotation = True  # the range's GPU side: not a kernel
     kernels, busy, host, gaps = e2e.summarize_events(events, e2e.DECODE_MARK)
     assert kernels == {"prefill_kernel": (880, 1), "step_kernel": (35, 1)} and busy == 880 + 35
     assert gaps == (0.0, 0, 15.0, 1)
