@@ -154,3 +154,5 @@ def test_default_is_in_the_space_and_fits(M):
             assert C._default(key) in space and (not glu or C._default(key)["tiles"] >= 2)
             assert all(C._resources(key, c)[0] <= C.SMEM_LIMIT and c["warps"] % c["kwarps"] == 0 for c in space)
             assert all(c["tiles"] >= 2 and M <= 8 for c in space if c["aw"])  # what the launcher requires
+            d = C._default(key)
+            assert d["aw"] == int(d["tiles"] >= 2 and M <= 8)  # the weights are A wherever they can be
