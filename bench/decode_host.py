@@ -1,6 +1,6 @@
 """Where a decode step's host time goes: ``generate``'s Python, per function, over profiled decode steps.
 
-``python -m bench.decode_host [--tokens 16384] [--precision w4a16] [--row c1] [--steps 16]``. A row is
+``python -m bench.decode_host [--tokens 16384] [--precision w4a16] [--row c1] [--steps 16] [--step-graph]``. A row is
 host-bound when its step's GPU work (``bench.e2e``'s D_gpu) is shorter than the host's work per step: the GPU
 then idles while the host prepares the next step, and D tracks the host's speed. Here: the e2e model and input
 (``bench.e2e``), the row enabled as there (``cuda_graph=True``), one warm-up ``generate`` (compiles and captures),
@@ -116,6 +116,8 @@ def main(argv=None) -> int:
     p.add_argument("--precision", choices=PRECISIONS, default="w4a16")
     p.add_argument("--row", choices=[k for k in ROWS if k != "a"], default="c1")
     p.add_argument("--steps", type=int, default=16, help="profiled decode steps (default 16)")
+    p.add_argument("--step-graph", action="store_true", help="enable(..., step_graph=True): the integration's own "
+                   "graphs of the decode step instead of inductor's CUDA-graph trees")
     a = p.parse_args(argv)
     if a.tokens < 1 or a.steps < 1:
         p.error(f"--tokens and --steps must be positive; got {a.tokens}, {a.steps}")
@@ -136,7 +138,7 @@ def main(argv=None) -> int:
     inputs = video_inputs(model, video["frames"], video["h"], video["w"], QUESTION_TOKENS, dev, dtype)
     n = 4 + a.steps
     gen = dict(max_new_tokens=n + 4, eos_token_id=None, do_sample=False)
-    sv.enable(model, *ROWS[a.row][1], cuda_graph=True)
+    sv.enable(model, *ROWS[a.row][1], cuda_graph=True, step_graph=a.step_graph)
     try:
         with torch.no_grad():
             for _ in range(2):  # compile + capture, then a replay-only run
@@ -158,7 +160,7 @@ def main(argv=None) -> int:
     incl, self_t, waits, marks = python_times(trace, DECODE_MARK)
     steps = max(marks - 1, 1)  # the window opens at the first token's mark: marks - 1 decode steps follow
     gpu = gpu_timeline(gpu_prof.events(), DECODE_MARK)
-    write_results(f"decode_host_{a.precision}_{a.row}", table(incl, self_t, waits, steps, gpu, max(gpu[3] - 1, 1)),
+    write_results(f"decode_host_{a.precision}_{a.row}" + ("_step_graph" if a.step_graph else ""), table(incl, self_t, waits, steps, gpu, max(gpu[3] - 1, 1)),
                   ["kind", "function", "ms_per_step"],
                   title=f"Host ms per decode step of generate, {a.precision} row {a.row}, {video['visual_tokens']} "
                         f"visual tokens, {steps} profiled steps (Python profiling overhead included)")

@@ -1,7 +1,7 @@
 """Table 2: end-to-end latency of Qwen2.5-VL-7B (random weights) on long videos, bf16 and 4-bit weights.
 
 ``python -m bench.e2e [--quick] [--tokens 16384 65536 131072] [--precision bf16 w4a16] [--rows a b c1 c2 c3]
-[--decode-steps 256] [--no-inductor-pdl]``. The model is ``sparsevila_ops.integrations.demo.build_model`` (the
+[--decode-steps 256] [--no-inductor-pdl] [--step-graph]``. The model is ``sparsevila_ops.integrations.demo.build_model`` (the
 QWEN25_VL_7B config, bf16; latency does not depend on weight values), the inputs ``demo.video_inputs``:
 
 - one video of F frames at 448x448 px (32x32 patches of 14 px): a 2x2 merge and 2-frame temporal patches make
@@ -327,7 +327,7 @@ def decode_step_profile(generate: Callable[..., object], short: int = 4, long: i
 
 # -- the harness ----------------------------------------------------------------------------------------------
 def run_rows(model, inputs: dict, rows: Sequence[str], *, decode_steps: int, precision: str,
-             video: Dict[str, int], profile_steps: int = 0) -> List[dict]:
+             video: Dict[str, int], profile_steps: int = 0, step_graph: bool = False) -> List[dict]:
     """Measure E, P, D of each row on one input (``demo.stage_row``: warm-up ``generate``, then a timed one);
     returns raw rows. E is the median of 1 + ``E_REPEATS`` runs: the timed one's and ``E_REPEATS`` more stopped at
     the LLM (``time_until_llm``, still enabled, before any profile), all of them in ``E_samples_ms``.
@@ -366,7 +366,7 @@ def run_rows(model, inputs: dict, rows: Sequence[str], *, decode_steps: int, pre
                 print(f"  ({key}: profile incomplete: {type(e).__name__}: {e})"[:300], flush=True)
             return found
 
-        r = stage_row(model, timer, generate, decode_steps, sp, cuda_graph=True, probe=probe)
+        r = stage_row(model, timer, generate, decode_steps, sp, cuda_graph=True, step_graph=step_graph, probe=probe)
         recompiled = graphs[2] - graphs[1]
         e_samples = [r["E_ms"], *r["probe"]["E_repeats_ms"]]
         p, d = sp or (0.0, 0.0)
@@ -396,12 +396,14 @@ def run_rows(model, inputs: dict, rows: Sequence[str], *, decode_steps: int, pre
 
 def run(targets: Sequence[int], precisions: Sequence[str], rows: Sequence[str], decode_steps: int,
         profile_steps: int = 0, done: Optional[Callable[[List[dict], float], None]] = None,
-        inductor_pdl: bool = True) -> tuple:
+        inductor_pdl: bool = True, step_graph: bool = False) -> tuple:
     """The full-size table on the GPU: returns (rows, copy bandwidth TB/s, KV bytes per token). ``done(table,
     copy TB/s)`` gets the table so far after each row (so a run cut short keeps what it measured).
     ``inductor_pdl``: our rows' decode steps compiled as the integration compiles them (``decode_compile``:
     inductor's PDL on Hopper); False compiles them with transformers' default ``CompileConfig()`` as the stock row
-    (the A/B of ``--no-inductor-pdl``). Each row says ``inductor_pdl``.
+    (the A/B of ``--no-inductor-pdl``). Each row says ``inductor_pdl``. ``step_graph``: our rows' decode steps
+    replayed from the integration's own graphs (``enable(..., step_graph=True)``; ``--step-graph``); each row says
+    ``step_graph``.
 
     One model serves every precision: ``w4a16`` quantizes its LLM linears in place and nothing restores them,
     so ``precisions`` must list bf16 before w4a16 (``PRECISIONS`` order, each once; ``ValueError`` otherwise).
@@ -431,9 +433,9 @@ def run(targets: Sequence[int], precisions: Sequence[str], rows: Sequence[str], 
             print(f"{precision}: video {video['frames']} frames of {video['px']}x{video['px']} px -> "
                   f"{video['visual_tokens']} visual tokens, prompt {inputs['input_ids'].shape[1]} tokens", flush=True)
             for key in rows:
-                raw += [{**r, "inductor_pdl": pdl and key != "a"} for r in run_rows(
-                    model, inputs, [key], decode_steps=decode_steps, precision=precision, video=video,
-                    profile_steps=profile_steps)]
+                raw += [{**r, "inductor_pdl": pdl and key != "a", "step_graph": step_graph and key != "a"}
+                        for r in run_rows(model, inputs, [key], decode_steps=decode_steps, precision=precision,
+                                          video=video, profile_steps=profile_steps, step_graph=step_graph)]
                 if done is not None:
                     done(assemble(raw, copy_tbps, kv_tok), copy_tbps)
             del inputs
@@ -443,7 +445,7 @@ def run(targets: Sequence[int], precisions: Sequence[str], rows: Sequence[str], 
 
 COLUMNS = ["input", "frames", "px", "precision", "row", "setting", "kept_visual", "kv_tokens", "E_ms", "P_ms",
            "D_ms", "D_floor_ms", "D_over_floor", "D_gpu_ms", "D_gpu_over_floor", "E2E_s", "E_speedup", "P_speedup",
-           "D_speedup", "E2E_speedup", "graphs_compiled_in_timed_run", "inductor_pdl"]
+           "D_speedup", "E2E_speedup", "graphs_compiled_in_timed_run", "inductor_pdl", "step_graph"]
 
 
 def plot_stacked(rows: List[dict], answer_tokens: int = ANSWER_TOKENS):
@@ -480,6 +482,9 @@ def main(argv=None) -> int:
     p.add_argument("--no-inductor-pdl", action="store_true",
                    help="compile our rows' decode steps as transformers does by default, without the integration's "
                         "inductor PDL (decode_compile)")
+    p.add_argument("--step-graph", action="store_true",
+                   help="our rows replay the decode step from the integration's own CUDA graphs "
+                        "(enable(..., step_graph=True)) instead of inductor's CUDA-graph trees")
     p.add_argument("--profile-steps", type=int, default=16,
                    help="decode steps profiled per row for D_gpu, the GPU time of one step (0: none)")
     a = p.parse_args(argv)
@@ -502,7 +507,8 @@ def main(argv=None) -> int:
         write_results(a.name or ("e2e_quick" if a.quick else "e2e"), table, COLUMNS, plot=plot_stacked(table),
                       title=f"Table 2: Qwen2.5-VL-7B ({cfg['num_hidden_layers']} layers, random weights), E2E = E + "
                             f"P + {ANSWER_TOKENS} D from {steps} timed decode steps, copy {copy_tbps:.2f} TB/s")
-    run(sorted(targets), precisions, rows, steps, a.profile_steps, done=write, inductor_pdl=not a.no_inductor_pdl)
+    run(sorted(targets), precisions, rows, steps, a.profile_steps, done=write, inductor_pdl=not a.no_inductor_pdl,
+        step_graph=a.step_graph)
     return 0
 
 

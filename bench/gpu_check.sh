@@ -83,6 +83,7 @@ if [ "$what" = bench ] || [ "$what" = all ]; then
   step vision_block python -m bench.vision_block
   step e2e python -m bench.e2e "${q[@]}"
   step decode_host python -m bench.decode_host  # host ms per decode step by Python function (4-bit, 0.75 / 0.95)
+  step decode_host_step_graph python -m bench.decode_host --step-graph  # the same replayed from our own graphs
   step autotune python -m bench.autotune "${q[@]}"
 fi
 tar -czf "$out/results.tgz" -C "$(dirname "$SPARSEVILA_BENCH_DIR")" "$(basename "$SPARSEVILA_BENCH_DIR")" 2>/dev/null

@@ -22,6 +22,16 @@ def test_config_on_hopper_only(monkeypatch):
             assert cfg.mode is None and all(k in inductor_config.get_config_copy() for k in cfg.options)
 
 
+def test_step_graph_config_turns_inductors_graphs_off(monkeypatch):
+    """For ``enable(..., step_graph=True)`` inductor captures nothing (the integration does), PDL where it applies."""
+    assert dc.decode_compile_config(torch.device("cpu"), cudagraphs=False) is None
+    for major, want in ((8, {"triton.cudagraphs": False}), (9, {**PDL, "triton.cudagraphs": False})):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, m=major: (m, 0))
+        assert dc.decode_compile_config(torch.device("cuda", 0), cudagraphs=False).options == want
+        kw = dc.with_decode_compile({}, GenerationConfig(), torch.device("cuda", 0), True, step_graph=True)
+        assert kw["compile_config"].options == want
+
+
 def test_added_only_when_the_caller_chose_none(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     cuda, gen = torch.device("cuda", 0), GenerationConfig()

@@ -262,6 +262,12 @@ class SparseVILACache(Cache):
             self.v[:, b, :, f:f + d].copy_(self.pv[:, b, :, p:n])
             self.lengths[:, b].fill_(f + d)
 
+    def graph_key(self) -> tuple:
+        """What a captured decode step depends on (``step_graph`` keys its graphs on it): the path (``sparse``:
+        the packed cache) and the buffers it reads and writes."""
+        return (self.sparse, *(t.data_ptr() for t in (self.k, self.v, self.lengths, self.seen, self.pk, self.pv,
+                                                     self.plengths) if t is not None))
+
     # -- HF Cache API --------------------------------------------------------------------------------------
     def get_seq_length(self, layer_idx: int = 0):
         return self.seen if self.allocated else 0

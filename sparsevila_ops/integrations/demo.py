@@ -104,11 +104,11 @@ def reset_compiled(model) -> None:
 
 
 def stage_row(model, timer: StageTimer, generate: Callable[[], torch.Tensor], new_tokens: int,
-              sparsity: Optional[Tuple[float, float]] = None, *, cuda_graph: bool = True,
+              sparsity: Optional[Tuple[float, float]] = None, *, cuda_graph: bool = True, step_graph: bool = False,
               probe: Optional[Callable[[], object]] = None) -> dict:
-    """One measured row: ``enable(model, *sparsity, cuda_graph=cuda_graph)`` (None: stock transformers), a
-    warm-up ``generate()`` (the same shapes JIT-compile and graphs capture there), a timed one, ``probe()`` if
-    given (still enabled, after the timed run), ``disable`` and ``reset_compiled`` (also on error).
+    """One measured row: ``enable(model, *sparsity, cuda_graph=cuda_graph, step_graph=step_graph)`` (None: stock
+    transformers), a warm-up ``generate()`` (the same shapes JIT-compile and graphs capture there), a timed one,
+    ``probe()`` if given (still enabled, after the timed run), ``disable`` and ``reset_compiled`` (also on error).
 
     Returns ``out`` (the timed call's output), ``E_ms``, ``P_ms``, ``D_ms`` (ms per generated token after the
     first: ``new_tokens - 1`` steps), ``kept`` (visual tokens kept by the last pruning; None when nothing was
@@ -117,7 +117,7 @@ def stage_row(model, timer: StageTimer, generate: Callable[[], torch.Tensor], ne
     from . import qwen2_5_vl as sv
 
     if sparsity is not None:
-        sv.enable(model, sparsity[0], sparsity[1], cuda_graph=cuda_graph)
+        sv.enable(model, sparsity[0], sparsity[1], cuda_graph=cuda_graph, step_graph=step_graph)
     try:
         with torch.no_grad():
             timer.run(generate)

@@ -43,6 +43,7 @@ from .fused import triton_elementwise
 from .attention import ATTN_NAME, LLMState, segment_lengths, sparsevila_attention, varlen_attention
 from .cache import SparseVILACache, deferred_stop_checks
 from .decode_compile import with_decode_compile
+from .step_graph import StepGraphs, install, uninstall
 
 __all__ = ["enable", "disable", "SparseVILAState"]
 
@@ -51,9 +52,10 @@ class SparseVILAState:
     """What ``enable`` attached to a model (``model._sparsevila``)."""
 
     def __init__(self, model, prefill_sparsity: float, decode_sparsity: float, salience_layer: int,
-                 cuda_graph: bool):
+                 cuda_graph: bool, step_graph: bool = False):
         self.prefill_sparsity, self.decode_sparsity = prefill_sparsity, decode_sparsity
-        self.salience_layer, self.cuda_graph = salience_layer, cuda_graph
+        self.salience_layer, self.cuda_graph, self.step_graph = salience_layer, cuda_graph, step_graph
+        self.step_graphs: Optional[StepGraphs] = None  # the decode step's own graphs (step_graph)
         self.text_config = model.config.text_config
         self.llm = LLMState(self.text_config.num_hidden_layers)
         self._graph_cache: Optional[SparseVILACache] = None  # reused by new_cache while cuda_graph
@@ -83,6 +85,18 @@ class SparseVILAState:
             self._graph_cache = cache
         return cache
 
+    def graphs_of(self, model, compiled, compile_config):
+        """``generate``'s compiled decode step (``step_graph.install``): the one ``StepGraphs`` over it when
+        inductor compiled it capturing nothing (``decode_compile_config(..., cudagraphs=False)``), else
+        ``compiled`` itself."""
+        if compile_config is None or compile_config.mode is not None \
+                or (compile_config.options or {}).get("triton.cudagraphs") is not False:
+            return compiled
+        if self.step_graphs is None or self.step_graphs.fn is not compiled:
+            self.step_graphs = StepGraphs(compiled)
+            self.step_graphs.begin(model)
+        return self.step_graphs
+
     def hand_out(self, cache: SparseVILACache) -> None:
         """``cache`` goes back to the caller (``return_dict_in_generate``), who may continue from it: never reuse it."""
         if self._graph_cache is cache:
@@ -106,7 +120,7 @@ def _check_sparsity(name: str, x) -> float:
 
 
 def enable(model, prefill_sparsity: float = 0.75, decode_sparsity: float = 0.95, *,
-           salience_layer: Optional[int] = None, cuda_graph: bool = True):
+           salience_layer: Optional[int] = None, cuda_graph: bool = True, step_graph: bool = False):
     """Run ``model.generate`` through the SparseVILA pipeline; returns ``model``.
 
     Args:
@@ -123,6 +137,9 @@ def enable(model, prefill_sparsity: float = 0.75, decode_sparsity: float = 0.95,
             ``generate`` of each cache size compiles, later calls reuse the cache's buffers and replay): 4-5x faster
             decode on a 7B model than eager (bench/NOTES.md). False decodes eagerly;
             ``generate(..., disable_compile=True)`` does for one call.
+        step_graph: with ``cuda_graph``, inductor compiles the decode step without its CUDA-graph trees and the
+            integration captures and replays it (``integrations.step_graph``: no dynamo guards or tree
+            bookkeeping per token, for host-bound steps). Experimental: not yet measured on a GPU.
     """
     if not isinstance(model, hf.Qwen2_5_VLForConditionalGeneration):
         raise TypeError(f"model must be a transformers Qwen2_5_VLForConditionalGeneration; got "
@@ -141,8 +158,12 @@ def enable(model, prefill_sparsity: float = 0.75, decode_sparsity: float = 0.95,
         kind = "a window-attention block" if 0 <= salience_layer < vcfg.depth else "not a vision block"
         raise ValueError(f"salience_layer must be a full-attention vision block (one of fullatt_block_indexes = "
                          f"{full}); got {salience_layer}, {kind}")
-    state = SparseVILAState(model, prefill_sparsity, decode_sparsity, salience_layer, cuda_graph)
+    if step_graph and not cuda_graph:
+        raise ValueError("step_graph captures the compiled decode step: it needs cuda_graph=True")
+    state = SparseVILAState(model, prefill_sparsity, decode_sparsity, salience_layer, cuda_graph, bool(step_graph))
     model._sparsevila = state
+    if step_graph:
+        install(model, state.graphs_of)
     AttentionInterface.register(ATTN_NAME, sparsevila_attention)
     model.set_attn_implementation({"text_config": ATTN_NAME})
     for layer in model.model.language_model.layers:
@@ -167,6 +188,7 @@ def disable(model):
         raise RuntimeError("sparsevila is not enabled on this model")
     for name in ("generate",):
         model.__dict__.pop(name, None)
+    uninstall(model)
     visual = model.model.visual
     visual.__dict__.pop("forward", None)
     visual.patch_embed.__dict__.pop("forward", None)
@@ -302,7 +324,9 @@ def _generate(orig_generate, model, input_ids: Optional[torch.Tensor] = None, **
     state.llm.cache = cache
     try:
         with deferred_stop_checks():
-            kwargs = with_decode_compile(kwargs, gen_cfg, like.device, state.cuda_graph)
+            kwargs = with_decode_compile(kwargs, gen_cfg, like.device, state.cuda_graph, state.step_graph)
+            if state.step_graphs is not None:
+                state.step_graphs.begin(model)
             out = orig_generate(input_ids=call_ids, attention_mask=call_mask, past_key_values=cache, **kwargs)
         cache.sync_full()
     finally:
