@@ -109,15 +109,9 @@ def _eager_compile():
     return cfg
 
 
-@pytest.mark.parametrize("sparsity", [(0.0, 0.0), (0.5, 0.9)])
-def test_generate_replays_the_step_with_the_same_tokens(monkeypatch, sparsity):
-    """Through ``generate``: steps 3+ replay the captured step, the tokens equal the uncaptured compiled
-    decode's, a second ``generate`` reuses the graph, and the step changes no host state of the cache."""
-    cap = FakeCapture()
-    monkeypatch.setattr(sg, "_cuda_capture", cap)
-    model = tiny_model(seed=4)
-    inputs = visual_inputs(seed=5)
-    kw = dict(max_new_tokens=6, do_sample=False, compile_config=_eager_compile())
+def _without_then_with_step_graph(model, inputs, sparsity, runs, **kw):
+    """Tokens of one ``generate`` enabled without ``step_graph`` (inductor's CUDA-graph trees on the GPU), then of
+    ``runs`` generates with it."""
     sv.enable(model, *sparsity)
     with torch.no_grad():
         want = model.generate(**inputs, **kw)
@@ -126,13 +120,24 @@ def test_generate_replays_the_step_with_the_same_tokens(monkeypatch, sparsity):
     sv.enable(model, *sparsity, step_graph=True)
     try:
         with torch.no_grad():
-            got = model.generate(**inputs, **kw)
-            assert torch.equal(got, want) and cap.captures == 1 and cap.replays == 6 - 2 - 1 + 1
-            again = model.generate(**inputs, **kw)
-        assert torch.equal(again, want) and cap.captures == 1
+            got = [model.generate(**inputs, **kw) for _ in range(runs)]
     finally:
         sv.disable(model)
+        torch._dynamo.reset()
     assert "get_compiled_call" not in model.__dict__
+    return want, got
+
+
+@pytest.mark.parametrize("sparsity", [(0.0, 0.0), (0.5, 0.9)])
+def test_generate_replays_the_step_with_the_same_tokens(monkeypatch, sparsity):
+    """Through ``generate`` (5 decode steps each): the first call compiles, the second captures, the rest and the
+    next ``generate``'s replay; the tokens equal the uncaptured compiled decode's, and no step changes host state
+    of the cache."""
+    cap = FakeCapture()
+    monkeypatch.setattr(sg, "_cuda_capture", cap)
+    want, got = _without_then_with_step_graph(tiny_model(seed=4), visual_inputs(seed=5), sparsity, 2,
+                                              max_new_tokens=6, do_sample=False, compile_config=_eager_compile())
+    assert all(torch.equal(g, want) for g in got) and (cap.captures, cap.replays) == (1, 4 + 5)
 
 
 def test_step_graph_needs_cuda_graph():
@@ -154,28 +159,14 @@ def test_sparsevila_cache_key_follows_its_path_and_buffers():
 
 
 @pytest.mark.gpu
-def test_generate_replays_real_cuda_graphs():
-    """On the GPU (inductor, no CUDA-graph trees; the integration's graphs): the tokens of the default compiled
-    decode (inductor's trees), one capture reused by the next ``generate``."""
+@pytest.mark.parametrize("sparsity", [(0.0, 0.0), (0.5, 0.9)])
+def test_generate_replays_real_cuda_graphs(monkeypatch, sparsity):
+    """On the GPU (inductor without its CUDA-graph trees, the integration's graphs): the tokens of the default
+    compiled decode (inductor's trees), one capture reused by the next two ``generate`` calls."""
     calls = []
     real = sg._cuda_capture
-    model = tiny_model(seed=4, device="cuda", dtype=torch.bfloat16)
-    inputs = visual_inputs(seed=5, device="cuda", dtype=torch.bfloat16)
-    kw = dict(max_new_tokens=8, do_sample=False)
-    for sparsity in ((0.0, 0.0), (0.5, 0.9)):
-        sv.enable(model, *sparsity)
-        with torch.no_grad():
-            want = model.generate(**inputs, **kw)
-        sv.disable(model)
-        torch._dynamo.reset()
-        sv.enable(model, *sparsity, step_graph=True)
-        try:
-            sg._cuda_capture = lambda fn, k: calls.append(1) or real(fn, k)
-            with torch.no_grad():
-                got = [model.generate(**inputs, **kw) for _ in range(3)]
-        finally:
-            sg._cuda_capture = real
-            sv.disable(model)
-            torch._dynamo.reset()
-        assert all(torch.equal(g, want) for g in got) and len(calls) == 1
-        calls.clear()
+    monkeypatch.setattr(sg, "_cuda_capture", lambda fn, k: calls.append(1) or real(fn, k))
+    want, got = _without_then_with_step_graph(tiny_model(seed=4, device="cuda", dtype=torch.bfloat16),
+                                              visual_inputs(seed=5, device="cuda", dtype=torch.bfloat16), sparsity,
+                                              3, max_new_tokens=8, do_sample=False)
+    assert all(torch.equal(g, want) for g in got) and len(calls) == 1
