@@ -101,6 +101,14 @@ def test_objects_key_on_their_buffers_and_weights_drop_graphs():
     lin.weight = torch.nn.Parameter(torch.randn(2, 2))
     g.begin(lin)
     assert g.graphs == {}
+    g(x=torch.randn(1, 2))
+    lin.__dict__["fused"] = (torch.randn(4, 2), None)  # a fused weight (a tuple in the module's attributes)
+    g.begin(lin)
+    assert g.graphs == {}
+    g(x=torch.randn(1, 2))
+    lin.rope_deltas = torch.zeros(1)  # a plain tensor attribute: not a weight
+    g.begin(lin)
+    assert len(g.graphs) == 1
 
 
 def _eager_compile():

@@ -13,9 +13,9 @@ second captures it and replays the capture, later calls replay. The signature is
 dtype and device for tensors, the value of plain scalars, the same of lists, tuples and dicts, and for any other
 object (a cache) its identity and its ``graph_key()`` when it has one (the host state the step branches on and
 the buffers it uses), else the data pointers of its attributes' tensors and tensor lists. Weights are checked
-once per ``generate`` (``begin``): replaced parameters or buffers drop every graph. A step whose Python mutates
-host state (not tensors) would not do so on replay; the integration's cache keeps a decode step's state in
-tensors (``tests/test_step_graph.py`` checks that a step leaves the cache's host state alone).
+once per ``generate`` (``begin``): replaced parameters, buffers or fused weights drop every graph. A step whose
+Python mutates host state (not tensors) would not do so on replay; the integration's cache keeps a decode step's
+state in tensors (``tests/test_step_graph.py`` checks that a step leaves the cache's host state alone).
 """
 from __future__ import annotations
 
@@ -56,8 +56,12 @@ def signature(kwargs: dict) -> tuple:
 
 
 def weights_key(model: torch.nn.Module) -> tuple:
-    """The data pointers of ``model``'s parameters and buffers (what a capture bakes in)."""
-    return tuple(t.data_ptr() for t in (*model.parameters(), *model.buffers()))
+    """The data pointers of what a capture bakes in besides its inputs: ``model``'s parameters and buffers, and the
+    tensors its modules hold in tuples or lists (the integration's fused weights; a plain tensor attribute such as
+    Qwen2.5-VL's ``rope_deltas``, set anew by each prefill and read outside the step, is left out)."""
+    held = [t for m in model.modules() for v in vars(m).values() if isinstance(v, (tuple, list))
+            for t in v if isinstance(t, torch.Tensor)]
+    return tuple(t.data_ptr() for t in (*model.parameters(), *model.buffers(), *held))
 
 
 def capture_with(record: Callable, fn: Callable, kwargs: dict) -> Callable[[dict], object]:
