@@ -14,7 +14,8 @@ Layout (all layers stacked, so select + pack of the whole model is one launch ea
 A prefill (a forward with more than one new token) is announced by ``begin_prefill`` (host-side: the rows'
 left padding, the visual spans, the tokens still to be generated); decode steps (one new token) touch only
 device tensors (``append_kv`` at ``lengths``, or ``rope_append_kv`` through ``rope_append``, and
-``decode_attention``), so the decode step captures in a CUDA graph with static buffer addresses. ``get_seq_length`` is the HF length (positions processed, padding included).
+``decode_attention``), so the decode step captures in a CUDA graph with static buffer addresses.
+``get_seq_length`` is the HF length (positions processed, padding included).
 """
 from __future__ import annotations
 
@@ -182,23 +183,21 @@ class SparseVILACache(Cache):
         """A decode step's ``update`` with the rotary embedding fused in (``rope_append_kv``, one launch): the
         rotated new key and the value go where ``_write`` puts them (the packed cache while ``sparse``);
         returns the rotated query. ``q [B, Hq, D]``, ``k, v [B, Hk, D]``, ``cos, sin [B, D]``."""
-        if self.sparse:
-            out = rope_append_kv(q, k, v, cos, sin, self.pk[layer], self.pv[layer], self.plengths[layer])
-        else:
-            out = rope_append_kv(q, k, v, cos, sin, self.k[layer], self.v[layer], self.lengths[layer])
+        return rope_append_kv(q, k, v, cos, sin, *self._decode_slot(layer))
+
+    def _decode_slot(self, layer: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(k, v, lengths)`` a decode step of ``layer`` appends to: the packed cache while ``sparse`` (the full
+        cache catches up in ``sync_full``); counts the step once (at layer 0) in ``seen``."""
         if layer == 0:
             self.seen.add_(1)
-        return out
+        if self.sparse:
+            return self.pk[layer], self.pv[layer], self.plengths[layer]
+        return self.k[layer], self.v[layer], self.lengths[layer]
 
     def _write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         q_len = k.shape[2]
         if q_len == 1 and self.prefill is None:  # decode step: device-side append, graph-capturable
-            if self.sparse:  # the full cache catches up in sync_full
-                append_kv(k[:, :, 0], v[:, :, 0], self.pk[layer], self.pv[layer], self.plengths[layer])
-            else:
-                append_kv(k[:, :, 0], v[:, :, 0], self.k[layer], self.v[layer], self.lengths[layer])
-            if layer == 0:
-                self.seen.add_(1)
+            append_kv(k[:, :, 0], v[:, :, 0], *self._decode_slot(layer))
             return
         if self.prefill is None:
             self.begin_prefill(k, q_len)
