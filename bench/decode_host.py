@@ -1,8 +1,8 @@
 """Where a decode step's host time goes: ``generate``'s Python, per function, over profiled decode steps.
 
-``python -m bench.decode_host [--tokens 16384] [--precision w4a16] [--row c1] [--steps 16] [--step-graph]``. A row is
-host-bound when its step's GPU work (``bench.e2e``'s D_gpu) is shorter than the host's work per step: the GPU
-then idles while the host prepares the next step, and D tracks the host's speed. Here: the e2e model and input
+``python -m bench.decode_host [--tokens 16384] [--precision w4a16] [--row c1] [--steps 16] [--step-graph]``.
+A row is host-bound when its step's GPU work (``bench.e2e``'s D_gpu) is shorter than the host's work per step: the
+GPU then idles while the host prepares the next step, and D tracks the host's speed. Here: the e2e model and input
 (``bench.e2e``), the row enabled as there (``cuda_graph=True``), one warm-up ``generate`` (compiles and captures),
 then one profiled with CUDA activity (the GPU's busy time, span and longest idle gaps per step, named by the
 kernels around them: ``gpu_timeline``) and one with Python stacks (``with_stack=True``), each stopped after
@@ -26,7 +26,7 @@ import torch
 
 from bench.common import require_gpu, write_results
 from bench.e2e import (DECODE_MARK, GAP_SHORT_US, PRECISIONS, QUESTION_TOKENS, ROWS, _StopAfter, build_model,
-                       busy_us, video_for_tokens, video_inputs)
+                       busy_us, holes, video_for_tokens, video_inputs)
 
 TOP = 25
 
@@ -81,15 +81,12 @@ def gpu_timeline(events, since_mark: str, short_us: float = GAP_SHORT_US) -> tup
                 if e.device_type == cuda and not getattr(e, "is_user_annotation", False)  # GPU side of a range
                 and e.time_range.start >= t0)
     gaps: Dict[tuple, list] = {}
-    end, prev = None, None
-    for a, b, name in ks:
-        if end is not None and a - end > short_us:
-            g = gaps.setdefault((prev[:70], name[:70]), [0.0, 0])
-            g[0] += a - end
+    for gap, before, after in holes(ks):
+        if gap > short_us:
+            g = gaps.setdefault((before[2][:70], after[2][:70]), [0.0, 0])
+            g[0] += gap
             g[1] += 1
-        if end is None or b > end:
-            end, prev = b, name
-    span = end - ks[0][0] if ks else 0.0
+    span = max(b for _, b, _ in ks) - ks[0][0] if ks else 0.0
     return busy_us([(a, b) for a, b, _ in ks]), span, gaps, len(marks)
 
 
@@ -160,7 +157,8 @@ def main(argv=None) -> int:
     incl, self_t, waits, marks = python_times(trace, DECODE_MARK)
     steps = max(marks - 1, 1)  # the window opens at the first token's mark: marks - 1 decode steps follow
     gpu = gpu_timeline(gpu_prof.events(), DECODE_MARK)
-    write_results(f"decode_host_{a.precision}_{a.row}" + ("_step_graph" if a.step_graph else ""), table(incl, self_t, waits, steps, gpu, max(gpu[3] - 1, 1)),
+    write_results(f"decode_host_{a.precision}_{a.row}" + ("_step_graph" if a.step_graph else ""),
+                  table(incl, self_t, waits, steps, gpu, max(gpu[3] - 1, 1)),
                   ["kind", "function", "ms_per_step"],
                   title=f"Host ms per decode step of generate, {a.precision} row {a.row}, {video['visual_tokens']} "
                         f"visual tokens, {steps} profiled steps (Python profiling overhead included)")

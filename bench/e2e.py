@@ -1,8 +1,9 @@
 """Table 2: end-to-end latency of Qwen2.5-VL-7B (random weights) on long videos, bf16 and 4-bit weights.
 
 ``python -m bench.e2e [--quick] [--tokens 16384 65536 131072] [--precision bf16 w4a16] [--rows a b c1 c2 c3]
-[--decode-steps 256] [--no-inductor-pdl] [--step-graph]``. The model is ``sparsevila_ops.integrations.demo.build_model`` (the
-QWEN25_VL_7B config, bf16; latency does not depend on weight values), the inputs ``demo.video_inputs``:
+[--decode-steps 256] [--no-inductor-pdl] [--step-graph]``. The model is
+``sparsevila_ops.integrations.demo.build_model`` (the QWEN25_VL_7B config, bf16; latency does not depend on
+weight values), the inputs ``demo.video_inputs``:
 
 - one video of F frames at 448x448 px (32x32 patches of 14 px): a 2x2 merge and 2-frame temporal patches make
   F/2 * 16 * 16 = 128 F LLM visual tokens, so 128 / 512 / 1024 frames give 16384 / 65536 / 131072 visual tokens
@@ -177,18 +178,27 @@ def busy_us(intervals: Sequence[Tuple[float, float]]) -> float:
     return total
 
 
-def idle_gaps(intervals: Sequence[Tuple[float, float]], short_us: float = GAP_SHORT_US) -> Tuple[float, int, float, int]:
-    """Idle time between kernels (holes in their union): ``(us, count)`` of gaps up to ``short_us`` (a launch's
+def holes(spans: Sequence[tuple]):
+    """The holes in the union of ``(start, end, ...)`` spans, in time order: ``(gap, span before, span after)``,
+    the span before being the one that ended last."""
+    last = None
+    for span in sorted(spans):
+        if last is not None and span[0] > last[1]:
+            yield span[0] - last[1], last, span
+        if last is None or span[1] > last[1]:
+            last = span
+
+
+def idle_gaps(intervals: Sequence[Tuple[float, float]],
+              short_us: float = GAP_SHORT_US) -> Tuple[float, int, float, int]:
+    """Idle time between kernels (``holes`` in their union): ``(us, count)`` of gaps up to ``short_us`` (a launch's
     latency inside a CUDA graph, where the next kernel is not launched early by PDL) and of longer ones (the GPU
     waiting for the host)."""
     out = [0.0, 0, 0.0, 0]
-    end = None
-    for a, b in sorted(intervals):
-        if end is not None and a > end:
-            i = 0 if a - end <= short_us else 2
-            out[i] += a - end
-            out[i + 1] += 1
-        end = b if end is None else max(end, b)
+    for gap, _, _ in holes(intervals):
+        i = 0 if gap <= short_us else 2
+        out[i] += gap
+        out[i + 1] += 1
     return out[0], out[1], out[2], out[3]
 
 

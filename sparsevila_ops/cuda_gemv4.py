@@ -4,8 +4,9 @@ cp.async ring, K split over a CTA's warps and summed in shared memory: one launc
 by ``_cuda``.
 
 Covered: bf16/fp16, 1 <= M <= 16, N (outputs; glu: half of W's rows) a multiple of 8, x with unit column stride
-and 16-byte aligned rows, weight tensors, out and bias contiguous (weights 16-byte aligned). Other calls run the Triton backend's kernel (through the
-backend registry, so this module never imports Triton), which covers every case of the op.
+and 16-byte aligned rows, weight tensors, out and bias contiguous (weights 16-byte aligned). Other calls run the
+Triton backend's kernel (through the backend registry, so this module never imports Triton), which covers every
+case of the op.
 
 Config (``W4A16_CUDA``, the autotune seam; default ``_default``): ``tiles`` (1, 2, 4; glu 2 or 4, half of them
 gate rows, half up rows) of 8 W rows per warp, ``warps`` per CTA (1-8), of which ``kwarps`` (dividing ``warps``)

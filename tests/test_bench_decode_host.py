@@ -37,7 +37,8 @@ def test_python_times_from_a_real_profile(tmp_path):
 
 
 def test_python_times_nesting_self_time_and_waits():
-    ev = lambda name, ts, dur, cat="python_function", tid=1: dict(ph="X", name=name, ts=ts, dur=dur, cat=cat, tid=tid)  # noqa: E731
+    def ev(name, ts, dur, cat="python_function", tid=1):
+        return dict(ph="X", name=name, ts=ts, dur=dur, cat=cat, tid=tid)
     trace = {"traceEvents": [
         ev("early", 0, 50), ev(DECODE_MARK, 100, 1, "user_annotation"),
         ev("loop", 100, 100), ev("step", 110, 60), ev("leaf", 120, 20), ev("leaf", 150, 10), ev("tail", 180, 10),
