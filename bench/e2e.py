@@ -31,6 +31,8 @@ weight values), the inputs ``demo.video_inputs``:
   10 us between kernels are launch latency inside the CUDA graph (a kernel not launched early by PDL), longer ones
   the GPU waiting for the host (``generate``'s per-step Python); ``host_top_ms`` names the host ops of a step,
   ``cudaEventSynchronize`` being the host's wait for the GPU;
+- D_wait: the host's wait for the GPU per decode step, timed without a profiler (``stop_check_times``): ~0 when
+  the step is host-bound (D is the host's time), else the host runs that far ahead and D is the GPU's time;
 - beside D its byte floor: (weight bytes read per token + KV bytes read per step) / device copy bandwidth
   measured in the same run (``decode_floor_ms``), and D / floor. KV read per step = the valid entries a decode
   step must read (``decode_kv_tokens``), the same for (a) and (b).
@@ -41,6 +43,7 @@ Writes ``e2e.{json,md,png}`` (``--quick``: 16k, rows a, b, c1, 64 decode steps: 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import statistics
 import time
@@ -307,6 +310,41 @@ def e_profile(model, generate: Callable[[], object]) -> dict:
     return {"gpu_ms": busy / 1e3, **kernel_summary(kernels, ENCODER_KINDS)}
 
 
+@contextlib.contextmanager
+def stop_check_times():
+    """Yield a list that gets the host seconds of every call of ``generate``'s stop check (``StopCheck`` /
+    ``DeferredStopCheck.__call__``, once per token). Nearly all of a call is the host's wait for the GPU (an event
+    synchronize or a ``.item()``), timed without a profiler: a decode step whose call takes ~0 is host-bound, and
+    one whose call takes t leaves the host t ms ahead (GPU-bound)."""
+    from transformers.generation import utils as gen_utils
+
+    times: List[float] = []
+    saved = {cls: cls.__dict__["__call__"] for cls in (gen_utils.StopCheck, gen_utils.DeferredStopCheck)}
+
+    def timed(call):
+        def wrapper(self, *args, **kwargs):
+            t = time.perf_counter()
+            try:
+                return call(self, *args, **kwargs)
+            finally:
+                times.append(time.perf_counter() - t)
+        return wrapper
+    for cls, call in saved.items():
+        cls.__call__ = timed(call)
+    try:
+        yield times
+    finally:
+        for cls, call in saved.items():
+            cls.__call__ = call
+
+
+def decode_wait_ms(times: Sequence[float]) -> Optional[float]:
+    """Mean ms of the stop checks of the decode steps in ``times`` (``stop_check_times``): the first two calls
+    wait for the prefill (the deferred check reads the previous token's flag) and are left out."""
+    steps = times[2:]
+    return 1e3 * sum(steps) / len(steps) if steps else None
+
+
 class _StopAfter:
     """A ``generate`` stopping criterion: stop once ``n`` tokens are generated (the static cache keeps the size
     ``max_new_tokens`` gave it, so nothing recompiles). It counts from its first call, which follows the first
@@ -355,10 +393,14 @@ def run_rows(model, inputs: dict, rows: Sequence[str], *, decode_steps: int, pre
         label, sp = ROWS[key]
         kw = dict(gen, cache_implementation="static") if sp is None else gen
         graphs = []  # unique graphs compiled before each generate: the timed one is the second
+        waits = []  # each generate's stop-check times (stop_check_times): the timed one is the last
 
         def generate(kw=kw):
             graphs.append(counters["stats"]["unique_graphs"])
-            return model.generate(**inputs, **kw)
+            with stop_check_times() as times:
+                out = model.generate(**inputs, **kw)
+            waits.append(times)
+            return out
 
         def probe(kw=kw, key=key):
             graphs.append(counters["stats"]["unique_graphs"])  # the timed run ends here
@@ -385,7 +427,8 @@ def run_rows(model, inputs: dict, rows: Sequence[str], *, decode_steps: int, pre
                "kept_visual": n_vis if r["kept"] is None else r["kept"],
                "kv_tokens": decode_kv_tokens(prompt, n_vis, p, d, decode_steps), "weight_bytes": weights,
                "E_ms": statistics.median(e_samples), "E_samples_ms": e_samples, "P_ms": r["P_ms"], "D_ms": r["D_ms"],
-               "generated": r["out"].shape[1] - prompt, "graphs_compiled_in_timed_run": recompiled}
+               "generated": r["out"].shape[1] - prompt, "graphs_compiled_in_timed_run": recompiled,
+               "D_wait_ms": decode_wait_ms(waits[-1])}
         if "step" in r["probe"]:
             row["D_gpu_ms"], row["step"] = r["probe"]["step"]["gpu_ms"], r["probe"]["step"]
         for part in ("encoder", "E_profile"):
@@ -393,7 +436,7 @@ def run_rows(model, inputs: dict, rows: Sequence[str], *, decode_steps: int, pre
                 row[part] = r["probe"][part]
         out.append(row)
         print(f"  {precision:6s} {row['input']:>5s} ({key}) {label:22s} E {row['E_ms']:9.1f} ms  P {row['P_ms']:9.1f} "
-              f"ms  D {row['D_ms']:7.3f} ms/token" + (f" (GPU {row['D_gpu_ms']:.3f} ms, {row['step']['launches']:.0f} "
+              f"ms  D {row['D_ms']:7.3f} ms/token (host waits {row['D_wait_ms'] or 0:.3f})" + (f" (GPU {row['D_gpu_ms']:.3f} ms, {row['step']['launches']:.0f} "
                                                        f"launches, idle {row['step']['gap_launch_ms']:.3f} ms in "
                                                        f"{row['step']['gaps_launch']:.0f} launch gaps + "
                                                        f"{row['step']['gap_host_ms']:.3f} ms in "
@@ -454,7 +497,7 @@ def run(targets: Sequence[int], precisions: Sequence[str], rows: Sequence[str], 
 
 
 COLUMNS = ["input", "frames", "px", "precision", "row", "setting", "kept_visual", "kv_tokens", "E_ms", "P_ms",
-           "D_ms", "D_floor_ms", "D_over_floor", "D_gpu_ms", "D_gpu_over_floor", "E2E_s", "E_speedup", "P_speedup",
+           "D_ms", "D_floor_ms", "D_over_floor", "D_gpu_ms", "D_gpu_over_floor", "D_wait_ms", "E2E_s", "E_speedup", "P_speedup",
            "D_speedup", "E2E_speedup", "graphs_compiled_in_timed_run", "inductor_pdl", "step_graph"]
 
 

@@ -95,6 +95,23 @@ def test_decode_ignores_eos_without_a_per_step_logits_processor(tiny_model, monk
     monkeypatch.setattr(stopping_criteria.EosTokenCriteria, "__call__", forbidden)
     rows = e2e.run_rows(tiny_model, inputs, ["a", "c1"], decode_steps=4, precision="bf16", video=video)
     assert [r["generated"] for r in rows] == [4, 4]
+    assert all(r["D_wait_ms"] >= 0 for r in rows)  # 4 stop checks: 2 decode steps timed
+
+
+def test_stop_check_times_every_token_and_restores_the_check(tiny_model):
+    """``stop_check_times`` gets one time per generated token from transformers' stop check (the host's wait for
+    the GPU), puts the check back afterwards, and ``decode_wait_ms`` leaves out the two calls that wait for the
+    prefill."""
+    from transformers.generation import utils as gen_utils
+
+    before = gen_utils.StopCheck.__dict__["__call__"], gen_utils.DeferredStopCheck.__dict__["__call__"]
+    ids = torch.randint(0, 100, (1, 6))
+    with torch.no_grad(), e2e.stop_check_times() as times:
+        tiny_model.generate(input_ids=ids, max_new_tokens=5, eos_token_id=None, do_sample=False)
+    assert len(times) == 5 and all(t > 0 for t in times)
+    assert (gen_utils.StopCheck.__dict__["__call__"], gen_utils.DeferredStopCheck.__dict__["__call__"]) == before
+    assert e2e.decode_wait_ms([9.0, 9.0, 0.001, 0.003]) == pytest.approx(2.0)
+    assert e2e.decode_wait_ms([1.0, 2.0]) is None
 
 
 def test_harness_core_loop_on_the_tiny_model(tiny_model, tmp_path):
