@@ -227,9 +227,10 @@ def step_kernels(short: Profile, long: Profile, steps: int) -> dict:
 
 def profile_kernels(fn: Callable[[], object], host_since: Optional[str] = None) -> Profile:
     """Kernels of one ``fn()`` under ``torch.profiler`` (inside CUDA-graph replays too): ``{name: (summed device
-    us, launches)}``, the busy time (``busy_us``), ``{name: host us}`` of the top-level host ops, only those
-    from the first op named ``host_since`` on when given (a host wait for the prefill, whichever op it falls in,
-    would otherwise swamp a step's host ops), and the kernels' ``idle_gaps``."""
+    us, launches)}``, the busy time (``busy_us``), ``{name: host us}`` of the top-level host ops and the kernels'
+    ``idle_gaps``; with ``host_since``, all of them only from the first host op of that name on. A decode step
+    is then measured alone: the prefill's host wait would swamp its host ops, and the run-to-run noise of the
+    prefill's GPU time (0.1 % of seconds) its busy time, in the difference of two runs (``step_kernels``)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -247,12 +248,14 @@ def summarize_events(events, host_since: Optional[str] = None) -> Profile:
                  and e.device_type == torch.autograd.DeviceType.CPU), default=float("inf")) \
         if host_since else float("-inf")
     for e in events:
+        if e.time_range.start < since:
+            continue
         if e.device_type == torch.autograd.DeviceType.CUDA and not e.name.startswith(("Memcpy", "Memset")) \
                 and not getattr(e, "is_user_annotation", False):  # a record_function range's GPU side is no kernel
             us, c = out.get(e.name, (0.0, 0))
             out[e.name] = (us + e.time_range.elapsed_us(), c + 1)
             spans.append((e.time_range.start, e.time_range.end))
-        elif e.device_type == torch.autograd.DeviceType.CPU and e.cpu_parent is None and e.time_range.start >= since:
+        elif e.device_type == torch.autograd.DeviceType.CPU and e.cpu_parent is None:
             host[e.name] = host.get(e.name, 0.0) + e.time_range.elapsed_us()
     return out, busy_us(spans), host, idle_gaps(spans)
 

@@ -201,9 +201,10 @@ def test_kernel_kinds_and_per_step_kernels():
     assert [t["kernel"] for t in s["top"]] == ["nvjet_a", "_decode_split_kernel", "triton_poi_x", "gemv2T_kernel"]
 
 
-def test_host_ops_are_summed_from_the_decode_window_on():
-    """Top-level host ops count from the first ``DECODE_MARK`` (the stopping criterion after the first token), so
-    a host wait for the prefill is not a decode step's; kernels count throughout; child ops are their parent's."""
+def test_host_ops_and_kernels_are_summed_from_the_decode_window_on():
+    """Top-level host ops and kernels count from the first ``DECODE_MARK`` (the stopping criterion after the first
+    token): a host wait for the prefill, or the prefill's kernels, are no decode step's; child ops are their
+    parent's; without a mark everything counts."""
     from types import SimpleNamespace as NS
     cpu, cuda = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
     span = lambda a, b: NS(start=a, end=b, elapsed_us=lambda: b - a)  # noqa: E731
@@ -215,11 +216,12 @@ def test_host_ops_are_summed_from_the_decode_window_on():
               ev(e2e.DECODE_MARK, cpu, 950, 953), ev(e2e.DECODE_MARK, cuda, 905, 990)]
     events[-1].is_user_annotation = True  # the range's GPU side: not a kernel
     kernels, busy, host, gaps = e2e.summarize_events(events, e2e.DECODE_MARK)
-    assert kernels == {"prefill_kernel": (880, 1), "step_kernel": (35, 1)} and busy == 880 + 35
-    assert gaps == (0.0, 0, 15.0, 1)
+    assert kernels == {"step_kernel": (35, 1)} and busy == 35 and gaps == (0.0, 0, 0.0, 0)
     assert host == {e2e.DECODE_MARK: 8, "cudaEventSynchronize": 20}
-    assert e2e.summarize_events(events)[2] == {"cudaEventSynchronize": 920, e2e.DECODE_MARK: 8}
-    assert e2e.summarize_events(events, "never")[2] == {}
+    kernels, busy, host, gaps = e2e.summarize_events(events)
+    assert kernels == {"prefill_kernel": (880, 1), "step_kernel": (35, 1)} and busy == 880 + 35
+    assert gaps == (0.0, 0, 15.0, 1) and host == {"cudaEventSynchronize": 920, e2e.DECODE_MARK: 8}
+    assert e2e.summarize_events(events, "never") == ({}, 0.0, {}, (0.0, 0, 0.0, 0))
 
 
 def test_stop_after_marks_each_token_for_the_profiler():
