@@ -111,6 +111,56 @@ def test_objects_key_on_their_buffers_and_weights_drop_graphs():
     assert len(g.graphs) == 1
 
 
+def test_graphs_hold_no_object_of_the_step_and_die_with_it():
+    """A captured step keeps its copies of the tensors, not the objects passed (a cache's buffers are freed when
+    the cache is); the output's objects are the call's own; a signature's graph is dropped when its object is
+    collected; an object without weak references is held instead (its identity is never reused)."""
+    import gc
+    import weakref
+
+    def record_once(run):  # what cuda_record keeps: the output of one run, not ``run``
+        out = run()
+        return lambda: out
+
+    class Cache:
+        def __init__(self):
+            self.buf = torch.zeros(3)
+
+        def graph_key(self):
+            return (self.buf.data_ptr(),)
+
+    def step(x, cache):
+        cache.buf.add_(1)  # device-side state only: what a replay would also do
+        return {"logits": x * 2, "cache": cache, "n": 3}
+    g = sg.StepGraphs(step, capture=lambda fn, kw: sg.capture_with(record_once, fn, kw))
+    cache = Cache()
+    for _ in range(3):  # eager, capture + replay, replay
+        out = g(x=torch.randn(2), cache=cache)
+        assert out["cache"] is cache and out["n"] == 3
+    assert len(g.graphs) == 1
+    dead = weakref.ref(cache)
+    del cache, out
+    gc.collect()
+    assert dead() is None and g.graphs == {}
+
+    class Slots:
+        __slots__ = ("buf",)
+
+    pinned = Slots()
+    class Plain:  # no graph_key: keyed on its tensors' addresses, and dropped with it too
+        def __init__(self):
+            self.buf = torch.zeros(3)
+
+    g(x=torch.randn(2), cache=Plain())
+    gc.collect()
+    assert g.graphs == {}
+    held = sg.StepGraphs(lambda x, obj: x, capture=FakeCapture())
+    held(x=torch.randn(2), obj=pinned)
+    assert held._pinned == [pinned] and len(held.graphs) == 1
+    held.begin(torch.nn.Linear(1, 1))
+    assert held._pinned == [] and held.graphs == {}
+
+
 def _eager_compile():
     cfg = CompileConfig(backend="eager", mode=None, options={"triton.cudagraphs": False})
     cfg._compile_all_devices = True

@@ -12,14 +12,17 @@ Each call's work runs exactly once: the first call of a signature runs the compi
 second captures it and replays the capture, later calls replay. The signature is every keyword's shape, stride,
 dtype and device for tensors, the value of plain scalars, the same of lists, tuples and dicts, and for any other
 object (a cache) its identity and its ``graph_key()`` when it has one (the host state the step branches on and
-the buffers it uses), else the data pointers of its attributes' tensors and tensor lists. Weights are checked
-once per ``generate`` (``begin``): replaced parameters, buffers or fused weights drop every graph. A step whose
+the buffers it uses), else the data pointers of its attributes' tensors and tensor lists. A signature's graph
+holds no reference to those objects (a replaced cache's gigabytes are freed) and is dropped when one of them is
+collected (its identity may then be reused). Weights are checked once per ``generate`` (``begin``): replaced
+parameters, buffers or fused weights drop every graph. A step whose
 Python mutates host state (not tensors) would not do so on replay; the integration's cache keeps a decode step's
 state in tensors (``tests/test_step_graph.py`` checks that a step leaves the cache's host state alone).
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Tuple
+import weakref
+from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 
@@ -55,6 +58,23 @@ def signature(kwargs: dict) -> tuple:
     return tuple((k, _part(v)) for k, v in sorted(kwargs.items()))
 
 
+def _is_object(v) -> bool:
+    """What ``_part`` keys by identity: neither a tensor, a plain scalar nor a container."""
+    return not (v is None or isinstance(v, (bool, int, float, str, torch.Tensor, tuple, list, dict)))
+
+
+def _objects(v) -> Iterator[object]:
+    """The objects ``_part`` keys by identity, inside ``v``."""
+    if isinstance(v, (tuple, list)):
+        for x in v:
+            yield from _objects(x)
+    elif isinstance(v, dict):
+        for x in v.values():
+            yield from _objects(x)
+    elif _is_object(v):
+        yield v
+
+
 def weights_key(model: torch.nn.Module) -> tuple:
     """The data pointers of what a capture bakes in besides its inputs: ``model``'s parameters and buffers, and the
     tensors its modules hold in tuples or lists (the integration's fused weights; a plain tensor attribute such as
@@ -66,19 +86,43 @@ def weights_key(model: torch.nn.Module) -> tuple:
 
 def capture_with(record: Callable, fn: Callable, kwargs: dict) -> Callable[[dict], object]:
     """Record ``fn`` on copies of ``kwargs``' tensors (nested in dicts / lists / tuples too: a mask mapping) with
-    ``record(run) -> replay_recording`` and return ``replay(kwargs)``: copy the new tensors in, replay."""
+    ``record(run) -> replay_recording`` and return ``replay(kwargs)``: copy the new tensors in, replay. What the
+    replay keeps holds none of ``kwargs``' objects (a cache): the recorded output has them taken out (``run``
+    returns it detached) and each replay puts the call's own back (the same objects: the signature keys them by
+    identity)."""
     from torch.utils._pytree import tree_flatten, tree_unflatten
 
     flat, spec = tree_flatten(kwargs)
     where = [i for i, v in enumerate(flat) if isinstance(v, torch.Tensor)]
     static = [v.clone() if isinstance(v, torch.Tensor) else v for v in flat]
-    replay_recording = record(lambda: fn(**tree_unflatten(static, spec)))
+    inputs = [static[i] for i in where]
+    held = {id(v): i for i, v in enumerate(flat) if _is_object(v)}  # object -> its leaf in kwargs
+
+    def run():
+        """The step's output as ``(output, None)``, or when it contains objects of ``kwargs``: its leaves with
+        ``None`` in their places and ``(spec, [(output leaf, kwargs leaf)])``."""
+        out = fn(**tree_unflatten(static, spec))
+        leaves, out_spec = tree_flatten(out)
+        slots = [(i, held[id(v)]) for i, v in enumerate(leaves) if id(v) in held and v is flat[held[id(v)]]]
+        if not slots:
+            return out, None
+        for i, _ in slots:
+            leaves[i] = None
+        return leaves, (out_spec, slots)
+    replay_recording = record(run)
 
     def replay(kw: dict):
+        new = tree_flatten(kw)[0]
         if where:
-            new = tree_flatten(kw)[0]
-            torch._foreach_copy_([static[i] for i in where], [new[i] for i in where])
-        return replay_recording()
+            torch._foreach_copy_(inputs, [new[i] for i in where])
+        out, detached = replay_recording()
+        if detached is None:
+            return out
+        out_spec, slots = detached
+        leaves = list(out)
+        for i, j in slots:
+            leaves[i] = new[j]
+        return tree_unflatten(leaves, out_spec)
     return replay
 
 
@@ -106,6 +150,7 @@ class StepGraphs:
         self.fn = fn
         self.capture = capture or _cuda_capture
         self.graphs: Dict[tuple, object] = {}
+        self._pinned: list = []  # objects of signatures that cannot be weakly referenced
         self._weights: Optional[tuple] = None
 
     def begin(self, model: torch.nn.Module) -> None:
@@ -113,6 +158,7 @@ class StepGraphs:
         key = weights_key(model)
         if key != self._weights:
             self.graphs.clear()
+            self._pinned.clear()
             self._weights = key
 
     def __call__(self, *args, **kwargs):
@@ -122,6 +168,11 @@ class StepGraphs:
         entry = self.graphs.get(key)
         if entry is None:
             self.graphs[key] = _SEEN
+            for obj in _objects(list(kwargs.values())):  # the key names it by identity: it dies with it
+                try:
+                    weakref.finalize(obj, self.graphs.pop, key, None)
+                except TypeError:  # no weak references: held, so that its identity is never reused
+                    self._pinned.append(obj)
             return self.fn(**kwargs)
         if entry is _SEEN:
             entry = self.graphs[key] = self.capture(self.fn, kwargs)
