@@ -1,8 +1,9 @@
 """Where a decode step's host time goes: ``generate``'s Python, per function, over profiled decode steps.
 
 ``python -m bench.decode_host [--tokens 16384] [--precision w4a16] [--row c1] [--steps 16] [--step-graph]``.
-A row is host-bound when its step's GPU work (``bench.e2e``'s D_gpu) is shorter than the host's work per step: the
-GPU then idles while the host prepares the next step, and D tracks the host's speed. Here: the e2e model and input
+A row is host-bound when its step's GPU work is shorter than the host's work per step (``bench.e2e``'s D_wait,
+the host's unprofiled wait for the GPU, is then ~0): the GPU idles while the host prepares the next step, and D
+tracks the host's speed. Here: the e2e model and input
 (``bench.e2e``), the row enabled as there (``cuda_graph=True``), one warm-up ``generate`` (compiles and captures),
 then one profiled with CUDA activity (the GPU's busy time, span and longest idle gaps per step, named by the
 kernels around them: ``gpu_timeline``) and one with Python stacks (``with_stack=True``), each stopped after

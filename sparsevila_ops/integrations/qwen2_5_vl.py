@@ -139,7 +139,9 @@ def enable(model, prefill_sparsity: float = 0.75, decode_sparsity: float = 0.95,
             ``generate(..., disable_compile=True)`` does for one call.
         step_graph: with ``cuda_graph``, inductor compiles the decode step without its CUDA-graph trees and the
             integration captures and replays it (``integrations.step_graph``: no dynamo guards or tree
-            bookkeeping per token, for host-bound steps). Experimental: not yet measured on a GPU.
+            bookkeeping per token). On the H200 it halves the host's time per decode step (~1.8 -> ~0.95 ms);
+            the 7B model's steps are GPU-bound, so its D stays within 2.5 %: it pays off where a step's GPU work
+            is shorter than the host's.
     """
     if not isinstance(model, hf.Qwen2_5_VLForConditionalGeneration):
         raise TypeError(f"model must be a transformers Qwen2_5_VLForConditionalGeneration; got "

@@ -1,12 +1,12 @@
 """The compiled decode step replayed from CUDA graphs the integration captures itself (model-agnostic).
 
-Why: a host-bound decode step. transformers calls the compiled step once per token; with inductor's CUDA-graph
-trees each call evaluates dynamo's guards, then the tree's Python (input data-pointer checks, the copy of fresh
-inputs into static buffers, bookkeeping) before the replay. On the H200 the 4-bit (0.75, 0.95) Qwen2.5-VL-7B step
-is 1.75 ms of GPU work and 2.41 ms per token; the GPU idles at those two boundaries (``bench/decode_host.py``,
-bench/NOTES.md). ``StepGraphs`` keeps the step compiled by inductor without its CUDA graphs and captures it once
-per input signature: a later call with that signature copies its tensors into the captured inputs (one
-``_foreach_copy_``) and replays, without dynamo or the tree.
+Why: the host's time per decode step. transformers calls the compiled step once per token; with inductor's
+CUDA-graph trees each call evaluates dynamo's guards, then the tree's Python (input data-pointer checks, the copy
+of fresh inputs into static buffers, bookkeeping) before the replay: ~1.8 ms of host time per step on the H200's
+host for Qwen2.5-VL-7B, ~0.95 ms with ``StepGraphs`` (bench/NOTES.md). Where a step's GPU work is shorter than
+that, the host sets the pace. ``StepGraphs`` keeps the step compiled by inductor without its CUDA graphs and
+captures it once per input signature: a later call with that signature copies its tensors into the captured
+inputs (one ``_foreach_copy_``) and replays, without dynamo or the tree.
 
 Each call's work runs exactly once: the first call of a signature runs the compiled step (compiling it), the
 second captures it and replays the capture, later calls replay. The signature is every keyword's shape, stride,
