@@ -13,7 +13,7 @@ For each candidate (the default first, then the space, without duplicates):
 4. timed by ``timer(run, n_sets)`` (ms per call; ``run(i)`` launches on input set ``i``). Rotating input sets
    (copies of the first, enough to exceed twice the L2 cache) keep repeated calls from reading L2. The default
    timer, :func:`cuda_timer`, replays a CUDA graph of one call per set and takes the median of CUDA-event times
-   after warm-up.
+   after warm-up: 20 replays, fewer for calls so long that 20 would exceed ``TIME_BUDGET_MS`` (at least 3).
 
 The fastest correct config wins, but replaces the default only when at least ``MIN_GAIN`` faster (so noise never
 swaps a heuristic for an equal config), and then only if a confirmation agrees: the default and the winner are timed
@@ -24,6 +24,7 @@ again.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import statistics
@@ -41,6 +42,8 @@ from .tunable import Tunable
 MIN_GAIN = 0.02
 CONFIRM_ROUNDS = 3
 MAX_SETS = 8
+TIME_BUDGET_MS = 300.0  # per timing of a candidate (cuda_timer's budget_ms)
+MIN_ITERS = 3  # timed replays, however long
 JOBS = min(32, os.cpu_count() or 1)  # compile threads: one per CPU, at most 32
 FROM_DEVICE = "the device's"
 OK, PRUNED, FAILED, WRONG = "ok", "pruned", "failed", "wrong"
@@ -154,10 +157,22 @@ def auto_sets(args: tuple) -> int:
     return max(1, min(MAX_SETS, math.ceil(2 * l2 / max(1, sum(storages.values())))))
 
 
-def cuda_timer(run: Callable[[int], None], n_sets: int, *, warmup: int = 3, iters: int = 20) -> float:
+def replays_within(first_ms: float, warmup: int, iters: int, budget_ms: Optional[float]) -> Tuple[int, int]:
+    """(warm-up replays after the first, timed replays) for a replay that took ``first_ms``: ``warmup - 1`` and
+    ``iters``, or with ``budget_ms`` as many as fit in it, but at least ``MIN_ITERS`` timed ones (a 250 ms prefill
+    is timed 3 times, not 20: its run-to-run spread is far below the tuner's ``MIN_GAIN``)."""
+    if budget_ms is None:
+        return warmup - 1, iters
+    fit = int(budget_ms // max(first_ms, 1e-9))
+    timed = max(MIN_ITERS, min(iters, fit))
+    return (warmup - 1 if fit >= warmup - 1 + timed else 0), timed
+
+
+def cuda_timer(run: Callable[[int], None], n_sets: int, *, warmup: int = 3, iters: int = 20,
+               budget_ms: Optional[float] = None) -> float:
     """Median ms per call: one CUDA graph runs every input set once and is replayed ``warmup`` + ``iters`` times
-    with CUDA events around each replay. A launch that cannot be captured (a host-to-device copy) is timed as
-    eager calls instead."""
+    with CUDA events around each replay (with ``budget_ms``: fewer for long replays, ``replays_within``). A launch
+    that cannot be captured (a host-to-device copy) is timed as eager calls instead."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):  # JIT compiles and allocator growth happen outside capture
@@ -176,6 +191,12 @@ def cuda_timer(run: Callable[[int], None], n_sets: int, *, warmup: int = 3, iter
         def step():
             for i in range(n_sets):
                 run(i)
+    first = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+    first[0].record()
+    step()  # the first warm-up replay, timed to size the rest
+    first[1].record()
+    first[1].synchronize()
+    warmup, iters = replays_within(first[0].elapsed_time(first[1]), warmup, iters, budget_ms)
     for _ in range(warmup):
         step()
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
@@ -190,9 +211,10 @@ def cuda_timer(run: Callable[[int], None], n_sets: int, *, warmup: int = 3, iter
 
 
 def default_timer(device: torch.device) -> Timer:
+    """:func:`cuda_timer` within ``TIME_BUDGET_MS`` per timing."""
     if device.type != "cuda":
         raise ValueError("timing needs a CUDA device; pass timer= to time elsewhere")
-    return cuda_timer
+    return functools.partial(cuda_timer, budget_ms=TIME_BUDGET_MS)
 
 
 def measure(tunable: Tunable, args: tuple, configs: Optional[Sequence[dict]] = None, *, problem=None,

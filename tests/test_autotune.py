@@ -359,6 +359,20 @@ def test_the_default_winning_the_trials_is_not_timed_again(fake, cost):
     assert (r.ms, r.default_ms) == (cost[16], cost[16])
 
 
+def test_long_calls_are_timed_fewer_times_within_the_budget():
+    """``cuda_timer``'s replay counts: as asked without a budget or for short calls; within the budget for long
+    ones, never fewer than ``MIN_ITERS`` timed replays; the tuner's default timer has the budget."""
+    assert tuner.replays_within(250.0, 3, 20, None) == (2, 20)
+    assert tuner.replays_within(0.01, 3, 20, 300.0) == (2, 20)
+    assert tuner.replays_within(20.0, 3, 20, 300.0) == (0, 15)
+    assert tuner.replays_within(10.0, 3, 20, 300.0) == (2, 20)
+    assert tuner.replays_within(250.0, 3, 20, 300.0) == (0, tuner.MIN_ITERS)
+    assert tuner.replays_within(100.0, 3, 20, 300.0) == (0, 3)
+    assert tuner.default_timer(torch.device("cuda")).keywords == {"budget_ms": tuner.TIME_BUDGET_MS}
+    with pytest.raises(ValueError, match="CUDA device"):
+        tuner.default_timer(torch.device("cpu"))
+
+
 def test_accumulating_outputs_are_reset_between_trials(tmp_path, monkeypatch):
     f = Fake(tmp_path / "fake_kernel.py", accumulate=True)
     monkeypatch.setitem(problems.PROBLEMS, "fake_op", Problem((1,), f.reference, None, {}))
