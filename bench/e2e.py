@@ -21,7 +21,9 @@ weight values), the inputs ``demo.video_inputs``:
 - rows: (a) stock transformers (SDPA, stock vision loop, ``StaticCache`` + the decode step compiled into CUDA
   graphs as ``generate`` does); (b) ours at sparsities (0, 0): our vision attention in one launch per block, our
   prefill and decode kernels, decode step compiled as the integration compiles it (``enable(..., cuda_graph=True)``:
-  transformers' CUDA graphs plus inductor's PDL on Hopper, ``decode_compile``; ``--no-inductor-pdl``: without);
+  transformers' CUDA graphs plus inductor's PDL on Hopper, ``decode_compile``; ``--no-inductor-pdl``: without;
+  ``SPARSEVILA_PDL=0`` turns it off in our kernels too, ``kernel_pdl`` in the rows: with both off a profiled
+  kernel's duration is its own, not also its wait for the one before);
   (c) ours at (0.75, 0.95), (0.70, 0.85) and (0.90, 0). Every row in bf16 and with the LLM's linear layers in 4-bit
   (``quantize_model_linears``, group 128; the vision tower and lm_head stay bf16). Speedups are over row (b) of
   the same input and precision;
@@ -54,6 +56,7 @@ from torch._dynamo.utils import counters
 
 from bench.common import copy_bandwidth_tbps, require_gpu, write_results
 from sparsevila_ops.integrations.demo import QWEN25_VL_7B, StageTimer, build_model, stage_row, video_inputs
+from sparsevila_ops._device import use_pdl
 from sparsevila_ops.integrations.decode_compile import decode_compile_config
 
 ANSWER_TOKENS = 1500
@@ -489,7 +492,8 @@ def run(targets: Sequence[int], precisions: Sequence[str], rows: Sequence[str], 
             print(f"{precision}: video {video['frames']} frames of {video['px']}x{video['px']} px -> "
                   f"{video['visual_tokens']} visual tokens, prompt {inputs['input_ids'].shape[1]} tokens", flush=True)
             for key in rows:
-                raw += [{**r, "inductor_pdl": pdl and key != "a", "step_graph": step_graph and key != "a"}
+                raw += [{**r, "inductor_pdl": pdl and key != "a", "kernel_pdl": use_pdl(dev) and key != "a",
+                         "step_graph": step_graph and key != "a"}
                         for r in run_rows(model, inputs, [key], decode_steps=decode_steps, precision=precision,
                                           video=video, profile_steps=profile_steps, step_graph=step_graph)]
                 if done is not None:
@@ -501,7 +505,7 @@ def run(targets: Sequence[int], precisions: Sequence[str], rows: Sequence[str], 
 
 COLUMNS = ["input", "frames", "px", "precision", "row", "setting", "kept_visual", "kv_tokens", "E_ms", "P_ms",
            "D_ms", "D_floor_ms", "D_over_floor", "D_gpu_ms", "D_gpu_over_floor", "D_wait_ms", "E2E_s", "E_speedup", "P_speedup",
-           "D_speedup", "E2E_speedup", "graphs_compiled_in_timed_run", "inductor_pdl", "step_graph"]
+           "D_speedup", "E2E_speedup", "graphs_compiled_in_timed_run", "inductor_pdl", "kernel_pdl", "step_graph"]
 
 
 def plot_stacked(rows: List[dict], answer_tokens: int = ANSWER_TOKENS):
