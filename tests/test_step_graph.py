@@ -198,6 +198,24 @@ def test_generate_replays_the_step_with_the_same_tokens(monkeypatch, sparsity):
     assert all(torch.equal(g, want) for g in got) and (cap.captures, cap.replays) == (1, 4 + 5)
 
 
+def test_generate_replays_a_left_padded_sampled_batch_with_the_same_tokens(monkeypatch):
+    """A batch of two left-padded prompts, sampled with one seed: the replayed step gives the uncaptured compiled
+    decode's tokens (the sampling happens outside the step, on the same logits)."""
+    from qwen_tiny import batch_of_two
+    cap = FakeCapture()
+    monkeypatch.setattr(sg, "_cuda_capture", cap)
+    model, inputs = tiny_model(seed=6), batch_of_two()
+    real_generate = type(model).generate
+
+    def seeded(self, *a, **k):  # the same sampling stream for every generate
+        torch.manual_seed(11)
+        return real_generate(self, *a, **k)
+    monkeypatch.setattr(type(model), "generate", seeded)
+    want, got = _without_then_with_step_graph(model, inputs, (0.5, 0.9), 2, max_new_tokens=5, do_sample=True,
+                                              top_k=20, compile_config=_eager_compile())
+    assert all(torch.equal(g, want) for g in got) and cap.captures == 1 and cap.replays == 3 + 4
+
+
 def test_step_graph_needs_cuda_graph():
     model = tiny_model()
     with pytest.raises(ValueError, match="step_graph captures the compiled decode step: it needs cuda_graph=True"):
