@@ -171,14 +171,17 @@ def test_gpu_name_asks_the_device_once_per_device(monkeypatch):
     without an index (the current one, which may change)."""
     from sparsevila_ops import _device
     asked = []
-    monkeypatch.setattr(_device, "_REMEMBERED", {})
     monkeypatch.setattr(_device, "_index", lambda device: 0 if device.index is None else device.index)
     monkeypatch.setattr(_device, "_gpu_name", lambda index: asked.append(index) or "NVIDIA H200")
     monkeypatch.setattr(_device, "_sm_count", lambda index: asked.append(-index) or 132)
-    devices = [torch.device(d) for d in ("cuda:1", "cuda:1", "cuda", "cuda", "cpu", "cpu")]
-    assert [gpu_name(d) for d in devices] == ["NVIDIA H200"] * 4 + ["cpu"] * 2
-    assert [_device.sm_count(d) for d in devices] == [132] * 4 + [4] * 2
-    assert asked == [1, 0, 0, -1, 0, 0]
+    _device._forget()
+    try:
+        devices = [torch.device(d) for d in ("cuda:1", "cuda:1", "cuda", "cuda", "cpu", "cpu")]
+        assert [gpu_name(d) for d in devices] == ["NVIDIA H200"] * 4 + ["cpu"] * 2
+        assert [_device.sm_count(d) for d in devices] == [132] * 4 + [4] * 2
+        assert asked == [1, 0, 0, -1, 0, 0]
+    finally:
+        _device._forget()  # the fake answers are not the real devices'
 
 
 @pytest.mark.parametrize("name", sorted(f"{op}/{backend}" for op, backend in autotune.KERNELS))
