@@ -11,6 +11,7 @@ from qwen_tiny import IMG, batch_of_two, tiny_model, visual_inputs  # noqa: E402
 from sparsevila_ops import integrations  # noqa: E402
 from sparsevila_ops.integrations import attention as attn_mod  # noqa: E402
 from sparsevila_ops.integrations.cache import packed_mismatch  # noqa: E402
+from sparsevila_ops.integrations import pipeline  # noqa: E402
 from sparsevila_ops.integrations import qwen2_5_vl as sv  # noqa: E402
 from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as hf  # noqa: E402
 from transformers.vision_utils import get_vision_window_index  # noqa: E402
@@ -366,7 +367,7 @@ def test_deferred_stop_check_rolls_back_the_extra_step(model, enabled, device, m
     monkeypatch.setattr(torch, "Event", _HostEvent)
     monkeypatch.setattr(cache_mod.gen_utils.DeferredStopCheck, "__call__",
                         lambda self, *a: deferred.append(1) or orig_check(self, *a))
-    monkeypatch.setattr(sv, "deferred_stop_checks", lambda: cache_mod.deferred_stop_checks(("cuda", "cpu")))
+    monkeypatch.setattr(pipeline, "deferred_stop_checks", lambda: cache_mod.deferred_stop_checks(("cuda", "cpu")))
     out = run(eos)
     assert deferred, "the deferred stop check did not run"
     assert sync[0].shape[1] < inputs["input_ids"].shape[1] + 6  # the EOS stop came before max_new_tokens

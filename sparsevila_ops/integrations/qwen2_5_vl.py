@@ -16,7 +16,7 @@
   (``prune_visual_tokens``), and calls the original ``generate`` with the kept embeddings and their original
   3-D mRoPE positions (sliced from ``get_rope_index`` of the full sequence; ``rope_deltas`` set for later
   turns). It passes a ``SparseVILACache`` and returns the caller's full ``input_ids`` followed by the new
-  tokens, as vanilla ``generate`` does.
+  tokens, as vanilla ``generate`` does (``pipeline.generate`` with this model's ``_HOOKS``: the pruning above).
 - **LLM decoder layers**: q/k/v and gate/up projections each run as one GEMV over a concatenated weight
   (``fused.fuse``; the original weights become views of it).
 - **LLM attention**: ``sparsevila_attention`` (``AttentionInterface``) for the text config: prefill with the
@@ -40,67 +40,24 @@ from ..salience import visual_salience
 from ..select import prune_visual_tokens
 from . import fused
 from .fused import triton_elementwise
-from .attention import ATTN_NAME, LLMState, segment_lengths, sparsevila_attention, varlen_attention
-from .cache import SparseVILACache, deferred_stop_checks
-from .decode_compile import with_decode_compile
-from .step_graph import StepGraphs, install, uninstall
+from . import pipeline
+from .attention import ATTN_NAME, segment_lengths, sparsevila_attention, varlen_attention
+from .pipeline import PipelineState, check_sparsity
+from .step_graph import install, uninstall
 
 __all__ = ["enable", "disable", "SparseVILAState"]
 
 
-class SparseVILAState:
-    """What ``enable`` attached to a model (``model._sparsevila``)."""
+class SparseVILAState(PipelineState):
+    """What ``enable`` attached to a model (``model._sparsevila``): the pipeline's state and the vision tower's."""
 
     def __init__(self, model, prefill_sparsity: float, decode_sparsity: float, salience_layer: int,
                  cuda_graph: bool, step_graph: bool = False):
-        self.prefill_sparsity, self.decode_sparsity = prefill_sparsity, decode_sparsity
-        self.salience_layer, self.cuda_graph, self.step_graph = salience_layer, cuda_graph, step_graph
-        self.step_graphs: Optional[StepGraphs] = None  # the decode step's own graphs (step_graph)
-        self.text_config = model.config.text_config
-        self.llm = LLMState(self.text_config.num_hidden_layers)
-        self._graph_cache: Optional[SparseVILACache] = None  # reused by new_cache while cuda_graph
-        self.prev_attn = model.config.text_config._attn_implementation
+        super().__init__(model, prefill_sparsity, decode_sparsity, cuda_graph, step_graph)
+        self.salience_layer = salience_layer
         self.collect_salience = False
         self.salience_window_order: List[torch.Tensor] = []  # per visual() call, patch level, window order
-        self.last_kept: Optional[torch.Tensor] = None  # merged-token indices kept by the last pruning
-        self.last_salience: Optional[torch.Tensor] = None  # patch-level salience, original order
         self._seg_lens: dict = {}  # id(cu_seqlens) -> (cu_seqlens, host lengths), for one vision forward
-
-    def new_cache(self, like: torch.Tensor, capacity: int) -> SparseVILACache:
-        """The cache of a ``generate`` called without one. With ``cuda_graph`` it is the previous such call's,
-        emptied, while it holds ``capacity`` tokens and matches ``like``'s batch size, dtype, device and inference
-        mode (as transformers reuses its static cache): captured decode graphs replay on fixed buffer addresses, so
-        a new cache per call would record new graphs every call. A cache the caller got back (``hand_out``) is
-        never reused; the kept one stays allocated until ``disable``."""
-        text = self.text_config
-        old = self._graph_cache
-        if (self.cuda_graph and old is not None and old.capacity >= capacity and old.allocated
-                and (old.batch_size_, old.k.dtype, old.k.device) == (like.shape[0], like.dtype, like.device)
-                and old.k.is_inference() == torch.is_inference_mode_enabled()):  # inference tensors stay inside
-            old.reset()
-            return old
-        cache = SparseVILACache(text.num_hidden_layers, capacity, 1.0 - self.decode_sparsity,
-                                cuda_graph=self.cuda_graph)
-        if self.cuda_graph:
-            self._graph_cache = cache
-        return cache
-
-    def graphs_of(self, model, compiled, compile_config):
-        """``generate``'s compiled decode step (``step_graph.install``): the one ``StepGraphs`` over it when
-        inductor compiled it capturing nothing (``decode_compile_config(..., cudagraphs=False)``), else
-        ``compiled`` itself."""
-        if compile_config is None or compile_config.mode is not None \
-                or (compile_config.options or {}).get("triton.cudagraphs") is not False:
-            return compiled
-        if self.step_graphs is None or self.step_graphs.fn is not compiled:
-            self.step_graphs = StepGraphs(compiled)
-            self.step_graphs.begin(model)
-        return self.step_graphs
-
-    def hand_out(self, cache: SparseVILACache) -> None:
-        """``cache`` goes back to the caller (``return_dict_in_generate``), who may continue from it: never reuse it."""
-        if self._graph_cache is cache:
-            self._graph_cache = None
 
     def segment_lengths(self, cu_seqlens: torch.Tensor) -> List[int]:
         """Host segment lengths, one device sync per distinct ``cu_seqlens``: the tower hands the same frame and
@@ -109,14 +66,6 @@ class SparseVILAState:
         if hit is None or hit[0] is not cu_seqlens:
             hit = self._seg_lens[id(cu_seqlens)] = (cu_seqlens, segment_lengths(cu_seqlens))
         return hit[1]
-
-
-def _check_sparsity(name: str, x) -> float:
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
-        raise TypeError(f"{name} must be a float in [0, 1); got {type(x).__name__}")
-    if not 0.0 <= float(x) < 1.0:
-        raise ValueError(f"{name} must be in [0, 1) (the fraction of visual tokens dropped); got {x}")
-    return float(x)
 
 
 def enable(model, prefill_sparsity: float = 0.75, decode_sparsity: float = 0.95, *,
@@ -148,8 +97,8 @@ def enable(model, prefill_sparsity: float = 0.75, decode_sparsity: float = 0.95,
                         f"{type(model).__name__}")
     if getattr(model, "_sparsevila", None) is not None:
         raise RuntimeError("sparsevila is already enabled on this model; call disable(model) first")
-    prefill_sparsity = _check_sparsity("prefill_sparsity", prefill_sparsity)
-    decode_sparsity = _check_sparsity("decode_sparsity", decode_sparsity)
+    prefill_sparsity = check_sparsity("prefill_sparsity", prefill_sparsity)
+    decode_sparsity = check_sparsity("decode_sparsity", decode_sparsity)
     vcfg = model.config.vision_config
     full = list(vcfg.fullatt_block_indexes)
     if salience_layer is None:
@@ -179,7 +128,7 @@ def enable(model, prefill_sparsity: float = 0.75, decode_sparsity: float = 0.95,
         norm.forward = types.MethodType(_rms_norm_forward, norm)
     visual.forward = functools.partial(_visual_forward, visual.forward, state, visual)
     visual.patch_embed.forward = types.MethodType(_patch_embed_forward, visual.patch_embed)
-    model.generate = functools.partial(_generate, model.generate, model)
+    model.generate = functools.partial(pipeline.generate, model.generate, model, _HOOKS)
     return model
 
 
@@ -267,74 +216,7 @@ def _visual_forward(orig, state: SparseVILAState, visual, hidden_states, grid_th
 
 
 # -- generate ----------------------------------------------------------------------------------------------
-_VISUAL_KWARGS = ("pixel_values", "pixel_values_videos", "image_grid_thw", "video_grid_thw",
-                  "second_per_grid_ts", "mm_token_type_ids")
-
-
-@torch.no_grad()  # as transformers' generate: pruning's encoder forward must not record an autograd graph
-def _generate(orig_generate, model, input_ids: Optional[torch.Tensor] = None, **kwargs):
-    state: SparseVILAState = model._sparsevila
-    _fuse(model)  # the weights may have been replaced or moved since enable
-    if input_ids is None:
-        input_ids = kwargs.pop("inputs", None)
-    if input_ids is None or "inputs_embeds" in kwargs:
-        raise ValueError("input_ids must be given (inputs_embeds is not supported while sparsevila is enabled)")
-    gen_cfg = kwargs.get("generation_config") or model.generation_config
-    for name in ("num_beams", "num_return_sequences"):
-        if int(kwargs.get(name, getattr(gen_cfg, name, 1) or 1)) != 1:
-            raise ValueError(f"{name} must be 1 while sparsevila is enabled (the cache holds one row per prompt)")
-    if kwargs.get("assistant_model") is not None or kwargs.get("prompt_lookup_num_tokens"):
-        raise ValueError("assisted decoding is not supported while sparsevila is enabled")
-    B, L = input_ids.shape
-    mask = kwargs.pop("attention_mask", None)
-    mask = torch.ones_like(input_ids) if mask is None else mask
-    _left_pads(mask)  # refuses right padding before anything runs
-    cache = kwargs.pop("past_key_values", None)
-    max_new = kwargs.get("max_new_tokens", gen_cfg.max_new_tokens)
-    if max_new is None:
-        max_new = max(int(kwargs.get("max_length", gen_cfg.max_length)) - L, 0)
-    cfg = model.config
-    like = _like(model, B, input_ids.device)
-    if cache is None:
-        cache = state.new_cache(like, L + max_new)
-        if kwargs.get("return_dict_in_generate", gen_cfg.return_dict_in_generate):
-            state.hand_out(cache)  # the caller gets it: a later call must not empty it
-    elif not isinstance(cache, SparseVILACache):
-        raise TypeError(f"past_key_values must be the SparseVILACache returned by an earlier generate (or None) "
-                        f"while sparsevila is enabled; got {type(cache).__name__}")
-    seen = int(cache.get_seq_length())
-    has_visual = kwargs.get("pixel_values") is not None or kwargs.get("pixel_values_videos") is not None
-    call_ids, call_mask = input_ids, mask
-    if seen == 0 and has_visual and state.prefill_sparsity > 0:
-        call_ids, call_mask, embeds, positions = _prune_prompt(model, state, input_ids, mask, kwargs)
-        for key in _VISUAL_KWARGS:
-            kwargs.pop(key, None)
-        kwargs.update(inputs_embeds=embeds, position_ids=positions)
-        cache.prompt_map = (L, call_ids, call_mask)
-    elif seen > 0:
-        for key in _VISUAL_KWARGS[:5]:  # the visual tokens of earlier turns are in the cache already
-            kwargs.pop(key, None)
-        if cache.prompt_map is not None:  # the cache holds the pruned prompt: drop the same tokens again
-            L1, ids1, mask1 = cache.prompt_map
-            call_ids = torch.cat([ids1, input_ids[:, L1:]], dim=1)
-            call_mask = torch.cat([mask1, mask[:, L1:]], dim=1)
-            kwargs.pop("mm_token_type_ids", None)
-    new = call_mask[:, seen:]
-    pads = _left_pads(new)
-    spans = _visual_spans(call_ids[:, seen:], pads, cfg)
-    cache.begin_prefill(like, new.shape[1], pads, spans, reserve=max_new)
-    state.llm.cache = cache
-    try:
-        with deferred_stop_checks():
-            kwargs = with_decode_compile(kwargs, gen_cfg, like.device, state.cuda_graph, state.step_graph)
-            if state.step_graphs is not None:
-                state.step_graphs.begin(model)
-            out = orig_generate(input_ids=call_ids, attention_mask=call_mask, past_key_values=cache, **kwargs)
-        cache.sync_full()
-    finally:
-        state.llm.cache = None
-        cache.prefill = None
-    return _restore_prompt(out, input_ids, call_ids.shape[1])
+_VISUAL_KWARGS = ("pixel_values", "pixel_values_videos", "image_grid_thw", "video_grid_thw", "second_per_grid_ts")
 
 
 def _fuse(model) -> None:
@@ -343,49 +225,6 @@ def _fuse(model) -> None:
     fused.fuse(model.model.language_model.layers, hf.apply_rotary_pos_emb, hf.eager_attention_forward,
                standard_rope=True)  # Qwen2.5-VL's text rope: mrope sections are merged into cos / sin already
     fused.fuse(model.model.visual.blocks)
-
-
-def _like(model, B: int, device) -> torch.Tensor:
-    """An empty ``[B, Hk, 0, D]`` tensor with the text model's KV dtype and device (for cache allocation)."""
-    t = model.config.text_config
-    head_dim = getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads
-    return torch.empty(B, t.num_key_value_heads, 0, head_dim, dtype=model.dtype, device=device)
-
-
-def _left_pads(mask: torch.Tensor) -> List[int]:
-    """Leading zeros per row of a ``[B, n]`` 0/1 mask; padding anywhere else is refused."""
-    pads = []
-    for b, row in enumerate(mask.tolist()):
-        pad = next((i for i, m in enumerate(row) if m), len(row))
-        if not all(row[pad:]):
-            raise ValueError(f"attention_mask row {b} has padding after its first token: sparsevila supports "
-                             f"left padding only (tokenizer padding_side='left')")
-        pads.append(pad)
-    return pads
-
-
-def _visual_spans(ids: torch.Tensor, pads: List[int], cfg) -> Optional[List[Tuple[int, int]]]:
-    """Per row, ``[vs, ve)`` from the first to past the last image/video token, relative to the row's first
-    valid token (``(0, 0)`` for a row without visual tokens); None when no row has one (a later turn's question:
-    the cache keeps the spans it has)."""
-    vis = (ids == cfg.image_token_id) | (ids == cfg.video_token_id)
-    if not bool(vis.any()):
-        return None
-    spans = []
-    for b, pad in enumerate(pads):
-        pos = torch.nonzero(vis[b, pad:]).flatten().tolist()
-        spans.append((pos[0], pos[-1] + 1) if pos else (0, 0))
-    return spans
-
-
-def _restore_prompt(out, input_ids: torch.Tensor, n_call: int):
-    """Generated sequences as vanilla ``generate`` returns them: the caller's prompt, then the new tokens."""
-    seq = out if isinstance(out, torch.Tensor) else out.sequences
-    full = torch.cat([input_ids, seq[:, n_call:]], dim=1)
-    if isinstance(out, torch.Tensor):
-        return full
-    out.sequences = full
-    return out
 
 
 def _prune_prompt(model, state: SparseVILAState, input_ids: torch.Tensor, mask: torch.Tensor, kwargs: dict):
@@ -456,3 +295,7 @@ def _mm_token_types(input_ids: torch.Tensor, cfg, kwargs: dict) -> torch.Tensor:
     types_[input_ids == cfg.image_token_id] = 1
     types_[input_ids == cfg.video_token_id] = 2
     return types_
+
+
+_HOOKS = pipeline.Hooks(fuse=_fuse, prune_prompt=_prune_prompt, visual_kwargs=_VISUAL_KWARGS,
+                        token_kwargs=("mm_token_type_ids",))
