@@ -1,7 +1,7 @@
 """HF transformers integrations (``pip install sparsevila_ops[hf]``, transformers 5.17).
 
 ``enable(model, prefill_sparsity=0.75, decode_sparsity=0.95)`` picks the integration by model type
-(Qwen2.5-VL today); ``disable(model)`` undoes it. The shared parts are model-agnostic: ``SparseVILACache``, the
+(Qwen2.5-VL; LLaVA-OneVision, whose videos are pruned); ``disable(model)`` undoes it. The shared parts are model-agnostic: ``SparseVILACache``, the
 attention functions (``attention``), the fused q/k/v and gate/up projections (``fused``), the pipeline's
 ``generate`` with its cache handling, prompt pruning seam (``pipeline.Hooks``) and multi-turn bookkeeping
 (``pipeline``), and the decode step's own CUDA graphs (``step_graph``); a model's module keeps its vision tower
@@ -27,5 +27,8 @@ def _module_for(model):
     if model_type == "qwen2_5_vl":
         from . import qwen2_5_vl
         return qwen2_5_vl
-    raise TypeError(f"model must be a supported HF model (model_type 'qwen2_5_vl'); got {type(model).__name__} "
-                    f"with model_type {model_type!r}")
+    if model_type == "llava_onevision":
+        from . import llava_onevision
+        return llava_onevision
+    raise TypeError(f"model must be a supported HF model (model_type 'qwen2_5_vl' or 'llava_onevision'); got "
+                    f"{type(model).__name__} with model_type {model_type!r}")

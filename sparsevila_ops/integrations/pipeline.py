@@ -16,15 +16,18 @@ visual inputs as keywords (``pixel_values``, ``pixel_values_videos``, ...) and a
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Tuple
 
 import torch
+from transformers import AttentionInterface
 
-from .attention import LLMState
+from . import fused
+from .attention import ATTN_NAME, LLMState, sparsevila_attention
 from .cache import SparseVILACache, deferred_stop_checks
 from .decode_compile import with_decode_compile
-from .step_graph import StepGraphs
+from .step_graph import StepGraphs, install, uninstall
 
 PIXEL_KWARGS = ("pixel_values", "pixel_values_videos")  # a call with either has visual inputs
 
@@ -43,6 +46,48 @@ class Hooks:
     prune_prompt: Callable
     visual_kwargs: Tuple[str, ...]
     token_kwargs: Tuple[str, ...] = ()
+
+
+def check_enable(model, model_class: type, prefill_sparsity, decode_sparsity, cuda_graph: bool,
+                 step_graph: bool) -> Tuple[float, float]:
+    """``enable``'s checks of what every model shares; returns the two sparsities as floats."""
+    if not isinstance(model, model_class):
+        raise TypeError(f"model must be a transformers {model_class.__name__}; got {type(model).__name__}")
+    if getattr(model, "_sparsevila", None) is not None:
+        raise RuntimeError("sparsevila is already enabled on this model; call disable(model) first")
+    if step_graph and not cuda_graph:
+        raise ValueError("step_graph captures the compiled decode step: it needs cuda_graph=True")
+    return check_sparsity("prefill_sparsity", prefill_sparsity), check_sparsity("decode_sparsity", decode_sparsity)
+
+
+def attach(model, state: "PipelineState", hooks: Hooks) -> None:
+    """The LLM side of ``enable``: ``state`` as ``model._sparsevila``, ``sparsevila_attention`` for the text
+    config, the fused projections, ``generate`` through :func:`generate` with ``hooks`` (and the decode step's own
+    graphs with ``state.step_graph``)."""
+    model._sparsevila = state
+    if state.step_graph:
+        install(model, state.graphs_of)
+    AttentionInterface.register(ATTN_NAME, sparsevila_attention)
+    model.set_attn_implementation({"text_config": ATTN_NAME})
+    for layer in model.model.language_model.layers:
+        layer.self_attn._sparsevila_state = state.llm
+    hooks.fuse(model)
+    model.generate = functools.partial(generate, model.generate, model, hooks)
+
+
+def detach(model) -> "PipelineState":
+    """Undo :func:`attach`; returns the state it removed."""
+    state = getattr(model, "_sparsevila", None)
+    if state is None:
+        raise RuntimeError("sparsevila is not enabled on this model")
+    model.__dict__.pop("generate", None)
+    uninstall(model)
+    for layer in model.model.language_model.layers:
+        layer.self_attn.__dict__.pop("_sparsevila_state", None)
+    fused.unfuse(model.model.language_model.layers)
+    model.set_attn_implementation({"text_config": state.prev_attn})
+    model._sparsevila = None
+    return state
 
 
 def check_sparsity(name: str, x) -> float:
@@ -217,3 +262,24 @@ def restore_prompt(out, input_ids: torch.Tensor, n_call: int):
         return full
     out.sequences = full
     return out
+
+
+def compact_prompt(input_ids: torch.Tensor, mask: torch.Tensor, keep: torch.Tensor, embeds: torch.Tensor,
+                   pad_id: int, positions: Optional[torch.Tensor] = None):
+    """A pruned prompt: per row the tokens where ``keep [B, L]`` is set, in order, left-padded to the longest row
+    (``pad_id``, mask 0). Returns ``(ids [B, L'], mask [B, L'], embeds [B, L', H], positions [..., B, L'] or
+    None)``, ``positions [..., B, L]`` compacted the same way."""
+    counts = keep.sum(1).tolist()
+    B, Lp = input_ids.shape[0], max(counts)
+    ids = input_ids.new_full((B, Lp), pad_id)
+    new_mask = mask.new_zeros(B, Lp)
+    new_embeds = embeds.new_zeros(B, Lp, embeds.shape[-1])
+    pos = None if positions is None else positions.new_zeros(*positions.shape[:-2], B, Lp)
+    for b, n in enumerate(counts):
+        sel = keep[b]
+        ids[b, Lp - n:] = input_ids[b, sel]
+        new_mask[b, Lp - n:] = 1
+        new_embeds[b, Lp - n:] = embeds[b, sel]
+        if pos is not None:
+            pos[..., b, Lp - n:] = positions[..., b, sel]
+    return ids, new_mask, new_embeds, pos

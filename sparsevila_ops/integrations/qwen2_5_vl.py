@@ -32,18 +32,15 @@ from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-from transformers import AttentionInterface
 from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as hf
 from transformers.vision_utils import get_vision_window_index
 
 from ..salience import visual_salience
 from ..select import prune_visual_tokens
-from . import fused
+from . import fused, pipeline
+from .attention import segment_lengths, varlen_attention
 from .fused import triton_elementwise
-from . import pipeline
-from .attention import ATTN_NAME, segment_lengths, sparsevila_attention, varlen_attention
-from .pipeline import PipelineState, check_sparsity
-from .step_graph import install, uninstall
+from .pipeline import PipelineState
 
 __all__ = ["enable", "disable", "SparseVILAState"]
 
@@ -92,13 +89,8 @@ def enable(model, prefill_sparsity: float = 0.75, decode_sparsity: float = 0.95,
             the 7B model's steps are GPU-bound, so its D stays within 2.5 %: it pays off where a step's GPU work
             is shorter than the host's.
     """
-    if not isinstance(model, hf.Qwen2_5_VLForConditionalGeneration):
-        raise TypeError(f"model must be a transformers Qwen2_5_VLForConditionalGeneration; got "
-                        f"{type(model).__name__}")
-    if getattr(model, "_sparsevila", None) is not None:
-        raise RuntimeError("sparsevila is already enabled on this model; call disable(model) first")
-    prefill_sparsity = check_sparsity("prefill_sparsity", prefill_sparsity)
-    decode_sparsity = check_sparsity("decode_sparsity", decode_sparsity)
+    prefill_sparsity, decode_sparsity = pipeline.check_enable(
+        model, hf.Qwen2_5_VLForConditionalGeneration, prefill_sparsity, decode_sparsity, cuda_graph, step_graph)
     vcfg = model.config.vision_config
     full = list(vcfg.fullatt_block_indexes)
     if salience_layer is None:
@@ -109,17 +101,8 @@ def enable(model, prefill_sparsity: float = 0.75, decode_sparsity: float = 0.95,
         kind = "a window-attention block" if 0 <= salience_layer < vcfg.depth else "not a vision block"
         raise ValueError(f"salience_layer must be a full-attention vision block (one of fullatt_block_indexes = "
                          f"{full}); got {salience_layer}, {kind}")
-    if step_graph and not cuda_graph:
-        raise ValueError("step_graph captures the compiled decode step: it needs cuda_graph=True")
     state = SparseVILAState(model, prefill_sparsity, decode_sparsity, salience_layer, cuda_graph, bool(step_graph))
-    model._sparsevila = state
-    if step_graph:
-        install(model, state.graphs_of)
-    AttentionInterface.register(ATTN_NAME, sparsevila_attention)
-    model.set_attn_implementation({"text_config": ATTN_NAME})
-    for layer in model.model.language_model.layers:
-        layer.self_attn._sparsevila_state = state.llm
-    _fuse(model)
+    pipeline.attach(model, state, _HOOKS)
     visual = model.model.visual
     for i, blk in enumerate(visual.blocks):
         blk.attn.forward = types.MethodType(functools.partial(_vision_attn_forward, state=state,
@@ -128,18 +111,12 @@ def enable(model, prefill_sparsity: float = 0.75, decode_sparsity: float = 0.95,
         norm.forward = types.MethodType(_rms_norm_forward, norm)
     visual.forward = functools.partial(_visual_forward, visual.forward, state, visual)
     visual.patch_embed.forward = types.MethodType(_patch_embed_forward, visual.patch_embed)
-    model.generate = functools.partial(pipeline.generate, model.generate, model, _HOOKS)
     return model
 
 
 def disable(model):
     """Undo ``enable``: vanilla attention, vision tower and ``generate``; returns ``model``."""
-    state = getattr(model, "_sparsevila", None)
-    if state is None:
-        raise RuntimeError("sparsevila is not enabled on this model")
-    for name in ("generate",):
-        model.__dict__.pop(name, None)
-    uninstall(model)
+    pipeline.detach(model)
     visual = model.model.visual
     visual.__dict__.pop("forward", None)
     visual.patch_embed.__dict__.pop("forward", None)
@@ -147,12 +124,7 @@ def disable(model):
         blk.attn.__dict__.pop("forward", None)
     for norm in _vision_norms(visual):
         norm.__dict__.pop("forward", None)
-    for layer in model.model.language_model.layers:
-        layer.self_attn.__dict__.pop("_sparsevila_state", None)
-    fused.unfuse(model.model.language_model.layers)
-    fused.unfuse(model.model.visual.blocks)
-    model.set_attn_implementation({"text_config": state.prev_attn})
-    model._sparsevila = None
+    fused.unfuse(visual.blocks)
     return model
 
 
@@ -268,19 +240,9 @@ def _prune_prompt(model, state: SparseVILAState, input_ids: torch.Tensor, mask: 
         input_ids, mm_token_type_ids=_mm_token_types(input_ids, cfg, kwargs),
         image_grid_thw=kwargs.get("image_grid_thw"), video_grid_thw=kwargs.get("video_grid_thw"),
         second_per_grid_ts=kwargs.get("second_per_grid_ts"), attention_mask=mask)
-    counts = keep_tok.sum(1).tolist()
-    Lp = max(counts)
-    B = input_ids.shape[0]
-    ids = input_ids.new_full((B, Lp), cfg.text_config.pad_token_id or 0)
-    new_mask = mask.new_zeros(B, Lp)
-    new_embeds = embeds.new_zeros(B, Lp, embeds.shape[-1])
-    pos = positions.new_zeros(3, B, Lp)
-    for b, n in enumerate(counts):
-        sel = keep_tok[b]
-        ids[b, Lp - n:] = input_ids[b, sel]
-        new_mask[b, Lp - n:] = 1
-        new_embeds[b, Lp - n:] = embeds[b, sel]
-        pos[:, b, Lp - n:] = positions[:, b, sel]
+    ids, new_mask, new_embeds, pos = pipeline.compact_prompt(input_ids, mask, keep_tok, embeds,
+                                                             cfg.text_config.pad_token_id or 0, positions)
+    counts = new_mask.sum(1).tolist()
     # rope_deltas so that later tokens continue from the last position: pos = compacted index + delta
     model.model.rope_deltas = (pos.amax(dim=(0, 2)) + 1 - torch.tensor(counts, device=pos.device)).unsqueeze(1)
     text = (new_mask.long().cumsum(-1) - 1).clamp(min=0)

@@ -1,0 +1,169 @@
+"""LLaVA-OneVision through the SparseVILA pipeline (``integrations/llava_onevision.py``), on a tiny random config on
+the CPU: vanilla tokens at sparsities (0, 0), the salience of the SigLIP layer against its eager attention
+weights, the pruned prompt against the stock model fed the same embeddings, images kept whole, the checks."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration  # noqa: E402
+
+from sparsevila_ops import integrations  # noqa: E402
+from sparsevila_ops.integrations import llava_onevision as ov  # noqa: E402
+
+IMG, VID = 190, 191
+SIDE = 4  # patches per frame side (56 px / 14): 16 patches, pooled to 2 x 2
+
+
+def tiny_model(seed: int = 0, device="cpu", dtype=torch.float32, **over) -> LlavaOnevisionForConditionalGeneration:
+    cfg = dict(vision_config=dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64,
+                                  num_hidden_layers=3, num_attention_heads=2, image_size=14 * SIDE, patch_size=14),
+               text_config=dict(model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=2, vocab_size=200,
+                                max_position_embeddings=512, bos_token_id=0, eos_token_id=1, pad_token_id=2),
+               image_token_id=IMG, video_token_id=VID, vision_feature_layer=-1,
+               vision_feature_select_strategy="full", image_grid_pinpoints=[[56, 56]])
+    cfg.update(over)
+    torch.manual_seed(seed)
+    return LlavaOnevisionForConditionalGeneration(LlavaOnevisionConfig(**cfg)).to(device=device, dtype=dtype).eval()
+
+
+def video_inputs(frames: int = 3, seed: int = 0, pre: int = 3, post: int = 5, device="cpu",
+                 dtype=torch.float32) -> dict:
+    """One prompt: ``pre`` text tokens, the video's pooled tokens and its newline, ``post`` question tokens."""
+    g = torch.Generator().manual_seed(seed)
+    text = lambda n: torch.randint(3, 150, (n,), generator=g).tolist()  # noqa: E731
+    ids = text(pre) + [VID] * (frames * 4 + 1) + text(post)
+    return dict(input_ids=torch.tensor([ids], device=device),
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),
+                pixel_values_videos=torch.randn(1, frames, 3, 14 * SIDE, 14 * SIDE, generator=g).to(device, dtype))
+
+
+GEN = dict(max_new_tokens=5, do_sample=False, eos_token_id=None)
+
+
+def _generate(model, inputs, sparsity=None, **kw):
+    if sparsity is not None:
+        integrations.enable(model, *sparsity, **kw)
+    try:
+        with torch.no_grad():
+            return model.generate(**inputs, **GEN)
+    finally:
+        if sparsity is not None:
+            integrations.disable(model)
+
+
+def test_sparsities_zero_give_vanilla_tokens_and_disable_restores(device):
+    model, inputs = tiny_model(device=device), video_inputs(device=device)
+    ref = _generate(model, inputs)
+    assert torch.equal(_generate(model, inputs, (0.0, 0.0)), ref)
+    assert model._sparsevila is None and "generate" not in model.__dict__
+    assert torch.equal(_generate(model, inputs), ref)
+
+
+def test_salience_is_the_mean_attention_each_patch_receives_pooled_as_the_features():
+    """The salience layer's ``visual_salience`` against its eager attention weights: per frame, the mean over heads
+    and query rows of softmax(QK^T), pooled bilinearly to 2 x 2 as ``apply_pooling`` pools the features."""
+    model, inputs = tiny_model(seed=1), video_inputs(frames=2, seed=1)
+    frames = inputs["pixel_values_videos"].flatten(0, 1)
+    model.config.vision_config._attn_implementation = "eager"
+    with torch.no_grad():
+        out = model.model.vision_tower(frames, output_attentions=True)
+    layer = len(ov._encoder_layers(model)) - 1  # vision_feature_layer -1: the last layer's output
+    want = ov.pool_salience(out.attentions[layer].double().mean(dim=(1, 2)).reshape(-1), 2, SIDE)
+    model.config.vision_config._attn_implementation = "sdpa"
+    integrations.enable(model, 0.5, 0.0)
+    try:
+        with torch.no_grad():
+            model.generate(**inputs, **GEN)
+        got = model._sparsevila.last_salience
+        kept = model._sparsevila.last_kept
+    finally:
+        integrations.disable(model)
+    assert got.shape == (2 * 4,) and torch.allclose(got, want, atol=1e-6)
+    assert kept.tolist() == sorted(torch.topk(want.float(), 4).indices.tolist())
+
+
+def test_pruned_prompt_matches_the_stock_model_fed_the_same_embeddings(device):
+    """Ours at (0.5, 0): the LLM gets the prompt with each video's most salient half of its pooled tokens and its
+    newline, at contiguous positions: the same tokens as the stock model generating from those embeddings."""
+    model, inputs = tiny_model(seed=2, device=device), video_inputs(frames=3, seed=2, device=device)
+    ids = inputs["input_ids"]
+    with torch.no_grad():
+        embeds = model.get_input_embeddings()(ids)
+        feats = model.model.get_video_features(inputs["pixel_values_videos"]).pooler_output
+        feats = torch.cat([feats, model.model.image_newline[None, None]], dim=1).flatten(0, 1)
+        embeds = embeds.masked_scatter((ids == VID).unsqueeze(-1), feats)
+    integrations.enable(model, 0.5, 0.0)
+    try:
+        with torch.no_grad():
+            ours = model.generate(**inputs, **GEN)
+        kept_pooled = model._sparsevila.last_kept
+    finally:
+        integrations.disable(model)
+    kept = torch.zeros(13, dtype=torch.bool, device=device)
+    kept[kept_pooled] = True
+    kept[-1] = True  # the newline
+    keep = torch.ones(ids.shape[1], dtype=torch.bool, device=device)
+    keep[ids[0] == VID] = kept
+    assert int(kept.sum()) == 6 + 1  # round(0.5 * 12) pooled tokens and the newline
+    with torch.no_grad():
+        stock = model.generate(inputs_embeds=embeds[:, keep], attention_mask=torch.ones(
+            1, int(keep.sum()), dtype=torch.long, device=device), **GEN)
+    assert ours.shape == (1, ids.shape[1] + 5) and torch.equal(ours[:, :ids.shape[1]], ids)  # the caller's prompt
+    assert torch.equal(ours[:, ids.shape[1]:], stock)
+
+
+def test_images_are_kept_whole_beside_a_pruned_video():
+    model, inputs = tiny_model(seed=3), video_inputs(frames=2, seed=3)
+    pix = torch.randn(1, 2, 3, 56, 56)  # anyres: the base image and one 56-px tile
+    sizes = torch.tensor([[56, 56]])
+    with torch.no_grad():
+        n_img = torch.cat(model.model.get_image_features(pix, sizes).pooler_output).shape[0]
+    ids = torch.cat([torch.tensor([[4] + [IMG] * n_img]), inputs["input_ids"]], dim=1)
+    seen = []
+    integrations.enable(model, 0.5, 0.5)
+    orig = model.model.language_model.forward
+    model.model.language_model.forward = lambda *a, **k: seen.append(k["inputs_embeds"].shape[1]) or orig(*a, **k)
+    try:
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pix,
+                                 image_sizes=sizes, pixel_values_videos=inputs["pixel_values_videos"], **GEN)
+    finally:
+        del model.model.language_model.forward
+        integrations.disable(model)
+    assert seen[0] == ids.shape[1] - 4  # the image's tokens all stay; the video keeps 4 of 8 and its newline
+    assert out.shape == (1, ids.shape[1] + 5)
+
+
+def test_enable_checks_its_arguments():
+    with pytest.raises(TypeError, match="LlavaOnevisionForConditionalGeneration"):
+        ov.enable(torch.nn.Linear(1, 1))
+    with pytest.raises(ValueError, match="vision_feature_select_strategy must be 'full'"):
+        ov.enable(tiny_model(vision_feature_select_strategy="default"))
+    model = tiny_model()
+    with pytest.raises(ValueError, match=r"salience_layer must be a SigLIP encoder layer in \[0, 3\); got 3"):
+        ov.enable(model, salience_layer=3)
+    with pytest.raises(ValueError, match="prefill_sparsity must be in"):
+        ov.enable(model, 1.0)
+    with pytest.raises(ValueError, match="step_graph .* needs cuda_graph=True"):
+        ov.enable(model, step_graph=True, cuda_graph=False)
+    assert getattr(model, "_sparsevila", None) is None
+    assert ov.enable(tiny_model(vision_feature_layer=-2))._sparsevila.salience_layer == 1  # hidden_states[-2]
+    assert integrations.enable(model)._sparsevila.salience_layer == 2  # the last layer the projector reads
+    with pytest.raises(RuntimeError, match="already enabled"):
+        integrations.enable(model)
+    integrations.disable(model)
+
+
+@pytest.mark.gpu
+def test_decode_step_replays_cuda_graphs_on_the_gpu():
+    """bf16 on CUDA at (0.5, 0.9): the decode step compiled into CUDA graphs (inductor's trees, and the
+    integration's own with ``step_graph``) gives the eager decode's tokens."""
+    model = tiny_model(device="cuda", dtype=torch.bfloat16)
+    inputs = video_inputs(device="cuda", dtype=torch.bfloat16)
+    eager = _generate(model, inputs, (0.5, 0.9), cuda_graph=False)
+    assert torch.equal(_generate(model, inputs, (0.5, 0.9)), eager)
+    torch._dynamo.reset()
+    assert torch.equal(_generate(model, inputs, (0.5, 0.9), step_graph=True), eager)
