@@ -167,3 +167,32 @@ def test_decode_step_replays_cuda_graphs_on_the_gpu():
     assert torch.equal(_generate(model, inputs, (0.5, 0.9)), eager)
     torch._dynamo.reset()
     assert torch.equal(_generate(model, inputs, (0.5, 0.9), step_graph=True), eager)
+
+
+def _two_turns(model, inputs, sparsity=None):
+    """A question about the video, then a second question continuing from the returned cache; ours is given the
+    video's inputs again, as a chat loop would (the stock model must not be: it would encode them again). The
+    random model may not answer with a visual token id."""
+    gen = dict(GEN, suppress_tokens=[IMG, VID])
+    again = {} if sparsity is None else {"pixel_values_videos": inputs["pixel_values_videos"]}
+    if sparsity is not None:
+        integrations.enable(model, *sparsity)
+    try:
+        with torch.no_grad():
+            r1 = model.generate(**inputs, **gen, return_dict_in_generate=True)
+            ids = torch.cat([r1.sequences, torch.tensor([[40, 41, 42]])], dim=1)
+            return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                  past_key_values=r1.past_key_values, **again, **gen)
+    finally:
+        if sparsity is not None:
+            integrations.disable(model)
+
+
+def test_a_second_turn_continues_from_the_returned_cache():
+    """At (0, 0) two turns give the stock model's tokens; pruned, the second turn continues from the cache of the
+    pruned first turn and returns the caller's whole prompt."""
+    model, inputs = tiny_model(seed=4), video_inputs(seed=4)
+    ref = _two_turns(model, inputs)
+    assert torch.equal(_two_turns(model, inputs, (0.0, 0.0)), ref)
+    out = _two_turns(model, inputs, (0.5, 0.5))
+    assert out.shape == ref.shape and torch.equal(out[:, :inputs["input_ids"].shape[1]], inputs["input_ids"])
