@@ -196,3 +196,28 @@ def test_a_second_turn_continues_from_the_returned_cache():
     assert torch.equal(_two_turns(model, inputs, (0.0, 0.0)), ref)
     out = _two_turns(model, inputs, (0.5, 0.5))
     assert out.shape == ref.shape and torch.equal(out[:, :inputs["input_ids"].shape[1]], inputs["input_ids"])
+
+
+def test_a_left_padded_batch_of_two_videos():
+    """Two prompts of different lengths, left-padded: vanilla tokens at (0, 0); pruned, each row keeps half of its
+    video's pooled tokens and its newline."""
+    a, b = video_inputs(frames=2, seed=5, pre=2), video_inputs(frames=2, seed=6, pre=5)
+    La, Lb = a["input_ids"].shape[1], b["input_ids"].shape[1]
+    ids = torch.full((2, Lb), 2)
+    mask = torch.zeros(2, Lb, dtype=torch.long)
+    ids[0, Lb - La:], mask[0, Lb - La:] = a["input_ids"][0], 1
+    ids[1], mask[1] = b["input_ids"][0], 1
+    inputs = dict(input_ids=ids, attention_mask=mask,
+                  pixel_values_videos=torch.cat([a["pixel_values_videos"], b["pixel_values_videos"]]))
+    model = tiny_model(seed=5)
+    ref = _generate(model, inputs)
+    assert torch.equal(_generate(model, inputs, (0.0, 0.0)), ref)
+    integrations.enable(model, 0.5, 0.5)
+    try:
+        with torch.no_grad():
+            out = model.generate(**inputs, **GEN)
+        kept = model._sparsevila.last_kept
+    finally:
+        integrations.disable(model)
+    assert out.shape == ref.shape and torch.equal(out[:, :Lb], ids)
+    assert [int(((kept >= 8 * v) & (kept < 8 * v + 8)).sum()) for v in range(2)] == [4, 4]
