@@ -198,13 +198,13 @@ def _flag_error(a: argparse.Namespace) -> Optional[str]:
 
 def main(argv: Optional[List[str]] = None) -> int:
     pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--model", choices=["qwen2_5_vl"], default=None)
+    pre.add_argument("--model", choices=["qwen2_5_vl", "llava_onevision"], default=None)
     known, rest = pre.parse_known_args(argv)
     if known.model is not None:  # a real model through the HF integration (sparsevila_ops.integrations.demo)
         from .integrations import demo as model_demo
-        return model_demo.main(rest)
+        return model_demo.main(rest, model=known.model)
     p = argparse.ArgumentParser(prog="python -m sparsevila_ops demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", choices=["qwen2_5_vl"], default=None,
+    p.add_argument("--model", choices=["qwen2_5_vl", "llava_onevision"], default=None,
                    help="run a random-weight HF model through enable(model) instead (see --model M --help)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--size", choices=sorted(SIZES), default=None, help="default: full on CUDA, small on CPU")

@@ -221,3 +221,18 @@ def test_a_left_padded_batch_of_two_videos():
         integrations.disable(model)
     assert out.shape == ref.shape and torch.equal(out[:, :Lb], ids)
     assert [int(((kept >= 8 * v) & (kept < 8 * v + 8)).sum()) for v in range(2)] == [4, 4]
+
+
+def test_demo_runs_llava_onevision_on_the_cpu(tmp_path, capsys):
+    """``python -m sparsevila_ops demo --model llava_onevision`` (the tiny config on the CPU): each row's stage
+    times, and the pruned row keeps a quarter of the video's 16 pooled tokens."""
+    import json
+
+    from sparsevila_ops.demo import main
+
+    path = tmp_path / "ov.json"
+    assert main(["--model", "llava_onevision", "--device", "cpu", "--json", str(path)]) == 0
+    rows = json.loads(path.read_text())["rows"]
+    assert [(r["visual_tokens_kept"], r["of"], r["generated"]) for r in rows] == [(16, 16, 8), (16, 16, 8),
+                                                                                  (4, 16, 8)]
+    assert "LLaVA-OneVision tiny" in capsys.readouterr().out

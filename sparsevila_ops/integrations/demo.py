@@ -1,6 +1,7 @@
-"""``python -m sparsevila_ops demo --model qwen2_5_vl``: one video through Qwen2.5-VL with random weights.
+"""``python -m sparsevila_ops demo --model qwen2_5_vl|llava_onevision``: one video through a VLM with random weights.
 
-On a GPU the full Qwen2.5-VL-7B config (bf16), else a tiny config on the CPU. For each (prefill, decode)
+On a GPU the full 7B config (bf16: Qwen2.5-VL-7B, or LLaVA-OneVision-7B: SigLIP so400m and Qwen2-7B), else a tiny
+config on the CPU. For each (prefill, decode)
 sparsity it prints what was kept and the time of each stage, measured around ``generate`` with a device sync
 at three points: E (vision encoder, salience and pruning: until the LLM's first forward starts), P (the LLM
 prefill with relevance and select + pack: its first forward), D (ms per generated token after that,
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from typing import Callable, Optional, Tuple
 
@@ -38,21 +40,52 @@ TINY = dict(
     eos_token_id=1, pad_token_id=2)
 
 
-def build_model(full: bool, device: torch.device, dtype: torch.dtype):
-    """Qwen2.5-VL with random weights (no download), initialized on ``device``."""
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+LLAVA_OV_7B = dict(  # llava-onevision-qwen2-7b: SigLIP so400m at 384 px (27 x 27 patches), Qwen2-7B
+    vision_config=dict(model_type="siglip_vision_model", hidden_size=1152, intermediate_size=4304,
+                       num_hidden_layers=26, num_attention_heads=16, image_size=384, patch_size=14),
+    text_config=dict(model_type="qwen2", hidden_size=3584, num_attention_heads=28, num_key_value_heads=4,
+                     num_hidden_layers=28, intermediate_size=18944, vocab_size=152128, max_position_embeddings=32768,
+                     rope_theta=1e6),
+    image_token_id=151646, video_token_id=151647, vision_feature_layer=-1, vision_feature_select_strategy="full")
+LLAVA_OV_TINY = dict(
+    vision_config=dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                       num_attention_heads=2, image_size=56, patch_size=14),
+    text_config=dict(model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, vocab_size=200, max_position_embeddings=8192,
+                     bos_token_id=0, eos_token_id=1, pad_token_id=2),
+    image_token_id=190, video_token_id=191, vision_feature_layer=-1, vision_feature_select_strategy="full",
+    image_grid_pinpoints=[[56, 56]])
 
-    cfg = Qwen2_5_VLConfig(**(QWEN25_VL_7B if full else TINY))
+
+def build_model(full: bool, device: torch.device, dtype: torch.dtype, name: str = "qwen2_5_vl"):
+    """``name`` (``MODELS``) with random weights (no download), initialized on ``device``."""
+    import transformers
+
+    if name == "llava_onevision":
+        cfg = transformers.LlavaOnevisionConfig(**(LLAVA_OV_7B if full else LLAVA_OV_TINY))
+        cls = transformers.LlavaOnevisionForConditionalGeneration
+    else:
+        cfg = transformers.Qwen2_5_VLConfig(**(QWEN25_VL_7B if full else TINY))
+        cls = transformers.Qwen2_5_VLForConditionalGeneration
     torch.manual_seed(0)
     with torch.device(device):
-        model = Qwen2_5_VLForConditionalGeneration._from_config(cfg, torch_dtype=dtype)
+        model = cls._from_config(cfg, torch_dtype=dtype)
     return model.eval()
 
 
 def video_inputs(model, frames: int, h: int, w: int, question: int, device, dtype) -> dict:
-    """A video of ``frames`` frames of ``h x w`` patches (14 px) and a ``question``-token question."""
+    """A video of ``frames`` frames of ``h x w`` patches (14 px; LLaVA-OneVision: its tower's fixed frame size)
+    and a ``question``-token question."""
     cfg = model.config
     g = torch.Generator().manual_seed(0)
+    if cfg.model_type == "llava_onevision":
+        side = cfg.vision_config.image_size // cfg.vision_config.patch_size
+        n_vis = frames * math.ceil(side / 2) ** 2 + 1  # pooled tokens, then the newline
+        text = lambda n: torch.randint(3, min(1000, cfg.image_token_id - 3), (n,), generator=g)  # noqa: E731
+        ids = torch.cat([text(12), torch.full((n_vis,), cfg.video_token_id), text(question)])[None].to(device)
+        size = cfg.vision_config.image_size
+        pix = torch.randn(1, frames, 3, size, size, generator=g).to(device=device, dtype=dtype)
+        return dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values_videos=pix)
     t = frames // 2
     n_vis = t * (h // 2) * (w // 2)
     text = lambda n: torch.randint(3, min(1000, cfg.vision_start_token_id - 3), (n,), generator=g)  # noqa: E731
@@ -114,10 +147,10 @@ def stage_row(model, timer: StageTimer, generate: Callable[[], torch.Tensor], ne
     first: ``new_tokens - 1`` steps), ``kept`` (visual tokens kept by the last pruning; None when nothing was
     pruned, e.g. the stock row) and ``probe`` (what ``probe()`` returned, else None).
     """
-    from . import qwen2_5_vl as sv
+    from . import disable, enable
 
     if sparsity is not None:
-        sv.enable(model, sparsity[0], sparsity[1], cuda_graph=cuda_graph, step_graph=step_graph)
+        enable(model, sparsity[0], sparsity[1], cuda_graph=cuda_graph, step_graph=step_graph)
     try:
         with torch.no_grad():
             timer.run(generate)
@@ -127,7 +160,7 @@ def stage_row(model, timer: StageTimer, generate: Callable[[], torch.Tensor], ne
         probed = probe() if probe is not None else None
     finally:
         if sparsity is not None:
-            sv.disable(model)
+            disable(model)
         reset_compiled(model)
     return {"out": out, "E_ms": t["E_ms"], "P_ms": t["P_ms"],
             "D_ms": 1e3 * (t["end"] - t["p_end"]) / max(new_tokens - 1, 1), "kept": kept,
@@ -136,17 +169,23 @@ def stage_row(model, timer: StageTimer, generate: Callable[[], torch.Tensor], ne
 
 def run(device: Optional[str] = None, frames: int = 32, h: int = 28, w: int = 28, question: int = 64,
         new_tokens: int = 64, settings=((0.0, 0.0), (0.75, 0.95)), vanilla: bool = True, cuda_graph: bool = True,
-        out_json: Optional[str] = None) -> list:
+        out_json: Optional[str] = None, model_name: str = "qwen2_5_vl") -> list:
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     full = dev.type == "cuda"
     dtype = torch.bfloat16 if full else torch.float32
     if not full:
         frames, h, w, question, new_tokens = 4, 12, 12, 8, 8
-    model = build_model(full, dev, dtype)
+    model = build_model(full, dev, dtype, model_name)
     inputs = video_inputs(model, frames, h, w, question, dev, dtype)
     n_vis = int((inputs["input_ids"] == model.config.video_token_id).sum())
-    print(f"Qwen2.5-VL {'7B' if full else 'tiny'} ({dtype}, {dev}), random weights; video {frames} frames of "
-          f"{h * 14}x{w * 14} px -> {n_vis} visual tokens; question {question} tokens; {new_tokens} new tokens")
+    newline = ""
+    if model_name == "llava_onevision":  # the video's trailing newline token is never pruned: not counted
+        h = w = model.config.vision_config.image_size // 14
+        n_vis, newline = n_vis - 1, " (and a newline)"
+    title = {"qwen2_5_vl": "Qwen2.5-VL", "llava_onevision": "LLaVA-OneVision"}[model_name]
+    print(f"{title} {'7B' if full else 'tiny'} ({dtype}, {dev}), random weights; video {frames} frames of "
+          f"{h * 14}x{w * 14} px -> {n_vis} visual tokens{newline}; question {question} tokens; {new_tokens} new "
+          f"tokens")
     gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
     rows = []
     timer = StageTimer(model)
@@ -170,13 +209,13 @@ def run(device: Optional[str] = None, frames: int = 32, h: int = 28, w: int = 28
     return rows
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m sparsevila_ops demo --model qwen2_5_vl", description=__doc__,
+def main(argv=None, model: str = "qwen2_5_vl") -> int:
+    p = argparse.ArgumentParser(prog=f"python -m sparsevila_ops demo --model {model}", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--frames", type=int, default=32)
-    p.add_argument("--height", type=int, default=28, help="patches (14 px) per frame column")
-    p.add_argument("--width", type=int, default=28, help="patches (14 px) per frame row")
+    p.add_argument("--height", type=int, default=28, help="patches (14 px) per frame column (Qwen2.5-VL)")
+    p.add_argument("--width", type=int, default=28, help="patches (14 px) per frame row (Qwen2.5-VL)")
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--eager", action="store_true", help="decode eagerly (default on CUDA: a CUDA-graph decode step)")
     p.add_argument("--no-vanilla", action="store_true", help="skip the stock-transformers row")
@@ -188,5 +227,5 @@ def main(argv=None) -> int:
         if val < 2 or val % 2:
             p.error(f"{flag} must be an even number >= 2; got {val}")
     run(a.device, a.frames, a.height, a.width, new_tokens=a.new_tokens, vanilla=not a.no_vanilla,
-        cuda_graph=not a.eager, out_json=a.json)
+        cuda_graph=not a.eager, out_json=a.json, model_name=model)
     return 0
