@@ -135,6 +135,15 @@ def test_images_are_kept_whole_beside_a_pruned_video():
         integrations.disable(model)
     assert seen[0] == ids.shape[1] - 4  # the image's tokens all stay; the video keeps 4 of 8 and its newline
     assert out.shape == (1, ids.shape[1] + 5)
+    image_only = torch.tensor([[4] + [IMG] * n_img + [5, 6]])
+    integrations.enable(model, 0.5, 0.5)
+    try:
+        with torch.no_grad():
+            out = model.generate(input_ids=image_only, pixel_values=pix, image_sizes=sizes, **GEN)
+        assert model._sparsevila.last_kept is None  # no video: nothing pruned
+    finally:
+        integrations.disable(model)
+    assert out.shape == (1, image_only.shape[1] + 5)
 
 
 def test_enable_checks_its_arguments():

@@ -147,6 +147,7 @@ def _prune_prompt(model, state: LlavaOnevisionState, input_ids: torch.Tensor, ma
     cfg, inner = model.config, model.model
     embeds = model.get_input_embeddings()(input_ids)
     keep_tok = mask.bool().clone()
+    state.last_kept = state.last_salience = None  # set below when a video is pruned
     images = kwargs.get("pixel_values")
     if images is not None:
         feats = inner.get_image_features(images, kwargs.get("image_sizes"),
