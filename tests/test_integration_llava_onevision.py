@@ -54,6 +54,17 @@ def _generate(model, inputs, sparsity=None, **kw):
             integrations.disable(model)
 
 
+def _generate_pruned(model, inputs, sparsity):
+    """``generate`` enabled at ``sparsity``: the tokens, and the pooled video tokens kept and their salience."""
+    integrations.enable(model, *sparsity)
+    try:
+        with torch.no_grad():
+            out = model.generate(**inputs, **GEN)
+        return out, model._sparsevila.last_kept, model._sparsevila.last_salience
+    finally:
+        integrations.disable(model)
+
+
 def test_sparsities_zero_give_vanilla_tokens_and_disable_restores(device):
     model, inputs = tiny_model(device=device), video_inputs(device=device)
     ref = _generate(model, inputs)
@@ -73,14 +84,7 @@ def test_salience_is_the_mean_attention_each_patch_receives_pooled_as_the_featur
     layer = len(ov._encoder_layers(model)) - 1  # vision_feature_layer -1: the last layer's output
     want = ov.pool_salience(out.attentions[layer].double().mean(dim=(1, 2)).reshape(-1), 2, SIDE)
     model.config.vision_config._attn_implementation = "sdpa"
-    integrations.enable(model, 0.5, 0.0)
-    try:
-        with torch.no_grad():
-            model.generate(**inputs, **GEN)
-        got = model._sparsevila.last_salience
-        kept = model._sparsevila.last_kept
-    finally:
-        integrations.disable(model)
+    _, kept, got = _generate_pruned(model, inputs, (0.5, 0.0))
     assert got.shape == (2 * 4,) and torch.allclose(got, want, atol=1e-6)
     assert kept.tolist() == sorted(torch.topk(want.float(), 4).indices.tolist())
 
@@ -95,13 +99,7 @@ def test_pruned_prompt_matches_the_stock_model_fed_the_same_embeddings(device):
         feats = model.model.get_video_features(inputs["pixel_values_videos"]).pooler_output
         feats = torch.cat([feats, model.model.image_newline[None, None]], dim=1).flatten(0, 1)
         embeds = embeds.masked_scatter((ids == VID).unsqueeze(-1), feats)
-    integrations.enable(model, 0.5, 0.0)
-    try:
-        with torch.no_grad():
-            ours = model.generate(**inputs, **GEN)
-        kept_pooled = model._sparsevila.last_kept
-    finally:
-        integrations.disable(model)
+    ours, kept_pooled, _ = _generate_pruned(model, inputs, (0.5, 0.0))
     kept = torch.zeros(13, dtype=torch.bool, device=device)
     kept[kept_pooled] = True
     kept[-1] = True  # the newline
@@ -136,14 +134,8 @@ def test_images_are_kept_whole_beside_a_pruned_video():
     assert seen[0] == ids.shape[1] - 4  # the image's tokens all stay; the video keeps 4 of 8 and its newline
     assert out.shape == (1, ids.shape[1] + 5)
     image_only = torch.tensor([[4] + [IMG] * n_img + [5, 6]])
-    integrations.enable(model, 0.5, 0.5)
-    try:
-        with torch.no_grad():
-            out = model.generate(input_ids=image_only, pixel_values=pix, image_sizes=sizes, **GEN)
-        assert model._sparsevila.last_kept is None  # no video: nothing pruned
-    finally:
-        integrations.disable(model)
-    assert out.shape == (1, image_only.shape[1] + 5)
+    out, kept, _ = _generate_pruned(model, dict(input_ids=image_only, pixel_values=pix, image_sizes=sizes), (0.5, 0.5))
+    assert kept is None and out.shape == (1, image_only.shape[1] + 5)  # no video: nothing pruned
 
 
 def test_enable_checks_its_arguments():
@@ -221,13 +213,7 @@ def test_a_left_padded_batch_of_two_videos():
     model = tiny_model(seed=5)
     ref = _generate(model, inputs)
     assert torch.equal(_generate(model, inputs, (0.0, 0.0)), ref)
-    integrations.enable(model, 0.5, 0.5)
-    try:
-        with torch.no_grad():
-            out = model.generate(**inputs, **GEN)
-        kept = model._sparsevila.last_kept
-    finally:
-        integrations.disable(model)
+    out, kept, _ = _generate_pruned(model, inputs, (0.5, 0.5))
     assert out.shape == ref.shape and torch.equal(out[:, :Lb], ids)
     assert [int(((kept >= 8 * v) & (kept < 8 * v + 8)).sum()) for v in range(2)] == [4, 4]
 
