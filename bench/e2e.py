@@ -442,7 +442,8 @@ def run_rows(model, inputs: dict, rows: Sequence[str], *, decode_steps: int, pre
                 row[part] = r["probe"][part]
         out.append(row)
         print(f"  {precision:6s} {row['input']:>5s} ({key}) {label:22s} E {row['E_ms']:9.1f} ms  P {row['P_ms']:9.1f} "
-              f"ms  D {row['D_ms']:7.3f} ms/token (host waits {row['D_wait_ms'] or 0:.3f})" + (f" (GPU {row['D_gpu_ms']:.3f} ms, {row['step']['launches']:.0f} "
+              f"ms  D {row['D_ms']:7.3f} ms/token (host waits {row['D_wait_ms'] or 0:.3f})"
+              + (f" (GPU {row['D_gpu_ms']:.3f} ms, {row['step']['launches']:.0f} "
                                                        f"launches, idle {row['step']['gap_launch_ms']:.3f} ms in "
                                                        f"{row['step']['gaps_launch']:.0f} launch gaps + "
                                                        f"{row['step']['gap_host_ms']:.3f} ms in "
@@ -504,8 +505,9 @@ def run(targets: Sequence[int], precisions: Sequence[str], rows: Sequence[str], 
 
 
 COLUMNS = ["input", "frames", "px", "precision", "row", "setting", "kept_visual", "kv_tokens", "E_ms", "P_ms",
-           "D_ms", "D_floor_ms", "D_over_floor", "D_gpu_ms", "D_gpu_over_floor", "D_wait_ms", "E2E_s", "E_speedup", "P_speedup",
-           "D_speedup", "E2E_speedup", "graphs_compiled_in_timed_run", "inductor_pdl", "kernel_pdl", "step_graph"]
+           "D_ms", "D_floor_ms", "D_over_floor", "D_gpu_ms", "D_gpu_over_floor", "D_wait_ms", "E2E_s", "E_speedup",
+           "P_speedup", "D_speedup", "E2E_speedup", "graphs_compiled_in_timed_run", "inductor_pdl", "kernel_pdl",
+           "step_graph"]
 
 
 def plot_stacked(rows: List[dict], answer_tokens: int = ANSWER_TOKENS):

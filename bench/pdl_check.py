@@ -3,8 +3,9 @@
 ``python -m bench.pdl_check [--tokens 24] [--repeats 20]`` (sm90+). With ``triton.enable_pdl``
 (``sparsevila_ops.integrations.decode_compile``, the integration's default on sm90+) inductor launches each of its
 Triton kernels with the PDL attribute, but emits ``gdc_wait()`` only in a kernel that reads what the scheduler's
-previous node writes (or writes what it reads). A PDL kernel that never waits can finish before its predecessor; a later kernel that waits for its
-own predecessor only may then read memory an earlier grid is still writing (a transitive race).
+previous node writes (or writes what it reads). A PDL kernel that never waits can finish before its predecessor;
+a later kernel that waits for its own predecessor only may then read memory an earlier grid is still writing (a
+transitive race).
 
 On the tiny random Qwen2.5-VL (``demo.build_model(False)``, bf16, a video, ``enable(model, 0.75, 0.95,
 cuda_graph=True)``), inductor's cache in a fresh directory: greedy ``generate`` with the PDL compile config

@@ -3,6 +3,8 @@ the CPU: vanilla tokens at sparsities (0, 0), the salience of the SigLIP layer a
 weights, the pruned prompt against the stock model fed the same embeddings, images kept whole, the checks."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -17,16 +19,13 @@ SIDE = 4  # patches per frame side (56 px / 14): 16 patches, pooled to 2 x 2
 
 
 def tiny_model(seed: int = 0, device="cpu", dtype=torch.float32, **over) -> LlavaOnevisionForConditionalGeneration:
-    cfg = dict(vision_config=dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64,
-                                  num_hidden_layers=3, num_attention_heads=2, image_size=14 * SIDE, patch_size=14),
-               text_config=dict(model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                num_attention_heads=4, num_key_value_heads=2, vocab_size=200,
-                                max_position_embeddings=512, bos_token_id=0, eos_token_id=1, pad_token_id=2),
-               image_token_id=IMG, video_token_id=VID, vision_feature_layer=-1,
-               vision_feature_select_strategy="full", image_grid_pinpoints=[[56, 56]])
-    cfg.update(over)
+    """The demo's tiny config (``integrations.demo.LLAVA_OV_TINY``): 3 SigLIP layers over 56-px frames, a 2-layer
+    Qwen2 with GQA 4/2 x 16; ``over`` replaces top-level fields."""
+    from sparsevila_ops.integrations.demo import LLAVA_OV_TINY
+
     torch.manual_seed(seed)
-    return LlavaOnevisionForConditionalGeneration(LlavaOnevisionConfig(**cfg)).to(device=device, dtype=dtype).eval()
+    cfg = LlavaOnevisionConfig(**{**copy.deepcopy(LLAVA_OV_TINY), **over})
+    return LlavaOnevisionForConditionalGeneration(cfg).to(device=device, dtype=dtype).eval()
 
 
 def video_inputs(frames: int = 3, seed: int = 0, pre: int = 3, post: int = 5, device="cpu",

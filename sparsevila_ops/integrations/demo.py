@@ -58,7 +58,8 @@ LLAVA_OV_TINY = dict(
 
 
 def build_model(full: bool, device: torch.device, dtype: torch.dtype, name: str = "qwen2_5_vl"):
-    """``name`` (``MODELS``) with random weights (no download), initialized on ``device``."""
+    """``name`` (``qwen2_5_vl`` or ``llava_onevision``) with random weights (no download), initialized on
+    ``device``."""
     import transformers
 
     if name == "llava_onevision":

@@ -242,9 +242,8 @@ def _prune_prompt(model, state: SparseVILAState, input_ids: torch.Tensor, mask: 
         second_per_grid_ts=kwargs.get("second_per_grid_ts"), attention_mask=mask)
     ids, new_mask, new_embeds, pos = pipeline.compact_prompt(input_ids, mask, keep_tok, embeds,
                                                              cfg.text_config.pad_token_id or 0, positions)
-    counts = new_mask.sum(1).tolist()
     # rope_deltas so that later tokens continue from the last position: pos = compacted index + delta
-    model.model.rope_deltas = (pos.amax(dim=(0, 2)) + 1 - torch.tensor(counts, device=pos.device)).unsqueeze(1)
+    model.model.rope_deltas = (pos.amax(dim=(0, 2)) + 1 - new_mask.sum(1).to(pos.device)).unsqueeze(1)
     text = (new_mask.long().cumsum(-1) - 1).clamp(min=0)
     return ids, new_mask, new_embeds, torch.cat([text[None], pos], dim=0)
 
