@@ -1,10 +1,10 @@
 """Tuned kernel configs from the command line: ``python -m sparsevila_ops.autotune <command>`` (also
 ``python -m sparsevila_ops autotune <command>``).
 
-- ``tune --op OP|all [--backend triton|cuda|all] [--shapes PRESET|FILE] [--jobs N]``: tune every kernel of OP at
-  every shape of the preset or file (shapes that fall in an already tuned bucket are skipped) into the user
-  cache, compiling each key's candidates on N threads first; a progress bar with an ETA on stderr. Needs a CUDA
-  GPU.
+- ``tune --op OP|all [--backend triton|cuda|all] [--shapes PRESET|FILE] [--jobs N] [--retune]``: tune every
+  kernel of OP at every shape of the preset or file into the user cache (shapes that fall in a bucket tuned in
+  this run, or already held by the user cache unless ``--retune``, are skipped: an interrupted run resumes),
+  compiling each key's candidates on N threads first; a progress bar with an ETA on stderr. Needs a CUDA GPU.
 - ``show [--op OP]``: the user cache and the shipped tables, and whether this install uses them.
 - ``clear [--op OP]``: remove the user cache's entries (all, or OP's).
 - ``export [--gpu NAME] [--out PATH]``: write the user cache's table of a GPU in the shipped format (default
@@ -79,7 +79,7 @@ def cmd_tune(a) -> int:
         return 2
     from .problems import make_args
     from .tuner import tune
-    done, failed, skipped, progress = set(), 0, {}, Progress(len(jobs))
+    done, failed, resumed, skipped, progress = set(), 0, 0, {}, Progress(len(jobs))
     for i, (op, backend, shape) in enumerate(jobs):
         t = kernel(op, backend)
         progress.update(i, f"{t.name} {_describe(shape)}")
@@ -94,6 +94,9 @@ def cmd_tune(a) -> int:
             skipped[t.name, why] = skipped.get((t.name, why), 0) + 1
             continue
         done.add((t.name, t.table_key(key)))
+        if not a.retune and tables.user_has(t, key):  # an interrupted run resumes where it stopped
+            resumed += 1
+            continue
         try:
             r = tune(t, args, jobs=a.jobs)
         except Exception as e:  # noqa: BLE001 - report the shape and go on with the others
@@ -112,8 +115,8 @@ def cmd_tune(a) -> int:
         print("autotune tune: no selected kernel can run any of these shapes here: "
               + "; ".join(f"{name}: {why}" for name, why in skipped), file=sys.stderr)
         return 2
-    print(f"tuned {len(done) - failed} keys ({failed} failed, {sum(skipped.values())} shapes skipped) into "
-          f"{tables.cache_path()}")
+    print(f"tuned {len(done) - failed - resumed} keys ({failed} failed, {resumed} already in the cache, "
+          f"{sum(skipped.values())} shapes skipped) into {tables.cache_path()}")
     return 1 if failed else 0
 
 
@@ -181,6 +184,9 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--jobs", type=int, default=JOBS, metavar="N",
                    help=f"threads that compile a key's candidate configs before they are timed (default: one per "
                         f"CPU, at most 32: {JOBS}; 1: each compiles at its first launch)")
+    t.add_argument("--retune", action="store_true",
+                   help="tune keys the user cache already holds again (default: skip them, so an interrupted run "
+                        "resumes)")
     t.set_defaults(run=cmd_tune)
     s = sub.add_parser("show", help="the user cache and the shipped tables")
     s.add_argument("--op", choices=OPS)

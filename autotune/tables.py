@@ -159,6 +159,11 @@ def lookup(tunable: Tunable, key) -> Tuple[dict, str]:
     return hit if hit is not None else (tunable.default(key), DEFAULT)
 
 
+def user_has(tunable: Tunable, key) -> bool:
+    """Whether the user cache already holds a usable entry for ``key`` (same GPU, versions and kernel source)."""
+    return tunable.table_key(key) in _kernel_entries(_user_table(key.gpu), tunable, USER)
+
+
 def tuning_blocked() -> Optional[str]:
     """Why a launch may not tune now (None: it may): torch.compile traces, or a CUDA graph is being captured."""
     if torch.compiler.is_compiling():

@@ -596,6 +596,29 @@ def test_cli_tune_compiles_on_jobs_threads(monkeypatch, tmp_path):
     assert seen == [3]
 
 
+def test_cli_tune_resumes_past_keys_the_user_cache_holds(monkeypatch, tmp_path, capsys):
+    """A second ``tune`` over the same shapes tunes nothing (an interrupted run resumes); ``--retune`` tunes again."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    make_args = problems.make_args
+    monkeypatch.setattr(problems, "make_args", lambda op, shape, device: make_args(op, shape, "cpu"))
+    tuned = []
+
+    def tune(t, args, jobs):
+        key = t.key(*args)
+        tables.store(t, key, t.default(key), 1.0, 1.0)
+        tuned.append(t.table_key(key))
+        return tuner.Result(t, key, t.default(key), 1e-3, 1e-3)
+
+    monkeypatch.setattr(tuner, "tune", tune)
+    path = tmp_path / "shapes.json"
+    path.write_text(json.dumps([{"op": "append_kv", "Hk": hk, "D": 16, "cap": 8} for hk in (2, 4)]))
+    argv = ["tune", "--op", "append_kv", "--shapes", str(path)]
+    assert cli.main(argv) == 0 and len(tuned) == 2
+    assert cli.main(argv) == 0 and len(tuned) == 2
+    assert "tuned 0 keys (0 failed, 2 already in the cache" in capsys.readouterr().out
+    assert cli.main(argv + ["--retune"]) == 0 and len(tuned) == 4
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available")
 def test_cli_tune_refuses_without_cuda():
     proc = subprocess.run([sys.executable, "-m", "sparsevila_ops.autotune", "tune", "--op", "all"], cwd=ROOT,
