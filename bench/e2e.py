@@ -31,7 +31,8 @@ weight values), the inputs ``demo.video_inputs``:
   of kernel intervals, of a run of 20 tokens minus one of 4, per step), with launches per step and summed ms per
   kernel kind (``step`` in the JSON). D - D_gpu is the GPU idle, split by length (``idle_gaps``): gaps up to
   10 us between kernels are launch latency inside the CUDA graph (a kernel not launched early by PDL), longer ones
-  the GPU waiting for the host (``generate``'s per-step Python); ``host_top_ms`` names the host ops of a step,
+  the GPU waiting for the host (``generate``'s per-step Python), and gaps over 10 ms are one-off stalls, reported
+  apart (``stalls_ms``); ``host_top_ms`` names the host ops of a step,
   ``cudaEventSynchronize`` being the host's wait for the GPU;
 - D_wait: the host's wait for the GPU per decode step, timed without a profiler (``stop_check_times``): ~0 when
   the step is host-bound (D is the host's time), else the host runs that far ahead and D is the GPU's time;
@@ -67,6 +68,7 @@ ROWS = {"a": ("stock transformers", None), "b": ("ours (0, 0)", (0.0, 0.0)), "c1
 PRECISIONS = ("bf16", "w4a16")
 TARGETS = (16384, 65536, 131072)
 GAP_SHORT_US = 10.0  # idle gaps between kernels up to this are launch latency, longer ones host waits
+GAP_STALL_US = 10_000.0  # longer than this: a one-off stall (GC, the profiler), no step's; counted apart
 DECODE_MARK = "sparsevila.bench.decode_step"  # record_function around _StopAfter: the host window
 E_REPEATS = 2  # runs up to the LLM per row beside the timed one; E is their median (one timed E once ran 16 %
 # over its GPU time, other runs 1-4 %)
@@ -195,17 +197,18 @@ def holes(spans: Sequence[tuple]):
             last = span
 
 
-def idle_gaps(intervals: Sequence[Tuple[float, float]],
-              short_us: float = GAP_SHORT_US) -> Tuple[float, int, float, int]:
+def idle_gaps(intervals: Sequence[Tuple[float, float]], short_us: float = GAP_SHORT_US,
+              stall_us: float = GAP_STALL_US) -> Tuple[float, int, float, int, float, int]:
     """Idle time between kernels (``holes`` in their union): ``(us, count)`` of gaps up to ``short_us`` (a launch's
-    latency inside a CUDA graph, where the next kernel is not launched early by PDL) and of longer ones (the GPU
-    waiting for the host)."""
-    out = [0.0, 0, 0.0, 0]
+    latency inside a CUDA graph, where the next kernel is not launched early by PDL), of longer ones up to
+    ``stall_us`` (the GPU waiting for the host), and of stalls longer still (one-off: a GC pause, the profiler's
+    own work; a per-step difference of two runs would carry them as noise)."""
+    out = [0.0, 0, 0.0, 0, 0.0, 0]
     for gap, _, _ in holes(intervals):
-        i = 0 if gap <= short_us else 2
+        i = 0 if gap <= short_us else 2 if gap <= stall_us else 4
         out[i] += gap
         out[i + 1] += 1
-    return out[0], out[1], out[2], out[3]
+    return tuple(out)
 
 
 def step_kernels(short: Profile, long: Profile, steps: int) -> dict:
@@ -214,7 +217,8 @@ def step_kernels(short: Profile, long: Profile, steps: int) -> dict:
     per kernel kind, the 8 kernels costing most (us, calls), ``host_ms``: host ms of the top-level profiled
     host ops (the compiled step's call, ``aten`` ops outside it; pure Python between them is not an op), the 6
     costliest by name, and the GPU's idle gaps (``idle_gaps``): ``gap_launch_ms`` / ``gaps_launch`` (short, launch
-    latency) and ``gap_host_ms`` / ``gaps_host`` (longer, waiting for the host)."""
+    latency) and ``gap_host_ms`` / ``gaps_host`` (longer, waiting for the host) per step; ``stalls_ms``: the
+    one-off stalls of the short and the long run (not per step)."""
     (k_short, b_short, h_short, g_short), (k_long, b_long, h_long, g_long) = short, long
     diff = {n: (k_long[n][0] - k_short.get(n, (0.0, 0))[0], k_long[n][1] - k_short.get(n, (0.0, 0))[1])
             for n in k_long}
@@ -225,7 +229,8 @@ def step_kernels(short: Profile, long: Profile, steps: int) -> dict:
     gaps = [(x - y) / steps for x, y in zip(g_long, g_short)]
     return {"gpu_ms": (b_long - b_short) / steps / 1e3, **kernel_summary(per), "host_ms": sum(host.values()),
             "host_top_ms": {n[:80]: round(ms, 4) for n, ms in top.items()},
-            "gap_launch_ms": gaps[0] / 1e3, "gaps_launch": gaps[1], "gap_host_ms": gaps[2] / 1e3, "gaps_host": gaps[3]}
+            "gap_launch_ms": gaps[0] / 1e3, "gaps_launch": gaps[1], "gap_host_ms": gaps[2] / 1e3, "gaps_host": gaps[3],
+            "stalls_ms": [g_short[4] / 1e3, g_long[4] / 1e3]}
 
 
 def profile_kernels(fn: Callable[[], object], host_since: Optional[str] = None) -> Profile:
@@ -447,7 +452,8 @@ def run_rows(model, inputs: dict, rows: Sequence[str], *, decode_steps: int, pre
                                                        f"launches, idle {row['step']['gap_launch_ms']:.3f} ms in "
                                                        f"{row['step']['gaps_launch']:.0f} launch gaps + "
                                                        f"{row['step']['gap_host_ms']:.3f} ms in "
-                                                       f"{row['step']['gaps_host']:.0f} longer, host ops "
+                                                       f"{row['step']['gaps_host']:.0f} longer, stalls "
+                                                       f"{row['step']['stalls_ms']} ms, host ops "
                                                        f"{row['step']['host_ms']:.3f} ms: "
                                                        f"{row['step']['host_top_ms']})" if "D_gpu_ms" in row else ""),
               flush=True)

@@ -187,11 +187,12 @@ def test_kernel_kinds_and_per_step_kernels():
     short = {"nvjet_a": (100.0, 4), "_decode_split_kernel": (40.0, 4), "triton_poi_x": (8.0, 8)}
     long = {"nvjet_a": (500.0, 20), "_decode_split_kernel": (200.0, 20), "triton_poi_x": (40.0, 40),
             "gemv2T_kernel": (32.0, 16), "prefill_only": (7.0, 0)}
-    s = e2e.step_kernels((short, 140.0, {"Torch-Compiled Region": 800.0, "aten::argmax": 40.0}, (8.0, 4, 100.0, 1)),
+    s = e2e.step_kernels((short, 140.0, {"Torch-Compiled Region": 800.0, "aten::argmax": 40.0}, (8.0, 4, 100.0, 1, 0.0, 0)),
                          (long, 700.0, {"Torch-Compiled Region": 4000.0, "aten::argmax": 200.0, "aten::copy_": 16.0},
-                          (40.0, 20, 900.0, 17)), 16)
+                          (40.0, 20, 900.0, 17, 5e5, 1)), 16)
     assert (s["gap_launch_ms"], s["gaps_launch"], s["gap_host_ms"], s["gaps_host"]) == pytest.approx(
         (0.002, 1.0, 0.05, 1.0))
+    assert s["stalls_ms"] == [0.0, 500.0]  # one-off: apart, never in the per-step difference
     assert s["host_ms"] == pytest.approx((3200 + 160 + 16) / 16 / 1e3)
     assert s["host_top_ms"] == {"Torch-Compiled Region": 0.2, "aten::argmax": 0.01, "aten::copy_": 0.001}
     assert s["gpu_ms"] == pytest.approx(560 / 16 / 1e3)
@@ -216,12 +217,12 @@ def test_host_ops_and_kernels_are_summed_from_the_decode_window_on():
               ev(e2e.DECODE_MARK, cpu, 950, 953), ev(e2e.DECODE_MARK, cuda, 905, 990)]
     events[-1].is_user_annotation = True  # the range's GPU side: not a kernel
     kernels, busy, host, gaps = e2e.summarize_events(events, e2e.DECODE_MARK)
-    assert kernels == {"step_kernel": (35, 1)} and busy == 35 and gaps == (0.0, 0, 0.0, 0)
+    assert kernels == {"step_kernel": (35, 1)} and busy == 35 and gaps == (0.0, 0, 0.0, 0, 0.0, 0)
     assert host == {e2e.DECODE_MARK: 8, "cudaEventSynchronize": 20}
     kernels, busy, host, gaps = e2e.summarize_events(events)
     assert kernels == {"prefill_kernel": (880, 1), "step_kernel": (35, 1)} and busy == 880 + 35
-    assert gaps == (0.0, 0, 15.0, 1) and host == {"cudaEventSynchronize": 920, e2e.DECODE_MARK: 8}
-    assert e2e.summarize_events(events, "never") == ({}, 0.0, {}, (0.0, 0, 0.0, 0))
+    assert gaps == (0.0, 0, 15.0, 1, 0.0, 0) and host == {"cudaEventSynchronize": 920, e2e.DECODE_MARK: 8}
+    assert e2e.summarize_events(events, "never") == ({}, 0.0, {}, (0.0, 0, 0.0, 0, 0.0, 0))
 
 
 def test_stop_after_marks_each_token_for_the_profiler():
@@ -240,10 +241,11 @@ def test_busy_time_is_the_union_of_kernel_intervals():
 
 
 def test_idle_gaps_split_launch_latency_from_host_waits():
-    assert e2e.idle_gaps([]) == (0.0, 0, 0.0, 0)
+    assert e2e.idle_gaps([]) == (0.0, 0, 0.0, 0, 0.0, 0)
     spans = [(0.0, 10.0), (5.0, 12.0), (14.0, 20.0), (3.0, 4.0), (50.0, 51.0), (61.0, 62.0)]
-    assert e2e.idle_gaps(spans) == (2.0 + 10.0, 2, 30.0, 1)  # 12->14 and 51->61 short, 20->50 long
-    assert e2e.idle_gaps(spans, short_us=1.0) == (0.0, 0, 42.0, 3)
+    assert e2e.idle_gaps(spans) == (2.0 + 10.0, 2, 30.0, 1, 0.0, 0)  # 12->14 and 51->61 short, 20->50 long
+    assert e2e.idle_gaps(spans, short_us=1.0) == (0.0, 0, 42.0, 3, 0.0, 0)
+    assert e2e.idle_gaps(spans, short_us=1.0, stall_us=20.0) == (0.0, 0, 12.0, 2, 30.0, 1)  # 20->50 a stall
 
 
 def test_decode_step_profile_stops_generate_after_each_length(tiny_model, monkeypatch):
@@ -256,12 +258,12 @@ def test_decode_step_profile_stops_generate_after_each_length(tiny_model, monkey
     def fake_profile(fn, host_since=None):
         out = fn()
         if out is None:  # until_llm (e_profile)
-            return {"salience_kernel": (3.0, 1)}, 3.0, {}, (0.0, 0, 0.0, 0)
+            return {"salience_kernel": (3.0, 1)}, 3.0, {}, (0.0, 0, 0.0, 0, 0.0, 0)
         if not isinstance(out, torch.Tensor):  # the vision tower's output (encoder_profile)
-            return {"gemm_kernel": (5.0, 2)}, 5.0, {}, (0.0, 0, 0.0, 0)
+            return {"gemm_kernel": (5.0, 2)}, 5.0, {}, (0.0, 0, 0.0, 0, 0.0, 0)
         lengths.append(out.shape[1])
         return ({"k": (10.0 * out.shape[1], out.shape[1])}, 10.0 * out.shape[1], {"step": 20.0 * out.shape[1]},
-                (1.0 * out.shape[1], out.shape[1], 0.0, 0))
+                (1.0 * out.shape[1], out.shape[1], 0.0, 0, 0.0, 0))
     monkeypatch.setattr(e2e, "profile_kernels", fake_profile)
     video = e2e.video_for_tokens(36, side=12)
     inputs = demo.video_inputs(tiny_model, video["frames"], video["h"], video["w"], 8, "cpu", torch.bfloat16)
