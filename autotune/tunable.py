@@ -4,8 +4,11 @@ A Tunable names a kernel (``op``, ``backend``, and ``source``: what beyond its p
 config means and how fast it runs: files (paths, e.g. ``.cu`` sources) and values (e.g. compiler flags); Triton
 kernels need none) and gives the functions the library and the tuner need:
 
-- ``key(*args)``: a NamedTuple describing the problem, first field ``gpu`` (:func:`gpu_name`), then dtype, head
-  dim, GQA group and sizes, all exact;
+- ``key(*args)`` and ``key_type``: the problem's fields as a plain tuple, in the order of the NamedTuple class
+  ``key_type``: first ``gpu`` (:func:`gpu_name`), then dtype, head dim, GQA group and sizes, all exact. Every
+  launch builds it, so it stays a plain tuple (a NamedTuple's constructor is a Python call, ~0.2 µs); the
+  NamedTuple, ``key_type._make(fields)``, is built only where fields are read by name (:meth:`Tunable.key`,
+  a table miss). Without ``key_type`` the hook returns the key itself;
 - ``space(key)``: the configs worth timing (dicts of launch parameters: tiles, warps, stages, splits...);
 - ``default(key)``: the hand-written heuristic; it runs everywhere and sees the exact sizes;
 - ``launch(*args, config)``: runs the kernel with ``config`` (``args`` are those of the op's launcher);
@@ -21,7 +24,8 @@ Tables store configs under :meth:`Tunable.table_key`: the key without ``gpu`` (t
 fields named in ``buckets`` rounded down to a power of two, so one tuned entry covers the sizes
 ``[2^k, 2^(k+1))``. Calling a Tunable (``DECODE(*args)``) looks its config up (user cache, then the shipped
 table, then ``default``) and launches. The first lookup of a key reads the tables (once per process and GPU);
-after that a launch costs building the key (``gpu`` from a dict: :func:`gpu_name`) and one dict hit on it.
+after that a launch costs building the key's plain tuple (``gpu`` from a dict: :func:`gpu_name`) and one dict
+hit on it (a NamedTuple hashes and compares as its tuple, so both find the same entry).
 """
 from __future__ import annotations
 
@@ -105,17 +109,19 @@ def _text(v) -> str:
 class Tunable:
     """One kernel's seam (module docstring). ``op`` and ``backend`` name it in tables and on the CLI."""
 
-    def __init__(self, op: str, backend: str, source: Sequence[object] = (), *, key: Callable[..., NamedTuple],
-                 space: Callable[[NamedTuple], list], default: Callable[[NamedTuple], dict],
+    def __init__(self, op: str, backend: str, source: Sequence[object] = (), *, key: Callable[..., tuple],
+                 key_type: Optional[type] = None, space: Callable[[NamedTuple], list],
+                 default: Callable[[NamedTuple], dict],
                  launch: Callable[..., None], buckets: Sequence[str] = (),
                  resources: Optional[Callable[[NamedTuple, dict], Tuple[int, int]]] = None,
                  unsupported: Optional[Callable[..., Optional[str]]] = None,
                  warmup: Optional[Callable[..., None]] = None):
         self.op, self.backend, self.source = op, backend, tuple(source)
-        self.key, self.space, self.default, self.launch, self.warmup = key, space, default, launch, warmup
+        self.key_fields, self.key_type = key, key_type
+        self.space, self.default, self.launch, self.warmup = space, default, launch, warmup
         self.buckets, self.resources = frozenset(buckets), resources
         self._unsupported = unsupported
-        self._memo: Dict[tuple, dict] = {}  # exact key -> config, filled by the lookup chain
+        self._memo: Dict[tuple, dict] = {}  # exact key (its fields) -> config, filled by the lookup chain
         self._source_hash: Optional[str] = None
         self._declared_launch = launch  # what the hash covers, even if a test or benchmark wraps ``launch``
         _ALL.add(self)
@@ -148,6 +154,11 @@ class Tunable:
         """``field=value,...`` without ``gpu``, the ``buckets`` fields rounded down to a power of two."""
         return ",".join(f"{f}={_text(bucket(v) if f in self.buckets else v)}"
                         for f, v in zip(key._fields[1:], key[1:]))
+
+    def key(self, *args) -> NamedTuple:
+        """The key of a launch with ``args`` (a ``key_type``)."""
+        fields = self.key_fields(*args)
+        return fields if self.key_type is None else self.key_type._make(fields)
 
     def unsupported(self, *args) -> Optional[str]:
         """Why the kernel cannot run a launch with ``args`` here (None: it can; always None without the hook)."""
@@ -190,11 +201,11 @@ class Tunable:
 
     def config(self, args: tuple) -> dict:
         """The config a launch with ``args`` uses (user cache > shipped table > default)."""
-        key = self.key(*args)
-        cfg = self._memo.get(key)
+        fields = self.key_fields(*args)
+        cfg = self._memo.get(fields)
         if cfg is None:
             from .tables import resolve
-            cfg = resolve(self, key, args)
+            cfg = resolve(self, fields if self.key_type is None else self.key_type._make(fields), args)
         return cfg
 
     def __call__(self, *args) -> None:

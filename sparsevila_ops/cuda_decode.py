@@ -58,10 +58,10 @@ class ClusterKey(NamedTuple):
     cap: int
 
 
-def _key(q, k, v, lengths, scale, out, lse) -> ClusterKey:
+def _key(q, k, v, lengths, scale, out, lse) -> tuple:
     B, HQ, D = q.shape
     _, HK, cap, _ = k.shape
-    return ClusterKey(gpu_name(q.device), q.dtype, D, HQ // max(HK, 1), B, HK, cap)
+    return (gpu_name(q.device), q.dtype, D, HQ // max(HK, 1), B, HK, cap)
 
 
 def _default(key: ClusterKey) -> dict:
@@ -136,8 +136,8 @@ def _unsupported(q, k, v, lengths, scale, out, lse) -> Optional[str]:
 _SOURCE = [*(_cuda.source_dir() / f for f in ("decode_cluster.cu", "mbarrier.cuh", "mma_sync.cuh", "launch_util.cuh")),
            _cuda.interface("decode_cluster", "decode_max_active_clusters"), _cuda.NVCC_FLAGS]
 CLUSTER_DECODE = Tunable("decode_attention", "cuda", _SOURCE,
-                         key=_key, space=_space, default=_default, launch=_launch, buckets=("B", "Hk", "cap"),
-                         unsupported=_unsupported)
+                         key=_key, key_type=ClusterKey, space=_space, default=_default, launch=_launch,
+                         buckets=("B", "Hk", "cap"), unsupported=_unsupported)
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor, scale: float,

@@ -87,8 +87,8 @@ def _unsupported(x, weight, bias, glu, out) -> Optional[str]:
 # declaration (_cuda.interface), nvcc flags
 _SOURCE = [*(_cuda.source_dir() / f for f in ("gemv.cu", "glu.cuh", "launch_util.cuh")), _cuda.interface("gemv"),
            _cuda.NVCC_FLAGS]
-GEMV_CUDA = Tunable("gemv", "cuda", _SOURCE, key=gemv_key, space=_space, default=_default, launch=_launch,
-                    buckets=("M", "N", "K"), unsupported=_unsupported)
+GEMV_CUDA = Tunable("gemv", "cuda", _SOURCE, key=gemv_key, key_type=GemvKey, space=_space, default=_default,
+                    launch=_launch, buckets=("M", "N", "K"), unsupported=_unsupported)
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], glu: bool, out: torch.Tensor) -> None:

@@ -60,10 +60,11 @@ class W4CudaKey(NamedTuple):
     sms: int
 
 
-def _key(x, qweight, scales, zeros, bias, glu, out) -> W4CudaKey:
+def _key(x, qweight, scales, zeros, bias, glu, out) -> tuple:
     M, K = x.shape
-    return W4CudaKey(gpu_name(x.device), x.dtype, M, out.shape[1], K, K // max(1, scales.shape[0]), bool(glu),
-                     _device.sm_count(x.device))
+    device = x.device
+    return (gpu_name(device), x.dtype, M, out.shape[1], K, K // max(1, scales.shape[0]), bool(glu),
+            _device.sm_count(device))
 
 
 def _default(key: W4CudaKey) -> dict:
@@ -128,8 +129,8 @@ def _outputs_unsupported(bias: Optional[torch.Tensor], out: torch.Tensor) -> Opt
 _SOURCE = [*(_cuda.source_dir() / f for f in ("gemv4.cu", "cp_async.cuh", "glu.cuh", "mbarrier.cuh", "mma_sync.cuh",
                                                     "launch_util.cuh")),
            _cuda.interface("w4a16_linear"), _cuda.NVCC_FLAGS]
-W4A16_CUDA = Tunable("w4a16_linear", "cuda", _SOURCE, key=_key, space=_space, default=_default, launch=_launch,
-                     resources=_resources, buckets=("M", "N", "K"), unsupported=_unsupported)
+W4A16_CUDA = Tunable("w4a16_linear", "cuda", _SOURCE, key=_key, key_type=W4CudaKey, space=_space, default=_default,
+                     launch=_launch, resources=_resources, buckets=("M", "N", "K"), unsupported=_unsupported)
 
 
 def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,

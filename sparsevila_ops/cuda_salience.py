@@ -74,11 +74,12 @@ class SalienceCudaKey(NamedTuple):
     sm90a: bool  # compute capability 9.0: the wgmma kernel runs
 
 
-def _key(q, k, cu_seqlens, max_seqlen, scale, num_summary, lse, deterministic, out) -> SalienceCudaKey:
+def _key(q, k, cu_seqlens, max_seqlen, scale, num_summary, lse, deterministic, out) -> tuple:
     _, H, D = q.shape
-    return SalienceCudaKey(gpu_name(q.device), q.dtype, D, H, cu_seqlens.shape[0] - 1, max_seqlen,
-                           summary_rows(max_seqlen, num_summary), lse is not None,
-                           q.device.type == "cuda" and _device.capability(q.device) == (9, 0))
+    device = q.device
+    return (gpu_name(device), q.dtype, D, H, cu_seqlens.shape[0] - 1, max_seqlen,
+            summary_rows(max_seqlen, num_summary), lse is not None,
+            q.is_cuda and _device.capability(device) == (9, 0))
 
 
 WGMMA_MIN_SEQLEN = 256  # shorter segments fill less than two of the wgmma kernel's 128-row tiles
@@ -193,8 +194,8 @@ _SOURCE = [*(_cuda.source_dir() / f for f in ("salience.cu", "salience_wgmma.cu"
            _cuda.interface("salience_lse", "salience_colsum", "salience_wgmma_lse", "salience_wgmma_colsum",
                            "salience_sum_heads", "salience_block_rows"), _cuda.NVCC_FLAGS]
 SALIENCE_CUDA = Tunable("visual_salience", "cuda", _SOURCE,
-                        key=_key, space=_space, default=_default, launch=_launch, buckets=("S", "n", "rows"),
-                        unsupported=_unsupported)
+                        key=_key, key_type=SalienceCudaKey, space=_space, default=_default, launch=_launch,
+                        buckets=("S", "n", "rows"), unsupported=_unsupported)
 
 
 def visual_salience(q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, scale: float,

@@ -50,10 +50,10 @@ class GemvKey(NamedTuple):
     sms: int
 
 
-def gemv_key(x, weight, bias, glu, out) -> GemvKey:
-    """The key of a launch with the op's arguments."""
+def gemv_key(x, weight, bias, glu, out) -> tuple:
+    """The key of a launch with the op's arguments (``GemvKey``'s fields)."""
     device = x.device
-    return GemvKey(gpu_name(device), x.dtype, x.shape[0], out.shape[1], weight.shape[1], bool(glu), sm_count(device))
+    return gpu_name(device), x.dtype, x.shape[0], out.shape[1], weight.shape[1], bool(glu), sm_count(device)
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *, glu: bool = False,

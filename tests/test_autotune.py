@@ -187,14 +187,18 @@ def test_gpu_name_asks_the_device_once_per_device(monkeypatch):
 @pytest.mark.parametrize("name", sorted(f"{op}/{backend}" for op, backend in autotune.KERNELS))
 def test_a_warm_lookup_builds_the_key_and_hits_the_memo(name, monkeypatch):
     """After a key's first lookup, ``Tunable.config`` (every launch) does not run the lookup chain: it costs the
-    key's construction and one dict hit (bench/autotune.py's lookup µs)."""
+    key's plain tuple of fields and one dict hit (bench/autotune.py's lookup µs); the NamedTuple ``Tunable.key``
+    returns has the same fields."""
     op, backend = name.split("/")
     t, args = autotune.kernel(op, backend), autotune.make_args(op, TINY[op], "cpu")
     cfg = t.config(args)
+    key = t.key(*args)
+    assert isinstance(key, t.key_type) and key == t.key_fields(*args) and type(t.key_fields(*args)) is tuple
 
     def fail(*a):
         raise AssertionError("called on a warm key")
     monkeypatch.setattr(tables, "resolve", fail)
+    monkeypatch.setattr(t, "key_type", type("NoKey", (), {"_make": fail}))
     assert t.config(args) is cfg
     t._memo.clear()
     with pytest.raises(AssertionError, match="warm key"):  # the patches are live: a cold key runs the chain

@@ -187,7 +187,8 @@ def test_kernel_kinds_and_per_step_kernels():
     short = {"nvjet_a": (100.0, 4), "_decode_split_kernel": (40.0, 4), "triton_poi_x": (8.0, 8)}
     long = {"nvjet_a": (500.0, 20), "_decode_split_kernel": (200.0, 20), "triton_poi_x": (40.0, 40),
             "gemv2T_kernel": (32.0, 16), "prefill_only": (7.0, 0)}
-    s = e2e.step_kernels((short, 140.0, {"Torch-Compiled Region": 800.0, "aten::argmax": 40.0}, (8.0, 4, 100.0, 1, 0.0, 0)),
+    s = e2e.step_kernels((short, 140.0, {"Torch-Compiled Region": 800.0, "aten::argmax": 40.0},
+                          (8.0, 4, 100.0, 1, 0.0, 0)),
                          (long, 700.0, {"Torch-Compiled Region": 4000.0, "aten::argmax": 200.0, "aten::copy_": 16.0},
                           (40.0, 20, 900.0, 17, 5e5, 1)), 16)
     assert (s["gap_launch_ms"], s["gaps_launch"], s["gap_host_ms"], s["gaps_host"]) == pytest.approx(

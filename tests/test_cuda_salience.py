@@ -126,7 +126,7 @@ def test_cuda_salience_support_rules_and_alignment():
     assert fixed.is_contiguous() and not cs._misaligned(fixed) and torch.equal(fixed, view)
     fused = torch.zeros(6, 3, 2, 80, dtype=torch.float16)[:, 1]  # a fused-QKV view: aligned, kept as is
     assert cs._aligned(fused) is fused
-    key = cs._key(q, q, torch.tensor([0, 6], dtype=torch.int32), 6, 0.1, 2, None, False, torch.empty(6))
+    key = cs.SALIENCE_CUDA.key(q, q, torch.tensor([0, 6], dtype=torch.int32), 6, 0.1, 2, None, False, torch.empty(6))
     assert key.rows == 2 and key.S == 1 and not key.lse_given and not key.sm90a
     mma = {"kernel": "mma", "poly_every": 0, "consumers": 2, "tile_n": 128}
     assert cs._default(key) == mma  # no wgmma kernel off compute capability 9.0

@@ -159,14 +159,14 @@ class DecodeKey(NamedTuple):
     sms: int
 
 
-def _decode_key(q, k, v, lengths, scale, out, lse) -> DecodeKey:
+def _decode_key(q, k, v, lengths, scale, out, lse) -> tuple:
     B, HQ, D = q.shape
     _, HK, cap, _ = k.shape
     device = q.device
-    return DecodeKey(gpu_name(device), q.dtype, D, HQ // max(HK, 1), B, HK, cap, sm_count(device))
+    return (gpu_name(device), q.dtype, D, HQ // max(HK, 1), B, HK, cap, sm_count(device))
 
 
-def _sparse_decode_key(q, k_cache, v_cache, indices, n_valid, scale, out, lse) -> DecodeKey:
+def _sparse_decode_key(q, k_cache, v_cache, indices, n_valid, scale, out, lse) -> tuple:
     return _decode_key(q, k_cache, v_cache, n_valid, scale, out, lse)
 
 
@@ -260,7 +260,7 @@ def _sparse_decode(q, k_cache, v_cache, indices, n_valid, scale, out, lse, cfg) 
     _launch_decode(q, k_cache, v_cache, n_valid, indices, scale, out, lse, cfg)
 
 
-_DECODE_SEAM = dict(space=_decode_space, default=_decode_default, resources=_decode_resources,
+_DECODE_SEAM = dict(key_type=DecodeKey, space=_decode_space, default=_decode_default, resources=_decode_resources,
                     buckets=("B", "Hk", "cap"))
 DECODE = Tunable("decode_attention", "triton", key=_decode_key, launch=_decode,
                  warmup=Tunable.triton_warmup(_decode), **_DECODE_SEAM)
@@ -314,9 +314,9 @@ class AppendKey(NamedTuple):
     B: int
 
 
-def _append_key(k_new, v_new, k_cache, v_cache, lengths) -> AppendKey:
+def _append_key(k_new, v_new, k_cache, v_cache, lengths) -> tuple:
     B, HK, D = k_new.shape
-    return AppendKey(gpu_name(k_new.device), k_new.dtype, D, HK, B)
+    return (gpu_name(k_new.device), k_new.dtype, D, HK, B)
 
 
 def _heads_per_tile(heads: int, D: int) -> dict:
@@ -359,9 +359,9 @@ def _append(k_new, v_new, k_cache, v_cache, lengths, cfg) -> None:
         num_warps=cfg["num_warps"], **({"launch_pdl": True} if pdl else {}))
 
 
-APPEND = Tunable("append_kv", "triton", key=_append_key, space=_append_space, default=_append_default,
-                 launch=_append, warmup=Tunable.triton_warmup(_append), resources=_append_resources,
-                 buckets=("B",))
+APPEND = Tunable("append_kv", "triton", key=_append_key, key_type=AppendKey, space=_append_space,
+                 default=_append_default, launch=_append, warmup=Tunable.triton_warmup(_append),
+                 resources=_append_resources, buckets=("B",))
 
 
 def append_kv(k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -427,9 +427,9 @@ class RopeAppendKey(NamedTuple):
     B: int
 
 
-def _rope_append_key(q, k_new, v_new, cos, sin, k_cache, v_cache, lengths, q_out) -> RopeAppendKey:
+def _rope_append_key(q, k_new, v_new, cos, sin, k_cache, v_cache, lengths, q_out) -> tuple:
     B, HQ, D = q.shape
-    return RopeAppendKey(gpu_name(q.device), q.dtype, D, HQ, k_new.shape[1], B)
+    return (gpu_name(q.device), q.dtype, D, HQ, k_new.shape[1], B)
 
 
 def _rope_append_default(key: RopeAppendKey) -> dict:
@@ -461,9 +461,9 @@ def _rope_append(q, k_new, v_new, cos, sin, k_cache, v_cache, lengths, q_out, cf
         num_warps=cfg["num_warps"], **({"launch_pdl": True} if pdl else {}))
 
 
-ROPE_APPEND = Tunable("rope_append_kv", "triton", key=_rope_append_key, space=_rope_append_space,
-                      default=_rope_append_default, launch=_rope_append, warmup=Tunable.triton_warmup(_rope_append),
-                      resources=_rope_append_resources, buckets=("B",))
+ROPE_APPEND = Tunable("rope_append_kv", "triton", key=_rope_append_key, key_type=RopeAppendKey,
+                      space=_rope_append_space, default=_rope_append_default, launch=_rope_append,
+                      warmup=Tunable.triton_warmup(_rope_append), resources=_rope_append_resources, buckets=("B",))
 
 
 def rope_append_kv(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,

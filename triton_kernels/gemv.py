@@ -99,7 +99,7 @@ def launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, glu
         **({"launch_pdl": True} if pdl else {}))
 
 
-GEMV = Tunable("gemv", "triton", key=gemv_key, space=_space, default=_default, launch=launch,
+GEMV = Tunable("gemv", "triton", key=gemv_key, key_type=GemvKey, space=_space, default=_default, launch=launch,
                warmup=Tunable.triton_warmup(launch), resources=_resources, buckets=("M", "N", "K"))
 
 

@@ -115,10 +115,10 @@ class W4Key(NamedTuple):
     sms: int
 
 
-def _key(x, qweight, scales, zeros, bias, glu, out) -> W4Key:
+def _key(x, qweight, scales, zeros, bias, glu, out) -> tuple:
     M, K = x.shape
     device = x.device
-    return W4Key(gpu_name(device), x.dtype, M, qweight.shape[0], K, K // max(1, scales.shape[0]), sm_count(device))
+    return gpu_name(device), x.dtype, M, qweight.shape[0], K, K // max(1, scales.shape[0]), sm_count(device)
 
 
 def _default(key: W4Key) -> dict:
@@ -187,7 +187,7 @@ def launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: 
             BLOCK_S=triton.next_power_of_2(split), BLOCK=block, PDL=pdl, num_warps=4, **launch_kw)
 
 
-W4A16 = Tunable("w4a16_linear", "triton", key=_key, space=_space, default=_default, launch=launch,
+W4A16 = Tunable("w4a16_linear", "triton", key=_key, key_type=W4Key, space=_space, default=_default, launch=launch,
                 warmup=Tunable.triton_warmup(launch), resources=_resources, buckets=("M", "N", "K"))
 
 

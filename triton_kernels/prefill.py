@@ -251,11 +251,11 @@ class AttentionKey(NamedTuple):
     n: int  # max_seqlen_k
 
 
-def _key(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, causal) -> AttentionKey:
+def _key(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, causal) -> tuple:
     _, Hq, D = q.shape
     Hk = k.shape[1]
-    return AttentionKey(gpu_name(q.device), q.dtype, D, Hq // max(Hk, 1), Hk, bool(causal),
-                        cu_seqlens_q.shape[0] - 1, max_seqlen_q, max_seqlen_k)
+    return (gpu_name(q.device), q.dtype, D, Hq // max(Hk, 1), Hk, bool(causal),
+            cu_seqlens_q.shape[0] - 1, max_seqlen_q, max_seqlen_k)
 
 
 def _prefill_key(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal, out, lse):
@@ -380,10 +380,10 @@ def _launch_relevance(q, k, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_s
 
 
 _BUCKETS = ("Hk", "S", "m", "n")
-PREFILL = Tunable("prefill_attention", "triton", key=_prefill_key, space=_prefill_space,
+PREFILL = Tunable("prefill_attention", "triton", key=_prefill_key, key_type=AttentionKey, space=_prefill_space,
                   default=_prefill_default, launch=_launch_prefill, warmup=Tunable.triton_warmup(_launch_prefill),
                   resources=_prefill_resources, buckets=_BUCKETS)
-RELEVANCE = Tunable("kv_relevance", "triton", key=_relevance_key, space=_relevance_space,
+RELEVANCE = Tunable("kv_relevance", "triton", key=_relevance_key, key_type=AttentionKey, space=_relevance_space,
                     default=_relevance_default, launch=_launch_relevance,
                     warmup=Tunable.triton_warmup(_launch_relevance), resources=_relevance_resources,
                     buckets=_BUCKETS)

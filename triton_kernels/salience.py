@@ -173,16 +173,16 @@ class SalienceKey(NamedTuple):
     atomic: bool  # heads reduced with atomics (the column-sum pass; False for the LSE pass)
 
 
-def _lse_key(q, k, cu_seqlens, max_seqlen, scale, num_summary, lse2) -> SalienceKey:
+def _lse_key(q, k, cu_seqlens, max_seqlen, scale, num_summary, lse2) -> tuple:
     _, H, D = q.shape
-    return SalienceKey(gpu_name(q.device), q.dtype, D, H, cu_seqlens.shape[0] - 1, max_seqlen,
-                       summary_rows(max_seqlen, num_summary), False)
+    return (gpu_name(q.device), q.dtype, D, H, cu_seqlens.shape[0] - 1, max_seqlen,
+            summary_rows(max_seqlen, num_summary), False)
 
 
-def _colsum_key(q, k, cu_seqlens, max_seqlen, scale, num_summary, lse, lse_log2, deterministic, out) -> SalienceKey:
+def _colsum_key(q, k, cu_seqlens, max_seqlen, scale, num_summary, lse, lse_log2, deterministic, out) -> tuple:
     _, H, D = q.shape
-    return SalienceKey(gpu_name(q.device), q.dtype, D, H, cu_seqlens.shape[0] - 1, max_seqlen,
-                       summary_rows(max_seqlen, num_summary), out.dim() == 1 and not deterministic)
+    return (gpu_name(q.device), q.dtype, D, H, cu_seqlens.shape[0] - 1, max_seqlen,
+            summary_rows(max_seqlen, num_summary), out.dim() == 1 and not deterministic)
 
 
 def _lse_default(key: SalienceKey) -> dict:
@@ -280,11 +280,13 @@ def _precision(q: torch.Tensor) -> str:
     return "ieee" if q.dtype == torch.float32 else "tf32"
 
 
-SALIENCE_LSE = Tunable("visual_salience.lse", "triton", key=_lse_key, space=_lse_space,
+SALIENCE_LSE = Tunable("visual_salience.lse", "triton", key=_lse_key, key_type=SalienceKey,
+                       space=_lse_space,
                        default=_lse_default, launch=_lse_pass, warmup=Tunable.triton_warmup(_lse_pass),
                        buckets=("S", "n", "rows"),
                        resources=_salience_resources("BLOCK_M", "BLOCK_N"))
-SALIENCE_COLSUM = Tunable("visual_salience.colsum", "triton", key=_colsum_key, space=_colsum_space,
+SALIENCE_COLSUM = Tunable("visual_salience.colsum", "triton", key=_colsum_key, key_type=SalienceKey,
+                          space=_colsum_space,
                           default=_colsum_default, launch=_colsum_pass, warmup=Tunable.triton_warmup(_colsum_pass),
                           buckets=("S", "n", "rows"),
                           resources=_salience_resources("BLOCK_N", "BLOCK_M"))

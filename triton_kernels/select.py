@@ -116,9 +116,9 @@ class SelectKey(NamedTuple):
     T: int
 
 
-def _select_key(scores, vis_start, vis_end, keep, indices) -> SelectKey:
+def _select_key(scores, vis_start, vis_end, keep, indices) -> tuple:
     L, B, HK, T = scores.shape
-    return SelectKey(gpu_name(scores.device), L * B * HK, T)
+    return (gpu_name(scores.device), L * B * HK, T)
 
 
 def _select_default(key: SelectKey) -> dict:
@@ -150,9 +150,9 @@ def _launch_select(scores, vis_start, vis_end, keep, indices, cfg) -> None:
         B, HK, keep, **cfg)
 
 
-SELECT = Tunable("select_kv", "triton", key=_select_key, space=_select_space, default=_select_default,
-                 launch=_launch_select, warmup=Tunable.triton_warmup(_launch_select), resources=_select_resources,
-                 buckets=("rows", "T"))
+SELECT = Tunable("select_kv", "triton", key=_select_key, key_type=SelectKey, space=_select_space,
+                 default=_select_default, launch=_launch_select, warmup=Tunable.triton_warmup(_launch_select),
+                 resources=_select_resources, buckets=("rows", "T"))
 
 
 def select_kv(scores: torch.Tensor, vis_start: torch.Tensor, vis_end: torch.Tensor, keep: int,
@@ -237,11 +237,11 @@ def _same_strides(k: List[torch.Tensor], v: List[torch.Tensor]) -> bool:
     return all(t.stride() == ks for t in k) and all(t.stride() == vs for t in v)
 
 
-def _pack_key(k, v, indices, vis_start, vis_end, seq_lens, k_out, v_out, lengths) -> PackKey:
+def _pack_key(k, v, indices, vis_start, vis_end, seq_lens, k_out, v_out, lengths) -> tuple:
     """No stride scan here (``_pack`` does the one scan per launch): rows count every layer, bucketed anyway."""
     _, B, HK, cap, D = k_out.shape
     device = k_out.device
-    return PackKey(gpu_name(device), k_out.dtype, D, len(k) * B * HK, min(k[0].shape[2], cap), sm_count(device))
+    return (gpu_name(device), k_out.dtype, D, len(k) * B * HK, min(k[0].shape[2], cap), sm_count(device))
 
 
 def _pack_default(key: PackKey) -> dict:
@@ -300,7 +300,7 @@ def _launch_pack(k, v, indices, vis_start, vis_end, seq_lens, k_out, v_out, leng
         B, HK, indices.shape[-1], D, USE_TABLE=use_table, BLOCK_D=triton.next_power_of_2(D), **cfg)
 
 
-PACK = Tunable("pack_kv", "triton", key=_pack_key, space=_pack_space, default=_pack_default,
+PACK = Tunable("pack_kv", "triton", key=_pack_key, key_type=PackKey, space=_pack_space, default=_pack_default,
                launch=_pack, warmup=Tunable.triton_warmup(_pack), resources=_pack_resources,
                buckets=("rows", "len"))
 
