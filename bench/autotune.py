@@ -1,13 +1,14 @@
 """Tuned vs default kernel configs per op, over shapes the defaults were and were not swept on.
 
-``python -m bench.autotune [--quick] [--op OP] [--cache PATH]``. Every kernel (``sparsevila_ops.autotune.KERNELS``;
-the cuda backend's where it can run) is tuned at every shape of its grid below (>= 20 per op family: head dims
-64-256, GQA groups 1-8, batch 1-8, lengths 1k-128k, bf16; W4A16 GEMVs of 7B and 1.5B decoders at batch 1-8) into
-this run's cache (a temp file unless ``--cache``), then its default and tuned configs are timed again side by side
-by ``autotune.measure`` (verified first, then CUDA-graph replays over rotating inputs). Rows: default and tuned µs,
-speedup, tuning seconds. Per op (``autotune_summary``): geometric-mean speedup over all shapes and over those the
-defaults were not swept on, the worst speedup, the tuning time, and the lookup overhead of one launch on a warm
-table (``Tunable.config``, µs).
+``python -m bench.autotune [--quick] [--op OP] [--cache PATH] [--lookup]``. Every kernel
+(``sparsevila_ops.autotune.KERNELS``; the cuda backend's where it can run) is tuned at every shape of its grid below
+(>= 20 per op family: head dims 64-256, GQA groups 1-8, batch 1-8, lengths 1k-128k, bf16; W4A16 GEMVs of 7B and
+1.5B decoders at batch 1-8) into this run's cache (a temp file unless ``--cache``), then its default and tuned
+configs are timed again side by side by ``autotune.measure`` (verified first, then CUDA-graph replays over rotating
+inputs). Rows: default and tuned µs, speedup, tuning seconds. Per op (``autotune_summary``): geometric-mean
+speedup over all shapes and over those the defaults were not swept on, the worst speedup, the tuning time, and the
+lookup overhead of one launch on a warm table (``Tunable.config``, µs; ``--lookup``: only that, per kernel, tuning
+nothing).
 
 Targets (H200): tuned never slower than default beyond noise; geomean >= 1.15x on the unswept shapes; lookup
 <= 2 µs per call; tuning every shipped shape (``python -m sparsevila_ops.autotune tune --op all``) <= 15 min.
@@ -152,15 +153,39 @@ def run(ops, quick: bool, done=None):
     return rows, summary
 
 
+def lookups(ops, device: str = "cuda", grid=None) -> list:
+    """``lookup_us`` of every kernel of ``ops`` at the first shape of its ``grid`` (default ``GRID``) it can run,
+    tuning nothing (the lookup chain finds the shipped table or the default, then the memo)."""
+    from sparsevila_ops import autotune
+    out = []
+    for op, backend in autotune.KERNELS:
+        if op not in ops:
+            continue
+        t = autotune.kernel(op, backend)
+        for shape in (grid or GRID)[op]:
+            args = autotune.make_args(op, shape, device)
+            if t.unsupported(*args) is None:
+                out.append({"op": t.name, "shape": ",".join(f"{k}={v}" for k, v in shape.items()),
+                            "lookup_us": lookup_us(t, args)})
+                print(out[-1], flush=True)
+                break
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="the first 3 shapes of each op")
     p.add_argument("--op", action="append", choices=sorted(GRID), help="only these ops (repeatable)")
     p.add_argument("--cache", help="the cache to tune into (default: a temp file; never the user cache)")
+    p.add_argument("--lookup", action="store_true", help="only the warm lookup µs of every kernel (no tuning)")
     a = p.parse_args(argv)
     if not require_gpu("bench.autotune"):
         return 0
     from sparsevila_ops import autotune
+    if a.lookup:
+        write_results("autotune_lookup", lookups(a.op or sorted(GRID)), ["op", "shape", "lookup_us"],
+                      title="autotune: warm lookup per launch")
+        return 0
     os.environ["SPARSEVILA_AUTOTUNE_CACHE"] = a.cache or os.path.join(tempfile.mkdtemp(), "autotune.json")
     autotune.reset()
     def write(rows, summary):

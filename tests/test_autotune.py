@@ -781,3 +781,15 @@ def test_source_hash_changes_with_a_module_constant(monkeypatch):
     monkeypatch.setattr(gemv4, "BLOCK_M", gemv4.BLOCK_M * 2)
     assert seam.Tunable("w4a16_linear", "triton", key=gemv4.W4A16.key, space=gemv4.W4A16.space,
                         default=gemv4.W4A16.default, launch=gemv4.launch).source_hash != before
+
+
+def test_bench_lookup_times_every_kernel_it_can_run_without_tuning(monkeypatch):
+    """``bench.autotune --lookup``: one warm-lookup row per kernel that runs here (on the CPU: the Triton ones,
+    through the interpreter's arguments), none tuned."""
+    from bench import autotune as bench_autotune
+    monkeypatch.setattr(tuner, "tune", lambda *a, **k: pytest.fail("--lookup tunes nothing"))
+    grid = {op: [TINY[op]] for op in bench_autotune.GRID}
+    rows = bench_autotune.lookups(sorted(grid), device="cpu", grid=grid)
+    triton = sorted(f"{op}/triton" for op, backend in autotune.KERNELS if backend == "triton")
+    assert sorted(r["op"] for r in rows if r["op"].endswith("/triton")) == triton
+    assert all(0 < r["lookup_us"] < 1e3 for r in rows)
