@@ -8,9 +8,12 @@ chains of fp32 element-wise kernels (RMSNorm, rotary embedding).
 - SiLU gate: ``F.silu(gate) * up`` (two element-wise kernels) vs ``triton_kernels.vision.silu_mul``, on the halves
   of a fused gate/up output;
 - RMSNorm: ``Qwen2_5_VLRMSNorm`` vs ``triton_kernels.vision.rms_norm``;
-- rotary: ``apply_rotary_pos_emb_vision`` on q, k views of the qkv output vs ``triton_kernels.vision.rotary_qk``.
+- rotary: ``apply_rotary_pos_emb_vision`` on q, k views of the qkv output vs ``triton_kernels.vision.rotary_qk``;
+- attention over 64-patch windows (28 blocks) and over 1024-patch frames (4 blocks), non-causal, on q, k, v views
+  of the qkv output: the batched SDPA ``integrations.attention.varlen_attention`` runs for equal segments vs one
+  varlen ``prefill_attention`` (its looked-up config: the shipped table's where tuned).
 
-``python -m bench.vision_block [--patches N]``. Per row: time per call, the step's share of an encoder forward
+``python -m bench.vision_block [--patches N] [--only STEP]``. Per row: time per call, the step's share of an encoder forward
 (x 32 blocks; x 2 for the norms), and the speedup of each replacement over stock; the bytes floor (inputs read
 once, outputs written once, at the measured copy bandwidth) for the element-wise rows.
 """
@@ -26,6 +29,7 @@ from torch import nn
 from bench.common import copy_bandwidth_tbps, require_gpu, time_cuda, verify, write_results
 
 HIDDEN, INTERMEDIATE, HEADS, BLOCKS = 1280, 3420, 16, 32  # Qwen2.5-VL-7B vision config
+WINDOW, FRAME, FULL_BLOCKS = 64, 1024, 4  # patches per window and per frame (32 x 32), full-attention blocks
 HEAD_DIM = HIDDEN // HEADS
 
 
@@ -36,67 +40,111 @@ def _row(step, variant, ms, per_encoder, floor_ms=None, **extra):
     return row
 
 
+def _mlp(x, time):
+    from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as hf
+    from sparsevila_ops.integrations import fused
+    T = x.shape[0]
+    block = nn.Module()
+    cfg = SimpleNamespace(hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, hidden_act="silu")
+    block.mlp = hf.Qwen2_5_VLMLP(cfg, bias=True).to("cuda", torch.bfloat16)
+    ref = block.mlp(x).float()
+    flop = 3 * 2 * T * HIDDEN * INTERMEDIATE
+    stock = time(lambda: block.mlp(x))
+    rows = [_row("MLP", "stock (3 GEMMs, intermediate 3420)", stock, BLOCKS, TFLOP_s=flop / stock / 1e9)]
+    assert fused.fuse([block]) == ["0.mlp"]
+    verify("padded MLP", block.mlp(x).float(), ref, 1e-2)
+    ours = time(lambda: block.mlp(x))
+    rows.append(_row("MLP", "fused gate/up, padded to 3456", ours, BLOCKS, TFLOP_s=flop / ours / 1e9,
+                     speedup=stock / ours))
+    return rows
+
+
+def _silu(T, bw, time):
+    """The SiLU gate on the two halves of the fused (padded) gate/up output."""
+    from sparsevila_ops.triton_kernels import vision
+    gate, up = torch.randn(T, 2 * 3456, device="cuda", dtype=torch.bfloat16).chunk(2, dim=-1)
+    floor = 3 * gate.numel() * 2 / bw * 1e3
+    verify("silu_mul", vision.silu_mul(gate, up).float(), (F.silu(gate) * up).float(), 1e-2)
+    stock = time(lambda: F.silu(gate) * up)
+    ours = time(lambda: vision.silu_mul(gate, up))
+    return [_row("SiLU gate", "F.silu(gate) * up (2 kernels)", stock, BLOCKS, floor),
+            _row("SiLU gate", "triton_kernels.vision.silu_mul", ours, BLOCKS, floor, speedup=stock / ours)]
+
+
+def _norm(x, bw, time):
+    from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as hf
+    from sparsevila_ops.triton_kernels import vision
+    norm = hf.Qwen2_5_VLRMSNorm(HIDDEN).to("cuda", torch.bfloat16)
+    floor = 2 * x.numel() * 2 / bw * 1e3
+    verify("rms_norm", vision.rms_norm(x, norm.weight, norm.variance_epsilon).float(), norm(x).float(), 1e-2)
+    stock = time(lambda: norm(x))
+    ours = time(lambda: vision.rms_norm(x, norm.weight, norm.variance_epsilon))
+    return [_row("RMSNorm", "Qwen2_5_VLRMSNorm (fp32 chain)", stock, 2 * BLOCKS, floor),
+            _row("RMSNorm", "triton_kernels.vision.rms_norm", ours, 2 * BLOCKS, floor, speedup=stock / ours)]
+
+
+def _rotary(qkv, bw, time):
+    """Rotary on q, k views of one qkv output."""
+    from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as hf
+    from sparsevila_ops.triton_kernels import vision
+    q, k = qkv[:, 0], qkv[:, 1]
+    emb = torch.randn(q.shape[0], HEAD_DIM // 2, device="cuda").repeat(1, 2)
+    cos, sin = emb.cos(), emb.sin()
+    floor = (2 * 2 * q.numel() * 2 + 2 * cos.numel() * 4) / bw * 1e3
+    want = hf.apply_rotary_pos_emb_vision(q, k, cos, sin)
+    got = vision.rotary_qk(q, k, cos, sin)
+    for g, w in zip(got, want):
+        verify("rotary_qk", g.float(), w.float(), 1e-2)
+    stock = time(lambda: hf.apply_rotary_pos_emb_vision(q, k, cos, sin))
+    ours = time(lambda: vision.rotary_qk(q, k, cos, sin))
+    return [_row("rotary q, k", "apply_rotary_pos_emb_vision (fp32 chain)", stock, BLOCKS, floor),
+            _row("rotary q, k", "triton_kernels.vision.rotary_qk", ours, BLOCKS, floor, speedup=stock / ours)]
+
+
+def _attention(qkv, time):
+    """Non-causal attention within equal segments (windows, frames): the batched SDPA that ``varlen_attention``
+    runs for them vs one varlen ``prefill_attention``."""
+    from sparsevila_ops import prefill_attention
+    from sparsevila_ops.integrations.attention import varlen_attention
+    q, k, v = qkv.unbind(1)
+    T, scale, rows = q.shape[0], HEAD_DIM ** -0.5, []
+    for n, blocks in ((WINDOW, BLOCKS - FULL_BLOCKS), (FRAME, FULL_BLOCKS)):
+        lens = [n] * (T // n)
+        cu = torch.arange(0, T + 1, n, device=q.device, dtype=torch.int32)
+        flop = 4 * T * n * HEADS * HEAD_DIM
+        want = varlen_attention(q, k, v, cu, lens, scale)[0].float()
+        got = prefill_attention(q, k, v, cu, cu, n, n, scale=scale, causal=False)[0]
+        verify(f"prefill_attention, {n}-patch segments", got.float(), want, 1e-2)
+        sdpa = time(lambda: varlen_attention(q, k, v, cu, lens, scale))
+        ours = time(lambda: prefill_attention(q, k, v, cu, cu, n, n, scale=scale, causal=False))
+        step = f"attention, {n}-patch segments"
+        rows += [_row(step, "batched SDPA (varlen_attention)", sdpa, blocks, TFLOP_s=flop / sdpa / 1e9),
+                 _row(step, "prefill_attention (one varlen launch)", ours, blocks, TFLOP_s=flop / ours / 1e9,
+                      speedup=sdpa / ours)]
+    return rows
+
+
+STEPS = {"mlp": _mlp, "silu": _silu, "norm": _norm, "rotary": _rotary, "attention": _attention}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--patches", type=int, default=524288, help="rows of the block input (default: 128k tokens x 4)")
+    p.add_argument("--only", action="append", choices=sorted(STEPS), help="only these steps (repeatable)")
     args = p.parse_args(argv)
     if not require_gpu("bench.vision_block"):
         return 0
-    from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as hf
-    from sparsevila_ops.integrations import fused
-    from sparsevila_ops.triton_kernels import vision
-
     torch.manual_seed(0)
     T, bw = args.patches, copy_bandwidth_tbps() * 1e12
     time = lambda fn: time_cuda(lambda i: fn(), warmup=3, iters=10)["median_ms"]  # noqa: E731
-    rows = []
-    x = torch.randn(T, HIDDEN, device="cuda", dtype=torch.bfloat16)
+    steps, rows = args.only or list(STEPS), []
     with torch.no_grad():
-        # MLP
-        block = nn.Module()
-        cfg = SimpleNamespace(hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, hidden_act="silu")
-        block.mlp = hf.Qwen2_5_VLMLP(cfg, bias=True).to("cuda", torch.bfloat16)
-        ref = block.mlp(x).float()
-        flop = 3 * 2 * T * HIDDEN * INTERMEDIATE
-        stock = time(lambda: block.mlp(x))
-        rows.append(_row("MLP", "stock (3 GEMMs, intermediate 3420)", stock, BLOCKS, TFLOP_s=flop / stock / 1e9))
-        assert fused.fuse([block]) == ["0.mlp"]
-        verify("padded MLP", block.mlp(x).float(), ref, 1e-2)
-        ours = time(lambda: block.mlp(x))
-        rows.append(_row("MLP", "fused gate/up, padded to 3456", ours, BLOCKS, TFLOP_s=flop / ours / 1e9,
-                         speedup=stock / ours))
-        del block, ref
-        # SiLU gate on the two halves of the fused (padded) gate/up output
-        gate, up = torch.randn(T, 2 * 3456, device="cuda", dtype=torch.bfloat16).chunk(2, dim=-1)
-        floor = 3 * gate.numel() * 2 / bw * 1e3
-        verify("silu_mul", vision.silu_mul(gate, up).float(), (F.silu(gate) * up).float(), 1e-2)
-        stock = time(lambda: F.silu(gate) * up)
-        rows.append(_row("SiLU gate", "F.silu(gate) * up (2 kernels)", stock, BLOCKS, floor))
-        ours = time(lambda: vision.silu_mul(gate, up))
-        rows.append(_row("SiLU gate", "triton_kernels.vision.silu_mul", ours, BLOCKS, floor, speedup=stock / ours))
-        del gate, up
-        # RMSNorm
-        norm = hf.Qwen2_5_VLRMSNorm(HIDDEN).to("cuda", torch.bfloat16)
-        floor = 2 * x.numel() * 2 / bw * 1e3
-        verify("rms_norm", vision.rms_norm(x, norm.weight, norm.variance_epsilon).float(), norm(x).float(), 1e-2)
-        stock = time(lambda: norm(x))
-        rows.append(_row("RMSNorm", "Qwen2_5_VLRMSNorm (fp32 chain)", stock, 2 * BLOCKS, floor))
-        ours = time(lambda: vision.rms_norm(x, norm.weight, norm.variance_epsilon))
-        rows.append(_row("RMSNorm", "triton_kernels.vision.rms_norm", ours, 2 * BLOCKS, floor, speedup=stock / ours))
-        # rotary on q, k views of one qkv output
+        x = torch.randn(T, HIDDEN, device="cuda", dtype=torch.bfloat16)
         qkv = torch.randn(T, 3, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
-        q, k = qkv[:, 0], qkv[:, 1]
-        emb = torch.randn(T, HEAD_DIM // 2, device="cuda").repeat(1, 2)
-        cos, sin = emb.cos(), emb.sin()
-        floor = (2 * 2 * q.numel() * 2 + 2 * cos.numel() * 4) / bw * 1e3
-        want = hf.apply_rotary_pos_emb_vision(q, k, cos, sin)
-        got = vision.rotary_qk(q, k, cos, sin)
-        for g, w in zip(got, want):
-            verify("rotary_qk", g.float(), w.float(), 1e-2)
-        stock = time(lambda: hf.apply_rotary_pos_emb_vision(q, k, cos, sin))
-        rows.append(_row("rotary q, k", "apply_rotary_pos_emb_vision (fp32 chain)", stock, BLOCKS, floor))
-        ours = time(lambda: vision.rotary_qk(q, k, cos, sin))
-        rows.append(_row("rotary q, k", "triton_kernels.vision.rotary_qk", ours, BLOCKS, floor, speedup=stock / ours))
+        inputs = {"mlp": (x, time), "silu": (T, bw, time), "norm": (x, bw, time), "rotary": (qkv, bw, time),
+                  "attention": (qkv, time)}
+        for step in steps:
+            rows += STEPS[step](*inputs[step])
     write_results("vision_block", rows, ["step", "variant", "median_ms", "per_encoder_ms", "TFLOP_s", "floor_ms",
                                          "x_floor", "speedup"], title="Qwen2.5-VL-7B vision block steps, bf16")
     return 0
