@@ -1,13 +1,16 @@
 """Table 2: end-to-end latency of Qwen2.5-VL-7B (random weights) on long videos, bf16 and 4-bit weights.
 
-``python -m bench.e2e [--quick] [--tokens 16384 65536 131072] [--precision bf16 w4a16] [--rows a b c1 c2 c3]
-[--decode-steps 256] [--no-inductor-pdl] [--step-graph]``. The model is
-``sparsevila_ops.integrations.demo.build_model`` (the QWEN25_VL_7B config, bf16; latency does not depend on
-weight values), the inputs ``demo.video_inputs``:
+``python -m bench.e2e [--quick] [--model qwen2_5_vl|llava_onevision] [--tokens 16384 65536 131072] [--precision
+bf16 w4a16] [--rows a b c1 c2 c3] [--decode-steps 256] [--no-inductor-pdl] [--step-graph]``. The model is
+``sparsevila_ops.integrations.demo.build_model`` (the QWEN25_VL_7B config, or with ``--model llava_onevision``
+LLAVA_OV_7B: SigLIP so400m and Qwen2-7B; bf16; latency does not depend on weight values), the inputs
+``demo.video_inputs``:
 
 - one video of F frames at 448x448 px (32x32 patches of 14 px): a 2x2 merge and 2-frame temporal patches make
   F/2 * 16 * 16 = 128 F LLM visual tokens, so 128 / 512 / 1024 frames give 16384 / 65536 / 131072 visual tokens
-  (``video_for_tokens``); 12 text tokens before the video, a 64-token question after;
+  (``video_for_tokens``); LLaVA-OneVision: frames of 384x384 px (27x27 patches pooled to 14x14), 196 tokens per
+  frame and the video's newline, so 84 / 334 / 669 frames; 12 text tokens before the video, a 64-token question
+  after;
 - E: vision encoder incl. salience and pruning (until the LLM's first forward; the median of the timed run's and
   ``E_REPEATS`` more runs stopped there, all in ``E_samples_ms``: one run's E can be an outlier), P: the LLM
   prefill incl. relevance and select + pack (its first forward), D: ms per generated token over
@@ -40,7 +43,8 @@ weight values), the inputs ``demo.video_inputs``:
   measured in the same run (``decode_floor_ms``), and D / floor. KV read per step = the valid entries a decode
   step must read (``decode_kv_tokens``), the same for (a) and (b).
 
-Writes ``e2e.{json,md,png}`` (``--quick``: 16k, rows a, b, c1, 64 decode steps: ``e2e_quick``). A full run at
+Writes ``e2e.{json,md,png}`` (``--quick``: 16k, rows a, b, c1, 64 decode steps: ``e2e_quick``; LLaVA-OneVision:
+``e2e_llava_onevision``, ``e2e_quick_llava_onevision``). A full run at
 128k takes several minutes per precision: run inputs/precisions separately with ``--tokens``/``--precision``.
 """
 from __future__ import annotations
@@ -56,13 +60,16 @@ import torch
 from torch._dynamo.utils import counters
 
 from bench.common import copy_bandwidth_tbps, require_gpu, write_results
-from sparsevila_ops.integrations.demo import QWEN25_VL_7B, StageTimer, build_model, stage_row, video_inputs
+from sparsevila_ops.integrations.demo import (LLAVA_OV_7B, QWEN25_VL_7B, StageTimer, build_model, stage_row,
+                                               video_inputs)
 from sparsevila_ops._device import use_pdl
 from sparsevila_ops.integrations.decode_compile import decode_compile_config
 
 ANSWER_TOKENS = 1500
 QUESTION_TOKENS = 64
 SIDE_PATCHES = 32  # 448 px
+MODELS = {"qwen2_5_vl": ("Qwen2.5-VL-7B", QWEN25_VL_7B), "llava_onevision": ("LLaVA-OneVision-7B", LLAVA_OV_7B)}
+UNPRUNED = {"llava_onevision": 1}  # visual tokens per video the prefill pruning keeps (LLaVA-OneVision: the newline)
 ROWS = {"a": ("stock transformers", None), "b": ("ours (0, 0)", (0.0, 0.0)), "c1": ("ours (0.75, 0.95)", (0.75, 0.95)),
         "c2": ("ours (0.70, 0.85)", (0.70, 0.85)), "c3": ("ours (0.90, 0)", (0.90, 0.0))}
 PRECISIONS = ("bf16", "w4a16")
@@ -75,9 +82,19 @@ E_REPEATS = 2  # runs up to the LLM per row beside the timed one; E is their med
 
 
 # -- pure parts (tested on the CPU) ---------------------------------------------------------------------------
-def video_for_tokens(target: int, side: int = SIDE_PATCHES) -> Dict[str, int]:
+def video_for_tokens(target: int, side: int = SIDE_PATCHES, model: str = "qwen2_5_vl") -> Dict[str, int]:
     """Frames of ``side x side`` patches (14 px) giving about ``target`` LLM visual tokens: every 2 frames x
-    2x2 patches merge into one token, so tokens = frames / 2 * (side / 2)^2, frames = 2 * round(target / (side/2)^2)."""
+    2x2 patches merge into one token, so tokens = frames / 2 * (side / 2)^2, frames = 2 * round(target / (side/2)^2).
+    ``model="llava_onevision"``: frames of its tower's size (384 px, 27 x 27 patches, ``side`` unused), each pooled
+    to 14 x 14 = 196 tokens, plus one newline per video: frames = round(target / 196)."""
+    if model == "llava_onevision":
+        vcfg = LLAVA_OV_7B["vision_config"]
+        n = vcfg["image_size"] // vcfg["patch_size"]
+        per = ((n + 1) // 2) ** 2
+        frames = max(1, round(target / per))
+        return {"frames": frames, "h": n, "w": n, "px": vcfg["image_size"], "visual_tokens": frames * per + 1}
+    if model != "qwen2_5_vl":
+        raise ValueError(f"model must be one of {sorted(MODELS)}; got {model!r}")
     if isinstance(side, bool) or not isinstance(side, int) or side < 2 or side % 2:
         raise ValueError(f"side must be an even number of patches >= 2; got {side}")
     per = (side // 2) ** 2
@@ -92,11 +109,12 @@ def kept_visual(n: int, sparsity: float) -> int:
 
 
 def decode_kv_tokens(prompt_tokens: int, visual_tokens: int, prefill_sparsity: float, decode_sparsity: float,
-                     steps: int) -> float:
+                     steps: int, unpruned: int = 0) -> float:
     """Mean KV entries (per layer and KV head) a decode step reads over ``steps`` generated tokens: the text of
     the prompt, the visual entries kept by pruning and then by select + pack, and on average ``steps / 2``
-    generated tokens (step t = 1 .. steps-1 reads t of them)."""
-    vis = kept_visual(kept_visual(visual_tokens, prefill_sparsity), decode_sparsity)
+    generated tokens (step t = 1 .. steps-1 reads t of them). ``unpruned`` of the visual tokens are never pruned
+    by the prefill but are visual entries for select + pack (LLaVA-OneVision's video newline: ``UNPRUNED``)."""
+    vis = kept_visual(kept_visual(visual_tokens - unpruned, prefill_sparsity) + unpruned, decode_sparsity)
     return prompt_tokens - visual_tokens + vis + steps / 2
 
 
@@ -392,10 +410,11 @@ def run_rows(model, inputs: dict, rows: Sequence[str], *, decode_steps: int, pre
     the LLM (``time_until_llm``, still enabled, before any profile), all of them in ``E_samples_ms``.
     ``kept_visual`` is what the pruning kept (``state.last_kept``), all visual tokens when nothing was pruned.
     ``profile_steps`` > 0 adds ``step``: the GPU time of one decode step from that many profiled steps
-    (``decode_step_profile``), ``E_profile``: the kernels of E (``e_profile``), and for rows (a) and (b)
-    ``encoder``: one vision-tower pass (``encoder_profile``)."""
+    (``decode_step_profile``), ``E_profile``: the kernels of E (``e_profile``), and for rows (a) and (b) of
+    Qwen2.5-VL ``encoder``: one vision-tower pass (``encoder_profile``)."""
     prompt = inputs["input_ids"].shape[1]
     n_vis = int((inputs["input_ids"] == model.config.video_token_id).sum())
+    unpruned = UNPRUNED.get(model.config.model_type, 0)
     weights = decode_weight_bytes(model)
     timer = StageTimer(model)
     gen = dict(max_new_tokens=decode_steps, eos_token_id=None, do_sample=False)  # EOS ignored (module doc)
@@ -422,7 +441,7 @@ def run_rows(model, inputs: dict, rows: Sequence[str], *, decode_steps: int, pre
             try:
                 found["step"] = decode_step_profile(lambda **more: model.generate(**inputs, **kw, **more),
                                                     long=min(decode_steps, 4 + profile_steps))
-                if key in ("a", "b"):  # the vision tower is the same in every row of ours
+                if key in ("a", "b") and hasattr(model.model, "visual"):  # the same in every row of ours
                     found["encoder"] = encoder_profile(model, inputs)
                 found["E_profile"] = e_profile(model, lambda: model.generate(**inputs, **kw))
             except Exception as e:  # noqa: BLE001 - the row's E, P, D stand without the profile
@@ -436,7 +455,7 @@ def run_rows(model, inputs: dict, rows: Sequence[str], *, decode_steps: int, pre
         row = {"input": f"{round(n_vis / 1024)}k" if n_vis >= 1024 else str(n_vis), "frames": video["frames"],
                "px": video["px"], "visual_tokens": n_vis, "precision": precision, "row": key, "setting": label,
                "kept_visual": n_vis if r["kept"] is None else r["kept"],
-               "kv_tokens": decode_kv_tokens(prompt, n_vis, p, d, decode_steps), "weight_bytes": weights,
+               "kv_tokens": decode_kv_tokens(prompt, n_vis, p, d, decode_steps, unpruned), "weight_bytes": weights,
                "E_ms": statistics.median(e_samples), "E_samples_ms": e_samples, "P_ms": r["P_ms"], "D_ms": r["D_ms"],
                "generated": r["out"].shape[1] - prompt, "graphs_compiled_in_timed_run": recompiled,
                "D_wait_ms": decode_wait_ms(waits[-1])}
@@ -462,14 +481,14 @@ def run_rows(model, inputs: dict, rows: Sequence[str], *, decode_steps: int, pre
 
 def run(targets: Sequence[int], precisions: Sequence[str], rows: Sequence[str], decode_steps: int,
         profile_steps: int = 0, done: Optional[Callable[[List[dict], float], None]] = None,
-        inductor_pdl: bool = True, step_graph: bool = False) -> tuple:
+        inductor_pdl: bool = True, step_graph: bool = False, model_name: str = "qwen2_5_vl") -> tuple:
     """The full-size table on the GPU: returns (rows, copy bandwidth TB/s, KV bytes per token). ``done(table,
     copy TB/s)`` gets the table so far after each row (so a run cut short keeps what it measured).
     ``inductor_pdl``: our rows' decode steps compiled as the integration compiles them (``decode_compile``:
     inductor's PDL on Hopper); False compiles them with transformers' default ``CompileConfig()`` as the stock row
     (the A/B of ``--no-inductor-pdl``). Each row says ``inductor_pdl``. ``step_graph``: our rows' decode steps
     replayed from the integration's own graphs (``enable(..., step_graph=True)``; ``--step-graph``); each row says
-    ``step_graph``.
+    ``step_graph``. ``model_name``: a key of ``MODELS``.
 
     One model serves every precision: ``w4a16`` quantizes its LLM linears in place and nothing restores them,
     so ``precisions`` must list bf16 before w4a16 (``PRECISIONS`` order, each once; ``ValueError`` otherwise).
@@ -482,7 +501,7 @@ def run(targets: Sequence[int], precisions: Sequence[str], rows: Sequence[str], 
                          f"the model in place for good, so bf16 rows run first); got {list(precisions)}")
     dev, dtype = torch.device("cuda"), torch.bfloat16
     copy_tbps = copy_bandwidth_tbps()
-    model = build_model(True, dev, dtype)
+    model = build_model(True, dev, dtype, model_name)
     if not inductor_pdl:
         from transformers import CompileConfig
         model.generation_config.compile_config = CompileConfig()  # set, so the integration adds nothing
@@ -494,7 +513,7 @@ def run(targets: Sequence[int], precisions: Sequence[str], rows: Sequence[str], 
             quantize_model_linears(model.model.language_model, group_size=128)
             torch.cuda.empty_cache()
         for target in targets:
-            video = video_for_tokens(target)
+            video = video_for_tokens(target, model=model_name)
             inputs = video_inputs(model, video["frames"], video["h"], video["w"], QUESTION_TOKENS, dev, dtype)
             print(f"{precision}: video {video['frames']} frames of {video['px']}x{video['px']} px -> "
                   f"{video['visual_tokens']} visual tokens, prompt {inputs['input_ids'].shape[1]} tokens", flush=True)
@@ -542,6 +561,7 @@ def plot_stacked(rows: List[dict], answer_tokens: int = ANSWER_TOKENS):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.e2e", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="16k input, rows a b c1, 64 decode steps")
+    p.add_argument("--model", choices=sorted(MODELS), default="qwen2_5_vl", help="the VLM (default qwen2_5_vl)")
     p.add_argument("--tokens", type=int, nargs="+", default=None, help=f"visual-token targets (default {TARGETS})")
     p.add_argument("--precision", nargs="+", choices=PRECISIONS, default=None, help="default: both")
     p.add_argument("--rows", nargs="+", choices=list(ROWS), default=None, help="default: all")
@@ -569,14 +589,16 @@ def main(argv=None) -> int:
     rows = a.rows or (["a", "b", "c1"] if a.quick else list(ROWS))
     precisions = [x for x in PRECISIONS if x in (a.precision or PRECISIONS)]
     steps = a.decode_steps or (64 if a.quick else 256)
-    cfg = QWEN25_VL_7B["text_config"]
+    title, config = MODELS[a.model]
+    default_name = ("e2e_quick" if a.quick else "e2e") + ("" if a.model == "qwen2_5_vl" else f"_{a.model}")
 
     def write(table, copy_tbps):
-        write_results(a.name or ("e2e_quick" if a.quick else "e2e"), table, COLUMNS, plot=plot_stacked(table),
-                      title=f"Table 2: Qwen2.5-VL-7B ({cfg['num_hidden_layers']} layers, random weights), E2E = E + "
-                            f"P + {ANSWER_TOKENS} D from {steps} timed decode steps, copy {copy_tbps:.2f} TB/s")
+        write_results(a.name or default_name, table, COLUMNS, plot=plot_stacked(table),
+                      title=f"Table 2: {title} ({config['text_config']['num_hidden_layers']} layers, random weights), "
+                            f"E2E = E + P + {ANSWER_TOKENS} D from {steps} timed decode steps, copy {copy_tbps:.2f} "
+                            f"TB/s")
     run(sorted(targets), precisions, rows, steps, a.profile_steps, done=write, inductor_pdl=not a.no_inductor_pdl,
-        step_graph=a.step_graph)
+        step_graph=a.step_graph, model_name=a.model)
     return 0
 
 

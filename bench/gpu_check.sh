@@ -76,12 +76,15 @@ if [ "$what" = bench ] || [ "$what" = all ]; then
   step rope_append python -m bench.rope_append
   step demo python -m sparsevila_ops demo --json "$SPARSEVILA_BENCH_DIR/demo.json"
   step qwen2_5_vl python -m sparsevila_ops demo --model qwen2_5_vl --json "$SPARSEVILA_BENCH_DIR/qwen2_5_vl_demo.json"
+  step llava_onevision python -m sparsevila_ops demo --model llava_onevision \
+    --json "$SPARSEVILA_BENCH_DIR/llava_onevision_demo.json"
   step qwen2_5_vl_graph_check python -m bench.integration_graph_check --dtype bfloat16
   step qwen2_5_vl_memory_check python -m bench.integration_memory_check
   step pdl_check python -m bench.pdl_check  # inductor's PDL in the compiled decode step: every kernel waits
   step gemv4 python -m bench.gemv4 "${q[@]}"
   step vision_block python -m bench.vision_block
   step e2e python -m bench.e2e "${q[@]}"
+  step e2e_llava_onevision python -m bench.e2e --model llava_onevision "${q[@]}"
   step decode_host python -m bench.decode_host  # host ms per decode step by Python function (4-bit, 0.75 / 0.95)
   step decode_host_step_graph python -m bench.decode_host --step-graph  # the same replayed from our own graphs
   step autotune python -m bench.autotune "${q[@]}"

@@ -163,6 +163,46 @@ def test_harness_core_loop_on_the_tiny_model(tiny_model, tmp_path):
     assert "| 36 | 2 | 168 | bf16 | a |" in (d / "e2e_smoke.md").read_text()
 
 
+def test_llava_onevision_videos_and_rows_on_the_tiny_model(monkeypatch):
+    """``--model llava_onevision``: frames of 196 pooled tokens plus the newline; every row runs on the tiny model
+    in bf16 and 4-bit, and the KV entries the floor counts (the newline never pruned by the prefill, a visual entry
+    for select + pack) equal what the caches hold."""
+    from sparsevila_ops import integrations
+    from sparsevila_ops.integrations import demo
+    from sparsevila_ops.quant import quantize_model_linears
+
+    assert [e2e.video_for_tokens(t, model="llava_onevision") for t in e2e.TARGETS] == [
+        {"frames": f, "h": 27, "w": 27, "px": 384, "visual_tokens": 196 * f + 1} for f in (84, 334, 669)]
+    with pytest.raises(ValueError, match="model must be one of"):
+        e2e.video_for_tokens(100, model="llava")
+    tiny = copy.deepcopy(demo.LLAVA_OV_TINY)
+    tiny["text_config"].update(hidden_size=128, intermediate_size=256, num_attention_heads=8)  # group-128 linears
+    monkeypatch.setattr(demo, "LLAVA_OV_TINY", tiny)
+    model, steps = demo.build_model(False, torch.device("cpu"), torch.bfloat16, "llava_onevision"), 3
+    inputs = demo.video_inputs(model, 6, 0, 0, 8, "cpu", torch.bfloat16)
+    prompt, n_vis = inputs["input_ids"].shape[1], 6 * 4 + 1  # 56 px frames: 4 x 4 patches pooled to 2 x 2
+    video = {"frames": 6, "h": 4, "w": 4, "px": 56, "visual_tokens": n_vis}
+    raw = e2e.run_rows(model, inputs, list(e2e.ROWS), decode_steps=steps, precision="bf16", video=video)
+    assert [r["kept_visual"] for r in raw] == [n_vis, n_vis, 6, 7, 2]  # pooled tokens kept of 24 (+ the newline)
+    assert all(r["generated"] == steps and "encoder" not in r for r in raw)
+    with torch.no_grad():
+        for key, (_, sp) in e2e.ROWS.items():
+            if sp is None:
+                continue
+            integrations.enable(model, *sp)
+            try:
+                out = model.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+                                     return_dict_in_generate=True)
+            finally:
+                integrations.disable(model)
+            cache = out.past_key_values
+            held = int((cache.plengths if cache.sparse else cache.lengths)[0, 0])
+            assert e2e.decode_kv_tokens(prompt, n_vis, *sp, steps, unpruned=1) == held - steps / 2 + 1, key
+    quantize_model_linears(model.model.language_model)
+    raw = e2e.run_rows(model, inputs, ["a", "c1"], decode_steps=steps, precision="w4a16", video=video)
+    assert [(r["precision"], r["generated"]) for r in raw] == [("w4a16", steps)] * 2
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available")
 def test_main_without_a_gpu_skips_with_one_line(capsys):
     assert e2e.main(["--quick"]) == 0
