@@ -60,11 +60,16 @@ GRID = {
                   for n in (8192, 32768)],
     "decode_attention": [{"Hq": hq, "Hk": hk, "D": d, "n": n} for hq, hk, d in LLM_HEADS for n in CONTEXTS]
                         + [{"Hq": 28, "Hk": 4, "D": 128, "B": b, "n": 32768} for b in (2, 4, 8)],
-    "sparse_decode_attention": [{"Hq": hq, "Hk": hk, "D": d, "T": n, "n": n // 20} for hq, hk, d in LLM_HEADS[:4]
-                                for n in (8192, 131072)],
-    "append_kv": [{"Hk": hk, "D": d, "B": b, "cap": 8448} for hk, d in ((4, 128), (32, 128), (8, 64), (2, 256))
-                  for b in (1, 8)],
-    "rope_append_kv": [{"Hq": hq, "Hk": hk, "D": d, "B": b, "cap": 8448} for hq, hk, d in LLM_HEADS for b in (1, 8)],
+    "visual_salience": [{"H": 16, "D": d, "n": n, "segs": s, "lse_given": given} for d in (64, 72, 80, 128)
+                        for n, s in SALIENCE_SEGMENTS for given in (False, True)],
+    "sparse_decode_attention": [{"Hq": hq, "Hk": hk, "D": d, "T": n, "n": n // 20} for hq, hk, d in LLM_HEADS
+                                for n in (8192, 32768, 131072)]
+                               + [{"Hq": 28, "Hk": 4, "D": 128, "B": b, "T": 32768, "n": 1638} for b in (2, 4, 8)]
+                               + [{"Hq": 28, "Hk": 4, "D": 128, "T": 32768, "n": n} for n in (4915, 9830)],
+    "append_kv": [{"Hk": hk, "D": d, "B": b, "cap": 8448} for hk, d in ((4, 128), (32, 128), (8, 64), (2, 256),
+                                                                         (16, 80)) for b in (1, 2, 4, 8)],
+    "rope_append_kv": [{"Hq": hq, "Hk": hk, "D": d, "B": b, "cap": 8448} for hq, hk, d in LLM_HEADS
+                       for b in (1, 2, 4, 8)],
     # Qwen2.5-7B's fused qkv / o / gate_up / down at batches 1-8, Llama-2-7B's and a 1.5B model's at 1 and 8, group 256
     "w4a16_linear": [{"M": m, "N": n, "K": k} for n, k in ((4608, 3584), (3584, 3584), (37888, 3584), (3584, 18944))
                      for m in (1, 2, 4, 8)]
