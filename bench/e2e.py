@@ -294,12 +294,17 @@ ENCODER_KINDS = (("gemm", ("nvjet", "gemm", "cutlass", "xmma", "sm90_xmma", "spl
 
 
 def encoder_profile(model, inputs: dict) -> dict:
-    """GPU time of one vision-tower pass over the input's video (as the row's ``enable`` left the tower): busy ms,
-    and ``kernel_summary`` with ``ENCODER_KINDS``."""
-    visual = model.model.visual
-    pix = inputs["pixel_values_videos"].to(visual.dtype)
+    """GPU time of one vision-tower pass over the input's video (as the row's ``enable`` left the tower; LLaVA-
+    OneVision: SigLIP, projector and pooling of every frame, ``get_video_features``): busy ms, and
+    ``kernel_summary`` with ``ENCODER_KINDS``."""
+    pix = inputs["pixel_values_videos"]
+    if hasattr(model.model, "visual"):  # Qwen2.5-VL
+        visual = model.model.visual
+        tower = lambda: visual(pix.to(visual.dtype), grid_thw=inputs["video_grid_thw"])  # noqa: E731
+    else:
+        tower = lambda: model.model.get_video_features(pix)  # noqa: E731
     with torch.no_grad():
-        kernels, busy, *_ = profile_kernels(lambda: visual(pix, grid_thw=inputs["video_grid_thw"]))
+        kernels, busy, *_ = profile_kernels(tower)
     return {"gpu_ms": busy / 1e3, **kernel_summary(kernels, ENCODER_KINDS)}
 
 
@@ -410,8 +415,8 @@ def run_rows(model, inputs: dict, rows: Sequence[str], *, decode_steps: int, pre
     the LLM (``time_until_llm``, still enabled, before any profile), all of them in ``E_samples_ms``.
     ``kept_visual`` is what the pruning kept (``state.last_kept``), all visual tokens when nothing was pruned.
     ``profile_steps`` > 0 adds ``step``: the GPU time of one decode step from that many profiled steps
-    (``decode_step_profile``), ``E_profile``: the kernels of E (``e_profile``), and for rows (a) and (b) of
-    Qwen2.5-VL ``encoder``: one vision-tower pass (``encoder_profile``)."""
+    (``decode_step_profile``), ``E_profile``: the kernels of E (``e_profile``), and for rows (a) and (b)
+    ``encoder``: one vision-tower pass (``encoder_profile``)."""
     prompt = inputs["input_ids"].shape[1]
     n_vis = int((inputs["input_ids"] == model.config.video_token_id).sum())
     unpruned = UNPRUNED.get(model.config.model_type, 0)
@@ -441,7 +446,7 @@ def run_rows(model, inputs: dict, rows: Sequence[str], *, decode_steps: int, pre
             try:
                 found["step"] = decode_step_profile(lambda **more: model.generate(**inputs, **kw, **more),
                                                     long=min(decode_steps, 4 + profile_steps))
-                if key in ("a", "b") and hasattr(model.model, "visual"):  # the same in every row of ours
+                if key in ("a", "b"):  # the vision tower is the same in every row of ours
                     found["encoder"] = encoder_profile(model, inputs)
                 found["E_profile"] = e_profile(model, lambda: model.generate(**inputs, **kw))
             except Exception as e:  # noqa: BLE001 - the row's E, P, D stand without the profile

@@ -184,7 +184,11 @@ def test_llava_onevision_videos_and_rows_on_the_tiny_model(monkeypatch):
     video = {"frames": 6, "h": 4, "w": 4, "px": 56, "visual_tokens": n_vis}
     raw = e2e.run_rows(model, inputs, list(e2e.ROWS), decode_steps=steps, precision="bf16", video=video)
     assert [r["kept_visual"] for r in raw] == [n_vis, n_vis, 6, 7, 2]  # pooled tokens kept of 24 (+ the newline)
-    assert all(r["generated"] == steps and "encoder" not in r for r in raw)
+    assert all(r["generated"] == steps for r in raw)
+    seen = []
+    monkeypatch.setattr(e2e, "profile_kernels", lambda fn: (seen.append(fn()), ({"k": (4.0, 1)}, 4.0, {}, ()))[1])
+    assert e2e.encoder_profile(model, inputs)["gpu_ms"] == 0.004  # the tower's pooled features of the 6 frames
+    assert [tuple(f.shape) for f in seen[0].pooler_output] == [(6 * 4, 128)]
     with torch.no_grad():
         for key, (_, sp) in e2e.ROWS.items():
             if sp is None:
