@@ -8,7 +8,7 @@ kernels need none) and gives the functions the library and the tuner need:
   ``key_type``: first ``gpu`` (:func:`gpu_name`), then dtype, head dim, GQA group and sizes, all exact. Every
   launch builds it, so it stays a plain tuple (a NamedTuple's constructor is a Python call, ~0.2 µs); the
   NamedTuple, ``key_type._make(fields)``, is built only where fields are read by name (:meth:`Tunable.key`,
-  a table miss). Without ``key_type`` the hook returns the key itself;
+  a table miss);
 - ``space(key)``: the configs worth timing (dicts of launch parameters: tiles, warps, stages, splits...);
 - ``default(key)``: the hand-written heuristic; it runs everywhere and sees the exact sizes;
 - ``launch(*args, config)``: runs the kernel with ``config`` (``args`` are those of the op's launcher);
@@ -110,8 +110,7 @@ class Tunable:
     """One kernel's seam (module docstring). ``op`` and ``backend`` name it in tables and on the CLI."""
 
     def __init__(self, op: str, backend: str, source: Sequence[object] = (), *, key: Callable[..., tuple],
-                 key_type: Optional[type] = None, space: Callable[[NamedTuple], list],
-                 default: Callable[[NamedTuple], dict],
+                 key_type: type, space: Callable[[NamedTuple], list], default: Callable[[NamedTuple], dict],
                  launch: Callable[..., None], buckets: Sequence[str] = (),
                  resources: Optional[Callable[[NamedTuple, dict], Tuple[int, int]]] = None,
                  unsupported: Optional[Callable[..., Optional[str]]] = None,
@@ -157,8 +156,7 @@ class Tunable:
 
     def key(self, *args) -> NamedTuple:
         """The key of a launch with ``args`` (a ``key_type``)."""
-        fields = self.key_fields(*args)
-        return fields if self.key_type is None else self.key_type._make(fields)
+        return self.key_type._make(self.key_fields(*args))
 
     def unsupported(self, *args) -> Optional[str]:
         """Why the kernel cannot run a launch with ``args`` here (None: it can; always None without the hook)."""
@@ -205,7 +203,7 @@ class Tunable:
         cfg = self._memo.get(fields)
         if cfg is None:
             from .tables import resolve
-            cfg = resolve(self, fields if self.key_type is None else self.key_type._make(fields), args)
+            cfg = resolve(self, self.key_type._make(fields), args)
         return cfg
 
     def __call__(self, *args) -> None:

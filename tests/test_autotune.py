@@ -56,13 +56,16 @@ class Fake:
     def __init__(self, path: Path, accumulate: bool = False, resources=None, source: str = "# fake kernel v1\n"):
         path.write_text(source)
         self.calls, self.accumulate = [], accumulate
-        self.tunable = Tunable("fake_op", "triton", [path], key=self.key, space=lambda key: self.SPACE,
-                               default=lambda key: dict(self.DEFAULT), launch=self.launch, buckets=("n",),
-                               resources=resources)
+        self.tunable = Tunable("fake_op", "triton", [path], key=self.key_fields, key_type=FakeKey,
+                               space=lambda key: self.SPACE, default=lambda key: dict(self.DEFAULT),
+                               launch=self.launch, buckets=("n",), resources=resources)
 
     @staticmethod
-    def key(x, out):
-        return FakeKey(gpu_name(x.device), x.dtype, x.shape[0])
+    def key_fields(x, out):
+        return gpu_name(x.device), x.dtype, x.shape[0]
+
+    def key(self, x, out):
+        return self.tunable.key(x, out)
 
     def launch(self, x, out, cfg):
         self.calls.append(cfg)
@@ -775,12 +778,12 @@ def test_source_hash_changes_with_a_module_constant(monkeypatch):
     """A constant the launcher reads (here gemv4.BLOCK_M) changes the hash, so stale tuned entries are refused."""
     from sparsevila_ops.triton_kernels import gemv4
     before = gemv4.W4A16.source_hash
-    fresh = seam.Tunable("w4a16_linear", "triton", key=gemv4.W4A16.key, space=gemv4.W4A16.space,
-                         default=gemv4.W4A16.default, launch=gemv4.launch)
+    seam_of = dict(key=gemv4.W4A16.key_fields, key_type=gemv4.W4A16.key_type, space=gemv4.W4A16.space,
+                   default=gemv4.W4A16.default, launch=gemv4.launch)
+    fresh = seam.Tunable("w4a16_linear", "triton", **seam_of)
     assert fresh.source_hash == before
     monkeypatch.setattr(gemv4, "BLOCK_M", gemv4.BLOCK_M * 2)
-    assert seam.Tunable("w4a16_linear", "triton", key=gemv4.W4A16.key, space=gemv4.W4A16.space,
-                        default=gemv4.W4A16.default, launch=gemv4.launch).source_hash != before
+    assert seam.Tunable("w4a16_linear", "triton", **seam_of).source_hash != before
 
 
 def test_bench_lookup_times_every_kernel_it_can_run_without_tuning(monkeypatch):
