@@ -300,7 +300,8 @@ def encoder_profile(model, inputs: dict) -> dict:
     pix = inputs["pixel_values_videos"]
     if hasattr(model.model, "visual"):  # Qwen2.5-VL
         visual = model.model.visual
-        tower = lambda: visual(pix.to(visual.dtype), grid_thw=inputs["video_grid_thw"])  # noqa: E731
+        pix = pix.to(visual.dtype)  # outside the profile
+        tower = lambda: visual(pix, grid_thw=inputs["video_grid_thw"])  # noqa: E731
     else:
         tower = lambda: model.model.get_video_features(pix)  # noqa: E731
     with torch.no_grad():
