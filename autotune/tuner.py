@@ -65,7 +65,7 @@ class Trial:
     ms: Optional[float] = None  # per call, for OK
     err: Optional[float] = None  # largest relative error over the float outputs
     note: str = ""
-    confirm_ms: List[float] = field(default_factory=list)  # tune's confirmation times, one per round
+    confirm_ms: List[float] = field(default_factory=list)  # tune's confirmation or measure's rounds, one per round
 
     @property
     def final_ms(self) -> Optional[float]:
@@ -219,13 +219,23 @@ def default_timer(device: torch.device) -> Timer:
 
 def measure(tunable: Tunable, args: tuple, configs: Optional[Sequence[dict]] = None, *, problem=None,
             timer: Optional[Timer] = None, sets: Optional[int] = None, limits=FROM_DEVICE,
-            copy: bool = False, jobs: int = JOBS) -> List[Trial]:
+            copy: bool = False, jobs: int = JOBS, rounds: int = 1) -> List[Trial]:
     """Verify and time each of :func:`candidates` on ``args`` (module docstring). ``copy``: work on copies of
     ``args`` (else input set 0 is ``args`` itself and its outputs are overwritten). ``limits``: by default those
     of the arguments' GPU; None prunes nothing. ``jobs``: threads that compile the candidates before the first
-    launch (1: each compiles at its first launch). Raises ValueError, with the reason, when the Tunable says it
-    cannot run ``args`` (``Tunable.unsupported``)."""
-    return _measure(tunable, args, configs, problem, timer, sets, limits, copy, jobs)[0]
+    launch (1: each compiles at its first launch). ``rounds`` > 1: the correct configs are then timed ``rounds``
+    more times, interleaved (round ``r`` in reverse order when ``r`` is odd), into ``Trial.confirm_ms``, so
+    ``Trial.final_ms`` compares configs on the medians of one shared stretch of time rather than on one timing
+    each (a clock or neighbour change between two single timings reads as a speed difference). Raises ValueError,
+    with the reason, when the Tunable says it cannot run ``args`` (``Tunable.unsupported``)."""
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    trials, time_config = _measure(tunable, args, configs, problem, timer, sets, limits, copy, jobs)
+    ok = [t for t in trials if t.status == OK]
+    for r in range(rounds if rounds > 1 else 0):
+        for t in ok if r % 2 == 0 else ok[::-1]:
+            t.confirm_ms.append(time_config(t.config))
+    return trials
 
 
 def _measure(tunable: Tunable, args: tuple, configs, problem, timer, sets, limits, copy: bool,

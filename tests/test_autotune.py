@@ -358,6 +358,20 @@ def test_a_winner_that_confirms_is_kept(fake):
     assert r.config == {"scale": 2.0, "tile": 32} and (r.ms, r.default_ms) == (0.6, 2.0)
 
 
+def test_measure_rounds_time_every_correct_config_again_interleaved(fake):
+    """``rounds`` 3: after one timing each, the correct configs (not the wrong tile 4) are timed three more times,
+    in reverse order every other round; ``final_ms`` is the median of those rounds (an outlier changes nothing)."""
+    timer, timed = scripted_timer(fake, {16: [2.0, 9.0, 2.2], 8: [1.0, 1.1, 0.9], 32: [0.7, 0.6, 0.5],
+                                         64: [3.0, 3.0, 3.0]})
+    trials = tuner.measure(fake.tunable, _args(), timer=timer, limits=None, rounds=3)
+    assert timed == [16, 8, 32, 64] + [16, 8, 32, 64] + [64, 32, 8, 16] + [16, 8, 32, 64]
+    final = {t.config["tile"]: t.final_ms for t in trials if t.status == tuner.OK}
+    assert final == {16: 2.2, 8: 1.0, 32: 0.6, 64: 3.0}
+    assert [t.confirm_ms for t in trials if t.status != tuner.OK] == [[]]
+    with pytest.raises(ValueError, match="rounds must be >= 1"):
+        tuner.measure(fake.tunable, _args(), timer=timer, limits=None, rounds=0)
+
+
 @pytest.mark.parametrize("cost", [{**COST, 16: 0.2}, {**COST, 8: 2.5, 32: 1.97}], ids=["fastest", "within_min_gain"])
 def test_the_default_winning_the_trials_is_not_timed_again(fake, cost):
     """Fastest, or faster candidates within ``MIN_GAIN``: the trials' times stand, nothing is confirmed."""

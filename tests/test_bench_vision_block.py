@@ -10,6 +10,7 @@ def test_attention_rows_check_prefill_against_the_batched_sdpa_per_segment_lengt
     rows = vb._attention(qkv, lambda fn: (timed.append(fn()), 2.0)[1])
     assert [(r["step"], r["variant"]) for r in rows] == [
         (f"attention, {n}-patch segments", v) for n in (vb.WINDOW, vb.FRAME)
-        for v in ("batched SDPA (varlen_attention)", "prefill_attention (one varlen launch)")]
+        for v in ("batched SDPA", "prefill_attention (one varlen launch)")]
     assert [r["per_encoder_ms"] for r in rows] == [2.0 * (vb.BLOCKS - vb.FULL_BLOCKS)] * 2 + [2.0 * vb.FULL_BLOCKS] * 2
+    assert [r["varlen_attention"] for r in rows] == ["prefill"] * 2 + ["batched SDPA"] * 2
     assert len(timed) == 4 and all(r.get("speedup", 1.0) == 1.0 for r in rows)

@@ -7,8 +7,8 @@
   kernels, and each block's MLP as two GEMMs over its 3420-wide intermediate padded to 3456 (``fused.fuse``);
   every block's ``attn``
   gets an instance-level ``forward`` that runs the block's attention as one launch over all its segments
-  (``varlen_attention``: batched SDPA for equal frames, our varlen ``prefill_attention`` for the uneven
-  windows) instead of transformers' per-segment loop. With
+  (``varlen_attention``: batched SDPA for equal frames, our varlen ``prefill_attention`` for the windows)
+  instead of transformers' per-segment loop. With
   ``prefill_sparsity > 0`` the salience block (default: the last full-attention block) runs
   ``prefill_attention`` (non-causal, with LSE) and ``visual_salience(..., lse=...)``: one pass over QK^T.
 - **generate**: an instance-level ``generate`` encodes the images/videos, undoes the window order, pools
