@@ -1,14 +1,15 @@
 """Tuned vs default kernel configs per op, over shapes the defaults were and were not swept on.
 
-``python -m bench.autotune [--quick] [--op OP] [--cache PATH] [--lookup]``. Every kernel
+``python -m bench.autotune [--quick] [--op OP] [--cache PATH] [--lookup] [--combine JSON ...]``. Every kernel
 (``sparsevila_ops.autotune.KERNELS``; the cuda backend's where it can run) is tuned at every shape of its grid below
 (>= 20 per op family: head dims 64-256, GQA groups 1-8, batch 1-8, lengths 1k-128k, bf16; W4A16 GEMVs of 7B and
 1.5B decoders at batch 1-8) into this run's cache (a temp file unless ``--cache``), then its default and tuned
 configs are timed again side by side by ``autotune.measure`` (verified first, then CUDA-graph replays over rotating
-inputs, in ``RETIME_ROUNDS`` interleaved rounds whose medians are compared). Rows: default and tuned µs, speedup, tuning seconds. Per op (``autotune_summary``): geometric-mean
-speedup over all shapes and over those the defaults were not swept on, the worst speedup, the tuning time, and the
-lookup overhead of one launch on a warm table (``Tunable.config``, µs; ``--lookup``: only that, per kernel, tuning
-nothing).
+inputs, in ``RETIME_ROUNDS`` interleaved rounds whose medians are compared). Rows: default and tuned µs, speedup,
+tuning seconds. Per op (``autotune_summary``): geometric-mean speedup over all shapes and over those the defaults
+were not swept on, the worst speedup, the tuning time, and the lookup overhead of one launch on a warm table
+(``Tunable.config``, µs; ``--lookup``: only that, per kernel, tuning nothing). ``--combine``: no GPU; the per-op
+and overall geomeans over several runs' ``autotune.json``, written beside the last one (``autotune_combined``).
 
 Targets (H200): tuned never slower than default beyond noise; geomean >= 1.15x on the unswept shapes; lookup
 <= 2 µs per call; tuning every shipped shape (``python -m sparsevila_ops.autotune tune --op all``) <= 15 min.
@@ -20,6 +21,7 @@ import math
 import os
 import tempfile
 import time
+from typing import Tuple
 
 import torch
 
@@ -180,13 +182,42 @@ def lookups(ops, device: str = "cuda", grid=None) -> list:
     return out
 
 
+def combine(paths) -> Tuple[list, dict]:
+    """Per-op summaries and the overall one (``op`` "all") over the rows of ``autotune.json`` files of several runs;
+    an op's rows come from the last file that has it (a later run of an op replaces its earlier rows)."""
+    import json
+    by_op = {}
+    for path in paths:
+        with open(path) as f:
+            rows = json.load(f)["rows"]
+        for op in dict.fromkeys(r["op"] for r in rows):
+            by_op[op] = [r for r in rows if r["op"] == op]
+
+    def summarize(op, rows):
+        speedups = [r["speedup"] for r in rows]
+        unswept = [r["speedup"] for r in rows if not r["swept"]]
+        return {"op": op, "shapes": len(rows), "unswept": len(unswept), "geomean": _gmean(speedups),
+                "geomean_unswept": _gmean(unswept) if unswept else None, "worst": min(speedups)}
+    per_op = [summarize(op, rows) for op, rows in sorted(by_op.items())]
+    return per_op, summarize("all", [r for rows in by_op.values() for r in rows])
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="the first 3 shapes of each op")
     p.add_argument("--op", action="append", choices=sorted(GRID), help="only these ops (repeatable)")
     p.add_argument("--cache", help="the cache to tune into (default: a temp file; never the user cache)")
     p.add_argument("--lookup", action="store_true", help="only the warm lookup µs of every kernel (no tuning)")
+    p.add_argument("--combine", nargs="+", metavar="JSON",
+                   help="no GPU: summarize the rows of these runs' autotune.json (later files replace an op's rows)")
     a = p.parse_args(argv)
+    if a.combine:
+        per_op, overall = combine(a.combine)
+        write_results("autotune_combined", per_op + [overall],
+                      ["op", "shapes", "unswept", "geomean", "geomean_unswept", "worst"],
+                      out_dir=os.path.dirname(os.path.abspath(a.combine[-1])),
+                      title="autotune: per op and overall over " + ", ".join(map(os.path.basename, a.combine)))
+        return 0
     if not require_gpu("bench.autotune"):
         return 0
     from sparsevila_ops import autotune

@@ -294,9 +294,9 @@ def test_idle_gaps_split_launch_latency_from_host_waits():
 
 
 def test_decode_step_profile_stops_generate_after_each_length(tiny_model, monkeypatch):
-    """The two profiled runs stop after 4 and 6 tokens through the stopping criterion (same max_new_tokens, so
-    nothing is resized), and the row gets the per-step numbers and E's kernels; row (a) also gets the vision
-    tower's."""
+    """The profiled runs stop after 4 (thrown away), 4 and 6 tokens through the stopping criterion (same
+    max_new_tokens, so nothing is resized), and the row gets the per-step numbers and E's kernels; row (a) also
+    gets the vision tower's."""
     from sparsevila_ops.integrations import demo
     lengths = []
 
@@ -315,7 +315,7 @@ def test_decode_step_profile_stops_generate_after_each_length(tiny_model, monkey
     prompt = inputs["input_ids"].shape[1]
     rows = e2e.run_rows(tiny_model, inputs, ["a", "c1"], decode_steps=8, precision="bf16", video=video,
                         profile_steps=2)
-    assert lengths == [prompt + 4, prompt + 6] * 2
+    assert lengths == [prompt + 4, prompt + 4, prompt + 6] * 2
     assert all(r["D_gpu_ms"] == pytest.approx(0.01) and r["step"]["launches"] == 1 for r in rows)
     assert rows[0]["encoder"] == {"gpu_ms": 0.005, "kernel_sum_ms": 0.005, "launches": 2, "kinds_ms": {"gemm": 0.005},
                                   "top": [{"kernel": "gemm_kernel", "us": 5.0, "calls": 2}]}
