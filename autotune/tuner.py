@@ -219,22 +219,19 @@ def default_timer(device: torch.device) -> Timer:
 
 def measure(tunable: Tunable, args: tuple, configs: Optional[Sequence[dict]] = None, *, problem=None,
             timer: Optional[Timer] = None, sets: Optional[int] = None, limits=FROM_DEVICE,
-            copy: bool = False, jobs: int = JOBS, rounds: int = 1) -> List[Trial]:
+            copy: bool = False, jobs: int = JOBS, rounds: int = 0) -> List[Trial]:
     """Verify and time each of :func:`candidates` on ``args`` (module docstring). ``copy``: work on copies of
     ``args`` (else input set 0 is ``args`` itself and its outputs are overwritten). ``limits``: by default those
     of the arguments' GPU; None prunes nothing. ``jobs``: threads that compile the candidates before the first
-    launch (1: each compiles at its first launch). ``rounds`` > 1: the correct configs are then timed ``rounds``
-    more times, interleaved (round ``r`` in reverse order when ``r`` is odd), into ``Trial.confirm_ms``, so
+    launch (1: each compiles at its first launch). ``rounds`` > 0: the correct configs are then timed ``rounds``
+    more times, interleaved (:func:`_time_again`), into ``Trial.confirm_ms``, so
     ``Trial.final_ms`` compares configs on the medians of one shared stretch of time rather than on one timing
     each (a clock or neighbour change between two single timings reads as a speed difference). Raises ValueError,
     with the reason, when the Tunable says it cannot run ``args`` (``Tunable.unsupported``)."""
-    if rounds < 1:
-        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    if rounds < 0:
+        raise ValueError(f"rounds must be >= 0, got {rounds}")
     trials, time_config = _measure(tunable, args, configs, problem, timer, sets, limits, copy, jobs)
-    ok = [t for t in trials if t.status == OK]
-    for r in range(rounds if rounds > 1 else 0):
-        for t in ok if r % 2 == 0 else ok[::-1]:
-            t.confirm_ms.append(time_config(t.config))
+    _time_again([t for t in trials if t.status == OK], rounds, time_config)
     return trials
 
 
@@ -311,13 +308,18 @@ def _faster(ms: float, than_ms: float) -> bool:
     return ms <= than_ms * (1 - MIN_GAIN)
 
 
-def _confirmed(default: Trial, best: Trial, time_config: Callable[[dict], float]) -> bool:
-    """Time ``default`` and ``best`` again, ``CONFIRM_ROUNDS`` interleaved rounds (round ``r`` times the default
-    first when ``r`` is even), appending to their ``confirm_ms``; whether ``best`` is still ``MIN_GAIN`` faster
-    in the medians."""
-    for r in range(CONFIRM_ROUNDS):
-        for t in (default, best) if r % 2 == 0 else (best, default):
+def _time_again(trials: List[Trial], rounds: int, time_config: Callable[[dict], float]) -> None:
+    """Time ``trials`` ``rounds`` more times, interleaved (in order on even rounds, reversed on odd ones),
+    appending to their ``confirm_ms``."""
+    for r in range(rounds):
+        for t in trials if r % 2 == 0 else trials[::-1]:
             t.confirm_ms.append(time_config(t.config))
+
+
+def _confirmed(default: Trial, best: Trial, time_config: Callable[[dict], float]) -> bool:
+    """Time ``default`` and ``best`` again, ``CONFIRM_ROUNDS`` interleaved rounds (:func:`_time_again`, the default
+    first); whether ``best`` is still ``MIN_GAIN`` faster in the medians."""
+    _time_again([default, best], CONFIRM_ROUNDS, time_config)
     return _faster(best.final_ms, default.final_ms)
 
 

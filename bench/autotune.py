@@ -17,6 +17,7 @@ Targets (H200): tuned never slower than default beyond noise; geomean >= 1.15x o
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import tempfile
@@ -185,7 +186,6 @@ def lookups(ops, device: str = "cuda", grid=None) -> list:
 def combine(paths) -> Tuple[list, dict]:
     """Per-op summaries and the overall one (``op`` "all") over the rows of ``autotune.json`` files of several runs;
     an op's rows come from the last file that has it (a later run of an op replaces its earlier rows)."""
-    import json
     by_op = {}
     for path in paths:
         with open(path) as f:

@@ -280,15 +280,12 @@ def _precision(q: torch.Tensor) -> str:
     return "ieee" if q.dtype == torch.float32 else "tf32"
 
 
-SALIENCE_LSE = Tunable("visual_salience.lse", "triton", key=_lse_key, key_type=SalienceKey,
-                       space=_lse_space,
+SALIENCE_LSE = Tunable("visual_salience.lse", "triton", key=_lse_key, key_type=SalienceKey, space=_lse_space,
                        default=_lse_default, launch=_lse_pass, warmup=Tunable.triton_warmup(_lse_pass),
-                       buckets=("S", "n", "rows"),
-                       resources=_salience_resources("BLOCK_M", "BLOCK_N"))
+                       buckets=("S", "n", "rows"), resources=_salience_resources("BLOCK_M", "BLOCK_N"))
 SALIENCE_COLSUM = Tunable("visual_salience.colsum", "triton", key=_colsum_key, key_type=SalienceKey,
-                          space=_colsum_space,
-                          default=_colsum_default, launch=_colsum_pass, warmup=Tunable.triton_warmup(_colsum_pass),
-                          buckets=("S", "n", "rows"),
+                          space=_colsum_space, default=_colsum_default, launch=_colsum_pass,
+                          warmup=Tunable.triton_warmup(_colsum_pass), buckets=("S", "n", "rows"),
                           resources=_salience_resources("BLOCK_N", "BLOCK_M"))
 
 
