@@ -23,7 +23,9 @@ bandwidth measured in the same run; ``cuda_over_floor`` and ``cuda_vs_<method>``
 default on the GPU) with them, ``gemv_over_floor16`` and ``gemv_vs_bf16`` our dense GEMV.
 Every method's output is verified against dequantize-then-matmul in fp32 before it is timed.
 ``--sweep [--backend B]`` times one of our kernels' declared config space (``sparsevila_ops.autotune``: the default
-first) per shape instead, each config verified first.
+first) per shape instead, each config verified first; ``--sweep --op gemv`` times the dense GEMV's space on the
+fused layer's shapes as the integration runs them (q/k/v, o, gate/up with ``glu``, down), ``--fused`` limits the
+W4A16 sweep to those.
 """
 from __future__ import annotations
 
@@ -47,6 +49,9 @@ GROUP = 128
 L2_BYTES = 256 << 20  # R copies of a weight exceed this (5x the H100/H200 L2)
 METHODS = ("bf16", "gemv", "tinygemm", "gemlite", "triton", "cuda")
 OURS = ("triton", "cuda")  # our backends of sparsevila_quant::w4a16_linear
+# the integration's fused decode layer: name -> (N outputs, K, glu)
+FUSED = {"qkv": (4608, 3584, False), "o": (3584, 3584, False), "gate_up": (18944, 3584, True),
+         "down": (3584, 18944, False)}
 
 
 def _tinygemm(w4):
@@ -201,27 +206,32 @@ def run(batches, iters: int) -> tuple:
     return rows, notes, copy_tbps
 
 
-def sweep(batches, iters: int, shapes=None, device: str = "cuda", timer=None, backend: str = "triton") -> list:
-    """Every config of our ``backend``'s kernel's declared space per shape (``autotune.measure``: the default first,
-    each config verified against dequantize-then-matmul, then timed in a CUDA graph over R weight copies).
-    ``shapes`` (default ``SHAPES``), ``device`` and ``timer`` let a test run it small under the interpreter (one
-    weight set)."""
+def sweep(batches, iters: int, shapes=None, device: str = "cuda", timer=None, backend: str = "triton",
+          op: str = "w4a16_linear") -> list:
+    """Every config of our ``backend``'s kernel of ``op`` (``w4a16_linear`` or ``gemv``), its declared space per
+    shape (``autotune.measure``: the default first, each config verified against the reference, then timed in a
+    CUDA graph over R weight copies). ``shapes`` maps a name to (N, K) or (N, K, glu) (default: ``SHAPES`` for
+    ``w4a16_linear``, ``FUSED`` for ``gemv``); ``device`` and ``timer`` let a test run it small under the
+    interpreter (one weight set)."""
     from sparsevila_ops import autotune
     from sparsevila_ops.autotune.tuner import cuda_timer
     timer = timer or functools.partial(cuda_timer, iters=iters)
     rows = []
-    for name, (N, K) in (shapes or SHAPES).items():
+    for name, (N, K, *glu) in (shapes or (FUSED if op == "gemv" else SHAPES)).items():
+        glu = bool(glu and glu[0])
         for M in batches:
-            args = autotune.make_args("w4a16_linear", {"M": M, "N": N, "K": K, "group": GROUP}, device)
-            nbytes = sum(t.numel() * t.element_size() for t in args[1:4])  # qweight, scales, zeros
-            default = autotune.default_config("w4a16_linear", *args, backend=backend)
-            sets = _copies(N * K // 2) if device == "cuda" else 1
-            for t in autotune.measure("w4a16_linear", args, timer=timer, sets=sets, backend=backend):
+            shape = {"M": M, "N": N, "K": K, "glu": glu, **({"group": GROUP} if op == "w4a16_linear" else {})}
+            args = autotune.make_args(op, shape, device)
+            weights = args[1:4] if op == "w4a16_linear" else args[1:2]  # qweight, scales, zeros; or W
+            nbytes = sum(t.numel() * t.element_size() for t in weights)
+            default = autotune.default_config(op, *args, backend=backend)
+            sets = _copies(nbytes) if device == "cuda" else 1
+            for t in autotune.measure(op, args, timer=timer, sets=sets, backend=backend):
                 if t.status != "ok":  # a config that cannot compile, run or verify is reported, not fatal
                     print(f"skip {name} M={M} {t.config}: {t.status} {t.note}"[:300], flush=True)
                     continue
                 us = 1e3 * t.ms
-                rows.append({"op": name, "M": M, **t.config, "heuristic": t.config == default, "us": us,
+                rows.append({"op": name, "M": M, "glu": glu, **t.config, "heuristic": t.config == default, "us": us,
                              "TBps": nbytes / (us * 1e-6) / 1e12})
                 print(rows[-1], flush=True)
             del args
@@ -264,6 +274,9 @@ def main(argv=None) -> int:
     p.add_argument("--batches", type=int, nargs="+", default=None, help="decode batch sizes (default 1..8)")
     p.add_argument("--sweep", action="store_true", help="time our kernel's config space (default batch 1)")
     p.add_argument("--backend", choices=OURS, default="cuda", help="the kernel --sweep times (default cuda)")
+    p.add_argument("--op", choices=("w4a16_linear", "gemv"), default="w4a16_linear",
+                   help="the op --sweep times (default w4a16_linear; gemv: the dense GEMV on the fused layer)")
+    p.add_argument("--fused", action="store_true", help="--sweep only the fused layer's shapes (gemv always does)")
     a = p.parse_args(argv)
     for M in a.batches or ():
         if not 1 <= M <= 16:
@@ -272,10 +285,12 @@ def main(argv=None) -> int:
         return 0
     iters = 20 if a.quick else 50
     if a.sweep:
-        rows = sweep(a.batches or [1], iters, backend=a.backend)
+        rows = sweep(a.batches or [1], iters, shapes=FUSED if a.fused else None, backend=a.backend, op=a.op)
         fields = [f for r in rows for f in r if f not in ("op", "M", "heuristic", "us", "TBps")]
-        write_results(f"gemv4_sweep_{a.backend}", rows, ["op", "M", *dict.fromkeys(fields), "heuristic", "us", "TBps"],
-                      title=f"W4A16 GEMV config sweep ({a.backend} backend), Qwen2.5-7B shapes, bf16")
+        what = "W4A16 GEMV" if a.op == "w4a16_linear" else "Dense GEMV"
+        write_results(f"gemv4_sweep_{a.backend}" if a.op == "w4a16_linear" else f"gemv_sweep_{a.backend}", rows,
+                      ["op", "M", *dict.fromkeys(fields), "heuristic", "us", "TBps"],
+                      title=f"{what} config sweep ({a.backend} backend), Qwen2.5-7B shapes, bf16")
         return 0
     batches = a.batches or ([1, 8] if a.quick else list(range(1, 9)))
     rows, notes, copy_tbps = run(batches, iters)

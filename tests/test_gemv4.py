@@ -405,3 +405,17 @@ def test_bench_sweep_measures_the_declared_space(capsys):
     assert [r["heuristic"] for r in rows] == [True] + [False] * (len(space) - 1)
     assert all(r["op"] == "tiny" and r["M"] == 2 and r["us"] == 500.0 for r in rows)
     assert "skip" not in capsys.readouterr().out
+
+
+def test_bench_sweep_of_the_dense_gemv(capsys):
+    """``bench/gemv4.py --sweep --op gemv`` times the dense GEMV's declared space (here its Triton kernel under the
+    interpreter, a glu shape, a fake timer), each config verified, the default first."""
+    from bench import gemv4 as bench
+    from sparsevila_ops import autotune
+    rows = bench.sweep([1], 1, shapes={"tiny": (24, 64, True)}, device="cpu", timer=lambda run, n: run(0) or 0.25,
+                       op="gemv")
+    space = autotune.config_space("gemv", *autotune.make_args("gemv", {"M": 1, "N": 24, "K": 64, "glu": True}, "cpu"))
+    assert [{k: r[k] for k in space[0]} for r in rows] == space
+    assert [r["heuristic"] for r in rows] == [True] + [False] * (len(space) - 1)
+    assert all(r["op"] == "tiny" and r["glu"] and r["us"] == 250.0 for r in rows)
+    assert "skip" not in capsys.readouterr().out
