@@ -1,6 +1,6 @@
 """Figure 3a: query-agnostic salience (``visual_salience``) at SigLIP and QwenVL shapes, bf16.
 
-``python -m bench.figure3_salience [--quick] [--sweep] [--poly-share]``. Per shape: naive torch (the fp32 chunked
+``python -m bench.figure3_salience [--quick] [--shape NAME ...] [--sweep] [--poly-share]``. Per shape: naive torch (the fp32 chunked
 reference) vs Triton two passes (atomic and deterministic head reduction) vs Triton with ``lse`` given vs the cuda
 backend (its default config, then each kernel: ``csrc/salience_wgmma.cu``, ``csrc/salience.cu``; two passes, lse
 given; when it can run here) vs ``flash_colreduce`` (when
@@ -62,6 +62,7 @@ SHAPES = [
     Shape("QwenVL 32k", 1, 32768, naive_ms=221.0, colreduce_ms=32.0, sdpa_ms=13.9, target_2pass_ms=11.5,
           target_lse_ms=6.2),
     Shape("QwenVL window 16k (64-patch windows)", 256, 64),
+    Shape("QwenVL frames 64k (1024-token segments)", 64, 1024),  # the salience layer of e2e's full attention
 ]
 QUICK = ("SigLIP 64 frames", "QwenVL 4k", "QwenVL window 16k (64-patch windows)")
 N_INPUTS = 2  # rotating input sets: every set is larger than the 50 MB L2
@@ -275,11 +276,13 @@ def main(argv=None) -> int:
     p.add_argument("--sweep", action="store_true", help="time kernel configurations instead of the figure")
     p.add_argument("--poly-share", action="store_true",
                    help="also time the cuda backend at every polynomial share (poly_every 0, 2, 4, 8)")
+    p.add_argument("--shape", action="append", default=None, choices=[s.name for s in SHAPES], metavar="NAME",
+                   help="only this shape (repeatable; default: all, or --quick's)")
     p.add_argument("--iters", type=int, default=30)
     a = p.parse_args(argv)
     if not require_gpu("bench.figure3_salience"):
         return 0
-    shapes = [s for s in SHAPES if not a.quick or s.name in QUICK]
+    shapes = [s for s in SHAPES if (not a.quick or s.name in QUICK) and (a.shape is None or s.name in a.shape)]
     if a.sweep:
         sweep([s for s in shapes if s.name in ("SigLIP 64 frames", "QwenVL 4k", "QwenVL 16k")], a.iters)
         return 0
