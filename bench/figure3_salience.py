@@ -63,6 +63,7 @@ SHAPES = [
           target_lse_ms=6.2),
     Shape("QwenVL window 16k (64-patch windows)", 256, 64),
     Shape("QwenVL frames 64k (1024-token segments)", 64, 1024),  # the salience layer of e2e's full attention
+    Shape("QwenVL 2k segments (32 x 2048 tokens)", 32, 2048),  # between the 1024 and 4096 of the backend choice
 ]
 QUICK = ("SigLIP 64 frames", "QwenVL 4k", "QwenVL window 16k (64-patch windows)")
 N_INPUTS = 2  # rotating input sets: every set is larger than the 50 MB L2
