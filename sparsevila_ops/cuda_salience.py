@@ -90,8 +90,9 @@ def _default(key: SalienceCudaKey) -> dict:
     """The wgmma kernel where it runs (its sm_90a code needs compute capability 9.0) for segments of at least
     ``WGMMA_MIN_SEQLEN`` tokens, else the mma kernel; no polynomial exp2s. The wgmma kernel's tiles: four consumer
     warpgroups of 64 rows up to ``WGMMA_SMALL_TILES_MAX_SEQLEN`` tokens, else two of 128 (H200, same run: SigLIP's
-    729-token frames 0.667 vs 0.760 ms with two passes, 0.345 vs 0.375 with the LSE given; QwenVL 4k 0.256 vs 0.252
-    and 0.136 vs 0.129; 1024 lies between the two and was not measured). On the H200 the wgmma kernel took 0.69-0.94x
+    729-token frames 0.667 vs 0.760 ms with two passes, 0.345 vs 0.375 with the LSE given; 1024-token segments
+    1.068 vs 1.128 and 0.558 vs 0.564; 2048 tokens 1.978 vs 1.969 and 1.037 vs 0.990; QwenVL 4k 0.256 vs 0.252 and
+    0.136 vs 0.129). On the H200 the wgmma kernel took 0.69-0.94x
     the mma kernel's time from 729-token frames to 32k tokens, and 2.6x at 64-token windows, where 3/4 of each
     128-row tile is padding. The mma kernel was slower with polynomial exp2s at every Figure-3a shape (poly_every
     2 / 4 / 8 vs 0: +14-20 % / +6-9 % / +4-6 % time), being bound by its mma.sync issue rate, not by MUFU; nor did

@@ -18,11 +18,14 @@ define(
 )
 
 # Where no backend is requested, covered inputs (bf16/fp16, head dim 64/72/80/128) run the cuda kernels on a GPU of
-# compute capability 9.0 at every length (its wgmma kernel measured 1.07-1.24x Triton's speed from 729-token
-# frames to 32k tokens on the H200, its mma kernel 2.2x at 64-token windows; bench/NOTES.md), and elsewhere from
-# sm_90 up to this length (the mma kernel alone: faster than Triton at 64-token windows and 729-token frames,
-# slower from 4096 tokens).
-CUDA_MAX_SEQLEN = 1024
+# compute capability 9.0 at every length but those of HOPPER_TRITON_SEQLENS, and elsewhere from sm_90 up to
+# CUDA_MAX_SEQLEN tokens (the mma kernel alone). On the H200 (bench/NOTES.md) the cuda kernels were faster than
+# Triton at 64-token windows (mma, 2.2x), 729-token frames (wgmma, 1.38x), 2048 tokens (1.06x) and 4096 to 32k tokens
+# (1.07-1.09x), Triton at 1024-token segments (1.06x / 1.09x with the LSE given: the length of Qwen2.5-VL's full-
+# attention frames at 448 px); the bounds lie between those lengths. The mma kernel alone lost to Triton at 1024
+# (1.38x slower) and from 4096 tokens.
+CUDA_MAX_SEQLEN = 960
+HOPPER_TRITON_SEQLENS = (961, 1536)  # max_seqlen in this closed range runs Triton on compute capability 9.0 too
 
 
 def summary_rows(max_seqlen: int, num_summary: int) -> int:
@@ -33,11 +36,13 @@ def summary_rows(max_seqlen: int, num_summary: int) -> int:
 
 def _preferred_backend(device: torch.device, q: torch.Tensor, k, cu_seqlens, max_seqlen: int, *rest):
     """``cuda`` for inputs its kernels cover (``cuda_salience.unsupported``: bf16/fp16, head dim 64/72/80/128) on a
-    GPU of compute capability 9.0, or of a later one for segments of at most ``CUDA_MAX_SEQLEN`` tokens; else None
-    (the device default, Triton). Importing ``cuda_salience`` builds nothing."""
+    GPU of compute capability 9.0 unless ``max_seqlen`` lies in ``HOPPER_TRITON_SEQLENS``, or of a later one for
+    segments of at most ``CUDA_MAX_SEQLEN`` tokens; else None (the device default, Triton). Importing
+    ``cuda_salience`` builds nothing."""
     if device.type != "cuda" or _device.capability(device) < (9, 0):
         return None
-    if _device.capability(device) != (9, 0) and max_seqlen > CUDA_MAX_SEQLEN:
+    lo, hi = HOPPER_TRITON_SEQLENS
+    if max_seqlen > CUDA_MAX_SEQLEN and (_device.capability(device) != (9, 0) or lo <= max_seqlen <= hi):
         return None
     from .cuda_salience import unsupported
     return "cuda" if unsupported(q, k) is None else None
