@@ -72,6 +72,39 @@ def test_sparsities_zero_give_vanilla_tokens_and_disable_restores(device):
     assert torch.equal(_generate(model, inputs), ref)
 
 
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+def test_video_features_equal_stock_with_a_contiguous_tower_and_channels_last_pooling(device, dtype):
+    """``enable`` makes the SigLIP patch embeddings contiguous and pools on a channels-last view: the video features
+    are the stock model's, bit for bit, and ``disable`` removes both."""
+    model = tiny_model(device=device, dtype=dtype)
+    videos = video_inputs(device=device, dtype=dtype)["pixel_values_videos"]
+    embeddings = ov._vision_model(model).embeddings
+    with torch.no_grad():
+        ref = model.model.get_video_features(videos).pooler_output
+        assert not embeddings(videos.flatten(0, 1)).is_contiguous()  # transformers' permuted layout
+        integrations.enable(model, 0.0, 0.0)
+        assert embeddings(videos.flatten(0, 1)).is_contiguous()
+        got = model.model.get_video_features(videos).pooler_output
+        integrations.disable(model)
+    assert torch.equal(got, ref)
+    assert "forward" not in embeddings.__dict__ and "apply_pooling" not in model.model.__dict__
+
+
+@pytest.mark.parametrize("side", (4, 5, 27))
+def test_channels_last_pooling_equals_apply_pooling(device, side):
+    """``_apply_pooling`` against transformers' ``apply_pooling`` on odd and even grids (27: LLaVA-OneVision's
+    384-px frames, pooled to 14 x 14), strided frames of bf16 features."""
+    import types
+    from transformers.models.llava_onevision import modeling_llava_onevision as hf
+    owner = types.SimpleNamespace(config=types.SimpleNamespace(
+        vision_config=types.SimpleNamespace(image_size=14 * side, patch_size=14)))
+    g = torch.Generator().manual_seed(side)
+    x = torch.randn(3, side * side, 40, generator=g).to(device, torch.bfloat16)
+    got = ov._apply_pooling(owner, x)
+    assert got.shape == (3, ((side + 1) // 2) ** 2, 40)
+    assert torch.equal(got, hf.LlavaOnevisionModel.apply_pooling(owner, x))
+
+
 def test_salience_is_the_mean_attention_each_patch_receives_pooled_as_the_features():
     """The salience layer's ``visual_salience`` against its eager attention weights: per frame, the mean over heads
     and query rows of softmax(QK^T), pooled bilinearly to 2 x 2 as ``apply_pooling`` pools the features."""
