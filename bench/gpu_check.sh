@@ -83,6 +83,7 @@ if [ "$what" = bench ] || [ "$what" = all ]; then
   step pdl_check python -m bench.pdl_check  # inductor's PDL in the compiled decode step: every kernel waits
   step gemv4 python -m bench.gemv4 "${q[@]}"
   step vision_block python -m bench.vision_block
+  step siglip_tower python -m bench.siglip_tower  # LLaVA-OneVision's SigLIP layer and pooling: stock vs ours
   step e2e python -m bench.e2e "${q[@]}"
   step e2e_llava_onevision python -m bench.e2e --model llava_onevision "${q[@]}"
   step decode_host python -m bench.decode_host  # host ms per decode step by Python function (4-bit, 0.75 / 0.95)

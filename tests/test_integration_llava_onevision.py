@@ -92,7 +92,7 @@ def test_video_features_equal_stock_with_a_contiguous_tower_and_channels_last_po
 
 @pytest.mark.parametrize("side", (4, 5, 27))
 def test_channels_last_pooling_equals_apply_pooling(device, side):
-    """``_apply_pooling`` against transformers' ``apply_pooling`` on odd and even grids (27: LLaVA-OneVision's
+    """``channels_last_pooling`` against transformers' ``apply_pooling`` on odd and even grids (27: LLaVA-OneVision's
     384-px frames, pooled to 14 x 14), strided frames of bf16 features."""
     import types
     from transformers.models.llava_onevision import modeling_llava_onevision as hf
@@ -100,7 +100,7 @@ def test_channels_last_pooling_equals_apply_pooling(device, side):
         vision_config=types.SimpleNamespace(image_size=14 * side, patch_size=14)))
     g = torch.Generator().manual_seed(side)
     x = torch.randn(3, side * side, 40, generator=g).to(device, torch.bfloat16)
-    got = ov._apply_pooling(owner, x)
+    got = ov.channels_last_pooling(owner, x)
     assert got.shape == (3, ((side + 1) // 2) ** 2, 40)
     assert torch.equal(got, hf.LlavaOnevisionModel.apply_pooling(owner, x))
 

@@ -113,7 +113,7 @@ def enable(model, prefill_sparsity: float = 0.75, decode_sparsity: float = 0.95,
     attn.forward = types.MethodType(functools.partial(_salience_attn_forward, state=state), attn)
     embeddings = _vision_model(model).embeddings
     embeddings.forward = types.MethodType(_contiguous_embeddings_forward, embeddings)
-    model.model.apply_pooling = types.MethodType(_apply_pooling, model.model)
+    model.model.apply_pooling = types.MethodType(channels_last_pooling, model.model)
     return model
 
 
@@ -133,7 +133,7 @@ def _contiguous_embeddings_forward(self, *args, **kwargs) -> torch.Tensor:
     return type(self).forward(self, *args, **kwargs).contiguous()
 
 
-def _apply_pooling(self, image_features: torch.Tensor) -> torch.Tensor:
+def channels_last_pooling(self, image_features: torch.Tensor) -> torch.Tensor:
     """``LlavaOnevisionModel.apply_pooling``: each frame's ``side x side`` grid of features ``[frames, side * side,
     dim]`` to ``ceil(side / 2)`` squared, bilinear, as transformers computes it, but on a channels-last view (no
     NCHW copy; PyTorch's channels-last kernel, module doc)."""
