@@ -1,14 +1,14 @@
 """Figure 3a: query-agnostic salience (``visual_salience``) at SigLIP and QwenVL shapes, bf16.
 
-``python -m bench.figure3_salience [--quick] [--shape NAME ...] [--sweep] [--poly-share]``. Per shape: naive torch (the fp32 chunked
-reference) vs Triton two passes (atomic and deterministic head reduction) vs Triton with ``lse`` given vs the cuda
-backend (its default config, then each kernel: ``csrc/salience_wgmma.cu``, ``csrc/salience.cu``; two passes, lse
-given; when it can run here) vs ``flash_colreduce`` (when
-importable) vs one SDPA forward of the same shape (yardstick). The exp floor is
-``passes * H * sum_s n_s^2 / 3.9e12 exp/s``; ``Texp_per_s`` and ``TFLOP_s`` are the achieved exp2 rate and QK^T
-rate (``passes * 2 H sum_s n_s^2 D`` FLOP). ``--sweep`` times every config of each Triton pass's declared space
-(``sparsevila_ops.autotune``; each pass alone, the column sums given an LSE) instead. ``--poly-share`` adds cuda
-rows per kernel and polynomial share (``poly_every`` 2, 4, 8: every k-th column pair's exp2 on the FMA pipe).
+``python -m bench.figure3_salience [--quick] [--shape NAME ...] [--sweep] [--poly-share]``. Per shape: naive torch
+(the fp32 chunked reference) vs Triton two passes (atomic and deterministic head reduction) vs Triton with ``lse``
+given vs the cuda backend (its default config, then each kernel: ``csrc/salience_wgmma.cu``, ``csrc/salience.cu``;
+two passes, lse given; when it can run here) vs ``flash_colreduce`` (when importable) vs one SDPA forward of the
+same shape (yardstick). The exp floor is ``passes * H * sum_s n_s^2 / 3.9e12 exp/s``; ``Texp_per_s`` and ``TFLOP_s``
+are the achieved exp2 rate and QK^T rate (``passes * 2 H sum_s n_s^2 D`` FLOP). ``--sweep`` times every config of
+each Triton pass's declared space (``sparsevila_ops.autotune``; each pass alone, the column sums given an LSE)
+instead. ``--poly-share`` adds cuda rows per kernel and polynomial share (``poly_every`` 2, 4, 8: every k-th column
+pair's exp2 on the FMA pipe).
 """
 from __future__ import annotations
 
