@@ -90,10 +90,12 @@ def test_video_features_equal_stock_with_a_contiguous_tower_and_channels_last_po
     assert "forward" not in embeddings.__dict__ and "apply_pooling" not in model.model.__dict__
 
 
-@pytest.mark.parametrize("side", (4, 5, 27))
-def test_channels_last_pooling_equals_apply_pooling(device, side):
+@pytest.mark.parametrize("side,max_numel", [(4, None), (5, None), (27, None), (5, 2 * 25 * 40 + 1)])
+def test_channels_last_pooling_equals_apply_pooling(device, side, max_numel, monkeypatch):
     """``channels_last_pooling`` against transformers' ``apply_pooling`` on odd and even grids (27: LLaVA-OneVision's
-    384-px frames, pooled to 14 x 14), strided frames of bf16 features."""
+    384-px frames, pooled to 14 x 14) of bf16 features; with a small element limit it pools 2 frames per call."""
+    if max_numel is not None:
+        monkeypatch.setattr(ov, "POOL_MAX_NUMEL", max_numel)
     import types
     from transformers.models.llava_onevision import modeling_llava_onevision as hf
     owner = types.SimpleNamespace(config=types.SimpleNamespace(

@@ -133,16 +133,23 @@ def _contiguous_embeddings_forward(self, *args, **kwargs) -> torch.Tensor:
     return type(self).forward(self, *args, **kwargs).contiguous()
 
 
+POOL_MAX_NUMEL = 2 ** 31 - 1  # PyTorch's channels-last bilinear kernel takes fewer elements per call (int indices)
+
+
 def channels_last_pooling(self, image_features: torch.Tensor) -> torch.Tensor:
     """``LlavaOnevisionModel.apply_pooling``: each frame's ``side x side`` grid of features ``[frames, side * side,
     dim]`` to ``ceil(side / 2)`` squared, bilinear, as transformers computes it, but on a channels-last view (no
-    NCHW copy; PyTorch's channels-last kernel, module doc)."""
+    NCHW copy; PyTorch's channels-last kernel, module doc), in chunks of frames of fewer than ``POOL_MAX_NUMEL``
+    elements."""
     side = self.config.vision_config.image_size // self.config.vision_config.patch_size
     frames, _, dim = image_features.shape
     grid = image_features.view(frames, side, side, dim).permute(0, 3, 1, 2)  # NCHW shape, channels-last memory
     half = math.ceil(side / 2)
-    pooled = F.interpolate(grid, size=[half, half], mode="bilinear")
-    return pooled.permute(0, 2, 3, 1).reshape(frames, half * half, dim)
+    out = image_features.new_empty(frames, half, half, dim)
+    step = max(1, (POOL_MAX_NUMEL - 1) // (side * side * dim))
+    for f in range(0, frames, step):
+        out[f:f + step] = F.interpolate(grid[f:f + step], size=[half, half], mode="bilinear").permute(0, 2, 3, 1)
+    return out.view(frames, half * half, dim)
 
 
 def _fuse(model) -> None:
