@@ -145,11 +145,11 @@ def channels_last_pooling(self, image_features: torch.Tensor) -> torch.Tensor:
     frames, _, dim = image_features.shape
     grid = image_features.view(frames, side, side, dim).permute(0, 3, 1, 2)  # NCHW shape, channels-last memory
     half = math.ceil(side / 2)
-    out = image_features.new_empty(frames, half, half, dim)
     step = max(1, (POOL_MAX_NUMEL - 1) // (side * side * dim))
-    for f in range(0, frames, step):
-        out[f:f + step] = F.interpolate(grid[f:f + step], size=[half, half], mode="bilinear").permute(0, 2, 3, 1)
-    return out.view(frames, half * half, dim)
+    chunks = [F.interpolate(grid[f:f + step], size=[half, half], mode="bilinear").permute(0, 2, 3, 1)
+              for f in range(0, frames, step)]  # channels-last outputs: [n, half, half, dim] row-major views
+    pooled = chunks[0] if len(chunks) == 1 else torch.cat(chunks)  # one chunk: no copy
+    return pooled.reshape(frames, half * half, dim)
 
 
 def _fuse(model) -> None:
