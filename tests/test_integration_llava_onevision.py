@@ -75,7 +75,9 @@ def test_sparsities_zero_give_vanilla_tokens_and_disable_restores(device):
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
 def test_video_features_equal_stock_with_a_contiguous_tower_and_channels_last_pooling(device, dtype):
     """``enable`` makes the SigLIP patch embeddings contiguous and pools on a channels-last view: the video features
-    are the stock model's, bit for bit, and ``disable`` removes both."""
+    are the stock model's, bit for bit (on CUDA in fp32 within 1e-5: cuBLAS picks its fp32 GEMM kernel by the
+    operands' layout, so the permuted and contiguous activations may round differently), and ``disable`` removes
+    both."""
     model = tiny_model(device=device, dtype=dtype)
     videos = video_inputs(device=device, dtype=dtype)["pixel_values_videos"]
     embeddings = ov._vision_model(model).embeddings
@@ -86,7 +88,10 @@ def test_video_features_equal_stock_with_a_contiguous_tower_and_channels_last_po
         assert embeddings(videos.flatten(0, 1)).is_contiguous()
         got = model.model.get_video_features(videos).pooler_output
         integrations.disable(model)
-    assert torch.equal(got, ref)
+    if device.type == "cuda" and dtype == torch.float32:
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    else:
+        assert torch.equal(got, ref)
     assert "forward" not in embeddings.__dict__ and "apply_pooling" not in model.model.__dict__
 
 
