@@ -1,19 +1,28 @@
 """LLaVA-OneVision-7B's SigLIP tower at 128k visual tokens (669 frames of 27 x 27 patches), bf16: transformers'
-layouts against the integration's. e2e's encoder profile (``bench/NOTES.md``) put 0.93 s of the 2.26 s tower in
+steps against the integration's. e2e's encoder profile (``bench/NOTES.md``) put 0.93 s of the 2.26 s tower in
 ``apply_pooling``'s NCHW bilinear kernel and ~0.44 s in adds and copies of a permuted activation layout.
 
+- patch embedding: ``SiglipVisionEmbeddings`` (a convolution with kernel == stride, output permuted) vs the
+  integration's one GEMM over the flattened patches;
 - layer: one SigLIP encoder layer (SDPA attention) on the permuted activations transformers' patch embeddings give
-  (``flatten(2).transpose(1, 2)``) vs on contiguous ones (what ``enable`` makes them);
+  (``flatten(2).transpose(1, 2)``) vs on contiguous ones, and contiguous with the LayerNorms as Triton kernels
+  (what ``enable`` runs);
+- LayerNorm: ``nn.LayerNorm`` vs ``triton_kernels.vision.layer_norm`` on ``[frames, 729, 1152]`` (bytes floor:
+  read and write once);
+- salience attention: the salience layer's attention with the LSE, ``prefill_attention`` (one varlen launch) vs
+  ``batched_sdpa`` (cuDNN's kernel, which returns it);
 - pooling: ``LlavaOnevisionModel.apply_pooling`` (an NCHW copy, then the NCHW bilinear kernel) vs the integration's
   ``channels_last_pooling``, on the projector's output ``[frames, 729, 3584]``.
 
 ``python -m bench.siglip_tower [--frames N]``. Per row: time per call, per encoder (x the tower's layers for the
-layer), the speedup over stock, the pooling's bytes floor (input read once, output written once, at the measured
-copy bandwidth), and whether the output equals stock's bit for bit (checked within 1e-2 before timing).
+layer and the LayerNorm's two per layer), the speedup over stock, a bytes floor where the step moves bytes (input
+read once, output written once, at the measured copy bandwidth), and whether the output equals stock's bit for bit
+(checked within 1e-2 before timing).
 """
 from __future__ import annotations
 
 import argparse
+import types
 from types import SimpleNamespace
 
 import torch
@@ -31,9 +40,30 @@ def _vision_config():
     return cfg
 
 
-def _layer(frames, time, device="cuda", cfg=None):
-    """One encoder layer on permuted vs contiguous activations ``[frames, patches, hidden]``."""
+def _row(step, variant, ms, per_encoder, **more):
+    return {"step": step, "variant": variant, "median_ms": ms, "per_encoder_ms": per_encoder * ms, **more}
+
+
+def _patch_embedding(frames, time, device="cuda", cfg=None):
+    """The patch embeddings of ``[frames, 3, side, side]`` pixels: the stock convolution vs the integration's GEMM."""
     from transformers.models.siglip import modeling_siglip as hf
+    from sparsevila_ops.integrations.llava_onevision import _embeddings_forward
+    cfg = cfg or _vision_config()
+    emb = hf.SiglipVisionEmbeddings(cfg).to(device, torch.bfloat16).eval()
+    pixels = torch.randn(frames, 3, cfg.image_size, cfg.image_size, device=device, dtype=torch.bfloat16)
+    want, got = emb(pixels), _embeddings_forward(emb, pixels)
+    verify("SigLIP patch embedding as a GEMM", got.float(), want.float(), 1e-2)
+    stock, ours = time(lambda: emb(pixels)), time(lambda: _embeddings_forward(emb, pixels))
+    return [_row("patch embedding", "convolution (transformers)", stock, 1),
+            _row("patch embedding", "one GEMM (enable)", ours, 1, speedup=stock / ours,
+                 bitwise_equal=torch.equal(got, want))]
+
+
+def _layer(frames, time, device="cuda", cfg=None):
+    """One encoder layer on permuted vs contiguous activations ``[frames, patches, hidden]``, and contiguous with
+    the LayerNorms as ``enable`` runs them."""
+    from transformers.models.siglip import modeling_siglip as hf
+    from sparsevila_ops.integrations import fused
     cfg = cfg or _vision_config()
     layer = hf.SiglipEncoderLayer(cfg).to(device, torch.bfloat16).eval()
     n = (cfg.image_size // cfg.patch_size) ** 2
@@ -43,10 +73,62 @@ def _layer(frames, time, device="cuda", cfg=None):
     verify("SigLIP layer on contiguous activations", got.float(), want.float(), 1e-2)
     stock, ours = time(lambda: layer(permuted, None)), time(lambda: layer(contiguous, None))
     layers = cfg.num_hidden_layers
-    return [{"step": "encoder layer", "variant": "permuted activations (transformers)", "median_ms": stock,
-             "per_encoder_ms": layers * stock},
-            {"step": "encoder layer", "variant": "contiguous activations (enable)", "median_ms": ours,
-             "per_encoder_ms": layers * ours, "speedup": stock / ours, "bitwise_equal": torch.equal(got, want)}]
+    rows = [_row("encoder layer", "permuted activations (transformers)", stock, layers),
+            _row("encoder layer", "contiguous activations", ours, layers, speedup=stock / ours,
+                 bitwise_equal=torch.equal(got, want))]
+    norms = (layer.layer_norm1, layer.layer_norm2)
+    for norm in norms:
+        norm.forward = types.MethodType(fused.layer_norm_forward, norm)
+    try:
+        got = layer(contiguous, None)
+        verify("SigLIP layer with the LayerNorm kernels", got.float(), want.float(), 1e-2)
+        ln = time(lambda: layer(contiguous, None))
+    finally:
+        for norm in norms:
+            norm.__dict__.pop("forward")
+    return rows + [_row("encoder layer", "contiguous, LayerNorm kernels (enable)", ln, layers, speedup=stock / ln,
+                        bitwise_equal=torch.equal(got, want))]
+
+
+def _layer_norm(frames, bw, time, device="cuda", cfg=None):
+    """``nn.LayerNorm`` vs ``triton_kernels.vision.layer_norm`` on the tower's activations."""
+    from sparsevila_ops.integrations import fused
+    cfg = cfg or _vision_config()
+    norm = torch.nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps).to(device, torch.bfloat16)
+    with torch.no_grad():
+        norm.weight.normal_(1.0, 0.2)
+        norm.bias.normal_(0.0, 0.2)
+    x = torch.randn(frames, (cfg.image_size // cfg.patch_size) ** 2, cfg.hidden_size, device=device,
+                    dtype=torch.bfloat16)
+    want, got = norm(x), fused.layer_norm_forward(norm, x)
+    verify("LayerNorm kernel", got.float(), want.float(), 1e-2)
+    stock, ours = time(lambda: norm(x)), time(lambda: fused.layer_norm_forward(norm, x))
+    floor = 2 * x.numel() * x.element_size() / bw * 1e3
+    per = 2 * cfg.num_hidden_layers
+    return [_row("LayerNorm", "nn.LayerNorm (transformers)", stock, per, floor_ms=floor, x_floor=stock / floor),
+            _row("LayerNorm", "triton_kernels.vision.layer_norm (enable)", ours, per, floor_ms=floor,
+                 x_floor=ours / floor, speedup=stock / ours, bitwise_equal=torch.equal(got, want))]
+
+
+def _salience_attention(frames, time, device="cuda", cfg=None):
+    """The salience layer's attention with the LSE over ``frames`` equal frames: ``prefill_attention`` vs
+    ``batched_sdpa`` (cuDNN)."""
+    from sparsevila_ops import prefill_attention
+    from sparsevila_ops.integrations.attention import batched_sdpa
+    cfg = cfg or _vision_config()
+    n, H = (cfg.image_size // cfg.patch_size) ** 2, cfg.num_attention_heads
+    D = cfg.hidden_size // H
+    q, k, v = (torch.randn(frames * n, H, D, device=device, dtype=torch.bfloat16) for _ in range(3))
+    cu = torch.arange(0, frames * n + 1, n, device=device, dtype=torch.int32)
+    scale = D ** -0.5
+    prefill = lambda: prefill_attention(q, k, v, cu, cu, n, n, scale=scale, causal=False)  # noqa: E731
+    sdpa = lambda: batched_sdpa(q, k, v, n, scale, need_lse=True)  # noqa: E731
+    (want, want_lse), (got, got_lse) = prefill(), sdpa()
+    verify("batched SDPA output", got.float(), want.float(), 1e-2)
+    verify("batched SDPA LSE", got_lse, want_lse, 1e-5)
+    stock, ours = time(prefill), time(sdpa)
+    return [_row("salience attention + LSE", "prefill_attention", stock, 1),
+            _row("salience attention + LSE", "batched SDPA, cuDNN (enable)", ours, 1, speedup=stock / ours)]
 
 
 def _pooling(frames, bw, time, device="cuda", side=27, dim=3584):
@@ -61,11 +143,10 @@ def _pooling(frames, bw, time, device="cuda", side=27, dim=3584):
     stock = time(lambda: hf.LlavaOnevisionModel.apply_pooling(owner, x))
     ours = time(lambda: channels_last_pooling(owner, x))
     floor = (x.numel() + want.numel()) * x.element_size() / bw * 1e3
-    return [{"step": "video pooling", "variant": "apply_pooling (NCHW copy + NCHW bilinear)", "median_ms": stock,
-             "per_encoder_ms": stock, "floor_ms": floor, "x_floor": stock / floor},
-            {"step": "video pooling", "variant": "channels_last_pooling (enable)", "median_ms": ours,
-             "per_encoder_ms": ours, "floor_ms": floor, "x_floor": ours / floor, "speedup": stock / ours,
-             "bitwise_equal": torch.equal(got, want)}]
+    return [_row("video pooling", "apply_pooling (NCHW copy + NCHW bilinear)", stock, 1, floor_ms=floor,
+                 x_floor=stock / floor),
+            _row("video pooling", "channels_last_pooling (enable)", ours, 1, floor_ms=floor, x_floor=ours / floor,
+                 speedup=stock / ours, bitwise_equal=torch.equal(got, want))]
 
 
 def main(argv=None) -> int:
@@ -79,10 +160,12 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     time = lambda fn: time_cuda(lambda i: fn(), warmup=1, iters=5)["median_ms"]  # noqa: E731
     with torch.no_grad():
-        rows = _layer(a.frames, time) + _pooling(a.frames, copy_bandwidth_tbps() * 1e12, time)
+        bw = copy_bandwidth_tbps() * 1e12
+        rows = (_patch_embedding(a.frames, time) + _layer(a.frames, time) + _layer_norm(a.frames, bw, time)
+                + _salience_attention(a.frames, time) + _pooling(a.frames, bw, time))
     write_results("siglip_tower", rows, ["step", "variant", "median_ms", "per_encoder_ms", "floor_ms", "x_floor",
                                          "speedup", "bitwise_equal"],
-                  title=f"LLaVA-OneVision-7B SigLIP tower, {a.frames} frames, bf16: transformers' layouts vs ours")
+                  title=f"LLaVA-OneVision-7B SigLIP tower, {a.frames} frames, bf16: transformers' steps vs ours")
     return 0
 
 

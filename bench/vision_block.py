@@ -112,10 +112,10 @@ def _attention(qkv, time):
     for n, blocks in ((WINDOW, BLOCKS - FULL_BLOCKS), (FRAME, FULL_BLOCKS)):
         cu = torch.arange(0, T + 1, n, device=q.device, dtype=torch.int32)
         flop = 4 * T * n * HEADS * HEAD_DIM
-        want = batched_sdpa(q, k, v, n, scale).float()
+        want = batched_sdpa(q, k, v, n, scale)[0].float()
         got = prefill_attention(q, k, v, cu, cu, n, n, scale=scale, causal=False)[0]
         verify(f"prefill_attention, {n}-patch segments", got.float(), want, 1e-2)
-        sdpa = time(lambda: batched_sdpa(q, k, v, n, scale))
+        sdpa = time(lambda: batched_sdpa(q, k, v, n, scale)[0])
         ours = time(lambda: prefill_attention(q, k, v, cu, cu, n, n, scale=scale, causal=False))
         step, used = f"attention, {n}-patch segments", "batched SDPA" if n >= SDPA_MIN_SEGMENT else "prefill"
         rows += [_row(step, "batched SDPA", sdpa, blocks, TFLOP_s=flop / sdpa / 1e9, varlen_attention=used),

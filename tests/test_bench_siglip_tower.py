@@ -6,15 +6,30 @@ pytest.importorskip("transformers")
 from bench import siglip_tower as st  # noqa: E402
 
 
-def test_layer_rows_compare_permuted_and_contiguous_activations():
+def _tiny_cfg():
     from transformers import SiglipVisionConfig
     cfg = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
                              image_size=56, patch_size=14)
     cfg._attn_implementation = "sdpa"
-    rows = st._layer(2, lambda fn: (fn(), 4.0)[1], device="cpu", cfg=cfg)
-    assert [r["variant"] for r in rows] == ["permuted activations (transformers)", "contiguous activations (enable)"]
-    assert [r["per_encoder_ms"] for r in rows] == [12.0, 12.0] and rows[1]["speedup"] == 1.0
-    assert rows[1]["bitwise_equal"] is True
+    return cfg
+
+
+def test_layer_rows_compare_permuted_contiguous_and_the_layer_norm_kernels():
+    rows = st._layer(2, lambda fn: (fn(), 4.0)[1], device="cpu", cfg=_tiny_cfg())
+    assert [r["variant"] for r in rows] == ["permuted activations (transformers)", "contiguous activations",
+                                            "contiguous, LayerNorm kernels (enable)"]
+    assert [r["per_encoder_ms"] for r in rows] == [12.0] * 3 and rows[1]["speedup"] == rows[2]["speedup"] == 1.0
+    assert rows[1]["bitwise_equal"] is True  # the CPU keeps the module's LayerNorm (no Triton element-wise)
+
+
+def test_patch_embedding_layer_norm_and_salience_attention_rows():
+    cfg, time = _tiny_cfg(), lambda fn: (fn(), 3.0)[1]
+    emb = st._patch_embedding(2, time, device="cpu", cfg=cfg)
+    assert [r["variant"] for r in emb] == ["convolution (transformers)", "one GEMM (enable)"]
+    ln = st._layer_norm(2, 1e12, time, device="cpu", cfg=cfg)
+    assert ln[0]["per_encoder_ms"] == 3.0 * 6 and ln[0]["floor_ms"] == 2 * 2 * 16 * 32 * 2 / 1e12 * 1e3
+    att = st._salience_attention(2, time, device="cpu", cfg=cfg)
+    assert [r["variant"] for r in att] == ["prefill_attention", "batched SDPA, cuDNN (enable)"]
 
 
 def test_pooling_rows_compare_transformers_and_channels_last():

@@ -30,6 +30,29 @@ def test_rms_norm_matches_the_module(device, dtype, wdtype, N):
         vision.rms_norm(x, norm.weight[:-1], 1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("N", [48, 100])
+def test_layer_norm_matches_the_module(device, dtype, N):
+    g = torch.Generator().manual_seed(N)
+    norm = torch.nn.LayerNorm(N, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(N, generator=g) * 0.5 + 1)
+        norm.bias.copy_(torch.randn(N, generator=g))
+    norm = norm.to(device, dtype)
+    store = (torch.randn(3, 7, N + 9, generator=g) * 3 + 5).to(device, dtype)  # a mean far from 0
+    x = store[..., 5:5 + N]  # rows 9 elements apart
+    with torch.no_grad():
+        want = norm(x)
+    got = vision.layer_norm(x, norm.weight, norm.bias, norm.eps)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    assert_rel(got, want, 1e-2 if dtype == torch.bfloat16 else 1e-5, f"layer_norm {dtype} N={N}")
+    assert vision.layer_norm(x[:0], norm.weight, norm.bias, 1e-6).shape == (0, 7, N)
+    with pytest.raises(ValueError, match="bias must have shape"):
+        vision.layer_norm(x, norm.weight, norm.bias[:-1], 1e-6)
+    with pytest.raises(ValueError, match="weight must have shape"):
+        vision.layer_norm(x, norm.weight.float() if dtype != torch.float32 else norm.weight.double(), norm.bias, 1e-6)
+
+
 @pytest.mark.parametrize("D", [64, 72, 80])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_rotary_qk_matches_apply_rotary_pos_emb_vision(device, D, dtype):

@@ -1,9 +1,10 @@
 """Triton kernels for the element-wise steps of a vision encoder block that eager PyTorch runs as chains of fp32
-kernels: RMSNorm, the vision rotary embedding and the MLP's SiLU gate (Qwen2.5-VL's ``Qwen2_5_VLRMSNorm``,
-``apply_rotary_pos_emb_vision`` and ``act_fn(gate) * up``). Each reads its inputs once and writes its outputs once,
-with the same math:
+kernels: RMSNorm, LayerNorm, the vision rotary embedding and the MLP's SiLU gate (Qwen2.5-VL's
+``Qwen2_5_VLRMSNorm``, SigLIP's ``nn.LayerNorm``, ``apply_rotary_pos_emb_vision`` and ``act_fn(gate) * up``). Each
+reads its inputs once and writes its outputs once, with the same math:
 
     rms_norm:   y = w * bf(x / sqrt(mean(x^2) + eps))       (x in fp32; bf(): back to x's dtype, as the module does)
+    layer_norm: y = bf((x - mean(x)) / sqrt(var(x) + eps) * w + b)   (fp32 inside, biased variance, as F.layer_norm)
     rotary_qk:  o = x * cos + rotate_half(x) * sin, for x in (q, k)   (fp32; rotate_half(x) = [-x2, x1]; o in x's dtype)
     silu_mul:   h = bf(bf(g / (1 + exp(-g))) * u)             (fp32 inside, rounded as eager's two kernels round)
 
@@ -49,6 +50,42 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         ROWS = max(1, min(16, 4096 // BLOCK))
         _rms_norm_kernel[(triton.cdiv(rows, ROWS),)](x2, weight, out, rows, x2.stride(0), out.stride(0), float(eps),
                                                     N=N, BLOCK=BLOCK, ROWS=ROWS, num_warps=4)
+    return out.view(x.shape)
+
+
+@triton.jit
+def _layer_norm_kernel(x, w, b, out, n_rows, stride_x, stride_o, eps, N: tl.constexpr, BLOCK: tl.constexpr,
+                       ROWS: tl.constexpr):
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK)
+    mask = (rows < n_rows)[:, None] & (cols < N)[None, :]
+    v = tl.load(x + rows[:, None].to(tl.int64) * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    d = tl.where(mask, v - (tl.sum(v, 1) / N)[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(d * d, 1) / N + eps)
+    wv = tl.load(w + cols, mask=cols < N, other=0.0).to(tl.float32)
+    bv = tl.load(b + cols, mask=cols < N, other=0.0).to(tl.float32)
+    y = d * rstd[:, None] * wv[None, :] + bv[None, :]
+    tl.store(out + rows[:, None].to(tl.int64) * stride_o + cols[None, :], y.to(out.dtype.element_ty), mask=mask)
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """``F.layer_norm(x, (N,), weight, bias, eps)`` over the last dim of ``x`` (any leading shape, last dim
+    contiguous), with ``weight``, ``bias`` ``[N]`` in x's dtype; the result is in x's dtype."""
+    N = x.shape[-1]
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t.shape != (N,) or t.dtype != x.dtype:
+            raise ValueError(f"{name} must have shape ({N},) (the last dim of x) and x's dtype {x.dtype}; got "
+                             f"{tuple(t.shape)} {t.dtype}")
+    x2 = x.reshape(-1, N)
+    if x2.shape[0] and x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    out = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
+    rows = x2.shape[0]
+    if rows:
+        BLOCK = triton.next_power_of_2(N)
+        ROWS = max(1, min(16, 4096 // BLOCK))
+        _layer_norm_kernel[(triton.cdiv(rows, ROWS),)](x2, weight, bias, out, rows, x2.stride(0), out.stride(0),
+                                                      float(eps), N=N, BLOCK=BLOCK, ROWS=ROWS, num_warps=4)
     return out.view(x.shape)
 
 

@@ -101,12 +101,32 @@ SDPA_MIN_SEGMENT = 65  # equal segments at least this long run as one batched SD
 # prefill_attention 1.08x SDPA on 64-patch windows, SDPA 1.46x prefill_attention on 1024-patch frames)
 
 
-def batched_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: int, scale: float) -> torch.Tensor:
+def batched_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: int, scale: float, need_lse: bool = False
+                 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Non-causal attention within consecutive segments of ``n`` rows of ``q, k, v [T, H, D]`` (``T % n == 0``) as
-    one batched ``F.scaled_dot_product_attention`` over ``[T / n, H, n, D]``."""
+    one batched SDPA over ``[T / n, H, n, D]``: ``(out [T, H, D], lse)``. With ``need_lse`` (see
+    :func:`sdpa_gives_lse`) ``lse`` is the row log-sum-exp ``[H, T]`` (fp32, natural log of ``sum_j exp(scale q.k)``)
+    from the kernel ``F.scaled_dot_product_attention`` would run but does not return it from: cuDNN's on CUDA,
+    PyTorch's flash kernel on the CPU; else None."""
     T, H, D = q.shape
-    qb, kb, vb = (t.reshape(T // n, n, H, D).transpose(1, 2) for t in (q, k, v))
-    return F.scaled_dot_product_attention(qb, kb, vb, scale=scale).transpose(1, 2).reshape(T, H, D)
+    B = T // n
+    qb, kb, vb = (t.reshape(B, n, H, D).transpose(1, 2) for t in (q, k, v))
+    if not need_lse:
+        return F.scaled_dot_product_attention(qb, kb, vb, scale=scale).transpose(1, 2).reshape(T, H, D), None
+    if q.is_cuda:
+        out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(qb, kb, vb, None, True, scale=scale)[:2]
+    else:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qb, kb, vb, scale=scale)
+    lse = lse.reshape(B, H, n).transpose(0, 1).reshape(H, T)
+    return out.transpose(1, 2).reshape(T, H, D), lse.float().contiguous()
+
+
+def sdpa_gives_lse(q: torch.Tensor) -> bool:
+    """Whether :func:`batched_sdpa` can return the LSE for ``q``: on the CPU, and on CUDA in fp16 / bf16 with
+    cuDNN's attention enabled (it has no fp32 kernel)."""
+    if not q.is_cuda:
+        return True
+    return q.dtype in (torch.float16, torch.bfloat16) and torch.backends.cuda.cudnn_sdp_enabled()
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
@@ -114,12 +134,12 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     """Non-causal attention within each segment of ``q, k, v [T, H, D]``: one launch for every segment.
 
     Segments of equal length of at least ``SDPA_MIN_SEGMENT`` (video frames) run as one batched SDPA, the fastest
-    route measured for them; others (Qwen2.5-VL's 64-patch windows, uneven segments) as one varlen
-    ``prefill_attention``. With ``need_lse`` it is always ``prefill_attention``, whose LSE ``[H, T]`` is returned
-    as the second value (else None).
+    route measured for them (with ``need_lse`` where :func:`sdpa_gives_lse`); others (Qwen2.5-VL's 64-patch windows,
+    uneven segments) as one varlen ``prefill_attention``. With ``need_lse`` the LSE ``[H, T]`` is the second value
+    (else None).
     """
-    if not need_lse and lens and len(set(lens)) == 1 and lens[0] >= SDPA_MIN_SEGMENT:
-        return batched_sdpa(q, k, v, lens[0], scale), None
+    if lens and len(set(lens)) == 1 and lens[0] >= SDPA_MIN_SEGMENT and (not need_lse or sdpa_gives_lse(q)):
+        return batched_sdpa(q, k, v, lens[0], scale, need_lse)
     cu = cu_seqlens.to(torch.int32)
     mx = max(lens) if lens else 0
     out, lse = prefill_attention(q, k, v, cu, cu, mx, mx, scale=scale, causal=False)

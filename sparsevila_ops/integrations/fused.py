@@ -284,6 +284,17 @@ def triton_elementwise(x: torch.Tensor, *params: torch.Tensor) -> bool:
     return _backend.requested_backend() != "reference" and _backend.default_backend(x.device) == "triton"
 
 
+def layer_norm_forward(self: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    """``nn.LayerNorm.forward`` as one Triton kernel (``triton_kernels.vision.layer_norm``) where
+    :func:`triton_elementwise` allows and the affine parameters are 1-D in x's dtype; else the module's own."""
+    w, b = self.weight, self.bias
+    if (w is not None and b is not None and len(self.normalized_shape) == 1 and w.dtype == b.dtype == x.dtype
+            and triton_elementwise(x, w, b)):
+        from ..triton_kernels.vision import layer_norm
+        return layer_norm(x, w, b, self.eps)
+    return type(self).forward(self, x)
+
+
 def _mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
     """``down(act(x W_gate^T) * (x W_up^T))`` with one GEMV for ``[W_gate; W_up]`` (and, intermediate size padded,
     the padded ``down``); at decode sizes (:func:`_decode_gemv`, :func:`_decode_w4_glu`) a SiLU MLP's gate/up GEMV
