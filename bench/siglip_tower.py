@@ -2,8 +2,6 @@
 steps against the integration's. e2e's encoder profile (``bench/NOTES.md``) put 0.93 s of the 2.26 s tower in
 ``apply_pooling``'s NCHW bilinear kernel and ~0.44 s in adds and copies of a permuted activation layout.
 
-- patch embedding: ``SiglipVisionEmbeddings`` (a convolution with kernel == stride, output permuted) vs the
-  integration's one GEMM over the flattened patches;
 - layer: one SigLIP encoder layer (SDPA attention) on the permuted activations transformers' patch embeddings give
   (``flatten(2).transpose(1, 2)``) vs on contiguous ones, and contiguous with the LayerNorms as Triton kernels
   (what ``enable`` runs);
@@ -42,21 +40,6 @@ def _vision_config():
 
 def _row(step, variant, ms, per_encoder, **more):
     return {"step": step, "variant": variant, "median_ms": ms, "per_encoder_ms": per_encoder * ms, **more}
-
-
-def _patch_embedding(frames, time, device="cuda", cfg=None):
-    """The patch embeddings of ``[frames, 3, side, side]`` pixels: the stock convolution vs the integration's GEMM."""
-    from transformers.models.siglip import modeling_siglip as hf
-    from sparsevila_ops.integrations.llava_onevision import _embeddings_forward
-    cfg = cfg or _vision_config()
-    emb = hf.SiglipVisionEmbeddings(cfg).to(device, torch.bfloat16).eval()
-    pixels = torch.randn(frames, 3, cfg.image_size, cfg.image_size, device=device, dtype=torch.bfloat16)
-    want, got = emb(pixels), _embeddings_forward(emb, pixels)
-    verify("SigLIP patch embedding as a GEMM", got.float(), want.float(), 1e-2)
-    stock, ours = time(lambda: emb(pixels)), time(lambda: _embeddings_forward(emb, pixels))
-    return [_row("patch embedding", "convolution (transformers)", stock, 1),
-            _row("patch embedding", "one GEMM (enable)", ours, 1, speedup=stock / ours,
-                 bitwise_equal=torch.equal(got, want))]
 
 
 def _layer(frames, time, device="cuda", cfg=None):
@@ -161,8 +144,8 @@ def main(argv=None) -> int:
     time = lambda fn: time_cuda(lambda i: fn(), warmup=1, iters=5)["median_ms"]  # noqa: E731
     with torch.no_grad():
         bw = copy_bandwidth_tbps() * 1e12
-        rows = (_patch_embedding(a.frames, time) + _layer(a.frames, time) + _layer_norm(a.frames, bw, time)
-                + _salience_attention(a.frames, time) + _pooling(a.frames, bw, time))
+        rows = (_layer(a.frames, time) + _layer_norm(a.frames, bw, time) + _salience_attention(a.frames, time)
+                + _pooling(a.frames, bw, time))
     write_results("siglip_tower", rows, ["step", "variant", "median_ms", "per_encoder_ms", "floor_ms", "x_floor",
                                          "speedup", "bitwise_equal"],
                   title=f"LLaVA-OneVision-7B SigLIP tower, {a.frames} frames, bf16: transformers' steps vs ours")
