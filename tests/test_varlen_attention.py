@@ -42,6 +42,29 @@ def test_varlen_attention_routes_and_matches_float64(monkeypatch, lens, need_lse
         torch.testing.assert_close(lse.double(), want_lse, rtol=1e-5, atol=1e-5)
 
 
+def test_an_lse_kernel_that_raises_falls_back_to_prefill_attention_with_one_warning(monkeypatch, caplog):
+    lens = [attn.SDPA_MIN_SEGMENT] * 2
+    q, k, v = (torch.randn(sum(lens), 2, 16) for _ in range(3))
+    cu = torch.tensor([0] + lens).cumsum(0)
+
+    def refuse(*a):
+        raise RuntimeError("no kernel for this GPU")
+
+    monkeypatch.setattr(attn, "batched_sdpa", refuse)
+    monkeypatch.setattr(attn, "_SDPA_LSE_REFUSED", set())
+    with caplog.at_level("WARNING", logger="sparsevila_ops"):
+        out, lse = attn.varlen_attention(q, k, v, cu, lens, 0.25, need_lse=True)
+        attn.varlen_attention(q, k, v, cu, lens, 0.25, need_lse=True)
+    assert [r.getMessage() for r in caplog.records] == [
+        "sparsevila_ops: SDPA's LSE kernel refused cpu torch.float32 D=16 (no kernel for this GPU); "
+        "prefill_attention instead"]
+    want, want_lse = _reference(q, k, v, lens, 0.25)
+    torch.testing.assert_close(lse.double(), want_lse, rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(attn, "batched_sdpa", lambda *a: (_ for _ in ()).throw(torch.OutOfMemoryError("oom")))
+    with pytest.raises(torch.OutOfMemoryError):
+        attn.varlen_attention(q, k, v, cu, lens, 0.25, need_lse=True)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16, torch.float32))
 @pytest.mark.parametrize("D", (72, 80))

@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import logging
 from typing import List, Optional, Tuple
 
 import torch
@@ -121,6 +122,10 @@ def batched_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: int, scal
     return out.transpose(1, 2).reshape(T, H, D), lse.float().contiguous()
 
 
+_SDPA_LSE_REFUSED: set = set()  # (device type, dtype, D) whose LSE kernel raised once (logged once each)
+log = logging.getLogger("sparsevila_ops")
+
+
 def sdpa_gives_lse(q: torch.Tensor) -> bool:
     """Whether :func:`batched_sdpa` can return the LSE for ``q``: on the CPU, and on CUDA in fp16 / bf16 with
     cuDNN's attention enabled (it has no fp32 kernel)."""
@@ -134,12 +139,24 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     """Non-causal attention within each segment of ``q, k, v [T, H, D]``: one launch for every segment.
 
     Segments of equal length of at least ``SDPA_MIN_SEGMENT`` (video frames) run as one batched SDPA, the fastest
-    route measured for them (with ``need_lse`` where :func:`sdpa_gives_lse`); others (Qwen2.5-VL's 64-patch windows,
+    route measured for them (with ``need_lse`` where :func:`sdpa_gives_lse`, and where that kernel raises, the
+    general route below, with one warning per device type, dtype and head dim); others (Qwen2.5-VL's 64-patch windows,
     uneven segments) as one varlen ``prefill_attention``. With ``need_lse`` the LSE ``[H, T]`` is the second value
     (else None).
     """
     if lens and len(set(lens)) == 1 and lens[0] >= SDPA_MIN_SEGMENT and (not need_lse or sdpa_gives_lse(q)):
-        return batched_sdpa(q, k, v, lens[0], scale, need_lse)
+        if not need_lse:
+            return batched_sdpa(q, k, v, lens[0], scale)
+        try:
+            return batched_sdpa(q, k, v, lens[0], scale, need_lse)
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError as e:  # a GPU or shape the private LSE kernel refuses: the general route below
+            key = (q.device.type, q.dtype, q.shape[-1])
+            if key not in _SDPA_LSE_REFUSED:
+                _SDPA_LSE_REFUSED.add(key)
+                log.warning("sparsevila_ops: SDPA's LSE kernel refused %s %s D=%d (%s); prefill_attention instead",
+                            *key, str(e).splitlines()[0][:200] if str(e) else type(e).__name__)
     cu = cu_seqlens.to(torch.int32)
     mx = max(lens) if lens else 0
     out, lse = prefill_attention(q, k, v, cu, cu, mx, mx, scale=scale, causal=False)
