@@ -3,9 +3,9 @@
 ``enable(model, prefill_sparsity, decode_sparsity)`` changes only this model instance:
 
 - **vision tower**: with ``prefill_sparsity > 0`` the salience layer (default: the last SigLIP layer whose output
-  feeds the projector, ``vision_feature_layer``) runs its attention over all frames as one ``prefill_attention``
-  with the LSE, and ``visual_salience(..., lse=...)`` scores each patch by the mean attention it receives in its
-  frame: one more pass over QK^T. The other layers stay as transformers runs them (one batched SDPA over the
+  feeds the projector, ``vision_feature_layer``) runs its attention over all frames as one launch with the LSE
+  (``varlen_attention``: cuDNN's SDPA kernel on CUDA, else ``prefill_attention``), and ``visual_salience(...,
+  lse=...)`` scores each patch by the mean attention it receives in its frame: one more pass over QK^T. The other layers stay as transformers runs them (one batched SDPA over the
   frames), on contiguous activations: the patch embeddings are made contiguous (transformers' ``flatten(2)
   .transpose(1, 2)`` leaves them permuted, and every residual add and LayerNorm of the tower would inherit that
   layout: a strided kernel or a copy each; on the H200 at 669 frames they took ~0.44 s of a 2.26 s tower).
@@ -173,7 +173,7 @@ def _fuse(model) -> None:
 def _salience_attn_forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *,
                            state: LlavaOnevisionState, **kwargs):
     """``SiglipAttention.forward`` of the salience layer: while salience is collected, the attention of all frames
-    ``[frames, N, C]`` as one ``prefill_attention`` with the LSE, then ``visual_salience`` from it."""
+    ``[frames, N, C]`` as one launch with the LSE (``varlen_attention``), then ``visual_salience`` from it."""
     if not state.collect_salience or attention_mask is not None:
         return type(self).forward(self, hidden_states, attention_mask, **kwargs)
     frames, n, c = hidden_states.shape

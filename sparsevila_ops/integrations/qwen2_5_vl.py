@@ -9,8 +9,9 @@
   gets an instance-level ``forward`` that runs the block's attention as one launch over all its segments
   (``varlen_attention``: batched SDPA for equal frames, our varlen ``prefill_attention`` for the windows)
   instead of transformers' per-segment loop. With
-  ``prefill_sparsity > 0`` the salience block (default: the last full-attention block) runs
-  ``prefill_attention`` (non-causal, with LSE) and ``visual_salience(..., lse=...)``: one pass over QK^T.
+  ``prefill_sparsity > 0`` the salience block (default: the last full-attention block) runs its attention with
+  the LSE (``varlen_attention``: cuDNN's SDPA kernel for equal frames on CUDA, else ``prefill_attention``) and
+  ``visual_salience(..., lse=...)``: one pass over QK^T.
 - **generate**: an instance-level ``generate`` encodes the images/videos, undoes the window order, pools
   salience over the 2x2 merge unit, keeps the top ``1 - prefill_sparsity`` per image/video
   (``prune_visual_tokens``), and calls the original ``generate`` with the kept embeddings and their original
