@@ -65,6 +65,9 @@ SHAPES = [
     Shape("QwenVL frames 64k (1024-token segments)", 64, 1024),  # the salience layer of e2e's full attention
     Shape("QwenVL 2k segments (32 x 2048 tokens)", 32, 2048),  # between the 1024 and 4096 of the backend choice
 ]
+# Only by --shape: segment lengths around the cuda/Triton switch on sm_90 (salience.HOPPER_TRITON_SEQLENS), ~64k
+# tokens each like the 1024-token shape
+BOUND_SHAPES = [Shape(f"{n}-token segments ({b} x {n})", b, n) for b, n in ((72, 896), (48, 1280), (40, 1536))]
 QUICK = ("SigLIP 64 frames", "QwenVL 4k", "QwenVL window 16k (64-patch windows)")
 N_INPUTS = 2  # rotating input sets: every set is larger than the 50 MB L2
 
@@ -277,13 +280,15 @@ def main(argv=None) -> int:
     p.add_argument("--sweep", action="store_true", help="time kernel configurations instead of the figure")
     p.add_argument("--poly-share", action="store_true",
                    help="also time the cuda backend at every polynomial share (poly_every 0, 2, 4, 8)")
-    p.add_argument("--shape", action="append", default=None, choices=[s.name for s in SHAPES], metavar="NAME",
-                   help="only this shape (repeatable; default: all, or --quick's)")
+    p.add_argument("--shape", action="append", default=None, choices=[s.name for s in SHAPES + BOUND_SHAPES],
+                   metavar="NAME", help="only this shape (repeatable; default: the figure's, or --quick's; the "
+                   "segment lengths around the backend switch only by name)")
     p.add_argument("--iters", type=int, default=30)
     a = p.parse_args(argv)
     if not require_gpu("bench.figure3_salience"):
         return 0
     shapes = [s for s in SHAPES if (not a.quick or s.name in QUICK) and (a.shape is None or s.name in a.shape)]
+    shapes += [s for s in BOUND_SHAPES if a.shape is not None and s.name in a.shape]
     if a.sweep:
         sweep([s for s in shapes if s.name in ("SigLIP 64 frames", "QwenVL 4k", "QwenVL 16k")], a.iters)
         return 0
