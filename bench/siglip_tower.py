@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import types
-from types import SimpleNamespace
 
 import torch
 
@@ -168,8 +167,8 @@ def _pooling(frames, bw, time, device="cuda", side=27, dim=3584):
     """``apply_pooling`` vs ``channels_last_pooling`` on ``[frames, side * side, dim]``."""
     from transformers.models.llava_onevision import modeling_llava_onevision as hf
     from sparsevila_ops.integrations.llava_onevision import channels_last_pooling
-    owner = SimpleNamespace(config=SimpleNamespace(vision_config=SimpleNamespace(image_size=14 * side,
-                                                                                 patch_size=14)))
+    vision = types.SimpleNamespace(image_size=14 * side, patch_size=14)
+    owner = types.SimpleNamespace(config=types.SimpleNamespace(vision_config=vision))
     x = torch.randn(frames, side * side, dim, device=device, dtype=torch.bfloat16)
     want, got = hf.LlavaOnevisionModel.apply_pooling(owner, x), channels_last_pooling(owner, x)
     verify("channels-last pooling", got.float(), want.float(), 1e-2)

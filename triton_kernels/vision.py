@@ -40,17 +40,23 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     N = x.shape[-1]
     if weight.shape != (N,):
         raise ValueError(f"weight must have shape ({N},) (the last dim of x); got {tuple(weight.shape)}")
+    x2, BLOCK, ROWS = _rows(x)
+    out = torch.empty(x2.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
+    if x2.shape[0]:
+        _rms_norm_kernel[(triton.cdiv(x2.shape[0], ROWS),)](x2, weight, out, x2.shape[0], x2.stride(0), out.stride(0),
+                                                            float(eps), N=N, BLOCK=BLOCK, ROWS=ROWS, num_warps=4)
+    return out.view(x.shape)
+
+
+def _rows(x: torch.Tensor) -> Tuple[torch.Tensor, int, int]:
+    """``x`` as rows ``[-1, N]`` with unit column stride (a copy only when the last dim is strided), and a row
+    kernel's BLOCK (N padded to a power of two) and ROWS per program (~4096 elements)."""
+    N = x.shape[-1]
     x2 = x.reshape(-1, N)
     if x2.shape[0] and x2.stride(1) != 1:
         x2 = x2.contiguous()
-    out = torch.empty(x2.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
-    rows = x2.shape[0]
-    if rows:
-        BLOCK = triton.next_power_of_2(N)
-        ROWS = max(1, min(16, 4096 // BLOCK))
-        _rms_norm_kernel[(triton.cdiv(rows, ROWS),)](x2, weight, out, rows, x2.stride(0), out.stride(0), float(eps),
-                                                    N=N, BLOCK=BLOCK, ROWS=ROWS, num_warps=4)
-    return out.view(x.shape)
+    BLOCK = triton.next_power_of_2(N)
+    return x2, BLOCK, max(1, min(16, 4096 // BLOCK))
 
 
 @triton.jit
@@ -76,16 +82,12 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
         if t.shape != (N,) or t.dtype != x.dtype:
             raise ValueError(f"{name} must have shape ({N},) (the last dim of x) and x's dtype {x.dtype}; got "
                              f"{tuple(t.shape)} {t.dtype}")
-    x2 = x.reshape(-1, N)
-    if x2.shape[0] and x2.stride(1) != 1:
-        x2 = x2.contiguous()
+    x2, BLOCK, ROWS = _rows(x)
     out = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
-    rows = x2.shape[0]
-    if rows:
-        BLOCK = triton.next_power_of_2(N)
-        ROWS = max(1, min(16, 4096 // BLOCK))
-        _layer_norm_kernel[(triton.cdiv(rows, ROWS),)](x2, weight, bias, out, rows, x2.stride(0), out.stride(0),
-                                                      float(eps), N=N, BLOCK=BLOCK, ROWS=ROWS, num_warps=4)
+    if x2.shape[0]:
+        _layer_norm_kernel[(triton.cdiv(x2.shape[0], ROWS),)](x2, weight, bias, out, x2.shape[0], x2.stride(0),
+                                                              out.stride(0), float(eps), N=N, BLOCK=BLOCK, ROWS=ROWS,
+                                                              num_warps=4)
     return out.view(x.shape)
 
 

@@ -100,6 +100,8 @@ def segment_lengths(cu_seqlens: torch.Tensor) -> List[int]:
 
 SDPA_MIN_SEGMENT = 65  # equal segments at least this long run as one batched SDPA (bench.vision_block, H200:
 # prefill_attention 1.08x SDPA on 64-patch windows, SDPA 1.46x prefill_attention on 1024-patch frames)
+_SDPA_LSE_REFUSED: set = set()  # (device type, dtype, D) whose LSE kernel raised once (logged once each)
+log = logging.getLogger("sparsevila_ops")
 
 
 def batched_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: int, scale: float, need_lse: bool = False
@@ -122,10 +124,6 @@ def batched_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: int, scal
     return out.transpose(1, 2).reshape(T, H, D), lse.float().contiguous()
 
 
-_SDPA_LSE_REFUSED: set = set()  # (device type, dtype, D) whose LSE kernel raised once (logged once each)
-log = logging.getLogger("sparsevila_ops")
-
-
 def sdpa_gives_lse(q: torch.Tensor) -> bool:
     """Whether :func:`batched_sdpa` can return the LSE for ``q``: on the CPU, and on CUDA in fp16 / bf16 with
     cuDNN's attention enabled (it has no fp32 kernel)."""
@@ -145,13 +143,11 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     (else None).
     """
     if lens and len(set(lens)) == 1 and lens[0] >= SDPA_MIN_SEGMENT and (not need_lse or sdpa_gives_lse(q)):
-        if not need_lse:
-            return batched_sdpa(q, k, v, lens[0], scale)
         try:
             return batched_sdpa(q, k, v, lens[0], scale, need_lse)
-        except torch.OutOfMemoryError:
-            raise
         except RuntimeError as e:  # a GPU or shape the private LSE kernel refuses: the general route below
+            if not need_lse or isinstance(e, torch.OutOfMemoryError):
+                raise
             key = (q.device.type, q.dtype, q.shape[-1])
             if key not in _SDPA_LSE_REFUSED:
                 _SDPA_LSE_REFUSED.add(key)

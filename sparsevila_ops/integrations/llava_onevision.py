@@ -5,10 +5,11 @@
 - **vision tower**: with ``prefill_sparsity > 0`` the salience layer (default: the last SigLIP layer whose output
   feeds the projector, ``vision_feature_layer``) runs its attention over all frames as one launch with the LSE
   (``varlen_attention``: cuDNN's SDPA kernel on CUDA, else ``prefill_attention``), and ``visual_salience(...,
-  lse=...)`` scores each patch by the mean attention it receives in its frame: one more pass over QK^T. The other layers stay as transformers runs them (one batched SDPA over the
-  frames), on contiguous activations: the patch embeddings are made contiguous (transformers' ``flatten(2)
-  .transpose(1, 2)`` leaves them permuted, and every residual add and LayerNorm of the tower would inherit that
-  layout: a strided kernel or a copy each; on the H200 at 669 frames they took ~0.44 s of a 2.26 s tower).
+  lse=...)`` scores each patch by the mean attention it receives in its frame: one more pass over QK^T. The other
+  layers stay as transformers runs them (one batched SDPA over the frames), on contiguous activations: the patch
+  embeddings are made contiguous (transformers' ``flatten(2).transpose(1, 2)`` leaves them permuted, and every
+  residual add and LayerNorm of the tower would inherit that layout: a strided kernel or a copy each; on the H200
+  at 669 frames they took ~0.44 s of a 2.26 s tower).
 - **LayerNorms** of the tower: one Triton kernel each on CUDA (``triton_kernels.vision.layer_norm``; PyTorch's
   took 1.4 ms per call at 669 frames on the H200, 2.7x the bytes' time).
 - **video pooling** (``apply_pooling``): the same bilinear interpolation on a channels-last view of the features,
