@@ -59,7 +59,8 @@ def _patch_embedding(frames, time, device="cuda", cfg=None, pad=8):
     patches = torch.zeros(frames * g * g, Kp, device=device, dtype=torch.bfloat16)  # the pad columns stay 0
 
     def gemm():
-        patches[:, :K].view(frames, g, g, 3, P, P).copy_(pixels.view(frames, 3, g, P, g, P).permute(0, 2, 4, 1, 3, 5))
+        seen = pixels[:, :, :g * P, :g * P].unflatten(3, (g, P)).unflatten(2, (g, P))  # the stride drops the rest
+        patches[:, :K].view(frames, g, g, 3, P, P).copy_(seen.permute(0, 2, 4, 1, 3, 5))
         out = torch.nn.functional.linear(patches, weight, conv.bias).view(frames, g * g, -1)
         return out + emb.position_embedding(emb.position_ids)
 

@@ -9,7 +9,7 @@ from bench import siglip_tower as st  # noqa: E402
 def _tiny_cfg():
     from transformers import SiglipVisionConfig
     cfg = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
-                             image_size=56, patch_size=14)
+                             image_size=60, patch_size=14)  # like 384 / 14: the stride drops the last pixels
     cfg._attn_implementation = "sdpa"
     return cfg
 
