@@ -2,9 +2,9 @@
 steps against the integration's. e2e's encoder profile (``bench/NOTES.md``) put 0.93 s of the 2.26 s tower in
 ``apply_pooling``'s NCHW bilinear kernel and ~0.44 s in adds and copies of a permuted activation layout.
 
-- candidates not in ``enable`` yet: the patch embedding as one GEMM over the flattened patches with K padded
-  588 -> 592 (16-byte rows; unpadded it measured 0.87x the convolution), and the MLP's tanh GELU in the fc1 GEMM's
-  epilogue (``torch._addmm_activation``: cuBLASLt's GELU_BIAS on CUDA);
+- patch embedding: the convolution vs one GEMM over the gathered patches with K padded 588 -> 592 (16-byte rows;
+  unpadded it measured 0.87x the convolution); MLP: transformers' vs the tanh GELU in the fc1 GEMM's epilogue
+  (``torch._addmm_activation``: cuBLASLt's GELU_BIAS on CUDA); both as ``enable`` runs them;
 - layer: one SigLIP encoder layer (SDPA attention) on the permuted activations transformers' patch embeddings give
   (``flatten(2).transpose(1, 2)``) vs on contiguous ones, and contiguous with the LayerNorms as Triton kernels
   (what ``enable`` runs);
@@ -44,52 +44,47 @@ def _row(step, variant, ms, per_encoder, **more):
     return {"step": step, "variant": variant, "median_ms": ms, "per_encoder_ms": per_encoder * ms, **more}
 
 
-def _patch_embedding(frames, time, device="cuda", cfg=None, pad=8):
-    """The patch embeddings of ``[frames, 3, side, side]`` pixels: the stock convolution vs one GEMM over the
-    flattened patches, K zero-padded to a multiple of ``pad`` elements (a candidate, not in ``enable``)."""
+def _patch_embedding(frames, time, device="cuda", cfg=None):
+    """The patch embeddings of ``[frames, 3, side, side]`` pixels: the stock convolution vs ``enable``'s GEMM over
+    the gathered patches (``fused.patch_embedding_forward``, K zero-padded to a multiple of 8)."""
     from transformers.models.siglip import modeling_siglip as hf
+    from sparsevila_ops.integrations import fused
     cfg = cfg or _vision_config()
     emb = hf.SiglipVisionEmbeddings(cfg).to(device, torch.bfloat16).eval()
     pixels = torch.randn(frames, 3, cfg.image_size, cfg.image_size, device=device, dtype=torch.bfloat16)
-    conv, P, g = emb.patch_embedding, cfg.patch_size, cfg.image_size // cfg.patch_size
-    K = 3 * P * P
-    Kp = -(-K // pad) * pad
-    weight = torch.zeros(conv.out_channels, Kp, device=device, dtype=torch.bfloat16)
-    weight[:, :K] = conv.weight.reshape(conv.out_channels, K)
-    patches = torch.zeros(frames * g * g, Kp, device=device, dtype=torch.bfloat16)  # the pad columns stay 0
-
-    def gemm():
-        seen = pixels[:, :, :g * P, :g * P].unflatten(3, (g, P)).unflatten(2, (g, P))  # the stride drops the rest
-        patches[:, :K].view(frames, g, g, 3, P, P).copy_(seen.permute(0, 2, 4, 1, 3, 5))
-        out = torch.nn.functional.linear(patches, weight, conv.bias).view(frames, g * g, -1)
-        return out + emb.position_embedding(emb.position_ids)
-
-    want, got = emb(pixels), gemm()
-    verify(f"patch embedding as a GEMM, K {K} -> {Kp}", got.float(), want.float(), 1e-2)
-    stock, ours = time(lambda: emb(pixels)), time(gemm)
+    conv = emb.patch_embedding
+    K = conv.weight[0].numel()
+    want = emb(pixels)
+    stock = time(lambda: emb(pixels))
+    conv.forward = types.MethodType(fused.patch_embedding_forward, conv)
+    try:
+        got = emb(pixels)
+        verify(f"patch embedding as a GEMM, K {K} -> {fused._patch_matrix(conv).shape[1]}", got.float(),
+               want.float(), 1e-2)
+        ours = time(lambda: emb(pixels))
+    finally:
+        conv.__dict__.pop("forward")
     return [_row("patch embedding", "convolution (transformers)", stock, 1),
-            _row("patch embedding", f"one GEMM, K padded {K} -> {Kp} (candidate)", ours, 1, speedup=stock / ours)]
+            _row("patch embedding", f"one GEMM, K padded {K} -> {fused._padded(K, 8)} (enable)", ours, 1,
+                 speedup=stock / ours)]
 
 
 def _mlp_gelu(frames, time, device="cuda", cfg=None):
-    """The MLP ``fc2(gelu_tanh(fc1(x)))``: transformers' three kernels vs the GELU in fc1's GEMM epilogue."""
+    """The MLP ``fc2(gelu_tanh(fc1(x)))``: transformers' three kernels vs the GELU in fc1's GEMM epilogue
+    (``fused.gelu_mlp_forward``)."""
     from transformers.models.siglip import modeling_siglip as hf
+    from sparsevila_ops.integrations import fused
     cfg = cfg or _vision_config()
     mlp = hf.SiglipMLP(cfg).to(device, torch.bfloat16).eval()
     x = torch.randn(frames * (cfg.image_size // cfg.patch_size) ** 2, cfg.hidden_size, device=device,
                     dtype=torch.bfloat16)
-
-    def fused():
-        h = torch._addmm_activation(mlp.fc1.bias, x, mlp.fc1.weight.t(), use_gelu=True)
-        return mlp.fc2(h)
-
-    want, got = mlp(x), fused()
+    fused_mlp = lambda: fused.gelu_mlp_forward(mlp, x)  # noqa: E731
+    want, got = mlp(x), fused_mlp()
     verify("MLP with the GELU in the GEMM epilogue", got.float(), want.float(), 1e-2)
-    stock, ours = time(lambda: mlp(x)), time(fused)
+    stock, ours = time(lambda: mlp(x)), time(fused_mlp)
     layers = cfg.num_hidden_layers
     return [_row("MLP", "fc1, gelu_pytorch_tanh, fc2 (transformers)", stock, layers),
-            _row("MLP", "GELU in fc1's epilogue, _addmm_activation (candidate)", ours, layers,
-                 speedup=stock / ours)]
+            _row("MLP", "GELU in fc1's epilogue, _addmm_activation (enable)", ours, layers, speedup=stock / ours)]
 
 
 def _layer(frames, time, device="cuda", cfg=None):

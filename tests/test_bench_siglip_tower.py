@@ -22,10 +22,12 @@ def test_layer_rows_compare_permuted_contiguous_and_the_layer_norm_kernels():
     assert rows[1]["bitwise_equal"] is True  # the CPU keeps the module's LayerNorm (no Triton element-wise)
 
 
-def test_candidate_and_layer_norm_and_salience_attention_rows():
+def test_gemm_and_layer_norm_and_salience_attention_rows(monkeypatch):
+    from sparsevila_ops.integrations import fused
+    monkeypatch.setattr(fused, "half_gemm", lambda *a: True)  # the GEMM paths on the CPU (CUDA-only in enable)
     cfg, time = _tiny_cfg(), lambda fn: (fn(), 3.0)[1]
     emb = st._patch_embedding(2, time, device="cpu", cfg=cfg)
-    assert [r["variant"] for r in emb] == ["convolution (transformers)", "one GEMM, K padded 588 -> 592 (candidate)"]
+    assert [r["variant"] for r in emb] == ["convolution (transformers)", "one GEMM, K padded 588 -> 592 (enable)"]
     mlp = st._mlp_gelu(2, time, device="cpu", cfg=cfg)
     assert [r["per_encoder_ms"] for r in mlp] == [9.0, 9.0] and mlp[1]["speedup"] == 1.0
     ln = st._layer_norm(2, 1e12, time, device="cpu", cfg=cfg)

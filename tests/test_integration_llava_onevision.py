@@ -77,6 +77,7 @@ def test_video_features_equal_stock_with_a_contiguous_tower_and_channels_last_po
     """``enable`` makes the SigLIP patch embeddings contiguous and pools on a channels-last view: the video features
     are the stock model's, bit for bit on the CPU; on CUDA within rounding (the LayerNorm kernel sums in another
     order, and cuBLAS picks its kernel by the operands' layout), and ``disable`` removes both."""
+    from sparsevila_ops.integrations import fused
     model = tiny_model(device=device, dtype=dtype)
     videos = video_inputs(device=device, dtype=dtype)["pixel_values_videos"]
     embeddings = ov._vision_model(model).embeddings
@@ -96,6 +97,8 @@ def test_video_features_equal_stock_with_a_contiguous_tower_and_channels_last_po
     else:
         assert torch.equal(ours, stock_embeddings) and torch.equal(got, ref)
     assert "forward" not in embeddings.__dict__ and "apply_pooling" not in model.model.__dict__
+    assert not {"forward", fused.PATCH_WEIGHT} & set(embeddings.patch_embedding.__dict__)
+    assert ov._mlps(model) and all("forward" not in m.__dict__ for m in ov._mlps(model))
 
 
 def test_the_towers_layer_norms_run_the_triton_kernel_where_allowed(monkeypatch, device):
@@ -118,6 +121,54 @@ def test_the_towers_layer_norms_run_the_triton_kernel_where_allowed(monkeypatch,
     assert len(calls) >= 2 * layers and len(ov._layer_norms(model)) >= 2 * layers + 1
     assert all("forward" not in n.__dict__ for n in ov._layer_norms(model))
     torch.testing.assert_close(got, ref, rtol=2e-3, atol=2e-3)
+
+
+def _gemm_paths(device, monkeypatch):
+    """The dtype ``fused.half_gemm`` takes on ``device``: bf16 on CUDA; on the CPU fp32 with the gate forced open."""
+    from sparsevila_ops.integrations import fused
+    if device.type == "cuda":
+        return torch.bfloat16, 2e-2
+    monkeypatch.setattr(fused, "half_gemm", lambda *a: True)
+    return torch.float32, 1e-5
+
+
+@pytest.mark.parametrize("side,patch,channels_last", [(60, 14, False), (64, 16, True), (28, 14, False)])
+def test_patch_embedding_forward_equals_the_convolution(device, monkeypatch, side, patch, channels_last):
+    """``fused.patch_embedding_forward`` against the module's convolution: K = 588 padded to 592 (and 768 not
+    padded), a side with pixels past the last whole patch (60 = 4 x 14 + 4), channels-last pixels; its output is
+    a view whose ``flatten(2).transpose(1, 2)`` is contiguous; the padded weight follows an in-place change."""
+    from sparsevila_ops.integrations import fused
+    dtype, tol = _gemm_paths(device, monkeypatch)
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 40, kernel_size=patch, stride=patch).to(device, dtype)
+    x = torch.randn(3, 3, side, side, device=device, dtype=dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    for _ in range(2):
+        want = conv(x)
+        got = fused.patch_embedding_forward(conv, x)
+        assert got.shape == want.shape and got.flatten(2).transpose(1, 2).is_contiguous()
+        assert (got.float() - want.float()).abs().max() <= tol * want.float().abs().max()
+        with torch.no_grad():
+            conv.weight.mul_(-0.5)  # the cached [out, K padded] matrix must follow
+    assert fused._patch_matrix(conv).shape[1] == -(-3 * patch * patch // 8) * 8
+
+
+def test_gelu_mlp_forward_equals_siglips_mlp(device, monkeypatch):
+    """``fused.gelu_mlp_forward`` (the GELU in fc1's GEMM epilogue) against ``SiglipMLP``; on the CPU, where
+    ``torch._addmm_activation`` applies the exact GELU, against the MLP with that GELU."""
+    from transformers.models.siglip import SiglipVisionConfig
+    from transformers.models.siglip import modeling_siglip as siglip
+    from sparsevila_ops.integrations import fused
+    dtype, tol = _gemm_paths(device, monkeypatch)
+    torch.manual_seed(0)
+    mlp = siglip.SiglipMLP(SiglipVisionConfig(hidden_size=48, intermediate_size=72)).to(device, dtype)
+    x = torch.randn(2, 5, 48, device=device, dtype=dtype)
+    with torch.no_grad():
+        want = mlp(x) if device.type == "cuda" else mlp.fc2(torch.nn.functional.gelu(mlp.fc1(x)))
+        got = fused.gelu_mlp_forward(mlp, x)
+    assert got.shape == want.shape
+    assert (got.float() - want.float()).abs().max() <= tol * want.float().abs().max()
 
 
 @pytest.mark.parametrize("side,max_numel", [(4, None), (5, None), (27, None), (5, 2 * 25 * 40 + 1)])

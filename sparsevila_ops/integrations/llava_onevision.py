@@ -10,6 +10,10 @@
   embeddings are made contiguous (transformers' ``flatten(2).transpose(1, 2)`` leaves them permuted, and every
   residual add and LayerNorm of the tower would inherit that layout: a strided kernel or a copy each; on the H200
   at 669 frames they took ~0.44 s of a 2.26 s tower).
+- **patch embedding and MLPs** on CUDA in bf16/fp16: the patch convolution as one GEMM over the gathered patches
+  (``fused.patch_embedding_forward``: 24.7 -> 3.3 ms at 669 frames on the H200; cuDNN's convolution is slow at
+  stride 14), which also leaves the embeddings contiguous, and each MLP's GELU in fc1's GEMM epilogue
+  (``fused.gelu_mlp_forward``: 1.09x per MLP).
 - **LayerNorms** of the tower: one Triton kernel each on CUDA (``triton_kernels.vision.layer_norm``; PyTorch's
   took 1.4 ms per call at 669 frames on the H200, 2.7x the bytes' time).
 - **video pooling** (``apply_pooling``): the same bilinear interpolation on a channels-last view of the features,
@@ -40,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llava_onevision import modeling_llava_onevision as hf
 from transformers.models.qwen2 import modeling_qwen2 as qwen2
+from transformers.models.siglip import modeling_siglip as siglip
 
 from ..salience import visual_salience
 from ..select import prune_visual_tokens
@@ -73,6 +78,11 @@ def _encoder_layers(model):
 def _layer_norms(model) -> list:
     """The SigLIP tower's LayerNorms (each layer's two, the post-LayerNorm, a pooling head's)."""
     return [m for m in _vision_model(model).modules() if isinstance(m, torch.nn.LayerNorm)]
+
+
+def _mlps(model) -> list:
+    """The SigLIP tower's MLPs (each layer's, a pooling head's)."""
+    return [m for m in _vision_model(model).modules() if isinstance(m, siglip.SiglipMLP)]
 
 
 def _feature_layers(cfg, n_layers: int) -> List[int]:
@@ -121,8 +131,11 @@ def enable(model, prefill_sparsity: float = 0.75, decode_sparsity: float = 0.95,
     attn.forward = types.MethodType(functools.partial(_salience_attn_forward, state=state), attn)
     embeddings = _vision_model(model).embeddings
     embeddings.forward = types.MethodType(_contiguous_embeddings_forward, embeddings)
+    embeddings.patch_embedding.forward = types.MethodType(fused.patch_embedding_forward, embeddings.patch_embedding)
     for norm in _layer_norms(model):
         norm.forward = types.MethodType(fused.layer_norm_forward, norm)
+    for mlp in _mlps(model):
+        mlp.forward = types.MethodType(fused.gelu_mlp_forward, mlp)
     model.model.apply_pooling = types.MethodType(channels_last_pooling, model.model)
     return model
 
@@ -132,17 +145,20 @@ def disable(model):
     pipeline.detach(model)
     for layer in _encoder_layers(model):
         layer.self_attn.__dict__.pop("forward", None)
-    _vision_model(model).embeddings.__dict__.pop("forward", None)
-    for norm in _layer_norms(model):
-        norm.__dict__.pop("forward", None)
+    embeddings = _vision_model(model).embeddings
+    embeddings.__dict__.pop("forward", None)
+    for name in ("forward", fused.PATCH_WEIGHT):
+        embeddings.patch_embedding.__dict__.pop(name, None)
+    for module in _layer_norms(model) + _mlps(model):
+        module.__dict__.pop("forward", None)
     model.model.__dict__.pop("apply_pooling", None)
     return model
 
 
 def _contiguous_embeddings_forward(self, *args, **kwargs) -> torch.Tensor:
     """``SiglipVisionEmbeddings.forward``, its output made contiguous (module doc): the same values, so the encoder
-    layers' adds, LayerNorms and GEMMs read plain row-major activations. (The patch convolution as one GEMM over
-    the flattened patches was measured slower on the H200: 28.3 vs 24.6 ms at 669 frames, K = 588 unaligned.)"""
+    layers' adds, LayerNorms and GEMMs read plain row-major activations (already so where the patch convolution
+    runs as a GEMM, ``fused.patch_embedding_forward``)."""
     return type(self).forward(self, *args, **kwargs).contiguous()
 
 
