@@ -136,6 +136,9 @@ def test_cuda_salience_support_rules_and_alignment():
     small = {**mma, "kernel": "wgmma", "consumers": 4, "tile_n": 64}
     assert cs._default(hopper._replace(n=cs.WGMMA_MIN_SEQLEN)) == small
     assert cs._default(hopper._replace(n=729)) == small  # SigLIP frames
+    assert cs._default(hopper._replace(n=1024)) == small
+    assert cs._default(hopper._replace(n=896)) == {**mma, "kernel": "wgmma"}  # 256-row CTAs would pad 896 to 1024
+    assert cs._default(hopper._replace(n=257)) == {**mma, "kernel": "wgmma"}
     assert cs._default(hopper._replace(n=cs.WGMMA_SMALL_TILES_MAX_SEQLEN + 1)) == {**mma, "kernel": "wgmma"}
     space = cs._space(hopper)
     assert {c["kernel"] for c in space} == set(cs.KERNELS) and len(space) == 12 and len(
@@ -424,7 +427,7 @@ def test_covered_inputs_prefer_the_cuda_backend_on_hopper(monkeypatch):
     pick = salience._preferred_backend
     assert pick(cuda, q, q, None, 729) == "cuda" and pick(cuda, q, q, None, 32768) == "cuda"
     lo, hi = salience.HOPPER_TRITON_SEQLENS
-    assert salience.CUDA_MAX_SEQLEN < lo <= 1024 <= hi < 2048  # the measured lengths on either side
+    assert salience.CUDA_MAX_SEQLEN < lo <= 1024 <= hi < 1280  # the measured lengths on either side
     assert all(pick(cuda, q, q, None, n) is None for n in (lo, 1024, hi))
     assert pick(cuda, q, q, None, lo - 1) == "cuda" and pick(cuda, q, q, None, hi + 1) == "cuda"
     assert pick(cuda, q.float(), q, None, 64) is None

@@ -145,12 +145,14 @@ def test_patch_embedding_forward_equals_the_convolution(device, monkeypatch, sid
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
     for _ in range(2):
-        want = conv(x)
-        got = fused.patch_embedding_forward(conv, x)
+        with torch.no_grad():  # recording autograd, the module's own forward runs
+            want = conv(x)
+            got = fused.patch_embedding_forward(conv, x)
+            conv.weight.mul_(-0.5)  # the cached [out, K padded] matrix must follow
         assert got.shape == want.shape and got.flatten(2).transpose(1, 2).is_contiguous()
         assert (got.float() - want.float()).abs().max() <= tol * want.float().abs().max()
-        with torch.no_grad():
-            conv.weight.mul_(-0.5)  # the cached [out, K padded] matrix must follow
+    if device.type == "cuda":  # recording autograd: the convolution (the GEMM path has no backward of its own)
+        assert fused.patch_embedding_forward(conv, x).grad_fn.name() == "ConvolutionBackward0"
     assert fused._patch_matrix(conv).shape[1] == -(-3 * patch * patch // 8) * 8
 
 
