@@ -70,7 +70,7 @@ def build_model(full: bool, device: torch.device, dtype: torch.dtype, name: str 
         cls = transformers.Qwen2_5_VLForConditionalGeneration
     torch.manual_seed(0)
     with torch.device(device):
-        model = cls._from_config(cfg, torch_dtype=dtype)
+        model = cls._from_config(cfg, dtype=dtype)
     return model.eval()
 
 
