@@ -23,8 +23,8 @@ def test_layer_rows_compare_permuted_contiguous_and_the_layer_norm_kernels():
 
 
 def test_gemm_and_layer_norm_and_salience_attention_rows(monkeypatch):
-    from sparsevila_ops.integrations import fused
-    monkeypatch.setattr(fused, "half_gemm", lambda *a: True)  # the GEMM paths on the CPU (CUDA-only in enable)
+    from sparsevila_ops.integrations import vit
+    monkeypatch.setattr(vit, "half_gemm", lambda *a: True)  # the GEMM paths on the CPU (CUDA-only in enable)
     cfg, time = _tiny_cfg(), lambda fn: (fn(), 3.0)[1]
     emb = st._patch_embedding(2, time, device="cpu", cfg=cfg)
     assert [r["variant"] for r in emb] == ["convolution (transformers)", "one GEMM, K padded 588 -> 592 (enable)"]

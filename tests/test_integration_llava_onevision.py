@@ -77,7 +77,7 @@ def test_video_features_equal_stock_with_a_contiguous_tower_and_channels_last_po
     """``enable`` makes the SigLIP patch embeddings contiguous and pools on a channels-last view: the video features
     are the stock model's, bit for bit on the CPU; on CUDA within rounding (the LayerNorm kernel sums in another
     order, and cuBLAS picks its kernel by the operands' layout), and ``disable`` removes both."""
-    from sparsevila_ops.integrations import fused
+    from sparsevila_ops.integrations import vit
     model = tiny_model(device=device, dtype=dtype)
     videos = video_inputs(device=device, dtype=dtype)["pixel_values_videos"]
     embeddings = ov._vision_model(model).embeddings
@@ -97,7 +97,7 @@ def test_video_features_equal_stock_with_a_contiguous_tower_and_channels_last_po
     else:
         assert torch.equal(ours, stock_embeddings) and torch.equal(got, ref)
     assert "forward" not in embeddings.__dict__ and "apply_pooling" not in model.model.__dict__
-    assert not {"forward", fused.PATCH_WEIGHT} & set(embeddings.patch_embedding.__dict__)
+    assert not {"forward", vit.PATCH_WEIGHT} & set(embeddings.patch_embedding.__dict__)
     assert ov._mlps(model) and all("forward" not in m.__dict__ for m in ov._mlps(model))
 
 
@@ -124,20 +124,20 @@ def test_the_towers_layer_norms_run_the_triton_kernel_where_allowed(monkeypatch,
 
 
 def _gemm_paths(device, monkeypatch):
-    """The dtype ``fused.half_gemm`` takes on ``device``: bf16 on CUDA; on the CPU fp32 with the gate forced open."""
-    from sparsevila_ops.integrations import fused
+    """The dtype ``vit.half_gemm`` takes on ``device``: bf16 on CUDA; on the CPU fp32 with the gate forced open."""
+    from sparsevila_ops.integrations import vit
     if device.type == "cuda":
         return torch.bfloat16, 2e-2
-    monkeypatch.setattr(fused, "half_gemm", lambda *a: True)
+    monkeypatch.setattr(vit, "half_gemm", lambda *a: True)
     return torch.float32, 1e-5
 
 
 @pytest.mark.parametrize("side,patch,channels_last", [(60, 14, False), (64, 16, True), (28, 14, False)])
 def test_patch_embedding_forward_equals_the_convolution(device, monkeypatch, side, patch, channels_last):
-    """``fused.patch_embedding_forward`` against the module's convolution: K = 588 padded to 592 (and 768 not
+    """``vit.patch_embedding_forward`` against the module's convolution: K = 588 padded to 592 (and 768 not
     padded), a side with pixels past the last whole patch (60 = 4 x 14 + 4), channels-last pixels; its output is
     a view whose ``flatten(2).transpose(1, 2)`` is contiguous; the padded weight follows an in-place change."""
-    from sparsevila_ops.integrations import fused
+    from sparsevila_ops.integrations import vit
     dtype, tol = _gemm_paths(device, monkeypatch)
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(3, 40, kernel_size=patch, stride=patch).to(device, dtype)
@@ -147,28 +147,28 @@ def test_patch_embedding_forward_equals_the_convolution(device, monkeypatch, sid
     for _ in range(2):
         with torch.no_grad():  # recording autograd, the module's own forward runs
             want = conv(x)
-            got = fused.patch_embedding_forward(conv, x)
+            got = vit.patch_embedding_forward(conv, x)
             conv.weight.mul_(-0.5)  # the cached [out, K padded] matrix must follow
         assert got.shape == want.shape and got.flatten(2).transpose(1, 2).is_contiguous()
         assert (got.float() - want.float()).abs().max() <= tol * want.float().abs().max()
     if device.type == "cuda":  # recording autograd: the convolution (the GEMM path has no backward of its own)
-        assert fused.patch_embedding_forward(conv, x).grad_fn.name() == "ConvolutionBackward0"
-    assert fused._patch_matrix(conv).shape[1] == -(-3 * patch * patch // 8) * 8
+        assert vit.patch_embedding_forward(conv, x).grad_fn.name() == "ConvolutionBackward0"
+    assert vit._patch_matrix(conv).shape[1] == -(-3 * patch * patch // 8) * 8
 
 
 def test_gelu_mlp_forward_equals_siglips_mlp(device, monkeypatch):
-    """``fused.gelu_mlp_forward`` (the GELU in fc1's GEMM epilogue) against ``SiglipMLP``; on the CPU, where
+    """``vit.gelu_mlp_forward`` (the GELU in fc1's GEMM epilogue) against ``SiglipMLP``; on the CPU, where
     ``torch._addmm_activation`` applies the exact GELU, against the MLP with that GELU."""
     from transformers.models.siglip import SiglipVisionConfig
     from transformers.models.siglip import modeling_siglip as siglip
-    from sparsevila_ops.integrations import fused
+    from sparsevila_ops.integrations import vit
     dtype, tol = _gemm_paths(device, monkeypatch)
     torch.manual_seed(0)
     mlp = siglip.SiglipMLP(SiglipVisionConfig(hidden_size=48, intermediate_size=72)).to(device, dtype)
     x = torch.randn(2, 5, 48, device=device, dtype=dtype)
     with torch.no_grad():
         want = mlp(x) if device.type == "cuda" else mlp.fc2(torch.nn.functional.gelu(mlp.fc1(x)))
-        got = fused.gelu_mlp_forward(mlp, x)
+        got = vit.gelu_mlp_forward(mlp, x)
     assert got.shape == want.shape
     assert (got.float() - want.float()).abs().max() <= tol * want.float().abs().max()
 

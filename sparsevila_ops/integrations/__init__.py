@@ -3,9 +3,10 @@
 ``enable(model, prefill_sparsity=0.75, decode_sparsity=0.95)`` picks the integration by model type
 (Qwen2.5-VL; LLaVA-OneVision, whose videos are pruned); ``disable(model)`` undoes it. The shared parts are
 model-agnostic: ``SparseVILACache``, the attention functions (``attention``), the fused q/k/v and gate/up
-projections (``fused``), the pipeline's ``generate`` with its cache handling, prompt pruning seam
-(``pipeline.Hooks``) and multi-turn bookkeeping (``pipeline``), and the decode step's own CUDA graphs
-(``step_graph``); a model's module keeps its vision tower and how it prunes a prompt.
+projections (``fused``), the ViT module forwards (``vit``: LayerNorm kernel, patch GEMM, GELU epilogue), the
+pipeline's ``generate`` with its cache handling, prompt pruning seam (``pipeline.Hooks``) and multi-turn
+bookkeeping (``pipeline``), and the decode step's own CUDA graphs (``step_graph``); a model's module keeps its
+vision tower and how it prunes a prompt.
 """
 from .cache import SparseVILACache
 

@@ -11,9 +11,9 @@
   residual add and LayerNorm of the tower would inherit that layout: a strided kernel or a copy each; on the H200
   at 669 frames they took ~0.44 s of a 2.26 s tower).
 - **patch embedding and MLPs** on CUDA in bf16/fp16: the patch convolution as one GEMM over the gathered patches
-  (``fused.patch_embedding_forward``: 24.7 -> 3.3 ms at 669 frames on the H200; cuDNN's convolution is slow at
+  (``vit.patch_embedding_forward``: 24.7 -> 3.3 ms at 669 frames on the H200; cuDNN's convolution is slow at
   stride 14), which also leaves the embeddings contiguous, and each MLP's GELU in fc1's GEMM epilogue
-  (``fused.gelu_mlp_forward``: 1.09x per MLP).
+  (``vit.gelu_mlp_forward``: 1.09x per MLP).
 - **LayerNorms** of the tower: one Triton kernel each on CUDA (``triton_kernels.vision.layer_norm``; PyTorch's
   took 1.4 ms per call at 669 frames on the H200, 2.7x the bytes' time).
 - **video pooling** (``apply_pooling``): the same bilinear interpolation on a channels-last view of the features,
@@ -48,7 +48,7 @@ from transformers.models.siglip import modeling_siglip as siglip
 
 from ..salience import visual_salience
 from ..select import prune_visual_tokens
-from . import fused, pipeline
+from . import fused, pipeline, vit
 from .attention import varlen_attention
 from .pipeline import PipelineState
 
@@ -131,11 +131,11 @@ def enable(model, prefill_sparsity: float = 0.75, decode_sparsity: float = 0.95,
     attn.forward = types.MethodType(functools.partial(_salience_attn_forward, state=state), attn)
     embeddings = _vision_model(model).embeddings
     embeddings.forward = types.MethodType(_contiguous_embeddings_forward, embeddings)
-    embeddings.patch_embedding.forward = types.MethodType(fused.patch_embedding_forward, embeddings.patch_embedding)
+    embeddings.patch_embedding.forward = types.MethodType(vit.patch_embedding_forward, embeddings.patch_embedding)
     for norm in _layer_norms(model):
-        norm.forward = types.MethodType(fused.layer_norm_forward, norm)
+        norm.forward = types.MethodType(vit.layer_norm_forward, norm)
     for mlp in _mlps(model):
-        mlp.forward = types.MethodType(fused.gelu_mlp_forward, mlp)
+        mlp.forward = types.MethodType(vit.gelu_mlp_forward, mlp)
     model.model.apply_pooling = types.MethodType(channels_last_pooling, model.model)
     return model
 
@@ -147,7 +147,7 @@ def disable(model):
         layer.self_attn.__dict__.pop("forward", None)
     embeddings = _vision_model(model).embeddings
     embeddings.__dict__.pop("forward", None)
-    for name in ("forward", fused.PATCH_WEIGHT):
+    for name in ("forward", vit.PATCH_WEIGHT):
         embeddings.patch_embedding.__dict__.pop(name, None)
     for module in _layer_norms(model) + _mlps(model):
         module.__dict__.pop("forward", None)
@@ -158,7 +158,7 @@ def disable(model):
 def _contiguous_embeddings_forward(self, *args, **kwargs) -> torch.Tensor:
     """``SiglipVisionEmbeddings.forward``, its output made contiguous (module doc): the same values, so the encoder
     layers' adds, LayerNorms and GEMMs read plain row-major activations (already so where the patch convolution
-    runs as a GEMM, ``fused.patch_embedding_forward``)."""
+    runs as a GEMM, ``vit.patch_embedding_forward``)."""
     return type(self).forward(self, *args, **kwargs).contiguous()
 
 
