@@ -11,7 +11,8 @@ steps against the integration's. e2e's encoder profile (``bench/NOTES.md``) put 
 - LayerNorm: ``nn.LayerNorm`` vs ``triton_kernels.vision.layer_norm`` on ``[frames, 729, 1152]`` (bytes floor:
   read and write once);
 - salience attention: the salience layer's attention with the LSE, ``prefill_attention`` (one varlen launch) vs
-  ``batched_sdpa`` (cuDNN's kernel, which returns it);
+  ``batched_sdpa`` (cuDNN's kernel, which returns it); layer attention: the other layers' SDPA with the backend
+  PyTorch picks vs each backend forced;
 - pooling: ``LlavaOnevisionModel.apply_pooling`` (an NCHW copy, then the NCHW bilinear kernel) vs the integration's
   ``channels_last_pooling``, on the projector's output ``[frames, 729, 3584]``.
 
@@ -157,6 +158,35 @@ def _salience_attention(frames, time, device="cuda", cfg=None):
             _row("salience attention + LSE", "batched SDPA, cuDNN (enable)", ours, 1, speedup=stock / ours)]
 
 
+SDPA_BACKENDS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION")  # torch.nn.attention.SDPBackend
+
+
+def _layer_attention(frames, time, device="cuda", cfg=None):
+    """The other layers' attention core, ``F.scaled_dot_product_attention`` over ``[frames, H, 729, D]`` in the
+    layout transformers gives it (``view(B, S, H, D).transpose(1, 2)`` of the projections): the backend PyTorch
+    picks vs each one forced (``sdpa_kernel``); a backend that has no kernel for these inputs gets no row (the
+    math one would materialize every frame's attention matrix: left out)."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    cfg = cfg or _vision_config()
+    n, H = (cfg.image_size // cfg.patch_size) ** 2, cfg.num_attention_heads
+    D = cfg.hidden_size // H
+    q, k, v = (torch.randn(frames, n, H, D, device=device, dtype=torch.bfloat16).transpose(1, 2) for _ in range(3))
+    sdpa = lambda: F.scaled_dot_product_attention(q, k, v, scale=D ** -0.5)  # noqa: E731
+    want, stock = sdpa(), time(sdpa)
+    rows = [_row("layer attention (SDPA)", "default backend (transformers)", stock, cfg.num_hidden_layers)]
+    for name in SDPA_BACKENDS:
+        try:
+            with sdpa_kernel([getattr(SDPBackend, name)]):
+                got = sdpa()
+                verify(f"SDPA with {name}", got.float(), want.float(), 1e-2)
+                ms = time(sdpa)
+        except RuntimeError:  # no kernel of this backend for these inputs here
+            continue
+        rows.append(_row("layer attention (SDPA)", name.lower(), ms, cfg.num_hidden_layers, speedup=stock / ms))
+    return rows
+
+
 def _pooling(frames, bw, time, device="cuda", side=27, dim=3584):
     """``apply_pooling`` vs ``channels_last_pooling`` on ``[frames, side * side, dim]``."""
     from transformers.models.llava_onevision import modeling_llava_onevision as hf
@@ -188,7 +218,8 @@ def main(argv=None) -> int:
     with torch.no_grad():
         bw = copy_bandwidth_tbps() * 1e12
         rows = (_patch_embedding(a.frames, time) + _layer(a.frames, time) + _mlp_gelu(a.frames, time)
-                + _layer_norm(a.frames, bw, time) + _salience_attention(a.frames, time) + _pooling(a.frames, bw, time))
+                + _layer_norm(a.frames, bw, time) + _salience_attention(a.frames, time)
+                + _layer_attention(a.frames, time) + _pooling(a.frames, bw, time))
     write_results("siglip_tower", rows, ["step", "variant", "median_ms", "per_encoder_ms", "floor_ms", "x_floor",
                                          "speedup", "bitwise_equal"],
                   title=f"LLaVA-OneVision-7B SigLIP tower, {a.frames} frames, bf16: transformers' steps vs ours")

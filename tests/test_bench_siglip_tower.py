@@ -34,6 +34,9 @@ def test_gemm_and_layer_norm_and_salience_attention_rows(monkeypatch):
     assert ln[0]["per_encoder_ms"] == 3.0 * 6 and ln[0]["floor_ms"] == 2 * 2 * 16 * 32 * 2 / 1e12 * 1e3
     att = st._salience_attention(2, time, device="cpu", cfg=cfg)
     assert [r["variant"] for r in att] == ["prefill_attention", "batched SDPA, cuDNN (enable)"]
+    layer_att = st._layer_attention(2, time, device="cpu", cfg=cfg)  # the CPU has the flash kernel only
+    assert [r["variant"] for r in layer_att] == ["default backend (transformers)", "flash_attention"]
+    assert layer_att[1]["per_encoder_ms"] == 3.0 * cfg.num_hidden_layers and layer_att[1]["speedup"] == 1.0
 
 
 def test_pooling_rows_compare_transformers_and_channels_last():
