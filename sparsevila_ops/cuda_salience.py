@@ -86,10 +86,6 @@ WGMMA_MIN_SEQLEN = 256  # shorter segments fill less than two of the wgmma kerne
 WGMMA_SMALL_TILES_MAX_SEQLEN = 1024  # up to here the wgmma kernel's 4 consumers x 64-row tiles are the default
 
 
-def _round_up(n: int, m: int) -> int:
-    return -(-n // m) * m
-
-
 def _default(key: SalienceCudaKey) -> dict:
     """The wgmma kernel where it runs (its sm_90a code needs compute capability 9.0) for segments of at least
     ``WGMMA_MIN_SEQLEN`` tokens, else the mma kernel; no polynomial exp2s. The wgmma kernel's tiles: four consumer
@@ -105,7 +101,7 @@ def _default(key: SalienceCudaKey) -> dict:
     the wgmma kernel gain at poly_every 4 (QwenVL 32k: LSE pass 1.5 % faster, column sums 9 % slower;
     bench/NOTES.md)."""
     wgmma = key.sm90a and key.n >= WGMMA_MIN_SEQLEN
-    small = wgmma and key.n <= WGMMA_SMALL_TILES_MAX_SEQLEN and _round_up(key.n, 256) == _round_up(key.n, 128)
+    small = wgmma and key.n <= WGMMA_SMALL_TILES_MAX_SEQLEN and key.n % 256 not in range(1, 129)
     return {"kernel": "wgmma" if wgmma else "mma", "poly_every": 0, "consumers": 4 if small else 2,
             "tile_n": 64 if small else 128}
 
