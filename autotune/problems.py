@@ -202,6 +202,12 @@ def _w4_reference(x, qweight, scales, zeros, bias, glu, out):
 
 # --- gemv ----------------------------------------------------------------------------------------------------------
 
+def _gemv_reference(x, weight, bias, glu, out):
+    """The op's reference backend on the kernels' arguments (no folds: a folded launch uses its plain kernel's
+    config)."""
+    reference.gemv(x, weight, bias, glu, None, 0.0, None, out)
+
+
 def _make_gemv(s, device, gen):
     """x [M, K], weight [N, K] (glu: [2N, K]) * 0.05 (std ~0.05 as a trained layer's), bias with ``bias``; out
     zero [M, N]."""
@@ -237,7 +243,7 @@ PROBLEMS: Dict[str, Problem] = {
                          {"dtype": "bfloat16", "B": 1, "Hk": 4, "D": 128, "cap": 8192}),
     "rope_append_kv": Problem((5, 6, 7, 8), reference.rope_append_kv, _make_rope_append,
                               {"dtype": "bfloat16", "B": 1, "Hq": 28, "Hk": 4, "D": 128, "cap": 8192}),
-    "gemv": Problem((4,), reference.gemv, _make_gemv,  # Qwen2.5-7B's fused qkv at batch 1
+    "gemv": Problem((4,), _gemv_reference, _make_gemv,  # Qwen2.5-7B's fused qkv at batch 1
                     {"dtype": "bfloat16", "M": 1, "N": 4608, "K": 3584, "glu": False, "bias": False}),
     "w4a16_linear": Problem((6,), _w4_reference, _make_w4,  # Qwen2.5-7B's qkv at batch 1
                             {"dtype": "bfloat16", "M": 1, "N": 4608, "K": 3584, "group": 128, "glu": False,

@@ -143,15 +143,17 @@ PYBIND11_MODULE(_sparsevila_cuda, m) {
   m.def(
       "gemv",
       [](int dtype, std::uintptr_t x, std::uintptr_t w, std::uintptr_t bias, std::uintptr_t out, int M, int N, int K,
-         long long sx, long long sw, int glu, int rows, int warps, int kwarps, int pdl, std::uintptr_t stream) {
+         long long sx, long long sw, int glu, std::uintptr_t norm, float eps, std::uintptr_t residual, int rows,
+         int warps, int kwarps, int pdl, std::uintptr_t stream) {
         check(svo_gemv(dtype, ptr<const void>(x), ptr<const void>(w), ptr<const void>(bias), ptr<void>(out), M, N, K,
-                       sx, sw, glu, rows, warps, kwarps, pdl, ptr<void>(stream)),
+                       sx, sw, glu, ptr<const void>(norm), eps, ptr<const void>(residual), rows, warps, kwarps, pdl,
+                       ptr<void>(stream)),
               "gemv (cuda backend) launch");
       },
       "Launch the dense GEMV; see csrc/sparsevila_cuda.h. Raises RuntimeError with the CUDA error.", py::arg("dtype"),
       py::arg("x"), py::arg("w"), py::arg("bias"), py::arg("out"), py::arg("M"), py::arg("N"), py::arg("K"),
-      py::arg("sx"), py::arg("sw"), py::arg("glu"), py::arg("rows"), py::arg("warps"), py::arg("kwarps"),
-      py::arg("pdl"), py::arg("stream"));
+      py::arg("sx"), py::arg("sw"), py::arg("glu"), py::arg("norm"), py::arg("eps"), py::arg("residual"),
+      py::arg("rows"), py::arg("warps"), py::arg("kwarps"), py::arg("pdl"), py::arg("stream"));
   m.def(
       "error_string", [](int code) { return std::string(svo_error_string(code)); },
       "cudaGetErrorString of a CUDA error code.", py::arg("code"));

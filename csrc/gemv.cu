@@ -16,6 +16,15 @@
 // out may). Sums: two fp32 chains per (row of x, row of W) at M = 1, one otherwise; a warp's lanes meet by
 // shuffles, the KW slices of a row in shared memory, summed in K-slice order (deterministic), + bias, cast to x's
 // dtype (glu: then the epilogue above).
+//
+// Folds (M = 1 only, the decode batch the integration runs gemv at; template flags, so the plain kernels are
+// unchanged):
+//   norm:     y = W (x * g) / sqrt(mean(x^2) + eps) (an RMSNorm with weight g folded into the projection): each
+//             lane also sums the squares of the x chunks it reads; the K slices' sums meet in shared memory beside
+//             the partial dots (row group 0 of each CTA always runs the loop), and the summed dot is scaled by the
+//             reciprocal RMS before bias and glu. No extra pass over x, no prologue.
+//   residual: out = round(r + round(y')) with y' the output above (a residual add after the projection, as
+//             ``residual + linear(h)`` stores it); r [1, N] contiguous, read in the epilogue only.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -39,7 +48,12 @@ struct Args {
   void* out;
   int M, N, K;
   long long sx, sw;  // row strides of x and W (elements)
+  const void* norm;      // the folded RMSNorm's weight g [K] (norm fold only)
+  const void* residual;  // r [1, N] (residual fold only)
+  float eps;             // the folded RMSNorm's epsilon
 };
+
+enum Fold { kPlain = 0, kNorm = 1, kResidual = 2 };  // bit flags: kNorm | kResidual folds both
 
 // 16 bytes of W, streamed once: not kept in L1. Volatile, so the prologue's loads stay before griddepcontrol.wait.
 __device__ __forceinline__ uint4 load_stream(const void* p) {
@@ -73,12 +87,15 @@ __device__ __forceinline__ void load_x(const Args& a, int m, int k0, float (&h)[
   unpack8<T>(*reinterpret_cast<const uint4*>(static_cast<const T*>(a.x) + m * a.sx + k0), h);
 }
 
-template <typename T, int R, int MT, bool GLU>
+template <typename T, int R, int MT, bool GLU, int FOLD>
 __global__ void __launch_bounds__(256) gemv_kernel(const __grid_constant__ Args a, int kwarps, int pdl) {
   constexpr int RW = GLU ? 2 * R : R;  // rows of W per warp (glu: gate rows, then the up rows N further)
   constexpr int U = RW >= 8 ? 1 : 8 / RW;  // chunks per row in flight per lane
   constexpr int A = MT == 1 ? 2 : 1;   // independent FMA chains per (x row, W row)
+  constexpr bool NORM = FOLD & kNorm;
+  static_assert(FOLD == kPlain || MT == 1, "folds are compiled for one row of x");
   __shared__ float red[kMaxWarps][MT][RW];
+  __shared__ float red_sq[NORM ? kMaxWarps : 1];  // norm: row group 0's sums of x^2, per K slice
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, W = blockDim.x >> 5;
   const int wn = warp / kwarps, wk = warp % kwarps;
   const int n0 = (blockIdx.x * (W / kwarps) + wn) * R;
@@ -101,6 +118,7 @@ __global__ void __launch_bounds__(256) gemv_kernel(const __grid_constant__ Args 
                                                     : make_uint4(0u, 0u, 0u, 0u);
   };
   float acc[MT][RW][A] = {};
+  float sq = 0.f;  // norm: this lane's sum of x^2 (row 0)
   auto multiply = [&](const uint4 (&b)[RW][U], int base) {
 #pragma unroll
     for (int u = 0; u < U; ++u) {
@@ -114,6 +132,15 @@ __global__ void __launch_bounds__(256) gemv_kernel(const __grid_constant__ Args 
         if (m >= a.M) break;
         float h[8];
         load_x<T>(a, m, 8 * c, h);
+        if constexpr (NORM) {  // h = x * g; sq += x^2
+          float g[8];
+          unpack8<T>(__ldg(reinterpret_cast<const uint4*>(static_cast<const T*>(a.norm) + 8 * c)), g);
+#pragma unroll
+          for (int e = 0; e < 8; ++e) {
+            sq = fmaf(h[e], h[e], sq);
+            h[e] *= g[e];
+          }
+        }
 #pragma unroll
         for (int r = 0; r < RW; ++r)
 #pragma unroll
@@ -150,7 +177,18 @@ __global__ void __launch_bounds__(256) gemv_kernel(const __grid_constant__ Args 
       for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xFFFFFFFFu, v, o);
       if (lane == 0) red[warp][m][r] = v;
     }
+  if constexpr (NORM) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) sq += __shfl_xor_sync(0xFFFFFFFFu, sq, o);
+    if (lane == 0 && wn == 0) red_sq[wk] = sq;
+  }
   __syncthreads();
+  float rinv = 1.f;  // norm: 1 / sqrt(mean(x^2) + eps), the K slices' sums in order (deterministic)
+  if constexpr (NORM) {
+    float ss = 0.f;
+    for (int s = 0; s < kwarps; ++s) ss += red_sq[s];
+    rinv = rsqrtf(ss / static_cast<float>(a.K) + a.eps);
+  }
   const int rows = R * (W / kwarps);
   const T* bias = static_cast<const T*>(a.bias);
   for (int idx = threadIdx.x; idx < a.M * rows; idx += blockDim.x) {
@@ -159,25 +197,36 @@ __global__ void __launch_bounds__(256) gemv_kernel(const __grid_constant__ Args 
     const float* part = &red[(c / R) * kwarps][m][c % R];  // + s * MT * RW: K slice s of this row
     float y = 0.f;
     for (int s = 0; s < kwarps; ++s) y += part[s * MT * RW];  // K slices in order
+    if constexpr (NORM) y *= rinv;
     if (bias != nullptr) y += static_cast<float>(bias[n]);
     if constexpr (GLU) {
       float up = 0.f;
       for (int s = 0; s < kwarps; ++s) up += part[s * MT * RW + R];
+      if constexpr (NORM) up *= rinv;
       if (bias != nullptr) up += static_cast<float>(bias[a.N + n]);
       y = sparsevila::glu<T>(y, up);
     }
+    if constexpr ((FOLD & kResidual) != 0)
+      y = static_cast<float>(static_cast<const T*>(a.residual)[n]) + static_cast<float>(static_cast<T>(y));
     static_cast<T*>(a.out)[(long long)m * a.N + n] = static_cast<T>(y);
   }
 }
 
-// fn(Tag<T>, Int<R>, Int<MT>, Int<GLU>) for the compiled instantiation; `fallback` when there is none.
+// fn(Tag<T>, Int<R>, Int<MT>, Int<GLU>, Int<FOLD>) for the compiled instantiation (folds: M = 1 only);
+// `fallback` when there is none.
 template <typename Fn>
-int dispatch(int dtype, int rows, int m, int glu, int fallback, Fn&& fn) {
+int dispatch(int dtype, int rows, int m, int glu, int fold, int fallback, Fn&& fn) {
   using sparsevila::dispatch_int;
   return sparsevila::dispatch_dtype(dtype, fallback, [&](auto t) {
     return dispatch_int<1, 2, 4>(rows, fallback, [&](auto r) {
       return dispatch_int<1, 2, 4, 8>(m <= 1 ? 1 : m <= 2 ? 2 : m <= 4 ? 4 : 8, fallback, [&](auto mt) {
-        return dispatch_int<0, 1>(glu, fallback, [&](auto g) { return fn(t, r, mt, g); });
+        constexpr bool one_row = decltype(mt)::value == 1;
+        return dispatch_int<0, 1>(glu, fallback, [&](auto g) {
+          return dispatch_int<kPlain, kNorm, kResidual, kNorm | kResidual>(fold, fallback, [&](auto f) -> int {
+            if constexpr (decltype(f)::value != kPlain && !one_row) return fallback;
+            else return fn(t, r, mt, g, f);
+          });
+        });
       });
     });
   });
@@ -188,16 +237,20 @@ int dispatch(int dtype, int rows, int m, int glu, int fallback, Fn&& fn) {
 extern "C" {
 
 int svo_gemv(int dtype, const void* x, const void* w, const void* bias, void* out, int M, int N, int K,
-             long long sx, long long sw, int glu, int rows, int warps, int kwarps, int pdl, void* stream) {
+             long long sx, long long sw, int glu, const void* norm, float eps, const void* residual, int rows,
+             int warps, int kwarps, int pdl, void* stream) {
+  const int fold = (norm != nullptr ? kNorm : 0) | (residual != nullptr ? kResidual : 0);
   if (M < 1 || M > kMaxRows || N < 1 || K < 8 || K % 8 || sw < K || sw % 8 || (M > 1 && (sx < K || sx % 8)) ||
-      warps < 1 || warps > kMaxWarps || kwarps < 1 || warps % kwarps)
+      warps < 1 || warps > kMaxWarps || kwarps < 1 || warps % kwarps || (fold != kPlain && M != 1) || !(eps >= 0.f))
     return cudaErrorInvalidValue;
-  const Args a{x, w, bias, out, M, N, K, sx, sw};
-  return dispatch(dtype, rows, M, glu, cudaErrorInvalidValue, [&](auto t, auto r, auto mt, auto g) -> int {
+  const Args a{x, w, bias, out, M, N, K, sx, sw, norm, residual, eps};
+  return dispatch(dtype, rows, M, glu, fold, cudaErrorInvalidValue, [&](auto t, auto r, auto mt, auto g,
+                                                                        auto f) -> int {
     using T = typename decltype(t)::type;
     constexpr int R = decltype(r)::value;
     const int per_cta = R * (warps / kwarps);
-    return sparsevila::launch_pdl(gemv_kernel<T, R, decltype(mt)::value, decltype(g)::value == 1>,
+    return sparsevila::launch_pdl(gemv_kernel<T, R, decltype(mt)::value, decltype(g)::value == 1,
+                                              decltype(f)::value>,
                                   dim3((N + per_cta - 1) / per_cta), dim3(32 * warps), 0,
                                   static_cast<cudaStream_t>(stream), pdl, a, kwarps, pdl);
   });

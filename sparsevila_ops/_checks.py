@@ -8,6 +8,7 @@ CUDA-graph capture.
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Optional, Sequence
 
@@ -124,6 +125,24 @@ def check_out(name: str, out, shape, dtype, device) -> None:
                          f"{out.dtype} {tuple(out.shape)} on {out.device}")
     if not out.is_contiguous():
         raise ValueError(f"{name} must be contiguous; got strides {out.stride()}")
+
+
+def check_folds(x: torch.Tensor, N: int, norm_weight, eps, residual) -> None:
+    """The GEMV ops' folds on ``x [M, K]`` with N outputs per row: ``norm_weight`` None or ``[K]`` in x's dtype with
+    ``eps`` a finite number >= 0; ``residual`` None or ``[M, N]`` in x's dtype; both contiguous in their last dim."""
+    M, K = x.shape
+    if norm_weight is not None:
+        check_tensor("norm_weight", norm_weight, ndim=1, dtypes=(x.dtype,))
+        check_same_device(x=x, norm_weight=norm_weight)
+        if norm_weight.shape[0] != K:
+            raise ValueError(f"norm_weight must be [K] = [{K}]; got {tuple(norm_weight.shape)}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"eps must be a finite number >= 0; got {eps!r}")
+    if residual is not None:
+        check_tensor("residual", residual, ndim=2, dtypes=(x.dtype,))
+        check_same_device(x=x, residual=residual)
+        if tuple(residual.shape) != (M, N):
+            raise ValueError(f"residual must be [M, N] = [{M}, {N}]; got {tuple(residual.shape)}")
 
 
 def device_flag_error(flag: str, name: str) -> Optional[str]:

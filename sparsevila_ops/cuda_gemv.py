@@ -2,11 +2,13 @@
 gated MLP's ``silu(gate) * up`` as its epilogue, each lane keeping
 8 16-byte chunks of W in flight, double-buffered in registers; K split over a CTA's warps and summed in shared
 memory: one launch, deterministic; under PDL the first chunks of W are requested before the dependency wait),
-built and loaded by ``_cuda``.
+built and loaded by ``_cuda``. At M = 1 the op's folds run in the kernel (``norm_weight``: the sum of x^2 taken
+while x is read, the dot scaled by 1 / rms; ``residual``: added in the epilogue).
 
 Covered: bf16/fp16, 1 <= M <= 8, K a multiple of 8, x and W with unit column stride and 16-byte aligned rows, out
-and bias contiguous. Other calls run the Triton backend's kernel (through the backend registry, so this module
-never imports Triton), which covers every case of the op.
+and bias contiguous; folds at M = 1 with a 16-byte aligned contiguous ``norm_weight`` and a contiguous
+``residual``. Other calls run the Triton backend (through the backend registry, so this module never imports
+Triton), which covers every case of the op.
 
 Config (``GEMV_CUDA``, the autotune seam; default ``_default``): ``rows`` of W per warp (1, 2, 4), ``warps`` per
 CTA (2, 4, 8), of which ``kwarps`` (dividing ``warps``) split K.
@@ -47,6 +49,21 @@ def unsupported(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     return None
 
 
+def fold_unsupported(x: torch.Tensor, norm_weight: Optional[torch.Tensor], residual: Optional[torch.Tensor]
+                     ) -> Optional[str]:
+    """Why the kernel cannot fold these (None: it can, or there are none): folds run at one row of x, with
+    ``norm_weight`` contiguous and 16-byte aligned and ``residual`` contiguous."""
+    if norm_weight is None and residual is None:
+        return None
+    if x.shape[0] != 1:
+        return f"folds at {x.shape[0]} rows of x (1 only)"
+    if norm_weight is not None and (not norm_weight.is_contiguous() or norm_weight.data_ptr() % 16):
+        return "norm_weight not contiguous and 16-byte aligned"
+    if residual is not None and not residual.is_contiguous():
+        return "residual not contiguous"
+    return None
+
+
 def _default(key: GemvKey) -> dict:
     """4 output rows per warp; K split over 2, 4 or 8 warps only while the doubled grid still fits in one wave of
     ``WARPS_PER_SM`` warps per SM (each slice >= 2 chunks of 256); 4 warps per CTA (8 when K is split 8 ways). From
@@ -67,12 +84,17 @@ def _space(key: GemvKey) -> list:
             for w, k in ((2, 1), (4, 1), (8, 1), (4, 2), (8, 2), (4, 4), (8, 4), (8, 8))]
 
 
-def _launch(x, weight, bias, glu, out, cfg) -> None:
+def _launch(x, weight, bias, glu, out, cfg, folds: Optional[tuple] = None) -> None:
+    """One launch with ``cfg``; ``folds``: ``(norm_weight or None, eps, residual or None)`` (``fold_unsupported``
+    None for them)."""
     M, N, K = x.shape[0], out.shape[1], weight.shape[1]
+    norm, eps, residual = folds if folds is not None else (None, 0.0, None)
     _cuda.library().gemv(
         _DTYPES[x.dtype], x.data_ptr(), weight.data_ptr(), 0 if bias is None else bias.data_ptr(), out.data_ptr(),
-        M, N, K, x.stride(0) if M > 1 else K, weight.stride(0) if weight.shape[0] > 1 else K, int(glu), cfg["rows"],
-        cfg["warps"], cfg["kwarps"], int(_device.use_pdl(x.device)), torch.cuda.current_stream(x.device).cuda_stream)
+        M, N, K, x.stride(0) if M > 1 else K, weight.stride(0) if weight.shape[0] > 1 else K, int(glu),
+        0 if norm is None else norm.data_ptr(), float(eps), 0 if residual is None else residual.data_ptr(),
+        cfg["rows"], cfg["warps"], cfg["kwarps"], int(_device.use_pdl(x.device)),
+        torch.cuda.current_stream(x.device).cuda_stream)
 
 
 def _unsupported(x, weight, bias, glu, out) -> Optional[str]:
@@ -91,12 +113,17 @@ GEMV_CUDA = Tunable("gemv", "cuda", _SOURCE, key=gemv_key, key_type=GemvKey, spa
                     launch=_launch, buckets=("M", "N", "K"), unsupported=_unsupported)
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], glu: bool, out: torch.Tensor) -> None:
-    """``out = x @ W^T (+ bias)`` (glu: ``silu(gate) * up`` of it) in one launch of the CUDA kernel (module doc);
-    inputs it does not cover run the Triton backend's kernel."""
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], glu: bool,
+         norm_weight: Optional[torch.Tensor], eps: float, residual: Optional[torch.Tensor], out: torch.Tensor) -> None:
+    """``out = x @ W^T (+ bias)`` (glu: ``silu(gate) * up`` of it; with the folds) in one launch of the CUDA kernel
+    (module doc), a folded launch with its plain kernel's config; inputs it does not cover run the Triton
+    backend."""
     if x.shape[0] == 0 or out.shape[1] == 0:
         return
-    if unsupported(x, weight, bias, out) is not None:
-        _backend.implementation("gemv", "triton", x.device)(x, weight, bias, glu, out)
-        return
-    GEMV_CUDA(x, weight, bias, glu, out)
+    if unsupported(x, weight, bias, out) is not None or fold_unsupported(x, norm_weight, residual) is not None:
+        _backend.implementation("gemv", "triton", x.device)(x, weight, bias, glu, norm_weight, eps, residual, out)
+    elif norm_weight is None and residual is None:
+        GEMV_CUDA(x, weight, bias, glu, out)
+    else:
+        args = (x, weight, bias, glu, out)
+        _launch(*args, GEMV_CUDA.config(args), (norm_weight, eps, residual))

@@ -269,7 +269,7 @@ def gen_sparse_decode_attention(rng, gen, dev, big):
 def gen_gemv(rng, gen, dev, big):
     """1-8 rows of x (a view with 0, 4 or 8 leading columns cut: rows 16-byte aligned or not), N and K awkward
     (K not always a multiple of 8: the cuda kernel's fallback), glu half the time, weight strided a third of the
-    time, bias half the time; fp16/bf16 (the op's dtypes)."""
+    time, bias, the RMSNorm fold and the residual fold each half the time; fp16/bf16 (the op's dtypes)."""
     dt = rng.choice([torch.float16, torch.bfloat16])
     M = rng.randint(1, 8)
     N = rng.choice([1, 7, 97, 729, 1025] + ([4608, 5125] if big else []))
@@ -281,9 +281,13 @@ def gen_gemv(rng, gen, dev, big):
     w_pad = 8 if rng.random() < 1 / 3 else 0
     w = (0.05 * torch.randn(rows, K + w_pad, generator=gen)).to(dt).to(dev)[:, :K]
     bias = torch.randn(rows, generator=gen).to(dt).to(dev) if rng.random() < 0.5 else None
+    norm = (1 + 0.2 * torch.randn(K, generator=gen)).to(dt).to(dev) if rng.random() < 0.5 else None
+    eps = rng.choice([1e-6, 1e-5])
+    residual = torch.randn(M, N, generator=gen).to(dt).to(dev) if rng.random() < 0.5 else None
     out = torch.empty(M, N, dtype=dt, device=dev)
-    desc = f"M={M} N={N} K={K} {dt} glu={glu} x_offset={pad} w_stride={K + w_pad} bias={bias is not None}"
-    return Case(desc, [x, w, bias, glu, out], [4])
+    desc = (f"M={M} N={N} K={K} {dt} glu={glu} x_offset={pad} w_stride={K + w_pad} bias={bias is not None} "
+            f"norm={norm is not None} residual={residual is not None}")
+    return Case(desc, [x, w, bias, glu, norm, eps, residual, out], [7])
 
 
 GENERATORS: Dict[str, Callable] = {name[4:]: fn for name, fn in globals().items() if name.startswith("gen_")}

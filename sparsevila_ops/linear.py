@@ -4,7 +4,9 @@ At batch 1-8 a decode step is a chain of GEMVs that stream the weights once; cuB
 on Qwen2.5-7B's, and less on the small ones (q/k/v, o: a few µs of ramp-up and split-K reduce kernels each,
 ``bench/NOTES.md``). ``gemv`` is one launch per linear layer that requests its first weights before it waits for
 the previous kernel (programmatic dependent launch), and, ``glu=True``, emits a gated MLP's ``silu(gate) * up``
-from its fused gate/up projection, so the down projection needs no element-wise kernel before it.
+from its fused gate/up projection, so the down projection needs no element-wise kernel before it. A decoder layer's
+RMSNorms and residual adds fold into its GEMVs (``norm_weight``, ``residual``): the step then needs no kernel
+between them.
 Backends: ``cuda`` (``csrc/gemv.cu``, host side ``cuda_gemv``) where it runs, for the inputs it covers, else
 ``triton`` (``triton_kernels/gemv.py``) on CUDA, ``reference`` (fp32 matmul) on the CPU.
 """
@@ -22,11 +24,13 @@ from ._library import define
 MAX_ROWS = 8  # rows of x (the decode batch) the op serves
 HALF_DTYPES = C.HALF_DTYPES
 
-define("gemv", "(Tensor x, Tensor weight, Tensor? bias, bool glu, Tensor(a!) out) -> ()",
+define("gemv", "(Tensor x, Tensor weight, Tensor? bias, bool glu, Tensor? norm_weight, float eps, Tensor? residual, "
+       "Tensor(a!) out) -> ()",
        triton="sparsevila_ops.triton_kernels.gemv:gemv", cuda="sparsevila_ops.cuda_gemv:gemv")
 
 
-def _preferred_backend(device: torch.device, x: torch.Tensor, weight: torch.Tensor, bias, glu, out):
+def _preferred_backend(device: torch.device, x: torch.Tensor, weight: torch.Tensor, bias, glu, norm_weight, eps,
+                       residual, out):
     """``cuda`` on a GPU for inputs its kernel covers (``cuda_gemv.unsupported``), else None (the device default).
     Where the cuda backend cannot run (``_cuda.unusable``), the registry falls back to the default. Importing
     ``cuda_gemv`` builds nothing."""
@@ -51,20 +55,27 @@ class GemvKey(NamedTuple):
 
 
 def gemv_key(x, weight, bias, glu, out) -> tuple:
-    """The key of a launch with the op's arguments (``GemvKey``'s fields)."""
+    """The key of a launch with the kernels' arguments (``GemvKey``'s fields; a launch with folds uses its plain
+    kernel's config)."""
     device = x.device
     return gpu_name(device), x.dtype, x.shape[0], out.shape[1], weight.shape[1], bool(glu), sm_count(device)
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *, glu: bool = False,
+         norm_weight: Optional[torch.Tensor] = None, eps: float = 1e-6, residual: Optional[torch.Tensor] = None,
          out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``y = x @ weight^T (+ bias)``, fp32 accumulation, in x's dtype; with ``glu`` (``weight [2N, K]``, ``bias
     [2N]``: a gated MLP's fused gate and up projections) ``silu(y[:, :N]) * y[:, N:]``, each step rounded to x's
     dtype as ``F.silu(gate) * up`` computes it from the two projections.
 
+    Folds: ``norm_weight`` (g ``[K]``) projects ``x * g / sqrt(mean(x^2) + eps)`` instead of x (an RMSNorm folded
+    into the projection; fp32, the normalized x not rounded to x's dtype as the RMSNorm module's output is);
+    ``residual`` (``[M, N]``) returns ``residual + out``, rounded to x's dtype after ``out`` is (as ``residual +
+    linear(h)`` stores it).
+
     ``x [M, K]`` fp16/bf16 with 1 to 8 rows (the decode batch), ``weight [N, K]`` and ``bias [N]`` in x's dtype,
-    last dims contiguous (other strides free); ``out`` a contiguous ``[M, N]`` (glu: ``[M, weight rows / 2]``) or
-    None.
+    last dims contiguous (other strides free), as are ``norm_weight`` and ``residual``; ``out`` a contiguous
+    ``[M, N]`` (glu: ``[M, weight rows / 2]``) or None.
     """
     C.check_tensor("x", x, ndim=2, dtypes=HALF_DTYPES)
     C.check_tensor("weight", weight, ndim=2, dtypes=(x.dtype,))
@@ -84,9 +95,10 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = N
         C.check_same_device(x=x, bias=bias)
         if bias.shape[0] != rows:
             raise ValueError(f"bias must be [{'2N' if glu else 'N'}] = [{rows}]; got {tuple(bias.shape)}")
+    C.check_folds(x, N, norm_weight, eps, residual)
     if out is None:
         out = torch.empty(M, N, dtype=x.dtype, device=x.device)
     else:
         C.check_out("out", out, (M, N), x.dtype, x.device)
-    torch.ops.sparsevila.gemv(x, weight, bias, glu, out)
+    torch.ops.sparsevila.gemv(x, weight, bias, glu, norm_weight, float(eps), residual, out)
     return out

@@ -266,6 +266,33 @@ def linear_epilogue(y: torch.Tensor, bias: Optional[torch.Tensor], glu: bool, ou
         out.copy_(y)
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], glu: bool, out: torch.Tensor) -> None:
-    """``y = x @ W^T (+ bias)`` in fp32; ``out = y``, or (glu, W ``[2N, K]``) ``glu_rounded(y)``."""
-    linear_epilogue(x.float() @ weight.float().t(), bias, glu, out)
+def rms_normalized(x: torch.Tensor, norm_weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``x * g / sqrt(mean(x^2) + eps)`` over each row of ``x``, in fp32 (the GEMV ops' ``norm_weight`` fold)."""
+    xf = x.float()
+    return xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps) * norm_weight.float()
+
+
+def add_residual(residual: Optional[torch.Tensor], out: torch.Tensor) -> None:
+    """``out = residual + out`` rounded to out's dtype (the GEMV ops' ``residual`` fold); nothing without one."""
+    if residual is not None:
+        out.copy_(residual.float() + out.float())
+
+
+def composed_folds(kernel, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], glu: bool,
+                   norm_weight: Optional[torch.Tensor], eps: float, residual: Optional[torch.Tensor],
+                   out: torch.Tensor) -> None:
+    """A GEMV op's folds around ``kernel(x, weight, bias, glu, out)``, a kernel without them: x normalized (rounded
+    to its dtype) before, the residual added after."""
+    if norm_weight is not None:
+        x = rms_normalized(x, norm_weight, eps).to(x.dtype)
+    kernel(x, weight, bias, glu, out)
+    add_residual(residual, out)
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], glu: bool,
+         norm_weight: Optional[torch.Tensor], eps: float, residual: Optional[torch.Tensor], out: torch.Tensor) -> None:
+    """``y = x' @ W^T (+ bias)`` in fp32 with ``x' = rms_normalized(x)`` (norm_weight) or x; ``out = y``, or (glu,
+    W ``[2N, K]``) ``glu_rounded(y)``; then ``add_residual``."""
+    xf = x.float() if norm_weight is None else rms_normalized(x, norm_weight, eps)
+    linear_epilogue(xf @ weight.float().t(), bias, glu, out)
+    add_residual(residual, out)

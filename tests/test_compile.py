@@ -139,7 +139,9 @@ def _gemv():
     g = _gen()
     x = torch.randn(2, 12, generator=g).to(torch.bfloat16)
     w, b = torch.randn(10, 12, generator=g).to(torch.bfloat16), torch.randn(10, generator=g).to(torch.bfloat16)
-    return (lambda x, w, b: (so.gemv(x, w, b, glu=True), so.gemv(x, w))), (x, w, b)
+    n = torch.randn(12, generator=g).to(torch.bfloat16)
+    return (lambda x, w, b, n: (so.gemv(x, w, b, glu=True), so.gemv(x, w),
+                                so.gemv(x[:1], w, b, norm_weight=n, eps=1e-5, residual=x[:1, :10]))), (x, w, b, n)
 
 
 CASES: Dict[str, Callable[[], Tuple[Callable, tuple]]] = {

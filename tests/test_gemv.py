@@ -2,10 +2,11 @@
 float64 matmul (glu: then ``F.silu(gate) * up`` of its halves rounded to x's dtype, the op's contract), with the
 accuracy rule of the output's rounding. Outputs are poisoned first.
 
-CPU: the reference and the Triton kernel (interpreter), validation, the cuda kernel's support rules and configs.
-GPU (`gpu`, where the cuda backend runs): every config of the cuda space on awkward shapes, batches 1-8, strided and
-unaligned rows (the Triton fallback), fp16/bf16, bias, glu, bitwise repeatability, CUDA-graph replay, and the op's
-default routing.
+CPU: the reference and the Triton kernel (interpreter), the folds (RMSNorm, residual) composed around it,
+validation, the cuda kernel's support rules and configs. GPU (`gpu`, where the cuda backend runs): every config of
+the cuda space on awkward shapes, batches 1-8, strided and unaligned rows (the Triton fallback), fp16/bf16, bias,
+glu, the folds in the kernel at one row of x, bitwise repeatability, CUDA-graph replay, and the op's default
+routing.
 """
 from __future__ import annotations
 
@@ -51,6 +52,37 @@ def _oracle(x, w, b, glu):
     return F.silu(gate).double() * up.double()
 
 
+def _fold_inputs(M, N, K, dtype, device, seed=0):
+    """An RMSNorm weight g [K] around 1 and a residual [M, N] (of a size like the outputs')."""
+    g = (1 + 0.3 * torch.randn(K, generator=_gen(seed + 5))).to(device, dtype)
+    r = torch.randn(M, N, generator=_gen(seed + 6)).to(device, dtype)
+    return g, r
+
+
+def _fold_oracle(x, w, b, glu, g=None, eps=1e-6, r=None):
+    """``_oracle`` of the normalized x (float64 ``x g / sqrt(mean(x^2) + eps)``) with g, then ``r + round(y)``
+    with r (the residual add reads the output rounded to x's dtype)."""
+    xn = x
+    if g is not None:
+        xd = x.double()
+        xn = xd * torch.rsqrt(xd.square().mean(-1, keepdim=True) + eps) * g.double()
+    y = _oracle(xn, w, b, glu) if g is None else _oracle_double(xn, w, b, glu, x.dtype)
+    return y if r is None else r.double().cpu() + y.to(x.dtype).double()
+
+
+def _oracle_double(xd, w, b, glu, dtype):
+    y = xd.cpu() @ w.double().cpu().t()
+    if b is not None:
+        y = y + b.double().cpu()
+    if not glu:
+        return y
+    gate, up = y.to(dtype).chunk(2, dim=1)
+    return F.silu(gate).double() * up.double()
+
+
+FOLDS = [(True, False), (False, True), (True, True)]  # (norm, residual)
+
+
 def _tol(dtype, glu):
     return (GLU_TOL if glu else TOL)[dtype]
 
@@ -92,6 +124,40 @@ def test_reference_backend_and_public_function(glu):
         assert torch.equal(y, F.silu(yf[:, :21]) * yf[:, 21:])
 
 
+@pytest.mark.parametrize("glu", (False, True))
+@pytest.mark.parametrize("M", [1, 3])
+@pytest.mark.parametrize("norm,res", FOLDS)
+def test_triton_folds_match_float64(device, glu, M, norm, res):
+    """The Triton backend composes the folds around its kernel: within the rule plus one rounding of the
+    normalized x (its kernel's operand)."""
+    N, K = 37, 200
+    x, w, b = _inputs(M, N, K, torch.bfloat16, device, glu=glu, pad=8, seed=M + 20)
+    g, r = _fold_inputs(M, N, K, torch.bfloat16, device, seed=M)
+    g, r = (g if norm else None), (r if res else None)
+    out = poison(torch.empty(M, N, dtype=torch.bfloat16, device=device))
+    _kernel().gemv(x, w, b, glu, g, 1e-5, r, out)
+    assert rel_err(out, _fold_oracle(x, w, b, glu, g, 1e-5, r)) <= 2 * _tol(torch.bfloat16, glu)
+
+
+@pytest.mark.parametrize("glu", (False, True))
+def test_reference_folds_are_the_unfused_layer(glu):
+    """The reference's folds within the rule of the float64 oracle, and of the unfused path they replace: an
+    RMSNorm module (fp32, its output rounded, times g) before the projection, ``residual + linear(h)`` after."""
+    M, N, K = 1, 24, 64
+    x, w, b = _inputs(M, N, K, torch.bfloat16, "cpu", glu=glu, seed=9)
+    g, r = _fold_inputs(M, N, K, torch.bfloat16, "cpu", seed=9)
+    with so.use_backend("reference"):
+        y = so.gemv(x, w, b, glu=glu, norm_weight=g, eps=1e-6, residual=r)
+        plain = so.gemv(x, w, b, glu=glu, residual=r)
+    assert rel_err(y, _fold_oracle(x, w, b, glu, g, 1e-6, r)) <= _tol(torch.bfloat16, glu)
+    xf = x.float()
+    normed = g * (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + 1e-6)).to(x.dtype)  # Qwen2RMSNorm
+    with so.use_backend("reference"):
+        unfused = r + so.gemv(normed, w, b, glu=glu)
+        assert torch.equal(plain, r + so.gemv(x, w, b, glu=glu))
+    assert rel_err(y, unfused) <= 2 * _tol(torch.bfloat16, glu)
+
+
 def test_validation():
     x, w, b = _inputs(2, 16, 32, torch.bfloat16, "cpu")
     with pytest.raises(TypeError, match="x must have dtype"):
@@ -116,6 +182,18 @@ def test_validation():
         so.gemv(x, w, out=torch.empty(2, 15, dtype=torch.bfloat16))
     with pytest.raises(ValueError, match="contiguous in its last dim"):
         so.gemv(x, w.t().contiguous().t())
+    g = torch.ones(32, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"norm_weight must be \[K\] = \[32\]"):
+        so.gemv(x, w, norm_weight=g[:16])
+    with pytest.raises(TypeError, match="norm_weight must have dtype"):
+        so.gemv(x, w, norm_weight=g.float())
+    for eps in (-1e-6, float("nan"), float("inf"), True):
+        with pytest.raises(ValueError, match="eps must be a finite number >= 0"):
+            so.gemv(x, w, norm_weight=g, eps=eps)
+    with pytest.raises(ValueError, match=r"residual must be \[M, N\] = \[2, 8\]"):
+        so.gemv(x, w, glu=True, residual=torch.zeros(2, 16, dtype=torch.bfloat16))
+    with pytest.raises(TypeError, match="residual must have dtype"):
+        so.gemv(x, w, residual=torch.zeros(2, 16))
 
 
 def test_cuda_support_rules():
@@ -132,8 +210,15 @@ def test_cuda_support_rules():
     assert "contiguous" in unsupported(x, w, b, torch.empty(16, 3, dtype=torch.bfloat16).t())
     assert "cuda" in _backend._REGISTRY["gemv"]
     from sparsevila_ops import linear
-    assert linear._preferred_backend(torch.device("cpu"), x, w, b, False, out) is None
+    assert linear._preferred_backend(torch.device("cpu"), x, w, b, False, None, 0.0, None, out) is None
     assert autotune.kernel("gemv", "cuda").op == "gemv"
+    from sparsevila_ops.cuda_gemv import fold_unsupported
+    g, r = _fold_inputs(1, 16, 256, torch.bfloat16, "cpu")
+    assert fold_unsupported(x, None, None) is None and fold_unsupported(x[:1], g, r) is None
+    assert "1 only" in fold_unsupported(x, g, None)
+    assert "16-byte" in fold_unsupported(x[:1], torch.zeros(264, dtype=torch.bfloat16)[4:260], None)
+    strided = torch.zeros(16, 2, dtype=torch.bfloat16)[:, :1].t()
+    assert "residual not contiguous" in fold_unsupported(x[:1], None, strided)
 
 
 @pytest.mark.parametrize("M", [1, 8])
@@ -183,13 +268,62 @@ def test_cuda_shapes_and_batches(dtype, glu, M, N, K):
         assert rel_err(_cuda_launch(x, w, b, glu, cfg), ref) <= _tol(dtype, glu), cfg
 
 
+def _cuda_fold_launch(x, w, b, glu, g, r, cfg):
+    from sparsevila_ops import cuda_gemv
+    out = poison(torch.empty(x.shape[0], w.shape[0] // (2 if glu else 1), dtype=x.dtype, device=x.device))
+    cuda_gemv._launch(x, w, b, glu, out, cfg, (g, 1e-5, r))
+    return out
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("glu", (False, True))
+@pytest.mark.parametrize("norm,res", FOLDS)
+def test_cuda_folds_every_config(glu, norm, res):
+    """The folds in the kernel (one row of x), every config of the space (the sums of x^2 of every K split), N =
+    37, K = 1000 (a partial chunk), bias on; bitwise repeatable."""
+    N, K = 37, 1000
+    x, w, b = _inputs(1, N, K, torch.bfloat16, "cuda", glu=glu, seed=13)
+    g, r = _fold_inputs(1, N, K, torch.bfloat16, "cuda", seed=13)
+    g, r = (g if norm else None), (r if res else None)
+    ref = _fold_oracle(x, w, b, glu, g, 1e-5, r)
+    for cfg in autotune.config_space("gemv", x, w, b, glu, x.new_empty(1, N), backend="cuda"):
+        out = _cuda_fold_launch(x, w, b, glu, g, r, cfg)
+        assert rel_err(out, ref) <= _tol(torch.bfloat16, glu), cfg
+        assert torch.equal(_cuda_fold_launch(x, w, b, glu, g, r, cfg), out), cfg
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("N,K,glu", [(4608, 3584, False), (3584, 3584, False), (18944, 3584, True),
+                                     (3584, 18944, False), (896, 8, True)])
+def test_cuda_folds_model_shapes_and_routing(dtype, N, K, glu):
+    """Qwen2.5-7B's decode GEMVs with their folds (qkv and gate/up normalized, o and down + residual) through the
+    op's default routing (the cuda kernel at one row, its config looked up); 3 rows with folds run the Triton
+    composition; a misaligned norm weight falls back too."""
+    x, w, b = _inputs(1, N, K, dtype, "cuda", glu=glu, seed=N)
+    g, r = _fold_inputs(1, N, K, dtype, "cuda", seed=N)
+    norm = g if glu or N == 4608 else None
+    res = None if norm is not None else r
+    y = so.gemv(x, w, b, glu=glu, norm_weight=norm, residual=res)
+    assert rel_err(y, _fold_oracle(x, w, b, glu, norm, 1e-6, res)) <= _tol(dtype, glu)
+    x3, w3, b3 = _inputs(3, 40, 256, dtype, "cuda", glu=glu, seed=3)
+    g3, r3 = _fold_inputs(3, 40, 256, dtype, "cuda", seed=3)
+    y3 = so.gemv(x3, w3, b3, glu=glu, norm_weight=g3, residual=r3)
+    assert rel_err(y3, _fold_oracle(x3, w3, b3, glu, g3, 1e-6, r3)) <= 2 * _tol(dtype, glu)
+    gu = torch.empty(K + 8, dtype=dtype, device="cuda")[4:K + 4].copy_(g)  # 8 bytes off: the Triton composition
+    yu = so.gemv(x, w, b, glu=glu, norm_weight=gu)
+    assert rel_err(yu, _fold_oracle(x, w, b, glu, g, 1e-6)) <= 2 * _tol(dtype, glu)
+
+
 @pytest.mark.gpu
 @needs_cuda
 def test_cuda_routing_repeatable_and_in_a_graph():
     """The op picks the cuda backend by default for covered inputs; results are bitwise repeatable and a CUDA
     graph replays the eager bits; unaligned x rows run the Triton kernel, still correct."""
     x, w, b = _inputs(1, 3584, 3584, torch.bfloat16, "cuda", seed=7)
-    assert _backend.resolve("gemv", x.device, (x, w, b, False, x.new_empty(1, 3584))).__module__ \
+    assert _backend.resolve("gemv", x.device, (x, w, b, False, None, 0.0, None, x.new_empty(1, 3584))).__module__ \
         == "sparsevila_ops.cuda_gemv"
     y = so.gemv(x, w, b)
     assert rel_err(y, _oracle(x, w, b, False)) <= TOL[torch.bfloat16]

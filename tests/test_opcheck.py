@@ -108,8 +108,11 @@ def _gemv():
     x = torch.randn(3, 24, generator=g).to(torch.bfloat16)[:, 4:]  # strided rows
     w = torch.randn(10, 20, generator=g).to(torch.bfloat16)
     b = torch.randn(10, generator=g).to(torch.bfloat16)
-    return [(x, w, b, True, poison(torch.empty(3, 5, dtype=torch.bfloat16))),
-            (x, w, None, False, poison(torch.empty(3, 10, dtype=torch.bfloat16)))]
+    n = torch.randn(20, generator=g).to(torch.bfloat16)
+    r = torch.randn(1, 10, generator=g).to(torch.bfloat16)
+    return [(x, w, b, True, None, 0.0, None, poison(torch.empty(3, 5, dtype=torch.bfloat16))),
+            (x, w, None, False, None, 0.0, None, poison(torch.empty(3, 10, dtype=torch.bfloat16))),
+            (x[:1], w, b, False, n, 1e-6, r, poison(torch.empty(1, 10, dtype=torch.bfloat16)))]
 
 
 CASES = {

@@ -18,6 +18,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from .._device import use_pdl
 from ..autotune import Tunable
 from ..linear import GemvKey, gemv_key
+from ..reference import composed_folds
 
 BLOCK_M = 16  # x rows per tensor-core tile (the op serves M <= 8)
 
@@ -103,7 +104,11 @@ GEMV = Tunable("gemv", "triton", key=gemv_key, key_type=GemvKey, space=_space, d
                warmup=Tunable.triton_warmup(launch), resources=_resources, buckets=("M", "N", "K"))
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, glu: bool, out: torch.Tensor) -> None:
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, glu: bool,
+         norm_weight: torch.Tensor | None, eps: float, residual: torch.Tensor | None, out: torch.Tensor) -> None:
     """``out = x @ W^T (+ bias)`` (glu: ``silu(gate) * up`` of it) with the looked-up config (the ``sparsevila::gemv``
-    op)."""
-    GEMV(x, weight, bias, glu, out)
+    op); folds composed around the kernel (``reference.composed_folds``)."""
+    if norm_weight is None and residual is None:
+        GEMV(x, weight, bias, glu, out)
+    else:
+        composed_folds(GEMV, x, weight, bias, glu, norm_weight, eps, residual, out)
