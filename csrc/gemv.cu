@@ -19,10 +19,12 @@
 //
 // Folds (M = 1 only, the decode batch the integration runs gemv at; template flags, so the plain kernels are
 // unchanged):
-//   norm:     y = W (x * g) / sqrt(mean(x^2) + eps) (an RMSNorm with weight g folded into the projection): each
-//             lane also sums the squares of the x chunks it reads; the K slices' sums meet in shared memory beside
-//             the partial dots (row group 0 of each CTA always runs the loop), and the summed dot is scaled by the
-//             reciprocal RMS before bias and glu. No extra pass over x, no prologue.
+//   norm:     y = W (x * g) / sqrt(mean(x^2) + eps) (an RMSNorm with weight g folded into the projection): after
+//             the dependency wait each CTA stages x * g in shared memory (fp32, K <= kMaxNormK) and sums x^2 (per
+//             thread, then per warp, then the warps in order: deterministic, equal in every CTA); the loop reads
+//             its x chunks from there (no g loads beside the weight stream, the plain kernel's registers), and the
+//             summed dot is scaled by the reciprocal RMS before bias and glu. The first weight chunks are in flight
+//             during the staging.
 //   residual: out = round(r + round(y')) with y' the output above (a residual add after the projection, as
 //             ``residual + linear(h)`` stores it); r [1, N] contiguous, read in the epilogue only.
 #include <cuda_bf16.h>
@@ -40,6 +42,7 @@ namespace {
 
 constexpr int kMaxRows = 8;   // rows of x per launch
 constexpr int kMaxWarps = 8;  // per CTA
+constexpr int kMaxNormK = 12288;  // norm fold: x * g staged as K floats in (dynamic, <= 48 KB) shared memory
 
 struct Args {
   const void* x;
@@ -95,7 +98,8 @@ __global__ void __launch_bounds__(256) gemv_kernel(const __grid_constant__ Args 
   constexpr bool NORM = FOLD & kNorm;
   static_assert(FOLD == kPlain || MT == 1, "folds are compiled for one row of x");
   __shared__ float red[kMaxWarps][MT][RW];
-  __shared__ float red_sq[NORM ? kMaxWarps : 1];  // norm: row group 0's sums of x^2, per K slice
+  __shared__ float red_sq[NORM ? kMaxWarps : 1];  // norm: the warps' sums of x^2
+  extern __shared__ float4 xg[];                  // norm: x * g, K floats
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, W = blockDim.x >> 5;
   const int wn = warp / kwarps, wk = warp % kwarps;
   const int n0 = (blockIdx.x * (W / kwarps) + wn) * R;
@@ -118,7 +122,6 @@ __global__ void __launch_bounds__(256) gemv_kernel(const __grid_constant__ Args 
                                                     : make_uint4(0u, 0u, 0u, 0u);
   };
   float acc[MT][RW][A] = {};
-  float sq = 0.f;  // norm: this lane's sum of x^2 (row 0)
   auto multiply = [&](const uint4 (&b)[RW][U], int base) {
 #pragma unroll
     for (int u = 0; u < U; ++u) {
@@ -131,15 +134,11 @@ __global__ void __launch_bounds__(256) gemv_kernel(const __grid_constant__ Args 
       for (int m = 0; m < MT; ++m) {
         if (m >= a.M) break;
         float h[8];
-        load_x<T>(a, m, 8 * c, h);
-        if constexpr (NORM) {  // h = x * g; sq += x^2
-          float g[8];
-          unpack8<T>(__ldg(reinterpret_cast<const uint4*>(static_cast<const T*>(a.norm) + 8 * c)), g);
-#pragma unroll
-          for (int e = 0; e < 8; ++e) {
-            sq = fmaf(h[e], h[e], sq);
-            h[e] *= g[e];
-          }
+        if constexpr (NORM) {  // x * g, staged
+          const float4 lo = xg[2 * c], hi = xg[2 * c + 1];
+          h[0] = lo.x, h[1] = lo.y, h[2] = lo.z, h[3] = lo.w, h[4] = hi.x, h[5] = hi.y, h[6] = hi.z, h[7] = hi.w;
+        } else {
+          load_x<T>(a, m, 8 * c, h);
         }
 #pragma unroll
         for (int r = 0; r < RW; ++r)
@@ -154,6 +153,26 @@ __global__ void __launch_bounds__(256) gemv_kernel(const __grid_constant__ Args 
   if (pdl) {
     asm volatile("griddepcontrol.wait;" ::: "memory");
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+  }
+  float rinv = 1.f;  // norm: 1 / sqrt(mean(x^2) + eps)
+  if constexpr (NORM) {
+    float sq = 0.f;
+    for (int c = threadIdx.x; c < chunks; c += blockDim.x) {
+      float h[8], g[8];
+      load_x<T>(a, 0, 8 * c, h);
+      unpack8<T>(__ldg(reinterpret_cast<const uint4*>(static_cast<const T*>(a.norm) + 8 * c)), g);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) sq = fmaf(h[e], h[e], sq);
+      xg[2 * c] = make_float4(h[0] * g[0], h[1] * g[1], h[2] * g[2], h[3] * g[3]);
+      xg[2 * c + 1] = make_float4(h[4] * g[4], h[5] * g[5], h[6] * g[6], h[7] * g[7]);
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) sq += __shfl_xor_sync(0xFFFFFFFFu, sq, o);
+    if (lane == 0) red_sq[warp] = sq;
+    __syncthreads();
+    float ss = 0.f;
+    for (int w = 0; w < W; ++w) ss += red_sq[w];  // warps in order
+    rinv = rsqrtf(ss / static_cast<float>(a.K) + a.eps);
   }
   // two buffers, unrolled by hand so no registers are copied between iterations
   while (active && base < chunks) {
@@ -177,18 +196,7 @@ __global__ void __launch_bounds__(256) gemv_kernel(const __grid_constant__ Args 
       for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xFFFFFFFFu, v, o);
       if (lane == 0) red[warp][m][r] = v;
     }
-  if constexpr (NORM) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) sq += __shfl_xor_sync(0xFFFFFFFFu, sq, o);
-    if (lane == 0 && wn == 0) red_sq[wk] = sq;
-  }
   __syncthreads();
-  float rinv = 1.f;  // norm: 1 / sqrt(mean(x^2) + eps), the K slices' sums in order (deterministic)
-  if constexpr (NORM) {
-    float ss = 0.f;
-    for (int s = 0; s < kwarps; ++s) ss += red_sq[s];
-    rinv = rsqrtf(ss / static_cast<float>(a.K) + a.eps);
-  }
   const int rows = R * (W / kwarps);
   const T* bias = static_cast<const T*>(a.bias);
   for (int idx = threadIdx.x; idx < a.M * rows; idx += blockDim.x) {
@@ -241,7 +249,8 @@ int svo_gemv(int dtype, const void* x, const void* w, const void* bias, void* ou
              int warps, int kwarps, int pdl, void* stream) {
   const int fold = (norm != nullptr ? kNorm : 0) | (residual != nullptr ? kResidual : 0);
   if (M < 1 || M > kMaxRows || N < 1 || K < 8 || K % 8 || sw < K || sw % 8 || (M > 1 && (sx < K || sx % 8)) ||
-      warps < 1 || warps > kMaxWarps || kwarps < 1 || warps % kwarps || (fold != kPlain && M != 1) || !(eps >= 0.f))
+      warps < 1 || warps > kMaxWarps || kwarps < 1 || warps % kwarps || (fold != kPlain && M != 1) || !(eps >= 0.f) ||
+      (norm != nullptr && K > kMaxNormK))
     return cudaErrorInvalidValue;
   const Args a{x, w, bias, out, M, N, K, sx, sw, norm, residual, eps};
   return dispatch(dtype, rows, M, glu, fold, cudaErrorInvalidValue, [&](auto t, auto r, auto mt, auto g,
@@ -251,7 +260,8 @@ int svo_gemv(int dtype, const void* x, const void* w, const void* bias, void* ou
     const int per_cta = R * (warps / kwarps);
     return sparsevila::launch_pdl(gemv_kernel<T, R, decltype(mt)::value, decltype(g)::value == 1,
                                               decltype(f)::value>,
-                                  dim3((N + per_cta - 1) / per_cta), dim3(32 * warps), 0,
+                                  dim3((N + per_cta - 1) / per_cta), dim3(32 * warps),
+                                  (decltype(f)::value & kNorm) != 0 ? K * static_cast<int>(sizeof(float)) : 0,
                                   static_cast<cudaStream_t>(stream), pdl, a, kwarps, pdl);
   });
 }

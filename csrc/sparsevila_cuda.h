@@ -66,7 +66,7 @@ int svo_w4a16_linear(int dtype, const void* x, const int* qweight, const void* s
 // [2N, K] (bias [2N]) and out = round(round(silu(round(y[:, :N]))) * round(y[:, N:])). dtype: 0 bf16, 1 fp16; sx:
 // x's row stride in elements (a multiple of 8, x 16-byte aligned, unit column stride); bias null or as W's rows.
 // Config: rows (1, 2 or 4) of out per warp, warps (1..8) per CTA of which kwarps (dividing warps) split K. Returns
-// a cudaError_t. Folds (M = 1 only): norm non-null (g [K] in x's dtype, 16-byte aligned) computes y from
+// a cudaError_t. Folds (M = 1 only): norm non-null (g [K] in x's dtype, 16-byte aligned, K <= 12288) computes y from
 // x * g / sqrt(mean(x^2) + eps) (an RMSNorm folded into the projection); residual non-null (r [1, N] contiguous)
 // stores out = round(r + round(y)) after glu.
 int svo_gemv(int dtype, const void* x, const void* w, const void* bias, void* out, int M, int N, int K, long long sx,

@@ -2,12 +2,13 @@
 gated MLP's ``silu(gate) * up`` as its epilogue, each lane keeping
 8 16-byte chunks of W in flight, double-buffered in registers; K split over a CTA's warps and summed in shared
 memory: one launch, deterministic; under PDL the first chunks of W are requested before the dependency wait),
-built and loaded by ``_cuda``. At M = 1 the op's folds run in the kernel (``norm_weight``: the sum of x^2 taken
-while x is read, the dot scaled by 1 / rms; ``residual``: added in the epilogue).
+built and loaded by ``_cuda``. At M = 1 the op's folds run in the kernel (``norm_weight``: each CTA stages x * g in
+shared memory and sums x^2 while its first weight chunks load, the dot scaled by 1 / rms; ``residual``: added in the
+epilogue).
 
 Covered: bf16/fp16, 1 <= M <= 8, K a multiple of 8, x and W with unit column stride and 16-byte aligned rows, out
-and bias contiguous; folds at M = 1 with a 16-byte aligned contiguous ``norm_weight`` and a contiguous
-``residual``. Other calls run the Triton backend (through the backend registry, so this module never imports
+and bias contiguous; folds at M = 1 with a 16-byte aligned contiguous ``norm_weight`` (K <= ``MAX_NORM_K``) and a
+contiguous ``residual``. Other calls run the Triton backend (through the backend registry, so this module never imports
 Triton), which covers every case of the op.
 
 Config (``GEMV_CUDA``, the autotune seam; default ``_default``): ``rows`` of W per warp (1, 2, 4), ``warps`` per
@@ -25,6 +26,7 @@ from .linear import GemvKey, gemv_key
 
 _DTYPES = {torch.bfloat16: 0, torch.float16: 1}
 MAX_ROWS = 8  # rows of x per launch
+MAX_NORM_K = 12288  # the norm fold stages x * g as K floats in shared memory (csrc/gemv.cu's kMaxNormK)
 WARPS_PER_SM = 16  # the default aims for this many warps per SM (each keeps 8 x 16 B per lane in flight)
 
 
@@ -52,13 +54,15 @@ def unsupported(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
 def fold_unsupported(x: torch.Tensor, norm_weight: Optional[torch.Tensor], residual: Optional[torch.Tensor]
                      ) -> Optional[str]:
     """Why the kernel cannot fold these (None: it can, or there are none): folds run at one row of x, with
-    ``norm_weight`` contiguous and 16-byte aligned and ``residual`` contiguous."""
+    ``norm_weight`` contiguous, 16-byte aligned and K <= ``MAX_NORM_K``, and ``residual`` contiguous."""
     if norm_weight is None and residual is None:
         return None
     if x.shape[0] != 1:
         return f"folds at {x.shape[0]} rows of x (1 only)"
     if norm_weight is not None and (not norm_weight.is_contiguous() or norm_weight.data_ptr() % 16):
         return "norm_weight not contiguous and 16-byte aligned"
+    if norm_weight is not None and x.shape[1] > MAX_NORM_K:
+        return f"norm fold at K = {x.shape[1]} (<= {MAX_NORM_K})"
     if residual is not None and not residual.is_contiguous():
         return "residual not contiguous"
     return None

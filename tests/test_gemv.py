@@ -217,6 +217,9 @@ def test_cuda_support_rules():
     assert fold_unsupported(x, None, None) is None and fold_unsupported(x[:1], g, r) is None
     assert "1 only" in fold_unsupported(x, g, None)
     assert "16-byte" in fold_unsupported(x[:1], torch.zeros(264, dtype=torch.bfloat16)[4:260], None)
+    wide = torch.zeros(1, 12296, dtype=torch.bfloat16)
+    assert "K = 12296" in fold_unsupported(wide, torch.zeros(12296, dtype=torch.bfloat16), None)
+    assert fold_unsupported(wide, None, torch.zeros(1, 16, dtype=torch.bfloat16)) is None
     strided = torch.zeros(16, 2, dtype=torch.bfloat16)[:, :1].t()
     assert "residual not contiguous" in fold_unsupported(x[:1], None, strided)
 
