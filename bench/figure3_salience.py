@@ -66,9 +66,10 @@ SHAPES = [
     Shape("QwenVL 2k segments (32 x 2048 tokens)", 32, 2048),  # between the 1024 and 4096 of the backend choice
 ]
 # Only by --shape: segment lengths around the cuda/Triton switch on sm_90 (salience.HOPPER_TRITON_SEQLENS), ~64k
-# tokens each like the 1024-token shape (896, 1280 and 1536 were measured at db88c8a: cuda faster at each)
+# tokens each like the 1024-token shape (896, 1280 and 1536 were measured at db88c8a, 960, 1088, 1152 and 1216 at
+# e4843b8: cuda faster at each but 1088 with two passes, 0.99x)
 BOUND_SHAPES = [Shape(f"{n}-token segments ({b} x {n})", b, n)
-                for b, n in ((68, 960), (60, 1088), (56, 1152), (54, 1216))]
+                for b, n in ((68, 960), (64, 1000), (62, 1056), (60, 1088))]
 QUICK = ("SigLIP 64 frames", "QwenVL 4k", "QwenVL window 16k (64-patch windows)")
 N_INPUTS = 2  # rotating input sets: every set is larger than the 50 MB L2
 

@@ -82,6 +82,7 @@ if [ "$what" = bench ] || [ "$what" = all ]; then
   step qwen2_5_vl_memory_check python -m bench.integration_memory_check
   step pdl_check python -m bench.pdl_check  # inductor's PDL in the compiled decode step: every kernel waits
   step gemv4 python -m bench.gemv4 "${q[@]}"
+  step gemv_folds python -m bench.gemv_folds
   step vision_block python -m bench.vision_block
   step siglip_tower python -m bench.siglip_tower  # LLaVA-OneVision's SigLIP layer and pooling: stock vs ours
   step e2e python -m bench.e2e "${q[@]}"

@@ -21,11 +21,12 @@ define(
 # compute capability 9.0 at every length but those of HOPPER_TRITON_SEQLENS, and elsewhere from sm_90 up to
 # CUDA_MAX_SEQLEN tokens (the mma kernel alone). On the H200 (bench/NOTES.md) the cuda kernels were faster than
 # Triton at 64-token windows (mma, 2.2x), 729-token frames (wgmma, 1.38x), 896-token segments (1.09x / 1.07x with the
-# LSE given), 1280 (1.00x / 1.11x), 1536 (1.03x / 1.12x), 2048 (1.06x) and 4096 to 32k tokens (1.07-1.09x), Triton at
-# 1024-token segments (1.06x / 1.09x: the length of Qwen2.5-VL's full-attention frames at 448 px); the bounds lie
-# between those lengths. The mma kernel alone lost to Triton at 1024 (1.38x slower) and from 4096 tokens.
+# LSE given), 960 (1.11x / 1.08x), 1088 (0.99x / 1.13x), 1152 (1.03x / 1.18x), 1280 (1.00x / 1.11x), 1536 (1.03x /
+# 1.12x), 2048 (1.06x) and 4096 to 32k tokens (1.07-1.09x), Triton at 1024-token segments (1.06x / 1.09x: the length
+# of Qwen2.5-VL's full-attention frames at 448 px); the bounds lie between those lengths. The mma kernel alone lost
+# to Triton at 1024 (1.38x slower) and from 4096 tokens.
 CUDA_MAX_SEQLEN = 960
-HOPPER_TRITON_SEQLENS = (961, 1152)  # max_seqlen in this closed range runs Triton on compute capability 9.0 too
+HOPPER_TRITON_SEQLENS = (961, 1056)  # max_seqlen in this closed range runs Triton on compute capability 9.0 too
 
 
 def summary_rows(max_seqlen: int, num_summary: int) -> int:

@@ -24,9 +24,6 @@ kernels), the gate/up one emitting ``silu(gate) * up`` itself (``glu``), so a Si
 (``_decode_gemv`` says when). A 4-bit fused gate/up does the same through ``w4a16_linear(..., glu=True)`` at decode
 sizes where that op's cuda backend runs (``_decode_w4_glu``). With ``fuse(..., standard_rope=True)`` a decode step
 into a ``SparseVILACache`` rotates q and k and appends them in one ``rope_append_kv`` launch (``_attention_forward``).
-With ``fuse(..., rms_norm=(the model's RMSNorm class,))`` a decoder layer whose projections run ``gemv`` folds its
-two RMSNorms and two residual adds into them (``_layer_forward``): q/k/v and gate/up normalize x in the GEMV, o and
-down add the residual in its epilogue, so a decode step's layer is four GEMV launches and its attention.
 
 An MLP whose intermediate size is not a multiple of ``PAD`` (Qwen2.5-VL's vision blocks: 3420) gets its gate and
 up blocks padded to one with zero rows, and ``down_proj`` a zero-padded copy whose first columns are its weight
@@ -38,7 +35,7 @@ from __future__ import annotations
 
 import sys
 import types
-from typing import Callable, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Iterable, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -52,7 +49,6 @@ from .attention import ATTN_NAME
 from .cache import SparseVILACache
 
 QKV, GATE_UP, DOWN = "_sparsevila_qkv", "_sparsevila_gate_up", "_sparsevila_down"
-FOLDS = "_sparsevila_folds"  # on a decoder layer whose forward folds its RMSNorms and residual adds
 PAD = 64  # MLP intermediate sizes are padded to a multiple of this
 
 
@@ -252,21 +248,12 @@ def _trains(linear: nn.Module) -> bool:
 def _attention_forward(self, hidden_states: torch.Tensor, attention_mask=None, position_ids=None,
                        past_key_values=None, position_embeddings=None, *, rope: Callable, eager: Callable,
                        standard_rope: bool, **kwargs):
-    """The Llama-family attention forward with ``q, k, v = split(x W_qkv^T + b_qkv)`` (``_attend`` for the rest)."""
+    """The Llama-family attention forward with ``q, k, v = split(x W_qkv^T + b_qkv)``. A decode step into a
+    ``SparseVILACache`` read by the SparseVILA attention function, with ``rope`` the standard rotary embedding
+    (``standard_rope``: ``x cos + rotate_half(x) sin``, ``cos, sin [B, 1, D]``), rotates q and k and appends in one
+    launch (``SparseVILACache.rope_append``; that attention function reads the cache, not the returned k, v)."""
+    bsz, q_len, _ = hidden_states.shape
     q, k, v = _project(self, hidden_states, ("q_proj", "k_proj", "v_proj"), QKV)
-    out, weights = _attend(self, q, k, v, attention_mask, position_ids, past_key_values, position_embeddings,
-                           rope=rope, eager=eager, standard_rope=standard_rope, **kwargs)
-    return _call_linear(self.o_proj, out), weights
-
-
-def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask, position_ids, past_key_values,
-            position_embeddings, *, rope: Callable, eager: Callable, standard_rope: bool, **kwargs):
-    """``(attention output [B, L, Hq * D] before o_proj, weights)`` of the projections ``q, k, v [B, L, H * D]``:
-    rotary embedding, cache update, the model's attention function. A decode step into a ``SparseVILACache`` read
-    by the SparseVILA attention function, with ``rope`` the standard rotary embedding (``standard_rope``: ``x cos +
-    rotate_half(x) sin``, ``cos, sin [B, 1, D]``), rotates q and k and appends in one launch
-    (``SparseVILACache.rope_append``; that attention function reads the cache, not the returned k, v)."""
-    bsz, q_len, _ = q.shape
     q, k, v = (t.view(bsz, q_len, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))
     cos, sin = position_embeddings
     cache = past_key_values
@@ -282,7 +269,7 @@ def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_m
                              dropout=0.0 if not self.training else self.attention_dropout, scaling=self.scaling,
                              sliding_window=getattr(self, "sliding_window", None), position_ids=position_ids,
                              **kwargs)
-    return out.reshape(bsz, q_len, -1).contiguous(), weights
+    return _call_linear(self.o_proj, out.reshape(bsz, q_len, -1).contiguous()), weights
 
 
 def _eager_inference(x: torch.Tensor, params: Sequence[torch.Tensor]) -> bool:
@@ -325,83 +312,6 @@ def _mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
     return _linear(h, *down)
 
 
-def _rms_weight(norm: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
-    """The weight of an RMSNorm module ``fuse`` accepted, when a GEMV may fold it on ``x``: plain (no hooks or
-    wrapped forward), its weight in x's dtype and device, nothing recording autograd into it."""
-    w = norm.weight
-    if not _plain(norm) or w.dtype != x.dtype or w.device != x.device:
-        return None
-    return None if torch.is_grad_enabled() and w.requires_grad else w
-
-
-def _foldable(layer: nn.Module, x: torch.Tensor) -> bool:
-    """Whether ``_layer_forward`` folds on ``x``: one token of one sequence whose fused q/k/v, o, fused gate/up
-    (SiLU, emitting ``silu(gate) * up``) and down all run :func:`sparsevila_ops.gemv` (:func:`_decode_gemv`), and
-    both RMSNorms foldable (:func:`_rms_weight`). 4-bit layers do not fold (their forwards run unchanged)."""
-    attn, mlp = layer.self_attn, layer.mlp
-    qkv, gate_up = attn.__dict__.get(QKV), mlp.__dict__.get(GATE_UP)
-    if x.dim() != 3 or x.shape[0] * x.shape[1] != 1 or qkv is None or gate_up is None:
-        return False
-    if not (isinstance(qkv[0], torch.Tensor) and isinstance(gate_up[0], torch.Tensor)):
-        return False
-    if not isinstance(mlp.act_fn, (nn.SiLU, SiLUActivation)) or gate_up[2][0] != gate_up[2][1]:
-        return False
-    if not all(type(m) is nn.Linear and _plain(m) for m in (attn.o_proj, mlp.down_proj)):
-        return False
-    if _rms_weight(layer.input_layernorm, x) is None or _rms_weight(layer.post_attention_layernorm, x) is None:
-        return False
-    return all(_decode_gemv(x, w) for w in (qkv[0], attn.o_proj.weight, gate_up[0], mlp.down_proj.weight))
-
-
-def _layer_forward(self, hidden_states: torch.Tensor, attention_mask=None, position_ids=None,
-                   past_key_values=None, use_cache=False, position_embeddings=None, *, rope: Callable,
-                   eager: Callable, standard_rope: bool, **kwargs) -> torch.Tensor:
-    """A Llama-family decoder layer (``x + attn(norm1(x))``, then ``h + mlp(norm2(h))``) where
-    :func:`_foldable`: ``qkv = gemv(x, W_qkv, norm_weight=g1)``, attention (``_attend``), ``h = gemv(a, W_o,
-    residual=x)``, ``m = gemv(h, W_gate_up, glu=True, norm_weight=g2)``, ``gemv(m, W_down, residual=h)``. The
-    normalized x is not rounded to x's dtype between norm and projection (the RMSNorm module rounds it): outputs
-    differ within that rounding. Elsewhere the layer's own forward."""
-    if not _foldable(self, hidden_states):
-        return type(self).forward(self, hidden_states, attention_mask=attention_mask, position_ids=position_ids,
-                                  past_key_values=past_key_values, use_cache=use_cache,
-                                  position_embeddings=position_embeddings, **kwargs)
-    attn, mlp, n1, n2 = self.self_attn, self.mlp, self.input_layernorm, self.post_attention_layernorm
-    x = hidden_states.reshape(1, -1)
-    w, b, sizes = attn.__dict__[QKV][:3]
-    qkv = gemv_linear.gemv(x, w, b, norm_weight=n1.weight, eps=n1.variance_epsilon).view(1, 1, -1)
-    q, k, v = qkv.split(sizes, dim=-1)
-    out, _ = _attend(attn, q, k, v, attention_mask, position_ids, past_key_values, position_embeddings, rope=rope,
-                     eager=eager, standard_rope=standard_rope, use_cache=use_cache, **kwargs)
-    h = gemv_linear.gemv(out.view(1, -1), attn.o_proj.weight, attn.o_proj.bias, residual=x)
-    w, b = mlp.__dict__[GATE_UP][:2]
-    act = gemv_linear.gemv(h, w, b, glu=True, norm_weight=n2.weight, eps=n2.variance_epsilon)
-    down = mlp.__dict__.get(DOWN) or (mlp.down_proj.weight, mlp.down_proj.bias)
-    return gemv_linear.gemv(act, down[0], down[1], residual=h).view(hidden_states.shape)
-
-
-def _install_layer_forward(layer: nn.Module, rope: Callable, eager: Callable, standard_rope: bool,
-                           rms_norm: Tuple[type, ...]) -> None:
-    """Give ``layer`` the folding ``_layer_forward`` when both its attention and MLP are fused, its two norms are
-    of a class in ``rms_norm`` and it has no hooks or wrapped forward of its own; remove it otherwise."""
-    ok = (rms_norm and QKV in getattr(layer, "self_attn", nn.Module()).__dict__
-          and GATE_UP in getattr(layer, "mlp", nn.Module()).__dict__
-          and all(type(getattr(layer, n, None)) in rms_norm for n in ("input_layernorm", "post_attention_layernorm"))
-          and not (layer._forward_hooks or layer._forward_pre_hooks or hasattr(layer, "_hf_hook"))
-          and ("forward" not in layer.__dict__ or FOLDS in layer.__dict__))
-    if not ok:
-        _drop_layer_forward(layer)
-        return
-    forward = lambda self, *a, **kw: _layer_forward(  # noqa: E731
-        self, *a, rope=rope, eager=eager, standard_rope=standard_rope, **kw)
-    layer.forward = types.MethodType(forward, layer)
-    layer.__dict__[FOLDS] = True
-
-
-def _drop_layer_forward(layer: nn.Module) -> None:
-    if layer.__dict__.pop(FOLDS, None) is not None:
-        layer.__dict__.pop("forward", None)
-
-
 def _groups(layer: nn.Module, rope: Callable, eager: Callable, standard_rope: bool):
     """(module, projection names, state attribute, forward) of a layer's fusable groups: the attention's q/k/v
     when it has ``self_attn.q_proj/k_proj/v_proj``, the MLP's gate/up when it has ``mlp.gate_proj/up_proj``."""
@@ -432,15 +342,12 @@ def _fuse_mlp_down(mlp: nn.Module, width: int) -> bool:
 
 
 def fuse(layers: Iterable[nn.Module], rope: Optional[Callable] = None, eager: Optional[Callable] = None, *,
-         standard_rope: bool = False, rms_norm: Tuple[type, ...] = ()) -> List[str]:
+         standard_rope: bool = False) -> List[str]:
     """Fuse (or re-fuse, or unfuse, as the module docstring says) each layer's ``self_attn`` q/k/v and ``mlp``
     gate/up projections (``_groups``); ``rope(q, k, cos, sin)`` is the model's rotary embedding, ``eager`` its eager
     attention (for ``_attn_implementation == "eager"``), needed only by layers with a ``self_attn``;
     ``standard_rope``: ``rope`` is ``x cos + rotate_half(x) sin`` (Llama's ``apply_rotary_pos_emb``), so decode steps
-    may fuse it with the cache append (``_attention_forward``); ``rms_norm``: RMSNorm classes computing ``weight *
-    round(x * rsqrt(mean(x^2) + variance_epsilon))`` in fp32, whose instances as a layer's ``input_layernorm`` and
-    ``post_attention_layernorm`` decode steps fold into the GEMVs (``_layer_forward``). Returns the fused groups
-    (``"3.self_attn"``, ...)."""
+    may fuse it with the cache append (``_attention_forward``). Returns the fused groups (``"3.self_attn"``, ...)."""
     done = []
     for i, layer in enumerate(layers):
         for module, names, state, forward in _groups(layer, rope, eager, standard_rope):
@@ -458,7 +365,6 @@ def fuse(layers: Iterable[nn.Module], rope: Optional[Callable] = None, eager: Op
             if device.type == "cuda":  # asked now, outside any torch.compile trace
                 _cuda_ready("gemv" if weight is not None else "w4a16_linear", device)
             done.append(f"{i}.{'self_attn' if state == QKV else 'mlp'}")
-        _install_layer_forward(layer, rope, eager, standard_rope, tuple(rms_norm))
     return done
 
 
@@ -474,7 +380,6 @@ def _drop(module: nn.Module, state: str) -> None:
 def unfuse(layers: Iterable[nn.Module]) -> None:
     """Remove what ``fuse`` installed; projections that were views of a fused weight get their own storage."""
     for layer in layers:
-        _drop_layer_forward(layer)
         for module, names, state, _ in _groups(layer, None, None, False):
             fused = module.__dict__.get(state)
             linears = [getattr(module, n) for n in names]

@@ -184,7 +184,7 @@ def channels_last_pooling(self, image_features: torch.Tensor) -> torch.Tensor:
 def _fuse(model) -> None:
     """(Re-)fuse the decoder layers' projections (``fused.fuse``: cheap when nothing changed)."""
     fused.fuse(model.model.language_model.layers, qwen2.apply_rotary_pos_emb, qwen2.eager_attention_forward,
-               standard_rope=True, rms_norm=(qwen2.Qwen2RMSNorm,))
+               standard_rope=True)
 
 
 def _salience_attn_forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *,

@@ -195,9 +195,8 @@ _VISUAL_KWARGS = ("pixel_values", "pixel_values_videos", "image_grid_thw", "vide
 def _fuse(model) -> None:
     """(Re-)fuse the decoder layers' projections and the vision blocks' MLPs, their 3420-wide intermediate padded
     (``fused.fuse``: cheap when nothing changed)."""
-    # Qwen2.5-VL's text rope is standard: its mrope sections are merged into cos / sin already
     fused.fuse(model.model.language_model.layers, hf.apply_rotary_pos_emb, hf.eager_attention_forward,
-               standard_rope=True, rms_norm=(hf.Qwen2_5_VLRMSNorm,))
+               standard_rope=True)  # Qwen2.5-VL's text rope: mrope sections are merged into cos / sin already
     fused.fuse(model.model.visual.blocks)
 
 
