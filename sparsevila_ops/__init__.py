@@ -10,7 +10,8 @@ Public ops (each also callable as ``torch.ops.sparsevila.<name>`` with out-varia
 ``select_pack_kv``         both of the above; ``prune_visual_tokens`` for pre-LLM pruning
 ``decode_attention``       split-KV decode over the packed cache; ``append_kv``, ``rope_append_kv`` (Op 4)
 ``sparse_decode_attention``  decode that gathers by indices in the kernel (comparison point)
-``gemv``                   a decode step's linear layer (1-8 rows), optionally emitting a gated MLP's silu(gate) * up
+``gemv``                   a decode step's linear layer (1-8 rows), optionally emitting a gated MLP's silu(gate) * up,
+                           folding an RMSNorm before it and a residual add after it
 =========================  ===================================================================
 
 Backends: ``reference`` (torch), ``triton`` (default on CUDA), ``cuda`` (CUDA C++ kernels of ``csrc/`` for
