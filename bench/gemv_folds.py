@@ -20,7 +20,7 @@ import sys
 
 import torch
 
-from bench.common import require_gpu, verify, write_results
+from bench.common import require_gpu, time_cuda, verify, write_results
 
 H, I, QKV = 3584, 18944, 4608  # Qwen2.5-7B: hidden, MLP intermediate, fused q/k/v rows
 LAYERS = 28
@@ -76,20 +76,7 @@ def _layer_variants(so):
 
 def _per_layer_us(step) -> float:
     """Median over 20 replays of one CUDA graph of ``step`` (28 layers), in µs per layer."""
-    step()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    times = []
-    for _ in range(20):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2] * 1000 / LAYERS
+    return time_cuda(lambda _: step(), iters=20, graph=True)["median_ms"] * 1000 / LAYERS
 
 
 def _check(so, ws, x, a) -> None:

@@ -126,8 +126,6 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], gl
         return
     if unsupported(x, weight, bias, out) is not None or fold_unsupported(x, norm_weight, residual) is not None:
         _backend.implementation("gemv", "triton", x.device)(x, weight, bias, glu, norm_weight, eps, residual, out)
-    elif norm_weight is None and residual is None:
-        GEMV_CUDA(x, weight, bias, glu, out)
-    else:
-        args = (x, weight, bias, glu, out)
-        _launch(*args, GEMV_CUDA.config(args), (norm_weight, eps, residual))
+        return
+    args = (x, weight, bias, glu, out)  # the kernel's arguments, the config's key (folds run the plain config)
+    GEMV_CUDA.launch(*args, GEMV_CUDA.config(args), (norm_weight, eps, residual))

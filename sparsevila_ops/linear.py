@@ -5,8 +5,8 @@ on Qwen2.5-7B's, and less on the small ones (q/k/v, o: a few µs of ramp-up and 
 ``bench/NOTES.md``). ``gemv`` is one launch per linear layer that requests its first weights before it waits for
 the previous kernel (programmatic dependent launch), and, ``glu=True``, emits a gated MLP's ``silu(gate) * up``
 from its fused gate/up projection, so the down projection needs no element-wise kernel before it. A decoder layer's
-RMSNorms and residual adds fold into its GEMVs (``norm_weight``, ``residual``): the step then needs no kernel
-between them.
+RMSNorms and residual adds can fold into its GEMVs (``norm_weight``, ``residual``): faster than eager norm and add
+kernels, slower than inductor's fused ones under PDL, so the integration does not fold (``bench/NOTES.md``).
 Backends: ``cuda`` (``csrc/gemv.cu``, host side ``cuda_gemv``) where it runs, for the inputs it covers, else
 ``triton`` (``triton_kernels/gemv.py``) on CUDA, ``reference`` (fp32 matmul) on the CPU.
 """

@@ -40,15 +40,15 @@ def _inputs(M, N, K, dtype, device, glu=False, bias=True, pad=0, seed=0):
     return x, w, b
 
 
-def _oracle(x, w, b, glu):
+def _oracle(x, w, b, glu, dtype=None):
     """float64 x W^T + b; glu: silu(gate) * up of its halves, the product in float64 of the gate and up rounded
-    to x's dtype (what a correct kernel's last rounding starts from)."""
+    to ``dtype`` (default x's; what a correct kernel's last rounding starts from)."""
     y = x.double().cpu() @ w.double().cpu().t()
     if b is not None:
         y = y + b.double().cpu()
     if not glu:
         return y
-    gate, up = y.to(x.dtype).chunk(2, dim=1)
+    gate, up = y.to(dtype or x.dtype).chunk(2, dim=1)
     return F.silu(gate).double() * up.double()
 
 
@@ -66,18 +66,8 @@ def _fold_oracle(x, w, b, glu, g=None, eps=1e-6, r=None):
     if g is not None:
         xd = x.double()
         xn = xd * torch.rsqrt(xd.square().mean(-1, keepdim=True) + eps) * g.double()
-    y = _oracle(xn, w, b, glu) if g is None else _oracle_double(xn, w, b, glu, x.dtype)
+    y = _oracle(xn, w, b, glu, x.dtype)
     return y if r is None else r.double().cpu() + y.to(x.dtype).double()
-
-
-def _oracle_double(xd, w, b, glu, dtype):
-    y = xd.cpu() @ w.double().cpu().t()
-    if b is not None:
-        y = y + b.double().cpu()
-    if not glu:
-        return y
-    gate, up = y.to(dtype).chunk(2, dim=1)
-    return F.silu(gate).double() * up.double()
 
 
 FOLDS = [(True, False), (False, True), (True, True)]  # (norm, residual)

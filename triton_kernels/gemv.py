@@ -107,8 +107,5 @@ GEMV = Tunable("gemv", "triton", key=gemv_key, key_type=GemvKey, space=_space, d
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, glu: bool,
          norm_weight: torch.Tensor | None, eps: float, residual: torch.Tensor | None, out: torch.Tensor) -> None:
     """``out = x @ W^T (+ bias)`` (glu: ``silu(gate) * up`` of it) with the looked-up config (the ``sparsevila::gemv``
-    op); folds composed around the kernel (``reference.composed_folds``)."""
-    if norm_weight is None and residual is None:
-        GEMV(x, weight, bias, glu, out)
-    else:
-        composed_folds(GEMV, x, weight, bias, glu, norm_weight, eps, residual, out)
+    op); folds composed around the kernel (``reference.composed_folds``; without folds, the kernel alone)."""
+    composed_folds(GEMV, x, weight, bias, glu, norm_weight, eps, residual, out)
