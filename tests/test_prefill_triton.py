@@ -175,14 +175,24 @@ def test_strided_index_tensors(device, causal):
     assert torch.equal(standalone, rel)
 
 
-@pytest.mark.parametrize("D", [64, 80])
-def test_head_dims(device, D):
+def test_split_head_dims():
+    """The prefill kernel's head-dim tiles: a power of two and a >= 16-column tail where that pads less."""
+    want = {16: (16, 0), 24: (32, 0), 40: (32, 16), 64: (64, 0), 72: (64, 16), 80: (64, 16), 96: (64, 32),
+            112: (128, 0), 128: (128, 0), 160: (128, 32), 256: (256, 0)}
+    assert {d: tk._split_d(d) for d in want} == want
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("D", [40, 64, 72, 80, 96])
+def test_head_dims(device, D, causal):
+    """Head dims the kernel splits (40 = 32 + 16 with a masked tail, 72 likewise, 80 and 96 exact) and one it does
+    not (64)."""
     gen = torch.Generator().manual_seed(D)
     lq, lk = [20, 7], [20, 30]
     q = torch.randn(sum(lq), 2, D, generator=gen).to(device, torch.bfloat16)
     k = torch.randn(sum(lk), 1, D, generator=gen).to(device, torch.bfloat16)
     v = torch.randn(sum(lk), 1, D, generator=gen).to(device, torch.bfloat16)
-    _check(q, k, v, lq, lk, [[12, 20], [0, 7]], True)
+    _check(q, k, v, lq, lk, [[12, 20], [0, 7]], causal)
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -290,6 +300,7 @@ def test_gpu_model_shapes(hq, hk):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("D,dtype", [(128, torch.bfloat16), (64, torch.float16), (80, torch.bfloat16),
+                                     (72, torch.bfloat16), (96, torch.float16), (80, torch.float32),
                                      (256, torch.float16), (128, torch.float32)])
 @pytest.mark.parametrize("causal", [True, False])
 def test_gpu_varlen(D, dtype, causal):

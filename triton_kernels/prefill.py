@@ -7,7 +7,8 @@ Segment s holds m query rows and n keys; row i sees key j in [0, n), with ``caus
   every row of the tile sees run without masks, only the diagonal band and the ragged tail are masked. Query
   heads are the fast grid axis, so the G heads of a KV group (and all groups of one row block) run together
   and share K/V through L2; row blocks are issued heaviest (last) first. Rows that see no key get out = 0 and
-  lse = -inf.
+  lse = -inf. A head dim that is not a power of two runs as two column tiles where that pads less than one
+  power-of-two tile (``_split_d``: 80 = 64 + 16, Qwen2.5-VL's vision heads; 72 -> 64 + 16, SigLIP's).
 - ``_kv_relevance_kernel``: grid (cdiv(max_seqlen_k, BLOCK_N), S, Hk). One program = BLOCK_N keys of one KV
   head; its K tile stays in shared memory for the whole program, and it streams the question rows of the
   group's G query heads as tiles of BLOCK_P rows of one head (head-major: a tile's q rows and lse are
@@ -40,24 +41,31 @@ _LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
-def _attn_blocks(acc, l_i, m_i, q, k_ptrs, v_ptrs, offs_m, offs_n, offs_d, lo, hi, m, n, stride_kt, stride_vt,
-                 qk_scale, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+def _attn_blocks(acc, acc2, l_i, m_i, q, q2, k_ptrs, v_ptrs, k2_ptrs, v2_ptrs, offs_m, offs_n, offs_d, offs_d2, lo,
+                 hi, m, n, stride_kt, stride_vt, qk_scale, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                 BLOCK_D2: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
                  CAUSAL: tl.constexpr, IEEE: tl.constexpr):
     """Online-softmax update of (acc, l_i, m_i) over key blocks [lo, hi); m_i is in log2 units.
 
     MASKED=False: every key of every block is visible to every row (no masks but the head-dim one).
     MASKED=True: keys past n and, with CAUSAL, keys j > i + (n - m) are dropped; a row that has seen no key
     yet keeps m_i = -inf and l_i = 0.
+    SPLIT (a split head dim): columns [0, BLOCK_D) are all < D and ride in (q, k, v, acc), columns
+    [BLOCK_D, BLOCK_D + BLOCK_D2) in (q2, k2, v2, acc2): S = q k^T + q2 k2^T, and P V per part.
     """
     k_ptrs += tl.cast(lo, tl.int64) * stride_kt
     v_ptrs += tl.cast(lo, tl.int64) * stride_vt
     d_mask = offs_d[None, :] < D
+    if SPLIT:
+        k2_ptrs += tl.cast(lo, tl.int64) * stride_kt
+        v2_ptrs += tl.cast(lo, tl.int64) * stride_vt
+        d2_mask = offs_d2[None, :] < D
     for start_n in range(lo, hi, BLOCK_N):
         if MASKED:
             key_ok = (start_n + offs_n) < n
             k = tl.load(k_ptrs, mask=key_ok[:, None] & d_mask, other=0.0)
             v = tl.load(v_ptrs, mask=key_ok[:, None] & d_mask, other=0.0)
-        elif BLOCK_D == D:
+        elif BLOCK_D == D or SPLIT:
             k = tl.load(k_ptrs)
             v = tl.load(v_ptrs)
         else:
@@ -67,6 +75,20 @@ def _attn_blocks(acc, l_i, m_i, q, k_ptrs, v_ptrs, offs_m, offs_n, offs_d, lo, h
             qk = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
             qk = tl.dot(q, tl.trans(k))
+        if SPLIT:
+            if MASKED:
+                k2 = tl.load(k2_ptrs, mask=key_ok[:, None] & d2_mask, other=0.0)
+                v2 = tl.load(v2_ptrs, mask=key_ok[:, None] & d2_mask, other=0.0)
+            elif BLOCK_D + BLOCK_D2 == D:
+                k2 = tl.load(k2_ptrs)
+                v2 = tl.load(v2_ptrs)
+            else:
+                k2 = tl.load(k2_ptrs, mask=d2_mask, other=0.0)
+                v2 = tl.load(v2_ptrs, mask=d2_mask, other=0.0)
+            if IEEE:
+                qk = tl.dot(q2, tl.trans(k2), qk, input_precision="ieee")
+            else:
+                qk = tl.dot(q2, tl.trans(k2), qk)
         if MASKED:
             visible = key_ok[None, :]
             if CAUSAL:
@@ -85,10 +107,17 @@ def _attn_blocks(acc, l_i, m_i, q, k_ptrs, v_ptrs, offs_m, offs_n, offs_d, lo, h
             acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision="ieee")
         else:
             acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+        if SPLIT:
+            if IEEE:
+                acc2 = tl.dot(p.to(v2.dtype), v2, acc2 * alpha[:, None], input_precision="ieee")
+            else:
+                acc2 = tl.dot(p.to(v2.dtype), v2, acc2 * alpha[:, None])
+            k2_ptrs += BLOCK_N * stride_kt
+            v2_ptrs += BLOCK_N * stride_vt
         m_i = m_new
         k_ptrs += BLOCK_N * stride_kt
         v_ptrs += BLOCK_N * stride_vt
-    return acc, l_i, m_i
+    return acc, acc2, l_i, m_i
 
 
 @triton.jit
@@ -96,8 +125,10 @@ def _prefill_fwd_kernel(Q, K, V, Out, Lse, cu_q, cu_k,
                         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                         stride_ot, stride_oh, stride_lh, stride_cq, stride_ck, qk_scale, num_m_blocks,
                         HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr):
-    """out[i, h] = softmax_j(scale q_i.k_j) v_j and lse[h, i] (natural log) for BLOCK_M rows of head h."""
+                        BLOCK_D2: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        CAUSAL: tl.constexpr, IEEE: tl.constexpr):
+    """out[i, h] = softmax_j(scale q_i.k_j) v_j and lse[h, i] (natural log) for BLOCK_M rows of head h (the head
+    dim as one BLOCK_D tile, or with SPLIT as BLOCK_D + BLOCK_D2 columns: ``_split_d``)."""
     pid_sh = tl.program_id(0)
     seg = pid_sh // HQ
     h = pid_sh % HQ
@@ -121,6 +152,18 @@ def _prefill_fwd_kernel(Q, K, V, Out, Lse, cu_q, cu_k,
               + offs_n[:, None] * stride_kt + offs_d[None, :])
     v_ptrs = (V + ka.to(tl.int64) * stride_vt + g.to(tl.int64) * stride_vh
               + offs_n[:, None] * stride_vt + offs_d[None, :])
+    if SPLIT:  # the head dim's last BLOCK_D2 columns
+        offs_d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
+        d2_mask = offs_d2[None, :] < D
+        q2 = tl.load(Q + (qa + offs_m).to(tl.int64)[:, None] * stride_qt + h.to(tl.int64) * stride_qh
+                     + offs_d2[None, :], mask=row_ok[:, None] & d2_mask, other=0.0)
+        k2_ptrs = (K + ka.to(tl.int64) * stride_kt + g.to(tl.int64) * stride_kh
+                   + offs_n[:, None] * stride_kt + offs_d2[None, :])
+        v2_ptrs = (V + ka.to(tl.int64) * stride_vt + g.to(tl.int64) * stride_vh
+                   + offs_n[:, None] * stride_vt + offs_d2[None, :])
+        acc2 = tl.zeros([BLOCK_M, BLOCK_D2], tl.float32)
+    else:  # stand-ins that nothing reads
+        offs_d2, q2, k2_ptrs, v2_ptrs = offs_d, q, k_ptrs, v_ptrs
 
     if CAUSAL:
         # The tile's first row sees j <= start_m + n - m: blocks ending there are seen by every row.
@@ -133,10 +176,14 @@ def _prefill_fwd_kernel(Q, K, V, Out, Lse, cu_q, cu_k,
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    acc, l_i, m_i = _attn_blocks(acc, l_i, m_i, q, k_ptrs, v_ptrs, offs_m, offs_n, offs_d, 0, full_hi, m, n,
-                                 stride_kt, stride_vt, qk_scale, D, BLOCK_D, BLOCK_N, False, CAUSAL, IEEE)
-    acc, l_i, m_i = _attn_blocks(acc, l_i, m_i, q, k_ptrs, v_ptrs, offs_m, offs_n, offs_d, full_hi, hi, m, n,
-                                 stride_kt, stride_vt, qk_scale, D, BLOCK_D, BLOCK_N, True, CAUSAL, IEEE)
+    if not SPLIT:
+        acc2 = acc
+    acc, acc2, l_i, m_i = _attn_blocks(acc, acc2, l_i, m_i, q, q2, k_ptrs, v_ptrs, k2_ptrs, v2_ptrs, offs_m, offs_n,
+                                       offs_d, offs_d2, 0, full_hi, m, n, stride_kt, stride_vt, qk_scale, D, BLOCK_D,
+                                       BLOCK_D2, SPLIT, BLOCK_N, False, CAUSAL, IEEE)
+    acc, acc2, l_i, m_i = _attn_blocks(acc, acc2, l_i, m_i, q, q2, k_ptrs, v_ptrs, k2_ptrs, v2_ptrs, offs_m, offs_n,
+                                       offs_d, offs_d2, full_hi, hi, m, n, stride_kt, stride_vt, qk_scale, D, BLOCK_D,
+                                       BLOCK_D2, SPLIT, BLOCK_N, True, CAUSAL, IEEE)
 
     seen = l_i > 0.0
     l_safe = tl.where(seen, l_i, 1.0)
@@ -144,6 +191,9 @@ def _prefill_fwd_kernel(Q, K, V, Out, Lse, cu_q, cu_k,
     lse = tl.where(seen, (m_i + tl.math.log2(l_safe)) * _LN2, float("-inf"))
     o_ptrs = Out + (qa + offs_m).to(tl.int64)[:, None] * stride_ot + h.to(tl.int64) * stride_oh + offs_d[None, :]
     tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_mask)
+    if SPLIT:
+        o2_ptrs = Out + (qa + offs_m).to(tl.int64)[:, None] * stride_ot + h.to(tl.int64) * stride_oh + offs_d2[None, :]
+        tl.store(o2_ptrs, (acc2 / l_safe[:, None]).to(Out.dtype.element_ty), mask=row_ok[:, None] & d2_mask)
     tl.store(Lse + h.to(tl.int64) * stride_lh + qa + offs_m, lse, mask=row_ok)
 
 
@@ -239,6 +289,19 @@ def _block_d(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
+def _split_d(d: int) -> tuple:
+    """``(BLOCK_D, BLOCK_D2)`` of ``_prefill_fwd_kernel``: the head dim as its largest power of two and a tail of
+    ``max(16, next_pow2(rest))`` columns where that pads less than one power-of-two tile (80 = 64 + 16, 72 -> 64 + 16,
+    96 = 64 + 32, 160 = 128 + 32: every MMA's k and n are multiples of 16), else ``(_block_d(d), 0)``. Padding a head
+    dim of 80 to 128 spends 37.5 % of each QK^T and PV MMA on zeros; split, 0 % (72: 10 %)."""
+    full = _block_d(d)
+    head = full // 2
+    tail = max(16, triton.next_power_of_2(max(d - head, 1)))
+    if d <= head or head < 16 or head + tail >= full:
+        return full, 0
+    return head, tail
+
+
 class AttentionKey(NamedTuple):
     gpu: str
     dtype: torch.dtype
@@ -327,7 +390,7 @@ def _relevance_space(key: AttentionKey) -> list:
 def _prefill_resources(key: AttentionKey, cfg: dict):
     """Shared memory: the q tile + a K and a V tile per stage. Registers: the fp32 accumulator and score tile,
     and the q tile, over the threads, + 32 (128 x 64 tiles at 4 warps come out above 255: they spill)."""
-    bd, elem, bm, bn = _block_d(key.D), key.dtype.itemsize, cfg["BLOCK_M"], cfg["BLOCK_N"]
+    bd, elem, bm, bn = sum(_split_d(key.D)), key.dtype.itemsize, cfg["BLOCK_M"], cfg["BLOCK_N"]
     smem = (bm + cfg["num_stages"] * 2 * bn) * bd * elem
     words = bm * bd + bm * bn + bm * bd * elem // 4
     return smem, 32 + words // (32 * cfg["num_warps"])
@@ -352,13 +415,14 @@ def _launch_prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqle
     if S == 0 or num_m_blocks == 0 or Hq == 0:
         return
     grid = (S * Hq, num_m_blocks)
+    block_d, block_d2 = _split_d(D)
     _prefill_fwd_kernel[grid](
         q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1), lse.stride(0), cu_seqlens_q.stride(0), cu_seqlens_k.stride(0),
         scale * LOG2E, num_m_blocks,
-        HQ=Hq, G=Hq // Hk, D=D, BLOCK_D=_block_d(D), BLOCK_M=block_m, CAUSAL=bool(causal),
-        IEEE=q.dtype == torch.float32, **cfg)
+        HQ=Hq, G=Hq // Hk, D=D, BLOCK_D=block_d, BLOCK_D2=block_d2, SPLIT=block_d2 > 0, BLOCK_M=block_m,
+        CAUSAL=bool(causal), IEEE=q.dtype == torch.float32, **cfg)
 
 
 def _launch_relevance(q, k, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal, rel_rows,
