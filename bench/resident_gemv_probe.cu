@@ -49,6 +49,18 @@ __global__ void idle_kernel(long long cycles, long long late_cycles, int early, 
   if (layer >= 0 && threadIdx.x == 0) atomicMax(&g_ts[layer][1], now_ns());
 }
 
+// Thread 0 stamps the CTA's start and arms the barrier for `bytes` of bulk copies; then the CTA syncs.
+__device__ __forceinline__ void start_slice(uint32_t b, int layer, uint32_t bytes) {
+  if (threadIdx.x == 0) {
+    atomicMin(&g_ts[layer][2], now_ns());
+    atomicMax(&g_ts[layer][6], now_ns());
+    sparsevila::mbar_init(b, 1);
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    sparsevila::mbar_expect_tx(b, bytes);
+  }
+  __syncthreads();
+}
+
 // y[n] = sum_k W[n, k] x[k], M = 1: CTA b copies rows [b rows, (b + 1) rows) of W (contiguous) into shared memory by
 // one bulk copy before the dependency wait; after it, each warp takes RPW rows: lane l reads 16-byte chunks
 // l, l + 32, ... of x (registers) and of its rows (shared memory), warp shuffles sum.
@@ -59,14 +71,7 @@ __global__ void __launch_bounds__(256) resident_gemv(const bf16* __restrict__ x,
   __shared__ __align__(8) uint64_t bar;
   const int n0 = blockIdx.x * rows, nr = min(rows, N - n0);
   const uint32_t b = sparsevila::smem_u32(&bar);
-  if (threadIdx.x == 0) {
-    atomicMin(&g_ts[layer][2], now_ns());
-    atomicMax(&g_ts[layer][6], now_ns());
-    sparsevila::mbar_init(b, 1);
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-    sparsevila::mbar_expect_tx(b, (uint32_t)nr * K * 2);
-  }
-  __syncthreads();
+  start_slice(b, layer, (uint32_t)nr * K * 2);
   if (threadIdx.x < copies) {  // `copies` bulk copies of whole rows each
     const int per = (nr + copies - 1) / copies, r0 = threadIdx.x * per, r1 = min(nr, r0 + per);
     if (r0 < r1)
@@ -129,14 +134,7 @@ __global__ void __launch_bounds__(256) resident_gemv3(const bf16* __restrict__ x
   __shared__ float red[8][32];
   const int n0 = blockIdx.x * rows, nr = min(rows, N - n0), rs = 2 * K + 16;
   const uint32_t b = sparsevila::smem_u32(&bar), base = sparsevila::smem_u32(wsm);
-  if (threadIdx.x == 0) {
-    atomicMin(&g_ts[layer][2], now_ns());
-    atomicMax(&g_ts[layer][6], now_ns());
-    sparsevila::mbar_init(b, 1);
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-    sparsevila::mbar_expect_tx(b, (uint32_t)nr * K * 2);
-  }
-  __syncthreads();
+  start_slice(b, layer, (uint32_t)nr * K * 2);
   if (threadIdx.x < nr)
     asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
                  :: "r"(base + threadIdx.x * rs), "l"(w + (long long)(n0 + threadIdx.x) * K), "r"(2 * K), "r"(b)

@@ -41,6 +41,22 @@ _LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
+def _kv_tiles(k_ptrs, v_ptrs, key_ok, d_mask, MASKED: tl.constexpr, FULL: tl.constexpr):
+    """A K and a V tile: masked by key and column (MASKED), by column only, or not at all (FULL: every column of
+    the tile is < D)."""
+    if MASKED:
+        k = tl.load(k_ptrs, mask=key_ok[:, None] & d_mask, other=0.0)
+        v = tl.load(v_ptrs, mask=key_ok[:, None] & d_mask, other=0.0)
+    elif FULL:
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+    else:
+        k = tl.load(k_ptrs, mask=d_mask, other=0.0)
+        v = tl.load(v_ptrs, mask=d_mask, other=0.0)
+    return k, v
+
+
+@triton.jit
 def _attn_blocks(acc, acc2, l_i, m_i, q, q2, k_ptrs, v_ptrs, k2_ptrs, v2_ptrs, offs_m, offs_n, offs_d, offs_d2, lo,
                  hi, m, n, stride_kt, stride_vt, qk_scale, D: tl.constexpr, BLOCK_D: tl.constexpr,
                  BLOCK_D2: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
@@ -61,30 +77,14 @@ def _attn_blocks(acc, acc2, l_i, m_i, q, q2, k_ptrs, v_ptrs, k2_ptrs, v2_ptrs, o
         v2_ptrs += tl.cast(lo, tl.int64) * stride_vt
         d2_mask = offs_d2[None, :] < D
     for start_n in range(lo, hi, BLOCK_N):
-        if MASKED:
-            key_ok = (start_n + offs_n) < n
-            k = tl.load(k_ptrs, mask=key_ok[:, None] & d_mask, other=0.0)
-            v = tl.load(v_ptrs, mask=key_ok[:, None] & d_mask, other=0.0)
-        elif BLOCK_D == D or SPLIT:
-            k = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
-        else:
-            k = tl.load(k_ptrs, mask=d_mask, other=0.0)
-            v = tl.load(v_ptrs, mask=d_mask, other=0.0)
+        key_ok = (start_n + offs_n) < n
+        k, v = _kv_tiles(k_ptrs, v_ptrs, key_ok, d_mask, MASKED, BLOCK_D == D or SPLIT)
         if IEEE:
             qk = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
             qk = tl.dot(q, tl.trans(k))
         if SPLIT:
-            if MASKED:
-                k2 = tl.load(k2_ptrs, mask=key_ok[:, None] & d2_mask, other=0.0)
-                v2 = tl.load(v2_ptrs, mask=key_ok[:, None] & d2_mask, other=0.0)
-            elif BLOCK_D + BLOCK_D2 == D:
-                k2 = tl.load(k2_ptrs)
-                v2 = tl.load(v2_ptrs)
-            else:
-                k2 = tl.load(k2_ptrs, mask=d2_mask, other=0.0)
-                v2 = tl.load(v2_ptrs, mask=d2_mask, other=0.0)
+            k2, v2 = _kv_tiles(k2_ptrs, v2_ptrs, key_ok, d2_mask, MASKED, BLOCK_D + BLOCK_D2 == D)
             if IEEE:
                 qk = tl.dot(q2, tl.trans(k2), qk, input_precision="ieee")
             else:
