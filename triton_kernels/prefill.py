@@ -334,15 +334,18 @@ def _prefill_default(key: AttentionKey) -> dict:
     """Tiles for ``_prefill_fwd_kernel``.
 
     H100 sweep (bench/figure3_relevance.py --tune, bf16 D 128, 16k causal): 128 x 64 tiles, 8 warps,
-    3 stages reach ~500 TFLOP/s; 2 stages lose 25-35 %, 4 warps at 128 x 64 spill (~100 TFLOP/s).
+    3 stages reach ~500 TFLOP/s; 2 stages lose 25-35 %, 4 warps at 128 x 64 spill (~100 TFLOP/s). H200 tuner, D 80
+    split 64 + 16 (Qwen2.5-VL's vision heads, 7 shapes): 4 warps won at every shape (1.14-1.28x over 8 warps), and
+    64-row tiles where segments hold <= 64 query rows (windows: 1.87-1.99x over 128-row tiles, half of them
+    padding); both now the rule for kernels at most 80 columns wide (64-row tiles at D <= 64 by the same count).
     """
     if key.gpu == CPU:  # interpreter: small tiles so tiny test shapes still cross block edges
         return dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
-    bd = _block_d(key.D)
+    bd = sum(_split_d(key.D))  # columns the kernel's tiles hold
     if key.dtype == torch.float32:
         return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
-    if bd <= 64:
-        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
+    if bd <= 80:
+        return dict(BLOCK_M=64 if key.m <= 64 else 128, BLOCK_N=64, num_warps=4, num_stages=3)
     if bd <= 128:
         return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
     return dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2)
