@@ -70,6 +70,10 @@ SHAPES = [
 # e4843b8: cuda faster at each but 1088 with two passes, 0.99x)
 BOUND_SHAPES = [Shape(f"{n}-token segments ({b} x {n})", b, n)
                 for b, n in ((68, 960), (64, 1000), (62, 1056), (60, 1088))]
+# Only by --shape: lengths above the wgmma kernel's small-tile bound (cuda_salience.WGMMA_SMALL_TILES_MAX_SEQLEN,
+# 1024), where four 64-row consumers beat two of 128 at 1216 tokens (e4843b8); 2048 is "QwenVL 2k segments"
+TILE_BOUND_SHAPES = [Shape(f"{n}-token segments ({b} x {n})", b, n)
+                     for b, n in ((54, 1216), (50, 1280), (42, 1536), (36, 1792))]
 QUICK = ("SigLIP 64 frames", "QwenVL 4k", "QwenVL window 16k (64-patch windows)")
 N_INPUTS = 2  # rotating input sets: every set is larger than the 50 MB L2
 
@@ -282,15 +286,16 @@ def main(argv=None) -> int:
     p.add_argument("--sweep", action="store_true", help="time kernel configurations instead of the figure")
     p.add_argument("--poly-share", action="store_true",
                    help="also time the cuda backend at every polynomial share (poly_every 0, 2, 4, 8)")
-    p.add_argument("--shape", action="append", default=None, choices=[s.name for s in SHAPES + BOUND_SHAPES],
-                   metavar="NAME", help="only this shape (repeatable; default: the figure's, or --quick's; the "
-                   "segment lengths around the backend switch only by name)")
+    p.add_argument("--shape", action="append", default=None, metavar="NAME",
+                   choices=[s.name for s in SHAPES + BOUND_SHAPES + TILE_BOUND_SHAPES],
+                   help="only this shape (repeatable; default: the figure's, or --quick's; the segment lengths around "
+                   "the backend switch and the wgmma tile bound only by name)")
     p.add_argument("--iters", type=int, default=30)
     a = p.parse_args(argv)
     if not require_gpu("bench.figure3_salience"):
         return 0
     shapes = [s for s in SHAPES if (not a.quick or s.name in QUICK) and (a.shape is None or s.name in a.shape)]
-    shapes += [s for s in BOUND_SHAPES if a.shape is not None and s.name in a.shape]
+    shapes += [s for s in BOUND_SHAPES + TILE_BOUND_SHAPES if a.shape is not None and s.name in a.shape]
     if a.sweep:
         sweep([s for s in shapes if s.name in ("SigLIP 64 frames", "QwenVL 4k", "QwenVL 16k")], a.iters)
         return 0
