@@ -163,7 +163,7 @@ def _prefill_fwd_kernel(Q, K, V, Out, Lse, cu_q, cu_k,
                    + offs_n[:, None] * stride_vt + offs_d2[None, :])
         acc2 = tl.zeros([BLOCK_M, BLOCK_D2], tl.float32)
     else:  # stand-ins that nothing reads
-        offs_d2, q2, k2_ptrs, v2_ptrs = offs_d, q, k_ptrs, v_ptrs
+        offs_d2, q2, k2_ptrs, v2_ptrs, acc2 = offs_d, q, k_ptrs, v_ptrs, q
 
     if CAUSAL:
         # The tile's first row sees j <= start_m + n - m: blocks ending there are seen by every row.
@@ -176,8 +176,6 @@ def _prefill_fwd_kernel(Q, K, V, Out, Lse, cu_q, cu_k,
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    if not SPLIT:
-        acc2 = acc
     acc, acc2, l_i, m_i = _attn_blocks(acc, acc2, l_i, m_i, q, q2, k_ptrs, v_ptrs, k2_ptrs, v2_ptrs, offs_m, offs_n,
                                        offs_d, offs_d2, 0, full_hi, m, n, stride_kt, stride_vt, qk_scale, D, BLOCK_D,
                                        BLOCK_D2, SPLIT, BLOCK_N, False, CAUSAL, IEEE)
