@@ -70,8 +70,9 @@ SHAPES = [
 # e4843b8: cuda faster at each but 1088 with two passes, 0.99x)
 BOUND_SHAPES = [Shape(f"{n}-token segments ({b} x {n})", b, n)
                 for b, n in ((68, 960), (64, 1000), (62, 1056), (60, 1088))]
-# Only by --shape: lengths above the wgmma kernel's small-tile bound (cuda_salience.WGMMA_SMALL_TILES_MAX_SEQLEN,
-# 1024), where four 64-row consumers beat two of 128 at 1216 tokens (e4843b8); 2048 is "QwenVL 2k segments"
+# Only by --shape: lengths between 1024 and 2048 ("QwenVL 2k segments"), where the wgmma kernel's tile shape
+# (four 64-row consumers or two of 128, cuda_salience._default) was measured at a53db83 and again after the
+# four consumers' column sums took -lse from a producer warp
 TILE_BOUND_SHAPES = [Shape(f"{n}-token segments ({b} x {n})", b, n)
                      for b, n in ((54, 1216), (50, 1280), (42, 1536), (36, 1792))]
 QUICK = ("SigLIP 64 frames", "QwenVL 4k", "QwenVL window 16k (64-patch windows)")

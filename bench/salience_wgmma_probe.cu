@@ -4,7 +4,7 @@
 //
 //   nvcc -O3 -std=c++17 --use_fast_math -lineinfo -gencode arch=compute_90a,code=sm_90a -Icsrc \
 //        -DSRC='"salience_wgmma.cu"' bench/salience_wgmma_probe.cu -o probe
-//   ./probe D T H [seg [iters [poly_every]]]          e.g. ./probe 80 32768 16   (QwenVL 32k)
+//   ./probe D T H [seg [iters [poly_every [consumers tile_n]]]]   e.g. ./probe 80 32768 16   (QwenVL 32k, 2 x 128)
 //   ncu --kernel-name regex:salience_wgmma --launch-skip 2 --launch-count 2 --section WarpStateStats ./probe 80 32768 16 32768 1
 //
 // Inputs are hashed pseudo-random values in [-2, 2]; the results are not checked here (tests/test_cuda_salience.py
@@ -21,11 +21,12 @@ __global__ void fill(__nv_bfloat16* x, size_t n, unsigned seed) {
 }
 int main(int argc, char** argv) {
   if (argc < 4) {
-    fprintf(stderr, "usage: %s D T H [seg [iters [poly_every]]]\n", argv[0]);
+    fprintf(stderr, "usage: %s D T H [seg [iters [poly_every [consumers tile_n]]]]\n", argv[0]);
     return 2;
   }
   const int D = atoi(argv[1]), T = atoi(argv[2]), H = atoi(argv[3]), seg = argc > 4 ? atoi(argv[4]) : T;
   const int iters = argc > 5 ? atoi(argv[5]) : 10, poly = argc > 6 ? atoi(argv[6]) : 0;
+  const int consumers = argc > 8 ? atoi(argv[7]) : 2, tile_n = argc > 8 ? atoi(argv[8]) : 128;
   const int S = T / seg;
   std::vector<int> cu(S + 1); for (int i = 0; i <= S; ++i) cu[i] = i * seg;
   __nv_bfloat16 *q, *k; int* dcu; float *lse, *out;
@@ -41,9 +42,10 @@ int main(int argc, char** argv) {
   float t1 = 0, t2 = 0;
   for (int it = 0; it < iters + 1; ++it) {
     cudaEventRecord(e0);
-    int r1 = svo_salience_wgmma_lse(0, D, q, k, dcu, lse, qk2, s1, T, S, seg, H, 0, poly, nullptr);
+    int r1 = svo_salience_wgmma_lse(0, D, q, k, dcu, lse, qk2, s1, T, S, seg, H, 0, poly, consumers, tile_n, nullptr);
     cudaEventRecord(e1);
-    int r2 = svo_salience_wgmma_colsum(0, D, q, k, dcu, lse, 1.f, out, qk2, s2, T, S, seg, H, 0, poly, nullptr);
+    int r2 = svo_salience_wgmma_colsum(0, D, q, k, dcu, lse, 1.f, out, qk2, s2, T, S, seg, H, 0, poly, consumers, tile_n,
+                                       nullptr);
     cudaEventRecord(e2);
     cudaEventSynchronize(e2);
     if (r1 || r2) { printf("launch error %d %d\n", r1, r2); return 1; }
@@ -52,7 +54,7 @@ int main(int argc, char** argv) {
   }
   cudaError_t s = cudaDeviceSynchronize();
   const double exps = (double)H * S * seg * (double)seg, floor_ms = exps / 3.9e12 * 1e3;
-  printf("D=%d T=%d H=%d seg=%d: lse %.3f ms, colsum %.3f ms (exp floor per pass %.3f ms) poly %d %s\n", D, T, H, seg,
-         t1 / iters, t2 / iters, floor_ms, poly, cudaGetErrorString(s));
+  printf("D=%d T=%d H=%d seg=%d C=%d N=%d: lse %.3f ms, colsum %.3f ms (exp floor per pass %.3f ms) poly %d %s\n", D, T,
+         H, seg, consumers, tile_n, t1 / iters, t2 / iters, floor_ms, poly, cudaGetErrorString(s));
   return 0;
 }

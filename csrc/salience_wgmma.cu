@@ -9,7 +9,10 @@
 // 64; pass 1: the keys; pass 2: the rows of R and their lse). Per tile a consumer issues S = A B^T (m64nN, k = D
 // padded to 16; asynchronous), then spends the time it runs on the previous tile's S:
 //   pass 1: running max and sum per row over the thread's columns (log2 units), one quad merge at the end;
-//   pass 2: p = 2^(qk_scale2 s - lse_scale lse[col]) summed per key row, one quad sum at the end.
+//   pass 2: p = 2^(qk_scale2 s - lse_scale lse[col]) summed per key row, one quad sum at the end. With C = 4 the
+//           producer's second warp writes nl = -lse_scale lse (-inf past the segment) over the tile's lse in shared
+//           memory, so a consumer spends one FFMA, one MUFU and one FADD per score and one 8-byte load per column
+//           pair (C = 2 computes nl and the mask itself: the same change measured 6 % slower there, NOTES.md).
 // Two S tiles are live per thread (2 x N / 2 fp32), hence setmaxnreg 240 (C = 2) or 112 (C = 4) for the consumers,
 // 24 for the producer. C = 2, N = 128 is the default; C = 4, N = 64 (more consumer warps per scheduler to hide the
 // exp chain's latency, half the tile between barrier round trips) measured faster on short segments (bench/NOTES.md).
@@ -21,7 +24,8 @@
 // are masked (pass 1: score -inf; pass 2: its lse term -inf, p = 0). Resident rows past the segment are computed
 // and not stored.
 // Barriers: full[s] (the producer's expect_tx; the copies' bytes complete it), empty[s] (one arrive per consumer
-// warp once its wgmma has read the slot and its lse loads are done), res_full (the resident tile).
+// warp once its wgmma has read the slot and its lse loads are done), res_full (the resident tile), and with nl
+// (pass 2, C = 4) ready[s] (the 32 lanes of the warp that turned the slot's lse into nl).
 #include <cuda.h>  // CUtensorMap (types only: the encoder is reached through the runtime's driver entry point)
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -72,6 +76,9 @@ struct Tiles {
   static constexpr int kLaunchRegs = 65536 / kThreads / 8 * 8 > 168 ? 168 : 65536 / kThreads / 8 * 8;
   static constexpr int kFree = (kThreads * kLaunchRegs - 128 * kProducerRegs) / (128 * C) / 8 * 8;
   static constexpr int kConsumerRegs = kFree > 240 ? 240 : kFree;
+  // Pass 2 takes nl from the producer's second warp (file comment): measured faster with four consumer warps per
+  // scheduler (H200, 729-32768 tokens: 6-10 %), slower with two (32k: 6 %).
+  static constexpr bool kNlByProducer = C == 4;
 };
 
 template <int D, int C, int N>
@@ -88,7 +95,7 @@ struct Layout {
   static constexpr int kTileBytes = tile_bytes<N>();                  // a streamed tile
   static constexpr int kLseBytes = Tiles<C, N>::kLseBox * 4;
   static constexpr int kStageBytes = (kTileBytes + kLseBytes + 1023) / 1024 * 1024;  // stages stay 1024-aligned
-  static constexpr int kBarBytes = 8 * (2 * kStages + 1);
+  static constexpr int kBarBytes = 8 * (3 * kStages + 1);
   static constexpr int kSmemBytes = 1024 /* alignment slack */ + kResBytes + kStages * kStageBytes + kBarBytes;
   static_assert(kResBytes % 1024 == 0 && kTileBytes % 1024 == 0 && kSmemBytes <= 227 * 1024, "shared memory");
 };
@@ -153,6 +160,7 @@ __global__ void __launch_bounds__(Tiles<C, N>::kThreads, 1) salience_wgmma_kerne
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using L = Layout<D, C, N>;
   constexpr int kRows = Tiles<C, N>::kRows, kS = Tiles<C, N>::kScores;
+  constexpr bool kNl = kPass == kPassColsum && Tiles<C, N>::kNlByProducer;
   extern __shared__ unsigned char smem_raw[];
 
   const int seg = blockIdx.x / a.nblk, blk = blockIdx.x % a.nblk;
@@ -173,11 +181,17 @@ __global__ void __launch_bounds__(Tiles<C, N>::kThreads, 1) salience_wgmma_kerne
   auto full = [&](int s) { return bars + 8 * s; };
   auto empty = [&](int s) { return bars + 8 * (kStages + s); };
   const uint32_t res_full = bars + 16 * kStages;
+  auto ready = [&](int s) { return bars + 8 * (2 * kStages + 1 + s); };
+  // Pass 2: slot s's lse box (with kNl: its first N floats overwritten by nl).
+  auto nl_of = [&](int s) {
+    return reinterpret_cast<float*>(smem_raw + (stage0 - raw) + s * L::kStageBytes + L::kTileBytes);
+  };
 
   if (threadIdx.x == 0) {
     for (int s = 0; s < kStages; ++s) {
       mbar_init(full(s), 1);
       mbar_init(empty(s), 4 * C);
+      if (kNl) mbar_init(ready(s), 32);
     }
     mbar_init(res_full, 1);
     asm volatile("fence.mbarrier_init.release.cluster;\nfence.proxy.async.shared::cta;" ::: "memory");
@@ -201,6 +215,23 @@ __global__ void __launch_bounds__(Tiles<C, N>::kThreads, 1) salience_wgmma_kerne
         mbar_expect_tx(full(s), L::kTileBytes + (kPass == kPassColsum ? L::kLseBytes : 0));
         load_tile<D, N>(slot, sm, st, sa + t * N, h, s_hi, full(s));
         if constexpr (kPass == kPassColsum) tma_2d(slot + L::kTileBytes, &a.lse, (sa + t * N) & ~3, h, full(s));
+      }
+    } else if (kNl && threadIdx.x / 32 == 1) {  // nl = -lse_scale lse, -inf past the segment
+      const int lane = threadIdx.x % 32;
+      for (int t = 0; t < n_tiles; ++t) {
+        const int s = t % kStages, off = (sa + t * N) & 3, valid = n_str - t * N;
+        float* nl = nl_of(s);
+        mbar_wait(full(s), (t / kStages) & 1);
+        float v[N / 32];
+#pragma unroll
+        for (int i = 0; i < N / 32; ++i) {
+          const int j = lane + 32 * i;
+          v[i] = j < valid ? -nl[off + j] * a.lse_scale : -INFINITY;
+        }
+        __syncwarp();  // every lane has read the box before any overwrites it
+#pragma unroll
+        for (int i = 0; i < N / 32; ++i) nl[lane + 32 * i] = v[i];
+        mbar_arrive(ready(s));
       }
     }
     return;
@@ -234,8 +265,8 @@ __global__ void __launch_bounds__(Tiles<C, N>::kThreads, 1) salience_wgmma_kerne
   // Two partial sums per row: shorter dependency chains. (Trees of depth 5 over a tile's 32 values per row measured
   // slower on the H200: 7.6 vs 7.0 ms per pass at QwenVL 32k, bench/NOTES.md.)
   auto consume = [&](float (&S)[kS], int t) {
-    const int valid = n_str - t * N;  // streamed rows of this tile inside the segment (>= 1; >= N: all)
     if constexpr (kPass == kPassLse) {
+      const int valid = n_str - t * N;  // streamed rows of this tile inside the segment (>= 1; >= N: all)
       if (valid < N) {
 #pragma unroll
         for (int i = 0; i < N / 8; ++i)
@@ -260,9 +291,22 @@ __global__ void __launch_bounds__(Tiles<C, N>::kThreads, 1) salience_wgmma_kerne
           for (int e = 0; e < 2; ++e)
             acc[hf][e] += ex2_pair<kPolyEvery>(fmaf(S[4 * i + 2 * hf + e], a.qk_scale2, -safe), 2 * i + hf);
       }
+    } else if constexpr (kNl) {
+      mbar_wait(ready(t % kStages), (t / kStages) & 1);
+      const float2* nl = reinterpret_cast<const float2*>(nl_of(t % kStages));
+#pragma unroll
+      for (int i = 0; i < N / 8; ++i) {
+        const float2 c2 = nl[(8 * i + col_base) / 2];
+        const float cn[2] = {c2.x, c2.y};
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf)
+#pragma unroll
+          for (int e = 0; e < 2; ++e)
+            acc[hf][e] += ex2_pair<kPolyEvery>(fmaf(S[4 * i + 2 * hf + e], a.qk_scale2, cn[e]), 2 * i + hf);
+      }
     } else {
-      const float* ls = reinterpret_cast<const float*>(smem_raw + (stage0 - raw) + (t % kStages) * L::kStageBytes +
-                                                       L::kTileBytes) + ((sa + t * N) & 3);  // this tile's lse
+      const int valid = n_str - t * N;
+      const float* ls = nl_of(t % kStages) + ((sa + t * N) & 3);  // this tile's lse
 #pragma unroll
       for (int i = 0; i < N / 8; ++i) {
         const int col = 8 * i + col_base;

@@ -83,29 +83,23 @@ def _key(q, k, cu_seqlens, max_seqlen, scale, num_summary, lse, deterministic, o
 
 
 WGMMA_MIN_SEQLEN = 256  # shorter segments fill less than two of the wgmma kernel's 128-row tiles
-WGMMA_SMALL_TILES_MAX_SEQLEN = 1248  # LSE given: up to here the wgmma kernel's 4 x 64-row tiles are the default
-WGMMA_SMALL_TILES_MAX_SEQLEN_TWO_PASSES = 1792  # the same bound for two passes
 
 
 def _default(key: SalienceCudaKey) -> dict:
     """The wgmma kernel where it runs (its sm_90a code needs compute capability 9.0) for segments of at least
     ``WGMMA_MIN_SEQLEN`` tokens, else the mma kernel; no polynomial exp2s. The wgmma kernel's tiles: four consumer
-    warpgroups of 64 rows up to ``WGMMA_SMALL_TILES_MAX_SEQLEN`` tokens with the LSE given and
-    ``WGMMA_SMALL_TILES_MAX_SEQLEN_TWO_PASSES`` for two passes, else two of 128 (H200, one run at a53db83, two
-    passes / LSE given, ms: 1216 tokens 1.286 / 0.674 vs 1.412 / 0.702, 1280 1.259 / 0.659 vs 1.305 / 0.652, 1536
-    1.490 / 0.783 vs 1.538 / 0.769, 2048 1.988 / 1.047 vs 1.981 / 0.994: each bound halfway between the last win and
-    the first loss; earlier runs: SigLIP's 729-token frames 0.667 vs 0.760 ms with two passes, 0.345 vs 0.375 with
-    the LSE given; 1024-token segments 1.068 vs 1.128 and 0.558 vs 0.564; 2048 tokens 1.978 vs 1.969 and 1.037 vs
-    0.990; QwenVL 4k 0.256 vs 0.252 and 0.136 vs 0.129), but two of 128 where that pads a segment's resident rows
-    less (n mod 256 in (0, 128]: four consumers hold 256 rows a CTA, two hold 128; 896-token segments, another run:
-    1.063 vs 1.016 and 0.554 vs 0.504). On the H200 the wgmma kernel took 0.69-0.94x the mma kernel's time from
-    729-token frames to 32k tokens, and 2.6x at 64-token windows, where 3/4 of each 128-row tile is padding. The mma
-    kernel was slower with polynomial exp2s at every Figure-3a shape (poly_every 2 / 4 / 8 vs 0: +14-20 % / +6-9 % /
-    +4-6 % time), being bound by its mma.sync issue rate, not by MUFU; nor did the wgmma kernel gain at poly_every 4
-    (QwenVL 32k: LSE pass 1.5 % faster, column sums 9 % slower; bench/NOTES.md)."""
+    warpgroups of 64 rows, but two of 128 where that pads a segment's resident rows less (n mod 256 in (0, 128]:
+    four consumers hold 256 rows a CTA, two hold 128; 896-token segments: 1.063 vs 1.016 ms with two passes, 0.554
+    vs 0.504 with the LSE given). Since the four consumers' column-sum pass takes each tile's -lse from a producer
+    warp (csrc/salience_wgmma.cu), they beat two of 128 at every length measured (H200, one run; two passes / LSE
+    given, ms): 729-token frames 0.650 / 0.327 vs 0.758 / 0.375, 2048 tokens 1.895 / 0.957 vs 1.987 / 0.997, 16k
+    3.529 / 1.748 vs 3.592 / 1.804, 32k 14.03 / 6.86 vs 14.57 / 7.29 (bench/NOTES.md). On the H200 the wgmma kernel
+    took 0.69-0.94x the mma kernel's time from 729-token frames to 32k tokens, and 2.6x at 64-token windows, where
+    3/4 of each 128-row tile is padding. The mma kernel was slower with polynomial exp2s at every Figure-3a shape
+    (poly_every 2 / 4 / 8 vs 0: +14-20 % / +6-9 % / +4-6 % time), being bound by its mma.sync issue rate, not by
+    MUFU; the wgmma kernel gains at most 1-3 % at poly_every 8 on some shapes, which the tuner picks per key."""
     wgmma = key.sm90a and key.n >= WGMMA_MIN_SEQLEN
-    bound = WGMMA_SMALL_TILES_MAX_SEQLEN if key.lse_given else WGMMA_SMALL_TILES_MAX_SEQLEN_TWO_PASSES
-    small = wgmma and key.n <= bound and key.n % 256 not in range(1, 129)
+    small = wgmma and key.n % 256 not in range(1, 129)
     return {"kernel": "wgmma" if wgmma else "mma", "poly_every": 0, "consumers": 4 if small else 2,
             "tile_n": 64 if small else 128}
 

@@ -140,10 +140,9 @@ def test_cuda_salience_support_rules_and_alignment():
     assert cs._default(hopper._replace(n=896)) == {**mma, "kernel": "wgmma"}  # 256-row CTAs would pad 896 to 1024
     assert cs._default(hopper._replace(n=257)) == {**mma, "kernel": "wgmma"}
     lse = hopper._replace(lse_given=True)
-    assert cs._default(lse._replace(n=1216)) == small and cs._default(hopper._replace(n=1536)) == small
-    assert cs._default(lse._replace(n=cs.WGMMA_SMALL_TILES_MAX_SEQLEN + 1)) == {**mma, "kernel": "wgmma"}
-    assert cs._default(hopper._replace(n=cs.WGMMA_SMALL_TILES_MAX_SEQLEN + 1)) == small  # two passes: a later bound
-    assert cs._default(hopper._replace(n=cs.WGMMA_SMALL_TILES_MAX_SEQLEN_TWO_PASSES + 1)) == {**mma, "kernel": "wgmma"}
+    for n in (1280, 2048, 32768):  # four consumers at every length but where they pad more rows than two
+        assert cs._default(lse._replace(n=n)) == small and cs._default(hopper._replace(n=n)) == small
+    assert cs._default(lse._replace(n=32768 + 100)) == {**mma, "kernel": "wgmma"}
     space = cs._space(hopper)
     assert {c["kernel"] for c in space} == set(cs.KERNELS) and len(space) == 12 and len(
         {tuple(sorted(c.items())) for c in space}) == 12
