@@ -264,10 +264,12 @@ __global__ void __launch_bounds__(Tiles<C, N>::kThreads, 1) salience_wgmma_kerne
 
   // Two partial sums per row: shorter dependency chains. (Trees of depth 5 over a tile's 32 values per row measured
   // slower on the H200: 7.6 vs 7.0 ms per pass at QwenVL 32k, bench/NOTES.md.)
-  auto consume = [&](float (&S)[kS], int t) {
+  // ``last``: a segment's last tile, the only one that can be partial, is the only one that masks (a constant at
+  // each call: ptxas if-converted the mask into every tile while its one test was the tile's fill, 4-8 % of a pass).
+  auto consume = [&](float (&S)[kS], int t, bool last) {
     if constexpr (kPass == kPassLse) {
       const int valid = n_str - t * N;  // streamed rows of this tile inside the segment (>= 1; >= N: all)
-      if (valid < N) {
+      if (last && valid < N) {
 #pragma unroll
         for (int i = 0; i < N / 8; ++i)
 #pragma unroll
@@ -311,7 +313,7 @@ __global__ void __launch_bounds__(Tiles<C, N>::kThreads, 1) salience_wgmma_kerne
       for (int i = 0; i < N / 8; ++i) {
         const int col = 8 * i + col_base;
         float nl[2] = {-ls[col] * a.lse_scale, -ls[col + 1] * a.lse_scale};
-        if (valid < N) {
+        if (last && valid < N) {
           if (col >= valid) nl[0] = -INFINITY;
           if (col + 1 >= valid) nl[1] = -INFINITY;
         }
@@ -339,24 +341,24 @@ __global__ void __launch_bounds__(Tiles<C, N>::kThreads, 1) salience_wgmma_kerne
     issue(s1, t + 1);
     sparsevila::wgmma_wait<1>();
     retired(s0);
-    consume(s0, t);
+    consume(s0, t, false);
     issue(s0, t + 2);
     sparsevila::wgmma_wait<1>();
     retired(s1);
-    consume(s1, t + 1);
+    consume(s1, t + 1, false);
   }
   if (t + 1 < n_tiles) {  // two tiles left
     issue(s1, t + 1);
     sparsevila::wgmma_wait<1>();
     retired(s0);
-    consume(s0, t);
+    consume(s0, t, false);
     sparsevila::wgmma_wait<0>();
     retired(s1);
-    consume(s1, t + 1);
+    consume(s1, t + 1, true);
   } else {
     sparsevila::wgmma_wait<0>();
     retired(s0);
-    consume(s0, t);
+    consume(s0, t, true);
   }
 
   // Quad merge (lanes 4g .. 4g + 3 hold the same rows) and store by the quad's first lane.

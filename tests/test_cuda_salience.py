@@ -140,9 +140,12 @@ def test_cuda_salience_support_rules_and_alignment():
     assert cs._default(hopper._replace(n=896)) == {**mma, "kernel": "wgmma"}  # 256-row CTAs would pad 896 to 1024
     assert cs._default(hopper._replace(n=257)) == {**mma, "kernel": "wgmma"}
     lse = hopper._replace(lse_given=True)
-    for n in (1280, 2048, 32768):  # four consumers at every length but where they pad more rows than two
-        assert cs._default(lse._replace(n=n)) == small and cs._default(hopper._replace(n=n)) == small
-    assert cs._default(lse._replace(n=32768 + 100)) == {**mma, "kernel": "wgmma"}
+    wide = {**mma, "kernel": "wgmma"}
+    for n in (1280, 2048, 32768):  # two passes: four consumers at every length but where they pad more rows
+        assert cs._default(hopper._replace(n=n)) == small
+    assert cs._default(hopper._replace(n=32768 + 100)) == wide
+    assert cs._default(lse._replace(n=cs.WGMMA_LSE_GIVEN_SMALL_TILES_MAX_SEQLEN)) == small  # LSE given: up to here
+    assert cs._default(lse._replace(n=cs.WGMMA_LSE_GIVEN_SMALL_TILES_MAX_SEQLEN + 256)) == wide
     space = cs._space(hopper)
     assert {c["kernel"] for c in space} == set(cs.KERNELS) and len(space) == 12 and len(
         {tuple(sorted(c.items())) for c in space}) == 12
@@ -298,6 +301,35 @@ def test_cuda_salience_every_poly_share_gpu(kernel, tiles, poly_every, lse_given
         SALIENCE_CUDA.launch(q, k, cu, max(lengths), D ** -0.5, 0, lse, False, out, _config(kernel, tiles, poly_every))
         assert_rel(out, _oracle(q, k, cu, 0, lse, reduce_heads), ORACLE_TOL,
                    f"{kernel} {tiles} poly_every={poly_every} lse={lse_given} reduce_heads={reduce_heads}")
+
+
+@pytest.mark.gpu
+@sm90
+@pytest.mark.parametrize("kernel,tiles", TILED_KERNELS_HERE)
+@pytest.mark.parametrize("poly_every", [0, 4])
+def test_cuda_salience_lse_pass_follows_scores_far_above_the_first_tile_gpu(kernel, tiles, poly_every):
+    """The LSE pass's running max and rescaled sums when later keys score far above the first tile's: keys ~80 and
+    ~175 log2 units higher (sums that would overflow fp32 against the first tile's max), then ordinary ones again;
+    every row's probabilities must still sum to 1 (a wrong LSE breaks that at once)."""
+    from sparsevila_ops.cuda_salience import SALIENCE_CUDA
+    lengths = [1500, 300]
+    cu = _cu(lengths)
+    T, H, D = int(cu[-1]), 2, 80
+    g = torch.Generator(device="cuda").manual_seed(5)
+    q = (4.0 + 0.1 * torch.randn(T, H, D, device="cuda", generator=g)).to(torch.bfloat16)
+    k = (0.1 * torch.randn(T, H, D, device="cuda", generator=g))
+    log2_units = D ** -0.5 * 1.4426950408889634 * 4.0 * D  # score per unit of k's mean, in log2 units
+    k[400:700] += 80.0 / log2_units  # tile sums near 2^85 x the first tile's max
+    k[1000:1100] += 175.0 / log2_units  # 2^175: past fp32 against the first tile's max
+    k[1600:1650] += 120.0 / log2_units  # the second segment: in its first tile (128 rows) or its second (64)
+    k = k.to(torch.bfloat16)
+    out = poison(torch.empty(H, T, device="cuda"))
+    SALIENCE_CUDA.launch(q, k, cu, max(lengths), D ** -0.5, 0, None, False, out, _config(kernel, tiles, poly_every))
+    what = f"{kernel} {tiles} poly_every={poly_every}"
+    assert_rel(out, _oracle(q, k, cu, 0, None, False), ORACLE_TOL, what)
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        torch.testing.assert_close(out[:, a:b].double().sum(1), torch.ones(H, dtype=torch.float64, device="cuda"),
+                                   rtol=0, atol=2e-4, msg=what)
 
 
 @pytest.mark.gpu
