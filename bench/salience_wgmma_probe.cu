@@ -7,8 +7,8 @@
 //   ./probe D T H [seg [iters [poly_every [consumers tile_n]]]]   e.g. ./probe 80 32768 16   (QwenVL 32k, 2 x 128)
 //   ncu --kernel-name regex:salience_wgmma --launch-skip 2 --launch-count 2 --section WarpStateStats ./probe 80 32768 16 32768 1
 //
-// Inputs are hashed pseudo-random values in [-2, 2]; the results are not checked here (tests/test_cuda_salience.py
-// and bench/sanitize_salience.py do that).
+// Inputs are hashed pseudo-random values in [-2, 2]; the results are only sanity-checked here (the column sums of
+// each head and segment add up to 1; tests/test_cuda_salience.py and bench/sanitize_salience.py check them).
 #include SRC
 #include <cstdio>
 #include <cstdlib>
@@ -53,6 +53,14 @@ int main(int argc, char** argv) {
     if (it) { t1 += a; t2 += b; }
   }
   cudaError_t s = cudaDeviceSynchronize();
+  {  // every head of every segment sums to 1 (the mean over rows of each row's probabilities): a sanity check, and
+     // a fingerprint (weighted sum) for comparing two builds' outputs
+    std::vector<float> h((size_t)H * T);
+    cudaMemcpy(h.data(), out, h.size() * 4, cudaMemcpyDeviceToHost);
+    double tot = 0, w = 0;
+    for (size_t i = 0; i < h.size(); ++i) { tot += h[i]; w += h[i] * (double)(i % 9973); }
+    printf("check: sum %.6f (heads x segments %d) weighted %.6f\n", tot, H * S, w);
+  }
   const double exps = (double)H * S * seg * (double)seg, floor_ms = exps / 3.9e12 * 1e3;
   printf("D=%d T=%d H=%d seg=%d C=%d N=%d: lse %.3f ms, colsum %.3f ms (exp floor per pass %.3f ms) poly %d %s\n", D, T,
          H, seg, consumers, tile_n, t1 / iters, t2 / iters, floor_ms, poly, cudaGetErrorString(s));
