@@ -1,0 +1,86 @@
+// Standalone probe of the H200's exp2 rate for the salience kernels' instruction mix (#15): what MUFU sustains when
+// nothing else (no wgmma, no barriers, no shared-memory tiles) competes, as a function of warps per SM and of the
+// independent chains per thread. It separates the cost of the column-sum loop's own arithmetic (FFMA -> MUFU ->
+// FADD per score) from the cost of everything around it in csrc/salience_wgmma.cu.
+//
+//   nvcc -O3 -std=c++17 -gencode arch=compute_90a,code=sm_90a bench/exp_rate_probe.cu -o exp_rate_probe
+//   ./exp_rate_probe            # a table: mix, warps per SM, chains per thread, exp2/s, share of 16/clk/SM
+//
+// Mixes: "ffma+mufu+fadd" (the column sums: p = 2^(s c + nl), acc += p, with `chains` accumulators) and
+// "+fmnmx" (the LSE pass's running max over the same values). Each thread runs kIters x 32 exps over 32 values in
+// registers (nl moves each iteration, one FADD per 32 exps); the grid fills every SM with the given warps (CTAs of
+// 4 warps), timed with CUDA events.
+#include <cstdio>
+#include <cstdint>
+#include <vector>
+
+constexpr int kIters = 4096;
+
+__device__ __forceinline__ float ex2(float x) {
+  float y;
+  asm volatile("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// kMix 1: FFMA + ex2 + FADD into kChains accumulators; 2: the same plus a running max (FMNMX) per value.
+template <int kMix, int kChains>
+__global__ void exp_kernel(float* out, float c, float nl) {
+  static_assert(kMix == 1 || kMix == 2, "mix");
+  float s[32];
+#pragma unroll
+  for (int i = 0; i < 32; ++i) s[i] = -0.01f * (threadIdx.x % 7 + i);
+  float acc[kChains], mx = -INFINITY;
+#pragma unroll
+  for (int j = 0; j < kChains; ++j) acc[j] = 0.f;
+  for (int it = 0; it < kIters; ++it) {
+#pragma unroll
+    for (int i = 0; i < 32; ++i) {
+      if constexpr (kMix == 2) mx = fmaxf(mx, fmaf(s[i], c, nl));
+      acc[i % kChains] += ex2(fmaf(s[i], c, nl));
+    }
+    nl -= 1e-7f;  // new exponents each iteration
+  }
+  float t = mx;
+#pragma unroll
+  for (int j = 0; j < kChains; ++j) t += acc[j];
+  out[blockIdx.x * blockDim.x + threadIdx.x] = t;
+}
+
+template <int kMix, int kChains>
+void run(const char* mix, int sms, int warps_per_sm, float* out, double clock_hz) {
+  const int threads = 128, ctas = sms * (warps_per_sm * 32 / threads);
+  cudaEvent_t a, b;
+  cudaEventCreate(&a);
+  cudaEventCreate(&b);
+  exp_kernel<kMix, kChains><<<ctas, threads>>>(out, 0.9f, -1.5f);  // warm-up
+  cudaEventRecord(a);
+  const int reps = 5;
+  for (int r = 0; r < reps; ++r) exp_kernel<kMix, kChains><<<ctas, threads>>>(out, 0.9f, -1.5f);
+  cudaEventRecord(b);
+  cudaEventSynchronize(b);
+  float ms = 0;
+  cudaEventElapsedTime(&ms, a, b);
+  const double exps = (double)reps * ctas * threads * kIters * 32, rate = exps / (ms * 1e-3);
+  const double peak = 16.0 * sms * clock_hz;
+  printf("| %s | %d | %d | %.3g | %.1f %% | %s |\n", mix, warps_per_sm, kChains, rate, 100.0 * rate / peak,
+         cudaGetErrorString(cudaGetLastError()));
+}
+
+int main() {
+  int dev = 0, sms = 0, khz = 0;
+  cudaGetDevice(&dev);
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  cudaDeviceGetAttribute(&khz, cudaDevAttrClockRate, dev);
+  const double hz = khz * 1e3;
+  float* out;
+  cudaMalloc(&out, (size_t)sms * 64 * 32 * 4);
+  printf("SMs %d, max SM clock %.0f MHz, MUFU peak 16 exp2/clk/SM = %.3g /s\n\n", sms, hz / 1e6, 16.0 * sms * hz);
+  printf("| mix | warps per SM | chains per thread | exp2 / s | of peak | status |\n|---|---|---|---|---|---|\n");
+  for (int w : {4, 8, 12, 16, 32}) {
+    run<1, 2>("ffma+mufu+fadd", sms, w, out, hz);
+    run<1, 4>("ffma+mufu+fadd", sms, w, out, hz);
+    run<1, 8>("ffma+mufu+fadd", sms, w, out, hz);
+    run<2, 4>("ffma+mufu+fadd+fmnmx", sms, w, out, hz);
+  }
+  return 0;
+}
