@@ -2,8 +2,9 @@
 // outputs; see its file comment) with TMA tile copies, wgmma tensor cores and warp specialization, so that each
 // tile's QK^T runs on the tensor cores while the previous tile's exp2s run on MUFU and the FMA pipe.
 //
-// A CTA is 1 + C warpgroups (Tiles<C, N>: C = 2 or 4). Warpgroup 0 produces: one thread issues every TMA copy, the
-// others exit after handing their registers to the consumers (setmaxnreg). Warpgroups 1..C consume: each owns 64 of
+// A CTA is 1 + C warpgroups (Tiles<C, N>: C = 2 or 4). Warpgroup 0 produces: one thread issues every TMA copy (and
+// in pass 2 with C = 4 its second warp prepares each tile's lse, below), the others exit after handing their
+// registers to the consumers (setmaxnreg). Warpgroups 1..C consume: each owns 64 of
 // the CTA's kRows = 64 C "resident" rows (pass 1: query rows of R; pass 2: keys of the segment), a wgmma A operand in
 // shared memory loaded once. The segment's other operand streams through a kStages ring of N-row tiles (N = 128 or
 // 64; pass 1: the keys; pass 2: the rows of R and their lse). Per tile a consumer issues S = A B^T (m64nN, k = D
@@ -14,15 +15,16 @@
 //           memory, so a consumer spends one FFMA, one MUFU and one FADD per score and one 8-byte load per column
 //           pair (C = 2 computes nl and the mask itself: the same change measured 6 % slower there, NOTES.md).
 // Two S tiles are live per thread (2 x N / 2 fp32), hence setmaxnreg 240 (C = 2) or 112 (C = 4) for the consumers,
-// 24 for the producer. C = 2, N = 128 is the default; C = 4, N = 64 (more consumer warps per scheduler to hide the
-// exp chain's latency, half the tile between barrier round trips) measured faster on short segments (bench/NOTES.md).
+// 24 for the producer. C = 4, N = 64 (more consumer warps per scheduler to hide the exp chains' latency) is the host's
+// default but where C = 2, N = 128 pads fewer resident rows or, with the lse given, above 2048 tokens
+// (cuda_salience._default; bench/NOTES.md).
 //
 // Shared memory holds an R-row tile (R = kRows resident, N streamed) of head dim D as TMA writes it: columns 0..63
 // (and 64..127 at D = 128) in the 128-byte swizzle (128 B per row, 1024-byte atoms of 8 rows), and for D = 72 / 80
-// columns 64..79 in the 32-byte swizzle (32 B per row; columns past D zero-filled by TMA). The MMA k extent is thus 80 for D = 72 / 80: no more
-// padding than the 16-column wgmma k step. Rows past the tensor's end arrive as zeros; rows past the segment's end
-// are masked (pass 1: score -inf; pass 2: its lse term -inf, p = 0). Resident rows past the segment are computed
-// and not stored.
+// columns 64..79 in the 32-byte swizzle (32 B per row; columns past D zero-filled by TMA). The MMA k extent is thus
+// 80 for D = 72 / 80: no more padding than the 16-column wgmma k step. Rows past the tensor's end arrive as zeros;
+// streamed rows past the segment's end, only ever in its last tile, are masked (pass 1: score -inf; pass 2: its lse
+// term -inf, p = 0). Resident rows past the segment are computed and not stored.
 // Barriers: full[s] (the producer's expect_tx; the copies' bytes complete it), empty[s] (one arrive per consumer
 // warp once its wgmma has read the slot and its lse loads are done), res_full (the resident tile), and with nl
 // (pass 2, C = 4) ready[s] (the 32 lanes of the warp that turned the slot's lse into nl).
