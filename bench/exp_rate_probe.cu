@@ -46,8 +46,9 @@ __global__ void exp_kernel(float* out, float c, float nl) {
   out[blockIdx.x * blockDim.x + threadIdx.x] = t;
 }
 
+// Prints one table row; false on a CUDA error.
 template <int kMix, int kChains>
-void run(const char* mix, int sms, int warps_per_sm, float* out, double clock_hz) {
+bool run(const char* mix, int sms, int warps_per_sm, float* out, double clock_hz) {
   const int threads = 128, ctas = sms * (warps_per_sm * 32 / threads);
   cudaEvent_t a, b;
   cudaEventCreate(&a);
@@ -62,25 +63,33 @@ void run(const char* mix, int sms, int warps_per_sm, float* out, double clock_hz
   cudaEventElapsedTime(&ms, a, b);
   const double exps = (double)reps * ctas * threads * kIters * 32, rate = exps / (ms * 1e-3);
   const double peak = 16.0 * sms * clock_hz;
+  const cudaError_t e = cudaGetLastError();
   printf("| %s | %d | %d | %.3g | %.1f %% | %s |\n", mix, warps_per_sm, kChains, rate, 100.0 * rate / peak,
-         cudaGetErrorString(cudaGetLastError()));
+         cudaGetErrorString(e));
+  return e == cudaSuccess;
 }
 
 int main() {
-  int dev = 0, sms = 0, khz = 0;
+  int dev = 0, sms = 0, khz = 0, count = 0;
+  if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) {
+    fprintf(stderr, "exp_rate_probe: needs a CUDA GPU\n");
+    return 1;
+  }
   cudaGetDevice(&dev);
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
   cudaDeviceGetAttribute(&khz, cudaDevAttrClockRate, dev);
   const double hz = khz * 1e3;
   float* out;
   cudaMalloc(&out, (size_t)sms * 64 * 32 * 4);
+  // "of peak" is against the maximum SM clock; a clock that drops under load shows as a lower share.
   printf("SMs %d, max SM clock %.0f MHz, MUFU peak 16 exp2/clk/SM = %.3g /s\n\n", sms, hz / 1e6, 16.0 * sms * hz);
   printf("| mix | warps per SM | chains per thread | exp2 / s | of peak | status |\n|---|---|---|---|---|---|\n");
+  bool ok = true;
   for (int w : {4, 8, 12, 16, 32}) {
-    run<1, 2>("ffma+mufu+fadd", sms, w, out, hz);
-    run<1, 4>("ffma+mufu+fadd", sms, w, out, hz);
-    run<1, 8>("ffma+mufu+fadd", sms, w, out, hz);
-    run<2, 4>("ffma+mufu+fadd+fmnmx", sms, w, out, hz);
+    ok &= run<1, 2>("ffma+mufu+fadd", sms, w, out, hz);
+    ok &= run<1, 4>("ffma+mufu+fadd", sms, w, out, hz);
+    ok &= run<1, 8>("ffma+mufu+fadd", sms, w, out, hz);
+    ok &= run<2, 4>("ffma+mufu+fadd+fmnmx", sms, w, out, hz);
   }
-  return 0;
+  return ok ? 0 : 1;
 }

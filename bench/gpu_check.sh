@@ -51,7 +51,7 @@ if [ "$what" = tests ] || [ "$what" = all ]; then
         > "$SPARSEVILA_BENCH_DIR/fuzz_$op.log" 2>&1 & pids+=($!)
     done
     if [ -z "${FUZZ_OPS:-}" ]; then  # the cuda backend's ops (visual_salience's default backend is cuda on sm_90)
-      for op in decode_attention gemv; do
+      for op in decode_attention gemv visual_salience; do
         python -m sparsevila_ops fuzz --op "$op" --backend cuda --cases "$n" --seed 1000 --device cuda \
           > "$SPARSEVILA_BENCH_DIR/fuzz_${op}_cuda.log" 2>&1 & pids+=($!)
       done
@@ -71,6 +71,10 @@ if [ "$what" = bench ] || [ "$what" = all ]; then
   q=(); [ "$quick" = --quick ] && q=(--quick)
   step figure3 python -m bench.figure3 "${q[@]}"
   step salience_sweep python -m bench.figure3_salience --sweep "${q[@]}"  # every config of both Triton passes
+  # the exp2 rate of the salience column sums' arithmetic alone (standalone CUDA, no package build)
+  step exp_rate_probe bash -c 'set -o pipefail; nvcc -O3 -std=c++17 -gencode arch=compute_90a,code=sm_90a \
+    bench/exp_rate_probe.cu -o "$0/exp_rate_probe" && "$0/exp_rate_probe" | tee "$0/exp_rate_probe.md"' \
+    "$SPARSEVILA_BENCH_DIR"
   step select python -m bench.select "${q[@]}"
   step decode python -m bench.decode "${q[@]}"
   step rope_append python -m bench.rope_append
