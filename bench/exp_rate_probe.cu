@@ -6,22 +6,20 @@
 //   nvcc -O3 -std=c++17 -gencode arch=compute_90a,code=sm_90a bench/exp_rate_probe.cu -o exp_rate_probe
 //   ./exp_rate_probe            # a table: mix, warps per SM, chains per thread, exp2/s, share of 16/clk/SM
 //
-// Mixes: "ffma+mufu+fadd" (the column sums: p = 2^(s c + nl), acc += p, with `chains` accumulators) and
-// "+fmnmx" (the LSE pass's running max over the same values). Each thread runs kIters x 32 exps over 32 values in
+// Mixes: "ffma+mufu+fadd" (the column sums: p = 2^(s c + nl), acc += p, with `chains` accumulators), "+fmnmx"
+// (the LSE pass's running max over the same values), and "poly 1/k" (every k-th exp2 by csrc/exp2.cuh's polynomial
+// on the FMA pipe, the rest on MUFU: the rate both units sustain together; "of peak" stays MUFU's 16/clk/SM). Each thread runs kIters x 32 exps over 32 values in
 // registers (nl moves each iteration, one FADD per 32 exps); the grid fills every SM with the given warps (CTAs of
 // 4 warps), timed with CUDA events.
 #include <cstdio>
 
+#include "../csrc/exp2.cuh"
+
 constexpr int kIters = 4096;
 
-__device__ __forceinline__ float ex2(float x) {
-  float y;
-  asm volatile("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
-
-// FFMA + ex2 + FADD into kChains accumulators per value; with kMax also a running max (FMNMX).
-template <bool kMax, int kChains>
+// FFMA + ex2 + FADD into kChains accumulators per value; with kMax also a running max (FMNMX); with kPolyEvery > 0
+// every kPolyEvery-th exp2 by the polynomial.
+template <bool kMax, int kChains, int kPolyEvery = 0>
 __global__ void exp_kernel(float* out, float c, float nl) {
   float s[32];
 #pragma unroll
@@ -33,7 +31,7 @@ __global__ void exp_kernel(float* out, float c, float nl) {
 #pragma unroll
     for (int i = 0; i < 32; ++i) {
       if constexpr (kMax) mx = fmaxf(mx, fmaf(s[i], c, nl));
-      acc[i % kChains] += ex2(fmaf(s[i], c, nl));
+      acc[i % kChains] += sparsevila::ex2_pair<kPolyEvery>(fmaf(s[i], c, nl), i);
     }
     nl -= 1e-7f;  // new exponents each iteration
   }
@@ -44,16 +42,16 @@ __global__ void exp_kernel(float* out, float c, float nl) {
 }
 
 // Prints one table row; false on a CUDA error.
-template <bool kMax, int kChains>
+template <bool kMax, int kChains, int kPolyEvery = 0>
 bool run(const char* mix, int sms, int warps_per_sm, float* out, double clock_hz) {
   const int threads = 128, ctas = sms * (warps_per_sm * 32 / threads);
   cudaEvent_t a, b;
   cudaEventCreate(&a);
   cudaEventCreate(&b);
-  exp_kernel<kMax, kChains><<<ctas, threads>>>(out, 0.9f, -1.5f);  // warm-up
+  exp_kernel<kMax, kChains, kPolyEvery><<<ctas, threads>>>(out, 0.9f, -1.5f);  // warm-up
   cudaEventRecord(a);
   const int reps = 5;
-  for (int r = 0; r < reps; ++r) exp_kernel<kMax, kChains><<<ctas, threads>>>(out, 0.9f, -1.5f);
+  for (int r = 0; r < reps; ++r) exp_kernel<kMax, kChains, kPolyEvery><<<ctas, threads>>>(out, 0.9f, -1.5f);
   cudaEventRecord(b);
   cudaEventSynchronize(b);
   float ms = 0;
@@ -87,6 +85,12 @@ int main() {
     ok &= run<false, 4>("ffma+mufu+fadd", sms, w, out, hz);
     ok &= run<false, 8>("ffma+mufu+fadd", sms, w, out, hz);
     ok &= run<true, 4>("ffma+mufu+fadd+fmnmx", sms, w, out, hz);
+  }
+  for (int w : {8, 16, 32}) {
+    ok &= run<false, 4, 8>("ffma+mufu+fadd, poly 1/8", sms, w, out, hz);
+    ok &= run<false, 4, 4>("ffma+mufu+fadd, poly 1/4", sms, w, out, hz);
+    ok &= run<false, 4, 3>("ffma+mufu+fadd, poly 1/3", sms, w, out, hz);
+    ok &= run<false, 4, 2>("ffma+mufu+fadd, poly 1/2", sms, w, out, hz);
   }
   return ok ? 0 : 1;
 }
