@@ -217,14 +217,14 @@ __device__ __forceinline__ void compute(float (&acc)[R][4], const uint8_t* ring,
   const uint8_t* xs_stage = ring + L.x + stage * M * kXPitch + 8 * t;
   if constexpr (AW) {
     static_assert(MT == 1 && R % 2 == 0, "weights as A: x rows <= 8, pairs of tiles");
+    // x rows past M read row 0 unzeroed: B's column g reaches only output column g (x row g), never stored
     const uint8_t* xrow = xs_stage + (g < M ? g : 0) * kXPitch;
-    const bool live = g < M;
     constexpr uint32_t kOnes[4] = {Magic<T>::kOne2, Magic<T>::kOne2, Magic<T>::kOne2, Magic<T>::kOne2};
     float xs[4] = {0.f, 0.f, 0.f, 0.f}, c[R / 2][4] = {};
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
       const uint2 v = *reinterpret_cast<const uint2*>(xrow + 32 * j);
-      const uint32_t b0 = live ? v.x : 0u, b1 = live ? v.y : 0u;  // k slots 2t, 2t+1 / 2t+8, 2t+9 of x row g
+      const uint32_t b0 = v.x, b1 = v.y;  // k slots 2t, 2t+1 / 2t+8, 2t+9 of x row g
       Mma<T>::run(xs, kOnes, b0, b1);
       const int sh = 4 * (j & 3), hi = (j >> 2) * 2;
 #pragma unroll
