@@ -12,7 +12,9 @@ quantized values:
   runs: what the integration's decode step uses instead of cuBLAS);
 - ``tinygemm``: PyTorch's ``aten._weight_int4pack_mm`` (weight from ``aten._convert_weight_to_int4pack`` of the
   uint8 ``[N, K/2]`` nibbles, inner k tiles 8; its dequant is ``(q - 8) * scale + zero``, so zero = (8 - z) s);
-- ``gemlite``: ``gemlite.helper.A16Wn`` when gemlite imports (a note says why not otherwise);
+- ``gemlite``: ``gemlite.helper.A16Wn`` when gemlite imports (a note says why not otherwise; the offline GPU image
+  has none: ``bash bench/wheels.sh`` builds its wheel into ``.whl``, which ``bench/gpu_check.sh`` installs when the
+  device call carries it);
 - ``triton`` and ``cuda``: ``sparsevila_ops.quant.w4a16_linear`` on each of our backends (``triton_kernels/gemv4.py``
   and ``csrc/gemv4.cu``; the looked-up config: a tuned table's, else the default heuristic).
 

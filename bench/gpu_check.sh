@@ -18,6 +18,11 @@ if ! python -m pip install --no-deps --no-build-isolation -e . -q > "$out/pip_in
        "$out/pip_install.log). Offline it needs setuptools>=70.1 installed (python -m pip show setuptools)." >&2
   exit 2
 fi
+# Packages the offline image lacks, built here by bench/wheels.sh and carried as .whl (gemlite for bench.gemv4)
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
 root="$PWD"
 if ! (cd / && python -c "import os, sys, sparsevila_ops.triton_kernels, sparsevila_ops.csrc as c
 pkg = os.path.dirname(os.path.dirname(os.path.abspath(sparsevila_ops.__file__)))
