@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Builds three probes of csrc/salience_wgmma.cu that split what its pipeline costs beyond the exps (#15: the
+# column-sum mix alone keeps MUFU 93-96 % busy at 8-16 warps per SM, bench/exp_rate_probe.cu, the kernel 64-69 %):
+#   base     the kernel as it is
+#   noexp    each score's exp2 an FMUL instead (no MUFU; its FFMA and FADD stay): QK^T + barriers + issue
+#   nowgmma  no QK^T wgmma (the score registers keep what they hold; fenced, so every exp stays): exps + barriers
+# The variants are generated in a temporary directory by sed (the production file is not edited); the binaries go
+# to $1 (default .session/bin) as salience_probe_{base,noexp,nowgmma}. Run each as bench/salience_wgmma_probe.cu
+# says, e.g. `salience_probe_nowgmma 80 32768 16 32768 10 0 4 64`; only base's column-sum check means anything.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bin="${1:-.session/bin}"; mkdir -p "$bin"
+tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
+src=csrc/salience_wgmma.cu
+grep -q 'ex2_pair<kPolyEvery>(' "$src" && grep -q 'Wgmma64xN<T, N>::run(S' "$src" || {
+  echo "salience_structure.sh: $src no longer has the lines the variants rewrite" >&2; exit 1; }
+mkdir -p "$tmp/base" "$tmp/noexp" "$tmp/nowgmma"
+cp "$src" "$tmp/base/salience_wgmma.cu"
+sed -e '/^using sparsevila::ex2_pair;/a __device__ __forceinline__ float probe_no_exp(float x, int) { return x * 1.0001f; }' \
+    -e 's/ex2_pair<kPolyEvery>(/probe_no_exp(/g' "$src" > "$tmp/noexp/salience_wgmma.cu"
+sed -e '/Wgmma64xN<T, N>::run(S/,/kk > 0);/c\      ;  // probe: no QK^T (the k-step loop stays, empty)' "$src" > "$tmp/nowgmma/salience_wgmma.cu"
+pids=()
+for v in base noexp nowgmma; do
+  nvcc -O3 -std=c++17 --use_fast_math -lineinfo -gencode arch=compute_90a,code=sm_90a -Icsrc \
+    -DSRC="\"$tmp/$v/salience_wgmma.cu\"" bench/salience_wgmma_probe.cu -o "$bin/salience_probe_$v" & pids+=($!)
+done
+for p in "${pids[@]}"; do wait "$p"; done  # set -e: a failed build stops here
+ls -la "$bin"/salience_probe_*
