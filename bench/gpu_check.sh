@@ -56,7 +56,7 @@ if [ "$what" = tests ] || [ "$what" = all ]; then
         > "$SPARSEVILA_BENCH_DIR/fuzz_$op.log" 2>&1 & pids+=($!)
     done
     if [ -z "${FUZZ_OPS:-}" ]; then  # the cuda backend's ops (visual_salience's default backend is cuda on sm_90)
-      for op in decode_attention gemv visual_salience; do
+      for op in decode_attention gemv visual_salience w4a16_linear; do
         python -m sparsevila_ops fuzz --op "$op" --backend cuda --cases "$n" --seed 1000 --device cuda \
           > "$SPARSEVILA_BENCH_DIR/fuzz_${op}_cuda.log" 2>&1 & pids+=($!)
       done

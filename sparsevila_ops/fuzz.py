@@ -12,6 +12,7 @@ before any case runs.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import random
 import sys
@@ -290,7 +291,40 @@ def gen_gemv(rng, gen, dev, big):
     return Case(desc, [x, w, bias, glu, norm, eps, residual, out], [7])
 
 
+def gen_w4a16_linear(rng, gen, dev, big):
+    """The ``[quant]`` extra's op: 1-16 rows of x (0, 4 or 8 leading columns cut: rows 16-byte aligned or not, the
+    cuda kernel's fallback), N a multiple of 8 mostly (else the Triton kernel), K a multiple of a group of 128, 256 or
+    640, glu half the time, bias half the time; every nibble and zero point drawn uniformly (random words, zeros
+    0-15), scales 0.002-0.02; fp16/bf16."""
+    dt = rng.choice([torch.float16, torch.bfloat16])
+    M = rng.choice([1, 1, 2, 3, 8, rng.randint(1, 16)])
+    N = rng.choice([8, 24, 40, 1032, 12, 100] + ([4608, 3584] if big else []))
+    group = rng.choice([128, 128, 256, 640])
+    K = group * rng.randint(1, (3584 if big else 1280) // group)
+    glu = rng.random() < 0.5
+    rows = 2 * N if glu else N
+    pad = rng.choice([0, 4, 8])
+    x = torch.randn(M, K + pad, generator=gen).to(dt).to(dev)[:, pad:]
+    qweight = torch.randint(-2 ** 31, 2 ** 31, (rows, K // 8), generator=gen, dtype=torch.int64).to(torch.int32)
+    scales = (0.002 + 0.018 * torch.rand(K // group, rows, generator=gen)).to(dt)
+    zeros = torch.randint(0, 16, (K // group, rows), generator=gen, dtype=torch.uint8)
+    bias = torch.randn(rows, generator=gen).to(dt).to(dev) if rng.random() < 0.5 else None
+    out = torch.empty(M, N, dtype=dt, device=dev)
+    desc = f"M={M} N={N} K={K} group={group} {dt} glu={glu} x_offset={pad} bias={bias is not None}"
+    return Case(desc, [x, qweight.to(dev), scales.to(dev), zeros.to(dev), bias, glu, out], [6])
+
+
 GENERATORS: Dict[str, Callable] = {name[4:]: fn for name, fn in globals().items() if name.startswith("gen_")}
+# ops outside torch.ops.sparsevila: (module that registers them, namespace); imported only when fuzzed
+EXTRA_OPS = {"w4a16_linear": ("sparsevila_ops.quant", "sparsevila_quant")}
+
+
+def _op(name: str):
+    """The torch op ``name`` (an extra's module is imported first: it registers the op and its backends)."""
+    module, namespace = EXTRA_OPS.get(name, (None, "sparsevila"))
+    if module is not None:
+        importlib.import_module(module)
+    return getattr(getattr(torch.ops, namespace), name)
 
 
 def _tol(case: Case) -> float:
@@ -317,12 +351,12 @@ def run_case(op: str, backend: str, seed: int, device: torch.device, big: bool) 
     case = GENERATORS[op](rng, gen, device, big)
     ref_args = _clone_args(case.args)
     with _backend.use_backend("reference"):
-        getattr(torch.ops.sparsevila, op)(*ref_args)
+        _op(op)(*ref_args)
     test_args = _clone_args(case.args)
     for i in case.poisoned:
         poison(test_args[i])
     with _backend.use_backend(backend):
-        getattr(torch.ops.sparsevila, op)(*test_args)
+        _op(op)(*test_args)
     if device.type == "cuda":
         torch.cuda.synchronize()
     tol = _tol(case)
@@ -373,6 +407,7 @@ def main(argv=None) -> int:
     ops = sorted(GENERATORS) if a.op == "all" else [a.op]
     for op in ops:
         try:
+            _op(op)  # an extra's op registers its backends on import
             _backend.implementation(op, a.backend, device)
         except RuntimeError as e:
             p.error(f"--backend {a.backend}: {e}")
