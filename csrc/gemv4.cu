@@ -213,7 +213,7 @@ __device__ __forceinline__ void compute(float (&acc)[R][4], const uint8_t* ring,
     pairs[r][2] = __byte_perm(w.x, w.y, 0x7632);  // nibbles 4-7
     pairs[r][3] = __byte_perm(w.z, w.w, 0x7632);
   }
-  // x's rows g, g + 8 (rows past M read row 0 and are zeroed): k = 16 j + 4t + 0..3 at byte 32 j + 8 t
+  // x's rows g, g + 8 (rows past M read row 0; zeroed below in the B form): k = 16 j + 4t + 0..3 at byte 32 j + 8 t
   const uint8_t* xs_stage = ring + L.x + stage * M * kXPitch + 8 * t;
   if constexpr (AW) {
     static_assert(MT == 1 && R % 2 == 0, "weights as A: x rows <= 8, pairs of tiles");
