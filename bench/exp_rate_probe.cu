@@ -8,9 +8,9 @@
 //
 // Mixes: "ffma+mufu+fadd" (the column sums: p = 2^(s c + nl), acc += p, with `chains` accumulators), "+fmnmx"
 // (the LSE pass's running max over the same values), and "poly 1/k" (every k-th exp2 by csrc/exp2.cuh's polynomial
-// on the FMA pipe, the rest on MUFU: the rate both units sustain together; "of peak" stays MUFU's 16/clk/SM). Each thread runs kIters x 32 exps over 32 values in
-// registers (nl moves each iteration, one FADD per 32 exps); the grid fills every SM with the given warps (CTAs of
-// 4 warps), timed with CUDA events.
+// on the FMA pipe, the rest on MUFU: the rate both units sustain together; "of peak" stays MUFU's 16/clk/SM).
+// Each thread runs kIters x 32 exps over 32 values in registers (nl moves each iteration, one FADD per 32 exps); the
+// grid fills every SM with the given warps (CTAs of 4 warps), timed with CUDA events.
 #include <cstdio>
 
 #include "../csrc/exp2.cuh"

@@ -82,10 +82,7 @@ if [ "$what" = bench ] || [ "$what" = all ]; then
     "$SPARSEVILA_BENCH_DIR"
   # the wgmma salience kernel with its exps or its QK^T removed (what the pipeline costs beyond the exps), 4 x 64
   # tiles at QwenVL 32k and SigLIP 64 frames; the variants' column-sum checks are meaningless by design
-  step salience_structure bash -c 'set -o pipefail; b=$(mktemp -d); bash bench/salience_structure.sh "$b" > /dev/null &&
-    for v in base noexp nowgmma; do for shape in "80 32768 16 32768 10" "72 46656 16 729 30"; do
-      echo "$v: $("$b/salience_probe_$v" $shape 0 4 64 | head -1)"; done; done | tee "$0/salience_structure.md"' \
-    "$SPARSEVILA_BENCH_DIR"
+  step salience_structure bash bench/salience_structure.sh --run "$SPARSEVILA_BENCH_DIR"
   step select python -m bench.select "${q[@]}"
   step decode python -m bench.decode "${q[@]}"
   step rope_append python -m bench.rope_append

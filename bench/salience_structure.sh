@@ -4,13 +4,18 @@
 #   base     the kernel as it is
 #   noexp    each score's exp2 an FMUL instead (no MUFU; its FFMA and FADD stay): QK^T + barriers + issue
 #   nowgmma  no QK^T wgmma (the score registers keep what they hold; fenced, so every exp stays): exps + barriers
-# The variants are generated in a temporary directory by sed (the production file is not edited); the binaries go
-# to $1 (default .session/bin) as salience_probe_{base,noexp,nowgmma}. Run each as bench/salience_wgmma_probe.cu
-# says, e.g. `salience_probe_nowgmma 80 32768 16 32768 10 0 4 64`; only base's column-sum check means anything.
+# The variants are generated in a temporary directory by sed (the production file is not edited).
+#   bash bench/salience_structure.sh [BIN]     binaries into BIN (default .session/bin) as salience_probe_{base,...}
+#   bash bench/salience_structure.sh --run OUT builds in a temporary directory, times each at QwenVL 32k and SigLIP
+#                                              64 frames (4 x 64 tiles) into OUT/salience_structure.md
+# Run a binary as bench/salience_wgmma_probe.cu says, e.g. `salience_probe_nowgmma 80 32768 16 32768 10 0 4 64`;
+# only base's column-sum check means anything.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bin="${1:-.session/bin}"; mkdir -p "$bin"
-tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
+run=""
+if [ "${1:-}" = --run ]; then run="$2"; bin=$(mktemp -d); else bin="${1:-.session/bin}"; fi
+mkdir -p "$bin"
+tmp=$(mktemp -d); trap 'rm -rf "$tmp"; [ -z "$run" ] || rm -rf "$bin"' EXIT
 src=csrc/salience_wgmma.cu
 grep -q 'ex2_pair<kPolyEvery>(' "$src" && grep -q 'Wgmma64xN<T, N>::run(S' "$src" || {
   echo "salience_structure.sh: $src no longer has the lines the variants rewrite" >&2; exit 1; }
@@ -25,4 +30,14 @@ for v in base noexp nowgmma; do
     -DSRC="\"$tmp/$v/salience_wgmma.cu\"" bench/salience_wgmma_probe.cu -o "$bin/salience_probe_$v" & pids+=($!)
 done
 for p in "${pids[@]}"; do wait "$p"; done  # set -e: a failed build stops here
-ls -la "$bin"/salience_probe_*
+if [ -z "$run" ]; then ls -la "$bin"/salience_probe_*; exit 0; fi
+rc=0
+: > "$run/salience_structure.md"
+for v in base noexp nowgmma; do
+  for shape in "80 32768 16 32768 10" "72 46656 16 729 30"; do
+    # shellcheck disable=SC2086 # the shape is five arguments
+    line=$("$bin/salience_probe_$v" $shape 0 4 64 | head -1) || rc=1
+    echo "$v: $line" | tee -a "$run/salience_structure.md"
+  done
+done
+exit $rc
