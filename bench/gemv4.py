@@ -23,7 +23,10 @@ divided by R: per linear layer, and for the whole layer (its four or seven GEMVs
 method's own weight bytes / time. ``floor4_us`` (``floor16_us``) = our 4-bit (the bf16) bytes / the device copy
 bandwidth measured in the same run; ``cuda_over_floor`` and ``cuda_vs_<method>`` compare the cuda backend (the
 default on the GPU) with them, ``gemv_over_floor16`` and ``gemv_vs_bf16`` our dense GEMV.
-Every method's output is verified against dequantize-then-matmul in fp32 before it is timed.
+Every method's output is verified against dequantize-then-matmul in fp32 before it is timed: ours and the bf16
+methods within 1e-2 (relative L2); the 4-bit baselines within 1e-1 (a wrong kernel), and an error above 2e-2 is
+timed but named in the notes (gemlite's GEMV, batch <= 4, adds its split-K partial sums into the bf16 output with
+atomics: 2.9e-2 on ``down``, K = 18944, on the H200).
 ``--sweep [--backend B]`` times one of our kernels' declared config space (``sparsevila_ops.autotune``: the default
 first) per shape instead, each config verified first; ``--sweep --op gemv`` times the dense GEMV's space on the
 fused layer's shapes as the integration runs them (q/k/v, o, gate/up with ``glu``, down), ``--fused`` limits the
@@ -51,6 +54,9 @@ GROUP = 128
 L2_BYTES = 256 << 20  # R copies of a weight exceed this (5x the H100/H200 L2)
 METHODS = ("bf16", "gemv", "tinygemm", "gemlite", "triton", "cuda")
 OURS = ("triton", "cuda")  # our backends of sparsevila_quant::w4a16_linear
+# relative L2 error allowed before timing; a baseline's error above BASELINE_NOTE is timed and named in the notes
+TOL = {"bf16": 1e-2, "gemv": 1e-2, "triton": 1e-2, "cuda": 1e-2, "tinygemm": 1e-1, "gemlite": 1e-1}
+BASELINE_NOTE = 2e-2
 # the integration's fused decode layer: name -> (N outputs, K, glu)
 FUSED = {"qkv": (4608, 3584, False), "o": (3584, 3584, False), "gate_up": (18944, 3584, True),
          "down": (3584, 18944, False)}
@@ -120,14 +126,13 @@ class Layer:
             return None if self.gem is None else self.gem[r]
         return functools.partial(_ours, method, self.ours[r])
 
-    def check(self, method: str, x: torch.Tensor) -> None:
-        """``method``'s output vs fp32 x @ W^T (the bf16 weight for bf16, the dequantized 4-bit one otherwise);
-        the fp32 weight is built for the check and freed with it, not kept beside the timed copies."""
+    def check(self, method: str, x: torch.Tensor) -> float:
+        """``method``'s relative error vs fp32 x @ W^T (the bf16 weight for bf16, the dequantized 4-bit one
+        otherwise), raising above ``TOL[method]``; the fp32 weight is built for the check and freed with it."""
         w = self.bf16[0].float() if method in ("bf16", "gemv") else Q.dequantize_w4(self.ours[0], torch.float32)
         ref = x.float() @ w.t()
         del w
-        verify(f"{method} {self.name} M={x.shape[0]}", self.fn(method, 0)(x).float(), ref,
-               1e-2 if method in ("bf16", "gemv") + OURS else 2e-2)
+        return verify(f"{method} {self.name} M={x.shape[0]}", self.fn(method, 0)(x).float(), ref, TOL[method])
 
 
 def _ours(backend: str, w4, x):
@@ -167,8 +172,11 @@ def run(batches, iters: int) -> tuple:
             if any(lay.fn(method, 0) is None for lay in layers.values()):
                 continue  # unavailable: the note says why
             try:
-                for name, lay in layers.items():
-                    lay.check(method, xs[name])
+                errs = {name: lay.check(method, xs[name]) for name, lay in layers.items()}
+                worst = max(errs, key=errs.get)
+                if errs[worst] > BASELINE_NOTE:
+                    notes[f"{method} M={M}"] = (f"relative error {errs[worst]:.2e} on {worst} "
+                                                f"(> {BASELINE_NOTE:.0e}), timed")
             except Exception as e:  # noqa: BLE001 - a baseline that fails or computes something else is reported
                 if method in OURS:
                     raise

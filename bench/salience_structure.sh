@@ -36,7 +36,7 @@ rc=0
 for v in base noexp nowgmma; do
   for shape in "80 32768 16 32768 10" "72 46656 16 729 30"; do
     # shellcheck disable=SC2086 # the shape is five arguments
-    line=$("$bin/salience_probe_$v" $shape 0 4 64 | head -1) || rc=1
+    line=$("$bin/salience_probe_$v" $shape 0 4 64 | grep -m1 '^D=') || rc=1  # the timing line, after the check
     echo "$v: $line" | tee -a "$run/salience_structure.md"
   done
 done
