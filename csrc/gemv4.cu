@@ -9,14 +9,15 @@
 // qweight int32 [N, K / 8]: in each block of 128 along K, word i (0..15) holds q[n, 128 b + 16 j + i] in bits
 // [4 j, 4 j + 4). scales [K / G, N] in x's dtype, zeros uint8 [K / G, N], G a multiple of 128.
 //
-// Tensor cores with the weights as the MMA's B operand (n = 8 output rows of W per tile) and x as A (m = 16 rows:
-// the batch, zero-padded): out^T tile = W tile x^T. Each lane (g = lane / 4, t = lane % 4) reads the 16 contiguous
-// bytes of words 4t..4t+3 of row g of a tile per block (one 128-bit load). Since the order of k inside a dot does
-// not matter, the MMA's k slots are permuted to match what the lane holds: for slice j (k in [16 j, 16 j + 16)),
-// slots (2t, 2t+1) take k = 16 j + 4t + (0, 1) (words 4t, 4t+1, nibble j) and slots (2t+8, 2t+9) take
-// k = 16 j + 4t + (2, 3) (words 4t+2, 4t+3); x's A fragment is loaded with the same permutation (8 contiguous
-// bytes of x per lane and slice). A nibble pair becomes a b16x2 operand with one byte permute per word pair and one
-// and-or per slice:  bits(MAGIC | q) = MAGIC + q  exactly (bf16 MAGIC 128: 0x4300; fp16 1024: 0x6400), so
+// Tensor cores with the weights as the MMA's B operand (n = 8 output rows of W per tile) and x as A (m = 16 rows: the
+// batch; rows past M hold row 0's values or zeros, their outputs never stored): out^T tile = W tile x^T. Each lane (g =
+// lane / 4, t = lane % 4) reads the 16 contiguous bytes of words 4t..4t+3 of row g of a tile per block (one 128-bit
+// load). Since the order of k inside a dot does not matter, the MMA's k slots are permuted to match what the lane
+// holds: for slice j (k in [16 j, 16 j + 16)), slots (2t, 2t+1) take k = 16 j + 4t + (0, 1) (words 4t, 4t+1, nibble j)
+// and slots (2t+8, 2t+9) take k = 16 j + 4t + (2, 3) (words 4t+2, 4t+3); x's A fragment is loaded with the same
+// permutation (8 contiguous bytes of x per lane and slice). A nibble pair becomes a b16x2 operand with one byte permute
+// per word pair and one and-or per slice:  bits(MAGIC | q) = MAGIC + q  exactly (bf16 MAGIC 128: 0x4300; fp16 1024:
+// 0x6400), so
 //     a[m, n] = sum_k x[m, k] (MAGIC + q[n, k])                    (fp32 accumulate, exact products)
 //     xs[m]   = sum_k x[m, k]                                      (one more MMA per slice, B = ones)
 //     acc[m, n] += s[n] (a[m, n] - (MAGIC + z[n]) xs[m])  =  sum_k x[m, k] (q - z) s     per 128-block
@@ -213,7 +214,7 @@ __device__ __forceinline__ void compute(float (&acc)[R][4], const uint8_t* ring,
     pairs[r][2] = __byte_perm(w.x, w.y, 0x7632);  // nibbles 4-7
     pairs[r][3] = __byte_perm(w.z, w.w, 0x7632);
   }
-  // x's rows g, g + 8 (rows past M read row 0; zeroed below in the B form): k = 16 j + 4t + 0..3 at byte 32 j + 8 t
+  // x's rows g, g + 8 (rows past M read row 0, whose outputs are never stored): k = 16 j + 4t + 0..3 at byte 32 j + 8 t
   const uint8_t* xs_stage = ring + L.x + stage * M * kXPitch + 8 * t;
   if constexpr (AW) {
     static_assert(MT == 1 && R % 2 == 0, "weights as A: x rows <= 8, pairs of tiles");
@@ -247,8 +248,8 @@ __device__ __forceinline__ void compute(float (&acc)[R][4], const uint8_t* ring,
     }
     return;
   }
+  // x rows past M read row 0 unzeroed: A's row m reaches only output row m, never stored
   const uint8_t* xrow[2] = {xs_stage + (g < M ? g : 0) * kXPitch, xs_stage + (g + 8 < M ? g + 8 : 0) * kXPitch};
-  const bool live[2] = {g < M, MT == 2 && g + 8 < M};
   // slice-major: the R tiles' MMA chains and the x sums' are independent, so they interleave
   float xs[4] = {0.f, 0.f, 0.f, 0.f}, c[R][4] = {};
 #pragma unroll
@@ -257,8 +258,8 @@ __device__ __forceinline__ void compute(float (&acc)[R][4], const uint8_t* ring,
 #pragma unroll
     for (int h = 0; h < MT; ++h) {
       const uint2 v = *reinterpret_cast<const uint2*>(xrow[h] + 32 * j);
-      xa[h] = live[h] ? v.x : 0u;
-      xa[2 + h] = live[h] ? v.y : 0u;
+      xa[h] = v.x;
+      xa[2 + h] = v.y;
     }
     Mma<T>::run(xs, xa, Magic<T>::kOne2, Magic<T>::kOne2);
     const int sh = 4 * (j & 3), hi = (j >> 2) * 2;
