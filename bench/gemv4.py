@@ -1,11 +1,11 @@
 """Decode GEMVs: one Qwen2.5-7B decoder layer's linear layers at batch 1-8, in CUDA graphs (4-bit and bf16).
 
-``python -m bench.gemv4 [--quick] [--batches 1 8] [--sweep]``. Shapes (N x K), fused: qkv 4608x3584, o 3584x3584,
-gate_up 37888x3584, down 3584x18944 (233 M weights: 466 MB in bf16; 4-bit with group 128 bf16 scales and uint8
-zeros: 122 MB); and per module, as transformers' Qwen2.5-VL decoder holds them (what ``quantize_model_linears``
-and ``bench/e2e.py`` run): q 3584x3584, k and v 512x3584, gate and up 18944x3584 (same weights, 7 GEMVs). Rows
-``layer`` (fused: 4 GEMVs) and ``layer_unfused`` (7 GEMVs) time the whole layer. Methods, all on the same
-quantized values:
+``python -m bench.gemv4 [--quick] [--batches 1 8] [--methods cuda tinygemm] [--sweep]``. Shapes (N x K), fused: qkv
+4608x3584, o 3584x3584, gate_up 37888x3584, down 3584x18944 (233 M weights: 466 MB in bf16; 4-bit with group 128
+bf16 scales and uint8 zeros: 122 MB); and per module, as transformers' Qwen2.5-VL decoder holds them (what
+``quantize_model_linears`` and ``bench/e2e.py`` run): q 3584x3584, k and v 512x3584, gate and up 18944x3584 (same
+weights, 7 GEMVs). Rows ``layer`` (fused: 4 GEMVs) and ``layer_unfused`` (7 GEMVs) time the whole layer. Methods,
+all on the same quantized values:
 
 - ``bf16``: ``torch.nn.functional.linear`` on the bf16 weight (cuBLAS);
 - ``gemv``: ``sparsevila_ops.gemv`` on the bf16 weight (our dense GEMV, ``csrc/gemv.cu`` where the cuda backend
@@ -19,18 +19,21 @@ quantized values:
   and ``csrc/gemv4.cu``; the looked-up config: a tuned table's, else the default heuristic).
 
 Each time is one CUDA graph that runs R weight sets back to back (R copies, so that they exceed the L2 by far),
-divided by R: per linear layer, and for the whole layer (its four or seven GEMVs per set). Effective TB/s = the
-method's own weight bytes / time. ``floor4_us`` (``floor16_us``) = our 4-bit (the bf16) bytes / the device copy
+divided by R: per linear layer, and for the whole layer (its four or seven GEMVs per set; ``cuda_parts_us``: the sum
+of the layer's GEMVs timed alone in the same round, ``cuda_layer_over_parts`` the layer over it). Effective TB/s =
+the method's own weight bytes / time. ``floor4_us`` (``floor16_us``) = our 4-bit (the bf16) bytes / the device copy
 bandwidth measured in the same run; ``cuda_over_floor`` and ``cuda_vs_<method>`` compare the cuda backend (the
 default on the GPU) with them, ``gemv_over_floor16`` and ``gemv_vs_bf16`` our dense GEMV.
 Every method's output is verified against dequantize-then-matmul in fp32 before it is timed: ours and the bf16
 methods within 1e-2 (relative L2); the 4-bit baselines within 1e-1 (a wrong kernel), and an error above 2e-2 is
 timed but named in the notes (gemlite's GEMV, batch <= 4, adds its split-K partial sums into the bf16 output with
-atomics: 2.9e-2 on ``down``, K = 18944, on the H200).
+atomics: 2.04e-2 on ``down``, K = 18944, at batch 4 on the H200).
 ``--sweep [--backend B]`` times one of our kernels' declared config space (``sparsevila_ops.autotune``: the default
 first) per shape instead, each config verified first; ``--sweep --op gemv`` times the dense GEMV's space on the
 fused layer's shapes as the integration runs them (q/k/v, o, gate/up with ``glu``, down), ``--fused`` limits the
-W4A16 sweep to those.
+W4A16 sweep to those. ``--methods`` times only the methods named; a batch named twice in ``--batches`` is timed
+again in that order (``--batches 1 2 1 2 --methods cuda``: interleaved rounds, e.g. to check a layer against the
+sum of its GEMVs, one machine's drift apart).
 """
 from __future__ import annotations
 
@@ -152,7 +155,7 @@ def _copies(nbytes: int) -> int:
     return max(2, math.ceil(L2_BYTES / nbytes))
 
 
-def run(batches, iters: int) -> tuple:
+def run(batches, iters: int, methods=METHODS) -> tuple:
     gen = torch.Generator(device="cuda").manual_seed(0)
     notes: dict = {}
     copy_tbps = copy_bandwidth_tbps()
@@ -168,7 +171,7 @@ def run(batches, iters: int) -> tuple:
                 for K in sorted({K for _, K in SHAPES.values()})}
         xs = {name: x_of[K] for name, (_, K) in SHAPES.items()}
         avail = []
-        for method in METHODS:
+        for method in methods:
             if any(lay.fn(method, 0) is None for lay in layers.values()):
                 continue  # unavailable: the note says why
             try:
@@ -183,6 +186,7 @@ def run(batches, iters: int) -> tuple:
                 notes[f"{method} M={M}"] = f"{type(e).__name__}: {e}"[:200]
                 continue
             avail.append(method)
+        alone = {}  # cuda µs per GEMV of this round
         for name in list(SHAPES) + list(LAYERS):
             row = {"M": M, "op": name}
             if name in LAYERS:
@@ -208,6 +212,11 @@ def run(batches, iters: int) -> tuple:
                     row["gemv_vs_bf16"] = row["bf16_us"] / row["gemv_us"]
             if "cuda_us" in row:
                 row["cuda_over_floor"] = row["cuda_us"] / row["floor4_us"]
+                if name in LAYERS:  # the layer against its GEMVs, each timed alone in this round
+                    row["cuda_parts_us"] = sum(alone[n] for n in LAYERS[name])
+                    row["cuda_layer_over_parts"] = row["cuda_us"] / row["cuda_parts_us"]
+                else:
+                    alone[name] = row["cuda_us"]
                 for base in ("bf16", "tinygemm", "gemlite", "triton"):
                     if f"{base}_us" in row:
                         row[f"cuda_vs_{base}"] = row[f"{base}_us"] / row["cuda_us"]
@@ -256,7 +265,7 @@ def _plot(rows, copy_tbps):
     def plot(fig):
         ax1, ax2 = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
         for layer, (ls, marker, what) in styles.items():
-            lr = [r for r in rows if r["op"] == layer]
+            lr = sorted((r for r in rows if r["op"] == layer), key=lambda r: r["M"])  # rounds: a batch repeats
             Ms = [r["M"] for r in lr]
             for m in METHODS:
                 if any(f"{m}_TBps" in r for r in lr):
@@ -282,6 +291,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.gemv4", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="batches 1 and 8, fewer iterations")
     p.add_argument("--batches", type=int, nargs="+", default=None, help="decode batch sizes (default 1..8)")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=None, help="the methods to time (default all)")
     p.add_argument("--sweep", action="store_true", help="time our kernel's config space (default batch 1)")
     p.add_argument("--backend", choices=OURS, default="cuda", help="the kernel --sweep times (default cuda)")
     p.add_argument("--op", choices=("w4a16_linear", "gemv"), default="w4a16_linear",
@@ -303,12 +313,12 @@ def main(argv=None) -> int:
                       title=f"{what} config sweep ({a.backend} backend), Qwen2.5-7B shapes, bf16")
         return 0
     batches = a.batches or ([1, 8] if a.quick else list(range(1, 9)))
-    rows, notes, copy_tbps = run(batches, iters)
+    rows, notes, copy_tbps = run(batches, iters, a.methods or METHODS)
     for r in rows:
         r["copy_TBps"] = copy_tbps
     cols = ["M", "op", "N_x_K"] + [f"{m}_{u}" for m in METHODS for u in ("us", "TBps")] + [
-        "floor4_us", "cuda_over_floor", "cuda_vs_triton", "cuda_vs_tinygemm", "cuda_vs_gemlite", "cuda_vs_bf16",
-        "floor16_us", "gemv_over_floor16", "gemv_vs_bf16"]
+        "floor4_us", "cuda_over_floor", "cuda_parts_us", "cuda_layer_over_parts", "cuda_vs_triton", "cuda_vs_tinygemm",
+        "cuda_vs_gemlite", "cuda_vs_bf16", "floor16_us", "gemv_over_floor16", "gemv_vs_bf16"]
     note = "; ".join(f"{k}: {v}" for k, v in notes.items())
     write_results("gemv4", rows, cols, plot=_plot(rows, copy_tbps),
                   title=f"Decode GEMVs (W4A16 and dense), Qwen2.5-7B layer, bf16, copy {copy_tbps:.2f} TB/s"

@@ -290,6 +290,25 @@ def test_bench_without_a_gpu_skips_with_one_line(capsys):
     with pytest.raises(SystemExit):
         gemv4.main(["--batches", "17"])
     assert "--batches must lie in [1, 16]" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        gemv4.main(["--methods", "cuda", "marlin"])
+    assert "invalid choice: 'marlin'" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+def test_bench_rounds_time_the_layer_beside_its_parts():
+    """``--batches 1 1 --methods cuda``: two rounds of every row, only the cuda method, each layer row with the sum
+    of its GEMVs timed alone in the same round."""
+    from bench import gemv4
+    rows, notes, _ = gemv4.run([1, 1], iters=3, methods=("cuda",))
+    assert len(rows) == 2 * (len(gemv4.SHAPES) + len(gemv4.LAYERS))
+    for rnd in (rows[:len(rows) // 2], rows[len(rows) // 2:]):
+        alone = {r["op"]: r["cuda_us"] for r in rnd if r["op"] in gemv4.SHAPES}
+        for r in rnd:
+            assert not any(k.endswith("_us") and not k.startswith(("cuda", "floor")) for k in r)
+            if r["op"] in gemv4.LAYERS:
+                assert r["cuda_parts_us"] == pytest.approx(sum(alone[n] for n in gemv4.LAYERS[r["op"]]))
+                assert r["cuda_layer_over_parts"] == pytest.approx(r["cuda_us"] / r["cuda_parts_us"])
 
 
 @pytest.mark.gpu
