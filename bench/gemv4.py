@@ -1,8 +1,8 @@
 """Decode GEMVs: one Qwen2.5-7B decoder layer's linear layers at batch 1-8, in CUDA graphs (4-bit and bf16).
 
-``python -m bench.gemv4 [--quick] [--batches 1 8] [--methods cuda tinygemm] [--sweep]``. Shapes (N x K), fused: qkv
-4608x3584, o 3584x3584, gate_up 37888x3584, down 3584x18944 (233 M weights: 466 MB in bf16; 4-bit with group 128
-bf16 scales and uint8 zeros: 122 MB); and per module, as transformers' Qwen2.5-VL decoder holds them (what
+``python -m bench.gemv4 [--quick] [--batches 1 8] [--methods cuda tinygemm] [--name N] [--sweep]``. Shapes (N x K),
+fused: qkv 4608x3584, o 3584x3584, gate_up 37888x3584, down 3584x18944 (233 M weights: 466 MB in bf16; 4-bit with
+group 128 bf16 scales and uint8 zeros: 122 MB); and per module, as transformers' Qwen2.5-VL decoder holds them (what
 ``quantize_model_linears`` and ``bench/e2e.py`` run): q 3584x3584, k and v 512x3584, gate and up 18944x3584 (same
 weights, 7 GEMVs). Rows ``layer`` (fused: 4 GEMVs) and ``layer_unfused`` (7 GEMVs) time the whole layer. Methods,
 all on the same quantized values:
@@ -292,6 +292,7 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="batches 1 and 8, fewer iterations")
     p.add_argument("--batches", type=int, nargs="+", default=None, help="decode batch sizes (default 1..8)")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=None, help="the methods to time (default all)")
+    p.add_argument("--name", default="gemv4", help="result file name (default gemv4)")
     p.add_argument("--sweep", action="store_true", help="time our kernel's config space (default batch 1)")
     p.add_argument("--backend", choices=OURS, default="cuda", help="the kernel --sweep times (default cuda)")
     p.add_argument("--op", choices=("w4a16_linear", "gemv"), default="w4a16_linear",
@@ -320,7 +321,7 @@ def main(argv=None) -> int:
         "floor4_us", "cuda_over_floor", "cuda_parts_us", "cuda_layer_over_parts", "cuda_vs_triton", "cuda_vs_tinygemm",
         "cuda_vs_gemlite", "cuda_vs_bf16", "floor16_us", "gemv_over_floor16", "gemv_vs_bf16"]
     note = "; ".join(f"{k}: {v}" for k, v in notes.items())
-    write_results("gemv4", rows, cols, plot=_plot(rows, copy_tbps),
+    write_results(a.name, rows, cols, plot=_plot(rows, copy_tbps),
                   title=f"Decode GEMVs (W4A16 and dense), Qwen2.5-7B layer, bf16, copy {copy_tbps:.2f} TB/s"
                         + (f" ({note})" if note else ""))
     return 0

@@ -94,6 +94,10 @@ if [ "$what" = bench ] || [ "$what" = all ]; then
   step qwen2_5_vl_memory_check python -m bench.integration_memory_check
   step pdl_check python -m bench.pdl_check  # inductor's PDL in the compiled decode step: every kernel waits
   step gemv4 python -m bench.gemv4 "${q[@]}"
+  # the W4A16 layer against its GEMVs timed alone, three interleaved rounds at batch 1 and 2, PDL on and off
+  step gemv4_rounds python -m bench.gemv4 --batches 1 2 1 2 1 2 --methods cuda --name gemv4_rounds
+  step gemv4_rounds_nopdl env SPARSEVILA_PDL=0 python -m bench.gemv4 --batches 1 2 1 2 1 2 --methods cuda \
+    --name gemv4_rounds_nopdl
   step gemv_folds python -m bench.gemv_folds
   step vision_block python -m bench.vision_block
   step siglip_tower python -m bench.siglip_tower  # LLaVA-OneVision's SigLIP layer and pooling: stock vs ours
