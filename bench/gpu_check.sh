@@ -98,6 +98,9 @@ if [ "$what" = bench ] || [ "$what" = all ]; then
   step gemv4_rounds python -m bench.gemv4 --batches 1 2 1 2 1 2 --methods cuda --name gemv4_rounds
   step gemv4_rounds_nopdl env SPARSEVILA_PDL=0 python -m bench.gemv4 --batches 1 2 1 2 1 2 --methods cuda \
     --name gemv4_rounds_nopdl
+  # a pending experiment (bench/NOTES.md, "Next GPU session"): the W4A16 GEMV with K split over a cluster of CTAs
+  step gemv4_csplit_ab bash bench/gemv4_ab.sh bench/results/h200/gemv4_csplit/csplit_experiment.patch \
+    "$SPARSEVILA_BENCH_DIR/gemv4_csplit"
   step gemv_folds python -m bench.gemv_folds
   step vision_block python -m bench.vision_block
   step siglip_tower python -m bench.siglip_tower  # LLaVA-OneVision's SigLIP layer and pooling: stock vs ours
