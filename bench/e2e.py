@@ -77,8 +77,8 @@ TARGETS = (16384, 65536, 131072)
 GAP_SHORT_US = 10.0  # idle gaps between kernels up to this are launch latency, longer ones host waits
 GAP_STALL_US = 10_000.0  # longer than this: a one-off stall (GC, the profiler), no step's; counted apart
 DECODE_MARK = "sparsevila.bench.decode_step"  # record_function around _StopAfter: the host window
-E_REPEATS = 2  # runs up to the LLM per row beside the timed one; E is their median (one timed E once ran 16 %
-# over its GPU time, other runs 1-4 %)
+E_REPEATS = 4  # runs up to the LLM per row beside the timed one; E is their median (one timed E once ran 16 %
+# over its GPU time, other runs 1-4 %; at 4d1a371 three samples of one row spread 110 ms at 128k, 7 %)
 
 
 # -- pure parts (tested on the CPU) ---------------------------------------------------------------------------
