@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import tempfile
 import time
@@ -26,7 +25,7 @@ from typing import Tuple
 
 import torch
 
-from bench.common import require_gpu, write_results
+from bench.common import geomean, require_gpu, write_results
 
 SALIENCE_SEGMENTS = ((64, 256), (729, 64), (1024, 16), (4096, 1))  # (tokens per segment, segments)
 LLM_HEADS = ((28, 4, 128), (32, 32, 128), (32, 8, 128), (16, 2, 64), (32, 4, 256))  # (Hq, Hk, D)
@@ -99,10 +98,6 @@ def swept(op: str, s: dict) -> bool:
     return False
 
 
-def _gmean(xs):
-    return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else None
-
-
 def lookup_us(tunable, args, calls: int = 20000, repeats: int = 5) -> float:
     """Host time of one launch's config lookup on a warm table (the exact key already memoized), µs: the best of
     ``repeats`` loops of ``calls`` (a loop that another thread or process interrupts reads high)."""
@@ -155,8 +150,8 @@ def run(ops, quick: bool, done=None):
             continue
         rows += op_rows
         speedups = [r["speedup"] for r in op_rows]
-        summary.append({"op": t.name, "shapes": len(op_rows), "geomean": _gmean(speedups),
-                        "geomean_unswept": _gmean([r["speedup"] for r in op_rows if not r["swept"]]),
+        summary.append({"op": t.name, "shapes": len(op_rows), "geomean": geomean(speedups),
+                        "geomean_unswept": geomean([r["speedup"] for r in op_rows if not r["swept"]]),
                         "worst": min(speedups), "tune_s": tune_s, "lookup_us": lookup})
         print(summary[-1], flush=True)
         if done is not None:
@@ -196,8 +191,8 @@ def combine(paths) -> Tuple[list, dict]:
     def summarize(op, rows):
         speedups = [r["speedup"] for r in rows]
         unswept = [r["speedup"] for r in rows if not r["swept"]]
-        return {"op": op, "shapes": len(rows), "unswept": len(unswept), "geomean": _gmean(speedups),
-                "geomean_unswept": _gmean(unswept) if unswept else None, "worst": min(speedups)}
+        return {"op": op, "shapes": len(rows), "unswept": len(unswept), "geomean": geomean(speedups),
+                "geomean_unswept": geomean(unswept) if unswept else None, "worst": min(speedups)}
     per_op = [summarize(op, rows) for op, rows in sorted(by_op.items())]
     return per_op, summarize("all", [r for rows in by_op.values() for r in rows])
 

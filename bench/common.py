@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import platform
 import subprocess
@@ -37,6 +38,11 @@ def verify(name: str, out: torch.Tensor, ref: torch.Tensor, tol: float) -> float
     if not err <= tol:
         raise AssertionError(f"{name}: relative error {err:.3e} > {tol:.1e}: refusing to time a wrong kernel")
     return err
+
+
+def geomean(xs: Sequence[float]) -> Optional[float]:
+    """Geometric mean of positive ratios (None for none)."""
+    return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else None
 
 
 def capture_graphs(fn: Callable[[int], object], n_inputs: int) -> List["torch.cuda.CUDAGraph"]:

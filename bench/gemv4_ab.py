@@ -11,7 +11,9 @@ from __future__ import annotations
 import math
 import re
 import sys
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, Sequence, Tuple
+
+from bench.common import geomean
 
 CFG = re.compile(r"\s*cfg M=(\d+) (\S+) (.*?) ([\d.]+) us")
 BEST = re.compile(r"TIME M=(\d+) (\S+)\s+N=.*best ([\d.]+) us")
@@ -34,10 +36,6 @@ def mean_of(sweeps: Sequence[Dict[tuple, float]]) -> Dict[tuple, float]:
     return {k: sum(s[k] for s in sweeps) / len(sweeps) for k in keys}
 
 
-def geomean(xs: List[float]) -> float:
-    return math.exp(sum(map(math.log, xs)) / len(xs)) if xs else math.nan
-
-
 def report(a_logs: Sequence[str], b_logs: Sequence[str]) -> str:
     a = [parse(p) for p in a_logs]
     b = [parse(p) for p in b_logs]
@@ -45,8 +43,9 @@ def report(a_logs: Sequence[str], b_logs: Sequence[str]) -> str:
     out = []
     for aw in ("aw=0", "aw=1"):
         common = [k for k in ma if k in mb and aw in k[2]]
-        out.append(f"B / A per config, {aw}: geomean {geomean([mb[k] / ma[k] for k in common]):.4f} "
-                   f"over {len(common)} configs")
+        g = geomean([mb[k] / ma[k] for k in common])
+        out.append(f"B / A per config, {aw}: "
+                   + (f"geomean {g:.4f} over {len(common)} configs" if g else "no config in common"))
     only_b = len([k for k in mb if k not in ma])
     if only_b:
         out.append(f"configs only B timed: {only_b} (B's new options)")
