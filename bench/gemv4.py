@@ -93,19 +93,22 @@ def _gemlite(w4):
 class Layer:
     """One weight of ``shape`` in every method's format, R copies each (distinct memory)."""
 
-    def __init__(self, name: str, copies: int, gen: torch.Generator, notes: dict):
+    def __init__(self, name: str, copies: int, gen: torch.Generator, notes: dict, methods=METHODS):
+        """The baselines' formats only for the ``methods`` to be timed (gemlite packs each copy slowly)."""
         N, K = SHAPES[name]
         self.name, self.N, self.K, self.copies = name, N, K, copies
         w = (torch.randn(N, K, device="cuda", generator=gen) * 0.02).to(torch.bfloat16)
         w4 = Q.quantize_w4(w, GROUP)
-        try:
-            tiny = _tinygemm(w4)
-        except Exception as e:  # noqa: BLE001 - an aten signature change is reported, not fatal
-            tiny = None
-            notes.setdefault("tinygemm", f"tinygemm failed to pack: {type(e).__name__}: {e}"[:200])
-        gem, why = _gemlite(w4)
-        if why:
-            notes.setdefault("gemlite", why)
+        tiny = gem = None
+        if "tinygemm" in methods:
+            try:
+                tiny = _tinygemm(w4)
+            except Exception as e:  # noqa: BLE001 - an aten signature change is reported, not fatal
+                notes.setdefault("tinygemm", f"tinygemm failed to pack: {type(e).__name__}: {e}"[:200])
+        if "gemlite" in methods:
+            gem, why = _gemlite(w4)
+            if why:
+                notes.setdefault("gemlite", why)
         self.bytes = {"bf16": w.numel() * 2, "gemv": w.numel() * 2, "triton": w4.nbytes, "cuda": w4.nbytes,
                       "gemlite": w4.nbytes, "tinygemm": sum(t.numel() * t.element_size() for t in tiny) if tiny else None}
         clone = lambda ts: [t.clone() for t in ts]  # noqa: E731
@@ -161,7 +164,7 @@ def run(batches, iters: int, methods=METHODS) -> tuple:
     copy_tbps = copy_bandwidth_tbps()
     layers = {}
     for name, (N, K) in SHAPES.items():
-        layers[name] = Layer(name, _copies(N * K // 2), gen, notes)
+        layers[name] = Layer(name, _copies(N * K // 2), gen, notes, methods)
     layer_bytes = {layer: {m: sum(layers[n].bytes[m] or 0 for n in names) for m in METHODS}
                    for layer, names in LAYERS.items()}
     n_sets = {layer: min(layers[n].copies for n in names) for layer, names in LAYERS.items()}
