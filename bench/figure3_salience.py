@@ -65,9 +65,10 @@ SHAPES = [
     Shape("QwenVL frames 64k (1024-token segments)", 64, 1024),  # the salience layer of e2e's full attention
     Shape("QwenVL 2k segments (32 x 2048 tokens)", 32, 2048),  # between the 1024 and 4096 of the backend choice
 ]
-# Only by --shape: segment lengths around the cuda/Triton switch on sm_90 (salience.HOPPER_TRITON_SEQLENS), ~64k
-# tokens each like the 1024-token shape (896, 1280 and 1536 were measured at db88c8a, 960, 1088, 1152 and 1216 at
-# e4843b8: cuda faster at each but 1088 with two passes, 0.99x)
+# Only by --shape: segment lengths around 1024, ~64k tokens each like the 1024-token shape, where Triton beat the
+# cuda kernels on sm_90 at 961-1056 tokens until their column sums took the wgmma A operand from registers (896, 1280
+# and 1536 were measured at db88c8a, 960, 1088, 1152 and 1216 at e4843b8, these four again after that change: cuda
+# faster at each, bench/NOTES.md)
 BOUND_SHAPES = [Shape(f"{n}-token segments ({b} x {n})", b, n)
                 for b, n in ((68, 960), (64, 1000), (62, 1056), (60, 1088))]
 # Only by --shape: lengths between 1024 and 2048 ("QwenVL 2k segments"), where the wgmma kernel's tile shape

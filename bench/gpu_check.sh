@@ -80,8 +80,8 @@ if [ "$what" = bench ] || [ "$what" = all ]; then
   step exp_rate_probe bash -c 'set -o pipefail; nvcc -O3 -std=c++17 -gencode arch=compute_90a,code=sm_90a \
     bench/exp_rate_probe.cu -o "$0/exp_rate_probe" && "$0/exp_rate_probe" | tee "$0/exp_rate_probe.md"' \
     "$SPARSEVILA_BENCH_DIR"
-  # the wgmma salience kernel with its exps or its QK^T removed (what the pipeline costs beyond the exps), 4 x 64
-  # tiles at QwenVL 32k and SigLIP 64 frames; the variants' column-sum checks are meaningless by design
+  # the wgmma salience kernel with its exps or its QK^T removed (what the pipeline costs beyond the exps), at 4 x 64
+  # and 2 x 128 tiles, and the 2 x 64 experiment, at QwenVL 32k, SigLIP 64 frames and 1024-token frames
   step salience_structure bash bench/salience_structure.sh --run "$SPARSEVILA_BENCH_DIR"
   step select python -m bench.select "${q[@]}"
   step decode python -m bench.decode "${q[@]}"
@@ -98,9 +98,6 @@ if [ "$what" = bench ] || [ "$what" = all ]; then
   step gemv4_rounds python -m bench.gemv4 --batches 1 2 1 2 1 2 --methods cuda --name gemv4_rounds
   step gemv4_rounds_nopdl env SPARSEVILA_PDL=0 python -m bench.gemv4 --batches 1 2 1 2 1 2 --methods cuda \
     --name gemv4_rounds_nopdl
-  # a pending experiment (bench/NOTES.md, "Next GPU session"): the W4A16 GEMV with K split over a cluster of CTAs
-  step gemv4_csplit_ab bash bench/gemv4_ab.sh bench/results/h200/gemv4_csplit/csplit_experiment.patch \
-    "$SPARSEVILA_BENCH_DIR/gemv4_csplit"
   step gemv_folds python -m bench.gemv_folds
   step vision_block python -m bench.vision_block
   step siglip_tower python -m bench.siglip_tower  # LLaVA-OneVision's SigLIP layer and pooling: stock vs ours

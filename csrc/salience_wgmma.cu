@@ -8,7 +8,8 @@
 // the CTA's kRows = 64 C "resident" rows (pass 1: query rows of R; pass 2: keys of the segment), a wgmma A operand in
 // shared memory loaded once. The segment's other operand streams through a kStages ring of N-row tiles (N = 128 or
 // 64; pass 1: the keys; pass 2: the rows of R and their lse). Per tile a consumer issues S = A B^T (m64nN, k = D
-// padded to 16; asynchronous), then spends the time it runs on the previous tile's S:
+// padded to 16; asynchronous; in pass 2 with C = 4 and D <= 80, A from registers, Tiles::kRegisterA), then spends the
+// time it runs on the previous tile's S:
 //   pass 1: running max and sum per row over the thread's columns (log2 units), one quad merge at the end;
 //   pass 2: p = 2^(qk_scale2 s - lse_scale lse[col]) summed per key row, one quad sum at the end. With C = 4 the
 //           producer's second warp writes nl = -lse_scale lse (-inf past the segment) over the tile's lse in shared
@@ -16,8 +17,7 @@
 //           pair (C = 2 computes nl and the mask itself: the same change measured 6 % slower there, NOTES.md).
 // Two S tiles are live per thread (2 x N / 2 fp32), hence setmaxnreg 240 (C = 2) or 112 (C = 4) for the consumers,
 // 24 for the producer. C = 4, N = 64 (more consumer warps per scheduler to hide the exp chains' latency) is the host's
-// default but where C = 2, N = 128 pads fewer resident rows or, with the lse given, above 2048 tokens
-// (cuda_salience._default; bench/NOTES.md).
+// default but where C = 2, N = 128 pads fewer resident rows (cuda_salience._default; bench/NOTES.md).
 //
 // Shared memory holds an R-row tile (R = kRows resident, N streamed) of head dim D as TMA writes it: columns 0..63
 // (and 64..127 at D = 128) in the 128-byte swizzle (128 B per row, 1024-byte atoms of 8 rows), and for D = 72 / 80
@@ -81,6 +81,12 @@ struct Tiles {
   // Pass 2 takes nl from the producer's second warp (file comment): measured faster with four consumer warps per
   // scheduler (H200, 729-32768 tokens: 6-10 %), slower with two (32k: 6 %).
   static constexpr bool kNlByProducer = C == 4;
+  // Pass 2 with C = 4 reads the wgmma's A operand (the consumer's 64 resident keys) from registers, loaded once
+  // (D <= 80: 16-20 registers; at D = 128 the 32 it needs spill): each k step then reads only B from shared memory,
+  // where the SS form's 4 KB per m64n64k16 step plus the nl loads kept it busy 60 % (ncu). Measured (H200, 32k /
+  // 1024 / 729 tokens): pass 2 -14 / -11 / -9 %; pass 1 +3 % (so it keeps SS); C = 2, N = 128 unchanged.
+  template <int kPass, int D>
+  static constexpr bool kRegisterA = kPass == kPassColsum && C == 4 && D <= 80;
 };
 
 template <int D, int C, int N>
@@ -153,6 +159,21 @@ __device__ __forceinline__ uint64_t tile_desc(uint32_t tile, int kk, int row0) {
   constexpr int kMain = D / 64;
   if (kk < 4 * kMain) return wgmma_desc(tile + (kk / 4) * R * 128 + row0 * 128 + (kk % 4) * 32, Swizzle::k128B, 128);
   return wgmma_desc(tile + kMain * R * 128 + row0 * 32, Swizzle::k32B, 32);
+}
+
+// The wgmma A fragments of k step kk (16 columns) of the 16 rows starting at ``row0`` of the R-row tile at ``tile``
+// (ldmatrix.x4: lanes 8 m .. 8 m + 7 address the rows (m & 1) 8 + 0..7, the 8-column chunk m >> 1 of the step; a
+// 16-byte chunk j of row r sits at j ^ (r & 7) in the 128B swizzle, at j ^ ((r >> 2) & 1) in the 32B one).
+template <int D, int R>
+__device__ __forceinline__ void load_a(uint32_t (&a)[4], uint32_t tile, int kk, int row0, int lane) {
+  constexpr int kMain = D / 64;
+  const int m = lane / 8, r = row0 + (m & 1) * 8 + lane % 8;
+  const uint32_t addr = kk < 4 * kMain
+      ? tile + (kk / 4) * R * 128 + r * 128 + (((2 * (kk % 4) + (m >> 1)) ^ (r & 7)) * 16)
+      : tile + kMain * R * 128 + r * 32 + (((m >> 1) ^ ((r >> 2) & 1)) * 16);
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+               : "=r"(a[0]), "=r"(a[1]), "=r"(a[2]), "=r"(a[3])
+               : "r"(addr));
 }
 
 #endif
@@ -247,6 +268,9 @@ __global__ void __launch_bounds__(Tiles<C, N>::kThreads, 1) salience_wgmma_kerne
   // each. Pass 2: the sums of p for key rows hf = 0, 1, two partials each.
   float m_run[2] = {-INFINITY, -INFINITY}, acc[2][2] = {{0.f, 0.f}, {0.f, 0.f}};
 
+  constexpr bool kRegA = Tiles<C, N>::template kRegisterA<kPass, D>;
+  uint32_t afrag[kRegA ? L::kKSteps : 1][4];  // kRegA: this warp's 16 resident rows, every k step (after res_full)
+
   float s0[kS], s1[kS];
   auto issue = [&](float (&S)[kS], int t) {
     const int s = t % kStages;
@@ -256,9 +280,13 @@ __global__ void __launch_bounds__(Tiles<C, N>::kThreads, 1) salience_wgmma_kerne
     for (int r = 0; r < kS; ++r) fence_operand(S[r]);
     sparsevila::wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < L::kKSteps; ++kk)
-      sparsevila::Wgmma64xN<T, N>::run(S, tile_desc<D, kRows>(res, kk, 64 * c), tile_desc<D, N>(slot, kk, 0),
-                                       kk > 0);
+    for (int kk = 0; kk < L::kKSteps; ++kk) {
+      if constexpr (kRegA)
+        sparsevila::WgmmaRs64x64<T>::run(S, afrag[kk], tile_desc<D, N>(slot, kk, 0), kk > 0);
+      else
+        sparsevila::Wgmma64xN<T, N>::run(S, tile_desc<D, kRows>(res, kk, 64 * c), tile_desc<D, N>(slot, kk, 0),
+                                         kk > 0);
+    }
     sparsevila::wgmma_commit();
 #pragma unroll
     for (int r = 0; r < kS; ++r) fence_operand(S[r]);
@@ -337,6 +365,10 @@ __global__ void __launch_bounds__(Tiles<C, N>::kThreads, 1) salience_wgmma_kerne
     for (int r = 0; r < kS; ++r) fence_operand(S[r]);
   };
   mbar_wait(res_full, 0);
+  if constexpr (kRegA) {
+#pragma unroll
+    for (int kk = 0; kk < L::kKSteps; ++kk) load_a<D, kRows>(afrag[kk], res, kk, 64 * c + 16 * warp, lane);
+  }
   issue(s0, 0);
   int t = 0;
   for (; t + 2 < n_tiles; t += 2) {

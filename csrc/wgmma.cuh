@@ -1,6 +1,7 @@
 // Warpgroup tensor-core helpers (sm_90a; wgmma.mma_async): shared-memory matrix descriptors for K-major operands
 // in the 128-byte and 32-byte swizzled layouts that TMA writes, and D = A B^T for a 64 x 128 or 64 x 64 fp32 tile
-// with k = 16 (A and B both K-major: rows of A and of B are the rows of two row-major matrices sharing the k axis).
+// with k = 16 (A and B both K-major: rows of A and of B are the rows of two row-major matrices sharing the k axis),
+// A from shared memory (Wgmma64xN) or, at N = 64, from registers (WgmmaRs64x64).
 //
 // Accumulator layout (PTX ISA, "wgmma .m64nNk16 D fragment"): warp w of the warpgroup, lane l, holds
 // d[4 i + 0, 1] = D[16 w + l / 4, 8 i + 2 (l % 4) + 0, 1] and d[4 i + 2, 3] = the same columns of row + 8, i < N / 8.
@@ -95,5 +96,33 @@ struct Wgmma64xN {
 };
 #undef SVO_WGMMA_64X128
 #undef SVO_WGMMA_64X64
+
+// d (64 x 64 fp32) = A (64 x 16, in registers) B (64 x 16)^T + (accumulate ? d : 0): A from a[4] in the
+// m16n8k16 A-fragment layout per warp (warp w: rows 16 w ..; a[0] rows l / 4, k 2 (l % 4) + 0, 1; a[1] rows + 8;
+// a[2], a[3] the same at k + 8), as ldmatrix.x4 loads it; only B is read from shared memory.
+#define SVO_WGMMA_RS_64X64(TY)                                                                                         \
+    asm volatile(                                                                                                      \
+        "{\n"                                                                                                          \
+        ".reg .pred p;\n"                                                                                              \
+        "setp.ne.b32 p, %37, 0;\n"                                                                                     \
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32." TY "." TY " {\n"                                                 \
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,\n"                                      \
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "                            \
+        "{%32, %33, %34, %35}, %36, p, 1, 1, 0;\n"                                                                     \
+        "}\n"                                                                                                          \
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),              \
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),        \
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),      \
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])       \
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate))
+
+template <typename T>
+struct WgmmaRs64x64 {
+  static_assert(std::is_same<T, __nv_bfloat16>::value || std::is_same<T, __half>::value, "bf16 or fp16");
+  static __device__ __forceinline__ void run(float (&d)[32], const uint32_t (&a)[4], uint64_t desc_b, int accumulate) {
+    if constexpr (std::is_same<T, __half>::value) SVO_WGMMA_RS_64X64("f16"); else SVO_WGMMA_RS_64X64("bf16");
+  }
+};
+#undef SVO_WGMMA_RS_64X64
 
 }  // namespace sparsevila

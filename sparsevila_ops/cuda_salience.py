@@ -83,26 +83,23 @@ def _key(q, k, cu_seqlens, max_seqlen, scale, num_summary, lse, deterministic, o
 
 
 WGMMA_MIN_SEQLEN = 256  # shorter segments fill less than two of the wgmma kernel's 128-row tiles
-WGMMA_LSE_GIVEN_SMALL_TILES_MAX_SEQLEN = 2048  # LSE given: above this, two consumers of 128 rows
 
 
 def _default(key: SalienceCudaKey) -> dict:
     """The wgmma kernel where it runs (its sm_90a code needs compute capability 9.0) for segments of at least
     ``WGMMA_MIN_SEQLEN`` tokens, else the mma kernel; no polynomial exp2s. The wgmma kernel's tiles: four consumer
     warpgroups of 64 rows, but two of 128 where that pads a segment's resident rows less (n mod 256 in (0, 128]:
-    four consumers hold 256 rows a CTA, two hold 128) and, with the LSE given, above
-    ``WGMMA_LSE_GIVEN_SMALL_TILES_MAX_SEQLEN`` tokens. H200, one run (bench/NOTES.md, "Salience: the mask only in
-    a segment's last tile"), four of 64 vs two of 128, ms, two passes / LSE given: 729 tokens 0.637 / 0.326 vs 0.739
-    / 0.365; 1024 1.006 / 0.519 vs 1.117 / 0.546; 1536 1.401 / 0.726 vs 1.507 / 0.736; 2048 1.873 / 0.964 vs 1.927
-    / 0.955; 4096 0.234 / 0.124 vs 0.239 / 0.119; 16k 3.466 / 1.753 vs 3.442 / 1.669; 32k 13.62 / 6.81 vs 13.64 /
-    6.85; 896 tokens (padding; probe) 1.03 / 0.521 vs 1.013 / 0.488. On the H200 the wgmma kernel took 0.69-0.94x
-    the mma kernel's time from 729-token frames to 32k tokens, and 2.6x at 64-token windows, where 3/4 of each
-    128-row tile is padding. The mma kernel was slower with polynomial exp2s at every Figure-3a shape (poly_every
-    2 / 4 / 8 vs 0: +14-20 % / +6-9 % / +4-6 % time), being bound by its mma.sync issue rate, not by MUFU; the wgmma
-    kernel gains at most 3-6 % at poly_every 4 or 8 on some shapes, which the tuner picks per key."""
+    four consumers hold 256 rows a CTA, two hold 128). H200, one run (bench/NOTES.md, "Salience column sums with
+    the A operand in registers"), four of 64 vs two of 128, ms, two passes / LSE given: 729 tokens 0.605 / 0.296
+    vs 0.738 / 0.364; 1024 0.954 / 0.463 vs 1.126 / 0.552; 4096 0.216 / 0.106 vs 0.240 / 0.121; 32k 12.78 / 6.24
+    vs 13.85 / 6.69; 896 tokens (padding; probe, an earlier kernel) 1.03 / 0.521 vs 1.013 / 0.488. On the H200
+    the wgmma kernel took 0.69-0.94x the mma kernel's time from 729-token frames to 32k tokens, and 2.6x at
+    64-token windows, where 3/4 of each 128-row tile is padding. The mma kernel was slower with polynomial exp2s at
+    every Figure-3a shape (poly_every 2 / 4 / 8 vs 0: +14-20 % / +6-9 % / +4-6 % time), being bound by its
+    mma.sync issue rate, not by MUFU; the wgmma kernel gains at most 3-6 % at poly_every 4 or 8 on some shapes,
+    which the tuner picks per key."""
     wgmma = key.sm90a and key.n >= WGMMA_MIN_SEQLEN
-    small = wgmma and key.n % 256 not in range(1, 129) and not (
-        key.lse_given and key.n > WGMMA_LSE_GIVEN_SMALL_TILES_MAX_SEQLEN)
+    small = wgmma and key.n % 256 not in range(1, 129)
     return {"kernel": "wgmma" if wgmma else "mma", "poly_every": 0, "consumers": 4 if small else 2,
             "tile_n": 64 if small else 128}
 

@@ -18,15 +18,14 @@ define(
 )
 
 # Where no backend is requested, covered inputs (bf16/fp16, head dim 64/72/80/128) run the cuda kernels on a GPU of
-# compute capability 9.0 at every length but those of HOPPER_TRITON_SEQLENS, and elsewhere from sm_90 up to
-# CUDA_MAX_SEQLEN tokens (the mma kernel alone). On the H200 (bench/NOTES.md) the cuda kernels were faster than
-# Triton at 64-token windows (mma, 2.2x), 729-token frames (wgmma, 1.38x), 896-token segments (1.09x / 1.07x with the
-# LSE given), 960 (1.11x / 1.08x), 1088 (0.99x / 1.13x), 1152 (1.03x / 1.18x), 1280 (1.00x / 1.11x), 1536 (1.03x /
-# 1.12x), 2048 (1.06x) and 4096 to 32k tokens (1.07-1.09x), Triton at 1024-token segments (1.06x / 1.09x: the length
-# of Qwen2.5-VL's full-attention frames at 448 px); the bounds lie between those lengths. The mma kernel alone lost
-# to Triton at 1024 (1.38x slower) and from 4096 tokens.
+# compute capability 9.0 at every length, and elsewhere from sm_90 up to CUDA_MAX_SEQLEN tokens (the mma kernel
+# alone). On the H200 (bench/NOTES.md, "Salience column sums with the A operand in registers") the cuda kernels were
+# faster than Triton at 64-token windows (mma, 1.7x at 4d1a371), 729-token frames (wgmma, 1.52x two passes / 1.51x with the LSE
+# given), 960 (1.24x / 1.30x), 1000 (1.29x / 1.33x), 1024 (1.06x / 1.11x), 1056 (1.02x / 1.17x), 1088 (1.00x /
+# 1.17x) and 4096 to 32k tokens (1.19x / 1.17x at 32k); before the wgmma kernel's column sums took their A operand
+# from registers, Triton won at 961-1056 tokens. The mma kernel alone lost to Triton at 1024 (1.38x slower) and from
+# 4096 tokens.
 CUDA_MAX_SEQLEN = 960
-HOPPER_TRITON_SEQLENS = (961, 1056)  # max_seqlen in this closed range runs Triton on compute capability 9.0 too
 
 
 def summary_rows(max_seqlen: int, num_summary: int) -> int:
@@ -37,13 +36,11 @@ def summary_rows(max_seqlen: int, num_summary: int) -> int:
 
 def _preferred_backend(device: torch.device, q: torch.Tensor, k, cu_seqlens, max_seqlen: int, *rest):
     """``cuda`` for inputs its kernels cover (``cuda_salience.unsupported``: bf16/fp16, head dim 64/72/80/128) on a
-    GPU of compute capability 9.0 unless ``max_seqlen`` lies in ``HOPPER_TRITON_SEQLENS``, or of a later one for
-    segments of at most ``CUDA_MAX_SEQLEN`` tokens; else None (the device default, Triton). Importing
-    ``cuda_salience`` builds nothing."""
+    GPU of compute capability 9.0, or of a later one for segments of at most ``CUDA_MAX_SEQLEN`` tokens; else None
+    (the device default, Triton). Importing ``cuda_salience`` builds nothing."""
     if device.type != "cuda" or _device.capability(device) < (9, 0):
         return None
-    lo, hi = HOPPER_TRITON_SEQLENS
-    if max_seqlen > CUDA_MAX_SEQLEN and (_device.capability(device) != (9, 0) or lo <= max_seqlen <= hi):
+    if max_seqlen > CUDA_MAX_SEQLEN and _device.capability(device) != (9, 0):
         return None
     from .cuda_salience import unsupported
     return "cuda" if unsupported(q, k) is None else None

@@ -144,8 +144,9 @@ def test_cuda_salience_support_rules_and_alignment():
     for n in (1280, 2048, 32768):  # two passes: four consumers at every length but where they pad more rows
         assert cs._default(hopper._replace(n=n)) == small
     assert cs._default(hopper._replace(n=32768 + 100)) == wide
-    assert cs._default(lse._replace(n=cs.WGMMA_LSE_GIVEN_SMALL_TILES_MAX_SEQLEN)) == small  # LSE given: up to here
-    assert cs._default(lse._replace(n=cs.WGMMA_LSE_GIVEN_SMALL_TILES_MAX_SEQLEN + 256)) == wide
+    for n in (1280, 2048, 4096, 32768):  # the LSE given: the same rule
+        assert cs._default(lse._replace(n=n)) == small
+    assert cs._default(lse._replace(n=32768 + 100)) == wide
     space = cs._space(hopper)
     assert {c["kernel"] for c in space} == set(cs.KERNELS) and len(space) == 12 and len(
         {tuple(sorted(c.items())) for c in space}) == 12
@@ -453,18 +454,14 @@ def test_cuda_salience_falls_back_to_triton_for_fp32_gpu():
 
 def test_covered_inputs_prefer_the_cuda_backend_on_hopper(monkeypatch):
     """Without a requested backend, covered inputs (bf16/fp16, a covered head dim) pick cuda on compute capability
-    9.0 at every length but the HOPPER_TRITON_SEQLENS window (where Triton measured faster), and up to
-    CUDA_MAX_SEQLEN tokens on later GPUs (the mma kernel alone); anything else keeps the device default."""
+    9.0 at every length, and up to CUDA_MAX_SEQLEN tokens on later GPUs (the mma kernel alone); anything else keeps
+    the device default."""
     from sparsevila_ops import _device, salience
     cap = {"v": (9, 0)}
     monkeypatch.setattr(_device, "capability", lambda d: cap["v"])
     cuda, q = torch.device("cuda"), torch.empty(10, 2, 80, dtype=torch.bfloat16)
     pick = salience._preferred_backend
-    assert pick(cuda, q, q, None, 729) == "cuda" and pick(cuda, q, q, None, 32768) == "cuda"
-    lo, hi = salience.HOPPER_TRITON_SEQLENS
-    assert salience.CUDA_MAX_SEQLEN < lo <= 1024 <= hi < 1280  # the measured lengths on either side
-    assert all(pick(cuda, q, q, None, n) is None for n in (lo, 1024, hi))
-    assert pick(cuda, q, q, None, lo - 1) == "cuda" and pick(cuda, q, q, None, hi + 1) == "cuda"
+    assert all(pick(cuda, q, q, None, n) == "cuda" for n in (64, 729, 960, 1024, 1056, 1088, 32768))
     assert pick(cuda, q.float(), q, None, 64) is None
     assert pick(cuda, torch.empty(10, 2, 96, dtype=torch.float16), q, None, 64) is None
     assert pick(torch.device("cpu"), q, q, None, 64) is None
