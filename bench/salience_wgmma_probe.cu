@@ -60,6 +60,12 @@ int main(int argc, char** argv) {
     double tot = 0, w = 0;
     for (size_t i = 0; i < h.size(); ++i) { tot += h[i]; w += h[i] * (double)(i % 9973); }
     printf("check: sum %.6f (heads x segments %d) weighted %.6f\n", tot, H * S, w);
+    std::vector<float> l((size_t)H * Tp);  // the LSE pass's output alone, to tell which pass differs between builds
+    cudaMemcpy(l.data(), lse, l.size() * 4, cudaMemcpyDeviceToHost);
+    double lw = 0;
+    for (int hh = 0; hh < H; ++hh)
+      for (int t = 0; t < T; ++t) lw += l[(size_t)hh * Tp + t] * (double)((hh * T + t) % 9973);
+    printf("lse check: weighted %.6f\n", lw);
   }
   const double exps = (double)H * S * seg * (double)seg, floor_ms = exps / 3.9e12 * 1e3;
   printf("D=%d T=%d H=%d seg=%d C=%d N=%d: lse %.3f ms, colsum %.3f ms (exp floor per pass %.3f ms) poly %d %s\n", D, T,
