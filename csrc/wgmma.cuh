@@ -40,6 +40,17 @@ __device__ __forceinline__ void wgmma_wait() {
 // warpgroup_fence_operand): the register is "rewritten" here, so reads cannot move above a preceding wait.
 __device__ __forceinline__ void fence_operand(float& r) { asm volatile("" : "+f"(r)::"memory"); }
 
+// The accumulator registers d[0..31] of a 64 x 64 fp32 tile as the asm operands %0..%31: their PTX list (without
+// its closing brace) and their output constraints, shared by the 64 x 64 forms and the first half of 64 x 128.
+#define SVO_D32_LIST                                                                                                   \
+    "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,\n"                                          \
+    "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+#define SVO_D32_OUTS                                                                                                   \
+    "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),                    \
+    "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),              \
+    "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),            \
+    "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+
 // d (64 x 128 fp32) = A (64 x 16) B (128 x 16)^T + (accumulate ? d : 0), issued asynchronously (commit, then
 // wait before reading d); T = __nv_bfloat16 or __half (TY: its PTX type).
 #define SVO_WGMMA_64X128(TY)                                                                                           \
@@ -48,15 +59,11 @@ __device__ __forceinline__ void fence_operand(float& r) { asm volatile("" : "+f"
         ".reg .pred p;\n"                                                                                              \
         "setp.ne.b32 p, %66, 0;\n"                                                                                     \
         "wgmma.mma_async.sync.aligned.m64n128k16.f32." TY "." TY " {\n"                                                \
-        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,\n"                                      \
-        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31,\n"                            \
+        SVO_D32_LIST ",\n"                                                                                             \
         "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47,\n"                            \
         "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, 0, 0;\n"  \
         "}\n"                                                                                                          \
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),              \
-          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),        \
-          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),      \
-          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),      \
+        : SVO_D32_OUTS,                                                                                                \
           "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),      \
           "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),      \
           "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),      \
@@ -71,13 +78,9 @@ __device__ __forceinline__ void fence_operand(float& r) { asm volatile("" : "+f"
         ".reg .pred p;\n"                                                                                              \
         "setp.ne.b32 p, %34, 0;\n"                                                                                     \
         "wgmma.mma_async.sync.aligned.m64n64k16.f32." TY "." TY " {\n"                                                 \
-        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,\n"                                      \
-        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n"  \
+        SVO_D32_LIST "}, %32, %33, p, 1, 1, 0, 0;\n"                                                                   \
         "}\n"                                                                                                          \
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),              \
-          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),        \
-          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),      \
-          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])       \
+        : SVO_D32_OUTS                                                                                                 \
         : "l"(desc_a), "l"(desc_b), "r"(accumulate))
 
 // The 64 x N tile (N = 64 or 128) of d = A B^T (+ d), fp32, T = __nv_bfloat16 or __half.
@@ -106,14 +109,10 @@ struct Wgmma64xN {
         ".reg .pred p;\n"                                                                                              \
         "setp.ne.b32 p, %37, 0;\n"                                                                                     \
         "wgmma.mma_async.sync.aligned.m64n64k16.f32." TY "." TY " {\n"                                                 \
-        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,\n"                                      \
-        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "                            \
+        SVO_D32_LIST "}, "                                                                                             \
         "{%32, %33, %34, %35}, %36, p, 1, 1, 0;\n"                                                                     \
         "}\n"                                                                                                          \
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),              \
-          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),        \
-          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),      \
-          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])       \
+        : SVO_D32_OUTS                                                                                                 \
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate))
 
 template <typename T>
@@ -124,5 +123,7 @@ struct WgmmaRs64x64 {
   }
 };
 #undef SVO_WGMMA_RS_64X64
+#undef SVO_D32_LIST
+#undef SVO_D32_OUTS
 
 }  // namespace sparsevila

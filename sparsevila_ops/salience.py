@@ -20,11 +20,11 @@ define(
 # Where no backend is requested, covered inputs (bf16/fp16, head dim 64/72/80/128) run the cuda kernels on a GPU of
 # compute capability 9.0 at every length, and elsewhere from sm_90 up to CUDA_MAX_SEQLEN tokens (the mma kernel
 # alone). On the H200 (bench/NOTES.md, "Salience column sums with the A operand in registers") the cuda kernels were
-# faster than Triton at 64-token windows (mma, 1.7x at 4d1a371), 729-token frames (wgmma, 1.52x two passes / 1.51x with the LSE
-# given), 960 (1.24x / 1.30x), 1000 (1.29x / 1.33x), 1024 (1.06x / 1.11x), 1056 (1.02x / 1.17x), 1088 (1.00x /
-# 1.17x) and 4096 to 32k tokens (1.19x / 1.17x at 32k); before the wgmma kernel's column sums took their A operand
-# from registers, Triton won at 961-1056 tokens. The mma kernel alone lost to Triton at 1024 (1.38x slower) and from
-# 4096 tokens.
+# faster than Triton at 64-token windows (mma, 1.7x at 4d1a371), 729-token frames (wgmma, 1.52x two passes / 1.51x
+# with the LSE given), 960 (1.24x / 1.30x), 1000 (1.29x / 1.33x), 1024 (1.06x / 1.11x), 1056 (1.02x / 1.17x), 1088
+# (1.00x / 1.17x) and 4096 to 32k tokens (1.19x / 1.17x at 32k); before the wgmma kernel's column sums took their A
+# operand from registers, Triton won at 961-1056 tokens. The mma kernel alone lost to Triton at 1024 (1.38x slower)
+# and from 4096 tokens.
 CUDA_MAX_SEQLEN = 960
 
 
