@@ -66,11 +66,20 @@ if [ "$what" = tests ] || [ "$what" = all ]; then
     return $rc
   }
   step fuzz fuzz_all
-  # compute-sanitizer on one launch of every salience and gemv instantiation (checked against the reference too)
+  # compute-sanitizer on one launch of every salience and gemv instantiation (checked against the reference too);
+  # racecheck, minutes at the salience inputs' 48 repeats, runs them once (one work item per persistent CTA), and
+  # the standalone probe with 1024 items (several per CTA: both resident buffers reused) in both tile shapes
   for tool in memcheck racecheck synccheck; do
-    step "sanitize-$tool" compute-sanitizer --tool "$tool" --error-exitcode 3 python -m bench.sanitize_salience
+    r=(); [ "$tool" = racecheck ] && r=(--repeat 1)
+    step "sanitize-$tool" compute-sanitizer --tool "$tool" --error-exitcode 3 \
+      python -m bench.sanitize_salience "${r[@]}"
     step "sanitize-gemv-$tool" compute-sanitizer --tool "$tool" --error-exitcode 3 python -m bench.sanitize_gemv
   done
+  step sanitize-racecheck-items bash -c 'set -e; d=$(mktemp -d)
+    nvcc -O3 -std=c++17 --use_fast_math -gencode arch=compute_90a,code=sm_90a \
+    -Icsrc -DSRC="\"salience_wgmma.cu\"" bench/salience_wgmma_probe.cu -o "$d/salience_probe"
+    for tiles in "4 64" "2 128"; do  # D 80, 256 segments of 100 tokens, 4 heads, one timed launch per pass
+      compute-sanitizer --tool racecheck --error-exitcode 3 "$d/salience_probe" 80 25600 4 100 1 0 $tiles; done'
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
   q=(); [ "$quick" = --quick ] && q=(--quick)
@@ -81,7 +90,7 @@ if [ "$what" = bench ] || [ "$what" = all ]; then
     bench/exp_rate_probe.cu -o "$0/exp_rate_probe" && "$0/exp_rate_probe" | tee "$0/exp_rate_probe.md"' \
     "$SPARSEVILA_BENCH_DIR"
   # the wgmma salience kernel with its exps or its QK^T removed (what the pipeline costs beyond the exps), at 4 x 64
-  # and 2 x 128 tiles, and the 2 x 64 experiment, at QwenVL 32k, SigLIP 64 frames and 1024-token frames
+  # and 2 x 128 tiles, at QwenVL 32k, SigLIP 64 frames and 1024-token frames
   step salience_structure bash bench/salience_structure.sh --run "$SPARSEVILA_BENCH_DIR"
   step select python -m bench.select "${q[@]}"
   step decode python -m bench.decode "${q[@]}"

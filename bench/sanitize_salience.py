@@ -7,16 +7,19 @@
 
 Every instantiation of ``csrc/salience.cu`` and ``csrc/salience_wgmma.cu`` (bf16/fp16 x D 64/72/80/128 x poly_every
 0/2/4/8, LSE pass and column-sum pass; the wgmma kernel, in both tile shapes, where the GPU runs it) runs once on
-varlen segments with an empty one, a length-1 one, partial tiles and several key blocks (lengths 1, 0, 97, 200), q/k
-as views whose padding columns and extra rows are NaN; then the column sums given an LSE, summary rows, and the head
+varlen segments with an empty one, a length-1 one, partial tiles and several key blocks (lengths 1, 0, 97, 200,
+repeated ``--repeat`` times, 48 by default: the wgmma kernel's persistent CTAs each take two or more work items, so
+both resident buffers and the ring's phases wrap), q/k as views whose padding columns and extra rows are NaN; then the column sums given an LSE, summary rows, and the head
 sum. Each result is checked against the torch reference (finite, relative error within the bf16/fp16 tolerance), so
 a run that the sanitizer passes also computed the right thing. Exits 1 on a wrong result, 0 otherwise (the
 sanitizer's own report is its output). ``--consumers C`` / ``--poly P ...`` keep only the configs with those
-values (the wgmma kernel's tile shape, the polynomial shares), for a shorter run.
+values (the wgmma kernel's tile shape, the polynomial shares), for a shorter run; so does a smaller ``--repeat``
+(racecheck takes minutes at 48).
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 
 import torch
@@ -38,6 +41,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.sanitize_salience", description=__doc__.split("\n\n")[0])
     p.add_argument("--consumers", type=int, default=None, help="only configs with this many consumer warpgroups")
     p.add_argument("--poly", type=int, nargs="+", default=None, help="only configs with these poly_every values")
+    p.add_argument("--repeat", type=int, default=48, help="how many times the segment lengths repeat")
     a = p.parse_args(argv)
     if not require_gpu("bench.sanitize_salience"):
         return 0
@@ -47,8 +51,9 @@ def main(argv=None) -> int:
                 and (a.poly is None or cfg["poly_every"] in a.poly))
     from sparsevila_ops import autotune
     from sparsevila_ops.cuda_salience import HEAD_DIMS, SALIENCE_CUDA
-    cu = torch.tensor([0, 1, 1, 98, 298], dtype=torch.int32, device="cuda")
-    T, n = 298, max(LENGTHS)
+    lengths = LENGTHS * a.repeat
+    cu = torch.tensor([0] + list(itertools.accumulate(lengths)), dtype=torch.int32, device="cuda")
+    T, n = sum(lengths), max(lengths)
     failures = []
 
     def check(what, got, ref, dtype):

@@ -307,6 +307,32 @@ def test_cuda_salience_every_poly_share_gpu(kernel, tiles, poly_every, lse_given
 @pytest.mark.gpu
 @sm90
 @pytest.mark.parametrize("kernel,tiles", TILED_KERNELS_HERE)
+@pytest.mark.parametrize("lse_given", [False, True])
+def test_cuda_salience_many_work_items_per_cta_gpu(kernel, tiles, lse_given):
+    """More work items than CTAs: the wgmma kernel's persistent grid (one CTA per SM) takes several each, in both
+    resident buffers, with empty and one-token segments between long ones and summary rows cutting some segments'
+    items short; the result equals the oracle and a second call bit for bit."""
+    from sparsevila_ops.cuda_salience import SALIENCE_CUDA
+    lengths = [300, 0, 1, 97, 520, 64] * 30
+    cu = _cu(lengths)
+    T, H, D = int(cu[-1]), 4, 72
+    q, k = _padded_inputs(T, H, D, torch.bfloat16, seed=12)
+    lse = _natural_lse(q, k, cu) if lse_given else None
+    for c in (0, 150):
+        runs = []
+        for _ in range(2):
+            out = poison(torch.empty(H, T, device="cuda"))
+            SALIENCE_CUDA.launch(q, k, cu, max(lengths), D ** -0.5, c, None if c else lse, False, out,
+                                 _config(kernel, tiles, 0))
+            runs.append(out)
+        assert_rel(runs[0], _oracle(q, k, cu, c, None if c else lse, False), ORACLE_TOL,
+                   f"{kernel} {tiles} num_summary={c} lse={lse_given}")
+        assert torch.equal(runs[0], runs[1])
+
+
+@pytest.mark.gpu
+@sm90
+@pytest.mark.parametrize("kernel,tiles", TILED_KERNELS_HERE)
 @pytest.mark.parametrize("poly_every", [0, 4])
 def test_cuda_salience_lse_pass_follows_scores_far_above_the_first_tile_gpu(kernel, tiles, poly_every):
     """The LSE pass's running max and rescaled sums when later keys score far above the first tile's: keys ~80 and
