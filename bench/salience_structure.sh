@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
-# Builds three probes of csrc/salience_wgmma.cu that split what its pipeline costs beyond the exps (#15: the
-# column-sum mix alone keeps MUFU 93-96 % busy at 8-16 warps per SM, bench/exp_rate_probe.cu, the kernel 64-69 %):
+# Builds four probes of csrc/salience_wgmma.cu: three that split what its pipeline costs beyond the exps (#15: the
+# column-sum mix alone keeps MUFU 93-96 % busy at 8-16 warps per SM, bench/exp_rate_probe.cu, the kernel 64-69 %),
+# and one experiment:
 #   base     the kernel as it is
 #   noexp    each score's exp2 an FMUL instead (no MUFU; its FFMA and FADD stay): QK^T + barriers + issue
 #   nowgmma  no QK^T wgmma (the score registers keep what they hold; fenced, so every exp stays): exps + barriers
+#   xitem    results/h200/salience_cross_item/cross_item_experiment.patch applied: the next work item's first S
+#            issued before the current item's last tile is consumed; run in both tile shapes, its sums must equal
+#            base's to the bit (the same sums in the same order)
 # (A fourth, the 2 x 64 tile shape of results/h200/salience_c2n64/, was dropped when the kernel's grid became
 # persistent: its patch is against the kernel before that, and the persistent grid took its gain, bench/NOTES.md.)
 # The variants are generated in a temporary directory by sed and patch (the production file is not edited).
@@ -13,7 +17,7 @@
 #                                              (built here beforehand: no nvcc time on the GPU machine), else
 #                                              builds in a temporary directory
 # Run a binary as bench/salience_wgmma_probe.cu says, e.g. `salience_probe_nowgmma 80 32768 16 32768 10 0 4 64`;
-# only base's column-sum check means anything.
+# only base's and xitem's column-sum checks mean anything.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 run=""
@@ -24,7 +28,7 @@ if [ "${1:-}" = --run ]; then
 else
   bin="${1:-.session/bin}"
 fi
-variants=(base noexp nowgmma)
+variants=(base noexp nowgmma xitem)
 mkdir -p "$bin"
 tmp=$(mktemp -d); trap 'rm -rf "$tmp"; [ -z "$run" ] || [ -n "$prebuilt" ] || rm -rf "$bin"' EXIT
 src=csrc/salience_wgmma.cu
@@ -32,6 +36,8 @@ grep -q 'ex2_pair<kPolyEvery>(' "$src" && grep -q '^ *if constexpr (kRegA)$' "$s
   echo "salience_structure.sh: $src no longer has the lines the variants rewrite" >&2; exit 1; }
 for v in "${variants[@]}"; do mkdir -p "$tmp/$v"; done
 cp "$src" "$tmp/base/salience_wgmma.cu"
+patch -s -o "$tmp/xitem/salience_wgmma.cu" "$src" \
+  < bench/results/h200/salience_cross_item/cross_item_experiment.patch
 sed -e '/^using sparsevila::ex2_pair;/a __device__ __forceinline__ float probe_no_exp(float x, int) { return x * 1.0001f; }' \
     -e 's/ex2_pair<kPolyEvery>(/probe_no_exp(/g' "$src" > "$tmp/noexp/salience_wgmma.cu"
 sed -e '/^ *if constexpr (kRegA)$/,/^ *kk > 0);$/c\      ;  // probe: no QK^T (the k-step loop stays, empty)' "$src" \
@@ -48,13 +54,26 @@ if [ -z "$run" ]; then ls -la "$bin"/salience_probe_*; exit 0; fi
 rc=0
 : > "$run/salience_structure.md"
 shapes=("80 32768 16 32768 10" "72 46656 16 729 30" "80 65536 16 1024 10")  # QwenVL 32k, SigLIP 64 frames, 1024
-probe() {  # probe VARIANT "C N": one timing line per shape into the table
-  local v="$1" tiles="$2" shape out
+probe() {  # probe VARIANT "C N" TAG: one timing line per shape into the table, its checksums kept under TAG
+  local v="$1" tiles="$2" tag="$3" shape out
   for shape in "${shapes[@]}"; do
     # shellcheck disable=SC2086 # the shape is five arguments, the tiles two
     out=$("$bin/salience_probe_$v" $shape 0 $tiles) || rc=1
     echo "$v: $(grep -m1 '^D=' <<< "$out")" | tee -a "$run/salience_structure.md"  # the timing line
+    grep '^check:\|^lse check:' <<< "$out" > "$tmp/check_${tag}_${shape// /_}" || true  # failed: rc is 1 already
   done
 }
-probe base "4 64"; probe base "2 128"; probe noexp "4 64"; probe nowgmma "4 64"
+same() {  # same TAG BASE_TAG: both passes' checksums equal to the bit at every shape
+  local shape
+  for shape in "${shapes[@]}"; do
+    if ! cmp -s "$tmp/check_$2_${shape// /_}" "$tmp/check_$1_${shape// /_}"; then
+      echo "$1: sums differ from $2 at $shape: $(tr '\n' ' ' < "$tmp/check_$1_${shape// /_}")" \
+        | tee -a "$run/salience_structure.md"
+      rc=1
+    fi
+  done
+}
+probe base "4 64" base_4x64; probe base "2 128" base_2x128; probe noexp "4 64" noexp; probe nowgmma "4 64" nowgmma
+probe xitem "4 64" xitem_4x64; probe xitem "2 128" xitem_2x128
+same xitem_4x64 base_4x64; same xitem_2x128 base_2x128
 exit $rc

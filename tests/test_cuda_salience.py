@@ -318,15 +318,14 @@ def test_cuda_salience_many_work_items_per_cta_gpu(kernel, tiles, lse_given):
     T, H, D = int(cu[-1]), 4, 72
     q, k = _padded_inputs(T, H, D, torch.bfloat16, seed=12)
     lse = _natural_lse(q, k, cu) if lse_given else None
-    for c in (0, 150):
+    for c, lse_c in ((0, lse), (150, None)):  # a given LSE is over every row: the summary rows compute theirs
         runs = []
         for _ in range(2):
             out = poison(torch.empty(H, T, device="cuda"))
-            SALIENCE_CUDA.launch(q, k, cu, max(lengths), D ** -0.5, c, None if c else lse, False, out,
-                                 _config(kernel, tiles, 0))
+            SALIENCE_CUDA.launch(q, k, cu, max(lengths), D ** -0.5, c, lse_c, False, out, _config(kernel, tiles, 0))
             runs.append(out)
-        assert_rel(runs[0], _oracle(q, k, cu, c, None if c else lse, False), ORACLE_TOL,
-                   f"{kernel} {tiles} num_summary={c} lse={lse_given}")
+        assert_rel(runs[0], _oracle(q, k, cu, c, lse_c, False), ORACLE_TOL,
+                   f"{kernel} {tiles} num_summary={c} lse={lse_c is not None}")
         assert torch.equal(runs[0], runs[1])
 
 
