@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
-# Builds four probes of csrc/salience_wgmma.cu: three that split what its pipeline costs beyond the exps (#15: the
+# Builds five probes of csrc/salience_wgmma.cu: three that split what its pipeline costs beyond the exps (#15: the
 # column-sum mix alone keeps MUFU 93-96 % busy at 8-16 warps per SM, bench/exp_rate_probe.cu, the kernel 64-69 %),
-# and one experiment:
+# and two experiments:
 #   base     the kernel as it is
 #   noexp    each score's exp2 an FMUL instead (no MUFU; its FFMA and FADD stay): QK^T + barriers + issue
 #   nowgmma  no QK^T wgmma (the score registers keep what they hold; fenced, so every exp stays): exps + barriers
 #   xitem    results/h200/salience_cross_item/cross_item_experiment.patch applied: the next work item's first S
-#            issued before the current item's last tile is consumed; run in both tile shapes, its sums must equal
-#            base's to the bit (the same sums in the same order)
-# (A fourth, the 2 x 64 tile shape of results/h200/salience_c2n64/, was dropped when the kernel's grid became
-# persistent: its patch is against the kernel before that, and the persistent grid took its gain, bench/NOTES.md.)
+#            issued before the current item's last tile is consumed; run in both tile shapes
+#   lastgrp  results/h200/salience_last_groups/last_groups_experiment.patch applied: an item's last (partial) tile
+#            takes the exps of its 8-column groups inside the segment only; run at 4 x 64
+# The two experiments' sums must equal base's to the bit (the same sums in the same order; a skipped exp was 0).
+# (The 2 x 64 tile shape of results/h200/salience_c2n64/ left this list when the kernel's grid became persistent:
+# its patch is against the kernel before that, and the persistent grid took its gain, bench/NOTES.md.)
 # The variants are generated in a temporary directory by sed and patch (the production file is not edited).
 #   bash bench/salience_structure.sh [BIN]     binaries into BIN (default .session/bin) as salience_probe_{base,...}
 #   bash bench/salience_structure.sh --run OUT [BIN]  times each at QwenVL 32k, SigLIP 64 frames and 1024-token
@@ -17,7 +19,7 @@
 #                                              (built here beforehand: no nvcc time on the GPU machine), else
 #                                              builds in a temporary directory
 # Run a binary as bench/salience_wgmma_probe.cu says, e.g. `salience_probe_nowgmma 80 32768 16 32768 10 0 4 64`;
-# only base's and xitem's column-sum checks mean anything.
+# only base's and the experiments' checksums mean anything.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 run=""
@@ -28,7 +30,7 @@ if [ "${1:-}" = --run ]; then
 else
   bin="${1:-.session/bin}"
 fi
-variants=(base noexp nowgmma xitem)
+variants=(base noexp nowgmma xitem lastgrp)
 mkdir -p "$bin"
 tmp=$(mktemp -d); trap 'rm -rf "$tmp"; [ -z "$run" ] || [ -n "$prebuilt" ] || rm -rf "$bin"' EXIT
 src=csrc/salience_wgmma.cu
@@ -38,6 +40,8 @@ for v in "${variants[@]}"; do mkdir -p "$tmp/$v"; done
 cp "$src" "$tmp/base/salience_wgmma.cu"
 patch -s -o "$tmp/xitem/salience_wgmma.cu" "$src" \
   < bench/results/h200/salience_cross_item/cross_item_experiment.patch
+patch -s -o "$tmp/lastgrp/salience_wgmma.cu" "$src" \
+  < bench/results/h200/salience_last_groups/last_groups_experiment.patch
 sed -e '/^using sparsevila::ex2_pair;/a __device__ __forceinline__ float probe_no_exp(float x, int) { return x * 1.0001f; }' \
     -e 's/ex2_pair<kPolyEvery>(/probe_no_exp(/g' "$src" > "$tmp/noexp/salience_wgmma.cu"
 sed -e '/^ *if constexpr (kRegA)$/,/^ *kk > 0);$/c\      ;  // probe: no QK^T (the k-step loop stays, empty)' "$src" \
@@ -74,6 +78,6 @@ same() {  # same TAG BASE_TAG: both passes' checksums equal to the bit at every 
   done
 }
 probe base "4 64" base_4x64; probe base "2 128" base_2x128; probe noexp "4 64" noexp; probe nowgmma "4 64" nowgmma
-probe xitem "4 64" xitem_4x64; probe xitem "2 128" xitem_2x128
-same xitem_4x64 base_4x64; same xitem_2x128 base_2x128
+probe xitem "4 64" xitem_4x64; probe xitem "2 128" xitem_2x128; probe lastgrp "4 64" lastgrp
+same xitem_4x64 base_4x64; same xitem_2x128 base_2x128; same lastgrp base_4x64
 exit $rc
