@@ -10,7 +10,9 @@ renamed to the key's name once complete, so a folder under that name always hold
 build leaves only a temporary folder (the next build removes it). Builders of a key serialize on an ``fcntl``
 lock of ``<folder>.lock``, which the OS releases when its holder dies, and look again once they hold it: a
 process that waited loads what the other one built. An INFO line of the ``sparsevila_ops`` logger names the
-folder before compiling (about a minute); ``python -m sparsevila_ops warmup`` builds ahead of time.
+folder before compiling (about a minute); ``python -m sparsevila_ops warmup`` builds ahead of time. A WARNING
+line quotes any "Potential Performance Loss" that ptxas reports (such as wgmmas it had to serialize): the build
+is usable but slow, and the CPU tests fail on one.
 
 Toolchain: nvcc (``$SPARSEVILA_NVCC``, else ``$CUDA_HOME/bin``, ``PATH``, ``/usr/local/cuda/bin``), ninja and
 pybind11 (``pip install -e ".[cuda]"``). Without them ``import sparsevila_ops`` still works and :func:`unusable`
@@ -54,6 +56,7 @@ LINK_FLAGS = ("-shared", "--cudart", "static")
 EXT_SUFFIX = sysconfig.get_config_var("EXT_SUFFIX")
 
 log = logging.getLogger("sparsevila_ops")
+PERF_LOSS = "Potential Performance Loss"  # ptxas's words for code it could not schedule as written (logged)
 
 _module = None  # the loaded extension
 _failure: Optional[str] = None  # why the build or load failed in this process (not retried)
@@ -228,6 +231,10 @@ def _compile(tools: Toolchain, out: Path) -> None:
     if res.returncode != 0 or not (out / f"{MODULE}{EXT_SUFFIX}").is_file():
         raise RuntimeError(f"building the cuda kernels failed (ninja in {out}):\n{res.stdout[-6000:]}\n"
                            f"{res.stderr[-2000:]}")
+    losses = [line.strip() for line in res.stdout.splitlines() if PERF_LOSS in line]
+    if losses:  # e.g. ptxas serializing a kernel's wgmmas (C7514, C7518): correct, but much slower
+        log.warning("ptxas reports %d potential performance losses in the cuda kernels:\n%s", len(losses),
+                    "\n".join(losses[:4]))
 
 
 def build() -> Path:

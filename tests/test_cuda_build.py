@@ -21,11 +21,15 @@ ROOT = Path(__file__).resolve().parent.parent
 BUILDING = "building the cuda kernels into"
 
 # Stands in for nvcc: answers --version; for a compile or link, logs "<pid> <args>", creates its -o output (or
-# fails when $FAKE_NVCC_FAIL is set), marks that one started, then becomes `sleep $FAKE_NVCC_SLEEP` (same pid).
+# fails when $FAKE_NVCC_FAIL is set; prints a ptxas performance note when $FAKE_NVCC_PERF is set), marks that one
+# started, then becomes `sleep $FAKE_NVCC_SLEEP` (same pid).
 FAKE_NVCC = r"""#!/bin/sh
 if [ "$1" = "--version" ]; then echo "Cuda compilation tools, release 13.0, V13.0.88 (fake)"; exit 0; fi
 echo "$$ $*" >> "$FAKE_NVCC_LOG"
 if [ -n "$FAKE_NVCC_FAIL" ]; then echo "fake nvcc: error in $*" >&2; exit 2; fi
+if [ -n "$FAKE_NVCC_PERF" ]; then
+  echo "ptxas info    : (C7514) Potential Performance Loss: wgmma.mma_async instructions are serialized (fake)" >&2
+fi
 out=; prev=
 for a in "$@"; do [ "$prev" = "-o" ] && out=$a; prev=$a; done
 touch "$out" "$FAKE_NVCC_STARTED"
@@ -54,6 +58,8 @@ def built(tmp_path_factory):
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert BUILDING in proc.stderr and "cuda kernels ready" in proc.stdout
+    # ptxas compiled every kernel as written: no serialized wgmmas (C7514 / C7518) or other reported losses
+    assert _cuda.PERF_LOSS not in proc.stderr, proc.stderr
     print(f"first build: {time.perf_counter() - t0:.1f} s")
     (folder,) = [p for p in cache.iterdir() if p.is_dir()]
     return cache, folder
@@ -239,6 +245,15 @@ def test_a_folder_without_the_module_is_not_a_build(fake_nvcc, caplog):
     assert lib.parent == final and lib.is_file() and not (final / "junk").exists()
     assert [r.getMessage() for r in caplog.records if BUILDING in r.getMessage()] == [
         f"{BUILDING} {final} (first use, about a minute)"]
+
+
+def test_a_ptxas_performance_loss_is_logged(fake_nvcc, monkeypatch, caplog):
+    monkeypatch.setenv("FAKE_NVCC_PERF", "1")
+    with caplog.at_level("WARNING", logger="sparsevila_ops"):
+        assert _cuda.build().is_file()
+    (msg,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    objects = len([p for p in _cuda.sources() if p.suffix in (".cu", ".cpp")])
+    assert msg.startswith(f"ptxas reports {objects + 1} potential performance losses") and "(C7514)" in msg
 
 
 def test_a_failed_build_is_reported_and_not_retried(fake_nvcc, monkeypatch):
