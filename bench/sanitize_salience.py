@@ -9,12 +9,12 @@ Every instantiation of ``csrc/salience.cu`` and ``csrc/salience_wgmma.cu`` (bf16
 0/2/4/8, LSE pass and column-sum pass; the wgmma kernel, in both tile shapes, where the GPU runs it) runs once on
 varlen segments with an empty one, a length-1 one, partial tiles and several key blocks (lengths 1, 0, 97, 200,
 repeated ``--repeat`` times, 48 by default: the wgmma kernel's persistent CTAs each take two or more work items, so
-both resident buffers and the ring's phases wrap), q/k as views whose padding columns and extra rows are NaN; then the column sums given an LSE, summary rows, and the head
-sum. Each result is checked against the torch reference (finite, relative error within the bf16/fp16 tolerance), so
-a run that the sanitizer passes also computed the right thing. Exits 1 on a wrong result, 0 otherwise (the
-sanitizer's own report is its output). ``--consumers C`` / ``--poly P ...`` keep only the configs with those
-values (the wgmma kernel's tile shape, the polynomial shares), for a shorter run; so does a smaller ``--repeat``
-(racecheck takes minutes at 48).
+both resident buffers and the ring's phases wrap), q/k as views whose padding columns and extra rows are NaN; then
+the column sums given an LSE, summary rows, and the head sum. Each result is checked against the torch reference
+(finite, relative error within the bf16/fp16 tolerance), so a run that the sanitizer passes also computed the right
+thing. Exits 1 on a wrong result, 0 otherwise (the sanitizer's own report is its output). ``--consumers C`` /
+``--poly P ...`` keep only the configs with those values (the wgmma kernel's tile shape, the polynomial shares),
+for a shorter run; so does a smaller ``--repeat`` (racecheck takes minutes at 48).
 """
 from __future__ import annotations
 

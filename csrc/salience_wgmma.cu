@@ -260,7 +260,7 @@ __global__ void __launch_bounds__(Tiles<C, N>::kThreads, 1) salience_wgmma_kerne
       const int s_hi = kPass == kPassLse ? a.k_head_inner : a.q_head_inner;
       const int64_t per_head = static_cast<int64_t>(a.nblk) * a.num_segments, n_items = per_head * a.heads;
       int g = 0, k = 0;
-      auto claim = [&](int b) {  // resident buffer b, once the consumers are done with its previous item
+      auto claim = [&](int b) {  // resident buffer b, once every reader released its previous item
         if (k >= 2) mbar_wait(res_empty(b), ((k >> 1) - 1) & 1);
       };
       for (int64_t i = blockIdx.x; i < n_items; i += gridDim.x) {
@@ -531,23 +531,14 @@ CUresult lse_map(CUtensorMap* map, const float* base, int64_t T, int H, int64_t 
                    CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
 }
 
-// A persistent grid: one CTA per SM (at most one fits: the register file), each looping over the work items
-// blockIdx.x, blockIdx.x + gridDim.x, ... (a.nblk x a.num_segments x a.heads of them).
+// A persistent grid: one CTA per SM (at most one fits: the register file), a.nblk x a.num_segments x a.heads work
+// items.
 template <typename T, int D, int kPass, int kPolyEvery, int C, int N>
 cudaError_t launch(const Args& a, cudaStream_t stream) {
   static std::atomic<uint64_t> configured{0};  // per instantiation: the devices it was configured on
-  const auto kernel = salience_wgmma_kernel<T, D, kPass, kPolyEvery, C, N>;
-  constexpr int kSmem = Layout<D, C, N>::kSmemBytes;
-  cudaError_t e = sparsevila::once_per_device(configured, [&] {
-    return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
-  });
-  int dev = 0, sms = 0;
-  if (e == cudaSuccess) e = cudaGetDevice(&dev);
-  if (e == cudaSuccess) e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-  if (e != cudaSuccess) return e;
-  const int64_t items = static_cast<int64_t>(a.nblk) * a.num_segments * a.heads;
-  kernel<<<static_cast<unsigned>(items < sms ? items : sms), Tiles<C, N>::kThreads, kSmem, stream>>>(a);
-  return cudaGetLastError();
+  return sparsevila::launch_persistent(salience_wgmma_kernel<T, D, kPass, kPolyEvery, C, N>, configured,
+                                       Layout<D, C, N>::kSmemBytes, Tiles<C, N>::kThreads, a,
+                                       static_cast<int64_t>(a.nblk) * a.num_segments * a.heads, stream);
 }
 
 // 0 when the current device runs sm_90a code (compute capability exactly 9.0), else an error code.

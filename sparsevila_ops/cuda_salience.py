@@ -1,7 +1,8 @@
 """Host side of ``visual_salience`` on the cuda backend, built and loaded by ``_cuda``: two kernels of the same passes,
 ``csrc/salience_wgmma.cu`` (Hopper: TMA tiles, wgmma, a producer warpgroup and two or four consumers that overlap
-each tile's QK^T with the previous tile's exp2s, on a persistent grid of one CTA per SM; compute capability 9.0 only) and ``csrc/salience.cu`` (mma.sync tensor
-cores, cp.async tiles; any sm_90+ GPU), both with part of the exp2s optionally on the FMA pipe.
+each tile's QK^T with the previous tile's exp2s, on a persistent grid of one CTA per SM; compute capability 9.0
+only) and ``csrc/salience.cu`` (mma.sync tensor cores, cp.async tiles; any sm_90+ GPU), both with part of the exp2s
+optionally on the FMA pipe.
 
 The math and pass structure are those of the Triton backend (docs/ops.md): pass 1 (skipped when ``lse`` is given)
 writes each row's log2-sum-exp into an fp32 ``[H, T]`` scratch; pass 2 gives every key the mean over the rows of R
