@@ -12,6 +12,7 @@
 #include SRC
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <vector>
 __global__ void fill(__nv_bfloat16* x, size_t n, unsigned seed) {
   for (size_t i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
@@ -40,6 +41,16 @@ int main(int argc, char** argv) {
   int64_t s1[7] = {H * D, D, H * D, D, 1, 0, Tp}, s2[7] = {H * D, D, H * D, D, 1, Tp, T};
   cudaEvent_t e0, e1, e2; cudaEventCreate(&e0); cudaEventCreate(&e1); cudaEventCreate(&e2);
   float t1 = 0, t2 = 0;
+  // Every launch's outputs against the first one's, bit for bit (the kernels are deterministic): a differing
+  // column sum is reported with its work item (head, segment, block of kRows keys) and where the persistent grid
+  // ran it: CTA item % grid, the CTA's ordinal k = item / grid and resident buffer k % 2 (no item is empty here).
+  const int krows = 64 * consumers, nblk = (seg + krows - 1) / krows, items = H * S * nblk;
+  int sms = 0;
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0);
+  const int grid = items < sms ? items : sms;
+  std::vector<float> first_out((size_t)H * T), first_lse((size_t)H * Tp), now_out(first_out.size()),
+      now_lse(first_lse.size());
+  int bad_launches = 0, bad_lse_launches = 0, reported = 0;
   for (int it = 0; it < iters + 1; ++it) {
     cudaEventRecord(e0);
     int r1 = svo_salience_wgmma_lse(0, D, q, k, dcu, lse, qk2, s1, T, S, seg, H, 0, poly, consumers, tile_n, nullptr);
@@ -51,7 +62,32 @@ int main(int argc, char** argv) {
     if (r1 || r2) { printf("launch error %d %d\n", r1, r2); return 1; }
     float a, b; cudaEventElapsedTime(&a, e0, e1); cudaEventElapsedTime(&b, e1, e2);
     if (it) { t1 += a; t2 += b; }
+    float* o = it ? now_out.data() : first_out.data();
+    float* l = it ? now_lse.data() : first_lse.data();
+    cudaMemcpy(o, out, first_out.size() * 4, cudaMemcpyDeviceToHost);
+    cudaMemcpy(l, lse, first_lse.size() * 4, cudaMemcpyDeviceToHost);
+    if (!it) continue;
+    bad_lse_launches += memcmp(l, first_lse.data(), first_lse.size() * 4) != 0;
+    std::vector<int> bad_items;  // the work items holding a differing key, in order, each once
+    for (int hh = 0; hh < H; ++hh)
+      for (int t = 0; t < T; ++t) {
+        const size_t i = (size_t)hh * T + t;
+        if (memcmp(&o[i], &first_out[i], 4) == 0) continue;
+        const int sg = t / seg, blk = (t % seg) / krows, item = (hh * S + sg) * nblk + blk;
+        if (bad_items.empty() || bad_items.back() != item) bad_items.push_back(item);
+      }
+    if (!bad_items.empty() && reported++ < 8) {
+      printf("repeat: launch %d: %zu items differ:", it, bad_items.size());
+      for (size_t j = 0; j < bad_items.size() && j < 12; ++j) {
+        const int item = bad_items[j];
+        printf(" %d (CTA %d, k %d, buffer %d)", item, item % grid, item / grid, (item / grid) % 2);
+      }
+      printf("\n");
+    }
+    bad_launches += !bad_items.empty();
   }
+  printf("repeat check: %d of %d column-sum launches and %d LSE launches differ from the first\n", bad_launches, iters,
+         bad_lse_launches);
   cudaError_t s = cudaDeviceSynchronize();
   {  // every head of every segment sums to 1 (the mean over rows of each row's probabilities): a sanity check, and
      // a fingerprint (weighted sum) for comparing two builds' outputs
