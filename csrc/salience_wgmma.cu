@@ -13,7 +13,7 @@
 // issues every TMA copy (and in pass 2 with C = 4 its second warp prepares each tile's lse, below), the others
 // exit after handing their registers to the consumers (setmaxnreg). Warpgroups 1..C consume: each owns 64 of the
 // item's kRows = 64 C "resident" rows (pass 1: query rows of R; pass 2: keys of the segment), a wgmma A operand in
-// shared memory loaded once per item. The segment's other operand streams through a kStages ring of N-row tiles
+// shared memory loaded once per item. The segment's other operand streams through a ring of kStages N-row tiles
 // (N = 128 or 64; pass 1: the keys; pass 2: the rows of R and their lse). Per tile a consumer issues S = A B^T
 // (m64nN, k = D padded to 16; asynchronous; in pass 2 with C = 4 and D <= 80, A from registers,
 // Tiles::kRegisterA), then spends the time it runs on the previous tile's S:
@@ -68,7 +68,6 @@ using sparsevila::smem_u32;
 using sparsevila::Swizzle;
 using sparsevila::wgmma_desc;
 
-constexpr int kStages = 4;
 constexpr int kPassLse = 1;
 constexpr int kPassColsum = 2;
 
@@ -103,6 +102,9 @@ struct Tiles {
 template <int D, int C, int N>
 struct Layout {
   static_assert(D == 64 || D == 72 || D == 80 || D == 128, "head dim");
+  // Slots of the streamed ring: 8 (measured against 4 on the H200: column sums -2 to -4 % at 729 and 1024-token
+  // segments, nothing at 32k; bench/NOTES.md), 4 at D = 128, where shared memory holds no more.
+  static constexpr int kStages = D == 128 ? 4 : 8;
   static constexpr int kMain = D / 64;                  // 128B-swizzled regions of 64 columns
   static constexpr bool kTail = D % 64 != 0;            // columns 64..79 in a 32B-swizzled region
   static constexpr int kKSteps = 4 * kMain + (kTail ? 1 : 0);
@@ -207,6 +209,7 @@ template <typename T, int D, int kPass, int kPolyEvery, int C, int N>
 __global__ void __launch_bounds__(Tiles<C, N>::kThreads, 1) salience_wgmma_kernel(const __grid_constant__ Args a) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using L = Layout<D, C, N>;
+  constexpr int kStages = L::kStages;
   constexpr int kRows = Tiles<C, N>::kRows, kS = Tiles<C, N>::kScores;
   constexpr bool kNl = kPass == kPassColsum && Tiles<C, N>::kNlByProducer;
   extern __shared__ unsigned char smem_raw[];
