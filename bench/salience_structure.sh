@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# Builds three probes of csrc/salience_wgmma.cu that split what its pipeline costs beyond the exps (#15: the
+# Builds probes of csrc/salience_wgmma.cu: three that split what its pipeline costs beyond the exps (#15: the
 # column-sum mix alone keeps MUFU 93-96 % busy at 8-16 warps per SM, bench/exp_rate_probe.cu, the kernel 64-69 %):
 #   base     the kernel as it is
 #   noexp    each score's exp2 an FMUL instead (no MUFU; its FFMA and FADD stay): QK^T + barriers + issue
 #   nowgmma  no QK^T wgmma (the score registers keep what they hold; fenced, so every exp stays): exps + barriers
+# one experiment (not in the kernel until measured; its sums must equal base's to the bit, checked):
+#   rega     the LSE pass also reads its wgmma A operand (the consumer's 64 query rows) from registers, as the
+#            column sums do with four consumers (measured +3 % with the 4-slot ring, bench/NOTES.md; retried on 8)
 # and runs base several times per shape: every run's checksums must be equal to the bit (a build of the kernel
 # whose sums came out wrong in 3 of 45 runs at D = 128, results/h200/salience_desc_advance/, and right in the
 # GPU tests, made this the cheapest guard against an ordering bug that shows only now and then).
@@ -28,11 +31,13 @@ if [ "${1:-}" = --run ]; then
 else
   bin="${1:-.session/bin}"
 fi
-variants=(base noexp nowgmma)
+variants=(base noexp nowgmma rega)
 mkdir -p "$bin"
 tmp=$(mktemp -d); trap 'rm -rf "$tmp"; [ -z "$run" ] || [ -n "$prebuilt" ] || rm -rf "$bin"' EXIT
 src=csrc/salience_wgmma.cu
-grep -q 'ex2_pair<kPolyEvery>(' "$src" && grep -q '^ *if constexpr (kRegA)$' "$src" && grep -q '^ *kk > 0);$' "$src" || {
+kRegA='static constexpr bool kRegisterA = kPass == kPassColsum && C == 4 && D <= 80;'
+grep -q 'ex2_pair<kPolyEvery>(' "$src" && grep -q '^ *if constexpr (kRegA)$' "$src" && grep -q '^ *kk > 0);$' "$src" &&
+  grep -qF "$kRegA" "$src" || {
   echo "salience_structure.sh: $src no longer has the lines the variants rewrite" >&2; exit 1; }
 for v in "${variants[@]}"; do mkdir -p "$tmp/$v"; done
 cp "$src" "$tmp/base/salience_wgmma.cu"
@@ -40,6 +45,7 @@ sed -e '/^using sparsevila::ex2_pair;/a __device__ __forceinline__ float probe_n
     -e 's/ex2_pair<kPolyEvery>(/probe_no_exp(/g' "$src" > "$tmp/noexp/salience_wgmma.cu"
 sed -e '/^ *if constexpr (kRegA)$/,/^ *kk > 0);$/c\      ;  // probe: no QK^T (the k-step loop stays, empty)' "$src" \
   > "$tmp/nowgmma/salience_wgmma.cu"
+sed -e 's/kRegisterA = kPass == kPassColsum \&\& C == 4/kRegisterA = C == 4/' "$src" > "$tmp/rega/salience_wgmma.cu"
 if [ -z "$prebuilt" ]; then
   pids=()
   for v in "${variants[@]}"; do
@@ -72,6 +78,7 @@ same() {  # same TAG BASE_TAG: both passes' checksums equal to the bit at every 
   done
 }
 probe base "4 64" base_4x64; probe base "2 128" base_2x128; probe noexp "4 64" noexp; probe nowgmma "4 64" nowgmma
+probe rega "4 64" rega; same rega base_4x64
 # base again, 8 runs per shape and tile shape (D 128 too, where the wrong sums showed): the same bits every run
 shapes+=("128 32768 16 1024 2")
 for tiles in "4 64" "2 128"; do
