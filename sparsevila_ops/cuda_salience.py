@@ -18,8 +18,9 @@ the Triton backend's kernels (through the backend registry, so this module never
 Config (``SALIENCE_CUDA``, the autotune seam; default ``_default``): ``kernel`` "wgmma" (compute capability 9.0)
 or "mma"; ``poly_every`` in (0, 2, 4, 8): every ``poly_every``-th column pair of a thread's scores takes its exp2
 from the polynomial instead of MUFU (0: none); for the wgmma kernel ``consumers`` x ``tile_n``: 2 consumer warpgroups
-of 64 resident rows with 128-row streamed tiles, or 4 with 64-row tiles (``WGMMA_TILES``; 4 stages either way). The
-mma kernel's tiles are fixed (4 warps x 128 resident rows, 64-row streamed tiles, 3 stages) and it ignores those two.
+of 64 resident rows with 128-row streamed tiles, or 4 with 64-row tiles (``WGMMA_TILES``; a ring of 8 streamed tiles
+either way, 4 at head dim 128). The mma kernel's tiles are fixed (4 warps x 128 resident rows, 64-row streamed
+tiles, 3 stages) and it ignores those two.
 """
 from __future__ import annotations
 
