@@ -91,7 +91,8 @@ if [ "$what" = bench ] || [ "$what" = all ]; then
     "$SPARSEVILA_BENCH_DIR"
   # the wgmma salience kernel with its exps or its QK^T removed (what the pipeline costs beyond the exps), at 4 x 64
   # and 2 x 128 tiles, QwenVL 32k, SigLIP 64 frames and 1024-token frames; base run 8 times per shape (bit-equal);
-  # the LSE pass with its A operand in registers (experiment `rega`, bit-equal to base)
+  # two experiments, each bit-equal to base: the LSE pass with its A operand in registers (`rega`), the next item's
+  # resident tile loaded early (`early`)
   step salience_structure bash bench/salience_structure.sh --run "$SPARSEVILA_BENCH_DIR"
   step select python -m bench.select "${q[@]}"
   step decode python -m bench.decode "${q[@]}"

@@ -4,9 +4,11 @@
 #   base     the kernel as it is
 #   noexp    each score's exp2 an FMUL instead (no MUFU; its FFMA and FADD stay): QK^T + barriers + issue
 #   nowgmma  no QK^T wgmma (the score registers keep what they hold; fenced, so every exp stays): exps + barriers
-# one experiment (not in the kernel until measured; its sums must equal base's to the bit, checked):
+# two experiments (not in the kernel until measured; their sums must equal base's to the bit, checked):
 #   rega     the LSE pass also reads its wgmma A operand (the consumer's 64 query rows) from registers, as the
 #            column sums do with four consumers (measured +3 % with the 4-slot ring, bench/NOTES.md; retried on 8)
+#   early    results/h200/salience_early_resident/early_resident_experiment.patch: the next item's resident tile
+#            loaded kStages tiles into the current item (+11 % at 729 tokens with the 4-slot ring; retried on 8)
 # and runs base several times per shape: every run's checksums must be equal to the bit (a build of the kernel
 # whose sums came out wrong in 3 of 45 runs at D = 128, results/h200/salience_desc_advance/, and right in the
 # GPU tests, made this the cheapest guard against an ordering bug that shows only now and then).
@@ -31,7 +33,7 @@ if [ "${1:-}" = --run ]; then
 else
   bin="${1:-.session/bin}"
 fi
-variants=(base noexp nowgmma rega)
+variants=(base noexp nowgmma rega early)
 mkdir -p "$bin"
 tmp=$(mktemp -d); trap 'rm -rf "$tmp"; [ -z "$run" ] || [ -n "$prebuilt" ] || rm -rf "$bin"' EXIT
 src=csrc/salience_wgmma.cu
@@ -46,6 +48,8 @@ sed -e '/^using sparsevila::ex2_pair;/a __device__ __forceinline__ float probe_n
 sed -e '/^ *if constexpr (kRegA)$/,/^ *kk > 0);$/c\      ;  // probe: no QK^T (the k-step loop stays, empty)' "$src" \
   > "$tmp/nowgmma/salience_wgmma.cu"
 sed -e 's/kRegisterA = kPass == kPassColsum \&\& C == 4/kRegisterA = C == 4/' "$src" > "$tmp/rega/salience_wgmma.cu"
+patch -s -o "$tmp/early/salience_wgmma.cu" "$src" \
+  < bench/results/h200/salience_early_resident/early_resident_experiment.patch
 if [ -z "$prebuilt" ]; then
   pids=()
   for v in "${variants[@]}"; do
@@ -78,7 +82,7 @@ same() {  # same TAG BASE_TAG: both passes' checksums equal to the bit at every 
   done
 }
 probe base "4 64" base_4x64; probe base "2 128" base_2x128; probe noexp "4 64" noexp; probe nowgmma "4 64" nowgmma
-probe rega "4 64" rega; same rega base_4x64
+probe rega "4 64" rega; same rega base_4x64; probe early "4 64" early; same early base_4x64
 # base again, 8 runs per shape and tile shape (D 128 too, where the wrong sums showed): the same bits every run
 shapes+=("128 32768 16 1024 2")
 for tiles in "4 64" "2 128"; do
