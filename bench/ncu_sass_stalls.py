@@ -22,15 +22,16 @@ EXECUTED = "Instructions Executed"
 def launches(path: str) -> list[dict]:
     """The file's launches: {'name', 'header', 'rows'} in order (a 'Kernel Name' row starts each)."""
     out: list[dict] = []
-    for row in csv.reader(open(path)):
-        if not row:
-            continue
-        if row[0] == "Kernel Name":
-            out.append({"name": row[1], "header": None, "rows": []})
-        elif row[0] == "Address":
-            out[-1]["header"] = row
-        elif out:
-            out[-1]["rows"].append(row)
+    with open(path, newline="") as f:
+        for row in csv.reader(f):
+            if not row:
+                continue
+            if row[0] == "Kernel Name":
+                out.append({"name": row[1], "header": None, "rows": []})
+            elif row[0] == "Address":
+                out[-1]["header"] = row
+            elif out:
+                out[-1]["rows"].append(row)
     return out
 
 

@@ -15,7 +15,7 @@
 # (Experiments measured and not adopted left this list with their patches and numbers: the 2 x 64 tiles of
 # results/h200/salience_c2n64/, the cross-item S of salience_cross_item/, the last tile's valid groups of
 # salience_last_groups/, the descriptor adds of salience_desc_advance/; bench/NOTES.md.)
-# The variants are generated in a temporary directory by sed (the production file is not edited).
+# The variants are generated in a temporary directory by sed and patch (the production file is not edited).
 #   bash bench/salience_structure.sh [BIN]     binaries into BIN (default .session/bin) as salience_probe_{base,...}
 #   bash bench/salience_structure.sh --run OUT [BIN]  times each at QwenVL 32k, SigLIP 64 frames and 1024-token
 #                                              frames into OUT/salience_structure.md; with BIN, BIN's binaries

@@ -102,8 +102,8 @@ struct Tiles {
 template <int D, int C, int N>
 struct Layout {
   static_assert(D == 64 || D == 72 || D == 80 || D == 128, "head dim");
-  // Slots of the streamed ring: 8 (measured against 4 on the H200: column sums -2 to -4 % at 729 and 1024-token
-  // segments, nothing at 32k; bench/NOTES.md), 4 at D = 128, where shared memory holds no more.
+  // Slots of the streamed ring: 8 (measured against 4 on the H200: column sums -3 to -4 % at 729-token segments,
+  // -1 % at 1024, nothing at 32k; bench/NOTES.md), 4 at D = 128, where shared memory holds no more.
   static constexpr int kStages = D == 128 ? 4 : 8;
   static constexpr int kMain = D / 64;                  // 128B-swizzled regions of 64 columns
   static constexpr bool kTail = D % 64 != 0;            // columns 64..79 in a 32B-swizzled region
