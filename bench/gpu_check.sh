@@ -90,10 +90,13 @@ if [ "$what" = bench ] || [ "$what" = all ]; then
     bench/exp_rate_probe.cu -o "$0/exp_rate_probe" && "$0/exp_rate_probe" | tee "$0/exp_rate_probe.md"' \
     "$SPARSEVILA_BENCH_DIR"
   # the wgmma salience kernel with its exps or its QK^T removed (what the pipeline costs beyond the exps), at 4 x 64
-  # and 2 x 128 tiles, QwenVL 32k, SigLIP 64 frames and 1024-token frames; base run 8 times per shape (bit-equal);
-  # two experiments, each bit-equal to base: the LSE pass with its A operand in registers (`rega`), the next item's
-  # resident tile loaded early (`early`)
+  # and 2 x 128 tiles, QwenVL 32k, SigLIP 64 frames and 1024-token frames; base run 8 times per shape (bit-equal)
   step salience_structure bash bench/salience_structure.sh --run "$SPARSEVILA_BENCH_DIR"
+  # the one-exp fused salience experiment (bench/salience_fused.cu) against the wgmma kernel's two passes
+  step salience_fused_probe bash -c 'set -o pipefail; nvcc -O3 -std=c++17 --use_fast_math -lineinfo \
+    -gencode arch=compute_90a,code=sm_90a -Icsrc bench/salience_fused_probe.cu bench/salience_fused.cu \
+    csrc/salience_wgmma.cu -o "$0/salience_fused_probe" && for s in "72 46656 16 729" "80 46848 16 768" \
+    "80 46592 16 256"; do "$0/salience_fused_probe" $s; done | tee "$0/salience_fused_probe.md"' "$SPARSEVILA_BENCH_DIR"
   step select python -m bench.select "${q[@]}"
   step decode python -m bench.decode "${q[@]}"
   step rope_append python -m bench.rope_append

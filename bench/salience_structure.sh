@@ -4,17 +4,15 @@
 #   base     the kernel as it is
 #   noexp    each score's exp2 an FMUL instead (no MUFU; its FFMA and FADD stay): QK^T + barriers + issue
 #   nowgmma  no QK^T wgmma (the score registers keep what they hold; fenced, so every exp stays): exps + barriers
-# two experiments (not in the kernel until measured; their sums must equal base's to the bit, checked):
-#   rega     the LSE pass also reads its wgmma A operand (the consumer's 64 query rows) from registers, as the
-#            column sums do with four consumers (measured +3 % with the 4-slot ring, bench/NOTES.md; retried on 8)
-#   early    results/h200/salience_early_resident/early_resident_experiment.patch: the next item's resident tile
-#            loaded kStages tiles into the current item (+11 % at 729 tokens with the 4-slot ring; retried on 8)
 # and runs base several times per shape: every run's checksums must be equal to the bit (a build of the kernel
 # whose sums came out wrong in 3 of 45 runs at D = 128, results/h200/salience_desc_advance/, and right in the
 # GPU tests, made this the cheapest guard against an ordering bug that shows only now and then).
 # (Experiments measured and not adopted left this list with their patches and numbers: the 2 x 64 tiles of
 # results/h200/salience_c2n64/, the cross-item S of salience_cross_item/, the last tile's valid groups of
-# salience_last_groups/, the descriptor adds of salience_desc_advance/; bench/NOTES.md.)
+# salience_last_groups/, the descriptor adds of salience_desc_advance/, the early resident tile of
+# salience_early_resident/; the LSE pass's A operand from registers ('rega': the sed of kRegisterA to C == 4,
+# +3 % / +10 % at 729 tokens / 32k on the 8-tile ring, salience_structure/salience_structure_8d2bda8.md);
+# bench/NOTES.md.)
 # The variants are generated in a temporary directory by sed and patch (the production file is not edited).
 #   bash bench/salience_structure.sh [BIN]     binaries into BIN (default .session/bin) as salience_probe_{base,...}
 #   bash bench/salience_structure.sh --run OUT [BIN]  times each at QwenVL 32k, SigLIP 64 frames and 1024-token
@@ -33,13 +31,11 @@ if [ "${1:-}" = --run ]; then
 else
   bin="${1:-.session/bin}"
 fi
-variants=(base noexp nowgmma rega early)
+variants=(base noexp nowgmma)
 mkdir -p "$bin"
 tmp=$(mktemp -d); trap 'rm -rf "$tmp"; [ -z "$run" ] || [ -n "$prebuilt" ] || rm -rf "$bin"' EXIT
 src=csrc/salience_wgmma.cu
-kRegA='static constexpr bool kRegisterA = kPass == kPassColsum && C == 4 && D <= 80;'
-grep -q 'ex2_pair<kPolyEvery>(' "$src" && grep -q '^ *if constexpr (kRegA)$' "$src" && grep -q '^ *kk > 0);$' "$src" &&
-  grep -qF "$kRegA" "$src" || {
+grep -q 'ex2_pair<kPolyEvery>(' "$src" && grep -q '^ *if constexpr (kRegA)$' "$src" && grep -q '^ *kk > 0);$' "$src" || {
   echo "salience_structure.sh: $src no longer has the lines the variants rewrite" >&2; exit 1; }
 for v in "${variants[@]}"; do mkdir -p "$tmp/$v"; done
 cp "$src" "$tmp/base/salience_wgmma.cu"
@@ -47,9 +43,6 @@ sed -e '/^using sparsevila::ex2_pair;/a __device__ __forceinline__ float probe_n
     -e 's/ex2_pair<kPolyEvery>(/probe_no_exp(/g' "$src" > "$tmp/noexp/salience_wgmma.cu"
 sed -e '/^ *if constexpr (kRegA)$/,/^ *kk > 0);$/c\      ;  // probe: no QK^T (the k-step loop stays, empty)' "$src" \
   > "$tmp/nowgmma/salience_wgmma.cu"
-sed -e 's/kRegisterA = kPass == kPassColsum \&\& C == 4/kRegisterA = C == 4/' "$src" > "$tmp/rega/salience_wgmma.cu"
-patch -s -o "$tmp/early/salience_wgmma.cu" "$src" \
-  < bench/results/h200/salience_early_resident/early_resident_experiment.patch
 if [ -z "$prebuilt" ]; then
   pids=()
   for v in "${variants[@]}"; do
@@ -82,7 +75,6 @@ same() {  # same TAG BASE_TAG: both passes' checksums equal to the bit at every 
   done
 }
 probe base "4 64" base_4x64; probe base "2 128" base_2x128; probe noexp "4 64" noexp; probe nowgmma "4 64" nowgmma
-probe rega "4 64" rega; same rega base_4x64; probe early "4 64" early; same early base_4x64
 # base again, 8 runs per shape and tile shape (D 128 too, where the wrong sums showed): the same bits every run
 shapes+=("128 32768 16 1024 2")
 for tiles in "4 64" "2 128"; do
