@@ -76,6 +76,19 @@ constexpr int max_key_tiles() {
   return D <= 80 ? 8 : 4;
 }
 
+// The exchanges' reductions, row maxima (M_i) and row sums (L_i): of two values, and of a partial and four warps'
+// values (the sums in warp order).
+struct Max {
+  __device__ __forceinline__ float operator()(float x, float y) const { return fmaxf(x, y); }
+  __device__ __forceinline__ float fold(float r, float4 v) const {
+    return fmaxf(r, fmaxf(fmaxf(v.x, v.y), fmaxf(v.z, v.w)));
+  }
+};
+struct Add {
+  __device__ __forceinline__ float operator()(float x, float y) const { return x + y; }
+  __device__ __forceinline__ float fold(float r, float4 v) const { return (((r + v.x) + v.y) + v.z) + v.w; }
+};
+
 struct Args {
   const void* q;
   const void* k;
@@ -167,6 +180,29 @@ __global__ void __launch_bounds__(kThreads, 1) salience_fused_kernel(const __gri
     if (t + kStages - 1 < n_tiles) load_tile(t + kStages - 1);
     cp_async_commit();
   };
+  // One warp's side of an exchange: v (rows g and g + 8 over this thread's keys) over the quad into
+  // red[row][warp], then the warp's arrival on bar.
+  auto publish = [&](float (&v)[2], float* red, uint32_t bar, auto op) {
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      v[hf] = op(v[hf], __shfl_xor_sync(0xffffffffu, v[hf], 1));
+      v[hf] = op(v[hf], __shfl_xor_sync(0xffffffffu, v[hf], 2));
+    }
+    if (lane % 4 == 0) {
+      red[g * kRedStride + warp] = v[0];
+      red[(g + 8) * kRedStride + warp] = v[1];
+    }
+    __syncwarp();
+    if (lane == 0) mbar_arrive(bar);
+  };
+  // Row g + 8 hf of red over the warps, in warp order (after the exchange's wait).
+  auto gather = [&](const float* red, int hf, float init, auto op) {
+    const float4* row = reinterpret_cast<const float4*>(red + (g + 8 * hf) * kRedStride);
+    float r = init;
+#pragma unroll
+    for (int w4 = 0; w4 < kWarps / 4; ++w4) r = op.fold(r, row[w4]);
+    return r;
+  };
   // S of chunk ch (rows 16 ch + g and + 8, keys key0 + 8 j + 2 (lane % 4) + {0, 1}; -inf past n), its row maxima
   // over this warp's keys into red_m[ch & 1], and this warp's arrival on bar_m.
   auto scores = [&](float (&c)[kNT][4], int ch) {
@@ -198,18 +234,7 @@ __global__ void __launch_bounds__(kThreads, 1) salience_fused_kernel(const __gri
       mx[0] = fmaxf(mx[0], fmaxf(c[j][0], c[j][1]));
       mx[1] = fmaxf(mx[1], fmaxf(c[j][2], c[j][3]));
     }
-#pragma unroll
-    for (int hf = 0; hf < 2; ++hf) {
-      mx[hf] = fmaxf(mx[hf], __shfl_xor_sync(0xffffffffu, mx[hf], 1));
-      mx[hf] = fmaxf(mx[hf], __shfl_xor_sync(0xffffffffu, mx[hf], 2));
-    }
-    float* rm = red_m + (ch & 1) * 16 * kRedStride;
-    if (lane % 4 == 0) {
-      rm[g * kRedStride + warp] = mx[0];
-      rm[(g + 8) * kRedStride + warp] = mx[1];
-    }
-    __syncwarp();
-    if (lane == 0) mbar_arrive(bar_m);
+    publish(mx, red_m + (ch & 1) * 16 * kRedStride, bar_m, Max());
   };
 
   float c[kNT][4];
@@ -222,16 +247,8 @@ __global__ void __launch_bounds__(kThreads, 1) salience_fused_kernel(const __gri
     mbar_wait(bar_m, ch & 1);
     float nm[2];  // -M_i qk_scale2: finite, every row has key a
 #pragma unroll
-    for (int hf = 0; hf < 2; ++hf) {
-      const float4* row = reinterpret_cast<const float4*>(red_m + (ch & 1) * 16 * kRedStride + (g + 8 * hf) * kRedStride);
-      float m = -INFINITY;
-#pragma unroll
-      for (int w4 = 0; w4 < kWarps / 4; ++w4) {
-        const float4 v = row[w4];
-        m = fmaxf(m, fmaxf(fmaxf(v.x, v.y), fmaxf(v.z, v.w)));
-      }
-      nm[hf] = -m * a.qk_scale2;
-    }
+    for (int hf = 0; hf < 2; ++hf)
+      nm[hf] = -gather(red_m + (ch & 1) * 16 * kRedStride, hf, -INFINITY, Max()) * a.qk_scale2;
     // 2. p = 2^(qk_scale2 s - M_i) into this lane's part of the warp's p buffer (so that the next chunk's S can be
     //    computed before L_i is known), row sums over this warp's keys into red_l[ch & 1], arrival on bar_l.
     float l[2] = {0.f, 0.f};
@@ -246,18 +263,8 @@ __global__ void __launch_bounds__(kThreads, 1) salience_fused_kernel(const __gri
       l[1] += p4.z + p4.w;
       pbuf[j * 32 + lane] = p4;
     }
-#pragma unroll
-    for (int hf = 0; hf < 2; ++hf) {
-      l[hf] += __shfl_xor_sync(0xffffffffu, l[hf], 1);
-      l[hf] += __shfl_xor_sync(0xffffffffu, l[hf], 2);
-    }
     float* rl = red_l + (ch & 1) * 16 * kRedStride;
-    if (lane % 4 == 0) {
-      rl[g * kRedStride + warp] = l[0];
-      rl[(g + 8) * kRedStride + warp] = l[1];
-    }
-    __syncwarp();
-    if (lane == 0) mbar_arrive(bar_l);
+    publish(l, rl, bar_l, Add());
     // 3. The next chunk's S while the other warps finish their sums.
     if (ch + 1 < n_chunks) {
       if ((ch + 1) % 4 == 0) tile_barrier(ch + 1);
@@ -267,19 +274,7 @@ __global__ void __launch_bounds__(kThreads, 1) salience_fused_kernel(const __gri
     mbar_wait(bar_l, ch & 1);
     float wt[2];
 #pragma unroll
-    for (int hf = 0; hf < 2; ++hf) {
-      const float4* row = reinterpret_cast<const float4*>(rl + (g + 8 * hf) * kRedStride);
-      float s = 0.f;
-#pragma unroll
-      for (int w4 = 0; w4 < kWarps / 4; ++w4) {
-        const float4 v = row[w4];
-        s += v.x;
-        s += v.y;
-        s += v.z;
-        s += v.w;
-      }
-      wt[hf] = ch * 16 + g + 8 * hf < n_rows ? 1.f / s : 0.f;
-    }
+    for (int hf = 0; hf < 2; ++hf) wt[hf] = ch * 16 + g + 8 * hf < n_rows ? 1.f / gather(rl, hf, 0.f, Add()) : 0.f;
 #pragma unroll
     for (int j = 0; j < kNT; ++j) {
       const float4 p4 = pbuf[j * 32 + lane];
