@@ -115,6 +115,7 @@ if [ "$what" = bench ] || [ "$what" = all ]; then
   step gemv_folds python -m bench.gemv_folds
   step vision_block python -m bench.vision_block
   step siglip_tower python -m bench.siglip_tower  # LLaVA-OneVision's SigLIP layer and pooling: stock vs ours
+  step mrope_positions python -m bench.mrope_positions  # the prompt's mRoPE positions: transformers' loop vs ours
   step e2e python -m bench.e2e "${q[@]}"
   step e2e_llava_onevision python -m bench.e2e --model llava_onevision "${q[@]}"
   step decode_host python -m bench.decode_host  # host ms per decode step by Python function (4-bit, 0.75 / 0.95)

@@ -4,6 +4,7 @@ tiny Qwen2.5-VL config with every row, bf16 and 4-bit."""
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -387,3 +388,11 @@ def test_run_rows_e_is_the_median_of_the_timed_run_and_the_repeats(tiny_model, m
     assert rows[0]["E_samples_ms"] == [timed[0], 0.0, 1e9] and rows[0]["E_ms"] == timed[0]
     assert rows[1]["E_samples_ms"] == [timed[1], 1e8, 2e8] and rows[1]["E_ms"] == 1e8  # the timed run is the outlier
     assert "E_samples_ms" not in e2e.COLUMNS
+
+
+def test_bench_mrope_positions_runs_and_checks(tmp_path):
+    """``bench.mrope_positions`` at small sizes on the CPU: both functions agree and a row per size is written."""
+    from bench import mrope_positions
+    assert mrope_positions.main(["--tokens", "256", "512", "--device", "cpu", "--out-dir", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "mrope_positions.json").read_text())["rows"]
+    assert [r["prompt_tokens"] for r in rows] == [256 + 78, 512 + 78] and all(r["mrope_positions_ms"] > 0 for r in rows)

@@ -7,7 +7,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import brute  # noqa: E402
-from qwen_tiny import IMG, batch_of_two, tiny_model, visual_inputs  # noqa: E402
+from qwen_tiny import IMG, VEND, VID, VSTART, batch_of_two, tiny_model, visual_inputs  # noqa: E402
 from sparsevila_ops import integrations  # noqa: E402
 from sparsevila_ops.integrations import attention as attn_mod  # noqa: E402
 from sparsevila_ops.integrations.cache import packed_mismatch  # noqa: E402
@@ -47,6 +47,100 @@ def test_zero_sparsity_equals_vanilla(model, enabled, device, case):
     ref = _generate(model, inputs)
     enabled(0.0, 0.0)
     assert torch.equal(_generate(model, inputs), ref)
+
+
+def _with_types(inputs: dict) -> dict:
+    """``inputs`` plus ``mm_token_type_ids`` (0 text, 1 image, 2 video), as the processor returns them: stock
+    ``generate`` then numbers the visual tokens with mRoPE's three rows (``get_rope_index``)."""
+    ids = inputs["input_ids"]
+    types_ = (ids == IMG).int() + 2 * (ids == VID).int()
+    return dict(inputs, mm_token_type_ids=types_)
+
+
+@pytest.mark.parametrize("case", ["video", "batch2"])
+def test_zero_sparsity_with_token_types_equals_vanilla(model, enabled, device, case):
+    """With ``mm_token_type_ids`` the unpruned first turn's positions come from ``mrope_positions``, not
+    transformers' per-token loop: the same positions reach the LLM and the same tokens come out."""
+    inputs = _with_types({"video": lambda: visual_inputs(8, 8, 3, 5, seed=3, t=2, video=True, device=device),
+                          "batch2": lambda: batch_of_two(device)}[case]())
+    seen = []
+    h = model.model.language_model.register_forward_pre_hook(
+        lambda mod, args, kwargs: seen.append(kwargs["position_ids"]), with_kwargs=True)
+    try:
+        ref = _generate(model, inputs)
+        enabled(0.0, 0.0)
+        out = _generate(model, inputs)
+    finally:
+        h.remove()
+    assert torch.equal(out, ref)
+    assert torch.equal(seen[NEW], seen[0]) and seen[0].shape[0] == 4  # the prefill's [4, B, L], mRoPE's rows
+    assert not torch.equal(seen[0][1], seen[0][0])  # not the text numbering
+
+
+def _mixed_prompt(device, pads: int = 0, seconds=(0.5, 2.7)) -> dict:
+    """One row: text, an image (8 x 12 patches), text, a video (3 x 8 x 8), text, another image (4 x 4), behind
+    ``pads`` left pads; ``second_per_grid_ts`` fractional (transformers truncates it with ``int``)."""
+    def vis(tok, t, h, w):
+        return [VSTART] + [tok] * (t * (h // 2) * (w // 2)) + [VEND]
+    ids = [2] * pads + [5, 6] + vis(IMG, 1, 8, 12) + [7, 8, 9] + vis(VID, 3, 8, 8) + [10] + vis(IMG, 1, 4, 4) + [11]
+    ids = torch.tensor([ids], device=device)
+    mask = torch.ones_like(ids)
+    mask[:, :pads] = 0
+    return dict(input_ids=ids, attention_mask=mask, image_grid_thw=torch.tensor([[1, 8, 12], [1, 4, 4]]),
+                video_grid_thw=torch.tensor([[3, 8, 8]]), second_per_grid_ts=torch.tensor(seconds))
+
+
+@pytest.mark.parametrize("case", ["mixed", "mixed_padded", "no_seconds", "video", "batch2", "text_only"])
+def test_mrope_positions_equal_get_rope_index(model, device, case):
+    inputs = {"mixed": lambda: _mixed_prompt(device),
+              "mixed_padded": lambda: _mixed_prompt(device, pads=3, seconds=(3.0,)),
+              "no_seconds": lambda: {k: v for k, v in _mixed_prompt(device).items() if k != "second_per_grid_ts"},
+              "video": lambda: visual_inputs(8, 8, 3, 5, seed=3, t=4, video=True, device=device),
+              "batch2": lambda: batch_of_two(device),
+              "text_only": lambda: dict(input_ids=torch.tensor([[2, 2, 5, 6, 7]], device=device),
+                                        attention_mask=torch.tensor([[0, 1, 1, 1, 1]], device=device))}[case]()
+    types_ = _with_types(inputs)["mm_token_type_ids"]
+    grids = {k: v for k, v in inputs.items() if k in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts")}
+    want, want_deltas = model.model.get_rope_index(inputs["input_ids"], mm_token_type_ids=types_,
+                                                   attention_mask=inputs["attention_mask"], **grids)
+    got, deltas = sv.mrope_positions(model, inputs["input_ids"], types_, inputs["attention_mask"], grids)
+    assert torch.equal(got, want) and got.dtype == want.dtype
+    assert torch.equal(deltas.cpu(), want_deltas.cpu())
+
+
+def test_mrope_positions_errors(model):
+    inputs = _mixed_prompt("cpu")
+    types_ = _with_types(inputs)["mm_token_type_ids"]
+    grids = dict(image_grid_thw=inputs["image_grid_thw"][:1], video_grid_thw=inputs["video_grid_thw"])
+    with pytest.raises(ValueError, match="image_grid_thw has 1 entries but row 0"):
+        sv.mrope_positions(model, inputs["input_ids"], types_, inputs["attention_mask"], grids)
+    grids = dict(image_grid_thw=torch.tensor([[1, 8, 8], [1, 4, 4]]), video_grid_thw=inputs["video_grid_thw"])
+    with pytest.raises(ValueError, match=r"run of 24 tokens of type 1 where image_grid_thw \[1, 8, 8\]"):
+        sv.mrope_positions(model, inputs["input_ids"], types_, inputs["attention_mask"], grids)
+
+
+def test_left_pads_and_visual_spans_match_a_loop(device):
+    """The vectorized ``left_pads`` / ``visual_spans`` against the plain per-row definitions."""
+    cfg = type("Cfg", (), {"image_token_id": IMG, "video_token_id": VID})
+    g = torch.Generator().manual_seed(0)
+    for B, L in ((1, 1), (3, 17), (5, 64)):
+        pads = torch.randint(0, L + 1, (B,), generator=g).tolist()
+        mask = torch.ones(B, L, dtype=torch.long)
+        for b, p in enumerate(pads):
+            mask[b, :p] = 0
+        ids = torch.randint(3, 200, (B, L), generator=g)
+        ids[torch.rand(B, L, generator=g) < 0.3] = IMG
+        ids[0, :pads[0]] = IMG  # visual ids inside the padding do not count
+        assert pipeline.left_pads(mask.to(device)) == pads
+        want = []
+        for b, p in enumerate(pads):
+            pos = torch.nonzero((ids[b, p:] == IMG) | (ids[b, p:] == VID)).flatten().tolist()
+            want.append((pos[0], pos[-1] + 1) if pos else (0, 0))
+        assert pipeline.visual_spans(ids.to(device), pads, cfg) == want
+    assert pipeline.visual_spans(torch.full((2, 4), 5, device=device), [0, 1], cfg) is None
+    holes = torch.tensor([[0, 1, 1], [1, 0, 1]], device=device)
+    with pytest.raises(ValueError, match="attention_mask row 1 has padding after its first token"):
+        pipeline.left_pads(holes)
 
 
 def _two_turns(model, inputs, device):

@@ -76,7 +76,8 @@ def build_model(full: bool, device: torch.device, dtype: torch.dtype, name: str 
 
 def video_inputs(model, frames: int, h: int, w: int, question: int, device, dtype) -> dict:
     """A video of ``frames`` frames of ``h x w`` patches (14 px; LLaVA-OneVision: its tower's fixed frame size)
-    and a ``question``-token question."""
+    and a ``question``-token question; for Qwen2.5-VL with ``mm_token_type_ids`` (2 on the video's tokens), as
+    its processor returns them, so that every row numbers the video's tokens with mRoPE's three rows."""
     cfg = model.config
     g = torch.Generator().manual_seed(0)
     if cfg.model_type == "llava_onevision":
@@ -94,7 +95,8 @@ def video_inputs(model, frames: int, h: int, w: int, question: int, device, dtyp
                      torch.tensor([cfg.vision_end_token_id]), text(question)])[None].to(device)
     pix = torch.randn(t * h * w, 3 * 2 * 14 * 14, generator=g).to(device=device, dtype=dtype)
     return dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values_videos=pix,
-                video_grid_thw=torch.tensor([[t, h, w]], device=device), second_per_grid_ts=torch.tensor([1.0]))
+                video_grid_thw=torch.tensor([[t, h, w]], device=device), second_per_grid_ts=torch.tensor([1.0]),
+                mm_token_type_ids=2 * (ids == cfg.video_token_id).int())
 
 
 class StageTimer:

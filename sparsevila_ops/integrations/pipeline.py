@@ -41,11 +41,15 @@ class Hooks:
         the visual inputs with salience and build the pruned, left-padded prompt.
     visual_kwargs: the visual inputs' keywords, dropped once pruned and on later turns (in the cache already).
     token_kwargs: per-token keywords that follow ``input_ids``, dropped with a pruned prompt.
+    prompt_positions(model, state, input_ids, mask, kwargs) -> position_ids or None: an unpruned first turn's
+        positions, as the model's own ``generate`` would build them (None: let it), for models whose own way
+        is slow (Qwen2.5-VL's mRoPE numbering loops over every token on the host).
     """
     fuse: Callable
     prune_prompt: Callable
     visual_kwargs: Tuple[str, ...]
     token_kwargs: Tuple[str, ...] = ()
+    prompt_positions: Optional[Callable] = None
 
 
 def check_enable(model, model_class: type, prefill_sparsity, decode_sparsity, cuda_graph: bool,
@@ -194,6 +198,10 @@ def generate(orig_generate, model, hooks: Hooks, input_ids: Optional[torch.Tenso
         if positions is not None:
             kwargs["position_ids"] = positions
         cache.prompt_map = (L, call_ids, call_mask)
+    elif seen == 0 and has_visual and hooks.prompt_positions is not None and kwargs.get("position_ids") is None:
+        positions = hooks.prompt_positions(model, state, input_ids, mask, kwargs)
+        if positions is not None:
+            kwargs["position_ids"] = positions
     elif seen > 0:
         for key in hooks.visual_kwargs:  # the visual tokens of earlier turns are in the cache already
             kwargs.pop(key, None)
@@ -229,29 +237,31 @@ def like_kv(model, B: int, device) -> torch.Tensor:
 
 
 def left_pads(mask: torch.Tensor) -> List[int]:
-    """Leading zeros per row of a ``[B, n]`` 0/1 mask; padding anywhere else is refused."""
-    pads = []
-    for b, row in enumerate(mask.tolist()):
-        pad = next((i for i, m in enumerate(row) if m), len(row))
-        if not all(row[pad:]):
+    """Leading zeros per row of a ``[B, n]`` 0/1 mask; padding anywhere else is refused (one device sync)."""
+    valid = mask.bool()
+    pads = (~valid).long().cumprod(dim=1).sum(dim=1)
+    holes = (mask.shape[1] - pads) - valid.sum(dim=1)  # zeros after the row's first token
+    pads, holes = torch.stack([pads, holes]).tolist()
+    for b, h in enumerate(holes):
+        if h:
             raise ValueError(f"attention_mask row {b} has padding after its first token: sparsevila supports "
                              f"left padding only (tokenizer padding_side='left')")
-        pads.append(pad)
     return pads
 
 
 def visual_spans(ids: torch.Tensor, pads: List[int], cfg) -> Optional[List[Tuple[int, int]]]:
     """Per row, ``[vs, ve)`` from the first to past the last image/video token, relative to the row's first
     valid token (``(0, 0)`` for a row without visual tokens); None when no row has one (a later turn's question:
-    the cache keeps the spans it has)."""
+    the cache keeps the spans it has). One device sync."""
     vis = (ids == cfg.image_token_id) | (ids == cfg.video_token_id)
-    if not bool(vis.any()):
+    col = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+    live = vis & (col >= torch.tensor(pads, device=ids.device)[:, None])
+    first = torch.where(live, col, ids.shape[1]).amin(dim=1)
+    last = torch.where(live, col, -1).amax(dim=1)
+    any_vis, first, last = torch.stack([vis.any().expand_as(first).long(), first, last]).tolist()
+    if not any_vis or not any_vis[0]:
         return None
-    spans = []
-    for b, pad in enumerate(pads):
-        pos = torch.nonzero(vis[b, pad:]).flatten().tolist()
-        spans.append((pos[0], pos[-1] + 1) if pos else (0, 0))
-    return spans
+    return [(f - pad, e + 1 - pad) if e >= 0 else (0, 0) for f, e, pad in zip(first, last, pads)]
 
 
 def restore_prompt(out, input_ids: torch.Tensor, n_call: int):

@@ -172,16 +172,19 @@ def _rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
 
 
 def _visual_forward(orig, state: SparseVILAState, visual, hidden_states, grid_thw, **kwargs):
-    """The vision tower; when salience is collected, it is put back from window order to patch order."""
+    """The vision tower; when salience is collected, it is put back from window order to patch order (the
+    tower's window order computed once, here, and handed to the tower)."""
     n_before = len(state.salience_window_order)
+    if state.collect_salience:
+        window_index, cu_window_seqlens = get_vision_window_index(grid_thw, visual.spatial_merge_size,
+                                                                  visual.window_size, visual.patch_size)
+        kwargs = dict(kwargs, window_index=window_index, cu_window_seqlens=cu_window_seqlens)
     try:
         out = orig(hidden_states, grid_thw, **kwargs)
     finally:
         state._seg_lens.clear()
-    if len(state.salience_window_order) > n_before:
+    if len(state.salience_window_order) > n_before:  # only while collecting
         sal = state.salience_window_order.pop()
-        window_index, _ = get_vision_window_index(grid_thw, visual.spatial_merge_size, visual.window_size,
-                                                  visual.patch_size)
         unit = visual.spatial_merge_unit
         reverse = torch.argsort(window_index.to(sal.device))
         state.salience_window_order.append(sal.view(-1, unit)[reverse].reshape(-1))
@@ -237,16 +240,86 @@ def _prune_prompt(model, state: SparseVILAState, input_ids: torch.Tensor, mask: 
         sal_all.append(sal)
     state.last_kept = torch.cat(kept_all) if kept_all else None
     state.last_salience = torch.cat(sal_all) if sal_all else None
-    positions, deltas = inner.get_rope_index(
-        input_ids, mm_token_type_ids=_mm_token_types(input_ids, cfg, kwargs),
-        image_grid_thw=kwargs.get("image_grid_thw"), video_grid_thw=kwargs.get("video_grid_thw"),
-        second_per_grid_ts=kwargs.get("second_per_grid_ts"), attention_mask=mask)
+    positions, _ = mrope_positions(model, input_ids, _mm_token_types(input_ids, cfg, kwargs), mask, kwargs)
     ids, new_mask, new_embeds, pos = pipeline.compact_prompt(input_ids, mask, keep_tok, embeds,
                                                              cfg.text_config.pad_token_id or 0, positions)
     # rope_deltas so that later tokens continue from the last position: pos = compacted index + delta
     model.model.rope_deltas = (pos.amax(dim=(0, 2)) + 1 - new_mask.sum(1).to(pos.device)).unsqueeze(1)
     text = (new_mask.long().cumsum(-1) - 1).clamp(min=0)
     return ids, new_mask, new_embeds, torch.cat([text[None], pos], dim=0)
+
+
+def _prompt_positions(model, state: SparseVILAState, input_ids: torch.Tensor, mask: torch.Tensor, kwargs: dict):
+    """An unpruned first turn's ``position_ids [4, B, L]`` (text row, then mRoPE's three), as transformers'
+    ``generate`` would build them, and ``rope_deltas`` set; None without ``mm_token_type_ids`` (transformers then
+    numbers the tokens as text)."""
+    types_ = kwargs.get("mm_token_type_ids")
+    if types_ is None:
+        return None
+    positions, deltas = mrope_positions(model, input_ids, types_, mask, kwargs)
+    model.model.rope_deltas = deltas
+    text = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    return torch.cat([text[None], positions], dim=0)
+
+
+def mrope_positions(model, input_ids: torch.Tensor, mm_token_type_ids: torch.Tensor, mask: torch.Tensor,
+                    kwargs: dict) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``Qwen2_5_VLModel.get_rope_index(input_ids, mm_token_type_ids, attention_mask=mask, **grids)``, the same
+    ``(position_ids [3, B, L], rope_deltas [B, 1])``, with the runs of equal token types found on the device:
+    transformers groups them in a Python loop over every token (~50 ms of host time at 131k tokens while the GPU
+    idles). Per row, over its unmasked tokens: a text run continues ``p, p + 1, ...`` in all three rows; the i-th
+    image or video run (grid ``t, h, w`` in ``image_grid_thw`` / ``video_grid_thw``, merge ``m``) takes
+    ``(p + t' * dt, p + h', p + w')`` over its ``t x h/m x w/m`` tokens, ``dt = tokens_per_second *
+    int(second_per_grid_ts[i])`` for videos (1 for images, and without ``second_per_grid_ts``), then ``p +=
+    max(h, w) // m``; masked tokens stay 0; ``rope_deltas = max position + 1 - tokens``."""
+    vcfg = model.config.vision_config
+    merge, per_second = vcfg.spatial_merge_size, vcfg.tokens_per_second
+    B, L = input_ids.shape
+    dev = input_ids.device
+    positions = torch.zeros(3, B, L, dtype=input_ids.dtype, device=dev)
+    grids = {kind: [] if kwargs.get(key) is None else kwargs[key].tolist()
+             for kind, key in ((1, "image_grid_thw"), (2, "video_grid_thw"))}
+    seconds = kwargs.get("second_per_grid_ts")
+    seconds = None if seconds is None else torch.as_tensor(seconds).tolist()
+    taken = {1: 0, 2: 0}
+    valid = mask.bool()
+    deltas = []
+    for b in range(B):
+        types_ = mm_token_type_ids[b][valid[b]]
+        n = types_.numel()
+        if n == 0:  # an all-padding row: nothing to number
+            deltas.append(0)
+            continue
+        starts = torch.cat([torch.zeros(1, dtype=torch.long, device=dev),
+                            torch.nonzero(types_[1:] != types_[:-1]).flatten() + 1])
+        runs = torch.stack([starts, types_[starts].long()]).tolist()  # [2, runs]: the row's one sync
+        pieces, p, top = [], 0, -1
+        for s, e, kind in zip(runs[0], runs[0][1:] + [n], runs[1]):
+            if kind == 0:
+                pieces.append(torch.arange(p, p + e - s, device=dev).expand(3, -1))
+                p, top = p + e - s, max(top, p + e - s - 1)
+                continue
+            key = "image_grid_thw" if kind == 1 else "video_grid_thw"
+            if taken[kind] >= len(grids[kind]):
+                raise ValueError(f"{key} has {len(grids[kind])} entries but row {b} of input_ids holds more "
+                                 f"{'image' if kind == 1 else 'video'} token runs")
+            t, h, w = grids[kind][taken[kind]]
+            dt = 1
+            if kind == 2:
+                dt = per_second * int(seconds[taken[2]] if seconds is not None else 1)
+            taken[kind] += 1
+            gh, gw = h // merge, w // merge
+            if e - s != t * gh * gw:
+                raise ValueError(f"row {b} of input_ids has a run of {e - s} tokens of type {kind} where {key} "
+                                 f"[{t}, {h}, {w}] describes {t * gh * gw}")
+            tt, hh, ww = torch.meshgrid(torch.arange(t, device=dev) * dt + p, torch.arange(gh, device=dev) + p,
+                                        torch.arange(gw, device=dev) + p, indexing="ij")
+            pieces.append(torch.stack([tt, hh, ww]).reshape(3, -1))
+            top = max(top, p + (t - 1) * dt, p + gh - 1, p + gw - 1)
+            p += max(h, w) // merge
+        positions[:, b, valid[b]] = torch.cat(pieces, dim=1).to(positions.dtype)
+        deltas.append(top + 1 - n)
+    return positions, torch.tensor(deltas, device=dev).unsqueeze(1)
 
 
 def _mm_token_types(input_ids: torch.Tensor, cfg, kwargs: dict) -> torch.Tensor:
@@ -260,4 +333,4 @@ def _mm_token_types(input_ids: torch.Tensor, cfg, kwargs: dict) -> torch.Tensor:
 
 
 _HOOKS = pipeline.Hooks(fuse=_fuse, prune_prompt=_prune_prompt, visual_kwargs=_VISUAL_KWARGS,
-                        token_kwargs=("mm_token_type_ids",))
+                        token_kwargs=("mm_token_type_ids",), prompt_positions=_prompt_positions)
