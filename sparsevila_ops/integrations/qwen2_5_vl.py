@@ -15,8 +15,9 @@
 - **generate**: an instance-level ``generate`` encodes the images/videos, undoes the window order, pools
   salience over the 2x2 merge unit, keeps the top ``1 - prefill_sparsity`` per image/video
   (``prune_visual_tokens``), and calls the original ``generate`` with the kept embeddings and their original
-  3-D mRoPE positions (sliced from ``get_rope_index`` of the full sequence; ``rope_deltas`` set for later
-  turns). It passes a ``SparseVILACache`` and returns the caller's full ``input_ids`` followed by the new
+  3-D mRoPE positions (sliced from ``mrope_positions`` of the full sequence: ``get_rope_index``'s numbers without
+  its host loop over every token; ``rope_deltas`` set for later turns); an unpruned first turn given
+  ``mm_token_type_ids`` takes its positions from ``mrope_positions`` too. It passes a ``SparseVILACache`` and returns the caller's full ``input_ids`` followed by the new
   tokens, as vanilla ``generate`` does (``pipeline.generate`` with this model's ``_HOOKS``: the pruning above).
 - **LLM decoder layers**: q/k/v and gate/up projections each run as one GEMV over a concatenated weight
   (``fused.fuse``; the original weights become views of it).
