@@ -345,6 +345,47 @@ def e_profile(model, generate: Callable[[], object]) -> dict:
     return {"gpu_ms": busy / 1e3, **kernel_summary(kernels, ENCODER_KINDS)}
 
 
+P_MARK = "sparsevila::P"  # the profiler range that opens at the language model's first forward (p_profile)
+
+
+def through_prefill(model, generate: Callable[[], object]) -> None:
+    """Run ``generate()`` through the language model's first forward, P (the prefill with relevance, select +
+    pack), and stop it there; a device sync and the ``P_MARK`` range open where P starts."""
+    lm = model.model.language_model
+    mark = torch.profiler.record_function(P_MARK)
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+
+    def start(*_):
+        sync()
+        mark.__enter__()
+
+    def stop(*_):
+        sync()
+        mark.__exit__(None, None, None)
+        raise _AtLLM
+
+    hooks = [lm.register_forward_pre_hook(start), lm.register_forward_hook(stop)]
+    try:
+        generate()
+    except _AtLLM:
+        return
+    finally:
+        for h in hooks:
+            h.remove()
+    raise RuntimeError("generate finished without a forward of the language model")
+
+
+def p_profile(model, generate: Callable[[], object]) -> dict:
+    """GPU time of P as ``generate`` runs it (``through_prefill``, kernels from ``P_MARK`` on): busy ms, the idle
+    gaps between kernels (``idle_gaps``: ``gap_launch_ms`` short ones, ``gap_host_ms`` the GPU waiting for the
+    host, ``stall_ms`` longer still) and ``kernel_summary`` with ``ENCODER_KINDS``; against P's wall time it says
+    how much of P the GPU idles."""
+    kernels, busy, _, gaps = profile_kernels(lambda: through_prefill(model, generate), host_since=P_MARK)
+    return {"gpu_ms": busy / 1e3, "gap_launch_ms": gaps[0] / 1e3, "gaps_launch": gaps[1],
+            "gap_host_ms": gaps[2] / 1e3, "gaps_host": gaps[3], "stall_ms": gaps[4] / 1e3,
+            **kernel_summary(kernels, ENCODER_KINDS)}
+
+
 @contextlib.contextmanager
 def stop_check_times():
     """Yield a list that gets the host seconds of every call of ``generate``'s stop check (``StopCheck`` /
@@ -418,8 +459,8 @@ def run_rows(model, inputs: dict, rows: Sequence[str], *, decode_steps: int, pre
     the LLM (``time_until_llm``, still enabled, before any profile), all of them in ``E_samples_ms``.
     ``kept_visual`` is what the pruning kept (``state.last_kept``), all visual tokens when nothing was pruned.
     ``profile_steps`` > 0 adds ``step``: the GPU time of one decode step from that many profiled steps
-    (``decode_step_profile``), ``E_profile``: the kernels of E (``e_profile``), and for rows (a) and (b)
-    ``encoder``: one vision-tower pass (``encoder_profile``)."""
+    (``decode_step_profile``), ``E_profile`` / ``P_profile``: the kernels of E and of P (``e_profile``,
+    ``p_profile``), and for rows (a) and (b) ``encoder``: one vision-tower pass (``encoder_profile``)."""
     prompt = inputs["input_ids"].shape[1]
     n_vis = int((inputs["input_ids"] == model.config.video_token_id).sum())
     unpruned = UNPRUNED.get(model.config.model_type, 0)
@@ -452,6 +493,7 @@ def run_rows(model, inputs: dict, rows: Sequence[str], *, decode_steps: int, pre
                 if key in ("a", "b"):  # the vision tower is the same in every row of ours
                     found["encoder"] = encoder_profile(model, inputs)
                 found["E_profile"] = e_profile(model, lambda: model.generate(**inputs, **kw))
+                found["P_profile"] = p_profile(model, lambda: model.generate(**inputs, **kw))
             except Exception as e:  # noqa: BLE001 - the row's E, P, D stand without the profile
                 print(f"  ({key}: profile incomplete: {type(e).__name__}: {e})"[:300], flush=True)
             return found
@@ -469,7 +511,7 @@ def run_rows(model, inputs: dict, rows: Sequence[str], *, decode_steps: int, pre
                "D_wait_ms": decode_wait_ms(waits[-1])}
         if "step" in r["probe"]:
             row["D_gpu_ms"], row["step"] = r["probe"]["step"]["gpu_ms"], r["probe"]["step"]
-        for part in ("encoder", "E_profile"):
+        for part in ("encoder", "E_profile", "P_profile"):
             if part in r["probe"]:
                 row[part] = r["probe"][part]
         out.append(row)
@@ -484,6 +526,11 @@ def run_rows(model, inputs: dict, rows: Sequence[str], *, decode_steps: int, pre
                                                        f"{row['step']['host_ms']:.3f} ms: "
                                                        f"{row['step']['host_top_ms']})" if "D_gpu_ms" in row else ""),
               flush=True)
+        if "P_profile" in row:
+            pp = row["P_profile"]
+            print(f"    P: GPU busy {pp['gpu_ms']:.1f} ms, idle {pp['gap_launch_ms']:.1f} ms in {pp['gaps_launch']} "
+                  f"launch gaps + {pp['gap_host_ms']:.1f} ms in {pp['gaps_host']} longer + {pp['stall_ms']:.1f} ms "
+                  f"stalls; {pp['kinds_ms']}", flush=True)
     return out
 
 

@@ -303,6 +303,8 @@ def test_decode_step_profile_stops_generate_after_each_length(tiny_model, monkey
 
     def fake_profile(fn, host_since=None):
         out = fn()
+        if out is None and host_since == e2e.P_MARK:  # through_prefill (p_profile)
+            return {"gemm_kernel": (7.0, 1)}, 7.0, {}, (1.0, 2, 4.0, 1, 0.0, 0)
         if out is None:  # until_llm (e_profile)
             return {"salience_kernel": (3.0, 1)}, 3.0, {}, (0.0, 0, 0.0, 0, 0.0, 0)
         if not isinstance(out, torch.Tensor):  # the vision tower's output (encoder_profile)
@@ -322,6 +324,8 @@ def test_decode_step_profile_stops_generate_after_each_length(tiny_model, monkey
                                   "top": [{"kernel": "gemm_kernel", "us": 5.0, "calls": 2}]}
     assert "encoder" not in rows[1]  # the tower is profiled at rows (a) and (b) only
     assert all(r["E_profile"]["top"] == [{"kernel": "salience_kernel", "us": 3.0, "calls": 1}] for r in rows)
+    assert all(r["P_profile"]["gpu_ms"] == 0.007 and r["P_profile"]["gap_host_ms"] == 0.004
+               and r["P_profile"]["gaps_launch"] == 2 and r["P_profile"]["kinds_ms"] == {"gemm": 0.007} for r in rows)
     assert e2e.assemble(rows, 1.0, 100)[1]["D_gpu_over_floor"] > 0
 
 
@@ -345,6 +349,34 @@ def test_until_llm_stops_generate_at_the_language_model(tiny_model):
         assert torch.equal(tiny_model.generate(**inputs, max_new_tokens=3, do_sample=False), want)
         with pytest.raises(RuntimeError, match="without a forward of the language model"):
             e2e.until_llm(tiny_model, lambda: None)
+    finally:
+        sv.disable(tiny_model)
+
+
+def test_through_prefill_stops_generate_after_the_language_models_first_forward(tiny_model):
+    """P's profile runs ``generate`` through the language model's first forward (once, the prefill) and stops it
+    there, the ``P_MARK`` range opened at its start and closed at its end; the next ``generate`` runs normally."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from sparsevila_ops.integrations import demo
+    from sparsevila_ops.integrations import qwen2_5_vl as sv
+
+    video = e2e.video_for_tokens(36, side=12)
+    inputs = demo.video_inputs(tiny_model, video["frames"], video["h"], video["w"], 8, "cpu", torch.bfloat16)
+    sv.enable(tiny_model, 0.5, 0.5, cuda_graph=False)
+    try:
+        want = tiny_model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        calls = []
+        hook = tiny_model.model.language_model.register_forward_hook(lambda *a: calls.append(1))
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            e2e.through_prefill(tiny_model, lambda: tiny_model.generate(**inputs, max_new_tokens=3, do_sample=False))
+        hook.remove()
+        assert calls == [1]
+        marks = [e for e in prof.events() if e.name == e2e.P_MARK]
+        assert len(marks) == 1 and marks[0].time_range.elapsed_us() > 0
+        assert torch.equal(tiny_model.generate(**inputs, max_new_tokens=3, do_sample=False), want)
+        with pytest.raises(RuntimeError, match="without a forward of the language model"):
+            e2e.through_prefill(tiny_model, lambda: None)
     finally:
         sv.disable(tiny_model)
 
