@@ -658,6 +658,39 @@ def test_vision_norms_and_rotary_run_the_triton_kernels(model, enabled, device, 
     assert all("forward" not in n.__dict__ for n in integ._vision_norms(visual))
 
 
+def test_llm_norms_and_rope_run_the_triton_kernels(device, monkeypatch):
+    """Where Triton runs (forced here), the decoder's RMSNorms (each layer's two and the final one) and, in half
+    precision, each layer's prefill rope go through ``triton_kernels/vision.py`` as the vision tower's do; a bf16
+    forward's logits match the stock model's; ``disable`` restores the norms' own forwards."""
+    from sparsevila_ops.integrations import fused
+    from sparsevila_ops.integrations import qwen2_5_vl as integ
+    from sparsevila_ops.triton_kernels import vision
+
+    model = tiny_model(dtype=torch.bfloat16, device=device)
+    inputs = visual_inputs(seed=13, device=device, dtype=torch.bfloat16)
+    with torch.no_grad():
+        want = model(**inputs).logits.float()
+    calls = {"rms_norm": 0, "rope_qk": 0}
+    for name in calls:
+        def counted(*a, _f=getattr(vision, name), _n=name):
+            calls[_n] += 1
+            return _f(*a)
+        monkeypatch.setattr(vision, name, counted)
+    monkeypatch.setattr(integ, "triton_elementwise", lambda *a: True)
+    monkeypatch.setattr(fused, "triton_elementwise", lambda *a: True)
+    lm = model.model.language_model
+    sv.enable(model, 0.0, 0.0, cuda_graph=False)
+    try:
+        with torch.no_grad():
+            got = model(**inputs).logits.float()
+        vision_norms = 2 * len(model.model.visual.blocks) + 1
+        assert calls == {"rms_norm": vision_norms + 2 * len(lm.layers) + 1, "rope_qk": len(lm.layers)}
+        torch.testing.assert_close(got, want, rtol=0.02, atol=0.02)
+    finally:
+        sv.disable(model)
+    assert all("forward" not in n.__dict__ for n in fused.rms_norms(lm)) and len(fused.rms_norms(lm)) == 5
+
+
 def test_generate_records_no_autograd_graph(model, enabled, device):
     """``generate`` outside ``torch.no_grad`` (as transformers allows): the pruning's encoder forward must not
     record an autograd graph; the salience kept on the state would hold every vision activation alive (on the

@@ -73,6 +73,31 @@ def test_rotary_qk_matches_apply_rotary_pos_emb_vision(device, D, dtype):
         vision.rotary_qk(q, k, cos[:, :-2], sin[:, :-2])
 
 
+@pytest.mark.parametrize("D", [16, 80, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rope_qk_equals_apply_rotary_pos_emb_bit_for_bit(device, D, dtype):
+    """A decoder prefill's q, k as the views of a fused q/k/v projection ``[B, L, (Hq + 2 Hk) D]`` (B = 2, GQA 4 / 2),
+    cos, sin ``[B, L, D]`` in the same dtype: the same bits as transformers' ``apply_rotary_pos_emb``, token-major
+    outputs."""
+    from transformers.models.qwen2 import modeling_qwen2 as qwen2
+    B, L, Hq, Hk = 2, 7, 4, 2
+    g = torch.Generator().manual_seed(D)
+    qkv = (torch.randn(B, L, (Hq + 2 * Hk) * D, generator=g) * 4).to(device, dtype)
+    q = qkv[..., :Hq * D].view(B, L, Hq, D).transpose(1, 2)
+    k = qkv[..., Hq * D:(Hq + Hk) * D].view(B, L, Hk, D).transpose(1, 2)
+    freqs = torch.rand(B, L, D // 2, generator=g) * 300  # large angles: cos, sin over their whole range
+    emb = torch.cat((freqs, freqs), dim=-1)
+    cos, sin = emb.cos().to(device, dtype), emb.sin().to(device, dtype)
+    want_q, want_k = qwen2.apply_rotary_pos_emb(q, k, cos, sin)
+    got_q, got_k = vision.rope_qk(q, k, cos, sin)
+    assert torch.equal(got_q, want_q) and torch.equal(got_k, want_k)
+    assert got_q.shape == (B, Hq, L, D) and got_q.transpose(1, 2).is_contiguous()
+    with pytest.raises(ValueError, match="cos, sin must be"):
+        vision.rope_qk(q, k, cos[..., :-2], sin[..., :-2])
+    with pytest.raises(TypeError, match="float16 or bfloat16"):
+        vision.rope_qk(q.float(), k.float(), cos.float(), sin.float())
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("N", [40, 4100])  # one block of columns; two (the second partial)
 def test_silu_mul_matches_eager(device, dtype, N):

@@ -1,11 +1,13 @@
 """Triton kernels for the element-wise steps of a vision encoder block that eager PyTorch runs as chains of fp32
 kernels: RMSNorm, LayerNorm, the vision rotary embedding and the MLP's SiLU gate (Qwen2.5-VL's
-``Qwen2_5_VLRMSNorm``, SigLIP's ``nn.LayerNorm``, ``apply_rotary_pos_emb_vision`` and ``act_fn(gate) * up``). Each
-reads its inputs once and writes its outputs once, with the same math:
+``Qwen2_5_VLRMSNorm``, SigLIP's ``nn.LayerNorm``, ``apply_rotary_pos_emb_vision`` and ``act_fn(gate) * up``), and of
+a decoder's prefill (its RMSNorms, and ``apply_rotary_pos_emb``'s chain of half-precision kernels). Each reads its
+inputs once and writes its outputs once, with the same math:
 
     rms_norm:   y = w * bf(x / sqrt(mean(x^2) + eps))       (x in fp32; bf(): back to x's dtype, as the module does)
     layer_norm: y = bf((x - mean(x)) / sqrt(var(x) + eps) * w + b)   (fp32 inside, biased variance, as F.layer_norm)
     rotary_qk:  o = x * cos + rotate_half(x) * sin, for x in (q, k)   (fp32; rotate_half(x) = [-x2, x1]; o in x's dtype)
+    rope_qk:    the same for a decoder's q, k [B, H, L, D] in fp16 / bf16, each product and the sum rounded to it
     silu_mul:   h = bf(bf(g / (1 + exp(-g))) * u)             (fp32 inside, rounded as eager's two kernels round)
 
 On the H200 at 128k visual tokens (524,288 patches of 1280 features) eager PyTorch spent 1.6 of the encoder's 3.8 s
@@ -93,7 +95,7 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
 
 @triton.jit
 def _rotary_kernel(x, cos, sin, out, H, stride_xt, stride_xh, stride_ct, stride_st, stride_ot, stride_oh,
-                   HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+                   HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, EAGER_ROUND: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     h = tl.arange(0, BLOCK_H)
     d = tl.arange(0, BLOCK_D)
@@ -107,17 +109,23 @@ def _rotary_kernel(x, cos, sin, out, H, stride_xt, stride_xh, stride_ct, stride_
     x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
     dst = out + t * stride_ot + h[:, None] * stride_oh + d[None, :]
-    tl.store(dst, (x1 * c1[None, :] + (-x2) * s1[None, :]).to(out.dtype.element_ty), mask=mask)
-    tl.store(dst + HALF, (x2 * c2[None, :] + x1 * s2[None, :]).to(out.dtype.element_ty), mask=mask)
+    a1, b1 = x1 * c1[None, :], (-x2) * s1[None, :]
+    a2, b2 = x2 * c2[None, :], x1 * s2[None, :]
+    if EAGER_ROUND:  # each product rounded to x's dtype, as eager's half-precision multiplies round
+        ty = out.dtype.element_ty
+        a1, b1, a2, b2 = a1.to(ty).to(tl.float32), b1.to(ty).to(tl.float32), a2.to(ty).to(tl.float32), \
+            b2.to(ty).to(tl.float32)
+    tl.store(dst, (a1 + b1).to(out.dtype.element_ty), mask=mask)
+    tl.store(dst + HALF, (a2 + b2).to(out.dtype.element_ty), mask=mask)
 
 
-def _rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def _rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, eager_round: bool = False) -> torch.Tensor:
     T, H, D = x.shape
     out = torch.empty(T, H, D, dtype=x.dtype, device=x.device)
     if T and H:
         _rotary_kernel[(T,)](x, cos, sin, out, H, x.stride(0), x.stride(1), cos.stride(0), sin.stride(0),
                              out.stride(0), out.stride(1), HALF=D // 2, BLOCK_H=triton.next_power_of_2(H),
-                             BLOCK_D=triton.next_power_of_2(D // 2), num_warps=4)
+                             BLOCK_D=triton.next_power_of_2(D // 2), EAGER_ROUND=eager_round, num_warps=4)
     return out
 
 
@@ -133,6 +141,33 @@ def rotary_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Te
                          f"{tuple(sin.shape)}")
     q, k, cos, sin = (t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous() for t in (q, k, cos, sin))
     return _rotary(q, cos, sin), _rotary(k, cos, sin)
+
+
+def rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+            ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A Llama-family decoder's ``apply_rotary_pos_emb(q, k, cos, sin)`` in half precision, bit for bit: q ``[B, Hq,
+    L, D]``, k ``[B, Hk, L, D]`` fp16/bf16 (any strides, last dim contiguous: the views of a fused q/k/v
+    projection), cos, sin ``[B, L, D]`` in their dtype; each product and the sum rounded to it as eager's kernels
+    round. Returns ``[B, H, L, D]`` views of new token-major ``[B, L, H, D]`` tensors (rows of a varlen ``[T, H,
+    D]`` layout)."""
+    if q.dim() != 4 or k.dim() != 4 or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
+        raise ValueError(f"q, k must be [B, H, L, D] with equal B, L, D; got {tuple(q.shape)}, {tuple(k.shape)}")
+    B, _, L, D = q.shape
+    if D % 2 or cos.shape != (B, L, D) or sin.shape != (B, L, D):
+        raise ValueError(f"cos, sin must be [B, L, D] = [{B}, {L}, {D}] with D even; got {tuple(cos.shape)}, "
+                         f"{tuple(sin.shape)}")
+    if q.dtype not in (torch.float16, torch.bfloat16) or {k.dtype, cos.dtype, sin.dtype} != {q.dtype}:
+        raise TypeError(f"q, k, cos, sin must share one dtype, float16 or bfloat16; got {q.dtype}, {k.dtype}, "
+                        f"{cos.dtype}, {sin.dtype}")
+    c, s = (t.reshape(B * L, D) for t in (cos, sin))
+    c, s = (t if t.shape[0] == 0 or t.stride(-1) == 1 else t.contiguous() for t in (c, s))
+    outs = []
+    for x in (q, k):
+        rows = x.transpose(1, 2).reshape(B * L, x.shape[1], D)  # a view for a projection's output
+        if rows.shape[0] and rows.stride(-1) != 1:
+            rows = rows.contiguous()
+        outs.append(_rotary(rows, c, s, eager_round=True).view(B, L, x.shape[1], D).transpose(1, 2))
+    return outs[0], outs[1]
 
 
 @triton.jit

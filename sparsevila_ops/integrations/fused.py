@@ -261,7 +261,12 @@ def _attention_forward(self, hidden_states: torch.Tensor, attention_mask=None, p
             and self.config._attn_implementation == ATTN_NAME):
         q = cache.rope_append(self.layer_idx, q[:, :, 0], k[:, :, 0], v[:, :, 0], cos[:, 0], sin[:, 0])[:, :, None]
     else:
-        q, k = rope(q, k, cos, sin)
+        if standard_rope and cos.dim() == 3 and q.dtype in (torch.float16, torch.bfloat16) and cos.dtype == q.dtype \
+                and triton_elementwise(q, k):
+            from ..triton_kernels.vision import rope_qk
+            q, k = rope_qk(q, k, cos, sin)  # the same bits as ``rope``, one kernel per tensor
+        else:
+            q, k = rope(q, k, cos, sin)
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)
     attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager)
@@ -284,6 +289,22 @@ def triton_elementwise(x: torch.Tensor, *params: torch.Tensor) -> bool:
     """Whether element-wise steps run our Triton kernels (``triton_kernels/vision.py``) on ``x``: eager inference
     (:func:`_eager_inference`) on a device where Triton runs (the device default backend)."""
     return _eager_inference(x, params) and _backend.default_backend(x.device) == "triton"
+
+
+def rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    """An RMSNorm module's forward (``weight``, ``variance_epsilon``: Qwen2's, Qwen2.5-VL's, Llama's) as one Triton
+    kernel where :func:`triton_elementwise` allows, else the module's own."""
+    if triton_elementwise(hidden_states, self.weight):
+        from ..triton_kernels.vision import rms_norm
+        return rms_norm(hidden_states, self.weight, self.variance_epsilon)
+    return type(self).forward(self, hidden_states)
+
+
+def rms_norms(model: nn.Module) -> List[nn.Module]:
+    """A decoder's RMSNorms (each layer's two and the final one; those with ``weight`` and ``variance_epsilon``)."""
+    norms = [getattr(layer, n, None) for layer in model.layers for n in ("input_layernorm", "post_attention_layernorm")]
+    norms.append(getattr(model, "norm", None))
+    return [n for n in norms if n is not None and hasattr(n, "weight") and hasattr(n, "variance_epsilon")]
 
 
 def _mlp_forward(self, x: torch.Tensor) -> torch.Tensor:

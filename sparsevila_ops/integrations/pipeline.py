@@ -17,6 +17,7 @@ visual inputs as keywords (``pixel_values``, ``pixel_values_videos``, ...) and a
 from __future__ import annotations
 
 import functools
+import types
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Tuple
 
@@ -75,6 +76,8 @@ def attach(model, state: "PipelineState", hooks: Hooks) -> None:
     model.set_attn_implementation({"text_config": ATTN_NAME})
     for layer in model.model.language_model.layers:
         layer.self_attn._sparsevila_state = state.llm
+    for norm in fused.rms_norms(model.model.language_model):
+        norm.forward = types.MethodType(fused.rms_norm_forward, norm)
     hooks.fuse(model)
     model.generate = functools.partial(generate, model.generate, model, hooks)
 
@@ -88,6 +91,8 @@ def detach(model) -> "PipelineState":
     uninstall(model)
     for layer in model.model.language_model.layers:
         layer.self_attn.__dict__.pop("_sparsevila_state", None)
+    for norm in fused.rms_norms(model.model.language_model):
+        norm.__dict__.pop("forward", None)
     fused.unfuse(model.model.language_model.layers)
     model.set_attn_implementation({"text_config": state.prev_attn})
     model._sparsevila = None

@@ -17,10 +17,12 @@
   (``prune_visual_tokens``), and calls the original ``generate`` with the kept embeddings and their original
   3-D mRoPE positions (sliced from ``mrope_positions`` of the full sequence: ``get_rope_index``'s numbers without
   its host loop over every token; ``rope_deltas`` set for later turns); an unpruned first turn given
-  ``mm_token_type_ids`` takes its positions from ``mrope_positions`` too. It passes a ``SparseVILACache`` and returns the caller's full ``input_ids`` followed by the new
-  tokens, as vanilla ``generate`` does (``pipeline.generate`` with this model's ``_HOOKS``: the pruning above).
+  ``mm_token_type_ids`` takes its positions from ``mrope_positions`` too. It passes a ``SparseVILACache`` and
+  returns the caller's full ``input_ids`` followed by the new tokens, as vanilla ``generate`` does
+  (``pipeline.generate`` with this model's ``_HOOKS``: the pruning above).
 - **LLM decoder layers**: q/k/v and gate/up projections each run as one GEMV over a concatenated weight
-  (``fused.fuse``; the original weights become views of it).
+  (``fused.fuse``; the original weights become views of it); on CUDA the RMSNorms run as one Triton kernel each
+  and, in fp16 / bf16, a prefill's rotary embedding of q and k as one kernel each (the same bits as eager's).
 - **LLM attention**: ``sparsevila_attention`` (``AttentionInterface``) for the text config: prefill with the
   question rows' relevance, select + pack of all layers, decode over the packed cache.
 
@@ -110,7 +112,7 @@ def enable(model, prefill_sparsity: float = 0.75, decode_sparsity: float = 0.95,
         blk.attn.forward = types.MethodType(functools.partial(_vision_attn_forward, state=state,
                                                               salience=(i == salience_layer)), blk.attn)
     for norm in _vision_norms(visual):
-        norm.forward = types.MethodType(_rms_norm_forward, norm)
+        norm.forward = types.MethodType(fused.rms_norm_forward, norm)
     visual.forward = functools.partial(_visual_forward, visual.forward, state, visual)
     visual.patch_embed.forward = types.MethodType(_patch_embed_forward, visual.patch_embed)
     return model
@@ -162,14 +164,6 @@ def _vision_attn_forward(self, hidden_states: torch.Tensor, cu_seqlens: torch.Te
 def _vision_norms(visual) -> list:
     """The vision tower's RMSNorms: each block's two and the merger's."""
     return [n for blk in visual.blocks for n in (blk.norm1, blk.norm2)] + [visual.merger.ln_q]
-
-
-def _rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-    """``Qwen2_5_VLRMSNorm.forward`` as one Triton kernel where :func:`fused.triton_elementwise` allows."""
-    if triton_elementwise(hidden_states, self.weight):
-        from ..triton_kernels.vision import rms_norm
-        return rms_norm(hidden_states, self.weight, self.variance_epsilon)
-    return type(self).forward(self, hidden_states)
 
 
 def _visual_forward(orig, state: SparseVILAState, visual, hidden_states, grid_thw, **kwargs):
