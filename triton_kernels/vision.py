@@ -111,7 +111,7 @@ def _rotary_kernel(x, cos, sin, out, H, stride_xt, stride_xh, stride_ct, stride_
     dst = out + t * stride_ot + h[:, None] * stride_oh + d[None, :]
     a1, b1 = x1 * c1[None, :], (-x2) * s1[None, :]
     a2, b2 = x2 * c2[None, :], x1 * s2[None, :]
-    if EAGER_ROUND:  # each product rounded to x's dtype, as eager's half-precision multiplies round
+    if EAGER_ROUND:  # each product rounded to x's dtype, as eager's half-precision multiplies round (no FMA)
         ty = out.dtype.element_ty
         a1, b1, a2, b2 = a1.to(ty).to(tl.float32), b1.to(ty).to(tl.float32), a2.to(ty).to(tl.float32), \
             b2.to(ty).to(tl.float32)
@@ -125,7 +125,8 @@ def _rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, eager_round: 
     if T and H:
         _rotary_kernel[(T,)](x, cos, sin, out, H, x.stride(0), x.stride(1), cos.stride(0), sin.stride(0),
                              out.stride(0), out.stride(1), HALF=D // 2, BLOCK_H=triton.next_power_of_2(H),
-                             BLOCK_D=triton.next_power_of_2(D // 2), EAGER_ROUND=eager_round, num_warps=4)
+                             BLOCK_D=triton.next_power_of_2(D // 2), EAGER_ROUND=eager_round, num_warps=4,
+                             enable_fp_fusion=not eager_round)  # fused, a product and its sum round once
     return out
 
 
