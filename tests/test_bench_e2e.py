@@ -329,33 +329,11 @@ def test_decode_step_profile_stops_generate_after_each_length(tiny_model, monkey
     assert e2e.assemble(rows, 1.0, 100)[1]["D_gpu_over_floor"] > 0
 
 
-def test_until_llm_stops_generate_at_the_language_model(tiny_model):
+@pytest.mark.parametrize("stop", ["until_llm", "through_prefill"])
+def test_profiles_stop_generate_at_the_language_model(tiny_model, stop):
     """E's profile runs ``generate`` up to the language model's first forward (the pruning ran, the LLM did not),
-    and the next ``generate`` of the same enabled model runs normally, with the output of one never stopped."""
-    from sparsevila_ops.integrations import demo
-    from sparsevila_ops.integrations import qwen2_5_vl as sv
-
-    video = e2e.video_for_tokens(36, side=12)
-    inputs = demo.video_inputs(tiny_model, video["frames"], video["h"], video["w"], 8, "cpu", torch.bfloat16)
-    sv.enable(tiny_model, 0.5, 0.5, cuda_graph=False)
-    try:
-        want = tiny_model.generate(**inputs, max_new_tokens=3, do_sample=False)
-        calls = []
-        hook = tiny_model.model.language_model.register_forward_hook(lambda *a: calls.append(1))
-        tiny_model._sparsevila.last_kept = None
-        e2e.until_llm(tiny_model, lambda: tiny_model.generate(**inputs, max_new_tokens=3, do_sample=False))
-        hook.remove()
-        assert calls == [] and tiny_model._sparsevila.last_kept is not None
-        assert torch.equal(tiny_model.generate(**inputs, max_new_tokens=3, do_sample=False), want)
-        with pytest.raises(RuntimeError, match="without a forward of the language model"):
-            e2e.until_llm(tiny_model, lambda: None)
-    finally:
-        sv.disable(tiny_model)
-
-
-def test_through_prefill_stops_generate_after_the_language_models_first_forward(tiny_model):
-    """P's profile runs ``generate`` through the language model's first forward (once, the prefill) and stops it
-    there, the ``P_MARK`` range opened at its start and closed at its end; the next ``generate`` runs normally."""
+    P's through it (once, the prefill, inside the ``P_MARK`` range); the next ``generate`` of the same enabled model
+    runs normally, with the output of one never stopped."""
     from torch.profiler import ProfilerActivity, profile
 
     from sparsevila_ops.integrations import demo
@@ -363,20 +341,22 @@ def test_through_prefill_stops_generate_after_the_language_models_first_forward(
 
     video = e2e.video_for_tokens(36, side=12)
     inputs = demo.video_inputs(tiny_model, video["frames"], video["h"], video["w"], 8, "cpu", torch.bfloat16)
+    run = getattr(e2e, stop)
     sv.enable(tiny_model, 0.5, 0.5, cuda_graph=False)
     try:
         want = tiny_model.generate(**inputs, max_new_tokens=3, do_sample=False)
         calls = []
         hook = tiny_model.model.language_model.register_forward_hook(lambda *a: calls.append(1))
+        tiny_model._sparsevila.last_kept = None
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            e2e.through_prefill(tiny_model, lambda: tiny_model.generate(**inputs, max_new_tokens=3, do_sample=False))
+            run(tiny_model, lambda: tiny_model.generate(**inputs, max_new_tokens=3, do_sample=False))
         hook.remove()
-        assert calls == [1]
-        marks = [e for e in prof.events() if e.name == e2e.P_MARK]
-        assert len(marks) == 1 and marks[0].time_range.elapsed_us() > 0
+        assert calls == ([] if stop == "until_llm" else [1]) and tiny_model._sparsevila.last_kept is not None
+        marks = [e.time_range.elapsed_us() for e in prof.events() if e.name == e2e.P_MARK]
+        assert len(marks) == (stop == "through_prefill") and all(us > 0 for us in marks)
         assert torch.equal(tiny_model.generate(**inputs, max_new_tokens=3, do_sample=False), want)
         with pytest.raises(RuntimeError, match="without a forward of the language model"):
-            e2e.through_prefill(tiny_model, lambda: None)
+            run(tiny_model, lambda: None)
     finally:
         sv.disable(tiny_model)
 

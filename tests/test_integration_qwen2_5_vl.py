@@ -624,26 +624,35 @@ def test_4bit_projections_fuse_too(device, monkeypatch):
     assert mlp.up_proj.qweight.untyped_storage().data_ptr() != mlp.gate_proj.qweight.untyped_storage().data_ptr()
 
 
-def test_vision_norms_and_rotary_run_the_triton_kernels(model, enabled, device, monkeypatch):
-    """Where Triton runs (forced here, so the CPU suite runs the kernels under the interpreter), every vision
-    RMSNorm, each block's rotary embedding and its MLP's SiLU gate go through ``triton_kernels/vision.py``; the
-    tower's output matches the stock tower's; ``disable`` restores the modules' own forwards."""
+def _count_triton_elementwise(monkeypatch, *names: str) -> dict:
+    """Force the element-wise Triton path (``triton_elementwise``; on the CPU the kernels run under the interpreter)
+    and count the calls of ``triton_kernels.vision``'s ``names``."""
     from sparsevila_ops.integrations import fused
     from sparsevila_ops.integrations import qwen2_5_vl as integ
     from sparsevila_ops.triton_kernels import vision
 
-    inputs = visual_inputs(seed=12, device=device)
-    visual = model.model.visual
-    with torch.no_grad():
-        want = visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
-    calls = {"rms_norm": 0, "rotary_qk": 0, "silu_mul": 0}
-    for name in calls:
+    calls = dict.fromkeys(names, 0)
+    for name in names:
         def counted(*a, _f=getattr(vision, name), _n=name):
             calls[_n] += 1
             return _f(*a)
         monkeypatch.setattr(vision, name, counted)
     monkeypatch.setattr(integ, "triton_elementwise", lambda *a: True)
     monkeypatch.setattr(fused, "triton_elementwise", lambda *a: True)
+    return calls
+
+
+def test_vision_norms_and_rotary_run_the_triton_kernels(model, enabled, device, monkeypatch):
+    """Where Triton runs (forced here, so the CPU suite runs the kernels under the interpreter), every vision
+    RMSNorm, each block's rotary embedding and its MLP's SiLU gate go through ``triton_kernels/vision.py``; the
+    tower's output matches the stock tower's; ``disable`` restores the modules' own forwards."""
+    from sparsevila_ops.integrations import qwen2_5_vl as integ
+
+    inputs = visual_inputs(seed=12, device=device)
+    visual = model.model.visual
+    with torch.no_grad():
+        want = visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
+    calls = _count_triton_elementwise(monkeypatch, "rms_norm", "rotary_qk", "silu_mul")
     enabled(0.0, 0.0)
     with torch.no_grad():
         got = visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
@@ -663,21 +672,12 @@ def test_llm_norms_and_rope_run_the_triton_kernels(device, monkeypatch):
     precision, each layer's prefill rope go through ``triton_kernels/vision.py`` as the vision tower's do; a bf16
     forward's logits match the stock model's; ``disable`` restores the norms' own forwards."""
     from sparsevila_ops.integrations import fused
-    from sparsevila_ops.integrations import qwen2_5_vl as integ
-    from sparsevila_ops.triton_kernels import vision
 
     model = tiny_model(dtype=torch.bfloat16, device=device)
     inputs = visual_inputs(seed=13, device=device, dtype=torch.bfloat16)
     with torch.no_grad():
         want = model(**inputs).logits.float()
-    calls = {"rms_norm": 0, "rope_qk": 0}
-    for name in calls:
-        def counted(*a, _f=getattr(vision, name), _n=name):
-            calls[_n] += 1
-            return _f(*a)
-        monkeypatch.setattr(vision, name, counted)
-    monkeypatch.setattr(integ, "triton_elementwise", lambda *a: True)
-    monkeypatch.setattr(fused, "triton_elementwise", lambda *a: True)
+    calls = _count_triton_elementwise(monkeypatch, "rms_norm", "rope_qk")
     lm = model.model.language_model
     sv.enable(model, 0.0, 0.0, cuda_graph=False)
     try:
