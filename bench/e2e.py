@@ -313,19 +313,30 @@ class _AtLLM(Exception):
     """Raised by ``until_llm``'s hook: the language model's first forward was reached."""
 
 
-def until_llm(model, generate: Callable[[], object]) -> None:
-    """Run ``generate()`` up to the language model's first forward, E's end (vision tower, salience, pruning, the
-    prompt's positions), and stop it there."""
+def _stop_at_llm(model, generate: Callable[[], object], start: Optional[Callable[[], None]] = None) -> None:
+    """Run ``generate()`` and stop it at the language model's first forward: before it (``start`` None) or, with
+    ``start``, after it (``start()`` called as it begins)."""
     def stop(*_):
         raise _AtLLM
-    hook = model.model.language_model.register_forward_pre_hook(stop)
+    lm = model.model.language_model
+    if start is None:
+        hooks = [lm.register_forward_pre_hook(stop)]
+    else:
+        hooks = [lm.register_forward_pre_hook(lambda *_: start()), lm.register_forward_hook(stop)]
     try:
         generate()
     except _AtLLM:
         return
     finally:
-        hook.remove()
+        for h in hooks:
+            h.remove()
     raise RuntimeError("generate finished without a forward of the language model")
+
+
+def until_llm(model, generate: Callable[[], object]) -> None:
+    """Run ``generate()`` up to the language model's first forward, E's end (vision tower, salience, pruning, the
+    prompt's positions), and stop it there."""
+    _stop_at_llm(model, generate)
 
 
 def time_until_llm(model, generate: Callable[[], object]) -> float:
@@ -350,29 +361,21 @@ P_MARK = "sparsevila::P"  # the profiler range that opens at the language model'
 
 def through_prefill(model, generate: Callable[[], object]) -> None:
     """Run ``generate()`` through the language model's first forward, P (the prefill with relevance, select +
-    pack), and stop it there; a device sync and the ``P_MARK`` range open where P starts."""
-    lm = model.model.language_model
-    mark = torch.profiler.record_function(P_MARK)
+    pack), and stop it there; a device sync and the ``P_MARK`` range open where P starts, and both close at its
+    end."""
+    mark, entered = torch.profiler.record_function(P_MARK), []
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
 
-    def start(*_):
+    def start():
         sync()
         mark.__enter__()
-
-    def stop(*_):
-        sync()
-        mark.__exit__(None, None, None)
-        raise _AtLLM
-
-    hooks = [lm.register_forward_pre_hook(start), lm.register_forward_hook(stop)]
+        entered.append(True)
     try:
-        generate()
-    except _AtLLM:
-        return
+        _stop_at_llm(model, generate, start)
     finally:
-        for h in hooks:
-            h.remove()
-    raise RuntimeError("generate finished without a forward of the language model")
+        if entered:
+            sync()
+            mark.__exit__(None, None, None)
 
 
 def p_profile(model, generate: Callable[[], object]) -> dict:

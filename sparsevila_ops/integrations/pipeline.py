@@ -263,8 +263,8 @@ def visual_spans(ids: torch.Tensor, pads: List[int], cfg) -> Optional[List[Tuple
     live = vis & (col >= torch.tensor(pads, device=ids.device)[:, None])
     first = torch.where(live, col, ids.shape[1]).amin(dim=1)
     last = torch.where(live, col, -1).amax(dim=1)
-    any_vis, first, last = torch.stack([vis.any().expand_as(first).long(), first, last]).tolist()
-    if not any_vis or not any_vis[0]:
+    has_vis, first, last = torch.stack([vis.any(dim=1).long(), first, last]).tolist()
+    if not any(has_vis):
         return None
     return [(f - pad, e + 1 - pad) if e >= 0 else (0, 0) for f, e, pad in zip(first, last, pads)]
 

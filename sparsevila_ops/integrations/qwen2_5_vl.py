@@ -277,17 +277,17 @@ def mrope_positions(model, input_ids: torch.Tensor, mm_token_type_ids: torch.Ten
     seconds = kwargs.get("second_per_grid_ts")
     seconds = None if seconds is None else torch.as_tensor(seconds).tolist()
     taken = {1: 0, 2: 0}
-    valid = mask.bool()
     deltas = []
     for b in range(B):
-        types_ = mm_token_type_ids[b][valid[b]]
+        cols = torch.nonzero(mask[b]).flatten()  # the row's unmasked tokens
+        types_ = mm_token_type_ids[b, cols]
         n = types_.numel()
         if n == 0:  # an all-padding row: nothing to number
             deltas.append(0)
             continue
         starts = torch.cat([torch.zeros(1, dtype=torch.long, device=dev),
                             torch.nonzero(types_[1:] != types_[:-1]).flatten() + 1])
-        runs = torch.stack([starts, types_[starts].long()]).tolist()  # [2, runs]: the row's one sync
+        runs = torch.stack([starts, types_[starts].long()]).tolist()  # [2, runs]
         pieces, p, top = [], 0, -1
         for s, e, kind in zip(runs[0], runs[0][1:] + [n], runs[1]):
             if kind == 0:
@@ -312,7 +312,7 @@ def mrope_positions(model, input_ids: torch.Tensor, mm_token_type_ids: torch.Ten
             pieces.append(torch.stack([tt, hh, ww]).reshape(3, -1))
             top = max(top, p + (t - 1) * dt, p + gh - 1, p + gw - 1)
             p += max(h, w) // merge
-        positions[:, b, valid[b]] = torch.cat(pieces, dim=1).to(positions.dtype)
+        positions[:, b, cols] = torch.cat(pieces, dim=1).to(positions.dtype)
         deltas.append(top + 1 - n)
     return positions, torch.tensor(deltas, device=dev).unsqueeze(1)
 
