@@ -8,15 +8,17 @@ chains of fp32 element-wise kernels (RMSNorm, rotary embedding).
 - SiLU gate: ``F.silu(gate) * up`` (two element-wise kernels) vs ``triton_kernels.vision.silu_mul``, on the halves
   of a fused gate/up output;
 - RMSNorm: ``Qwen2_5_VLRMSNorm`` vs ``triton_kernels.vision.rms_norm``;
-- rotary: ``apply_rotary_pos_emb_vision`` on q, k views of the qkv output vs ``triton_kernels.vision.rotary_qk``;
+- add + RMSNorm: the residual add then ``rms_norm`` (what the integration ran before) vs ``add_rms_norm``;
+- rotary: ``apply_rotary_pos_emb_vision`` on q, k views of the qkv output vs ``triton_kernels.vision.rotary_qk`` (one
+  launch for q and k);
 - attention over 64-patch windows (28 blocks) and over 1024-patch frames (4 blocks), non-causal, on q, k, v views
   of the qkv output: one batched SDPA (``integrations.attention.batched_sdpa``) vs one varlen ``prefill_attention``
   (its looked-up config: the shipped table's where tuned); the column ``varlen_attention`` names the route the
   integration takes for that segment length (``SDPA_MIN_SEGMENT``).
 
-``python -m bench.vision_block [--patches N] [--only STEP]``. Per row: time per call, the step's share of an encoder forward
-(x 32 blocks; x 2 for the norms), and the speedup of each replacement over stock; the bytes floor (inputs read
-once, outputs written once, at the measured copy bandwidth) for the element-wise rows.
+``python -m bench.vision_block [--patches N] [--only STEP]``. Per row: time per call, the step's share of an encoder
+forward (x 32 blocks; x 2 for the norms), and the speedup of each replacement over stock; the bytes floor (inputs
+read once, outputs written once, at the measured copy bandwidth) for the element-wise rows.
 """
 from __future__ import annotations
 
@@ -84,6 +86,27 @@ def _norm(x, bw, time):
             _row("RMSNorm", "triton_kernels.vision.rms_norm", ours, 2 * BLOCKS, floor, speedup=stock / ours)]
 
 
+def _add_norm(x, bw, time):
+    """A residual add and the RMSNorm after it (each block's ``h + attn`` with ``norm2``, and ``h + mlp`` with the next
+    block's ``norm1``): eager's add then ``rms_norm`` vs ``add_rms_norm``."""
+    from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as hf
+    from sparsevila_ops.triton_kernels import vision
+    norm = hf.Qwen2_5_VLRMSNorm(HIDDEN).to("cuda", torch.bfloat16)
+    r = torch.randn_like(x)
+    floor = 4 * x.numel() * 2 / bw * 1e3
+    s, y = vision.add_rms_norm(x, r, norm.weight, norm.variance_epsilon)
+    verify("add_rms_norm sum", s.float(), (x + r).float(), 0)
+    verify("add_rms_norm", y.float(), norm(x + r).float(), 1e-2)
+
+    def apart():
+        s = x + r
+        return s, vision.rms_norm(s, norm.weight, norm.variance_epsilon)
+    stock = time(apart)
+    ours = time(lambda: vision.add_rms_norm(x, r, norm.weight, norm.variance_epsilon))
+    return [_row("add + RMSNorm", "x + r, then triton_kernels.vision.rms_norm", stock, 2 * BLOCKS, floor),
+            _row("add + RMSNorm", "triton_kernels.vision.add_rms_norm", ours, 2 * BLOCKS, floor, speedup=stock / ours)]
+
+
 def _rotary(qkv, bw, time):
     """Rotary on q, k views of one qkv output."""
     from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as hf
@@ -124,7 +147,7 @@ def _attention(qkv, time):
     return rows
 
 
-STEPS = {"mlp": _mlp, "silu": _silu, "norm": _norm, "rotary": _rotary, "attention": _attention}
+STEPS = {"mlp": _mlp, "silu": _silu, "norm": _norm, "add_norm": _add_norm, "rotary": _rotary, "attention": _attention}
 
 
 def main(argv=None) -> int:
@@ -141,8 +164,8 @@ def main(argv=None) -> int:
     with torch.no_grad():
         x = torch.randn(T, HIDDEN, device="cuda", dtype=torch.bfloat16)
         qkv = torch.randn(T, 3, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
-        inputs = {"mlp": (x, time), "silu": (T, bw, time), "norm": (x, bw, time), "rotary": (qkv, bw, time),
-                  "attention": (qkv, time)}
+        inputs = {"mlp": (x, time), "silu": (T, bw, time), "norm": (x, bw, time), "add_norm": (x, bw, time),
+                  "rotary": (qkv, bw, time), "attention": (qkv, time)}
         for step in steps:
             rows += STEPS[step](*inputs[step])
     write_results("vision_block", rows, ["step", "variant", "median_ms", "per_encoder_ms", "TFLOP_s", "floor_ms",

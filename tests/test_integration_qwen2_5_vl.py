@@ -644,20 +644,23 @@ def _count_triton_elementwise(monkeypatch, *names: str) -> dict:
 
 def test_vision_norms_and_rotary_run_the_triton_kernels(model, enabled, device, monkeypatch):
     """Where Triton runs (forced here, so the CPU suite runs the kernels under the interpreter), every vision
-    RMSNorm, each block's rotary embedding and its MLP's SiLU gate go through ``triton_kernels/vision.py``; the
-    tower's output matches the stock tower's; ``disable`` restores the modules' own forwards."""
+    RMSNorm (all but the first with the residual add before it), each block's rotary embedding and its MLP's SiLU
+    gate go through ``triton_kernels/vision.py``; the tower's output matches the stock tower's; ``disable`` restores
+    the modules' own forwards."""
     from sparsevila_ops.integrations import qwen2_5_vl as integ
 
     inputs = visual_inputs(seed=12, device=device)
     visual = model.model.visual
     with torch.no_grad():
         want = visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
-    calls = _count_triton_elementwise(monkeypatch, "rms_norm", "rotary_qk", "silu_mul")
-    enabled(0.0, 0.0)
+    calls = _count_triton_elementwise(monkeypatch, "rms_norm", "add_rms_norm", "rotary_qk", "silu_mul")
+    state = enabled(0.0, 0.0)._sparsevila
     with torch.no_grad():
         got = visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
     depth = len(visual.blocks)
-    assert calls == {"rms_norm": 2 * depth + 1, "rotary_qk": depth, "silu_mul": depth}
+    # the first norm1 alone; every other norm (norm2s, the next blocks' norm1s, ln_q) with the add before it
+    assert calls == {"rms_norm": 1, "add_rms_norm": 2 * depth, "rotary_qk": depth, "silu_mul": depth}
+    assert state.pending_norm is None  # the merger's ln_q took the last block's
     # On the GPU the stock tower's patch convolution runs fp32 as TF32 (cuDNN's default); ours is an fp32 matmul
     # and our kernels' fp32 dots are IEEE (test_patch_embed_runs_as_one_linear compares the two without TF32).
     tol = dict(rtol=2e-3, atol=2e-3) if device.type == "cuda" else dict(rtol=1e-4, atol=1e-5)
@@ -665,6 +668,7 @@ def test_vision_norms_and_rotary_run_the_triton_kernels(model, enabled, device, 
         torch.testing.assert_close(got[name], want[name], **tol)
     sv.disable(model)
     assert all("forward" not in n.__dict__ for n in integ._vision_norms(visual))
+    assert all("forward" not in b.__dict__ for b in visual.blocks)
 
 
 def test_llm_norms_and_rope_run_the_triton_kernels(device, monkeypatch):
@@ -677,14 +681,14 @@ def test_llm_norms_and_rope_run_the_triton_kernels(device, monkeypatch):
     inputs = visual_inputs(seed=13, device=device, dtype=torch.bfloat16)
     with torch.no_grad():
         want = model(**inputs).logits.float()
-    calls = _count_triton_elementwise(monkeypatch, "rms_norm", "rope_qk")
+    calls = _count_triton_elementwise(monkeypatch, "rms_norm", "add_rms_norm", "rope_qk")
     lm = model.model.language_model
     sv.enable(model, 0.0, 0.0, cuda_graph=False)
     try:
         with torch.no_grad():
             got = model(**inputs).logits.float()
-        vision_norms = 2 * len(model.model.visual.blocks) + 1
-        assert calls == {"rms_norm": vision_norms + 2 * len(lm.layers) + 1, "rope_qk": len(lm.layers)}
+        depth = len(model.model.visual.blocks)  # the tower's first norm alone, its others with their adds
+        assert calls == {"rms_norm": 1 + 2 * len(lm.layers) + 1, "add_rms_norm": 2 * depth, "rope_qk": len(lm.layers)}
         torch.testing.assert_close(got, want, rtol=0.02, atol=0.02)
     finally:
         sv.disable(model)

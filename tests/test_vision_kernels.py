@@ -1,6 +1,7 @@
 """The vision encoder's element-wise kernels (``triton_kernels/vision.py``) against the transformers modules they
-replace (``Qwen2_5_VLRMSNorm``, ``apply_rotary_pos_emb_vision``, ``act_fn(gate) * up``): awkward sizes, strided
-views, bf16 / fp32, weight dtypes that promote; on the CPU under Triton's interpreter."""
+replace (``Qwen2_5_VLRMSNorm`` and the residual add before it, ``apply_rotary_pos_emb_vision``, ``act_fn(gate) *
+up``): awkward sizes, strided views, bf16 / fp32, weight dtypes that promote; on the CPU under Triton's
+interpreter."""
 import pytest
 import torch
 from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as hf
@@ -30,6 +31,31 @@ def test_rms_norm_matches_the_module(device, dtype, wdtype, N):
         vision.rms_norm(x, norm.weight[:-1], 1e-6)
 
 
+@pytest.mark.parametrize("dtype,wdtype", [(torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32),
+                                          (torch.float32, torch.float32)])
+@pytest.mark.parametrize("N", [48, 100])
+def test_add_rms_norm_equals_the_add_then_the_module(device, dtype, wdtype, N):
+    """``x + r`` bit for bit (eager's rounding of the sum), and the module's norm of that sum; strided rows."""
+    g = torch.Generator().manual_seed(N + 1)
+    norm = hf.Qwen2_5_VLRMSNorm(N, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(N, generator=g) * 0.5 + 1)
+    norm = norm.to(device, wdtype)
+    store = (torch.randn(2, 3, 7, N + 9, generator=g) * 3).to(device, dtype)
+    x, r = store[0, ..., 5:5 + N], store[1, ..., 2:2 + N]
+    want_s = x + r
+    want = norm(want_s)
+    s, got = vision.add_rms_norm(x, r, norm.weight, norm.variance_epsilon)
+    assert torch.equal(s, want_s) and s.is_contiguous()
+    assert got.dtype == want.dtype and got.shape == want.shape
+    assert_rel(got, want, 1e-2 if dtype == torch.bfloat16 else 1e-5, f"add_rms_norm {dtype} w {wdtype} N={N}")
+    assert [t.shape for t in vision.add_rms_norm(x[:0], r[:0], norm.weight, 1e-6)] == [(0, 7, N)] * 2
+    with pytest.raises(ValueError, match="one shape and dtype"):
+        vision.add_rms_norm(x, r.double(), norm.weight, 1e-6)
+    with pytest.raises(ValueError, match="weight must have shape"):
+        vision.add_rms_norm(x, r, norm.weight[:-1], 1e-6)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("N", [48, 100])
 def test_layer_norm_matches_the_module(device, dtype, N):
@@ -55,11 +81,13 @@ def test_layer_norm_matches_the_module(device, dtype, N):
 
 @pytest.mark.parametrize("D", [64, 72, 80])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_rotary_qk_matches_apply_rotary_pos_emb_vision(device, D, dtype):
-    T, H = 11, 3
+@pytest.mark.parametrize("hk", [3, 1])  # k with q's heads (alternating blocks), or fewer (k's blocks run out first)
+def test_rotary_qk_matches_apply_rotary_pos_emb_vision(device, D, dtype, hk):
+    """One launch for q and k: 37 tokens span several programs of q and k, one boundary inside a token."""
+    T, H = 37, 3
     g = torch.Generator().manual_seed(D)
     qkv = torch.randn(T, 3, H, D, generator=g).to(device, dtype)
-    q, k = qkv[:, 0], qkv[:, 1]  # strided views, as the vision attention's qkv split gives them
+    q, k = qkv[:, 0], qkv[:, 1, :hk]  # strided views, as the vision attention's qkv split gives them
     freqs = torch.randn(T, D // 2, generator=g).to(device)
     emb = torch.cat((freqs, freqs), dim=-1)
     cos, sin = emb.cos(), emb.sin()
@@ -69,6 +97,7 @@ def test_rotary_qk_matches_apply_rotary_pos_emb_vision(device, D, dtype):
     assert got_q.dtype == dtype and got_q.is_contiguous()
     assert_rel(got_q, want_q, tol, f"rotary q D={D}")
     assert_rel(got_k, want_k, tol, f"rotary k D={D}")
+    assert got_k.shape == (T, hk, D) and got_k.is_contiguous()
     with pytest.raises(ValueError, match="cos, sin must be"):
         vision.rotary_qk(q, k, cos[:, :-2], sin[:, :-2])
 

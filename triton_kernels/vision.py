@@ -5,6 +5,7 @@ a decoder's prefill (its RMSNorms, and ``apply_rotary_pos_emb``'s chain of half-
 inputs once and writes its outputs once, with the same math:
 
     rms_norm:   y = w * bf(x / sqrt(mean(x^2) + eps))       (x in fp32; bf(): back to x's dtype, as the module does)
+    add_rms_norm: s = bf(x + r), y = rms_norm(s)              (a residual add and the next block's norm, one pass)
     layer_norm: y = bf((x - mean(x)) / sqrt(var(x) + eps) * w + b)   (fp32 inside, biased variance, as F.layer_norm)
     rotary_qk:  o = x * cos + rotate_half(x) * sin, for x in (q, k)   (fp32; rotate_half(x) = [-x2, x1]; o in x's dtype)
     rope_qk:    the same for a decoder's q, k [B, H, L, D] in fp16 / bf16, each product and the sum rounded to it
@@ -23,12 +24,17 @@ import triton.language as tl
 
 
 @triton.jit
-def _rms_norm_kernel(x, w, out, n_rows, stride_x, stride_o, eps, N: tl.constexpr, BLOCK: tl.constexpr,
-                     ROWS: tl.constexpr):
+def _rms_norm_kernel(x, r, w, sum_out, out, n_rows, stride_x, stride_r, stride_s, stride_o, eps, N: tl.constexpr,
+                     BLOCK: tl.constexpr, ROWS: tl.constexpr, ADD: tl.constexpr):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK)
     mask = (rows < n_rows)[:, None] & (cols < N)[None, :]
     v = tl.load(x + rows[:, None].to(tl.int64) * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if ADD:  # the residual stream's x + r, rounded to its dtype as eager's add rounds, then normed
+        v += tl.load(r + rows[:, None].to(tl.int64) * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        v = v.to(sum_out.dtype.element_ty)
+        tl.store(sum_out + rows[:, None].to(tl.int64) * stride_s + cols[None, :], v, mask=mask)
+        v = v.to(tl.float32)
     inv = 1.0 / tl.sqrt(tl.sum(v * v, 1) / N + eps)
     y = (v * inv[:, None]).to(x.dtype.element_ty).to(tl.float32)
     wv = tl.load(w + cols, mask=cols < N, other=0.0).to(tl.float32)
@@ -36,18 +42,44 @@ def _rms_norm_kernel(x, w, out, n_rows, stride_x, stride_o, eps, N: tl.constexpr
              mask=mask)
 
 
+def _check_norm_weight(x: torch.Tensor, weight: torch.Tensor) -> None:
+    if weight.shape != (x.shape[-1],):
+        raise ValueError(f"weight must have shape ({x.shape[-1]},) (the last dim of x); got {tuple(weight.shape)}")
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dim of ``x`` (any leading shape, last dim contiguous); the result has the dtype of
     ``weight * x`` (PyTorch's promotion), as the module's."""
-    N = x.shape[-1]
-    if weight.shape != (N,):
-        raise ValueError(f"weight must have shape ({N},) (the last dim of x); got {tuple(weight.shape)}")
+    _check_norm_weight(x, weight)
     x2, BLOCK, ROWS = _rows(x)
     out = torch.empty(x2.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
     if x2.shape[0]:
-        _rms_norm_kernel[(triton.cdiv(x2.shape[0], ROWS),)](x2, weight, out, x2.shape[0], x2.stride(0), out.stride(0),
-                                                            float(eps), N=N, BLOCK=BLOCK, ROWS=ROWS, num_warps=4)
+        _rms_norm_kernel[(triton.cdiv(x2.shape[0], ROWS),)](x2, x2, weight, out, out, x2.shape[0], x2.stride(0), 0, 0,
+                                                            out.stride(0), float(eps), N=x2.shape[1], BLOCK=BLOCK,
+                                                            ROWS=ROWS, ADD=False, num_warps=4)
     return out.view(x.shape)
+
+
+def add_rms_norm(x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor, eps: float
+                 ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A residual add and the next RMSNorm in one pass: ``s = x + r`` (in their dtype, as eager's add) and
+    ``rms_norm(s, weight, eps)``; x, r of one shape and dtype (any leading shape, last dim contiguous). Returns
+    new contiguous ``(s, rms_norm(s))``: reads x and r once and writes both (4 row passes; the add and the norm
+    apart take 5)."""
+    if r.shape != x.shape or r.dtype != x.dtype:
+        raise ValueError(f"x and r must have one shape and dtype; got {tuple(x.shape)} {x.dtype}, "
+                         f"{tuple(r.shape)} {r.dtype}")
+    _check_norm_weight(x, weight)
+    x2, BLOCK, ROWS = _rows(x)
+    r2 = _rows(r)[0]
+    s = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
+    out = torch.empty(x2.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
+    if x2.shape[0]:
+        _rms_norm_kernel[(triton.cdiv(x2.shape[0], ROWS),)](x2, r2, weight, s, out, x2.shape[0], x2.stride(0),
+                                                            r2.stride(0), s.stride(0), out.stride(0), float(eps),
+                                                            N=x2.shape[1], BLOCK=BLOCK, ROWS=ROWS, ADD=True,
+                                                            num_warps=4)
+    return s.view(x.shape), out.view(x.shape)
 
 
 def _rows(x: torch.Tensor) -> Tuple[torch.Tensor, int, int]:
@@ -94,40 +126,79 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
 
 
 @triton.jit
-def _rotary_kernel(x, cos, sin, out, H, stride_xt, stride_xh, stride_ct, stride_st, stride_ot, stride_oh,
-                   HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, EAGER_ROUND: tl.constexpr):
-    t = tl.program_id(0).to(tl.int64)
-    h = tl.arange(0, BLOCK_H)
-    d = tl.arange(0, BLOCK_D)
-    dm = d < HALF
-    c1 = tl.load(cos + t * stride_ct + d, mask=dm, other=0.0).to(tl.float32)
-    c2 = tl.load(cos + t * stride_ct + HALF + d, mask=dm, other=0.0).to(tl.float32)
-    s1 = tl.load(sin + t * stride_st + d, mask=dm, other=0.0).to(tl.float32)
-    s2 = tl.load(sin + t * stride_st + HALF + d, mask=dm, other=0.0).to(tl.float32)
-    mask = (h < H)[:, None] & dm[None, :]
-    src = x + t * stride_xt + h[:, None] * stride_xh + d[None, :]
-    x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
-    dst = out + t * stride_ot + h[:, None] * stride_oh + d[None, :]
-    a1, b1 = x1 * c1[None, :], (-x2) * s1[None, :]
-    a2, b2 = x2 * c2[None, :], x1 * s2[None, :]
+def _rotate_block(x, cos, sin, out, b, T, stride_xt, stride_xh, stride_ct, stride_st,
+                  H: tl.constexpr, D: tl.constexpr, VEC: tl.constexpr, BLOCK_U: tl.constexpr,
+                  EAGER_ROUND: tl.constexpr):
+    """Block ``b`` of ``x`` [T, H, D]'s rotation, in units of VEC elements of a first half and the VEC elements
+    HALF further (a token has H * HALF / VEC units); ``out`` is a contiguous [T, H, D]."""
+    HALF: tl.constexpr = D // 2
+    NV: tl.constexpr = HALF // VEC  # units per head
+    UPT: tl.constexpr = H * NV  # units per token
+    first = b.to(tl.int64) * BLOCK_U
+    t0 = first // UPT  # the block's first token; below, tokens and offsets relative to it fit in int32
+    u = (first - t0 * UPT).to(tl.int32) + tl.arange(0, BLOCK_U)
+    t = u // UPT
+    h = (u % UPT) // NV
+    e = (u % NV) * VEC  # a unit's first column within its half
+    m = ((t0 + t) < T)[:, None]
+    vec = tl.arange(0, VEC)[None, :]
+    src = x + t0 * stride_xt + (t * stride_xt + h * stride_xh + e)[:, None] + vec
+    x1 = tl.load(src, mask=m, other=0.0).to(tl.float32)
+    x2 = tl.load(src + HALF, mask=m, other=0.0).to(tl.float32)
+    c = cos + t0 * stride_ct + (t * stride_ct + e)[:, None] + vec
+    s = sin + t0 * stride_st + (t * stride_st + e)[:, None] + vec
+    c1 = tl.load(c, mask=m, other=0.0).to(tl.float32)
+    c2 = tl.load(c + HALF, mask=m, other=0.0).to(tl.float32)
+    s1 = tl.load(s, mask=m, other=0.0).to(tl.float32)
+    s2 = tl.load(s + HALF, mask=m, other=0.0).to(tl.float32)
+    a1, b1 = x1 * c1, (-x2) * s1
+    a2, b2 = x2 * c2, x1 * s2
     if EAGER_ROUND:  # each product rounded to x's dtype, as eager's half-precision multiplies round (no FMA)
         ty = out.dtype.element_ty
         a1, b1, a2, b2 = a1.to(ty).to(tl.float32), b1.to(ty).to(tl.float32), a2.to(ty).to(tl.float32), \
             b2.to(ty).to(tl.float32)
-    tl.store(dst, (a1 + b1).to(out.dtype.element_ty), mask=mask)
-    tl.store(dst + HALF, (a2 + b2).to(out.dtype.element_ty), mask=mask)
+    dst = out + t0 * (H * D) + (t * (H * D) + h * D + e)[:, None] + vec
+    tl.store(dst, (a1 + b1).to(out.dtype.element_ty), mask=m)
+    tl.store(dst + HALF, (a2 + b2).to(out.dtype.element_ty), mask=m)
 
 
-def _rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, eager_round: bool = False) -> torch.Tensor:
-    T, H, D = x.shape
-    out = torch.empty(T, H, D, dtype=x.dtype, device=x.device)
-    if T and H:
-        _rotary_kernel[(T,)](x, cos, sin, out, H, x.stride(0), x.stride(1), cos.stride(0), sin.stride(0),
-                             out.stride(0), out.stride(1), HALF=D // 2, BLOCK_H=triton.next_power_of_2(H),
-                             BLOCK_D=triton.next_power_of_2(D // 2), EAGER_ROUND=eager_round, num_warps=4,
-                             enable_fp_fusion=not eager_round)  # fused, a product and its sum round once
-    return out
+@triton.jit
+def _rotary_qk_kernel(q, k, cos, sin, oq, ok, T, nq, nk, stride_qt, stride_qh, stride_kt, stride_kh, stride_ct,
+                      stride_st, HQ: tl.constexpr, HK: tl.constexpr, D: tl.constexpr, VEC: tl.constexpr,
+                      BLOCK_U: tl.constexpr, EAGER_ROUND: tl.constexpr):
+    """q's ``nq`` blocks and k's ``nk`` in one grid, alternating while both have blocks (with HQ == HK, a q block
+    and the k block beside it rotate the same tokens: their cos / sin rows are read from DRAM once)."""
+    pid = tl.program_id(0)
+    both = tl.minimum(nq, nk)
+    alternate = pid < 2 * both
+    is_q = tl.where(alternate, pid % 2 == 0, nq > nk)
+    b = tl.where(alternate, pid // 2, pid - both)
+    if is_q:
+        _rotate_block(q, cos, sin, oq, b, T, stride_qt, stride_qh, stride_ct, stride_st, HQ, D, VEC, BLOCK_U,
+                      EAGER_ROUND)
+    else:
+        _rotate_block(k, cos, sin, ok, b, T, stride_kt, stride_kh, stride_ct, stride_st, HK, D, VEC, BLOCK_U,
+                      EAGER_ROUND)
+
+
+def _rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, eager_round: bool = False
+            ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """q [T, Hq, D], k [T, Hk, D] (last dim contiguous), cos, sin [T, D] (rows contiguous) -> contiguous rotated
+    copies, in one launch."""
+    T, HQ, D = q.shape
+    HK = k.shape[1]
+    oq = torch.empty(T, HQ, D, dtype=q.dtype, device=q.device)
+    ok = torch.empty(T, HK, D, dtype=k.dtype, device=k.device)
+    half = D // 2
+    vec = min(half & -half, 16 // q.element_size())  # the widest power of two that divides a half, <= 16 bytes
+    BLOCK_U = max(16, 2048 // vec)  # units per program: 4096 elements of q or k
+    nq, nk = (triton.cdiv(T * h * (half // vec), BLOCK_U) for h in (HQ, HK))
+    if nq + nk:
+        _rotary_qk_kernel[(nq + nk,)](q, k, cos, sin, oq, ok, T, nq, nk, q.stride(0), q.stride(1), k.stride(0),
+                                      k.stride(1), cos.stride(0), sin.stride(0), HQ=HQ, HK=HK, D=D, VEC=vec,
+                                      BLOCK_U=BLOCK_U, EAGER_ROUND=eager_round, num_warps=4,
+                                      enable_fp_fusion=not eager_round)  # fused, a product and its sum round once
+    return oq, ok
 
 
 def rotary_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
@@ -141,7 +212,7 @@ def rotary_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Te
         raise ValueError(f"cos, sin must be [T, D] = [{T}, {D}] with D even; got {tuple(cos.shape)}, "
                          f"{tuple(sin.shape)}")
     q, k, cos, sin = (t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous() for t in (q, k, cos, sin))
-    return _rotary(q, cos, sin), _rotary(k, cos, sin)
+    return _rotary(q, k, cos, sin)
 
 
 def rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
@@ -162,13 +233,12 @@ def rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
                         f"{cos.dtype}, {sin.dtype}")
     c, s = (t.reshape(B * L, D) for t in (cos, sin))
     c, s = (t if t.shape[0] == 0 or t.stride(-1) == 1 else t.contiguous() for t in (c, s))
-    outs = []
+    rows = []
     for x in (q, k):
-        rows = x.transpose(1, 2).reshape(B * L, x.shape[1], D)  # a view for a projection's output
-        if rows.shape[0] and rows.stride(-1) != 1:
-            rows = rows.contiguous()
-        outs.append(_rotary(rows, c, s, eager_round=True).view(B, L, x.shape[1], D).transpose(1, 2))
-    return outs[0], outs[1]
+        r = x.transpose(1, 2).reshape(B * L, x.shape[1], D)  # a view for a projection's output
+        rows.append(r if r.shape[0] == 0 or r.stride(-1) == 1 else r.contiguous())
+    oq, ok = _rotary(rows[0], rows[1], c, s, eager_round=True)
+    return oq.view(B, L, q.shape[1], D).transpose(1, 2), ok.view(B, L, k.shape[1], D).transpose(1, 2)
 
 
 @triton.jit

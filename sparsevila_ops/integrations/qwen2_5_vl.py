@@ -2,8 +2,9 @@
 
 ``enable(model, prefill_sparsity, decode_sparsity)`` changes only this model instance:
 
-- **vision tower**: the patch embedding's Conv3d (kernel == stride) runs as one GEMM; on CUDA the RMSNorms and
-  the rotary embedding run as one Triton kernel each (``triton_kernels/vision.py``) instead of chains of fp32
+- **vision tower**: the patch embedding's Conv3d (kernel == stride) runs as one GEMM; on CUDA the RMSNorms, each
+  with the residual add before it (``add_rms_norm``; the first block's ``norm1`` has none), and the rotary
+  embedding of q and k run as one Triton kernel each (``triton_kernels/vision.py``) instead of chains of fp32
   kernels, and each block's MLP as two GEMMs over its 3420-wide intermediate padded to 3456 (``fused.fuse``);
   every block's ``attn``
   gets an instance-level ``forward`` that runs the block's attention as one launch over all its segments
@@ -59,6 +60,8 @@ class SparseVILAState(PipelineState):
         self.collect_salience = False
         self.salience_window_order: List[torch.Tensor] = []  # per visual() call, patch level, window order
         self._seg_lens: dict = {}  # id(cu_seqlens) -> (cu_seqlens, host lengths), for one vision forward
+        # (norm, input, output): a vision block's last residual add fused with the RMSNorm after it
+        self.pending_norm: Optional[Tuple[torch.nn.Module, torch.Tensor, torch.Tensor]] = None
 
     def segment_lengths(self, cu_seqlens: torch.Tensor) -> List[int]:
         """Host segment lengths, one device sync per distinct ``cu_seqlens``: the tower hands the same frame and
@@ -112,7 +115,10 @@ def enable(model, prefill_sparsity: float = 0.75, decode_sparsity: float = 0.95,
         blk.attn.forward = types.MethodType(functools.partial(_vision_attn_forward, state=state,
                                                               salience=(i == salience_layer)), blk.attn)
     for norm in _vision_norms(visual):
-        norm.forward = types.MethodType(fused.rms_norm_forward, norm)
+        norm.forward = types.MethodType(functools.partial(_vision_norm_forward, state=state), norm)
+    for blk, next_norm in zip(visual.blocks, [b.norm1 for b in visual.blocks[1:]] + [visual.merger.ln_q]):
+        blk.forward = types.MethodType(functools.partial(_vision_block_forward, state=state, next_norm=next_norm),
+                                       blk)
     visual.forward = functools.partial(_visual_forward, visual.forward, state, visual)
     visual.patch_embed.forward = types.MethodType(_patch_embed_forward, visual.patch_embed)
     return model
@@ -125,6 +131,7 @@ def disable(model):
     visual.__dict__.pop("forward", None)
     visual.patch_embed.__dict__.pop("forward", None)
     for blk in visual.blocks:
+        blk.__dict__.pop("forward", None)
         blk.attn.__dict__.pop("forward", None)
     for norm in _vision_norms(visual):
         norm.__dict__.pop("forward", None)
@@ -161,6 +168,41 @@ def _vision_attn_forward(self, hidden_states: torch.Tensor, cu_seqlens: torch.Te
     return self.proj(out.reshape(T, -1))
 
 
+def _vision_block_forward(self, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor,
+                          position_embeddings: Optional[Tuple[torch.Tensor, torch.Tensor]] = None, *,
+                          state: SparseVILAState, next_norm: torch.nn.Module, **kwargs) -> torch.Tensor:
+    """``Qwen2_5_VLVisionBlock.forward`` with each residual add fused into the RMSNorm after it where
+    :func:`triton_elementwise` allows (``add_rms_norm``): the attention's into ``norm2``, the MLP's into
+    ``next_norm`` (the next block's ``norm1``, or the merger's ``ln_q``), whose forward then finds its output in
+    ``state.pending_norm``. Each add and norm: 4 passes over the residual stream instead of 5."""
+    if not (triton_elementwise(hidden_states, self.norm2.weight, next_norm.weight)
+            and next_norm.weight.device == hidden_states.device):
+        return type(self).forward(self, hidden_states, cu_seqlens, position_embeddings=position_embeddings, **kwargs)
+    h = self.attn(self.norm1(hidden_states), cu_seqlens=cu_seqlens, position_embeddings=position_embeddings, **kwargs)
+    h, x = _add_rms_norm(hidden_states, h, self.norm2)
+    out, x = _add_rms_norm(h, self.mlp(x), next_norm)
+    state.pending_norm = (next_norm, out, x)
+    return out
+
+
+def _add_rms_norm(x: torch.Tensor, r: torch.Tensor, norm: torch.nn.Module) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(x + r, norm(x + r))``: one Triton kernel when x and r agree in shape and dtype, else eager's add."""
+    if r.shape == x.shape and r.dtype == x.dtype:
+        from ..triton_kernels.vision import add_rms_norm
+        return add_rms_norm(x, r, norm.weight, norm.variance_epsilon)
+    s = x + r
+    return s, fused.rms_norm_forward(norm, s)
+
+
+def _vision_norm_forward(self, hidden_states: torch.Tensor, *, state: SparseVILAState) -> torch.Tensor:
+    """A vision RMSNorm: the output the fused add before it left (``state.pending_norm``) when that add produced
+    ``hidden_states``, else one Triton kernel where allowed (``fused.rms_norm_forward``)."""
+    pending, state.pending_norm = state.pending_norm, None
+    if pending is not None and pending[0] is self and pending[1] is hidden_states:
+        return pending[2]
+    return fused.rms_norm_forward(self, hidden_states)
+
+
 def _vision_norms(visual) -> list:
     """The vision tower's RMSNorms: each block's two and the merger's."""
     return [n for blk in visual.blocks for n in (blk.norm1, blk.norm2)] + [visual.merger.ln_q]
@@ -178,6 +220,7 @@ def _visual_forward(orig, state: SparseVILAState, visual, hidden_states, grid_th
         out = orig(hidden_states, grid_thw, **kwargs)
     finally:
         state._seg_lens.clear()
+        state.pending_norm = None
     if len(state.salience_window_order) > n_before:  # only while collecting
         sal = state.salience_window_order.pop()
         unit = visual.spatial_merge_unit
