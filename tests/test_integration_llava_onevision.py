@@ -102,25 +102,38 @@ def test_video_features_equal_stock_with_a_contiguous_tower_and_channels_last_po
 
 
 def test_the_towers_layer_norms_run_the_triton_kernel_where_allowed(monkeypatch, device):
-    """Every LayerNorm of the SigLIP tower goes through ``triton_kernels.vision.layer_norm`` where
-    ``triton_elementwise`` allows (forced here: under the interpreter on the CPU); the features match stock's."""
+    """Every LayerNorm of the SigLIP tower goes through ``triton_kernels/vision.py`` where ``triton_elementwise``
+    allows (forced here: under the interpreter on the CPU): the first layer's ``layer_norm1`` alone, every other
+    one of the encoder's and the post-LayerNorm with the residual add before it (``add_layer_norm``); the features
+    and the tower's last hidden state match stock's; ``disable`` restores the layers' and norms' own forwards."""
     from sparsevila_ops.integrations import fused
     from sparsevila_ops.triton_kernels import vision
 
     model = tiny_model(device=device)
     videos = video_inputs(device=device)["pixel_values_videos"]
-    calls = []
-    monkeypatch.setattr(vision, "layer_norm", lambda *a, _f=vision.layer_norm: calls.append(1) or _f(*a))
+    calls = {"layer_norm": 0, "add_layer_norm": 0}
+    for name in calls:
+        def counted(*a, _f=getattr(vision, name), _n=name):
+            calls[_n] += 1
+            return _f(*a)
+        monkeypatch.setattr(vision, name, counted)
     monkeypatch.setattr(fused, "triton_elementwise", lambda *a: True)
+    tower = ov._vision_model(model)
+    frames = videos.flatten(0, 1).to(tower.embeddings.patch_embedding.weight.dtype)
     with torch.no_grad():
         ref = model.model.get_video_features(videos).pooler_output
-        integrations.enable(model, 0.0, 0.0)
+        ref_last = tower(frames).last_hidden_state
+        state = integrations.enable(model, 0.0, 0.0)._sparsevila
         got = model.model.get_video_features(videos).pooler_output
+        n_video = dict(calls)
+        got_last = tower(frames).last_hidden_state
         integrations.disable(model)
     layers = len(ov._encoder_layers(model))
-    assert len(calls) >= 2 * layers and len(ov._layer_norms(model)) >= 2 * layers + 1
-    assert all("forward" not in n.__dict__ for n in ov._layer_norms(model))
+    others = len(ov._layer_norms(model)) - (2 * layers + 1)  # beyond the layers' and the post-LayerNorm: a head's
+    assert n_video == {"layer_norm": 1 + others, "add_layer_norm": 2 * layers} and state.pending_norm._entry is None
+    assert all("forward" not in m.__dict__ for m in ov._layer_norms(model) + list(ov._encoder_layers(model)))
     torch.testing.assert_close(got, ref, rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(got_last, ref_last, rtol=2e-3, atol=2e-3)  # after the fused post-LayerNorm
 
 
 def _gemm_paths(device, monkeypatch):

@@ -58,6 +58,29 @@ def test_add_rms_norm_equals_the_add_then_the_module(device, dtype, wdtype, N):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("N", [48, 100])
+def test_add_layer_norm_equals_the_add_then_the_module(device, dtype, N):
+    g = torch.Generator().manual_seed(N + 2)
+    norm = torch.nn.LayerNorm(N, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(N, generator=g) * 0.5 + 1)
+        norm.bias.copy_(torch.randn(N, generator=g))
+    norm = norm.to(device, dtype)
+    store = (torch.randn(2, 3, 7, N + 9, generator=g) * 3 + 5).to(device, dtype)  # a mean far from 0
+    x, r = store[0, ..., 5:5 + N], store[1, ..., 2:2 + N]
+    with torch.no_grad():
+        want = norm(x + r)
+    s, got = vision.add_layer_norm(x, r, norm.weight, norm.bias, norm.eps)
+    assert torch.equal(s, x + r) and s.is_contiguous() and got.dtype == dtype
+    assert_rel(got, want, 1e-2 if dtype == torch.bfloat16 else 1e-5, f"add_layer_norm {dtype} N={N}")
+    assert [t.shape for t in vision.add_layer_norm(x[:0], r[:0], norm.weight, norm.bias, 1e-6)] == [(0, 7, N)] * 2
+    with pytest.raises(ValueError, match="one shape and dtype"):
+        vision.add_layer_norm(x, r[..., :-1], norm.weight, norm.bias, 1e-6)
+    with pytest.raises(ValueError, match="bias must have shape"):
+        vision.add_layer_norm(x, r, norm.weight, norm.bias[:-1], 1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("N", [48, 100])
 def test_layer_norm_matches_the_module(device, dtype, N):
     g = torch.Generator().manual_seed(N)
     norm = torch.nn.LayerNorm(N, eps=1e-6)

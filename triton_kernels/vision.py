@@ -1,12 +1,13 @@
 """Triton kernels for the element-wise steps of a vision encoder block that eager PyTorch runs as chains of fp32
-kernels: RMSNorm, LayerNorm, the vision rotary embedding and the MLP's SiLU gate (Qwen2.5-VL's
-``Qwen2_5_VLRMSNorm``, SigLIP's ``nn.LayerNorm``, ``apply_rotary_pos_emb_vision`` and ``act_fn(gate) * up``), and of
-a decoder's prefill (its RMSNorms, and ``apply_rotary_pos_emb``'s chain of half-precision kernels). Each reads its
-inputs once and writes its outputs once, with the same math:
+kernels: RMSNorm, LayerNorm (each alone or with the residual add before it), the vision rotary embedding and the
+MLP's SiLU gate (Qwen2.5-VL's ``Qwen2_5_VLRMSNorm``, SigLIP's ``nn.LayerNorm``, ``apply_rotary_pos_emb_vision`` and
+``act_fn(gate) * up``), and of a decoder's prefill (its RMSNorms, and ``apply_rotary_pos_emb``'s chain of
+half-precision kernels). Each reads its inputs once and writes its outputs once, with the same math:
 
     rms_norm:   y = w * bf(x / sqrt(mean(x^2) + eps))       (x in fp32; bf(): back to x's dtype, as the module does)
     add_rms_norm: s = bf(x + r), y = rms_norm(s)              (a residual add and the next block's norm, one pass)
     layer_norm: y = bf((x - mean(x)) / sqrt(var(x) + eps) * w + b)   (fp32 inside, biased variance, as F.layer_norm)
+    add_layer_norm: s = bf(x + r), y = layer_norm(s)
     rotary_qk:  o = x * cos + rotate_half(x) * sin, for x in (q, k)   (fp32; rotate_half(x) = [-x2, x1]; o in x's dtype)
     rope_qk:    the same for a decoder's q, k [B, H, L, D] in fp16 / bf16, each product and the sum rounded to it
     silu_mul:   h = bf(bf(g / (1 + exp(-g))) * u)             (fp32 inside, rounded as eager's two kernels round)
@@ -42,6 +43,12 @@ def _rms_norm_kernel(x, r, w, sum_out, out, n_rows, stride_x, stride_r, stride_s
              mask=mask)
 
 
+def _check_residual(x: torch.Tensor, r: torch.Tensor) -> None:
+    if r.shape != x.shape or r.dtype != x.dtype:
+        raise ValueError(f"x and r must have one shape and dtype; got {tuple(x.shape)} {x.dtype}, "
+                         f"{tuple(r.shape)} {r.dtype}")
+
+
 def _check_norm_weight(x: torch.Tensor, weight: torch.Tensor) -> None:
     if weight.shape != (x.shape[-1],):
         raise ValueError(f"weight must have shape ({x.shape[-1]},) (the last dim of x); got {tuple(weight.shape)}")
@@ -66,9 +73,7 @@ def add_rms_norm(x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor, eps: fl
     ``rms_norm(s, weight, eps)``; x, r of one shape and dtype (any leading shape, last dim contiguous). Returns
     new contiguous ``(s, rms_norm(s))``: reads x and r once and writes both (4 row passes; the add and the norm
     apart take 5)."""
-    if r.shape != x.shape or r.dtype != x.dtype:
-        raise ValueError(f"x and r must have one shape and dtype; got {tuple(x.shape)} {x.dtype}, "
-                         f"{tuple(r.shape)} {r.dtype}")
+    _check_residual(x, r)
     _check_norm_weight(x, weight)
     x2, BLOCK, ROWS = _rows(x)
     r2 = _rows(r)[0]
@@ -94,12 +99,17 @@ def _rows(x: torch.Tensor) -> Tuple[torch.Tensor, int, int]:
 
 
 @triton.jit
-def _layer_norm_kernel(x, w, b, out, n_rows, stride_x, stride_o, eps, N: tl.constexpr, BLOCK: tl.constexpr,
-                       ROWS: tl.constexpr):
+def _layer_norm_kernel(x, r, w, b, sum_out, out, n_rows, stride_x, stride_r, stride_s, stride_o, eps,
+                       N: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr, ADD: tl.constexpr):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK)
     mask = (rows < n_rows)[:, None] & (cols < N)[None, :]
     v = tl.load(x + rows[:, None].to(tl.int64) * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if ADD:  # as in _rms_norm_kernel: the rounded sum stored, then normed
+        v += tl.load(r + rows[:, None].to(tl.int64) * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        v = v.to(sum_out.dtype.element_ty)
+        tl.store(sum_out + rows[:, None].to(tl.int64) * stride_s + cols[None, :], v, mask=mask)
+        v = v.to(tl.float32)
     d = tl.where(mask, v - (tl.sum(v, 1) / N)[:, None], 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(d * d, 1) / N + eps)
     wv = tl.load(w + cols, mask=cols < N, other=0.0).to(tl.float32)
@@ -108,21 +118,44 @@ def _layer_norm_kernel(x, w, b, out, n_rows, stride_x, stride_o, eps, N: tl.cons
     tl.store(out + rows[:, None].to(tl.int64) * stride_o + cols[None, :], y.to(out.dtype.element_ty), mask=mask)
 
 
-def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
-    """``F.layer_norm(x, (N,), weight, bias, eps)`` over the last dim of ``x`` (any leading shape, last dim
-    contiguous), with ``weight``, ``bias`` ``[N]`` in x's dtype; the result is in x's dtype."""
+def _check_affine(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> None:
     N = x.shape[-1]
     for name, t in (("weight", weight), ("bias", bias)):
         if t.shape != (N,) or t.dtype != x.dtype:
             raise ValueError(f"{name} must have shape ({N},) (the last dim of x) and x's dtype {x.dtype}; got "
                              f"{tuple(t.shape)} {t.dtype}")
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """``F.layer_norm(x, (N,), weight, bias, eps)`` over the last dim of ``x`` (any leading shape, last dim
+    contiguous), with ``weight``, ``bias`` ``[N]`` in x's dtype; the result is in x's dtype."""
+    _check_affine(x, weight, bias)
     x2, BLOCK, ROWS = _rows(x)
     out = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
     if x2.shape[0]:
-        _layer_norm_kernel[(triton.cdiv(x2.shape[0], ROWS),)](x2, weight, bias, out, x2.shape[0], x2.stride(0),
-                                                              out.stride(0), float(eps), N=N, BLOCK=BLOCK, ROWS=ROWS,
+        _layer_norm_kernel[(triton.cdiv(x2.shape[0], ROWS),)](x2, x2, weight, bias, out, out, x2.shape[0],
+                                                              x2.stride(0), 0, 0, out.stride(0), float(eps),
+                                                              N=x2.shape[1], BLOCK=BLOCK, ROWS=ROWS, ADD=False,
                                                               num_warps=4)
     return out.view(x.shape)
+
+
+def add_layer_norm(x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
+                   ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``add_rms_norm`` for LayerNorm: ``s = x + r`` and ``layer_norm(s, weight, bias, eps)`` in one pass; new
+    contiguous ``(s, layer_norm(s))``."""
+    _check_residual(x, r)
+    _check_affine(x, weight, bias)
+    x2, BLOCK, ROWS = _rows(x)
+    r2 = _rows(r)[0]
+    s, out = torch.empty(x2.shape, dtype=x.dtype, device=x.device), torch.empty(x2.shape, dtype=x.dtype,
+                                                                                device=x.device)
+    if x2.shape[0]:
+        _layer_norm_kernel[(triton.cdiv(x2.shape[0], ROWS),)](x2, r2, weight, bias, s, out, x2.shape[0],
+                                                              x2.stride(0), r2.stride(0), s.stride(0),
+                                                              out.stride(0), float(eps), N=x2.shape[1],
+                                                              BLOCK=BLOCK, ROWS=ROWS, ADD=True, num_warps=4)
+    return s.view(x.shape), out.view(x.shape)
 
 
 @triton.jit

@@ -291,6 +291,26 @@ def triton_elementwise(x: torch.Tensor, *params: torch.Tensor) -> bool:
     return _eager_inference(x, params) and _backend.default_backend(x.device) == "triton"
 
 
+class PendingNorm:
+    """Where a block whose last residual add was fused with the norm after it (``add_rms_norm``,
+    ``add_layer_norm``: the next block's first norm, or the tower's final one) leaves that norm's output. The norm's
+    forward :meth:`take` s it when its input is the add's output (the tensor the block returned and the tower handed
+    on), else computes its own. One entry; every take clears it."""
+
+    def __init__(self) -> None:
+        self._entry = None
+
+    def put(self, norm: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
+        self._entry = (norm, x, y)
+
+    def take(self, norm: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
+        entry, self._entry = self._entry, None
+        return entry[2] if entry is not None and entry[0] is norm and entry[1] is x else None
+
+    def clear(self) -> None:
+        self._entry = None
+
+
 def rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     """An RMSNorm module's forward (``weight``, ``variance_epsilon``: Qwen2's, Qwen2.5-VL's, Llama's) as one Triton
     kernel where :func:`triton_elementwise` allows, else the module's own."""

@@ -15,7 +15,8 @@
   stride 14), which also leaves the embeddings contiguous, and each MLP's GELU in fc1's GEMM epilogue
   (``vit.gelu_mlp_forward``: 1.09x per MLP).
 - **LayerNorms** of the tower: one Triton kernel each on CUDA (``triton_kernels.vision.layer_norm``; PyTorch's
-  took 1.4 ms per call at 669 frames on the H200, 2.7x the bytes' time).
+  took 1.4 ms per call at 669 frames on the H200, 2.7x the bytes' time), each but the first with the residual add
+  before it (``vit.encoder_layer_forward``: ``add_layer_norm``; the last layer's add with the post-LayerNorm).
 - **video pooling** (``apply_pooling``): the same bilinear interpolation on a channels-last view of the features,
   which PyTorch runs with a thread per output element; on the contiguous NCHW copy transformers makes, its CUDA
   kernel gives each of the 14 x 14 output pixels one thread looping over frames x channels (0.93 s at 669 frames of
@@ -64,6 +65,7 @@ class LlavaOnevisionState(PipelineState):
         self.salience_layer = salience_layer
         self.collect_salience = False
         self.salience: List[torch.Tensor] = []  # per vision-tower call: patch salience [frames * patches]
+        self.pending_norm = fused.PendingNorm()  # an encoder layer's last add, fused with the LayerNorm after it
 
 
 def _vision_model(model):
@@ -133,7 +135,11 @@ def enable(model, prefill_sparsity: float = 0.75, decode_sparsity: float = 0.95,
     embeddings.forward = types.MethodType(_contiguous_embeddings_forward, embeddings)
     embeddings.patch_embedding.forward = types.MethodType(vit.patch_embedding_forward, embeddings.patch_embedding)
     for norm in _layer_norms(model):
-        norm.forward = types.MethodType(vit.layer_norm_forward, norm)
+        norm.forward = types.MethodType(functools.partial(vit.layer_norm_forward, pending=state.pending_norm), norm)
+    final = getattr(_vision_model(model), "post_layernorm", None)
+    for layer, next_norm in zip(layers, [layer.layer_norm1 for layer in layers[1:]] + [final]):
+        layer.forward = types.MethodType(functools.partial(vit.encoder_layer_forward, next_norm=next_norm,
+                                                           pending=state.pending_norm), layer)
     for mlp in _mlps(model):
         mlp.forward = types.MethodType(vit.gelu_mlp_forward, mlp)
     model.model.apply_pooling = types.MethodType(channels_last_pooling, model.model)
@@ -144,6 +150,7 @@ def disable(model):
     """Undo ``enable``: vanilla attention, vision tower, pooling and ``generate``; returns ``model``."""
     pipeline.detach(model)
     for layer in _encoder_layers(model):
+        layer.__dict__.pop("forward", None)
         layer.self_attn.__dict__.pop("forward", None)
     embeddings = _vision_model(model).embeddings
     embeddings.__dict__.pop("forward", None)

@@ -60,8 +60,7 @@ class SparseVILAState(PipelineState):
         self.collect_salience = False
         self.salience_window_order: List[torch.Tensor] = []  # per visual() call, patch level, window order
         self._seg_lens: dict = {}  # id(cu_seqlens) -> (cu_seqlens, host lengths), for one vision forward
-        # (norm, input, output): a vision block's last residual add fused with the RMSNorm after it
-        self.pending_norm: Optional[Tuple[torch.nn.Module, torch.Tensor, torch.Tensor]] = None
+        self.pending_norm = fused.PendingNorm()  # a vision block's last add, fused with the RMSNorm after it
 
     def segment_lengths(self, cu_seqlens: torch.Tensor) -> List[int]:
         """Host segment lengths, one device sync per distinct ``cu_seqlens``: the tower hands the same frame and
@@ -181,7 +180,7 @@ def _vision_block_forward(self, hidden_states: torch.Tensor, cu_seqlens: torch.T
     h = self.attn(self.norm1(hidden_states), cu_seqlens=cu_seqlens, position_embeddings=position_embeddings, **kwargs)
     h, x = _add_rms_norm(hidden_states, h, self.norm2)
     out, x = _add_rms_norm(h, self.mlp(x), next_norm)
-    state.pending_norm = (next_norm, out, x)
+    state.pending_norm.put(next_norm, out, x)
     return out
 
 
@@ -197,10 +196,8 @@ def _add_rms_norm(x: torch.Tensor, r: torch.Tensor, norm: torch.nn.Module) -> Tu
 def _vision_norm_forward(self, hidden_states: torch.Tensor, *, state: SparseVILAState) -> torch.Tensor:
     """A vision RMSNorm: the output the fused add before it left (``state.pending_norm``) when that add produced
     ``hidden_states``, else one Triton kernel where allowed (``fused.rms_norm_forward``)."""
-    pending, state.pending_norm = state.pending_norm, None
-    if pending is not None and pending[0] is self and pending[1] is hidden_states:
-        return pending[2]
-    return fused.rms_norm_forward(self, hidden_states)
+    y = state.pending_norm.take(self, hidden_states)
+    return fused.rms_norm_forward(self, hidden_states) if y is None else y
 
 
 def _vision_norms(visual) -> list:
@@ -220,7 +217,7 @@ def _visual_forward(orig, state: SparseVILAState, visual, hidden_states, grid_th
         out = orig(hidden_states, grid_thw, **kwargs)
     finally:
         state._seg_lens.clear()
-        state.pending_norm = None
+        state.pending_norm.clear()
     if len(state.salience_window_order) > n_before:  # only while collecting
         sal = state.salience_window_order.pop()
         unit = visual.spatial_merge_unit

@@ -2,6 +2,8 @@
 ``forward`` that falls back to the module's own where it does not apply:
 
 - :func:`layer_norm_forward`: ``nn.LayerNorm`` as one Triton kernel (``triton_kernels.vision.layer_norm``);
+- :func:`encoder_layer_forward`: a pre-norm layer with each residual add in the LayerNorm after it
+  (``add_layer_norm``);
 - :func:`patch_embedding_forward`: a patch ``nn.Conv2d`` (kernel = stride) as one GEMM over the gathered patches;
 - :func:`gelu_mlp_forward`: ``fc2(gelu_tanh(fc1(x)))`` with the GELU in fc1's cuBLASLt epilogue.
 
@@ -9,6 +11,8 @@ LLaVA-OneVision's ``enable`` attaches them to its SigLIP tower (``integrations/l
 are ``bench/siglip_tower.py``'s.
 """
 from __future__ import annotations
+
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -25,15 +29,54 @@ def half_gemm(x: torch.Tensor, *params: torch.Tensor) -> bool:
             and fused._eager_inference(x, params))
 
 
-def layer_norm_forward(self: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
-    """``nn.LayerNorm.forward`` as one Triton kernel (``triton_kernels.vision.layer_norm``) where
-    ``fused.triton_elementwise`` allows and the affine parameters are 1-D in x's dtype; else the module's own."""
-    w, b = self.weight, self.bias
-    if (w is not None and b is not None and len(self.normalized_shape) == 1 and w.dtype == b.dtype == x.dtype
-            and fused.triton_elementwise(x, w, b)):
+def _triton_layer_norm(norm: nn.Module, x: torch.Tensor) -> bool:
+    """Whether ``norm`` runs as our Triton kernel on ``x``: an ``nn.LayerNorm`` over the last dim with affine
+    parameters in x's dtype on x's device, where ``fused.triton_elementwise`` allows."""
+    if not isinstance(norm, nn.LayerNorm):
+        return False
+    w, b = norm.weight, norm.bias
+    return (w is not None and b is not None and len(norm.normalized_shape) == 1 and w.dtype == b.dtype == x.dtype
+            and w.device == x.device and fused.triton_elementwise(x, w, b))
+
+
+def layer_norm_forward(self: nn.LayerNorm, x: torch.Tensor, pending: Optional[fused.PendingNorm] = None
+                       ) -> torch.Tensor:
+    """``nn.LayerNorm.forward``: the output the fused add before it left in ``pending`` when that add produced
+    ``x`` (:func:`encoder_layer_forward`), else one Triton kernel (``triton_kernels.vision.layer_norm``) where
+    :func:`_triton_layer_norm` allows, else the module's own."""
+    y = None if pending is None else pending.take(self, x)
+    if y is not None:
+        return y
+    if _triton_layer_norm(self, x):
         from ..triton_kernels.vision import layer_norm
-        return layer_norm(x, w, b, self.eps)
+        return layer_norm(x, self.weight, self.bias, self.eps)
     return type(self).forward(self, x)
+
+
+def encoder_layer_forward(self: nn.Module, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor],
+                          *, next_norm: Optional[nn.Module], pending: fused.PendingNorm, **kwargs) -> torch.Tensor:
+    """A pre-norm ViT layer's forward (SigLIP's ``SiglipEncoderLayer``: ``h += attn(ln1(h)); h += mlp(ln2(h))``)
+    with each residual add fused into the LayerNorm after it (``add_layer_norm``): the attention's into
+    ``layer_norm2``, the MLP's into ``next_norm`` (the next layer's ``layer_norm1``, or the tower's post-LayerNorm),
+    whose forward then takes its output from ``pending``. Each add and norm: 4 passes over the residual stream
+    instead of 5. The layer's own forward where the norms do not run as Triton kernels, or with no ``next_norm``."""
+    if not (next_norm is not None and _triton_layer_norm(self.layer_norm2, hidden_states)
+            and _triton_layer_norm(next_norm, hidden_states)):
+        return type(self).forward(self, hidden_states, attention_mask, **kwargs)
+    h, _ = self.self_attn(hidden_states=self.layer_norm1(hidden_states), attention_mask=attention_mask, **kwargs)
+    h, x = _add_layer_norm(hidden_states, h, self.layer_norm2)
+    out, x = _add_layer_norm(h, self.mlp(x), next_norm)
+    pending.put(next_norm, out, x)
+    return out
+
+
+def _add_layer_norm(x: torch.Tensor, r: torch.Tensor, norm: nn.LayerNorm) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(x + r, norm(x + r))``: one Triton kernel when x and r agree in shape and dtype, else eager's add."""
+    if r.shape == x.shape and r.dtype == x.dtype:
+        from ..triton_kernels.vision import add_layer_norm
+        return add_layer_norm(x, r, norm.weight, norm.bias, norm.eps)
+    s = x + r
+    return s, layer_norm_forward(norm, s)
 
 
 PATCH_WEIGHT = "_sparsevila_patch_weight"  # a patch convolution's weight as a [out, K padded] matrix, and its key
