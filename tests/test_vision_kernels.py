@@ -164,3 +164,35 @@ def test_silu_mul_matches_eager(device, dtype, N):
     assert vision.silu_mul(gate[:0], up[:0]).shape == (0, 3, N)
     with pytest.raises(ValueError, match="one shape and dtype"):
         vision.silu_mul(gate, up[..., :-1])
+
+
+@pytest.mark.parametrize("D,dtype", [(80, torch.bfloat16), (80, torch.float32), (24, torch.bfloat16),
+                                     (16, torch.float32)])  # split 64 + 16; padded to 32; one 16-wide tile
+@pytest.mark.parametrize("hpp", [1, 2, 4])
+def test_window_attention_equals_rotary_then_attention_per_window(device, D, dtype, hpp):
+    """Uneven windows (a full 64, a ragged 17, an empty one, 1 token) of a fused qkv output's strided views: the
+    rotated q, k of ``apply_rotary_pos_emb_vision``, then softmax attention inside each window, in fp32."""
+    lens, H = [64, 17, 0, 40, 1, 64], 4
+    T = sum(lens)
+    g = torch.Generator().manual_seed(D + hpp)
+    qkv = torch.randn(T, 3 * H * D, generator=g).to(device, dtype).view(T, 3, H, D)
+    freqs = torch.randn(T, D // 2, generator=g) * 3
+    emb = torch.cat((freqs, freqs), dim=-1)
+    cos, sin = emb.cos().to(device), emb.sin().to(device)
+    cu = torch.tensor([0] + lens, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(device)
+    scale = D ** -0.5
+    q, k = hf.apply_rotary_pos_emb_vision(qkv[:, 0], qkv[:, 1], cos, sin)
+    q, k, v = q.double(), k.double(), qkv[:, 2].double()
+    want = torch.empty(T, H, D, dtype=torch.float64, device=device)
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        s = torch.einsum("ihd,jhd->hij", q[a:b], k[a:b]) * scale
+        want[a:b] = torch.einsum("hij,jhd->ihd", s.softmax(-1), v[a:b])
+    got = vision.window_attention(qkv, cos, sin, cu, max(lens), scale, heads_per_program=hpp)
+    assert got.shape == (T, H, D) and got.dtype == dtype and got.is_contiguous()
+    assert_rel(got, want, 2e-2 if dtype == torch.bfloat16 else 1e-5, f"window_attention D={D} {dtype} hpp={hpp}")
+    with pytest.raises(ValueError, match="max_seqlen must be in"):
+        vision.window_attention(qkv, cos, sin, cu, vision.WINDOW_MAX + 1, scale)
+    with pytest.raises(ValueError, match="heads_per_program must divide"):
+        vision.window_attention(qkv, cos, sin, cu, max(lens), scale, heads_per_program=3)
+    with pytest.raises(ValueError, match="cu_seqlens must be"):
+        vision.window_attention(qkv, cos, sin, cu.long(), max(lens), scale)

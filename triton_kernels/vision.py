@@ -300,3 +300,113 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         _silu_mul_kernel[(g2.shape[0], triton.cdiv(N, BLOCK))](g2, u2, out, g2.shape[0], N, g2.stride(0), u2.stride(0),
                                                               out.stride(0), BLOCK=BLOCK, num_warps=4)
     return out.view(gate.shape)
+
+
+@triton.jit
+def _rope_tile(base, cos, sin, cols, mask, HALF: tl.constexpr):
+    """Rows of one head's q or k (``base``: a [rows, 1] pointer column) at ``cols``, rotated as ``rotary_qk``
+    rotates them (fp32, rounded to x's dtype): ``x[c] cos[c] -/+ x[c +/- HALF] sin[c]``; cos, sin are fp32 tiles."""
+    partner = tl.where(cols < HALF, cols + HALF, cols - HALF)
+    x = tl.load(base + cols[None, :], mask=mask, other=0.0)
+    xp = tl.load(base + partner[None, :], mask=mask, other=0.0).to(tl.float32)
+    rot = tl.where((cols < HALF)[None, :], -xp, xp)
+    return (x.to(tl.float32) * cos + rot * sin).to(x.dtype)
+
+
+@triton.jit
+def _dot(a, b, acc, IEEE: tl.constexpr):
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _window_attention_kernel(QKV, Cos, Sin, Out, cu, stride_t, stride_3, stride_h, stride_ct, stride_st, stride_ot,
+                             stride_oh, qk_scale, H: tl.constexpr, HPP: tl.constexpr, D: tl.constexpr,
+                             BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
+                             IEEE: tl.constexpr):
+    """One program = one window and HPP heads: rotate q and k (the window's cos / sin tiles loaded once for its
+    heads), S = q k^T over the window (one tile: no online softmax), out = softmax(S) v. The head dim runs as
+    columns [0, BLOCK_D) and, where BLOCK_D2 > 0, [BLOCK_D, BLOCK_D + BLOCK_D2) (``prefill._split_d``)."""
+    HALF: tl.constexpr = D // 2
+    NHB: tl.constexpr = H // HPP
+    pid = tl.program_id(0)
+    w = pid // NHB
+    h0 = (pid % NHB) * HPP
+    start = tl.load(cu + w)
+    n = tl.load(cu + w + 1) - start
+    if n <= 0:
+        return
+    rows = tl.arange(0, BLOCK_M)
+    row_ok = rows < n
+    tok = (start + rows).to(tl.int64)[:, None]
+    cols = tl.arange(0, BLOCK_D)
+    m1 = row_ok[:, None] & (cols < D)[None, :]
+    c1 = tl.load(Cos + tok * stride_ct + cols[None, :], mask=m1, other=0.0).to(tl.float32)
+    s1 = tl.load(Sin + tok * stride_st + cols[None, :], mask=m1, other=0.0).to(tl.float32)
+    if BLOCK_D2 > 0:
+        cols2 = BLOCK_D + tl.arange(0, BLOCK_D2)
+        m2 = row_ok[:, None] & (cols2 < D)[None, :]
+        c2 = tl.load(Cos + tok * stride_ct + cols2[None, :], mask=m2, other=0.0).to(tl.float32)
+        s2 = tl.load(Sin + tok * stride_st + cols2[None, :], mask=m2, other=0.0).to(tl.float32)
+    for i in range(HPP):
+        h = h0 + i
+        q_base = QKV + tok * stride_t + h * stride_h
+        k_base = q_base + stride_3
+        v_base = k_base + stride_3
+        o_base = Out + tok * stride_ot + h * stride_oh
+        q = _rope_tile(q_base, c1, s1, cols, m1, HALF)
+        k = _rope_tile(k_base, c1, s1, cols, m1, HALF)
+        s = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_M], tl.float32), IEEE)
+        if BLOCK_D2 > 0:
+            q2 = _rope_tile(q_base, c2, s2, cols2, m2, HALF)
+            k2 = _rope_tile(k_base, c2, s2, cols2, m2, HALF)
+            s = _dot(q2, tl.trans(k2), s, IEEE)
+        s = tl.where(row_ok[None, :], s * qk_scale, float("-inf"))
+        p = tl.math.exp2(s - tl.max(s, 1)[:, None])
+        inv = 1.0 / tl.sum(p, 1)
+        v = tl.load(v_base + cols[None, :], mask=m1, other=0.0)
+        o = _dot(p.to(v.dtype), v, tl.zeros([BLOCK_M, BLOCK_D], tl.float32), IEEE)
+        tl.store(o_base + cols[None, :], (o * inv[:, None]).to(Out.dtype.element_ty), mask=m1)
+        if BLOCK_D2 > 0:
+            v2 = tl.load(v_base + cols2[None, :], mask=m2, other=0.0)
+            o2 = _dot(p.to(v2.dtype), v2, tl.zeros([BLOCK_M, BLOCK_D2], tl.float32), IEEE)
+            tl.store(o_base + cols2[None, :], (o2 * inv[:, None]).to(Out.dtype.element_ty), mask=m2)
+
+
+WINDOW_MAX = 64  # window_attention's longest segment: one 64-row tile per window and head
+
+
+def window_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens: torch.Tensor,
+                     max_seqlen: int, scale: float, heads_per_program: int = 4, num_warps: int = 4) -> torch.Tensor:
+    """Qwen2.5-VL's window attention with its rotary embedding, one launch: per segment ``s`` of ``cu_seqlens``
+    (at most ``WINDOW_MAX`` tokens) and head, ``out = softmax(scale * rot(q) rot(k)^T) v`` over the segment's tokens
+    (non-causal), where ``rot`` is ``rotary_qk``'s rotation. ``qkv [T, 3, H, D]`` is the qkv projection's output
+    (any strides, last dim contiguous: q, k, v are read where they lie), ``cos, sin [T, D]`` fp32 rows; returns a
+    new contiguous ``[T, H, D]``. Against ``rotary_qk`` then ``prefill_attention`` it skips writing and re-reading
+    the rotated q and k, and loads each window's cos / sin once for ``heads_per_program`` heads."""
+    if qkv.dim() != 4 or qkv.shape[1] != 3 or qkv.stride(-1) != 1:
+        raise ValueError(f"qkv must be [T, 3, H, D] with a contiguous last dim; got {tuple(qkv.shape)} strides "
+                         f"{qkv.stride()}")
+    T, _, H, D = qkv.shape
+    if D % 2 or cos.shape != (T, D) or sin.shape != (T, D) or cos.stride(-1) != 1 or sin.stride(-1) != 1:
+        raise ValueError(f"cos, sin must be [T, D] = [{T}, {D}] with D even and contiguous rows; got "
+                         f"{tuple(cos.shape)}, {tuple(sin.shape)}")
+    if not 0 <= max_seqlen <= WINDOW_MAX:
+        raise ValueError(f"max_seqlen must be in [0, {WINDOW_MAX}] (one tile per window); got {max_seqlen}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.dtype != torch.int32 or not cu_seqlens.is_contiguous():
+        raise ValueError(f"cu_seqlens must be a contiguous 1-D int32 tensor; got {cu_seqlens.dtype} "
+                         f"{tuple(cu_seqlens.shape)}")
+    if heads_per_program < 1 or H % heads_per_program:
+        raise ValueError(f"heads_per_program must divide the {H} heads; got {heads_per_program}")
+    from .prefill import _split_d
+    out = torch.empty(T, H, D, dtype=qkv.dtype, device=qkv.device)
+    windows = cu_seqlens.shape[0] - 1
+    if windows > 0 and H and max_seqlen:
+        block_d, block_d2 = _split_d(D)
+        _window_attention_kernel[(windows * (H // heads_per_program),)](
+            qkv, cos, sin, out, cu_seqlens, qkv.stride(0), qkv.stride(1), qkv.stride(2), cos.stride(0),
+            sin.stride(0), out.stride(0), out.stride(1), scale * 1.4426950408889634, H=H, HPP=heads_per_program, D=D,
+            BLOCK_M=max(16, triton.next_power_of_2(max_seqlen)), BLOCK_D=block_d, BLOCK_D2=block_d2,
+            IEEE=qkv.dtype == torch.float32, num_warps=num_warps)
+    return out
