@@ -11,6 +11,8 @@ chains of fp32 element-wise kernels (RMSNorm, rotary embedding).
 - add + RMSNorm: the residual add then ``rms_norm`` (what the integration ran before) vs ``add_rms_norm``;
 - rotary: ``apply_rotary_pos_emb_vision`` on q, k views of the qkv output vs ``triton_kernels.vision.rotary_qk`` (one
   launch for q and k);
+- window attention + rotary: ``rotary_qk`` then ``prefill_attention`` over 64-patch windows vs ``window_attention``
+  (the rotary embedding inside), per heads-per-program and warp count;
 - attention over 64-patch windows (28 blocks) and over 1024-patch frames (4 blocks), non-causal, on q, k, v views
   of the qkv output: one batched SDPA (``integrations.attention.batched_sdpa``) vs one varlen ``prefill_attention``
   (its looked-up config: the shipped table's where tuned); the column ``varlen_attention`` names the route the
@@ -147,7 +149,36 @@ def _attention(qkv, time):
     return rows
 
 
-STEPS = {"mlp": _mlp, "silu": _silu, "norm": _norm, "add_norm": _add_norm, "rotary": _rotary, "attention": _attention}
+def _window(qkv, bw, time):
+    """A window block's rotary embedding and attention over 64-patch windows: ``rotary_qk`` then one varlen
+    ``prefill_attention`` (what the integration ran before) vs ``window_attention`` (both in one launch), for each
+    heads-per-program and warp count; bytes floor: q, k, v and cos / sin read once, the output written once."""
+    from sparsevila_ops import prefill_attention
+    from sparsevila_ops.triton_kernels import vision
+    T, scale = qkv.shape[0], HEAD_DIM ** -0.5
+    emb = torch.randn(T, HEAD_DIM // 2, device="cuda").repeat(1, 2)
+    cos, sin = emb.cos(), emb.sin()
+    cu = torch.arange(0, T + 1, WINDOW, device=qkv.device, dtype=torch.int32)
+    floor = (4 * T * HEADS * HEAD_DIM * 2 + 2 * cos.numel() * 4) / bw * 1e3
+
+    def before():
+        q, k = vision.rotary_qk(qkv[:, 0], qkv[:, 1], cos, sin)
+        return prefill_attention(q, k, qkv[:, 2], cu, cu, WINDOW, WINDOW, scale=scale, causal=False)[0]
+    want = before().float()
+    rows = [_row("window attention + rotary", "rotary_qk, then prefill_attention", time(before), BLOCKS - FULL_BLOCKS,
+                 floor)]
+    for hpp in (1, 2, 4, 8, 16):
+        for warps in (4, 8):
+            run = lambda: vision.window_attention(qkv, cos, sin, cu, WINDOW, scale, hpp, warps)  # noqa: E731
+            verify(f"window_attention hpp={hpp} warps={warps}", run().float(), want, 1e-2)
+            ms = time(run)
+            rows.append(_row("window attention + rotary", f"window_attention, {hpp} heads / program, {warps} warps",
+                             ms, BLOCKS - FULL_BLOCKS, floor, speedup=rows[0]["median_ms"] / ms))
+    return rows
+
+
+STEPS = {"mlp": _mlp, "silu": _silu, "norm": _norm, "add_norm": _add_norm, "rotary": _rotary, "attention": _attention,
+         "window": _window}
 
 
 def main(argv=None) -> int:
@@ -165,7 +196,7 @@ def main(argv=None) -> int:
         x = torch.randn(T, HIDDEN, device="cuda", dtype=torch.bfloat16)
         qkv = torch.randn(T, 3, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
         inputs = {"mlp": (x, time), "silu": (T, bw, time), "norm": (x, bw, time), "add_norm": (x, bw, time),
-                  "rotary": (qkv, bw, time), "attention": (qkv, time)}
+                  "rotary": (qkv, bw, time), "attention": (qkv, time), "window": (qkv, bw, time)}
         for step in steps:
             rows += STEPS[step](*inputs[step])
     write_results("vision_block", rows, ["step", "variant", "median_ms", "per_encoder_ms", "TFLOP_s", "floor_ms",

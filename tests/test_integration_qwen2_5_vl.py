@@ -7,6 +7,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import brute  # noqa: E402
+from helpers import assert_rel  # noqa: E402
 from qwen_tiny import IMG, VEND, VID, VSTART, batch_of_two, tiny_model, visual_inputs  # noqa: E402
 from sparsevila_ops import integrations  # noqa: E402
 from sparsevila_ops.integrations import attention as attn_mod  # noqa: E402
@@ -669,6 +670,27 @@ def test_vision_norms_and_rotary_run_the_triton_kernels(model, enabled, device, 
     sv.disable(model)
     assert all("forward" not in n.__dict__ for n in integ._vision_norms(visual))
     assert all("forward" not in b.__dict__ for b in visual.blocks)
+
+
+def test_window_blocks_run_window_attention_in_half_precision(device, monkeypatch):
+    """In bf16 with the Triton path (forced here), each window block's attention (the tiny tower's 12 x 12 image:
+    uneven windows) runs as one ``window_attention`` with its rotary embedding, the full-attention blocks rotate
+    through ``rotary_qk``; the tower's output matches the stock bf16 tower's."""
+    model = tiny_model(dtype=torch.bfloat16, device=device)
+    visual = model.model.visual
+    inputs = visual_inputs(seed=14, device=device, dtype=torch.bfloat16)
+    with torch.no_grad():
+        want = visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"]).pooler_output.float()
+    calls = _count_triton_elementwise(monkeypatch, "window_attention", "rotary_qk")
+    sv.enable(model, 0.0, 0.0, cuda_graph=False)
+    try:
+        with torch.no_grad():
+            got = visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"]).pooler_output.float()
+    finally:
+        sv.disable(model)
+    full = len(model.config.vision_config.fullatt_block_indexes)
+    assert calls == {"window_attention": len(visual.blocks) - full, "rotary_qk": full}
+    assert_rel(got, want, 2e-2, "tower with window_attention, bf16")
 
 
 def test_llm_norms_and_rope_run_the_triton_kernels(device, monkeypatch):

@@ -11,6 +11,7 @@ half-precision kernels). Each reads its inputs once and writes its outputs once,
     rotary_qk:  o = x * cos + rotate_half(x) * sin, for x in (q, k)   (fp32; rotate_half(x) = [-x2, x1]; o in x's dtype)
     rope_qk:    the same for a decoder's q, k [B, H, L, D] in fp16 / bf16, each product and the sum rounded to it
     silu_mul:   h = bf(bf(g / (1 + exp(-g))) * u)             (fp32 inside, rounded as eager's two kernels round)
+    window_attention: o = softmax(scale rot(q) rot(k)^T) v within each window of <= 64 tokens, rot as rotary_qk's
 
 On the H200 at 128k visual tokens (524,288 patches of 1280 features) eager PyTorch spent 1.6 of the encoder's 3.8 s
 in element-wise kernels (e2e's encoder profile; bench/NOTES.md). Used by the integration on CUDA tensors.
@@ -329,7 +330,7 @@ def _window_attention_kernel(QKV, Cos, Sin, Out, cu, stride_t, stride_3, stride_
     heads), S = q k^T over the window (one tile: no online softmax), out = softmax(S) v. The head dim runs as
     columns [0, BLOCK_D) and, where BLOCK_D2 > 0, [BLOCK_D, BLOCK_D + BLOCK_D2) (``prefill._split_d``)."""
     HALF: tl.constexpr = D // 2
-    NHB: tl.constexpr = H // HPP
+    NHB: tl.constexpr = (H + HPP - 1) // HPP
     pid = tl.program_id(0)
     w = pid // NHB
     h0 = (pid % NHB) * HPP
@@ -349,8 +350,7 @@ def _window_attention_kernel(QKV, Cos, Sin, Out, cu, stride_t, stride_3, stride_
         m2 = row_ok[:, None] & (cols2 < D)[None, :]
         c2 = tl.load(Cos + tok * stride_ct + cols2[None, :], mask=m2, other=0.0).to(tl.float32)
         s2 = tl.load(Sin + tok * stride_st + cols2[None, :], mask=m2, other=0.0).to(tl.float32)
-    for i in range(HPP):
-        h = h0 + i
+    for h in range(h0, tl.minimum(h0 + HPP, H)):
         q_base = QKV + tok * stride_t + h * stride_h
         k_base = q_base + stride_3
         v_base = k_base + stride_3
@@ -382,29 +382,31 @@ def window_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu
     """Qwen2.5-VL's window attention with its rotary embedding, one launch: per segment ``s`` of ``cu_seqlens``
     (at most ``WINDOW_MAX`` tokens) and head, ``out = softmax(scale * rot(q) rot(k)^T) v`` over the segment's tokens
     (non-causal), where ``rot`` is ``rotary_qk``'s rotation. ``qkv [T, 3, H, D]`` is the qkv projection's output
-    (any strides, last dim contiguous: q, k, v are read where they lie), ``cos, sin [T, D]`` fp32 rows; returns a
-    new contiguous ``[T, H, D]``. Against ``rotary_qk`` then ``prefill_attention`` it skips writing and re-reading
-    the rotated q and k, and loads each window's cos / sin once for ``heads_per_program`` heads."""
+    (any strides, last dim contiguous: q, k, v are read where they lie), ``cos, sin [T, D]`` (fp32, as the tower
+    computes them); returns a new contiguous ``[T, H, D]``. Against ``rotary_qk`` then ``prefill_attention`` it
+    skips writing and re-reading the rotated q and k, and loads each window's cos / sin once for
+    ``heads_per_program`` heads."""
     if qkv.dim() != 4 or qkv.shape[1] != 3 or qkv.stride(-1) != 1:
         raise ValueError(f"qkv must be [T, 3, H, D] with a contiguous last dim; got {tuple(qkv.shape)} strides "
                          f"{qkv.stride()}")
     T, _, H, D = qkv.shape
-    if D % 2 or cos.shape != (T, D) or sin.shape != (T, D) or cos.stride(-1) != 1 or sin.stride(-1) != 1:
-        raise ValueError(f"cos, sin must be [T, D] = [{T}, {D}] with D even and contiguous rows; got "
-                         f"{tuple(cos.shape)}, {tuple(sin.shape)}")
+    if D % 2 or cos.shape != (T, D) or sin.shape != (T, D):
+        raise ValueError(f"cos, sin must be [T, D] = [{T}, {D}] with D even; got {tuple(cos.shape)}, "
+                         f"{tuple(sin.shape)}")
+    cos, sin = (t if t.shape[0] == 0 or t.stride(-1) == 1 else t.contiguous() for t in (cos, sin))
     if not 0 <= max_seqlen <= WINDOW_MAX:
         raise ValueError(f"max_seqlen must be in [0, {WINDOW_MAX}] (one tile per window); got {max_seqlen}")
     if cu_seqlens.dim() != 1 or cu_seqlens.dtype != torch.int32 or not cu_seqlens.is_contiguous():
         raise ValueError(f"cu_seqlens must be a contiguous 1-D int32 tensor; got {cu_seqlens.dtype} "
                          f"{tuple(cu_seqlens.shape)}")
-    if heads_per_program < 1 or H % heads_per_program:
-        raise ValueError(f"heads_per_program must divide the {H} heads; got {heads_per_program}")
+    if heads_per_program < 1:
+        raise ValueError(f"heads_per_program must be >= 1; got {heads_per_program}")
     from .prefill import _split_d
     out = torch.empty(T, H, D, dtype=qkv.dtype, device=qkv.device)
     windows = cu_seqlens.shape[0] - 1
     if windows > 0 and H and max_seqlen:
         block_d, block_d2 = _split_d(D)
-        _window_attention_kernel[(windows * (H // heads_per_program),)](
+        _window_attention_kernel[(windows * triton.cdiv(H, heads_per_program),)](
             qkv, cos, sin, out, cu_seqlens, qkv.stride(0), qkv.stride(1), qkv.stride(2), cos.stride(0),
             sin.stride(0), out.stride(0), out.stride(1), scale * 1.4426950408889634, H=H, HPP=heads_per_program, D=D,
             BLOCK_M=max(16, triton.next_power_of_2(max_seqlen)), BLOCK_D=block_d, BLOCK_D2=block_d2,

@@ -6,10 +6,10 @@
   with the residual add before it (``add_rms_norm``; the first block's ``norm1`` has none), and the rotary
   embedding of q and k run as one Triton kernel each (``triton_kernels/vision.py``) instead of chains of fp32
   kernels, and each block's MLP as two GEMMs over its 3420-wide intermediate padded to 3456 (``fused.fuse``);
-  every block's ``attn``
-  gets an instance-level ``forward`` that runs the block's attention as one launch over all its segments
-  (``varlen_attention``: batched SDPA for equal frames, our varlen ``prefill_attention`` for the windows)
-  instead of transformers' per-segment loop. With
+  every block's ``attn`` gets an instance-level ``forward`` that runs the block's attention as one launch over
+  all its segments instead of transformers' per-segment loop: a window block's (segments of at most 64 patches,
+  CUDA, fp16 / bf16) with the rotary embedding inside (``window_attention``), the others through
+  ``varlen_attention`` (batched SDPA for equal frames, our varlen ``prefill_attention`` else). With
   ``prefill_sparsity > 0`` the salience block (default: the last full-attention block) runs its attention with
   the LSE (``varlen_attention``: cuDNN's SDPA kernel for equal frames on CUDA, else ``prefill_attention``) and
   ``visual_salience(..., lse=...)``: one pass over QK^T.
@@ -149,17 +149,25 @@ def _patch_embed_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
 def _vision_attn_forward(self, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor,
                          position_embeddings: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
                          max_seqlen=None, *, state: SparseVILAState, salience: bool, **kwargs) -> torch.Tensor:
-    """``Qwen2_5_VLVisionAttention.forward`` with the attention of all segments in one launch."""
+    """``Qwen2_5_VLVisionAttention.forward`` with the attention of all segments in one launch: for windows of at
+    most ``WINDOW_MAX`` patches on CUDA in fp16 / bf16, with the rotary embedding (``window_attention``)."""
+    from ..triton_kernels.vision import WINDOW_MAX
     T = hidden_states.shape[0]
-    q, k, v = self.qkv(hidden_states).reshape(T, 3, self.num_heads, -1).unbind(1)
+    qkv = self.qkv(hidden_states).reshape(T, 3, self.num_heads, -1)
     cos, sin = position_embeddings
+    lens = state.segment_lengths(cu_seqlens)
+    want = salience and state.collect_salience
+    if (not want and lens and max(lens) <= WINDOW_MAX and qkv.dtype in (torch.float16, torch.bfloat16)
+            and triton_elementwise(qkv)):
+        from ..triton_kernels.vision import window_attention
+        out = window_attention(qkv, cos, sin, cu_seqlens.to(torch.int32), max(lens), self.scaling)
+        return self.proj(out.reshape(T, -1))
+    q, k, v = qkv.unbind(1)
     if triton_elementwise(q):
         from ..triton_kernels.vision import rotary_qk
         q, k = rotary_qk(q, k, cos, sin)
     else:
         q, k = hf.apply_rotary_pos_emb_vision(q, k, cos, sin)
-    lens = state.segment_lengths(cu_seqlens)
-    want = salience and state.collect_salience
     out, lse = varlen_attention(q, k, v, cu_seqlens, lens, self.scaling, need_lse=want)
     if want:
         cu = cu_seqlens.to(torch.int32)
