@@ -378,7 +378,7 @@ WINDOW_MAX = 64  # window_attention's longest segment: one 64-row tile per windo
 
 
 def window_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens: torch.Tensor,
-                     max_seqlen: int, scale: float, heads_per_program: int = 4, num_warps: int = 4) -> torch.Tensor:
+                     max_seqlen: int, scale: float, heads_per_program: int = 16, num_warps: int = 4) -> torch.Tensor:
     """Qwen2.5-VL's window attention with its rotary embedding, one launch: per segment ``s`` of ``cu_seqlens``
     (at most ``WINDOW_MAX`` tokens) and head, ``out = softmax(scale * rot(q) rot(k)^T) v`` over the segment's tokens
     (non-causal), where ``rot`` is ``rotary_qk``'s rotation. ``qkv [T, 3, H, D]`` is the qkv projection's output
