@@ -410,5 +410,6 @@ def window_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu
             qkv, cos, sin, out, cu_seqlens, qkv.stride(0), qkv.stride(1), qkv.stride(2), cos.stride(0),
             sin.stride(0), out.stride(0), out.stride(1), scale * 1.4426950408889634, H=H, HPP=heads_per_program, D=D,
             BLOCK_M=max(16, triton.next_power_of_2(max_seqlen)), BLOCK_D=block_d, BLOCK_D2=block_d2,
-            IEEE=qkv.dtype == torch.float32, num_warps=num_warps)
+            IEEE=qkv.dtype == torch.float32, num_warps=num_warps,
+            num_stages=1 if qkv.dtype == torch.float32 else 3)  # fp32 tiles: 3 stages overflow shared memory
     return out
