@@ -1,4 +1,5 @@
-"""Test setup: Triton kernels run under the interpreter on CPU-only machines; `gpu` tests need CUDA."""
+"""Test setup: Triton kernels run under the interpreter on CPU-only machines; `gpu` tests need CUDA. On a GPU
+machine every test on the `device` fixture is a `gpu` test too, so `pytest -m gpu` runs the kernel tests there."""
 import os
 
 import pytest
@@ -12,8 +13,12 @@ if not torch.cuda.is_available():
 HAS_CUDA = torch.cuda.is_available()
 
 
+@pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects by marker
 def pytest_collection_modifyitems(config, items):
-    if HAS_CUDA:
+    if HAS_CUDA:  # kernel tests on the `device` fixture run on the GPU there: `-m gpu` (gpu_check.sh) selects them
+        for item in items:
+            if "device" in getattr(item, "fixturenames", ()):
+                item.add_marker(pytest.mark.gpu)
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
