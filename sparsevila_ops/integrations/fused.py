@@ -294,8 +294,8 @@ def triton_elementwise(x: torch.Tensor, *params: torch.Tensor) -> bool:
 class PendingNorm:
     """Where a block whose last residual add was fused with the norm after it (``add_rms_norm``,
     ``add_layer_norm``: the next block's first norm, or the tower's final one) leaves that norm's output. The norm's
-    forward :meth:`take` s it when its input is the add's output (the tensor the block returned and the tower handed
-    on), else computes its own. One entry; every take clears it."""
+    forward takes it (:meth:`take`) when its input is the add's output (the tensor the block returned and the tower
+    handed on), else computes its own. One entry; every take clears it."""
 
     def __init__(self) -> None:
         self._entry = None
