@@ -6,8 +6,9 @@ steps against the integration's. e2e's encoder profile (``bench/NOTES.md``) put 
   unpadded it measured 0.87x the convolution); MLP: transformers' vs the tanh GELU in the fc1 GEMM's epilogue
   (``torch._addmm_activation``: cuBLASLt's GELU_BIAS on CUDA); both as ``enable`` runs them;
 - layer: one SigLIP encoder layer (SDPA attention) on the permuted activations transformers' patch embeddings give
-  (``flatten(2).transpose(1, 2)``) vs on contiguous ones, and contiguous with the LayerNorms as Triton kernels
-  (what ``enable`` runs);
+  (``flatten(2).transpose(1, 2)``) vs on contiguous ones, and contiguous with the LayerNorms as Triton kernels;
+  then the layer with the next layer's LayerNorm, the adds apart vs fused into the LayerNorms (what ``enable``
+  runs);
 - LayerNorm: ``nn.LayerNorm`` vs ``triton_kernels.vision.layer_norm`` on ``[frames, 729, 1152]`` (bytes floor:
   read and write once);
 - salience attention: the salience layer's attention with the LSE, ``prefill_attention`` (one varlen launch) vs
@@ -24,6 +25,7 @@ read once, output written once, at the measured copy bandwidth), and whether the
 from __future__ import annotations
 
 import argparse
+import functools
 import types
 
 import torch
@@ -87,10 +89,10 @@ def _mlp_gelu(frames, time, device="cuda", cfg=None):
 
 
 def _layer(frames, time, device="cuda", cfg=None):
-    """One encoder layer on permuted vs contiguous activations ``[frames, patches, hidden]``, and contiguous with
-    the LayerNorms as ``enable`` runs them."""
+    """One encoder layer on permuted vs contiguous activations ``[frames, patches, hidden]``, contiguous with the
+    LayerNorm kernels, and with the next layer's LayerNorm: the adds apart vs fused into the LayerNorms."""
     from transformers.models.siglip import modeling_siglip as hf
-    from sparsevila_ops.integrations import vit
+    from sparsevila_ops.integrations import fused, vit
     cfg = cfg or _vision_config()
     layer = hf.SiglipEncoderLayer(cfg).to(device, torch.bfloat16).eval()
     n = (cfg.image_size // cfg.patch_size) ** 2
@@ -110,11 +112,32 @@ def _layer(frames, time, device="cuda", cfg=None):
         got = layer(contiguous, None)
         verify("SigLIP layer with the LayerNorm kernels", got.float(), want.float(), 1e-2)
         ln = time(lambda: layer(contiguous, None))
+        rows.append(_row("encoder layer", "contiguous, LayerNorm kernels", ln, layers, speedup=stock / ln,
+                         bitwise_equal=torch.equal(got, want)))
+        # With the next layer's layer_norm1 (``nxt``) counted: apart, vs the MLP's add fused into it (and the
+        # attention's into layer_norm2), as ``enable`` runs a layer (``vit.encoder_layer_forward``).
+        nxt = type(layer.layer_norm1)(cfg.hidden_size, eps=cfg.layer_norm_eps).to(device, torch.bfloat16)
+        with torch.no_grad():
+            nxt.weight.normal_(1.0, 0.2)
+            nxt.bias.normal_(0.0, 0.2)
+        apart = lambda: vit.layer_norm_forward(nxt, layer(contiguous, None))  # noqa: E731
+        pending = fused.PendingNorm()
+        layer.forward = types.MethodType(functools.partial(vit.encoder_layer_forward, next_norm=nxt,
+                                                           pending=pending), layer)
+
+        def fused_adds():
+            out = layer(contiguous, None)
+            return out, vit.layer_norm_forward(nxt, out, pending)
+        out, normed = fused_adds()
+        verify("SigLIP layer with the adds in the LayerNorms", out.float(), want.float(), 1e-2)
+        verify("the next LayerNorm from the fused add", normed.float(), nxt(want).float(), 1e-2)
+        t_apart, t_fused = time(apart), time(fused_adds)
     finally:
-        for norm in norms:
-            norm.__dict__.pop("forward")
-    return rows + [_row("encoder layer", "contiguous, LayerNorm kernels (enable)", ln, layers, speedup=stock / ln,
-                        bitwise_equal=torch.equal(got, want))]
+        for m in norms + (layer,):
+            m.__dict__.pop("forward", None)
+    return rows + [_row("encoder layer + next LayerNorm", "LayerNorm kernels, adds apart", t_apart, layers),
+                   _row("encoder layer + next LayerNorm", "adds fused into the LayerNorms (enable)", t_fused, layers,
+                        speedup=t_apart / t_fused, bitwise_equal=torch.equal(out, got))]
 
 
 def _layer_norm(frames, bw, time, device="cuda", cfg=None):

@@ -17,9 +17,21 @@ def _tiny_cfg():
 def test_layer_rows_compare_permuted_contiguous_and_the_layer_norm_kernels():
     rows = st._layer(2, lambda fn: (fn(), 4.0)[1], device="cpu", cfg=_tiny_cfg())
     assert [r["variant"] for r in rows] == ["permuted activations (transformers)", "contiguous activations",
-                                            "contiguous, LayerNorm kernels (enable)"]
-    assert [r["per_encoder_ms"] for r in rows] == [12.0] * 3 and rows[1]["speedup"] == rows[2]["speedup"] == 1.0
+                                            "contiguous, LayerNorm kernels", "LayerNorm kernels, adds apart",
+                                            "adds fused into the LayerNorms (enable)"]
+    assert [r["per_encoder_ms"] for r in rows] == [12.0] * 5
+    assert rows[1]["speedup"] == rows[2]["speedup"] == rows[4]["speedup"] == 1.0
     assert rows[1]["bitwise_equal"] is True  # the CPU keeps the module's LayerNorm (no Triton element-wise)
+
+
+def test_layer_rows_with_the_triton_layer_norms_forced(monkeypatch):
+    """The kernels' rows as on a GPU (the Triton path forced; the interpreter runs it): the fused layer's output
+    and next LayerNorm are checked inside, and its output equals the unfused kernels' bit for bit."""
+    from sparsevila_ops.integrations import fused
+    monkeypatch.setattr(fused, "triton_elementwise", lambda *a: True)
+    with torch.no_grad():
+        rows = st._layer(2, lambda fn: (fn(), 4.0)[1], device="cpu", cfg=_tiny_cfg())
+    assert rows[4]["variant"] == "adds fused into the LayerNorms (enable)" and rows[4]["bitwise_equal"] is True
 
 
 def test_gemm_and_layer_norm_and_salience_attention_rows(monkeypatch):
