@@ -24,6 +24,18 @@ import torch
 import triton
 import triton.language as tl
 
+from .prefill import LOG2E, _split_d
+
+
+@triton.jit
+def _add_residual(v, r, sum_out, rows, cols, mask, stride_r, stride_s):
+    """The residual stream's ``x + r`` (``v`` holds x in fp32), rounded to its dtype as eager's add rounds and
+    stored to ``sum_out``; returns the rounded sum in fp32, which the norm then normalizes."""
+    v += tl.load(r + rows[:, None].to(tl.int64) * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    v = v.to(sum_out.dtype.element_ty)
+    tl.store(sum_out + rows[:, None].to(tl.int64) * stride_s + cols[None, :], v, mask=mask)
+    return v.to(tl.float32)
+
 
 @triton.jit
 def _rms_norm_kernel(x, r, w, sum_out, out, n_rows, stride_x, stride_r, stride_s, stride_o, eps, N: tl.constexpr,
@@ -32,11 +44,8 @@ def _rms_norm_kernel(x, r, w, sum_out, out, n_rows, stride_x, stride_r, stride_s
     cols = tl.arange(0, BLOCK)
     mask = (rows < n_rows)[:, None] & (cols < N)[None, :]
     v = tl.load(x + rows[:, None].to(tl.int64) * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    if ADD:  # the residual stream's x + r, rounded to its dtype as eager's add rounds, then normed
-        v += tl.load(r + rows[:, None].to(tl.int64) * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        v = v.to(sum_out.dtype.element_ty)
-        tl.store(sum_out + rows[:, None].to(tl.int64) * stride_s + cols[None, :], v, mask=mask)
-        v = v.to(tl.float32)
+    if ADD:
+        v = _add_residual(v, r, sum_out, rows, cols, mask, stride_r, stride_s)
     inv = 1.0 / tl.sqrt(tl.sum(v * v, 1) / N + eps)
     y = (v * inv[:, None]).to(x.dtype.element_ty).to(tl.float32)
     wv = tl.load(w + cols, mask=cols < N, other=0.0).to(tl.float32)
@@ -106,11 +115,8 @@ def _layer_norm_kernel(x, r, w, b, sum_out, out, n_rows, stride_x, stride_r, str
     cols = tl.arange(0, BLOCK)
     mask = (rows < n_rows)[:, None] & (cols < N)[None, :]
     v = tl.load(x + rows[:, None].to(tl.int64) * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    if ADD:  # as in _rms_norm_kernel: the rounded sum stored, then normed
-        v += tl.load(r + rows[:, None].to(tl.int64) * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        v = v.to(sum_out.dtype.element_ty)
-        tl.store(sum_out + rows[:, None].to(tl.int64) * stride_s + cols[None, :], v, mask=mask)
-        v = v.to(tl.float32)
+    if ADD:
+        v = _add_residual(v, r, sum_out, rows, cols, mask, stride_r, stride_s)
     d = tl.where(mask, v - (tl.sum(v, 1) / N)[:, None], 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(d * d, 1) / N + eps)
     wv = tl.load(w + cols, mask=cols < N, other=0.0).to(tl.float32)
@@ -401,14 +407,13 @@ def window_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu
                          f"{tuple(cu_seqlens.shape)}")
     if heads_per_program < 1:
         raise ValueError(f"heads_per_program must be >= 1; got {heads_per_program}")
-    from .prefill import _split_d
     out = torch.empty(T, H, D, dtype=qkv.dtype, device=qkv.device)
     windows = cu_seqlens.shape[0] - 1
     if windows > 0 and H and max_seqlen:
         block_d, block_d2 = _split_d(D)
         _window_attention_kernel[(windows * triton.cdiv(H, heads_per_program),)](
             qkv, cos, sin, out, cu_seqlens, qkv.stride(0), qkv.stride(1), qkv.stride(2), cos.stride(0),
-            sin.stride(0), out.stride(0), out.stride(1), scale * 1.4426950408889634, H=H, HPP=heads_per_program, D=D,
+            sin.stride(0), out.stride(0), out.stride(1), scale * LOG2E, H=H, HPP=heads_per_program, D=D,
             BLOCK_M=max(16, triton.next_power_of_2(max_seqlen)), BLOCK_D=block_d, BLOCK_D2=block_d2,
             IEEE=qkv.dtype == torch.float32, num_warps=num_warps,
             num_stages=1 if qkv.dtype == torch.float32 else 3)  # fp32 tiles: 3 stages overflow shared memory

@@ -156,11 +156,12 @@ def _vision_attn_forward(self, hidden_states: torch.Tensor, cu_seqlens: torch.Te
     qkv = self.qkv(hidden_states).reshape(T, 3, self.num_heads, -1)
     cos, sin = position_embeddings
     lens = state.segment_lengths(cu_seqlens)
+    longest = max(lens, default=0)
     want = salience and state.collect_salience
-    if (not want and lens and max(lens) <= WINDOW_MAX and qkv.dtype in (torch.float16, torch.bfloat16)
+    if (not want and 0 < longest <= WINDOW_MAX and qkv.dtype in (torch.float16, torch.bfloat16)
             and triton_elementwise(qkv)):
         from ..triton_kernels.vision import window_attention
-        out = window_attention(qkv, cos, sin, cu_seqlens.to(torch.int32), max(lens), self.scaling)
+        out = window_attention(qkv, cos, sin, cu_seqlens.to(torch.int32), longest, self.scaling)
         return self.proj(out.reshape(T, -1))
     q, k, v = qkv.unbind(1)
     if triton_elementwise(q):
@@ -171,7 +172,7 @@ def _vision_attn_forward(self, hidden_states: torch.Tensor, cu_seqlens: torch.Te
     out, lse = varlen_attention(q, k, v, cu_seqlens, lens, self.scaling, need_lse=want)
     if want:
         cu = cu_seqlens.to(torch.int32)
-        state.salience_window_order.append(visual_salience(q, k, cu, max(lens), lse=lse, scale=self.scaling))
+        state.salience_window_order.append(visual_salience(q, k, cu, longest, lse=lse, scale=self.scaling))
     return self.proj(out.reshape(T, -1))
 
 
