@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: GPU tests, seeded fuzzing of every op, all benchmarks, the full-size demo.
 #   bash bench/gpu_check.sh [tests|bench|all] [--quick]
-# Env: SKIP_GPU_TESTS=1 (fuzz only), FUZZ_OPS="op ..." (default: every op), GIT_COMMIT (stamped on results).
+# Env: SKIP_GPU_TESTS=1 (fuzz only), GPU_TESTS_SHARD=i/n (the i-th of n slices of the gpu tests: the full
+# suite takes ~15 min on an H200, more than one 600 s device call), FUZZ_OPS="op ..." (default: every op),
+# GIT_COMMIT (stamped on results).
 # Results go to $SPARSEVILA_BENCH_DIR (default $OUT/results or bench/results/<gpu>); everything is also packed
 # into $OUT/results.tgz (the device tool returns at most 8 files). A short table is printed last.
 set -uo pipefail
@@ -45,7 +47,24 @@ step() {  # step NAME CMD...: run, log, remember failures
 }
 if [ "$what" = tests ] || [ "$what" = all ]; then
   step warmup python -m sparsevila_ops warmup  # the cuda backend's build, timed on its own (cached after)
-  [ -n "${SKIP_GPU_TESTS:-}" ] || step gpu-tests python -m pytest -q -m gpu tests -x -p no:cacheprovider
+  if [ -z "${SKIP_GPU_TESTS:-}" ]; then
+    if [ -n "${GPU_TESTS_SHARD:-}" ]; then  # i/n: the i-th of n contiguous slices of the collected gpu tests
+      gpu_tests_shard() {
+        local i="${GPU_TESTS_SHARD%/*}" n="${GPU_TESTS_SHARD#*/}" ids total lo hi sel
+        [[ "$i" =~ ^[0-9]+$ && "$n" =~ ^[0-9]+$ && "$i" -ge 1 && "$i" -le "$n" ]] \
+          || { echo "gpu_check: GPU_TESTS_SHARD must be i/n with 1 <= i <= n; got '$GPU_TESTS_SHARD'" >&2; return 2; }
+        ids="$(python -m pytest --co -q -m gpu tests -p no:cacheprovider | grep '::')" || return 2
+        total=$(printf '%s\n' "$ids" | wc -l); lo=$(( (i - 1) * total / n + 1 )); hi=$(( i * total / n ))
+        echo "gpu tests $lo..$hi of $total"
+        mapfile -t sel < <(printf '%s\n' "$ids" | sed -n "${lo},${hi}p")  # one argument per id, no globbing
+        [ "${#sel[@]}" -gt 0 ] || { echo "gpu tests: this slice is empty"; return 0; }  # (pytest alone: every test)
+        python -m pytest -q -rf -x -p no:cacheprovider "${sel[@]}"
+      }
+      step gpu-tests gpu_tests_shard
+    else
+      step gpu-tests python -m pytest -q -rf -m gpu tests -x -p no:cacheprovider
+    fi
+  fi
   n=200; [ "$quick" = --quick ] && n=40
   # One process per op: real-size cases are bound by Triton JIT compiles (CPU), which run in parallel.
   ops="${FUZZ_OPS:-$(python -c 'from sparsevila_ops.fuzz import GENERATORS; print(" ".join(sorted(GENERATORS)))')}"
