@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: GPU tests, seeded fuzzing of every op, all benchmarks, the full-size demo.
-#   bash bench/gpu_check.sh [tests|bench|all] [--quick]
+#   bash bench/gpu_check.sh [tests|gpu-tests|bench|all] [--quick]   (gpu-tests: the build and the gpu tests only)
 # Env: SKIP_GPU_TESTS=1 (fuzz only), GPU_TESTS_SHARD=i/n (the i-th of n slices of the gpu tests: the full
 # suite takes ~15 min on an H200, more than one 600 s device call), FUZZ_OPS="op ..." (default: every op),
 # GIT_COMMIT (stamped on results).
@@ -9,6 +9,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 what="${1:-all}"; quick="${2:-}"
+case "$what" in tests|gpu-tests|bench|all) ;; *) echo "gpu_check: unknown part '$what'" \
+  "(tests, gpu-tests, bench or all)" >&2; exit 2 ;; esac
 out="${OUT:-/tmp/sparsevila_out}"; mkdir -p "$out"
 export SPARSEVILA_BENCH_DIR="${SPARSEVILA_BENCH_DIR:-$out/results}"; mkdir -p "$SPARSEVILA_BENCH_DIR"
 export PYTHONUNBUFFERED=1
@@ -45,7 +47,7 @@ step() {  # step NAME CMD...: run, log, remember failures
   echo "$name rc=$rc $((SECONDS - t0))s" >> "$SPARSEVILA_BENCH_DIR/summary.txt"
   [ "$rc" = 0 ] || status=1
 }
-if [ "$what" = tests ] || [ "$what" = all ]; then
+if [ "$what" = tests ] || [ "$what" = gpu-tests ] || [ "$what" = all ]; then
   step warmup python -m sparsevila_ops warmup  # the cuda backend's build, timed on its own (cached after)
   if [ -z "${SKIP_GPU_TESTS:-}" ]; then
     if [ -n "${GPU_TESTS_SHARD:-}" ]; then  # i/n: the i-th of n contiguous slices of the collected gpu tests
@@ -65,6 +67,8 @@ if [ "$what" = tests ] || [ "$what" = all ]; then
       step gpu-tests python -m pytest -q -rf -m gpu tests -x -p no:cacheprovider
     fi
   fi
+fi
+if [ "$what" = tests ] || [ "$what" = all ]; then
   n=200; [ "$quick" = --quick ] && n=40
   # One process per op: real-size cases are bound by Triton JIT compiles (CPU), which run in parallel.
   ops="${FUZZ_OPS:-$(python -c 'from sparsevila_ops.fuzz import GENERATORS; print(" ".join(sorted(GENERATORS)))')}"
