@@ -1,0 +1,30 @@
+"""bench/rotary_probe.py: the heads-loop rotary variant equals the production kernel bit for bit (CPU: under
+Triton's interpreter), at awkward sizes, on strided q / k views, both rounding modes; a broken variant is refused."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bench import rotary_probe
+
+
+@pytest.mark.parametrize("block_u", [16, 64])
+def test_rotary_heads_equals_rotary_qk(device, block_u):
+    g = torch.Generator().manual_seed(3)
+    T = 37  # blocks end inside a token
+    qkv = torch.randn(T, 3, 3, 24, generator=g).to(device, torch.bfloat16)  # q, k: strided views
+    emb = torch.randn(T, 12, generator=g).repeat(1, 2).to(device)
+    rotary_probe.check(qkv[:, 0], qkv[:, 1], emb.cos(), emb.sin(), False, block_u)
+    proj = torch.randn(T, 7 * 16, generator=g).to(device, torch.bfloat16)
+    q, k = proj[:, :5 * 16].view(T, 5, 16), proj[:, 5 * 16:6 * 16].view(T, 1, 16)  # Hq 5, Hk 1
+    pos = torch.randn(T, 8, generator=g).repeat(1, 2).to(device)
+    rotary_probe.check(q, k, pos.cos().bfloat16(), pos.sin().bfloat16(), True, block_u)
+
+
+def test_check_refuses_a_different_result(device, monkeypatch):
+    qkv = torch.randn(9, 3, 2, 16).to(device, torch.bfloat16)
+    emb = torch.randn(9, 8).repeat(1, 2).to(device)
+    real = rotary_probe.rotary_heads
+    monkeypatch.setattr(rotary_probe, "rotary_heads", lambda q, k, c, s, *a: real(q, k, c, -s, *a))
+    with pytest.raises(AssertionError, match="refusing to time it"):
+        rotary_probe.check(qkv[:, 0], qkv[:, 1], emb.cos(), emb.sin(), False, 16)
