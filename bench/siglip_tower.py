@@ -120,7 +120,8 @@ def _layer(frames, time, device="cuda", cfg=None):
         with torch.no_grad():
             nxt.weight.normal_(1.0, 0.2)
             nxt.bias.normal_(0.0, 0.2)
-        apart = lambda: vit.layer_norm_forward(nxt, layer(contiguous, None))  # noqa: E731
+        # the layer's own forward (its LayerNorms still the kernels), not the fused one installed below
+        apart = lambda: vit.layer_norm_forward(nxt, type(layer).forward(layer, contiguous, None))  # noqa: E731
         pending = fused.PendingNorm()
         layer.forward = types.MethodType(functools.partial(vit.encoder_layer_forward, next_norm=nxt,
                                                            pending=pending), layer)

@@ -28,10 +28,21 @@ def test_layer_rows_with_the_triton_layer_norms_forced(monkeypatch):
     """The kernels' rows as on a GPU (the Triton path forced; the interpreter runs it): the fused layer's output
     and next LayerNorm are checked inside, and its output equals the unfused kernels' bit for bit."""
     from sparsevila_ops.integrations import fused
+    from sparsevila_ops.triton_kernels import vision
     monkeypatch.setattr(fused, "triton_elementwise", lambda *a: True)
+    calls, fused_adds = [], vision.add_layer_norm
+    monkeypatch.setattr(vision, "add_layer_norm", lambda *a: (calls.append(1), fused_adds(*a))[1])
+
+    def time(fn):  # records how many fused adds each timed call ran
+        before = len(calls)
+        fn()
+        per_call.append(len(calls) - before)
+        return 4.0
+    per_call = []
     with torch.no_grad():
-        rows = st._layer(2, lambda fn: (fn(), 4.0)[1], device="cpu", cfg=_tiny_cfg())
+        rows = st._layer(2, time, device="cpu", cfg=_tiny_cfg())
     assert rows[4]["variant"] == "adds fused into the LayerNorms (enable)" and rows[4]["bitwise_equal"] is True
+    assert per_call == [0, 0, 0, 0, 2]  # the "adds apart" row runs the layer's own forward, not the fused one
 
 
 def test_gemm_and_layer_norm_and_salience_attention_rows(monkeypatch):
