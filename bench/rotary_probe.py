@@ -6,9 +6,10 @@ norms"); this asks whether those reloads are the missing 0.28 ms.
 
 The variant's programs take ``BLOCK_U`` units of (token, column) and loop over the heads, each unit's cos / sin in
 registers for all of them. Same arithmetic per element as the production kernel, so its outputs must equal the
-production kernel's bit for bit (checked before timing). Shapes: Qwen2.5-VL-7B's vision blocks (q, k views of a qkv
-output [T, 3, 16, 80] bf16, fp32 cos / sin) and its LLM prefill at 32k tokens (``rope_qk``: 28 q and 4 k heads, D
-128, bf16 cos / sin, products rounded as eager's).
+production kernel's up to FMA contraction (where one kernel's build fused a product and a sum and the other's did
+not; checked before timing, the count of differing elements reported). Shapes: Qwen2.5-VL-7B's vision blocks (q, k
+views of a qkv output [T, 3, 16, 80] bf16, fp32 cos / sin) and its LLM prefill at 32k tokens (``rope_qk``: 28 q and
+4 k heads, D 128, bf16 cos / sin, products rounded as eager's).
 
 ``python -m bench.rotary_probe [--patches N] [--tokens N]``: per shape and variant, ms, the bytes floor (x read and
 written once, cos / sin read once) and ms / floor. A probe: nothing in the package uses the variant.
@@ -105,14 +106,27 @@ def shapes(patches: int, tokens: int, device="cuda"):
 
 
 def check(q, k, cos, sin, eager_round, block_u):
-    """The variant's outputs against the production kernel's; raises unless equal bit for bit."""
+    """The variant's outputs against the production kernel's: equal, or as far apart as contracting a product and a
+    sum into one FMA in one kernel's build and not the other's can make them (one ulp of the output, plus fp32
+    rounding of the two products: where they cancel, that is many output ulps). Returns the count of elements that
+    differ; raises on any larger difference."""
     from sparsevila_ops.triton_kernels.vision import _rotary
     want, got = _rotary(q, k, cos, sin, eager_round=eager_round), rotary_heads(q, k, cos, sin, block_u, eager_round)
-    for name, w, g in zip("qk", want, got):
-        if not torch.equal(w, g):
-            bad = (w != g).sum().item()
-            raise AssertionError(f"rotary_heads (BLOCK_U {block_u}): {name} differs from rotary_qk's at {bad} of "
-                                 f"{w.numel()} elements: refusing to time it")
+    cs = max(cos.abs().max().item(), sin.abs().max().item())
+    differ = 0
+    for name, x, w, g in zip("qk", (q, k), want, got):
+        ne = w != g
+        differ += int(ne.sum())
+        if ne.any():
+            wf, gf = w[ne].float(), g[ne].float()
+            tol = (torch.maximum(wf.abs(), gf.abs()) * torch.finfo(w.dtype).eps  # one ulp (up to 2x over)
+                   + 4 * torch.finfo(torch.float32).eps * 2 * x.abs().max().float() * cs)
+            over = int(((wf - gf).abs() > tol).sum())
+            if over:
+                raise AssertionError(f"rotary_heads (BLOCK_U {block_u}): {name} differs from rotary_qk's by more "
+                                     f"than FMA contraction can at {over} of {w.numel()} elements: refusing to "
+                                     "time it")
+    return differ
 
 
 def main(argv=None) -> int:
@@ -132,12 +146,14 @@ def main(argv=None) -> int:
         rows.append({"shape": name, "variant": "rotary_qk (production)", "median_ms": base, "floor_ms": floor,
                      "x_floor": base / floor})
         for block_u in BLOCK_US:
-            check(q, k, cos, sin, eager, block_u)
+            differ = check(q, k, cos, sin, eager, block_u)
             for warps in (4, 8):
                 ms = time_cuda(lambda _: rotary_heads(q, k, cos, sin, block_u, eager, warps))["median_ms"]
                 rows.append({"shape": name, "variant": f"heads loop, BLOCK_U {block_u}, {warps} warps",
-                             "median_ms": ms, "floor_ms": floor, "x_floor": ms / floor, "speedup": base / ms})
-    write_results("rotary_probe", rows, ["shape", "variant", "median_ms", "floor_ms", "x_floor", "speedup"],
+                             "median_ms": ms, "floor_ms": floor, "x_floor": ms / floor, "speedup": base / ms,
+                             "elements_one_ulp_apart": differ})
+    write_results("rotary_probe", rows, ["shape", "variant", "median_ms", "floor_ms", "x_floor", "speedup",
+                                             "elements_one_ulp_apart"],
                   title=f"rotary: cos / sin once per token vs per head ({a.patches} patches, {a.tokens} tokens)")
     return 0
 

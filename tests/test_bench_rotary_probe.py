@@ -1,5 +1,6 @@
-"""bench/rotary_probe.py: the heads-loop rotary variant equals the production kernel bit for bit (CPU: under
-Triton's interpreter), at awkward sizes, on strided q / k views, both rounding modes; a broken variant is refused."""
+"""bench/rotary_probe.py: the heads-loop rotary variant equals the production kernel bit for bit under Triton's
+interpreter (no FMA contraction there), at awkward sizes, on strided q / k views, both rounding modes; a broken
+variant is refused, and a one-ulp difference (one build's FMA contraction) is counted, not refused."""
 from __future__ import annotations
 
 import pytest
@@ -14,11 +15,11 @@ def test_rotary_heads_equals_rotary_qk(device, block_u):
     T = 37  # blocks end inside a token
     qkv = torch.randn(T, 3, 3, 24, generator=g).to(device, torch.bfloat16)  # q, k: strided views
     emb = torch.randn(T, 12, generator=g).repeat(1, 2).to(device)
-    rotary_probe.check(qkv[:, 0], qkv[:, 1], emb.cos(), emb.sin(), False, block_u)
+    assert rotary_probe.check(qkv[:, 0], qkv[:, 1], emb.cos(), emb.sin(), False, block_u) == 0
     proj = torch.randn(T, 7 * 16, generator=g).to(device, torch.bfloat16)
     q, k = proj[:, :5 * 16].view(T, 5, 16), proj[:, 5 * 16:6 * 16].view(T, 1, 16)  # Hq 5, Hk 1
     pos = torch.randn(T, 8, generator=g).repeat(1, 2).to(device)
-    rotary_probe.check(q, k, pos.cos().bfloat16(), pos.sin().bfloat16(), True, block_u)
+    assert rotary_probe.check(q, k, pos.cos().bfloat16(), pos.sin().bfloat16(), True, block_u) == 0
 
 
 def test_check_refuses_a_different_result(device, monkeypatch):
@@ -28,3 +29,17 @@ def test_check_refuses_a_different_result(device, monkeypatch):
     monkeypatch.setattr(rotary_probe, "rotary_heads", lambda q, k, c, s, *a: real(q, k, c, -s, *a))
     with pytest.raises(AssertionError, match="refusing to time it"):
         rotary_probe.check(qkv[:, 0], qkv[:, 1], emb.cos(), emb.sin(), False, 16)
+
+
+def test_check_counts_one_ulp_differences(device, monkeypatch):
+    qkv = torch.randn(9, 3, 2, 16).to(device, torch.bfloat16)
+    emb = torch.randn(9, 8).repeat(1, 2).to(device)
+    real = rotary_probe.rotary_heads
+
+    def one_ulp_off(q, k, c, s, *a):  # the first element of q's output nudged by one ulp, as an FMA could round it
+        oq, ok = real(q, k, c, s, *a)
+        oq.view(torch.int16)[0, 0, 0] += 1  # the next bf16 away from zero
+        return oq, ok
+
+    monkeypatch.setattr(rotary_probe, "rotary_heads", one_ulp_off)
+    assert rotary_probe.check(qkv[:, 0], qkv[:, 1], emb.cos(), emb.sin(), False, 16) == 1
