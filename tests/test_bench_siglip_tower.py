@@ -24,8 +24,8 @@ def test_layer_rows_compare_permuted_contiguous_and_the_layer_norm_kernels():
     assert rows[1]["bitwise_equal"] is True  # the CPU keeps the module's LayerNorm (no Triton element-wise)
 
 
-def test_layer_rows_with_the_triton_layer_norms_forced(monkeypatch):
-    """The kernels' rows as on a GPU (the Triton path forced; the interpreter runs it): the fused layer's output
+def test_layer_rows_with_the_triton_layer_norms_forced(device, monkeypatch):
+    """The kernels' rows as on a GPU (the Triton path forced; on a CPU the interpreter runs it): the fused layer's output
     and next LayerNorm are checked inside, and its output equals the unfused kernels' bit for bit."""
     from sparsevila_ops.integrations import fused
     from sparsevila_ops.triton_kernels import vision
@@ -40,7 +40,7 @@ def test_layer_rows_with_the_triton_layer_norms_forced(monkeypatch):
         return 4.0
     per_call = []
     with torch.no_grad():
-        rows = st._layer(2, time, device="cpu", cfg=_tiny_cfg())
+        rows = st._layer(2, time, device=device, cfg=_tiny_cfg())
     assert rows[4]["variant"] == "adds fused into the LayerNorms (enable)" and rows[4]["bitwise_equal"] is True
     assert per_call == [0, 0, 0, 0, 2]  # the "adds apart" row runs the layer's own forward, not the fused one
 
