@@ -2,7 +2,9 @@
 # One call on a GPU machine: GPU tests, seeded fuzzing of every op, all benchmarks, the full-size demo.
 #   bash bench/gpu_check.sh [tests|gpu-tests|bench|all] [--quick]   (gpu-tests: the build and the gpu tests only)
 # Env: SKIP_GPU_TESTS=1 (fuzz only), GPU_TESTS_SHARD=i/n (the i-th of n slices of the gpu tests: the full
-# suite takes ~15 min on an H200, more than one 600 s device call), FUZZ_OPS="op ..." (default: every op),
+# suite takes ~15 min on an H200 in one process, more than one 600 s device call), GPU_TESTS_WORKERS=n (the gpu
+# tests in n processes sharing the GPU, through pytest-xdist: bench/wheels.sh builds its wheels into .whl/ for the
+# offline image; most of the suite's time is Triton compiles on the CPU), FUZZ_OPS="op ..." (default: every op),
 # GIT_COMMIT (stamped on results).
 # Results go to $SPARSEVILA_BENCH_DIR (default $OUT/results or bench/results/<gpu>); everything is also packed
 # into $OUT/results.tgz (the device tool returns at most 8 files). A short table is printed last.
@@ -35,6 +37,14 @@ sys.exit(0 if os.path.samefile(pkg, sys.argv[1]) and os.path.samefile(os.path.di
   echo "gpu_check: FAILED: the installed sparsevila_ops does not import from this checkout ($root) outside it" >&2
   exit 2
 fi
+workers=()  # GPU_TESTS_WORKERS: checked before the build and the tests run
+if [ -n "${GPU_TESTS_WORKERS:-}" ]; then
+  [[ "$GPU_TESTS_WORKERS" =~ ^[1-9][0-9]*$ ]] \
+    || { echo "gpu_check: GPU_TESTS_WORKERS must be a positive integer; got '$GPU_TESTS_WORKERS'" >&2; exit 2; }
+  python -c "import xdist" 2>/dev/null || { echo "gpu_check: GPU_TESTS_WORKERS needs pytest-xdist (offline:" \
+    "bash bench/wheels.sh where PyPI is reachable, then carry .whl)" >&2; exit 2; }
+  workers=(-n "$GPU_TESTS_WORKERS")
+fi
 python -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"
 status=0
 log="$SPARSEVILA_BENCH_DIR/gpu_check.log"
@@ -50,6 +60,15 @@ step() {  # step NAME CMD...: run, log, remember failures
 if [ "$what" = tests ] || [ "$what" = gpu-tests ] || [ "$what" = all ]; then
   step warmup python -m sparsevila_ops warmup  # the cuda backend's build, timed on its own (cached after)
   if [ -z "${SKIP_GPU_TESTS:-}" ]; then
+    gpu_pytest() {  # gpu_pytest ARGS...: the gpu tests among ARGS; with workers, the `serial` ones after them
+      local rc
+      if [ "${#workers[@]}" = 0 ]; then python -m pytest -q -rf -x -p no:cacheprovider -m gpu "$@"; return; fi
+      python -m pytest -q -rf -x -p no:cacheprovider "${workers[@]}" -m "gpu and not serial" "$@"; rc=$?
+      [ "$rc" = 0 ] || [ "$rc" = 5 ] || return "$rc"  # 5: none selected
+      python -m pytest -q -rf -x -p no:cacheprovider -m "gpu and serial" "$@"; rc=$?
+      [ "$rc" = 5 ] && rc=0
+      return "$rc"
+    }
     if [ -n "${GPU_TESTS_SHARD:-}" ]; then  # i/n: the i-th of n contiguous slices of the collected gpu tests
       gpu_tests_shard() {
         local i="${GPU_TESTS_SHARD%/*}" n="${GPU_TESTS_SHARD#*/}" ids total lo hi sel
@@ -60,11 +79,11 @@ if [ "$what" = tests ] || [ "$what" = gpu-tests ] || [ "$what" = all ]; then
         echo "gpu tests $lo..$hi of $total"
         mapfile -t sel < <(printf '%s\n' "$ids" | sed -n "${lo},${hi}p")  # one argument per id, no globbing
         [ "${#sel[@]}" -gt 0 ] || { echo "gpu tests: this slice is empty"; return 0; }  # (pytest alone: every test)
-        python -m pytest -q -rf -x -p no:cacheprovider "${sel[@]}"
+        gpu_pytest "${sel[@]}"
       }
       step gpu-tests gpu_tests_shard
     else
-      step gpu-tests python -m pytest -q -rf -m gpu tests -x -p no:cacheprovider
+      step gpu-tests gpu_pytest tests
     fi
   fi
 fi

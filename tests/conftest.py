@@ -1,5 +1,6 @@
 """Test setup: Triton kernels run under the interpreter on CPU-only machines; `gpu` tests need CUDA. On a GPU
-machine every test on the `device` fixture is a `gpu` test too, so `pytest -m gpu` runs the kernel tests there."""
+machine every test on the `device` fixture is a `gpu` test too, so `pytest -m gpu` runs the kernel tests there. Every
+test on pytest-benchmark's `benchmark` fixture is `serial` (that plugin disables the fixture under pytest-xdist)."""
 import os
 
 import pytest
@@ -15,6 +16,9 @@ HAS_CUDA = torch.cuda.is_available()
 
 @pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects by marker
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "benchmark" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.serial)
     if HAS_CUDA:  # kernel tests on the `device` fixture run on the GPU there: `-m gpu` (gpu_check.sh) selects them
         for item in items:
             if "device" in getattr(item, "fixturenames", ()):

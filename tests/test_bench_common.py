@@ -1,5 +1,8 @@
 """bench/common.py: result writers (CPU) and the timing helpers (GPU), including the pytest-benchmark route."""
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -40,6 +43,16 @@ def test_time_cuda_eager_and_graph_and_memory():
         stats = common.time_cuda(lambda i: torch.mul(x, 2, out=ys[i]), n_inputs=2, iters=10, graph=graph)
         assert 0 < stats["p20_ms"] <= stats["median_ms"] <= stats["p80_ms"]
     assert common.peak_extra_memory(lambda: torch.empty(1 << 20, device="cuda")) >= 4 << 20
+
+
+def test_benchmark_fixture_tests_are_serial():
+    """conftest marks them ``serial``, which gpu_check.sh runs outside pytest-xdist (where the fixture is disabled)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    listed = subprocess.run([sys.executable, "-m", "pytest", "--co", "-q", "-p", "no:cacheprovider", "-m", "serial",
+                             os.path.join(here, "test_bench_common.py")], capture_output=True, text=True,
+                            cwd=os.path.dirname(here)).stdout
+    assert "::test_pedantic_cuda_runs_under_pytest_benchmark" in listed
+    assert "::test_benchmark_fixture_tests_are_serial" not in listed
 
 
 @pytest.mark.gpu
