@@ -1,0 +1,133 @@
+"""Probe: ``window_attention`` as the Qwen2.5-VL-7B vision tower calls it, against the same kernel on
+``bench.vision_block``'s synthetic inputs of the same shape.
+
+At 128k visual tokens the tower's profile gave the kernel 3.4 ms per call (345d340), while ``bench.vision_block``
+gives 2.70 ms alone and 2.24 ms right after the qkv GEMM (bench/NOTES.md). This runs the tower with ``enable``'s
+kernels (random weights, bf16, ``bench.e2e``'s 128k video) once under ``torch.profiler`` for the kernel's time per
+call there, captures the first window block's arguments, and times the kernel alone on them, on them with fresh
+contiguous cos / sin, and on synthetic ones (windows of 64 rows, fresh fp32 cos / sin), with the SM clock after
+each (where NVML is readable). It lists how the tower's arguments differ from the synthetic ones.
+
+``python -m bench.tower_window [--tokens N]``: one row per variant, ms per call.
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Dict, Optional
+
+import torch
+
+from bench.common import require_gpu, time_cuda, write_results
+
+WINDOW = 64  # patches per window: 112 px / 14 px = 8 patches a side, 4 merged tokens a side
+
+
+class _Captured(Exception):
+    """Raised by ``capture``'s wrapper once it holds the first call's arguments."""
+
+
+def capture(visual, pixels: torch.Tensor, grid_thw: torch.Tensor) -> Dict[str, object]:
+    """The arguments of the tower's first ``window_attention`` call (the tower is stopped there); raises
+    ``RuntimeError`` if the tower never calls it (e.g. not ``enable``d, or not on the Triton path)."""
+    from sparsevila_ops.triton_kernels import vision
+    real, got = vision.window_attention, {}
+
+    def hook(qkv, cos, sin, cu_seqlens, max_seqlen, scale, *rest):
+        got.update(qkv=qkv, cos=cos, sin=sin, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, scale=scale)
+        raise _Captured
+
+    vision.window_attention = hook
+    try:
+        with torch.no_grad():
+            visual(pixels, grid_thw=grid_thw)
+    except _Captured:
+        pass
+    finally:
+        vision.window_attention = real
+    if not got:
+        raise RuntimeError("the tower never called window_attention (enable() it; CUDA, bf16 / fp16)")
+    return got
+
+
+def describe(args: Dict[str, object]) -> Dict[str, object]:
+    """What may make the kernel's inputs differ from the synthetic ones: dtypes, strides, segment lengths."""
+    lens = args["cu_seqlens"].diff()
+    return {"qkv": f"{tuple(args['qkv'].shape)} {args['qkv'].dtype} strides {args['qkv'].stride()}",
+            "cos": f"{tuple(args['cos'].shape)} {args['cos'].dtype} strides {args['cos'].stride()}",
+            "sin": f"{tuple(args['sin'].shape)} {args['sin'].dtype} strides {args['sin'].stride()}",
+            "windows": int(lens.numel()), "window_min": int(lens.min()), "window_max": int(lens.max()),
+            "windows_not_64": int((lens != WINDOW).sum()), "max_seqlen": int(args["max_seqlen"])}
+
+
+def synthetic_like(args: Dict[str, object]) -> Dict[str, object]:
+    """``bench.vision_block``'s inputs of the captured shape: fresh qkv, windows of 64 rows, contiguous fp32
+    cos / sin of one random angle per pair of columns."""
+    qkv = args["qkv"]
+    T, D = qkv.shape[0], qkv.shape[-1]
+    emb = torch.randn(T, D // 2, device=qkv.device).repeat(1, 2)
+    cu = torch.arange(0, T + 1, WINDOW, device=qkv.device, dtype=torch.int32)
+    if cu[-1] != T:
+        cu = torch.cat([cu, cu.new_tensor([T])])
+    return dict(qkv=torch.randn_like(qkv), cos=emb.cos(), sin=emb.sin(), cu_seqlens=cu, max_seqlen=WINDOW,
+                scale=args["scale"])
+
+
+def sm_clock_mhz() -> Optional[int]:
+    """The SM clock now (NVML through torch), or None where it cannot be read."""
+    try:
+        return int(torch.cuda.clock_rate())
+    except Exception:  # no pynvml, or NVML not readable in this container
+        return None
+
+
+def _call(args):
+    from sparsevila_ops.triton_kernels import vision
+    return vision.window_attention(args["qkv"], args["cos"], args["sin"], args["cu_seqlens"], args["max_seqlen"],
+                                   args["scale"])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tokens", type=int, default=131072, help="LLM visual tokens of the video (default 128k)")
+    a = p.parse_args(argv)
+    if not require_gpu("bench.tower_window"):
+        return 0
+    from bench.e2e import profile_kernels, video_for_tokens
+    from sparsevila_ops.integrations import enable
+    from sparsevila_ops.integrations.demo import build_model, video_inputs
+
+    dev, dtype = torch.device("cuda"), torch.bfloat16
+    model = enable(build_model(True, dev, dtype))
+    video = video_for_tokens(a.tokens)
+    inputs = video_inputs(model, video["frames"], video["h"], video["w"], 64, dev, dtype)
+    visual, grid = model.model.visual, inputs["video_grid_thw"]
+    pix = inputs["pixel_values_videos"].to(visual.dtype)
+    with torch.no_grad():
+        tower = lambda: visual(pix, grid_thw=grid)  # noqa: E731
+        tower()  # compiles
+        kernels, *_ = profile_kernels(tower)
+    clock_tower = sm_clock_mhz()
+    us, calls = next(((v for k, v in kernels.items() if "_window_attention_kernel" in k)), (0.0, 0))
+    rows = [{"variant": "in the tower (torch.profiler, per call)", "median_ms": us / max(calls, 1) / 1e3,
+             "calls": calls, "sm_clock_mhz": clock_tower}]
+    args = capture(visual, pix, grid)
+    info = describe(args)
+    print("the tower's first window block:", info)
+    contiguous = dict(args, cos=args["cos"].contiguous().clone(), sin=args["sin"].contiguous().clone())
+    variants = (("alone, the tower's arguments", args),
+                ("alone, the tower's qkv, fresh contiguous cos / sin", contiguous),
+                ("alone, synthetic (bench.vision_block)", synthetic_like(args)))
+    for name, x in variants:
+        ms = time_cuda(lambda _: _call(x))["median_ms"]
+        rows.append({"variant": name, "median_ms": ms, "sm_clock_mhz": sm_clock_mhz()})
+    for r in rows:
+        r.update({k: info[k] for k in ("windows", "windows_not_64", "window_max")})
+    write_results("tower_window", rows, ["variant", "median_ms", "calls", "sm_clock_mhz", "windows", "windows_not_64",
+                                         "window_max"],
+                  title=f"window_attention in the Qwen2.5-VL-7B tower vs alone ({video['visual_tokens']} visual "
+                        f"tokens, bf16); first window block: {info}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
