@@ -3,17 +3,20 @@
 
 At 128k visual tokens the tower's profile gave the kernel 3.4 ms per call (345d340), while ``bench.vision_block``
 gives 2.70 ms alone and 2.24 ms right after the qkv GEMM (bench/NOTES.md). This runs the tower with ``enable``'s
-kernels (random weights, bf16, ``bench.e2e``'s 128k video) once under ``torch.profiler`` for the kernel's time per
-call there, captures the first window block's arguments, and times the kernel alone on them, on them with fresh
-contiguous cos / sin, and on synthetic ones (windows of 64 rows, fresh fp32 cos / sin), with the SM clock after
-each (where NVML is readable). It lists how the tower's arguments differ from the synthetic ones.
+kernels (random weights, bf16, ``bench.e2e``'s 128k video) once with CUDA events around each of the kernel's calls
+and once under ``torch.profiler``, captures the first window block's arguments, and times the kernel alone on them,
+on them with fresh contiguous cos / sin, and on synthetic ones (windows of 64 rows, fresh fp32 cos / sin). During
+each run the SM clock is sampled every 20 ms (where NVML is readable). It lists how the tower's arguments differ
+from the synthetic ones.
 
 ``python -m bench.tower_window [--tokens N]``: one row per variant, ms per call.
 """
 from __future__ import annotations
 
 import argparse
-from typing import Dict, Optional
+import statistics
+import threading
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -80,6 +83,64 @@ def sm_clock_mhz() -> Optional[int]:
         return None
 
 
+class ClockSampler:
+    """``with ClockSampler(): ...`` reads ``read()`` (the SM clock in MHz) every ``period_s`` in a background thread
+    while the block runs; ``summary()``: the min and median of the readings (empty where none could be read)."""
+
+    def __init__(self, read: Callable[[], Optional[int]] = sm_clock_mhz, period_s: float = 0.02):
+        self.read, self.period_s, self.samples = read, period_s, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while True:
+            v = self.read()
+            if v is not None:
+                self.samples.append(v)
+            if self._stop.wait(self.period_s):
+                return
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def summary(self) -> Dict[str, float]:
+        if not self.samples:
+            return {}
+        return {"sm_clock_min_mhz": min(self.samples), "sm_clock_median_mhz": statistics.median(self.samples)}
+
+
+def timed_calls(visual, pixels: torch.Tensor, grid_thw: torch.Tensor, event=None) -> List[float]:
+    """ms of each ``window_attention`` call in one tower pass, between two events recorded around it on the stream
+    (no profiler, no sync inside the pass). ``event()``: a new timing event (default: ``torch.cuda.Event``)."""
+    from sparsevila_ops.triton_kernels import vision
+    event = event or (lambda: torch.cuda.Event(enable_timing=True))
+    real, pairs = vision.window_attention, []
+
+    def timed(*args, **kwargs):
+        start, end = event(), event()
+        start.record()
+        out = real(*args, **kwargs)
+        end.record()
+        pairs.append((start, end))
+        return out
+
+    vision.window_attention = timed
+    try:
+        with torch.no_grad():
+            visual(pixels, grid_thw=grid_thw)
+    finally:
+        vision.window_attention = real
+    if not pairs:
+        raise RuntimeError("the tower never called window_attention (enable() it; CUDA, bf16 / fp16)")
+    pairs[-1][1].synchronize()
+    return [start.elapsed_time(end) for start, end in pairs]
+
+
 def _call(args):
     from sparsevila_ops.triton_kernels import vision
     return vision.window_attention(args["qkv"], args["cos"], args["sin"], args["cu_seqlens"], args["max_seqlen"],
@@ -105,11 +166,15 @@ def main(argv=None) -> int:
     with torch.no_grad():
         tower = lambda: visual(pix, grid_thw=grid)  # noqa: E731
         tower()  # compiles
+    with ClockSampler() as clocks:
+        times = timed_calls(visual, pix, grid)
+    rows = [{"variant": "in the tower (CUDA events, per call)", "median_ms": statistics.median(times),
+             "calls": len(times), **clocks.summary()}]
+    with ClockSampler() as clocks, torch.no_grad():
         kernels, *_ = profile_kernels(tower)
-    clock_tower = sm_clock_mhz()
     us, calls = next(((v for k, v in kernels.items() if "_window_attention_kernel" in k)), (0.0, 0))
-    rows = [{"variant": "in the tower (torch.profiler, per call)", "median_ms": us / max(calls, 1) / 1e3,
-             "calls": calls, "sm_clock_mhz": clock_tower}]
+    rows.append({"variant": "in the tower (torch.profiler, per call)", "median_ms": us / max(calls, 1) / 1e3,
+                 "calls": calls, **clocks.summary()})
     args = capture(visual, pix, grid)
     info = describe(args)
     print("the tower's first window block:", info)
@@ -118,12 +183,13 @@ def main(argv=None) -> int:
                 ("alone, the tower's qkv, fresh contiguous cos / sin", contiguous),
                 ("alone, synthetic (bench.vision_block)", synthetic_like(args)))
     for name, x in variants:
-        ms = time_cuda(lambda _: _call(x))["median_ms"]
-        rows.append({"variant": name, "median_ms": ms, "sm_clock_mhz": sm_clock_mhz()})
+        with ClockSampler() as clocks:
+            ms = time_cuda(lambda _: _call(x))["median_ms"]
+        rows.append({"variant": name, "median_ms": ms, **clocks.summary()})
     for r in rows:
         r.update({k: info[k] for k in ("windows", "windows_not_64", "window_max")})
-    write_results("tower_window", rows, ["variant", "median_ms", "calls", "sm_clock_mhz", "windows", "windows_not_64",
-                                         "window_max"],
+    write_results("tower_window", rows, ["variant", "median_ms", "calls", "sm_clock_min_mhz", "sm_clock_median_mhz",
+                                         "windows", "windows_not_64", "window_max"],
                   title=f"window_attention in the Qwen2.5-VL-7B tower vs alone ({video['visual_tokens']} visual "
                         f"tokens, bf16); first window block: {info}")
     return 0

@@ -51,3 +51,39 @@ def test_without_a_gpu_it_skips_with_one_line(capsys):
         pytest.skip("a GPU is present")
     assert tw.main([]) == 0
     assert capsys.readouterr().out.strip() == "bench.tower_window: needs a CUDA GPU; skipped"
+
+
+class _FakeEvent:
+    """A timing event on the host clock (the CPU has no CUDA events)."""
+
+    def record(self):
+        import time
+        self.t = time.perf_counter()
+
+    def synchronize(self):
+        pass
+
+    def elapsed_time(self, end):
+        return (end.t - self.t) * 1e3
+
+
+def test_timed_calls_time_every_window_block_and_restore_the_kernel(tower, device):
+    from sparsevila_ops.triton_kernels import vision
+    real = vision.window_attention
+    event = _FakeEvent if device.type == "cpu" else None
+    times = tw.timed_calls(*tower, event=event)
+    assert len(times) == 2 and all(t > 0 for t in times)  # the tiny tower: blocks 0 and 2 window, 1 and 3 full
+    assert vision.window_attention is real
+
+
+def test_clock_sampler_reads_while_the_block_runs():
+    import time
+    readings = iter([1980, None, 1500, 1700] + [1600] * 1000)
+    with tw.ClockSampler(lambda: next(readings), period_s=0.001) as clocks:
+        time.sleep(0.05)
+    assert len(clocks.samples) >= 3 and None not in clocks.samples
+    summary = clocks.summary()
+    assert summary["sm_clock_min_mhz"] == 1500 and 1500 <= summary["sm_clock_median_mhz"] <= 1980
+    with tw.ClockSampler(lambda: None) as nothing:
+        pass
+    assert nothing.summary() == {}
