@@ -151,9 +151,9 @@ def main(argv=None) -> int:
                 ms = time_cuda(lambda _: rotary_heads(q, k, cos, sin, block_u, eager, warps))["median_ms"]
                 rows.append({"shape": name, "variant": f"heads loop, BLOCK_U {block_u}, {warps} warps",
                              "median_ms": ms, "floor_ms": floor, "x_floor": ms / floor, "speedup": base / ms,
-                             "elements_one_ulp_apart": differ})
+                             "elements_that_differ": differ})
     write_results("rotary_probe", rows, ["shape", "variant", "median_ms", "floor_ms", "x_floor", "speedup",
-                                             "elements_one_ulp_apart"],
+                                             "elements_that_differ"],
                   title=f"rotary: cos / sin once per token vs per head ({a.patches} patches, {a.tokens} tokens)")
     return 0
 
