@@ -161,6 +161,36 @@ def _layer_norm(frames, bw, time, device="cuda", cfg=None):
                  x_floor=ours / floor, speedup=stock / ours, bitwise_equal=torch.equal(got, want))]
 
 
+def _add_layer_norm(frames, bw, time, device="cuda", cfg=None):
+    """A residual add and the LayerNorm after it (two per layer): eager's add then ``nn.LayerNorm``, eager's add
+    then the LayerNorm kernel, and ``add_layer_norm`` (one kernel; ``enable``'s where the LayerNorms run as
+    kernels). Floor: x and r read, the sum and the normalized output written once (4 passes; apart: 5)."""
+    from sparsevila_ops.integrations import vit
+    cfg = cfg or _vision_config()
+    norm = torch.nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps).to(device, torch.bfloat16)
+    with torch.no_grad():
+        norm.weight.normal_(1.0, 0.2)
+        norm.bias.normal_(0.0, 0.2)
+    x, r = (torch.randn(frames, (cfg.image_size // cfg.patch_size) ** 2, cfg.hidden_size, device=device,
+                        dtype=torch.bfloat16) for _ in range(2))
+    want = norm(x + r)
+    floor = 4 * x.numel() * x.element_size() / bw * 1e3
+    per = 2 * cfg.num_hidden_layers
+    stock, apart = time(lambda: norm(x + r)), time(lambda: vit.layer_norm_forward(norm, x + r))
+    rows = [_row("residual add + LayerNorm", "x + r, then nn.LayerNorm (transformers)", stock, per, floor_ms=floor,
+                 x_floor=stock / floor),
+            _row("residual add + LayerNorm", "x + r, then layer_norm_forward", apart, per, floor_ms=floor,
+                 x_floor=apart / floor, speedup=stock / apart)]
+    if vit._triton_layer_norm(norm, x):
+        s, got = vit._add_layer_norm(x, r, norm)
+        verify("add_layer_norm sum", s.float(), (x + r).float(), 0.0)
+        verify("add_layer_norm output", got.float(), want.float(), 1e-2)
+        ours = time(lambda: vit._add_layer_norm(x, r, norm))
+        rows.append(_row("residual add + LayerNorm", "one kernel, add_layer_norm (enable)", ours, per, floor_ms=floor,
+                         x_floor=ours / floor, speedup=stock / ours))
+    return rows
+
+
 def _salience_attention(frames, time, device="cuda", cfg=None):
     """The salience layer's attention with the LSE over ``frames`` equal frames: ``prefill_attention`` vs
     ``batched_sdpa`` (cuDNN)."""
@@ -242,8 +272,9 @@ def main(argv=None) -> int:
     with torch.no_grad():
         bw = copy_bandwidth_tbps() * 1e12
         rows = (_patch_embedding(a.frames, time) + _layer(a.frames, time) + _mlp_gelu(a.frames, time)
-                + _layer_norm(a.frames, bw, time) + _salience_attention(a.frames, time)
-                + _layer_attention(a.frames, time) + _pooling(a.frames, bw, time))
+                + _layer_norm(a.frames, bw, time) + _add_layer_norm(a.frames, bw, time)
+                + _salience_attention(a.frames, time) + _layer_attention(a.frames, time)
+                + _pooling(a.frames, bw, time))
     write_results("siglip_tower", rows, ["step", "variant", "median_ms", "per_encoder_ms", "floor_ms", "x_floor",
                                          "speedup", "bitwise_equal"],
                   title=f"LLaVA-OneVision-7B SigLIP tower, {a.frames} frames, bf16: transformers' steps vs ours")

@@ -25,8 +25,8 @@ def test_layer_rows_compare_permuted_contiguous_and_the_layer_norm_kernels():
 
 
 def test_layer_rows_with_the_triton_layer_norms_forced(device, monkeypatch):
-    """The kernels' rows as on a GPU (the Triton path forced; on a CPU the interpreter runs it): the fused layer's output
-    and next LayerNorm are checked inside, and its output equals the unfused kernels' bit for bit."""
+    """The kernels' rows as on a GPU (the Triton path forced; on a CPU the interpreter runs it): the fused layer's
+    output and next LayerNorm are checked inside, and its output equals the unfused kernels' bit for bit."""
     from sparsevila_ops.integrations import fused
     from sparsevila_ops.triton_kernels import vision
     monkeypatch.setattr(fused, "triton_elementwise", lambda *a: True)
@@ -60,6 +60,24 @@ def test_gemm_and_layer_norm_and_salience_attention_rows(monkeypatch):
     layer_att = st._layer_attention(2, time, device="cpu", cfg=cfg)  # the CPU has the flash kernel only
     assert [r["variant"] for r in layer_att] == ["default backend (transformers)", "flash_attention"]
     assert layer_att[1]["per_encoder_ms"] == 3.0 * cfg.num_hidden_layers and layer_att[1]["speedup"] == 1.0
+
+
+def test_add_layer_norm_rows(device, monkeypatch):
+    """Eager add + nn.LayerNorm, eager add + the kernel, and the fused kernel (the Triton path forced; on a CPU the
+    interpreter runs it), each against the 4-pass floor; without the Triton path the fused row is left out."""
+    from sparsevila_ops.integrations import fused
+    cfg, time = _tiny_cfg(), lambda fn: (fn(), 2.0)[1]
+    monkeypatch.setattr(fused, "triton_elementwise", lambda *a: True)
+    with torch.no_grad():
+        rows = st._add_layer_norm(2, 1e12, time, device=device, cfg=cfg)
+    assert [r["variant"] for r in rows] == ["x + r, then nn.LayerNorm (transformers)",
+                                            "x + r, then layer_norm_forward", "one kernel, add_layer_norm (enable)"]
+    n = (cfg.image_size // cfg.patch_size) ** 2
+    assert rows[2]["floor_ms"] == 4 * 2 * n * cfg.hidden_size * 2 / 1e12 * 1e3
+    assert rows[2]["per_encoder_ms"] == 2.0 * 2 * cfg.num_hidden_layers
+    monkeypatch.setattr(fused, "triton_elementwise", lambda *a: False)
+    with torch.no_grad():
+        assert len(st._add_layer_norm(2, 1e12, time, device=device, cfg=cfg)) == 2
 
 
 def test_pooling_rows_compare_transformers_and_channels_last():
