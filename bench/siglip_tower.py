@@ -141,16 +141,22 @@ def _layer(frames, time, device="cuda", cfg=None):
                         speedup=t_apart / t_fused, bitwise_equal=torch.equal(out, got))]
 
 
-def _layer_norm(frames, bw, time, device="cuda", cfg=None):
-    """``nn.LayerNorm`` vs ``triton_kernels.vision.layer_norm`` on the tower's activations."""
-    from sparsevila_ops.integrations import vit
-    cfg = cfg or _vision_config()
+def _norm_and_activations(frames, n, device, cfg):
+    """A LayerNorm of the tower's width with random affine parameters, and ``n`` random bf16 activation tensors
+    ``[frames, patches, hidden]``."""
     norm = torch.nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps).to(device, torch.bfloat16)
     with torch.no_grad():
         norm.weight.normal_(1.0, 0.2)
         norm.bias.normal_(0.0, 0.2)
-    x = torch.randn(frames, (cfg.image_size // cfg.patch_size) ** 2, cfg.hidden_size, device=device,
-                    dtype=torch.bfloat16)
+    shape = (frames, (cfg.image_size // cfg.patch_size) ** 2, cfg.hidden_size)
+    return (norm, *(torch.randn(shape, device=device, dtype=torch.bfloat16) for _ in range(n)))
+
+
+def _layer_norm(frames, bw, time, device="cuda", cfg=None):
+    """``nn.LayerNorm`` vs ``triton_kernels.vision.layer_norm`` on the tower's activations."""
+    from sparsevila_ops.integrations import vit
+    cfg = cfg or _vision_config()
+    norm, x = _norm_and_activations(frames, 1, device, cfg)
     want, got = norm(x), vit.layer_norm_forward(norm, x)
     verify("LayerNorm kernel", got.float(), want.float(), 1e-2)
     stock, ours = time(lambda: norm(x)), time(lambda: vit.layer_norm_forward(norm, x))
@@ -167,12 +173,7 @@ def _add_layer_norm(frames, bw, time, device="cuda", cfg=None):
     kernels). Floor: x and r read, the sum and the normalized output written once (4 passes; apart: 5)."""
     from sparsevila_ops.integrations import vit
     cfg = cfg or _vision_config()
-    norm = torch.nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps).to(device, torch.bfloat16)
-    with torch.no_grad():
-        norm.weight.normal_(1.0, 0.2)
-        norm.bias.normal_(0.0, 0.2)
-    x, r = (torch.randn(frames, (cfg.image_size // cfg.patch_size) ** 2, cfg.hidden_size, device=device,
-                        dtype=torch.bfloat16) for _ in range(2))
+    norm, x, r = _norm_and_activations(frames, 2, device, cfg)
     want = norm(x + r)
     floor = 4 * x.numel() * x.element_size() / bw * 1e3
     per = 2 * cfg.num_hidden_layers
