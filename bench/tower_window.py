@@ -29,17 +29,12 @@ class _Captured(Exception):
     """Raised by ``capture``'s wrapper once it holds the first call's arguments."""
 
 
-def capture(visual, pixels: torch.Tensor, grid_thw: torch.Tensor) -> Dict[str, object]:
-    """The arguments of the tower's first ``window_attention`` call (the tower is stopped there); raises
-    ``RuntimeError`` if the tower never calls it (e.g. not ``enable``d, or not on the Triton path)."""
+def _tower_pass(visual, pixels: torch.Tensor, grid_thw: torch.Tensor, wrap: Callable) -> None:
+    """One tower pass with ``vision.window_attention`` replaced by ``wrap(real)`` (restored after; ``_Captured``
+    ends the pass early)."""
     from sparsevila_ops.triton_kernels import vision
-    real, got = vision.window_attention, {}
-
-    def hook(qkv, cos, sin, cu_seqlens, max_seqlen, scale, *rest):
-        got.update(qkv=qkv, cos=cos, sin=sin, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, scale=scale)
-        raise _Captured
-
-    vision.window_attention = hook
+    real = vision.window_attention
+    vision.window_attention = wrap(real)
     try:
         with torch.no_grad():
             visual(pixels, grid_thw=grid_thw)
@@ -47,8 +42,25 @@ def capture(visual, pixels: torch.Tensor, grid_thw: torch.Tensor) -> Dict[str, o
         pass
     finally:
         vision.window_attention = real
+
+
+_NEVER_CALLED = "the tower never called window_attention (enable() it; CUDA, bf16 / fp16)"
+
+
+def capture(visual, pixels: torch.Tensor, grid_thw: torch.Tensor) -> Dict[str, object]:
+    """The arguments of the tower's first ``window_attention`` call (the tower is stopped there); raises
+    ``RuntimeError`` if the tower never calls it (e.g. not ``enable``d, or not on the Triton path)."""
+    got = {}
+
+    def hook(real):
+        def first_call(qkv, cos, sin, cu_seqlens, max_seqlen, scale, *rest):
+            got.update(qkv=qkv, cos=cos, sin=sin, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, scale=scale)
+            raise _Captured
+        return first_call
+
+    _tower_pass(visual, pixels, grid_thw, hook)
     if not got:
-        raise RuntimeError("the tower never called window_attention (enable() it; CUDA, bf16 / fp16)")
+        raise RuntimeError(_NEVER_CALLED)
     return got
 
 
@@ -117,26 +129,22 @@ class ClockSampler:
 def timed_calls(visual, pixels: torch.Tensor, grid_thw: torch.Tensor, event=None) -> List[float]:
     """ms of each ``window_attention`` call in one tower pass, between two events recorded around it on the stream
     (no profiler, no sync inside the pass). ``event()``: a new timing event (default: ``torch.cuda.Event``)."""
-    from sparsevila_ops.triton_kernels import vision
     event = event or (lambda: torch.cuda.Event(enable_timing=True))
-    real, pairs = vision.window_attention, []
+    pairs = []
 
-    def timed(*args, **kwargs):
-        start, end = event(), event()
-        start.record()
-        out = real(*args, **kwargs)
-        end.record()
-        pairs.append((start, end))
-        return out
+    def timed(real):
+        def call(*args, **kwargs):
+            start, end = event(), event()
+            start.record()
+            out = real(*args, **kwargs)
+            end.record()
+            pairs.append((start, end))
+            return out
+        return call
 
-    vision.window_attention = timed
-    try:
-        with torch.no_grad():
-            visual(pixels, grid_thw=grid_thw)
-    finally:
-        vision.window_attention = real
+    _tower_pass(visual, pixels, grid_thw, timed)
     if not pairs:
-        raise RuntimeError("the tower never called window_attention (enable() it; CUDA, bf16 / fp16)")
+        raise RuntimeError(_NEVER_CALLED)
     pairs[-1][1].synchronize()
     return [start.elapsed_time(end) for start, end in pairs]
 
