@@ -12,9 +12,12 @@ import json
 import math
 import os
 import platform
+import statistics
 import subprocess
+import threading
+import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -112,6 +115,74 @@ def copy_bandwidth_tbps(nbytes: int = 2 << 30, iters: int = 20) -> float:
     del src, dst
     torch.cuda.empty_cache()
     return 2 * nbytes / (ms * 1e-3) / 1e12
+
+
+# NVML's clocks-event reasons (nvml.h, ``nvmlClocksEventReason*``): why the SM clock sits below its maximum
+POWER_CAP_REASONS = 0x4 | 0x80  # software power cap, hardware power brake
+THERMAL_REASONS = 0x20 | 0x40  # software and hardware thermal slowdown
+
+Reading = Tuple[int, float, int, float]  # SM clock MHz, power W, clocks-event reasons, enforced power limit W
+
+
+def nvml_reader(device=None) -> Optional[Callable[[], Reading]]:
+    """A function that reads the GPU's ``Reading`` from NVML (through torch's pynvml handle), or None where NVML
+    cannot be read (no pynvml, no driver, a container without it)."""
+    try:
+        import pynvml
+        handle = torch.cuda._get_pynvml_handler(device)
+        reasons = getattr(pynvml, "nvmlDeviceGetCurrentClocksEventReasons", None) \
+            or pynvml.nvmlDeviceGetCurrentClocksThrottleReasons
+
+        def read() -> Reading:
+            return (pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_SM),
+                    pynvml.nvmlDeviceGetPowerUsage(handle) / 1e3, reasons(handle),
+                    pynvml.nvmlDeviceGetEnforcedPowerLimit(handle) / 1e3)
+        read()
+        return read
+    except Exception:  # noqa: BLE001 - any NVML failure means: no readings
+        return None
+
+
+class GpuSampler:
+    """``with GpuSampler() as gpu: ...`` reads ``read()`` (default :func:`nvml_reader`'s; None: no readings) every
+    ``period_s`` in a background thread while the block runs, each reading stamped with ``clock()`` (the host's
+    ``time.perf_counter``, so phases timed on the host can select their readings). ``summary(since, until)``:
+    the SM clock's min and median, the median power, the power limit and the shares of readings whose
+    clocks-event reasons name a power cap or a thermal slowdown; empty where there is no reading."""
+
+    def __init__(self, read: Optional[Callable[[], Optional[Reading]]] = None, period_s: float = 0.02,
+                 clock: Callable[[], float] = time.perf_counter):
+        self.read = nvml_reader() if read is None else read
+        self.period_s, self.clock, self.samples = period_s, clock, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while self.read is not None:
+            v = self.read()
+            if v is not None:
+                self.samples.append((self.clock(), *v))
+            if self._stop.wait(self.period_s):
+                return
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def summary(self, since: float = -math.inf, until: float = math.inf) -> Dict[str, float]:
+        got = [s for s in self.samples if since <= s[0] <= until]
+        if not got:
+            return {}
+        mhz, watts, reasons, limit = (list(c) for c in zip(*(s[1:] for s in got)))
+        share = lambda bits: sum(1 for r in reasons if r & bits) / len(got)  # noqa: E731
+        return {"sm_clock_min_mhz": min(mhz), "sm_clock_median_mhz": statistics.median(mhz),
+                "power_median_w": statistics.median(watts), "power_limit_w": max(limit),
+                "power_capped_share": share(POWER_CAP_REASONS), "thermal_share": share(THERMAL_REASONS),
+                "readings": len(got)}
 
 
 def peak_extra_memory(fn: Callable[[], object]) -> int:

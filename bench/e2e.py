@@ -39,6 +39,10 @@ LLAVA_OV_7B: SigLIP so400m and Qwen2-7B; bf16; latency does not depend on weight
   ``cudaEventSynchronize`` being the host's wait for the GPU;
 - D_wait: the host's wait for the GPU per decode step, timed without a profiler (``stop_check_times``): ~0 when
   the step is host-bound (D is the host's time), else the host runs that far ahead and D is the GPU's time;
+- E_sm_mhz, P_sm_mhz, D_sm_mhz: the SM clock's median over each stage of the timed run (NVML, read every
+  ``GPU_SAMPLE_S`` by ``common.GpuSampler``); the JSON's ``gpu`` holds each stage's readings in full (min clock,
+  power, the shares of readings NVML marks power-capped or thermally slowed). Compute-bound stages under a power
+  cap run below the boost clock, so a machine's power headroom moves E and P; these columns say by how much;
 - beside D its byte floor: (weight bytes read per token + KV bytes read per step) / device copy bandwidth
   measured in the same run (``decode_floor_ms``), and D / floor. KV read per step = the valid entries a decode
   step must read (``decode_kv_tokens``), the same for (a) and (b).
@@ -59,7 +63,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch._dynamo.utils import counters
 
-from bench.common import copy_bandwidth_tbps, require_gpu, write_results
+from bench.common import GpuSampler, copy_bandwidth_tbps, require_gpu, write_results
 from sparsevila_ops.integrations.demo import (LLAVA_OV_7B, QWEN25_VL_7B, StageTimer, build_model, stage_row,
                                                video_inputs)
 from sparsevila_ops._device import use_pdl
@@ -79,6 +83,7 @@ GAP_STALL_US = 10_000.0  # longer than this: a one-off stall (GC, the profiler),
 DECODE_MARK = "sparsevila.bench.decode_step"  # record_function around _StopAfter: the host window
 E_REPEATS = 4  # runs up to the LLM per row beside the timed one; E is their median (one timed E once ran 16 %
 # over its GPU time, other runs 1-4 %; at 4d1a371 three samples of one row spread 110 ms at 128k, 7 %)
+GPU_SAMPLE_S = 0.05  # NVML readings (clock, power) every 50 ms during a row: ~25 per stage of ~1.2 s at 128k
 
 
 # -- pure parts (tested on the CPU) ---------------------------------------------------------------------------
@@ -417,6 +422,12 @@ def stop_check_times():
             cls.__call__ = call
 
 
+def phase_readings(gpu: GpuSampler, marks: Sequence[float]) -> Dict[str, dict]:
+    """``gpu``'s summary over each stage of the timed run, from ``marks`` (its start and the ends of E, P, D on
+    the host clock): {"E": ..., "P": ..., "D": ...}, each empty where no reading fell inside."""
+    return {phase: gpu.summary(t0, t1) for phase, t0, t1 in zip("EPD", marks, marks[1:])}
+
+
 def decode_wait_ms(times: Sequence[float]) -> Optional[float]:
     """Mean ms of the stop checks of the decode steps in ``times`` (``stop_check_times``): the first two calls
     wait for the prefill (the deferred check reads the previous token's flag) and are left out."""
@@ -501,7 +512,9 @@ def run_rows(model, inputs: dict, rows: Sequence[str], *, decode_steps: int, pre
                 print(f"  ({key}: profile incomplete: {type(e).__name__}: {e})"[:300], flush=True)
             return found
 
-        r = stage_row(model, timer, generate, decode_steps, sp, cuda_graph=True, step_graph=step_graph, probe=probe)
+        with GpuSampler(period_s=GPU_SAMPLE_S) as gpu:
+            r = stage_row(model, timer, generate, decode_steps, sp, cuda_graph=True, step_graph=step_graph,
+                          probe=probe)
         recompiled = graphs[2] - graphs[1]
         e_samples = [r["E_ms"], *r["probe"]["E_repeats_ms"]]
         p, d = sp or (0.0, 0.0)
@@ -511,7 +524,8 @@ def run_rows(model, inputs: dict, rows: Sequence[str], *, decode_steps: int, pre
                "kv_tokens": decode_kv_tokens(prompt, n_vis, p, d, decode_steps, unpruned), "weight_bytes": weights,
                "E_ms": statistics.median(e_samples), "E_samples_ms": e_samples, "P_ms": r["P_ms"], "D_ms": r["D_ms"],
                "generated": r["out"].shape[1] - prompt, "graphs_compiled_in_timed_run": recompiled,
-               "D_wait_ms": decode_wait_ms(waits[-1])}
+               "D_wait_ms": decode_wait_ms(waits[-1]), "gpu": phase_readings(gpu, r["marks"])}
+        row.update({f"{phase}_sm_mhz": got.get("sm_clock_median_mhz") for phase, got in row["gpu"].items()})
         if "step" in r["probe"]:
             row["D_gpu_ms"], row["step"] = r["probe"]["step"]["gpu_ms"], r["probe"]["step"]
         for part in ("encoder", "E_profile", "P_profile"):
@@ -519,7 +533,8 @@ def run_rows(model, inputs: dict, rows: Sequence[str], *, decode_steps: int, pre
                 row[part] = r["probe"][part]
         out.append(row)
         print(f"  {precision:6s} {row['input']:>5s} ({key}) {label:22s} E {row['E_ms']:9.1f} ms  P {row['P_ms']:9.1f} "
-              f"ms  D {row['D_ms']:7.3f} ms/token (host waits {row['D_wait_ms'] or 0:.3f})"
+              f"ms  D {row['D_ms']:7.3f} ms/token (host waits {row['D_wait_ms'] or 0:.3f}; SM MHz E / P / D "
+              f"{row['E_sm_mhz']} / {row['P_sm_mhz']} / {row['D_sm_mhz']})"
               + (f" (GPU {row['D_gpu_ms']:.3f} ms, {row['step']['launches']:.0f} "
                                                        f"launches, idle {row['step']['gap_launch_ms']:.3f} ms in "
                                                        f"{row['step']['gaps_launch']:.0f} launch gaps + "
@@ -589,8 +604,8 @@ def run(targets: Sequence[int], precisions: Sequence[str], rows: Sequence[str], 
 
 COLUMNS = ["input", "frames", "px", "precision", "row", "setting", "kept_visual", "kv_tokens", "E_ms", "P_ms",
            "D_ms", "D_floor_ms", "D_over_floor", "D_gpu_ms", "D_gpu_over_floor", "D_wait_ms", "E2E_s", "E_speedup",
-           "P_speedup", "D_speedup", "E2E_speedup", "graphs_compiled_in_timed_run", "inductor_pdl", "kernel_pdl",
-           "step_graph"]
+           "P_speedup", "D_speedup", "E2E_speedup", "E_sm_mhz", "P_sm_mhz", "D_sm_mhz", "graphs_compiled_in_timed_run",
+           "inductor_pdl", "kernel_pdl", "step_graph"]
 
 
 def plot_stacked(rows: List[dict], answer_tokens: int = ANSWER_TOKENS):

@@ -6,8 +6,8 @@ gives 2.70 ms alone and 2.24 ms right after the qkv GEMM (bench/NOTES.md). This 
 kernels (random weights, bf16, ``bench.e2e``'s 128k video) once with CUDA events around each of the kernel's calls
 and once under ``torch.profiler``, captures the first window block's arguments, and times the kernel alone on them,
 on them with fresh contiguous cos / sin, and on synthetic ones (windows of 64 rows, fresh fp32 cos / sin). During
-each run the SM clock is sampled every 20 ms (where NVML is readable). It lists how the tower's arguments differ
-from the synthetic ones.
+each run the SM clock, the power and NVML's clocks-event reasons are sampled every 20 ms (where NVML is readable).
+It lists how the tower's arguments differ from the synthetic ones.
 
 ``python -m bench.tower_window [--tokens N]``: one row per variant, ms per call.
 """
@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import threading
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List
 
 import torch
 
-from bench.common import require_gpu, time_cuda, write_results
+from bench.common import GpuSampler, require_gpu, time_cuda, write_results
 
 WINDOW = 64  # patches per window: 112 px / 14 px = 8 patches a side, 4 merged tokens a side
 
@@ -87,45 +86,6 @@ def synthetic_like(args: Dict[str, object]) -> Dict[str, object]:
                 scale=args["scale"])
 
 
-def sm_clock_mhz() -> Optional[int]:
-    """The SM clock now (NVML through torch), or None where it cannot be read."""
-    try:
-        return int(torch.cuda.clock_rate())
-    except Exception:  # no pynvml, or NVML not readable in this container
-        return None
-
-
-class ClockSampler:
-    """``with ClockSampler(): ...`` reads ``read()`` (the SM clock in MHz) every ``period_s`` in a background thread
-    while the block runs; ``summary()``: the min and median of the readings (empty where none could be read)."""
-
-    def __init__(self, read: Callable[[], Optional[int]] = sm_clock_mhz, period_s: float = 0.02):
-        self.read, self.period_s, self.samples = read, period_s, []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        while True:
-            v = self.read()
-            if v is not None:
-                self.samples.append(v)
-            if self._stop.wait(self.period_s):
-                return
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-
-    def summary(self) -> Dict[str, float]:
-        if not self.samples:
-            return {}
-        return {"sm_clock_min_mhz": min(self.samples), "sm_clock_median_mhz": statistics.median(self.samples)}
-
-
 def timed_calls(visual, pixels: torch.Tensor, grid_thw: torch.Tensor, event=None) -> List[float]:
     """ms of each ``window_attention`` call in one tower pass, between two events recorded around it on the stream
     (no profiler, no sync inside the pass). ``event()``: a new timing event (default: ``torch.cuda.Event``)."""
@@ -174,11 +134,11 @@ def main(argv=None) -> int:
     with torch.no_grad():
         tower = lambda: visual(pix, grid_thw=grid)  # noqa: E731
         tower()  # compiles
-    with ClockSampler() as clocks:
+    with GpuSampler() as clocks:
         times = timed_calls(visual, pix, grid)
     rows = [{"variant": "in the tower (CUDA events, per call)", "median_ms": statistics.median(times),
              "calls": len(times), **clocks.summary()}]
-    with ClockSampler() as clocks, torch.no_grad():
+    with GpuSampler() as clocks, torch.no_grad():
         kernels, *_ = profile_kernels(tower)
     us, calls = next(((v for k, v in kernels.items() if "_window_attention_kernel" in k)), (0.0, 0))
     rows.append({"variant": "in the tower (torch.profiler, per call)", "median_ms": us / max(calls, 1) / 1e3,
@@ -191,12 +151,13 @@ def main(argv=None) -> int:
                 ("alone, the tower's qkv, fresh contiguous cos / sin", contiguous),
                 ("alone, synthetic (bench.vision_block)", synthetic_like(args)))
     for name, x in variants:
-        with ClockSampler() as clocks:
+        with GpuSampler() as clocks:
             ms = time_cuda(lambda _: _call(x))["median_ms"]
         rows.append({"variant": name, "median_ms": ms, **clocks.summary()})
     for r in rows:
         r.update({k: info[k] for k in ("windows", "windows_not_64", "window_max")})
     write_results("tower_window", rows, ["variant", "median_ms", "calls", "sm_clock_min_mhz", "sm_clock_median_mhz",
+                                         "power_median_w", "power_limit_w", "power_capped_share", "thermal_share",
                                          "windows", "windows_not_64", "window_max"],
                   title=f"window_attention in the Qwen2.5-VL-7B tower vs alone ({video['visual_tokens']} visual "
                         f"tokens, bf16); first window block: {info}")

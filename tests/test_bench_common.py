@@ -89,3 +89,31 @@ def test_git_commit_marks_a_tree_that_differs_from_head(monkeypatch):
     assert common.git_commit() == "abc1234"
     answers["status"] = " M bench/e2e.py"
     assert common.git_commit() == "abc1234+dirty"
+
+
+def test_gpu_sampler_reads_while_the_block_runs_and_selects_a_window_of_its_readings():
+    import time
+    t = iter(range(10 ** 6))
+    readings = iter([(1980, 300.0, 0, 700.0), None, (1500, 690.0, 0x4, 700.0), (1600, 650.0, 0x20 | 0x4, 700.0)]
+                    + [(1700, 600.0, 0, 700.0)] * 10 ** 5)
+    with common.GpuSampler(lambda: next(readings), period_s=0.001, clock=lambda: next(t)) as gpu:
+        time.sleep(0.05)
+    assert len(gpu.samples) >= 4 and [s[0] for s in gpu.samples[:3]] == [0, 1, 2]  # the None reading is skipped
+    whole = gpu.summary()
+    assert whole["sm_clock_min_mhz"] == 1500 and whole["power_limit_w"] == 700.0
+    assert whole["readings"] == len(gpu.samples)
+    head = gpu.summary(since=0, until=2)  # the first three readings
+    assert head == {"sm_clock_min_mhz": 1500, "sm_clock_median_mhz": 1600, "power_median_w": 650.0,
+                    "power_limit_w": 700.0, "power_capped_share": 2 / 3, "thermal_share": 1 / 3, "readings": 3}
+    assert gpu.summary(since=0.5, until=0.9) == {}  # no reading stamped inside
+    with common.GpuSampler(lambda: None) as nothing:
+        pass
+    assert nothing.summary() == {}
+
+
+def test_gpu_sampler_without_nvml_reads_nothing(monkeypatch):
+    monkeypatch.setattr(common, "nvml_reader", lambda device=None: None)
+    with common.GpuSampler(period_s=0.001) as gpu:
+        pass
+    assert gpu.read is None and gpu.summary() == {}
+

@@ -408,3 +408,38 @@ def test_bench_mrope_positions_runs_and_checks(tmp_path):
     assert mrope_positions.main(["--tokens", "256", "512", "--device", "cpu", "--out-dir", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "mrope_positions.json").read_text())["rows"]
     assert [r["prompt_tokens"] for r in rows] == [256 + 78, 512 + 78] and all(r["mrope_positions_ms"] > 0 for r in rows)
+
+
+def test_run_rows_reads_the_gpu_per_stage_of_the_timed_run(tiny_model, monkeypatch):
+    """Each stage's readings are the ones stamped inside it: a fake NVML that counts up, read every 0.5 ms while
+    the vision tower's and the LLM's forwards each take >= 10 ms, so every stage has readings, in order."""
+    import time
+    from bench import common
+    from sparsevila_ops.integrations import demo
+    clock = iter(range(1000, 10 ** 9))
+    monkeypatch.setattr(common, "nvml_reader", lambda device=None: lambda: (next(clock), 500.0, 0x4, 700.0))
+    monkeypatch.setattr(e2e, "GPU_SAMPLE_S", 0.0005)
+    video = e2e.video_for_tokens(36, side=12)
+    inputs = demo.video_inputs(tiny_model, video["frames"], video["h"], video["w"], 8, "cpu", torch.bfloat16)
+    slow = [m.register_forward_hook(lambda *a: time.sleep(0.01))
+            for m in (tiny_model.model.visual, tiny_model.model.language_model)]
+    try:
+        rows = e2e.run_rows(tiny_model, inputs, ["c1"], decode_steps=3, precision="bf16", video=video)
+    finally:
+        for h in slow:
+            h.remove()
+    got = rows[0]["gpu"]
+    assert set(got) == {"E", "P", "D"} and all(got[p]["readings"] >= 1 for p in "EPD")
+    assert got["E"]["power_capped_share"] == 1.0 and got["E"]["power_limit_w"] == 700.0
+    assert got["E"]["sm_clock_median_mhz"] < got["P"]["sm_clock_median_mhz"] < got["D"]["sm_clock_median_mhz"]
+    assert [rows[0][f"{p}_sm_mhz"] for p in "EPD"] == [got[p]["sm_clock_median_mhz"] for p in "EPD"]
+
+
+def test_phase_readings_selects_each_stage_between_its_marks():
+    from bench.common import GpuSampler
+    gpu = GpuSampler(read=lambda: None)
+    gpu.samples = [(0.5, 1000, 100.0, 0, 700.0), (1.5, 1500, 600.0, 0x4, 700.0), (2.5, 1900, 300.0, 0, 700.0)]
+    got = e2e.phase_readings(gpu, (0.0, 1.0, 2.0, 3.0))
+    assert [got[p]["sm_clock_median_mhz"] for p in "EPD"] == [1000, 1500, 1900]
+    assert [got[p]["power_capped_share"] for p in "EPD"] == [0.0, 1.0, 0.0]
+    assert e2e.phase_readings(gpu, (3.0, 4.0, 5.0, 6.0)) == {"E": {}, "P": {}, "D": {}}

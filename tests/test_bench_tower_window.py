@@ -74,16 +74,3 @@ def test_timed_calls_time_every_window_block_and_restore_the_kernel(tower, devic
     times = tw.timed_calls(*tower, event=event)
     assert len(times) == 2 and all(t > 0 for t in times)  # the tiny tower: blocks 0 and 2 window, 1 and 3 full
     assert vision.window_attention is real
-
-
-def test_clock_sampler_reads_while_the_block_runs():
-    import time
-    readings = iter([1980, None, 1500, 1700] + [1600] * 1000)
-    with tw.ClockSampler(lambda: next(readings), period_s=0.001) as clocks:
-        time.sleep(0.05)
-    assert len(clocks.samples) >= 3 and None not in clocks.samples
-    summary = clocks.summary()
-    assert summary["sm_clock_min_mhz"] == 1500 and 1500 <= summary["sm_clock_median_mhz"] <= 1980
-    with tw.ClockSampler(lambda: None) as nothing:
-        pass
-    assert nothing.summary() == {}

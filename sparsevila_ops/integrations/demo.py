@@ -126,7 +126,8 @@ class StageTimer:
             h1.remove()
             h2.remove()
         start, e_end, p_end = self.marks
-        return out, {"E_ms": 1e3 * (e_end - start), "P_ms": 1e3 * (p_end - e_end), "end": end, "p_end": p_end}
+        return out, {"E_ms": 1e3 * (e_end - start), "P_ms": 1e3 * (p_end - e_end), "end": end, "p_end": p_end,
+                     "marks": (start, e_end, p_end, end)}
 
 
 def reset_compiled(model) -> None:
@@ -147,8 +148,9 @@ def stage_row(model, timer: StageTimer, generate: Callable[[], torch.Tensor], ne
     ``probe()`` if given (still enabled, after the timed run), ``disable`` and ``reset_compiled`` (also on error).
 
     Returns ``out`` (the timed call's output), ``E_ms``, ``P_ms``, ``D_ms`` (ms per generated token after the
-    first: ``new_tokens - 1`` steps), ``kept`` (visual tokens kept by the last pruning; None when nothing was
-    pruned, e.g. the stock row) and ``probe`` (what ``probe()`` returned, else None).
+    first: ``new_tokens - 1`` steps), ``marks`` (the timed call's ``time.perf_counter`` at its start and at the
+    ends of E, P and D), ``kept`` (visual tokens kept by the last pruning; None when nothing was pruned, e.g. the
+    stock row) and ``probe`` (what ``probe()`` returned, else None).
     """
     from . import disable, enable
 
@@ -166,7 +168,7 @@ def stage_row(model, timer: StageTimer, generate: Callable[[], torch.Tensor], ne
             disable(model)
         reset_compiled(model)
     return {"out": out, "E_ms": t["E_ms"], "P_ms": t["P_ms"],
-            "D_ms": 1e3 * (t["end"] - t["p_end"]) / max(new_tokens - 1, 1), "kept": kept,
+            "D_ms": 1e3 * (t["end"] - t["p_end"]) / max(new_tokens - 1, 1), "marks": t["marks"], "kept": kept,
             "probe": probed}
 
 
