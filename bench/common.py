@@ -106,6 +106,25 @@ def time_cuda(fn: Callable[[int], object], *, n_inputs: int = 1, warmup: int = 5
     return {"median_ms": q(0.5), "p20_ms": q(0.2), "p80_ms": q(0.8), "iters": iters}
 
 
+def time_interleaved(fa, fb, n_inputs: int, warmup: int, iters: int) -> dict:
+    """Median ms of ``fa`` and ``fb`` and the median of per-pair differences ``fb - fa``, from CUDA-graph replays
+    interleaved a, b, a, b, ... (call c uses input set c % n_inputs, so with n_inputs > 1 consecutive replays
+    read different inputs). Adjacent replays share the clock state, so drift cancels in the differences."""
+    graphs = [capture_graphs(fa, n_inputs), capture_graphs(fb, n_inputs)]
+    calls = 2 * (warmup + iters)
+    events = [torch.cuda.Event(enable_timing=True) for _ in range(calls + 1)]
+    torch.cuda.synchronize()
+    events[0].record()
+    for c in range(calls):
+        graphs[c % 2][c % n_inputs].replay()
+        events[c + 1].record()
+    torch.cuda.synchronize()
+    times = [events[c].elapsed_time(events[c + 1]) for c in range(2 * warmup, calls)]
+    ta, tb = times[0::2], times[1::2]
+    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    return {"a_ms": med(ta), "b_ms": med(tb), "diff_ms": med([b - a for a, b in zip(ta, tb)])}
+
+
 def copy_bandwidth_tbps(nbytes: int = 2 << 30, iters: int = 20) -> float:
     """Device-to-device copy bandwidth in TB/s, counting read + write (``2 * nbytes / time``): the ceiling that
     byte floors divide by (bench/NOTES.md, "Ceilings")."""

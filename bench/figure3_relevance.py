@@ -39,7 +39,7 @@ import sparsevila_ops as so
 from sparsevila_ops import reference
 from sparsevila_ops.testing import REL_TOL
 
-from .common import capture_graphs, require_gpu, time_cuda, verify, write_results
+from .common import require_gpu, time_cuda, time_interleaved, verify, write_results
 
 MODELS = {"llama2-7b": (32, 32, 128), "qwen2-7b": (28, 4, 128)}
 DTYPE = torch.bfloat16
@@ -75,25 +75,6 @@ def _flash_colreduce():
 def _inputs(N, hq, hk, D, n_sets):
     return [(torch.randn(N, hq, D, device="cuda", dtype=DTYPE), torch.randn(N, hk, D, device="cuda", dtype=DTYPE),
              torch.randn(N, hk, D, device="cuda", dtype=DTYPE)) for _ in range(n_sets)]
-
-
-def time_interleaved(fa, fb, n_inputs: int, warmup: int, iters: int) -> dict:
-    """Median ms of ``fa`` and ``fb`` and the median of per-pair differences ``fb - fa``, from CUDA-graph replays
-    interleaved a, b, a, b, ... (call c uses input set c % n_inputs, so with n_inputs > 1 consecutive replays
-    read different inputs). Adjacent replays share the clock state, so drift cancels in the differences."""
-    graphs = [capture_graphs(fa, n_inputs), capture_graphs(fb, n_inputs)]
-    calls = 2 * (warmup + iters)
-    events = [torch.cuda.Event(enable_timing=True) for _ in range(calls + 1)]
-    torch.cuda.synchronize()
-    events[0].record()
-    for c in range(calls):
-        graphs[c % 2][c % n_inputs].replay()
-        events[c + 1].record()
-    torch.cuda.synchronize()
-    times = [events[c].elapsed_time(events[c + 1]) for c in range(2 * warmup, calls)]
-    ta, tb = times[0::2], times[1::2]
-    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
-    return {"a_ms": med(ta), "b_ms": med(tb), "diff_ms": med([b - a for a, b in zip(ta, tb)])}
 
 
 def relevance_grid(Ns, Ms):

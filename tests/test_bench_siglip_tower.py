@@ -51,8 +51,12 @@ def test_gemm_and_layer_norm_and_salience_attention_rows(monkeypatch):
     cfg, time = _tiny_cfg(), lambda fn: (fn(), 3.0)[1]
     emb = st._patch_embedding(2, time, device="cpu", cfg=cfg)
     assert [r["variant"] for r in emb] == ["convolution (transformers)", "one GEMM, K padded 588 -> 592 (enable)"]
-    mlp = st._mlp_gelu(2, time, device="cpu", cfg=cfg)
-    assert [r["per_encoder_ms"] for r in mlp] == [9.0, 9.0] and mlp[1]["speedup"] == 1.0
+    ran = []
+    pair = lambda fa, fb: (ran.extend([fa(), fb()]), {"a_ms": 3.0, "b_ms": 2.0, "diff_ms": -0.9})[1]  # noqa: E731
+    mlp = st._mlp_gelu(2, pair, device="cpu", cfg=cfg)
+    assert [r["per_encoder_ms"] for r in mlp] == [9.0, 6.0] and mlp[1]["speedup"] == 1.5
+    assert mlp[1]["paired_diff_ms"] == -0.9 and len(ran) == 2
+    torch.testing.assert_close(ran[1].float(), ran[0].float(), rtol=2e-2, atol=2e-2)  # the pair times the same MLP
     ln = st._layer_norm(2, 1e12, time, device="cpu", cfg=cfg)
     assert ln[0]["per_encoder_ms"] == 3.0 * 6 and ln[0]["floor_ms"] == 2 * 2 * 16 * 32 * 2 / 1e12 * 1e3
     att = st._salience_attention(2, time, device="cpu", cfg=cfg)
