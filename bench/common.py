@@ -106,17 +106,24 @@ def time_cuda(fn: Callable[[int], object], *, n_inputs: int = 1, warmup: int = 5
     return {"median_ms": q(0.5), "p20_ms": q(0.2), "p80_ms": q(0.8), "iters": iters}
 
 
-def time_interleaved(fa, fb, n_inputs: int, warmup: int, iters: int) -> dict:
-    """Median ms of ``fa`` and ``fb`` and the median of per-pair differences ``fb - fa``, from CUDA-graph replays
-    interleaved a, b, a, b, ... (call c uses input set c % n_inputs, so with n_inputs > 1 consecutive replays
-    read different inputs). Adjacent replays share the clock state, so drift cancels in the differences."""
-    graphs = [capture_graphs(fa, n_inputs), capture_graphs(fb, n_inputs)]
+def time_interleaved(fa, fb, n_inputs: int, warmup: int, iters: int, graph: bool = True) -> dict:
+    """Median ms of ``fa`` and ``fb`` and the median of per-pair differences ``fb - fa``, from calls interleaved
+    a, b, a, b, ... (call c uses input set c % n_inputs, so with n_inputs > 1 consecutive calls read different
+    inputs): CUDA-graph replays, or with ``graph=False`` the eager calls (for steps that take milliseconds, whose
+    launches do not count). Adjacent calls share the clock state, so drift cancels in the differences."""
+    if graph:
+        graphs = [capture_graphs(fa, n_inputs), capture_graphs(fb, n_inputs)]
+        fns = [lambda i, g=g: g[i].replay() for g in graphs]
+    else:
+        fns = [fa, fb]
+        for w in range(warmup):
+            fa(w % n_inputs), fb(w % n_inputs)
     calls = 2 * (warmup + iters)
     events = [torch.cuda.Event(enable_timing=True) for _ in range(calls + 1)]
     torch.cuda.synchronize()
     events[0].record()
     for c in range(calls):
-        graphs[c % 2][c % n_inputs].replay()
+        fns[c % 2](c % n_inputs)
         events[c + 1].record()
     torch.cuda.synchronize()
     times = [events[c].elapsed_time(events[c + 1]) for c in range(2 * warmup, calls)]

@@ -45,6 +45,17 @@ def test_time_cuda_eager_and_graph_and_memory():
     assert common.peak_extra_memory(lambda: torch.empty(1 << 20, device="cuda")) >= 4 << 20
 
 
+@pytest.mark.gpu
+def test_time_interleaved_times_the_slower_call_slower_in_both_modes():
+    x = torch.randn(1 << 22, device="cuda")
+    ys = [torch.empty_like(x) for _ in range(2)]
+    small = lambda i: torch.mul(x[: 1 << 12], 2, out=ys[i][: 1 << 12])  # noqa: E731
+    big = lambda i: [torch.mul(x, 2, out=ys[i]) for _ in range(8)]  # noqa: E731
+    for graph in (True, False):
+        t = common.time_interleaved(small, big, 2, 2, 10, graph=graph)
+        assert 0 < t["a_ms"] < t["b_ms"] and t["diff_ms"] > 0, (graph, t)
+
+
 def test_benchmark_fixture_tests_are_serial():
     """conftest marks them ``serial``, which gpu_check.sh runs outside pytest-xdist (where the fixture is disabled)."""
     here = os.path.dirname(os.path.abspath(__file__))

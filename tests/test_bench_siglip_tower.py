@@ -15,12 +15,14 @@ def _tiny_cfg():
 
 
 def test_layer_rows_compare_permuted_contiguous_and_the_layer_norm_kernels():
-    rows = st._layer(2, lambda fn: (fn(), 4.0)[1], device="cpu", cfg=_tiny_cfg())
+    pair = lambda fa, fb: (fa(), fb(), {"a_ms": 4.0, "b_ms": 3.0, "diff_ms": -0.8})[2]  # noqa: E731
+    rows = st._layer(2, lambda fn: (fn(), 4.0)[1], pair, device="cpu", cfg=_tiny_cfg())
     assert [r["variant"] for r in rows] == ["permuted activations (transformers)", "contiguous activations",
                                             "contiguous, LayerNorm kernels", "LayerNorm kernels, adds apart",
                                             "adds fused into the LayerNorms (enable)"]
-    assert [r["per_encoder_ms"] for r in rows] == [12.0] * 5
-    assert rows[1]["speedup"] == rows[2]["speedup"] == rows[4]["speedup"] == 1.0
+    assert [r["per_encoder_ms"] for r in rows] == [12.0] * 4 + [9.0]
+    assert rows[1]["speedup"] == rows[2]["speedup"] == 1.0 and rows[4]["speedup"] == 4.0 / 3.0
+    assert rows[4]["paired_diff_ms"] == -0.8
     assert rows[1]["bitwise_equal"] is True  # the CPU keeps the module's LayerNorm (no Triton element-wise)
 
 
@@ -40,7 +42,8 @@ def test_layer_rows_with_the_triton_layer_norms_forced(device, monkeypatch):
         return 4.0
     per_call = []
     with torch.no_grad():
-        rows = st._layer(2, time, device=device, cfg=_tiny_cfg())
+        rows = st._layer(2, time, lambda fa, fb: {"a_ms": time(fa), "b_ms": time(fb), "diff_ms": 0.0}, device=device,
+                         cfg=_tiny_cfg())
     assert rows[4]["variant"] == "adds fused into the LayerNorms (enable)" and rows[4]["bitwise_equal"] is True
     assert per_call == [0, 0, 0, 0, 2]  # the "adds apart" row runs the layer's own forward, not the fused one
 
