@@ -170,11 +170,12 @@ def nvml_reader(device=None) -> Optional[Callable[[], Reading]]:
 
 
 class GpuSampler:
-    """``with GpuSampler() as gpu: ...`` reads ``read()`` (default :func:`nvml_reader`'s; None: no readings) every
-    ``period_s`` in a background thread while the block runs, each reading stamped with ``clock()`` (the host's
-    ``time.perf_counter``, so phases timed on the host can select their readings). ``summary(since, until)``:
-    the SM clock's min and median, the median power, the power limit and the shares of readings whose
-    clocks-event reasons name a power cap or a thermal slowdown; empty where there is no reading."""
+    """``with GpuSampler() as gpu: ...`` calls ``read()`` (default :func:`nvml_reader`'s; where that is None, nothing
+    is read) every ``period_s`` in a background thread while the block runs, each reading stamped with ``clock()``
+    (the host's ``time.perf_counter``, so stages timed on the host can select their readings).
+    ``summary(since, until)``: the SM clock's min and median, the median power (NVML averages it over its own
+    sample period, 1/6 to 1 s), the power limit and the shares of readings whose clocks-event reasons name a power
+    cap or a thermal slowdown; empty where there is no reading."""
 
     def __init__(self, read: Optional[Callable[[], Optional[Reading]]] = None, period_s: float = 0.02,
                  clock: Callable[[], float] = time.perf_counter):
