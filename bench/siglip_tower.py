@@ -20,7 +20,9 @@ steps against the integration's. e2e's encoder profile (``bench/NOTES.md``) put 
 ``python -m bench.siglip_tower [--frames N]``. Per row: time per call, per encoder (x the tower's layers for the
 layer and the LayerNorm's two per layer), the speedup over stock, a bytes floor where the step moves bytes (input
 read once, output written once, at the measured copy bandwidth), and whether the output equals stock's bit for bit
-(checked within 1e-2 before timing).
+(checked within 1e-2 before timing). The MLP's two variants, and the layer's adds apart vs fused, differ by a few
+per cent, less than timings taken one after the other resolve on a GPU whose clock follows its power draw: those
+pairs are timed interleaved (``common.time_interleaved``), with the median paired difference in ``paired_diff_ms``.
 """
 from __future__ import annotations
 
