@@ -1,7 +1,8 @@
 """Device facts shared by the Triton and the CUDA host code and the autotune seam: GPU name, compute capability,
-SM count, the PDL switch."""
+SM count, the PDL switch, and the guard that launches kernels on their tensors' device."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from typing import Callable, List, Tuple
@@ -90,3 +91,23 @@ def use_pdl(device: torch.device) -> bool:
     if device.type != "cuda" or os.environ.get("SPARSEVILA_PDL", "1") == "0":
         return False
     return capability(device) >= (9, 0)
+
+
+def device_guard(device: torch.device):
+    """A context in which ``device`` is the current CUDA device. Triton and the CUDA launchers launch on the
+    current device, which need not be the tensors' (a model split over GPUs by ``device_map``, tensors on
+    ``cuda:1`` while ``cuda:0`` is current); a no-op when it already is, and for other devices."""
+    if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
+        return torch.cuda.device(device.index)
+    return contextlib.nullcontext()
+
+
+def on_tensor_device(fn: Callable) -> Callable:
+    """``fn(x, ...)`` run under :func:`device_guard` of its first argument's device (kernel launchers called
+    directly, outside the ops' dispatch, which guards the same way)."""
+    @functools.wraps(fn)
+    def run(x, *args, **kwargs):
+        with device_guard(x.device):
+            return fn(x, *args, **kwargs)
+    return run
+

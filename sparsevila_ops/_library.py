@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from . import _backend
+from ._device import device_guard
 from . import reference as _reference
 
 lib = torch.library.Library("sparsevila", "DEF")
@@ -38,7 +39,8 @@ def define(name: str, schema: str, *, triton: str | None = None, cuda: str | Non
 
     def impl(*args):
         first = args[0] if isinstance(args[0], torch.Tensor) else args[0][0]
-        return _backend.resolve(name, first.device, args)(*args)
+        with device_guard(first.device):  # kernels launch on the current device: make it the tensors'
+            return _backend.resolve(name, first.device, args)(*args)
 
     impl.__name__ = f"{lib.ns}_{name}_dispatch"
     lib.impl(name, impl, "CPU")

@@ -24,7 +24,6 @@ tiles, 3 stages) and it ignores those two.
 """
 from __future__ import annotations
 
-import contextlib
 from typing import NamedTuple, Optional
 
 import torch
@@ -120,13 +119,6 @@ def _launch(q, k, cu_seqlens, max_seqlen, scale, num_summary, lse, deterministic
          (cfg["consumers"], cfg["tile_n"]))
 
 
-def _device_guard(device: torch.device):
-    """Launches go to the current CUDA device: switch to ``device`` when it is another one."""
-    if device.index is not None and device.index != torch.cuda.current_device():
-        return torch.cuda.device(device)
-    return contextlib.nullcontext()
-
-
 def _tma_rows(lse: torch.Tensor) -> bool:
     """TMA can read the rows of ``lse [H, T]`` fp32: contiguous rows, 16-byte aligned base and row stride."""
     return (lse.data_ptr() % 16 == 0 and (lse.shape[1] <= 1 or lse.stride(1) == 1)
@@ -160,7 +152,7 @@ def _run(q, k, cu_seqlens, max_seqlen, scale, num_summary, lse, out, poly_every,
     shape = tuple(tiles) if wgmma else ()
     dt, qk2 = _DTYPES[q.dtype], float(scale) * LOG2E
     qs = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), cu_seqlens.stride(0))
-    with _device_guard(q.device):
+    with _device.device_guard(q.device):
         stream = torch.cuda.current_stream(q.device).cuda_stream
         if lse is None:
             lse2 = _scratch(H, T, q.device)

@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._device import on_tensor_device
 from .prefill import LOG2E, _split_d
 
 
@@ -64,6 +65,7 @@ def _check_norm_weight(x: torch.Tensor, weight: torch.Tensor) -> None:
         raise ValueError(f"weight must have shape ({x.shape[-1]},) (the last dim of x); got {tuple(weight.shape)}")
 
 
+@on_tensor_device
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dim of ``x`` (any leading shape, last dim contiguous); the result has the dtype of
     ``weight * x`` (PyTorch's promotion), as the module's."""
@@ -77,6 +79,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return out.view(x.shape)
 
 
+@on_tensor_device
 def add_rms_norm(x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor, eps: float
                  ) -> Tuple[torch.Tensor, torch.Tensor]:
     """A residual add and the next RMSNorm in one pass: ``s = x + r`` (in their dtype, as eager's add) and
@@ -133,6 +136,7 @@ def _check_affine(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> 
                              f"{tuple(t.shape)} {t.dtype}")
 
 
+@on_tensor_device
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
     """``F.layer_norm(x, (N,), weight, bias, eps)`` over the last dim of ``x`` (any leading shape, last dim
     contiguous), with ``weight``, ``bias`` ``[N]`` in x's dtype; the result is in x's dtype."""
@@ -147,6 +151,7 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
     return out.view(x.shape)
 
 
+@on_tensor_device
 def add_layer_norm(x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
                    ) -> Tuple[torch.Tensor, torch.Tensor]:
     """``add_rms_norm`` for LayerNorm: ``s = x + r`` and ``layer_norm(s, weight, bias, eps)`` in one pass; new
@@ -241,6 +246,7 @@ def _rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
     return oq, ok
 
 
+@on_tensor_device
 def rotary_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
               ) -> Tuple[torch.Tensor, torch.Tensor]:
     """``apply_rotary_pos_emb_vision(q, k, cos, sin)``: q, k ``[T, H, D]`` (any strides, last dim contiguous), cos,
@@ -255,6 +261,7 @@ def rotary_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Te
     return _rotary(q, k, cos, sin)
 
 
+@on_tensor_device
 def rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
             ) -> Tuple[torch.Tensor, torch.Tensor]:
     """A Llama-family decoder's ``apply_rotary_pos_emb(q, k, cos, sin)`` in half precision, bit for bit: q ``[B, Hq,
@@ -292,6 +299,7 @@ def _silu_mul_kernel(gate, up, out, n_rows, N, stride_g, stride_u, stride_o, BLO
     tl.store(out + row * stride_o + cols, (act * u).to(out.dtype.element_ty), mask=mask)
 
 
+@on_tensor_device
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """``F.silu(gate) * up`` in one pass: gate, up ``[..., N]`` of one dtype and shape (any row strides, last dim
     contiguous: e.g. the two halves of a fused gate/up projection); a new contiguous result in their dtype."""
@@ -383,6 +391,7 @@ def _window_attention_kernel(QKV, Cos, Sin, Out, cu, stride_t, stride_3, stride_
 WINDOW_MAX = 64  # window_attention's longest segment: one 64-row tile per window and head
 
 
+@on_tensor_device
 def window_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens: torch.Tensor,
                      max_seqlen: int, scale: float, heads_per_program: int = 16, num_warps: int = 4) -> torch.Tensor:
     """Qwen2.5-VL's window attention with its rotary embedding, one launch: per segment ``s`` of ``cu_seqlens``
