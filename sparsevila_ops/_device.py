@@ -110,4 +110,3 @@ def on_tensor_device(fn: Callable) -> Callable:
         with device_guard(x.device):
             return fn(x, *args, **kwargs)
     return run
-
