@@ -156,6 +156,7 @@ if [ "$what" = bench ] || [ "$what" = all ]; then
     --name gemv4_rounds_nopdl
   step gemv_folds python -m bench.gemv_folds
   step vision_block python -m bench.vision_block
+  step glu_gemm python -m bench.glu_gemm  # experiment: the SiLU gate in the gate/up GEMM epilogue vs cuBLAS
   step tower_window python -m bench.tower_window  # window_attention on the 7B tower's own arguments vs alone
   step siglip_tower python -m bench.siglip_tower  # LLaVA-OneVision's SigLIP layer and pooling: stock vs ours
   step mrope_positions python -m bench.mrope_positions  # the prompt's mRoPE positions: transformers' loop vs ours
