@@ -152,26 +152,25 @@ def _run(q, k, cu_seqlens, max_seqlen, scale, num_summary, lse, out, poly_every,
     shape = tuple(tiles) if wgmma else ()
     dt, qk2 = _DTYPES[q.dtype], float(scale) * LOG2E
     qs = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), cu_seqlens.stride(0))
-    with _device.device_guard(q.device):
-        stream = torch.cuda.current_stream(q.device).cuda_stream
-        if lse is None:
-            lse2 = _scratch(H, T, q.device)
-            lse_pass(dt, D, q.data_ptr(), k.data_ptr(), cu_seqlens.data_ptr(), lse2.data_ptr(), qk2,
-                     qs + (0, lse2.stride(0)), *size, S, summary_rows(max_seqlen, num_summary), H, num_summary,
-                     poly_every, *shape, stream)
-            src, lse_scale = lse2, 1.0
-        else:
-            src, lse_scale = lse, LOG2E
-            if wgmma and not _tma_rows(src):
-                src = _scratch(H, T, q.device)
-                src.copy_(lse)
-        reduce_heads = out.dim() == 1
-        dst = torch.empty(H, T, dtype=torch.float32, device=q.device) if reduce_heads else out
-        colsum(dt, D, q.data_ptr(), k.data_ptr(), cu_seqlens.data_ptr(), src.data_ptr(), lse_scale, dst.data_ptr(),
-               qk2, qs + (src.stride(0), dst.stride(0)), *size, S, max_seqlen, H, num_summary, poly_every, *shape,
-               stream)
-        if reduce_heads:
-            lib.salience_sum_heads(dst.data_ptr(), out.data_ptr(), T, H, dst.stride(0), 1.0 / H, stream)
+    stream = torch.cuda.current_stream(q.device).cuda_stream
+    if lse is None:
+        lse2 = _scratch(H, T, q.device)
+        lse_pass(dt, D, q.data_ptr(), k.data_ptr(), cu_seqlens.data_ptr(), lse2.data_ptr(), qk2,
+                 qs + (0, lse2.stride(0)), *size, S, summary_rows(max_seqlen, num_summary), H, num_summary,
+                 poly_every, *shape, stream)
+        src, lse_scale = lse2, 1.0
+    else:
+        src, lse_scale = lse, LOG2E
+        if wgmma and not _tma_rows(src):
+            src = _scratch(H, T, q.device)
+            src.copy_(lse)
+    reduce_heads = out.dim() == 1
+    dst = torch.empty(H, T, dtype=torch.float32, device=q.device) if reduce_heads else out
+    colsum(dt, D, q.data_ptr(), k.data_ptr(), cu_seqlens.data_ptr(), src.data_ptr(), lse_scale, dst.data_ptr(),
+           qk2, qs + (src.stride(0), dst.stride(0)), *size, S, max_seqlen, H, num_summary, poly_every, *shape,
+           stream)
+    if reduce_heads:
+        lib.salience_sum_heads(dst.data_ptr(), out.data_ptr(), T, H, dst.stride(0), 1.0 / H, stream)
 
 
 def _unsupported(q, k, cu_seqlens, max_seqlen, scale, num_summary, lse, deterministic, out) -> Optional[str]:
