@@ -117,7 +117,8 @@ def time_interleaved(fa, fb, n_inputs: int, warmup: int, iters: int, graph: bool
     else:
         fns = [fa, fb]
         for w in range(warmup):
-            fa(w % n_inputs), fb(w % n_inputs)
+            fa(w % n_inputs)
+            fb(w % n_inputs)
     calls = 2 * (warmup + iters)
     events = [torch.cuda.Event(enable_timing=True) for _ in range(calls + 1)]
     torch.cuda.synchronize()

@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from bench.common import require_gpu, time_cuda, time_interleaved, verify, write_results
+from sparsevila_ops.reference import linear_epilogue
 from sparsevila_ops.triton_kernels import vision  # (importing the package applies the interpreter's workarounds)
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): two fp32 accumulators of BLOCK_M x BLOCK_N per program
@@ -101,10 +102,11 @@ def enable_path(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> 
 
 
 def reference(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
-    """fp32 GEMM, each step rounded to x's dtype as the kernel's contract says."""
-    y = F.linear(x.float(), w.float(), None if b is None else b.float()).to(x.dtype).float()
-    g, u = y.chunk(2, dim=-1)
-    return (F.silu(g).to(x.dtype).float() * u).to(x.dtype)
+    """fp32 GEMM, then the GEMV ops' glu epilogue (``reference.linear_epilogue``: bias in fp32, each step rounded
+    to x's dtype)."""
+    out = torch.empty(x.shape[0], w.shape[0] // 2, dtype=x.dtype, device=x.device)
+    linear_epilogue(F.linear(x.float(), w.float()), b, True, out)
+    return out
 
 
 def shape_rows(name: str, M: int, K: int, N: int, configs=CONFIGS, rounds: int = 10) -> List[Dict[str, object]]:

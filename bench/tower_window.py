@@ -20,8 +20,7 @@ from typing import Callable, Dict, List
 import torch
 
 from bench.common import GpuSampler, require_gpu, time_cuda, write_results
-
-WINDOW = 64  # patches per window: 112 px / 14 px = 8 patches a side, 4 merged tokens a side
+from bench.vision_block import WINDOW, window_inputs
 
 
 class _Captured(Exception):
@@ -75,15 +74,10 @@ def describe(args: Dict[str, object]) -> Dict[str, object]:
 
 def synthetic_like(args: Dict[str, object]) -> Dict[str, object]:
     """``bench.vision_block``'s inputs of the captured shape: fresh qkv, windows of 64 rows, contiguous fp32
-    cos / sin of one random angle per pair of columns."""
+    cos / sin of one random angle per pair of columns (``vision_block.window_inputs``)."""
     qkv = args["qkv"]
-    T, D = qkv.shape[0], qkv.shape[-1]
-    emb = torch.randn(T, D // 2, device=qkv.device).repeat(1, 2)
-    cu = torch.arange(0, T + 1, WINDOW, device=qkv.device, dtype=torch.int32)
-    if cu[-1] != T:
-        cu = torch.cat([cu, cu.new_tensor([T])])
-    return dict(qkv=torch.randn_like(qkv), cos=emb.cos(), sin=emb.sin(), cu_seqlens=cu, max_seqlen=WINDOW,
-                scale=args["scale"])
+    cos, sin, cu = window_inputs(qkv.shape[0], qkv.shape[-1], qkv.device)
+    return dict(qkv=torch.randn_like(qkv), cos=cos, sin=sin, cu_seqlens=cu, max_seqlen=WINDOW, scale=args["scale"])
 
 
 def timed_calls(visual, pixels: torch.Tensor, grid_thw: torch.Tensor, event=None) -> List[float]:

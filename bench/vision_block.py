@@ -150,6 +150,16 @@ def _attention(qkv, time):
     return rows
 
 
+def window_inputs(T: int, D: int, device) -> tuple:
+    """A window block's other inputs for ``T`` patches: fp32 ``cos, sin [T, D]`` of one random angle per pair of
+    columns, and the int32 ``cu_seqlens`` of 64-patch windows (the last one shorter where ``T`` is not a multiple)."""
+    emb = torch.randn(T, D // 2, device=device).repeat(1, 2)
+    cu = torch.arange(0, T + 1, WINDOW, device=device, dtype=torch.int32)
+    if cu[-1] != T:
+        cu = torch.cat([cu, cu.new_tensor([T])])
+    return emb.cos(), emb.sin(), cu
+
+
 def _window(qkv, bw, time):
     """A window block's rotary embedding and attention over 64-patch windows: ``rotary_qk`` then one varlen
     ``prefill_attention`` (what the integration ran before) vs ``window_attention`` (both in one launch), for each
@@ -157,9 +167,7 @@ def _window(qkv, bw, time):
     from sparsevila_ops import prefill_attention
     from sparsevila_ops.triton_kernels import vision
     T, scale = qkv.shape[0], HEAD_DIM ** -0.5
-    emb = torch.randn(T, HEAD_DIM // 2, device="cuda").repeat(1, 2)
-    cos, sin = emb.cos(), emb.sin()
-    cu = torch.arange(0, T + 1, WINDOW, device=qkv.device, dtype=torch.int32)
+    cos, sin, cu = window_inputs(T, HEAD_DIM, qkv.device)
     floor = (4 * T * HEADS * HEAD_DIM * 2 + 2 * cos.numel() * 4) / bw * 1e3
 
     def before():
