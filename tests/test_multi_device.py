@@ -4,7 +4,8 @@ are on ``cuda:1``. The ops' dispatch and the integrations' direct launchers run 
 
 CPU: the guard's choice with the current device faked. GPU with two devices: ops and vision kernels on ``cuda:1``
 while ``cuda:0`` is current give what the same calls give with ``cuda:1`` current (unguarded, Triton refuses the
-pointers of another device, and a CUDA launch on another device's stream fails)."""
+pointers of another device, and a CUDA launch on another device's stream fails); the integration's own decode
+graphs (``step_graph``) captured and replayed on the model's device."""
 import contextlib
 
 import pytest
@@ -82,3 +83,26 @@ def test_ops_on_a_device_that_is_not_the_current_one():
     for i, (a, b) in enumerate(zip(got, want)):  # launched on cuda:0, they would fail or read another device
         assert a.device == other, i
         torch.testing.assert_close(a.float(), b.float(), rtol=1e-2, atol=1e-2, msg=f"call {i}")
+
+
+@pytest.mark.gpu
+@two_gpus
+def test_step_graph_captures_and_replays_on_the_model_device():
+    """The integration's own decode graphs for a model on ``cuda:1`` while ``cuda:0`` is current: captured on and
+    replayed from ``cuda:1``'s stream (torch uses the current device's), the tokens of inductor's trees."""
+    from qwen_tiny import tiny_model, visual_inputs
+    from sparsevila_ops.integrations import qwen2_5_vl as sv
+    other = torch.device("cuda", 1)
+    model = tiny_model(seed=4, device=other, dtype=torch.bfloat16)
+    inputs = visual_inputs(seed=5, device=other, dtype=torch.bfloat16)
+    got = []
+    for step_graph in (False, True, True):
+        sv.enable(model, 0.5, 0.9, step_graph=step_graph)
+        try:
+            with torch.no_grad():
+                got.append(model.generate(**inputs, max_new_tokens=8, do_sample=False))
+        finally:
+            sv.disable(model)
+            torch._dynamo.reset()
+    assert torch.cuda.current_device() == 0
+    assert all(torch.equal(g, got[0]) for g in got[1:])

@@ -222,6 +222,21 @@ def test_step_graph_needs_cuda_graph():
         sv.enable(model, step_graph=True, cuda_graph=False)
 
 
+def test_step_graph_needs_the_model_on_one_device():
+    model = tiny_model()
+    model.lm_head.to("meta")  # as a device_map split leaves it: parameters on two devices
+    with pytest.raises(ValueError, match=r"one CUDA graph, which runs on one device; the model's parameters are "
+                                         r"on cpu, meta \(a device_map split\)"):
+        sv.enable(model, step_graph=True)
+    sv.enable(model, cuda_graph=True)  # inductor's trees decide per graph; nothing to refuse
+    sv.disable(model)
+
+
+def test_a_capture_needs_the_step_on_one_cuda_device():
+    with pytest.raises(ValueError, match=r"must be on one CUDA device; got none on CUDA"):
+        sg.step_device({"input_ids": torch.ones(1, 1), "cache": {"k": [torch.ones(1)]}})
+
+
 def test_sparsevila_cache_key_follows_its_path_and_buffers():
     from sparsevila_ops.integrations.cache import SparseVILACache
     cache = SparseVILACache(2, 8)

@@ -62,6 +62,11 @@ def check_enable(model, model_class: type, prefill_sparsity, decode_sparsity, cu
         raise RuntimeError("sparsevila is already enabled on this model; call disable(model) first")
     if step_graph and not cuda_graph:
         raise ValueError("step_graph captures the compiled decode step: it needs cuda_graph=True")
+    devices = {p.device for p in model.parameters()} if step_graph else set()
+    if len(devices) > 1:
+        raise ValueError("step_graph captures the decode step as one CUDA graph, which runs on one device; the "
+                         f"model's parameters are on {', '.join(sorted(map(str, devices)))} (a device_map split): "
+                         "use cuda_graph=True without step_graph")
     return check_sparsity("prefill_sparsity", prefill_sparsity), check_sparsity("decode_sparsity", decode_sparsity)
 
 

@@ -93,7 +93,8 @@ def enable(model, prefill_sparsity: float = 0.75, decode_sparsity: float = 0.95,
             integration captures and replays it (``integrations.step_graph``: no dynamo guards or tree
             bookkeeping per token). On the H200 it halves the host's time per decode step (~1.8 -> ~0.95 ms);
             the 7B model's steps are GPU-bound, so its D stays within 2.5 %: it pays off where a step's GPU work
-            is shorter than the host's.
+            is shorter than the host's. It needs the model on one device (a CUDA graph runs on one; a
+            ``device_map`` split is refused), which need not be the current one.
     """
     prefill_sparsity, decode_sparsity = pipeline.check_enable(
         model, hf.Qwen2_5_VLForConditionalGeneration, prefill_sparsity, decode_sparsity, cuda_graph, step_graph)

@@ -26,6 +26,8 @@ from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 
+from .._device import device_guard
+
 _SEEN = object()  # a signature's first call ran eagerly; its second captures
 
 
@@ -126,20 +128,35 @@ def capture_with(record: Callable, fn: Callable, kwargs: dict) -> Callable[[dict
     return replay
 
 
-def cuda_record(run: Callable) -> Callable[[], object]:
-    """One CUDA graph of ``run()`` (its own memory pool); returns what replays it and gives the captured output."""
+def cuda_record(run: Callable, device: torch.device) -> Callable[[], object]:
+    """One CUDA graph of ``run()`` on ``device`` (its own memory pool); returns what replays it and gives the
+    captured output. Capture and replay run with ``device`` current: torch captures on, and replays into, the
+    current device's stream, which need not be the model's."""
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+    with device_guard(device), torch.cuda.graph(graph, capture_error_mode="thread_local"):
         out = run()
 
     def replay():
-        graph.replay()
+        with device_guard(device):
+            graph.replay()
         return out
     return replay
 
 
+def step_device(kwargs: dict) -> torch.device:
+    """The one CUDA device of ``kwargs``' tensors (a CUDA graph runs on one device)."""
+    from torch.utils._pytree import tree_flatten
+
+    devices = {v.device for v in tree_flatten(kwargs)[0] if isinstance(v, torch.Tensor) and v.device.type == "cuda"}
+    if len(devices) != 1:
+        raise ValueError("step_graph captures the decode step as one CUDA graph, on one device: the step's tensors "
+                         f"must be on one CUDA device; got {sorted(map(str, devices)) or 'none on CUDA'}")
+    return devices.pop()
+
+
 def _cuda_capture(fn: Callable, kwargs: dict) -> Callable[[dict], object]:
-    return capture_with(cuda_record, fn, kwargs)
+    device = step_device(kwargs)
+    return capture_with(lambda run: cuda_record(run, device), fn, kwargs)
 
 
 class StepGraphs:
