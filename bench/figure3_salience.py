@@ -5,7 +5,10 @@
 given vs the cuda backend (its default config, then each kernel: ``csrc/salience_wgmma.cu``, ``csrc/salience.cu``;
 two passes, lse given; when it can run here) vs ``flash_colreduce`` (when importable) vs one SDPA forward of the
 same shape (yardstick). The exp floor is ``passes * H * sum_s n_s^2 / 3.9e12 exp/s``; ``Texp_per_s`` and ``TFLOP_s``
-are the achieved exp2 rate and QK^T rate (``passes * 2 H sum_s n_s^2 D`` FLOP). ``--sweep`` times every config of
+are the achieved exp2 rate and QK^T rate (``passes * 2 H sum_s n_s^2 D`` FLOP). Each kernel row is also timed in a
+back-to-back loop of ~0.5 s (``sustained_ms``) while NVML samples the GPU (``bench.common.GpuSampler``): its median
+SM clock, power and share of readings power-capped, and the exp floor at that clock (``x_floor_at_clock``: 16 exp2
+per clock per SM), since a long pass can run below the clock the nominal floor assumes. ``--sweep`` times every config of
 each Triton pass's declared space (``sparsevila_ops.autotune``; each pass alone, the column sums given an LSE)
 instead. ``--poly-share`` adds cuda rows per kernel and polynomial share (``poly_every`` 2, 4, 8: every k-th column
 pair's exp2 on the FMA pipe).
@@ -21,10 +24,12 @@ import torch
 import torch.nn.functional as F
 
 import sparsevila_ops
-from bench.common import peak_extra_memory, require_gpu, time_cuda, verify, write_results
+from bench.common import GpuSampler, peak_extra_memory, require_gpu, time_cuda, verify, write_results
 from sparsevila_ops import reference
 
 EXP_PER_S = 3.9e12  # H100 MUFU: 16 exp/clk/SM x 132 SMs x 1.83 GHz
+EXP_PER_CLK_SM = 16  # MUFU ex2 per clock per SM (sm_80 and later)
+SUSTAINED_S = 0.5  # the clock-sampled loop's length
 BF16_TOL = 2e-2  # tests/helpers.py REL_TOL[bfloat16]
 
 
@@ -112,6 +117,22 @@ def _cuda_usable() -> Optional[str]:
         return None
     from sparsevila_ops import _cuda
     return _cuda.unusable(torch.device("cuda")) or "not available"
+
+
+def sustained(fn: Callable[[int], object], probe_ms: float, exps: float) -> Dict[str, object]:
+    """``fn``'s median over ~``SUSTAINED_S`` of back-to-back calls with the GPU's clock and power sampled during
+    them, and the exp floor of ``exps`` at the median clock; only the time where NVML cannot be read."""
+    n = max(10, int(SUSTAINED_S * 1e3 / max(probe_ms, 1e-3)))
+    with GpuSampler(period_s=0.01) as gpu:
+        ms = time_cuda(fn, n_inputs=N_INPUTS, warmup=0, iters=n)["median_ms"]
+    row: Dict[str, object] = {"sustained_ms": ms}
+    got = gpu.summary()
+    if got:
+        mhz = got["sm_clock_median_mhz"]
+        floor = exps / (EXP_PER_CLK_SM * torch.cuda.get_device_properties(0).multi_processor_count * mhz * 1e6) * 1e3
+        row.update(sm_mhz=mhz, power_w=got["power_median_w"], capped=got["power_capped_share"],
+                   exp_floor_at_clock_ms=floor, x_floor_at_clock=ms / floor)
+    return row
 
 
 def bench_shape(sh: Shape, iters: int, poly_share: bool = False) -> List[Dict[str, object]]:
@@ -213,6 +234,7 @@ def bench_shape(sh: Shape, iters: int, poly_share: bool = False) -> List[Dict[st
             if not name.startswith("SDPA"):
                 row["Texp_per_s"] = passes * sh.exps_per_pass / (med * 1e-3) / 1e12
                 row["TFLOP_s"] = passes * sh.flops_per_pass / (med * 1e-3) / 1e12
+                row.update(sustained(fn, med, passes * sh.exps_per_pass))
         if name.startswith("naive"):
             naive_median = med
         if naive_median:
@@ -306,7 +328,8 @@ def main(argv=None) -> int:
         rows += bench_shape(sh, a.iters, a.poly_share)
         print(f"done {sh.name}", flush=True)
     cols = ["shape", "impl", "median_ms", "p20_ms", "p80_ms", "peak_extra_MB", "exp_floor_ms", "x_floor",
-            "Texp_per_s", "TFLOP_s", "speedup_vs_naive", "anchor_ms", "target_ms", "target/time", "rel_err", "note"]
+            "Texp_per_s", "TFLOP_s", "sustained_ms", "sm_mhz", "power_w", "capped", "exp_floor_at_clock_ms",
+            "x_floor_at_clock", "speedup_vs_naive", "anchor_ms", "target_ms", "target/time", "rel_err", "note"]
     write_results("figure3_salience", rows, cols, plot=_plot(rows),
                   title="Figure 3a: visual_salience (bf16, per layer)")
     return 0
