@@ -8,10 +8,10 @@ same shape (yardstick). The exp floor is ``passes * H * sum_s n_s^2 / 3.9e12 exp
 are the achieved exp2 rate and QK^T rate (``passes * 2 H sum_s n_s^2 D`` FLOP). Each kernel row is also timed in a
 back-to-back loop of ~0.5 s (``sustained_ms``) while NVML samples the GPU (``bench.common.GpuSampler``): its median
 SM clock, power and share of readings power-capped, and the exp floor at that clock (``x_floor_at_clock``: 16 exp2
-per clock per SM), since a long pass can run below the clock the nominal floor assumes. ``--sweep`` times every config of
-each Triton pass's declared space (``sparsevila_ops.autotune``; each pass alone, the column sums given an LSE)
-instead. ``--poly-share`` adds cuda rows per kernel and polynomial share (``poly_every`` 2, 4, 8: every k-th column
-pair's exp2 on the FMA pipe).
+per clock per SM), since a long pass can run below the clock the nominal floor assumes (the H200 holds 700 W by
+lowering its clock). ``--sweep`` times every config of each Triton pass's declared space (``sparsevila_ops.autotune``;
+each pass alone, the column sums given an LSE) instead. ``--poly-share`` adds cuda rows per kernel and polynomial
+share (``poly_every`` 2, 4, 8: every k-th column pair's exp2 on the FMA pipe).
 """
 from __future__ import annotations
 
@@ -129,7 +129,8 @@ def sustained(fn: Callable[[int], object], probe_ms: float, exps: float) -> Dict
     got = gpu.summary()
     if got:
         mhz = got["sm_clock_median_mhz"]
-        floor = exps / (EXP_PER_CLK_SM * torch.cuda.get_device_properties(0).multi_processor_count * mhz * 1e6) * 1e3
+        sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+        floor = exps / (EXP_PER_CLK_SM * sms * mhz * 1e6) * 1e3
         row.update(sm_mhz=mhz, power_w=got["power_median_w"], capped=got["power_capped_share"],
                    exp_floor_at_clock_ms=floor, x_floor_at_clock=ms / floor)
     return row

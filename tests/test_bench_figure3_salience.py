@@ -43,6 +43,7 @@ def test_sustained_rows_give_the_exp_floor_at_the_sampled_clock(monkeypatch):
     calls = []
     monkeypatch.setattr(f, "GpuSampler", Sampler)
     monkeypatch.setattr(f, "time_cuda", lambda fn, **kw: calls.append(kw["iters"]) or {"median_ms": 2.0})
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: type("P", (), {"multi_processor_count": 132}))
     exps = f.EXP_PER_CLK_SM * 132 * 1e9 * 1e-3  # one millisecond of exps at 1000 MHz
     row = f.sustained(lambda i: None, 0.25, exps)
