@@ -139,7 +139,7 @@ def copy_bandwidth_tbps(nbytes: int = 2 << 30, iters: int = 20) -> float:
     src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
     ms = time_cuda(lambda _: dst.copy_(src), iters=iters)["median_ms"]
-    del src, dst
+    src = dst = None
     torch.cuda.empty_cache()
     return 2 * nbytes / (ms * 1e-3) / 1e12
 

@@ -139,7 +139,7 @@ def run_case(model: str, ctx: int, iters: int) -> dict:
     r_s = _reference(qs[0], torch.gather(ks[0], 2, gi), torch.gather(vs[0], 2, gi), n_valid)
     verify("sparse decode", outs[0][0].float(), r_s, 2e-2)
     row["sparse_p5_us"] = _per_layer_us(f_sparse, n_sets, iters)
-    del qs, ks, vs, outs, idx, f_ours, f_cuda, f_sdpa
+    qs = ks = vs = outs = idx = f_ours = f_cuda = f_sdpa = None
     torch.cuda.empty_cache()
 
     # Packed caches at 5 / 15 / 30 % (SDPA over the packed cache too at 5 %).
@@ -157,7 +157,7 @@ def run_case(model: str, ctx: int, iters: int) -> dict:
         row[f"speedup_p{keep}_vs_sdpa_full"] = row["sdpa_full_us"] / row[f"ours_p{keep}_us"]
         if keep == 5:
             row["sdpa_p5_us"] = _per_layer_us(sdpa(qs, ks, vs, nk, outs), n_sets, iters)
-        del qs, ks, vs, outs
+        qs = ks = vs = outs = None
         torch.cuda.empty_cache()
 
     row["ours_full_TBps"] = kv_full / (row["ours_full_us"] * 1e-6) / 1e12
@@ -186,7 +186,7 @@ def sweep(ctxs, backend: str = "triton") -> list:
             us = 1e3 * t.ms
             rows.append({"ctx": ctx, **t.config, "us": us, "TBps": 2 * hk * ctx * D * 2 / (us * 1e-6) / 1e12})
             print(rows[-1], flush=True)
-        del qs, ks, vs, outs, args
+        qs = ks = vs = outs = args = None
         torch.cuda.empty_cache()
     return rows
 

@@ -166,7 +166,7 @@ def relevance_grid(Ns, Ms):
                 })
                 print({k: rows[-1][k] for k in ("model", "M", "N", "naive_ms", "kv_relevance_ms", "prefill_ms",
                                                  "fused_ms", "overhead_pct", "kv_rel_pct")}, flush=True)
-            del sets, outs, lses
+            sets = outs = lses = None
             torch.cuda.empty_cache()
     return rows
 
@@ -213,7 +213,7 @@ def prefill_vs_sdpa(Ns):
                          "ours_TFLOPs": flops / t_ours * 1e-9, "sdpa_TFLOPs": flops / t_sdpa * 1e-9,
                          "sdpa/ours": t_sdpa / t_ours, "sdpa_gqa": gqa_mode, "err_vs_sdpa": err})
             print(rows[-1], flush=True)
-            del q, k, v, qs, ks, vs, out
+            q = k = v = qs = ks = vs = out = None
             torch.cuda.empty_cache()
     return rows
 
@@ -239,7 +239,7 @@ def tune(what="all", baseline=None):
             for t in autotune.measure("prefill_attention", args):
                 perf = f"{t.ms:.3f} ms {2 * hq * N * N * D / t.ms * 1e-9:.0f} TFLOP/s" if t.ms else t.status
                 print(f"TUNE prefill {model} N={N} {t.config}: {perf} {t.note}"[:300], flush=True)
-            del args
+            args = None
         if what not in ("all", "relevance"):
             continue
         for M, Nk in [(64, 8192), (256, 8192), (512, 8192), (256, 32768)]:
@@ -255,7 +255,7 @@ def tune(what="all", baseline=None):
                 verify("baseline relevance", rel, good, REL_TOL[torch.float32])
                 ms = time_cuda(lambda i: base.kv_relevance(*args), warmup=3, iters=30, graph=True)["median_ms"]
                 print(f"TUNE kv_relevance {model} M={M} N={Nk} baseline: {ms * 1e3:.1f} us", flush=True)
-            del args
+            args = None
 
 
 def _plot(rel_rows, pf_rows):

@@ -248,7 +248,7 @@ def bench_shape(sh: Shape, iters: int, poly_share: bool = False) -> List[Dict[st
                      "note": "absent (pip flash-colreduce not installed on this machine)"})
     if cuda_why is not None:
         rows.append({"shape": rows[0]["shape"], "impl": "cuda", "note": f"cuda backend unavailable: {cuda_why}"})
-    del sets, lses
+    sets = lses = None
     torch.cuda.empty_cache()
     return rows
 

@@ -93,7 +93,7 @@ def run_case(model: str, ctx: int, ratio: float, iters: int) -> dict:
     t_torch = time_cuda(lambda i: torch_select_pack(scores, k, v, vs, ve, keep, tk_out, tv_out),
                         iters=max(5, iters // 4))["median_ms"]
     pack_bytes = 2 * 2 * L * B * H * n * D * k.element_size()  # k and v, read + write
-    del k, v, k_layers, v_layers, k_out, v_out, tk_out, tv_out
+    k = v = k_layers = v_layers = k_out = v_out = tk_out = tv_out = None
     torch.cuda.empty_cache()
     return {"model": model, "layers": L, "kv_heads": H, "ctx": ctx, "keep_pct": round(100 * ratio), "keep": keep,
             "select_ms": t_sel, "pack_ms": t_pack, "ours_ms": t_ours["median_ms"], "ours_p20_ms": t_ours["p20_ms"],
