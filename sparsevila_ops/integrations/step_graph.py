@@ -25,6 +25,7 @@ import weakref
 from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import torch
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .._device import device_guard
 
@@ -92,8 +93,6 @@ def capture_with(record: Callable, fn: Callable, kwargs: dict) -> Callable[[dict
     replay keeps holds none of ``kwargs``' objects (a cache): the recorded output has them taken out (``run``
     returns it detached) and each replay puts the call's own back (the same objects: the signature keys them by
     identity)."""
-    from torch.utils._pytree import tree_flatten, tree_unflatten
-
     flat, spec = tree_flatten(kwargs)
     where = [i for i, v in enumerate(flat) if isinstance(v, torch.Tensor)]
     static = [v.clone() if isinstance(v, torch.Tensor) else v for v in flat]
@@ -145,8 +144,6 @@ def cuda_record(run: Callable, device: torch.device) -> Callable[[], object]:
 
 def step_device(kwargs: dict) -> torch.device:
     """The one CUDA device of ``kwargs``' tensors (a CUDA graph runs on one device)."""
-    from torch.utils._pytree import tree_flatten
-
     devices = {v.device for v in tree_flatten(kwargs)[0] if isinstance(v, torch.Tensor) and v.device.type == "cuda"}
     if len(devices) != 1:
         raise ValueError("step_graph captures the decode step as one CUDA graph, on one device: the step's tensors "
