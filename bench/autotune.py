@@ -6,10 +6,11 @@
 1.5B decoders at batch 1-8) into this run's cache (a temp file unless ``--cache``), then its default and tuned
 configs are timed again side by side by ``autotune.measure`` (verified first, then CUDA-graph replays over rotating
 inputs, in ``RETIME_ROUNDS`` interleaved rounds whose medians are compared). Rows: default and tuned µs, speedup,
-tuning seconds. Per op (``autotune_summary``): geometric-mean speedup over all shapes and over those the defaults
-were not swept on, the worst speedup, the tuning time, and the lookup overhead of one launch on a warm table
-(``Tunable.config``, µs; ``--lookup``: only that, per kernel, tuning nothing). ``--combine``: no GPU; the per-op
-and overall geomeans over several runs' ``autotune.json``, written beside the last one (``autotune_combined``).
+tuning seconds; the JSON also holds every config's trial (status, µs). Per op (``autotune_summary``): geometric-mean
+speedup over all shapes and over those the defaults were not swept on, the worst speedup, the tuning time, and the
+lookup overhead of one launch on a warm table (``Tunable.config``, µs; ``--lookup``: only that, per kernel, tuning
+nothing). ``--combine``: no GPU; the per-op and overall geomeans over several runs' ``autotune.json``, written
+beside the last one (``autotune_combined``).
 
 Targets (H200): tuned never slower than default beyond noise; geomean >= 1.15x on the unswept shapes; lookup
 <= 2 µs per call; tuning every shipped shape (``python -m sparsevila_ops.autotune tune --op all``) <= 15 min.
@@ -142,6 +143,9 @@ def run(ops, quick: bool, done=None):
                             "tuned_us": 1e3 * tuned_ms, "speedup": default_ms / tuned_ms, "tune_s": r.seconds,
                             "config": "default" if len(again) == 1 else str(r.config)})
             print(op_rows[-1], flush=True)
+            # every config the tuner tried (the default first), for reading how far a fixed rule is from the best
+            op_rows[-1]["trials"] = [{"config": x.config, "status": x.status,
+                                      "us": None if x.ms is None else 1e3 * x.ms} for x in r.trials]
             if lookup is None:  # once per op: the lookup is one dict hit whatever the shape
                 lookup = lookup_us(t, args)
             del args, r, again
