@@ -1,16 +1,18 @@
 """Tuned vs default kernel configs per op, over shapes the defaults were and were not swept on.
 
-``python -m bench.autotune [--quick] [--op OP] [--cache PATH] [--lookup] [--combine JSON ...]``. Every kernel
-(``sparsevila_ops.autotune.KERNELS``; the cuda backend's where it can run) is tuned at every shape of its grid below
-(>= 20 per op family: head dims 64-256, GQA groups 1-8, batch 1-8, lengths 1k-128k, bf16; W4A16 GEMVs of 7B and
-1.5B decoders at batch 1-8) into this run's cache (a temp file unless ``--cache``), then its default and tuned
-configs are timed again side by side by ``autotune.measure`` (verified first, then CUDA-graph replays over rotating
-inputs, in ``RETIME_ROUNDS`` interleaved rounds whose medians are compared). Rows: default and tuned µs, speedup,
-tuning seconds; the JSON also holds every config's trial (status, µs). Per op (``autotune_summary``): geometric-mean
-speedup over all shapes and over those the defaults were not swept on, the worst speedup, the tuning time, and the
-lookup overhead of one launch on a warm table (``Tunable.config``, µs; ``--lookup``: only that, per kernel, tuning
-nothing). ``--combine``: no GPU; the per-op and overall geomeans over several runs' ``autotune.json``, written
-beside the last one (``autotune_combined``).
+``python -m bench.autotune [--quick] [--op OP] [--cache PATH] [--lookup] [--against JSON] [--combine JSON ...]``.
+Every kernel (``sparsevila_ops.autotune.KERNELS``; the cuda backend's where it can run) is tuned at every shape of
+its grid below (>= 20 per op family: head dims 64-256, GQA groups 1-8, batch 1-8, lengths 1k-128k, bf16; W4A16
+GEMVs of 7B and 1.5B decoders at batch 1-8) into this run's cache (a temp file unless ``--cache``), then its
+default and tuned configs are timed again side by side by ``autotune.measure`` (verified first, then CUDA-graph
+replays over rotating inputs, in ``RETIME_ROUNDS`` interleaved rounds whose medians are compared). Rows: default and
+tuned µs, speedup, tuning seconds; the JSON also holds every config's trial (status, µs). Per op
+(``autotune_summary``): geometric-mean speedup over all shapes and over those the defaults were not swept on, the
+worst speedup, the tuning time, and the lookup overhead of one launch on a warm table (``Tunable.config``, µs;
+``--lookup``: only that, per kernel, tuning nothing). ``--against``: the defaults an earlier run's rows timed (each
+row's first trial) are timed in the same rounds, and ``default_gain`` is how much faster this build's default is.
+``--combine``: no GPU; the per-op and overall geomeans over several runs' ``autotune.json``, written beside the last
+one (``autotune_combined``).
 
 Targets (H200): tuned never slower than default beyond noise; geomean >= 1.15x on the unswept shapes; lookup
 <= 2 µs per call; tuning every shipped shape (``python -m sparsevila_ops.autotune tune --op all``) <= 15 min.
@@ -112,8 +114,18 @@ def lookup_us(tunable, args, calls: int = 20000, repeats: int = 5) -> float:
     return best
 
 
-def run(ops, quick: bool, done=None):
-    """Rows and per-op summaries; ``done(rows, summary)`` gets both so far after each op."""
+def earlier_defaults(path) -> dict:
+    """``{(op, shape): config}``: the default each row of an earlier run's ``autotune.json`` timed (its first
+    trial), for ``--against``."""
+    with open(path) as f:
+        rows = json.load(f)["rows"]
+    return {(r["op"], r["shape"]): r["trials"][0]["config"] for r in rows if r.get("trials")}
+
+
+def run(ops, quick: bool, done=None, against=None):
+    """Rows and per-op summaries; ``done(rows, summary)`` gets both so far after each op. ``against``
+    (:func:`earlier_defaults`): each shape's earlier default is timed in the same interleaved rounds, and the row
+    gets its µs and ``default_gain`` (earlier default / this default)."""
     from sparsevila_ops import autotune
     rows, summary = [], []
     kernels = [(op, b) for op, b in autotune.KERNELS if op in ops]
@@ -130,18 +142,24 @@ def run(ops, quick: bool, done=None):
                 r = autotune.tune(op, args, backend=backend)
                 # the default and the tuned config, timed in RETIME_ROUNDS interleaved rounds: one timing each
                 # read 0.61x at a shape where tune's own interleaved confirmation had the winner 7 % faster
-                again = autotune.measure(op, args, [r.config], backend=backend, rounds=RETIME_ROUNDS)
+                earlier = (against or {}).get((t.name, desc))
+                again = autotune.measure(op, args, [r.config] + ([earlier] if earlier else []), backend=backend,
+                                         rounds=RETIME_ROUNDS)
                 bad = [x for x in again if x.status != "ok"]
                 if bad:
                     raise RuntimeError(f"re-timing: {bad[0].config} {bad[0].status} {bad[0].note}")
             except Exception as e:  # noqa: BLE001 - a shape that fails (memory, no valid config) is reported
                 print(f"FAILED {t.name} {desc}: {type(e).__name__}: {e}"[:300], flush=True)
                 continue
-            default_ms, tuned_ms = again[0].final_ms, again[-1].final_ms
+            ms = {json.dumps(x.config, sort_keys=True): x.final_ms for x in again}
+            default_ms, tuned_ms = again[0].final_ms, ms[json.dumps(r.config, sort_keys=True)]
             tune_s += r.seconds
             op_rows.append({"op": t.name, "shape": desc, "swept": swept(op, shape), "default_us": 1e3 * default_ms,
                             "tuned_us": 1e3 * tuned_ms, "speedup": default_ms / tuned_ms, "tune_s": r.seconds,
-                            "config": "default" if len(again) == 1 else str(r.config)})
+                            "config": "default" if r.config == again[0].config else str(r.config)})
+            if earlier:
+                earlier_ms = ms[json.dumps(earlier, sort_keys=True)]
+                op_rows[-1].update(earlier_us=1e3 * earlier_ms, default_gain=earlier_ms / default_ms)
             print(op_rows[-1], flush=True)
             # every config the tuner tried (the default first), for reading how far a fixed rule is from the best
             op_rows[-1]["trials"] = [{"config": x.config, "status": x.status,
@@ -157,6 +175,9 @@ def run(ops, quick: bool, done=None):
         summary.append({"op": t.name, "shapes": len(op_rows), "geomean": geomean(speedups),
                         "geomean_unswept": geomean([r["speedup"] for r in op_rows if not r["swept"]]),
                         "worst": min(speedups), "tune_s": tune_s, "lookup_us": lookup})
+        gains = [r["default_gain"] for r in op_rows if "default_gain" in r]
+        if gains:
+            summary[-1].update(default_gain=geomean(gains), default_gain_worst=min(gains))
         print(summary[-1], flush=True)
         if done is not None:
             done(rows, summary)
@@ -207,6 +228,7 @@ def main(argv=None) -> int:
     p.add_argument("--op", action="append", choices=sorted(GRID), help="only these ops (repeatable)")
     p.add_argument("--cache", help="the cache to tune into (default: a temp file; never the user cache)")
     p.add_argument("--lookup", action="store_true", help="only the warm lookup µs of every kernel (no tuning)")
+    p.add_argument("--against", metavar="JSON", help="also time the defaults an earlier run's autotune.json timed")
     p.add_argument("--combine", nargs="+", metavar="JSON",
                    help="no GPU: summarize the rows of these runs' autotune.json (later files replace an op's rows)")
     a = p.parse_args(argv)
@@ -227,11 +249,13 @@ def main(argv=None) -> int:
     os.environ["SPARSEVILA_AUTOTUNE_CACHE"] = a.cache or os.path.join(tempfile.mkdtemp(), "autotune.json")
     autotune.reset()
     def write(rows, summary):
+        extra = ["earlier_us", "default_gain"] if a.against else []
         write_results("autotune", rows, ["op", "shape", "swept", "default_us", "tuned_us", "speedup", "tune_s",
-                                         "config"], title="autotune: tuned vs default per shape")
+                                         "config"] + extra, title="autotune: tuned vs default per shape")
         write_results("autotune_summary", summary, ["op", "shapes", "geomean", "geomean_unswept", "worst", "tune_s",
-                                                    "lookup_us"], title="autotune: per op")
-    run(a.op or sorted(GRID), a.quick, done=write)
+                                                    "lookup_us"] + (["default_gain", "default_gain_worst"]
+                                                                    if a.against else []), title="autotune: per op")
+    run(a.op or sorted(GRID), a.quick, done=write, against=earlier_defaults(a.against) if a.against else None)
     return 0
 
 
