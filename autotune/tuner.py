@@ -34,6 +34,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
+from sparsevila_ops._device import smem_per_block
 from sparsevila_ops.testing import REL_TOL, rel_err
 
 from . import tables
@@ -88,8 +89,7 @@ def device_limits(device: torch.device) -> Optional[Limits]:
     """The limits of ``device``'s GPU (None on the CPU: the interpreter has none)."""
     if device.type != "cuda":
         return None
-    props = torch.cuda.get_device_properties(device)
-    return Limits(getattr(props, "shared_memory_per_block_optin", props.shared_memory_per_multiprocessor - 1024))
+    return Limits(smem_per_block(device))
 
 
 def prune_reason(tunable: Tunable, key, config: dict, limits: Optional[Limits]) -> Optional[str]:

@@ -1,11 +1,11 @@
 """Device facts shared by the Triton and the CUDA host code and the autotune seam: GPU name, compute capability,
-SM count, the PDL switch, and the guard that launches kernels on their tensors' device."""
+SM count, shared memory per block, the PDL switch, and the guard that launches kernels on their tensors' device."""
 from __future__ import annotations
 
 import contextlib
 import functools
 import os
-from typing import Callable, List, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
@@ -83,6 +83,29 @@ def _sm_count_of(device: torch.device) -> int:
 sm_count = _per_device(_sm_count_of)
 """``sm_count(device)``: SMs of a CUDA ``device``; 4 elsewhere (Triton's interpreter: a few splits, so multi-split
 paths run)."""
+
+
+@functools.lru_cache(maxsize=None)
+def _smem_per_block(index: int) -> int:
+    props = torch.cuda.get_device_properties(index)
+    return getattr(props, "shared_memory_per_block_optin", props.shared_memory_per_multiprocessor - 1024)
+
+
+def smem_per_block(device: torch.device) -> int:
+    """Opt-in shared memory per block (bytes) of a CUDA ``device`` (read once per index)."""
+    return _smem_per_block(_index(device))
+
+
+@functools.lru_cache(maxsize=None)
+def smem_per_block_of_gpu(gpu: str) -> Optional[int]:
+    """:func:`smem_per_block` of the CUDA devices named ``gpu`` (a kernel key's ``gpu`` field: the defaults see
+    only the key); None for ``"cpu"`` (the interpreter has no limit) and for a name no device has."""
+    if gpu == CPU or not torch.cuda.is_available():
+        return None
+    for index in range(torch.cuda.device_count()):
+        if _gpu_name(index) == gpu:
+            return _smem_per_block(index)
+    return None
 
 
 def use_pdl(device: torch.device) -> bool:

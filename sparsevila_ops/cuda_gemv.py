@@ -69,11 +69,21 @@ def fold_unsupported(x: torch.Tensor, norm_weight: Optional[torch.Tensor], resid
 
 
 def _default(key: GemvKey) -> dict:
-    """4 output rows per warp; K split over 2, 4 or 8 warps only while the doubled grid still fits in one wave of
-    ``WARPS_PER_SM`` warps per SM (each slice >= 2 chunks of 256); 4 warps per CTA (8 when K is split 8 ways). From
-    the H200 (``bench/NOTES.md``): a grid just over one wave (Qwen2.5-7B's o and down split 2 ways at 2 rows per
-    warp: 3584 warps for ~2600 resident) ran 1.4x slower than one wave, and 4 rows split 2 ways was the tuned
-    winner for o, down and the glu gate/up (1.03-1.24x over 2 rows)."""
+    """Batch 1: 4 output rows per warp; K split over 2, 4 or 8 warps only while the doubled grid still fits in one
+    wave of ``WARPS_PER_SM`` warps per SM (each slice >= 2 chunks of 256); 4 warps per CTA (8 when K is split 8
+    ways). From the H200 (``bench/NOTES.md``): a grid just over one wave (Qwen2.5-7B's o and down split 2 ways at 2
+    rows per warp: 3584 warps for ~2600 resident) ran 1.4x slower than one wave, and 4 rows split 2 ways was the
+    tuned winner for o, down and the glu gate/up (1.03-1.24x over 2 rows). Batch 2-8, where each weight feeds M
+    rows of x and more warps per row hide the longer chains: 4 rows per warp, K split 4 ways (fewer where a slice
+    would hold < 2 chunks of 256), 4 warps; glu 2 rows per warp split 2 ways. On the H200 over 19 GEMVs at batch
+    2-8 these were within 1.02x of the best config of the space (geomean; worst 1.11x), the batch-1 rule 1.18x."""
+    if key.M > 1:
+        if key.glu:
+            return {"rows": 2, "warps": 4, "kwarps": 2}
+        kwarps = 1
+        while kwarps < 4 and key.K >= 512 * 2 * kwarps:
+            kwarps *= 2
+        return {"rows": 4, "warps": 4, "kwarps": kwarps}
     rows = 4
     warps_per_split = -(-key.N // rows)
     kwarps = 1

@@ -214,6 +214,40 @@ def test_cuda_support_rules():
     assert "residual not contiguous" in fold_unsupported(x[:1], None, strided)
 
 
+def test_triton_default_cuts_its_stages_to_the_gpus_shared_memory(monkeypatch):
+    """32-row tiles, K slices of 256 over 5 stages (glu: 128 over 3) where shared memory holds them; fewer stages,
+    then 64-wide slices, where it does not; no limit for the interpreter (``"cpu"``)."""
+    from sparsevila_ops import _device
+    from sparsevila_ops.triton_kernels import gemv as T
+    assert _device.smem_per_block_of_gpu("cpu") is None
+    key = lambda glu, gpu="NVIDIA H200": T.GemvKey(gpu, torch.bfloat16, 1, 3584, 18944, glu, 132)  # noqa: E731
+    limits = {"NVIDIA H200": 232448, "NVIDIA A100-SXM4-80GB": 166912, "NVIDIA GeForce RTX 4090": 101376,
+              "Tesla T4": 65536, "tiny": 32768}
+    monkeypatch.setattr(T, "smem_per_block_of_gpu", limits.get)
+    assert T._default(key(False)) == {"BLOCK_N": 32, "BLOCK_K": 256, "num_warps": 4, "num_stages": 5}
+    assert T._default(key(True)) == {"BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3}
+    assert T._default(key(False, "cpu")) == T._default(key(False))  # no limit known: the preferred config
+    assert T._default(key(False, "NVIDIA GeForce RTX 4090"))["num_stages"] == 4  # 4 x 24 KB
+    assert T._default(key(False, "tiny"))["BLOCK_K"] == 64
+    for gpu, smem in limits.items():
+        for glu in (False, True):
+            cfg = T._default(key(glu, gpu))
+            assert T._resources(key(glu, gpu), cfg)[0] <= smem and cfg["num_stages"] >= 2, (gpu, glu, cfg)
+
+
+def test_cuda_default_at_batch_2_to_8():
+    """Batch 1 keeps the one-wave rule; batch 2-8: 4 rows per warp with K split 4 ways (fewer where a slice would
+    hold < 2 chunks of 256), glu 2 rows split 2 ways, 4 warps."""
+    from sparsevila_ops import cuda_gemv as C
+    key = lambda M, N, K, glu=False: C.GemvKey("gpu", torch.bfloat16, M, N, K, glu, 132)  # noqa: E731
+    assert C._default(key(1, 3584, 3584)) == {"rows": 4, "warps": 4, "kwarps": 2}
+    for M in (2, 4, 8):
+        assert C._default(key(M, 3584, 3584)) == {"rows": 4, "warps": 4, "kwarps": 4}
+        assert C._default(key(M, 2048, 1536)) == {"rows": 4, "warps": 4, "kwarps": 2}
+        assert C._default(key(M, 2048, 512)) == {"rows": 4, "warps": 4, "kwarps": 1}
+        assert C._default(key(M, 18944, 3584, True)) == {"rows": 2, "warps": 4, "kwarps": 2}
+
+
 @pytest.mark.parametrize("M", [1, 8])
 def test_cuda_default_is_in_the_space(M):
     from sparsevila_ops import cuda_gemv as C

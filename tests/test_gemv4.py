@@ -105,17 +105,17 @@ def test_public_function_on_triton_strided_rows_3d_and_bias(device, dtype):
     assert rel_err(y3.reshape(6, N), _oracle(x, w4)) <= TOL[dtype]
 
 
-def test_config_heuristic_splits_small_n_only():
+def test_config_heuristic_splits_to_twelve_programs_per_sm():
     from sparsevila_ops.autotune import kernel
     default, W4Key = kernel("w4a16_linear").default, _kernel().W4Key
     cfg = lambda M, N, K, sms: default(W4Key("NVIDIA H100", torch.bfloat16, M, N, K, 128, sms))  # noqa: E731
-    assert cfg(1, 37888, 3584, 132)["SPLIT_K"] == 1  # gate_up: 592 tiles
-    assert cfg(1, 3584, 3584, 132)["SPLIT_K"] == 4  # o
-    assert cfg(8, 3584, 18944, 132)["SPLIT_K"] == 8  # down
+    assert cfg(1, 37888, 3584, 132)["SPLIT_K"] == 4  # gate_up: 296 tiles of 128, 1184 programs
+    assert cfg(1, 3584, 3584, 132)["SPLIT_K"] == 8  # o: 28 blocks of K, 3.5 per split
+    assert cfg(8, 3584, 18944, 132)["SPLIT_K"] == 16  # down
     assert cfg(1, 37, 384, 132)["SPLIT_K"] == 1  # 3 blocks: too few to split
     for M, N, K in ((1, 4608, 3584), (8, 3584, 18944), (4, 100, 1280)):
         c = cfg(M, N, K, 132)
-        assert K // 128 >= 4 * c["SPLIT_K"] or c["SPLIT_K"] == 1
+        assert K // 128 >= 3 * c["SPLIT_K"] or c["SPLIT_K"] == 1
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -337,19 +337,10 @@ def test_qwen_shapes_on_the_gpu_and_in_a_cuda_graph(N, K):
 QWEN_GEMVS = ((4608, 3584), (3584, 3584), (37888, 3584), (3584, 18944))  # N, K: qkv, o, gate_up, down
 
 
-def _legacy_config(M, N, K, sms):
-    """The heuristic before the autotune seam (``gemv4._config``), frozen here."""
-    tiles, blocks, split = -(-N // 64), K // 128, 1
-    while tiles * split < 2 * sms and blocks >= 8 * split:
-        split *= 2
-    return {"BLOCK_N": 64, "SPLIT_K": split, "num_warps": 4, "num_stages": 4}
-
-
-def _legacy_sweep(N, K, sms):
-    """The configs ``bench/gemv4.py --sweep`` timed before the seam, in its order."""
-    splits = sorted({1, 2, 4, 8, 16, _legacy_config(1, N, K, sms)["SPLIT_K"]})
+def _sweep(N, K):
+    """The configs ``bench/gemv4.py --sweep`` times, in its order."""
     return [{"BLOCK_N": bn, "SPLIT_K": s, "num_warps": w, "num_stages": st} for bn in (32, 64, 128)
-            for s in splits if K // 128 >= 2 * s for w in (4, 8) for st in (3, 5)]
+            for s in (1, 2, 4, 8, 16) if K // 128 >= 2 * s for w in (4, 8) for st in (3, 5)]
 
 
 def _meta_args(M, N, K, group=128, dtype=torch.bfloat16):
@@ -359,9 +350,10 @@ def _meta_args(M, N, K, group=128, dtype=torch.bfloat16):
             e(M, N))
 
 
-def test_default_config_is_the_old_heuristic_on_a_grid():
-    """The Tunable's default equals the old ``_config`` at Qwen2.5-7B's four GEMVs at batch 1..8 on several SM
-    counts, and on a grid of odd and large sizes."""
+def test_default_config_rule_on_a_grid():
+    """The Tunable's default: 128-row tiles (64 for N <= 2048), 4 warps, 3 stages, and the largest power-of-two K
+    split up to 16 that keeps >= 3 blocks of 128 per split and <= 12 programs per SM (1 where none does); in the
+    space. Qwen2.5-7B on 132 SMs: qkv and o split 8, gate_up 4, down 16."""
     from sparsevila_ops.autotune import kernel
     t, W4Key = kernel("w4a16_linear"), _kernel().W4Key
     grid = [(M, N, K, sms) for N, K in QWEN_GEMVS for M in range(1, 9) for sms in (4, 78, 108, 114, 132, 144)]
@@ -370,14 +362,22 @@ def test_default_config_is_the_old_heuristic_on_a_grid():
     for M, N, K, sms in grid:
         for dtype, group in ((torch.bfloat16, 128), (torch.float16, 128), (torch.bfloat16, 1 << (K.bit_length() - 1))):
             key = W4Key("NVIDIA H200", dtype, M, N, K, group, sms)
-            assert t.default(key) == _legacy_config(M, N, K, sms), key
+            cfg = t.default(key)
+            bn, split = cfg["BLOCK_N"], cfg["SPLIT_K"]
+            assert (bn, cfg["num_warps"], cfg["num_stages"]) == (128 if N > 2048 else 64, 4, 3), key
+            fits = lambda s: s == 1 or (K // 128 >= 3 * s and -(-N // bn) * s <= 12 * sms)  # noqa: E731
+            assert split in (1, 2, 4, 8, 16) and fits(split) and (split == 16 or not fits(2 * split)), key
+            if K // 128 >= 2:
+                assert cfg in t.space(key), key
     assert len(grid) == 4 * 8 * 6 + 3 * 11 * 9 * 4
+    splits = [t.default(W4Key("NVIDIA H200", torch.bfloat16, 1, N, K, 128, 132))["SPLIT_K"] for N, K in QWEN_GEMVS]
+    assert splits == [8, 8, 4, 16]
 
 
 def test_key_space_and_lookup_of_a_call_at_qwen_shapes():
     """From the launcher's arguments: the key (gpu, dtype, M, N, K, group size, SMs), its table key (M, N, K
-    rounded down to powers of two), the default (the old heuristic) and the space (the old sweep's configs after
-    the default); with no table, the lookup is the default."""
+    rounded down to powers of two), the default and the space (the sweep's configs after the default); with no
+    table, the lookup is the default."""
     from sparsevila_ops import autotune
     t, W4Key = autotune.kernel("w4a16_linear"), _kernel().W4Key
     for N, K in QWEN_GEMVS:
@@ -385,13 +385,14 @@ def test_key_space_and_lookup_of_a_call_at_qwen_shapes():
             args = _meta_args(M, N, K)
             key = t.key(*args)
             assert key == W4Key("cpu", torch.bfloat16, M, N, K, 128, 4)
-            assert autotune.default_config("w4a16_linear", *args) == _legacy_config(M, N, K, 4)
+            default = {"BLOCK_N": 128, "SPLIT_K": 1, "num_warps": 4, "num_stages": 3}  # 4 SMs: no split fits
+            assert autotune.default_config("w4a16_linear", *args) == default
             space = autotune.config_space("w4a16_linear", *args)
-            assert space == [_legacy_config(M, N, K, 4)] + _legacy_sweep(N, K, 4)
+            assert space == [default] + [c for c in _sweep(N, K) if c != default]
             assert autotune.lookup("w4a16_linear", *args) == (space[0], autotune.DEFAULT)
     assert t.table_key(t.key(*_meta_args(5, 4608, 3584, group=256))) == \
         "dtype=bfloat16,M=4,N=4096,K=2048,group=256,sms=4"
-    assert t.space(W4Key("x", torch.bfloat16, 1, 3584, 18944, 128, 132)) == _legacy_sweep(3584, 18944, 132)
+    assert t.space(W4Key("x", torch.bfloat16, 1, 3584, 18944, 128, 132)) == _sweep(3584, 18944)
 
 
 def test_problem_reference_is_dequantize_then_matmul():
@@ -420,7 +421,7 @@ def test_bench_sweep_measures_the_declared_space(capsys):
     rows = bench.sweep([2], 1, shapes={"tiny": (24, 512)}, device="cpu", timer=lambda run, n: run(0) or 0.5)
     space = autotune.config_space("w4a16_linear", *autotune.make_args("w4a16_linear", {"M": 2, "N": 24, "K": 512},
                                                                       "cpu"))
-    assert [{k: r[k] for k in space[0]} for r in rows] == space and len(space) == 1 + 3 * 2 * 2 * 2
+    assert [{k: r[k] for k in space[0]} for r in rows] == space and len(space) == 3 * 2 * 2 * 2  # the default first
     assert [r["heuristic"] for r in rows] == [True] + [False] * (len(space) - 1)
     assert all(r["op"] == "tiny" and r["M"] == 2 and r["us"] == 500.0 for r in rows)
     assert "skip" not in capsys.readouterr().out
