@@ -1,6 +1,7 @@
 """Tuned vs default kernel configs per op, over shapes the defaults were and were not swept on.
 
-``python -m bench.autotune [--quick] [--op OP] [--cache PATH] [--lookup] [--against JSON] [--combine JSON ...]``.
+``python -m bench.autotune [--quick] [--op OP] [--backend B] [--cache PATH] [--lookup] [--against JSON ...]
+[--combine JSON ...]``.
 Every kernel (``sparsevila_ops.autotune.KERNELS``; the cuda backend's where it can run) is tuned at every shape of
 its grid below (>= 20 per op family: head dims 64-256, GQA groups 1-8, batch 1-8, lengths 1k-128k, bf16; W4A16
 GEMVs of 7B and 1.5B decoders at batch 1-8) into this run's cache (a temp file unless ``--cache``), then its
@@ -9,7 +10,7 @@ replays over rotating inputs, in ``RETIME_ROUNDS`` interleaved rounds whose medi
 tuned µs, speedup, tuning seconds; the JSON also holds every config's trial (status, µs). Per op
 (``autotune_summary``): geometric-mean speedup over all shapes and over those the defaults were not swept on, the
 worst speedup, the tuning time, and the lookup overhead of one launch on a warm table (``Tunable.config``, µs;
-``--lookup``: only that, per kernel, tuning nothing). ``--against``: the defaults an earlier run's rows timed (each
+``--lookup``: only that, per kernel, tuning nothing). ``--against``: the defaults earlier runs' rows timed (each
 row's first trial) are timed in the same rounds, and ``default_gain`` is how much faster this build's default is.
 ``--combine``: no GPU; the per-op and overall geomeans over several runs' ``autotune.json``, written beside the last
 one (``autotune_combined``).
@@ -114,21 +115,24 @@ def lookup_us(tunable, args, calls: int = 20000, repeats: int = 5) -> float:
     return best
 
 
-def earlier_defaults(path) -> dict:
-    """``{(op, shape): config}``: the default each row of an earlier run's ``autotune.json`` timed (its first
-    trial), for ``--against``."""
-    with open(path) as f:
-        rows = json.load(f)["rows"]
-    return {(r["op"], r["shape"]): r["trials"][0]["config"] for r in rows if r.get("trials")}
+def earlier_defaults(paths) -> dict:
+    """``{(op, shape): config}``: the default each row of earlier runs' ``autotune.json`` timed (its first trial),
+    for ``--against``; a later file replaces an earlier one's rows."""
+    out = {}
+    for path in paths:
+        with open(path) as f:
+            out.update({(r["op"], r["shape"]): r["trials"][0]["config"] for r in json.load(f)["rows"]
+                        if r.get("trials")})
+    return out
 
 
-def run(ops, quick: bool, done=None, against=None):
+def run(ops, quick: bool, done=None, against=None, backends=None):
     """Rows and per-op summaries; ``done(rows, summary)`` gets both so far after each op. ``against``
     (:func:`earlier_defaults`): each shape's earlier default is timed in the same interleaved rounds, and the row
-    gets its µs and ``default_gain`` (earlier default / this default)."""
+    gets its µs and ``default_gain`` (earlier default / this default). ``backends``: only these (default: all)."""
     from sparsevila_ops import autotune
     rows, summary = [], []
-    kernels = [(op, b) for op, b in autotune.KERNELS if op in ops]
+    kernels = [(op, b) for op, b in autotune.KERNELS if op in ops and (not backends or b in backends)]
     for op, backend in kernels:
         t = autotune.kernel(op, backend)
         grid = GRID[op][:3] if quick else GRID[op]
@@ -228,7 +232,9 @@ def main(argv=None) -> int:
     p.add_argument("--op", action="append", choices=sorted(GRID), help="only these ops (repeatable)")
     p.add_argument("--cache", help="the cache to tune into (default: a temp file; never the user cache)")
     p.add_argument("--lookup", action="store_true", help="only the warm lookup µs of every kernel (no tuning)")
-    p.add_argument("--against", metavar="JSON", help="also time the defaults an earlier run's autotune.json timed")
+    p.add_argument("--backend", action="append", choices=("triton", "cuda"), help="only these backends (repeatable)")
+    p.add_argument("--against", nargs="+", metavar="JSON",
+                   help="also time the defaults earlier runs' autotune.json timed (a later file's rows win)")
     p.add_argument("--combine", nargs="+", metavar="JSON",
                    help="no GPU: summarize the rows of these runs' autotune.json (later files replace an op's rows)")
     a = p.parse_args(argv)
@@ -255,7 +261,8 @@ def main(argv=None) -> int:
         write_results("autotune_summary", summary, ["op", "shapes", "geomean", "geomean_unswept", "worst", "tune_s",
                                                     "lookup_us"] + (["default_gain", "default_gain_worst"]
                                                                     if a.against else []), title="autotune: per op")
-    run(a.op or sorted(GRID), a.quick, done=write, against=earlier_defaults(a.against) if a.against else None)
+    run(a.op or sorted(GRID), a.quick, done=write, against=earlier_defaults(a.against) if a.against else None,
+        backends=a.backend)
     return 0
 
 

@@ -67,16 +67,21 @@ def _key(q, k, v, lengths, scale, out, lse) -> tuple:
 def _default(key: ClusterKey) -> dict:
     """The (cluster size, clusters per row) that keeps the most CTAs co-resident: for each power-of-two
     cluster size, as many clusters per row as the GPU can co-schedule for all B * Hk rows, each CTA >= 256
-    keys at capacity; ties go to one cluster per row (no combine) and then to larger clusters.
+    keys at capacity, or >= 128 keys where one cluster takes the whole row (its CTAs combine in the cluster, with
+    no second pass); ties go to one cluster per row and then to larger clusters.
 
     H100 sweep (``python -m bench.decode --sweep-cuda``, Qwen2-7B bf16, ``decode_sweep_cuda.md``): every
     config that fills the GPU lands within 2-3 % (8k 12.6-13.0 us, 32k 30.2-31.2, 128k 99.3-101.7); this pick
-    (1 x 33 there) is within 2 % of the best; 12 warps are within noise of 8."""
+    (1 x 33 there) is within 2 % of the best; 12 warps are within noise of 8. H200 trials at 1k keys (Hk 2-8):
+    one cluster of 8 per row 1.7-1.8x faster than 5 clusters of 1 (what 256 keys per CTA left), so short rows take
+    the 128-key bound (``bench/NOTES.md``)."""
     rows, warps = key.B * key.Hk, 8
     best, best_key = (1, 1), None
     for cluster in (16, 8, 4, 2, 1):
-        per_row = min(_max_active_clusters(_DTYPES[key.dtype], key.D, cluster, warps, key.G) // max(rows, 1),
-                      max(1, key.cap // 256) // cluster)
+        fit = _max_active_clusters(_DTYPES[key.dtype], key.D, cluster, warps, key.G) // max(rows, 1)
+        per_row = min(fit, max(1, key.cap // 256) // cluster)
+        if per_row < 1 and fit >= 1 and key.cap // 128 >= cluster:
+            per_row = 1
         if per_row < 1:
             continue
         rank = (rows * cluster * per_row, per_row == 1, cluster)

@@ -68,17 +68,18 @@ def _key(x, qweight, scales, zeros, bias, glu, out) -> tuple:
 
 
 def _default(key: W4CudaKey) -> dict:
-    """8 warps, every one splitting K, a 2-stage ring; the most rows per warp (4, 2, 1 tiles of 8) that still gives
-    >= 3.25 warps per SM. glu counts W's rows and keeps at least 2 tiles (a gate and an up tile). The weights are
-    the MMA's A operand (``aw``) wherever they can be (M <= 8, 2 or 4 tiles): on the H200 it beat ``aw`` 0 in 462 of
-    464 configs of Qwen2.5-7B's four shapes at M 1 and 8 (median 1.07-1.24x, the worst 0.995x). On the H200 over
-    32 W4A16 GEMVs of 7B and 1.5B decoders at batch 1-8 this was within 1.04x of the best config of the space
-    (geomean; worst 1.15x), where the rule before (4 warps up to 32 blocks of K, >= 6.5 warps per SM) was 1.16x
-    (1.79x at the 1.5B model's small GEMVs; ``bench/NOTES.md``)."""
-    warps = 8
+    """Every warp splits K, a 2-stage ring; the most rows per warp (4, 2, 1 tiles of 8) that still gives >= 3.25
+    warps per SM at 8 warps per CTA; 8 warps, or 4 where 4 already give >= 24 warps per SM (a 7B model's gate/up).
+    glu counts W's rows and keeps at least 2 tiles (a gate and an up tile). The weights are the MMA's A operand
+    (``aw``) wherever they can be (M <= 8, 2 or 4 tiles): on the H200 it beat ``aw`` 0 in 462 of 464 configs of
+    Qwen2.5-7B's four shapes at M 1 and 8 (median 1.07-1.24x, the worst 0.995x). On the H200 over 32 W4A16 GEMVs
+    of 7B and 1.5B decoders at batch 1-8 this was within 1.04x of the best config of the space (geomean; worst
+    1.15x), where the rule before (4 warps up to 32 blocks of K, >= 6.5 warps per SM) was 1.16x (1.79x at the 1.5B
+    model's small GEMVs; ``bench/NOTES.md``)."""
     tiles, least, rows = 4, 2 if key.glu else 1, 2 * key.N if key.glu else key.N
-    while tiles > least and -(-rows // (8 * tiles)) * warps < 3.25 * key.sms:
+    while tiles > least and -(-rows // (8 * tiles)) * 8 < 3.25 * key.sms:
         tiles //= 2
+    warps = 4 if -(-rows // (8 * tiles)) * 4 >= 24 * key.sms else 8
     return {"tiles": tiles, "warps": warps, "kwarps": warps, "stages": 2, "aw": int(tiles >= 2 and key.M <= 8)}
 
 

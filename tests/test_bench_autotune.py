@@ -63,7 +63,7 @@ def test_run_records_trials_and_times_an_earlier_default(tmp_path, monkeypatch, 
     assert all(t["status"] == "ok" and t["us"] > 0 for t in rows[0]["trials"])
     path = tmp_path / "autotune.json"
     path.write_text(json.dumps({"meta": {}, "rows": [dict(rows[0], trials=[{"config": earlier_cfg}])]}))
-    against = ba.earlier_defaults(str(path))
+    against = ba.earlier_defaults([str(path)])
     assert against == {("gemv/triton", "M=1,N=24,K=64,glu=False,bias=False"): earlier_cfg}
     rows, summary = ba.run(["gemv"], False, against=against)
     assert math.isclose(rows[0]["earlier_us"], 20.0) and 1.9 < rows[0]["default_gain"] < 2.1

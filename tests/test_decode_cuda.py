@@ -158,3 +158,20 @@ def test_cuda_decode_real_sizes_gpu():
         with so.use_backend("cuda"):
             so.decode_attention(q, k, v, lengths, out=out, lse=lse)
         _check(out, lse, q, k, v, lengths, D ** -0.5, f"cuda decode {Hq}/{Hk} {ctx}")
+
+
+def test_cuda_default_short_rows_take_one_cluster_of_128_key_ctas(monkeypatch):
+    """The default (most co-resident CTAs, each >= 256 keys, or >= 128 where one cluster takes the whole row) with
+    a faked occupancy (132 SMs, one 8-warp CTA per SM, 16-CTA clusters fitting 8 times): at 1k keys one cluster
+    of 8 per row (was 1 x 4); at 8k and longer what the rule before picks."""
+    from sparsevila_ops import cuda_decode as C
+    fits = {1: 132, 2: 66, 4: 33, 8: 16, 16: 8}
+    monkeypatch.setattr(C, "_max_active_clusters", lambda dtype, d, cluster, warps, group: fits[cluster])
+    key = lambda cap, B=1, Hk=4: C.ClusterKey("gpu", torch.bfloat16, 128, 7, B, Hk, cap)  # noqa: E731
+    assert C._default(key(1088)) == {"cluster": 8, "clusters_per_row": 1, "warps": 8}  # was 1 x 4
+    assert C._default(key(1088, Hk=2)) == {"cluster": 8, "clusters_per_row": 1, "warps": 8}
+    assert C._default(key(2112)) == {"cluster": 16, "clusters_per_row": 1, "warps": 8}
+    assert C._default(key(1088, Hk=32)) == {"cluster": 4, "clusters_per_row": 1, "warps": 8}  # 8 x 1 does not fit
+    assert C._default(key(8256)) == {"cluster": 16, "clusters_per_row": 2, "warps": 8}  # 128 CTAs, as 1 x 32
+    assert C._default(key(131136)) == {"cluster": 1, "clusters_per_row": 33, "warps": 8}
+    assert C._default(key(200)) == {"cluster": 1, "clusters_per_row": 1, "warps": 8}

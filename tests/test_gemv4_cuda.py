@@ -156,3 +156,13 @@ def test_default_is_in_the_space_and_fits(M):
             assert all(c["tiles"] >= 2 and M <= 8 for c in space if c["aw"])  # what the launcher requires
             d = C._default(key)
             assert d["aw"] == int(d["tiles"] >= 2 and M <= 8)  # the weights are A wherever they can be
+
+
+def test_default_warps_per_cta():
+    """8 warps per CTA, 4 where 4 already give >= 24 warps per SM (Qwen2.5-7B's gate/up: 1184 CTAs of 4 tiles)."""
+    from sparsevila_ops import cuda_gemv4 as C
+    key = lambda M, N, K, glu=False: C.W4CudaKey("gpu", torch.bfloat16, M, N, K, 128, glu, 132)  # noqa: E731
+    assert C._default(key(1, 18944, 3584, True)) == {"tiles": 4, "warps": 4, "kwarps": 4, "stages": 2, "aw": 1}
+    assert C._default(key(8, 37888, 3584))["warps"] == 4
+    for N, K in ((4608, 3584), (3584, 3584), (3584, 18944), (22016, 4096), (1536, 8960)):
+        assert C._default(key(1, N, K))["warps"] == 8, (N, K)
