@@ -131,12 +131,12 @@ def test_bucket_is_the_power_of_two_at_or_below():
 def test_table_key_buckets_sizes_while_the_default_sees_them_exactly():
     from sparsevila_ops.triton_kernels.decode import DecodeKey
     dec = autotune.kernel("decode_attention")
-    a = DecodeKey("NVIDIA H200", torch.bfloat16, 128, 7, 1, 1, 8448, 132)
-    b = DecodeKey("NVIDIA H200", torch.bfloat16, 128, 7, 1, 1, 12000, 132)
-    c = DecodeKey("NVIDIA H200", torch.bfloat16, 128, 7, 1, 1, 16384, 132)
-    assert dec.table_key(a) == dec.table_key(b) == "dtype=bfloat16,D=128,G=7,B=1,Hk=1,cap=8192,sms=132"
+    a = DecodeKey("NVIDIA H200", torch.bfloat16, 128, 7, 1, 1, 2100, 132)
+    b = DecodeKey("NVIDIA H200", torch.bfloat16, 128, 7, 1, 1, 4000, 132)
+    c = DecodeKey("NVIDIA H200", torch.bfloat16, 128, 7, 1, 1, 4096, 132)
+    assert dec.table_key(a) == dec.table_key(b) == "dtype=bfloat16,D=128,G=7,B=1,Hk=1,cap=2048,sms=132"
     assert dec.table_key(c) != dec.table_key(a)
-    assert dec.default(a)["NUM_SPLITS"] == 66 and dec.default(b)["NUM_SPLITS"] == 94  # cdiv(cap, 4 * 32)
+    assert dec.default(a)["NUM_SPLITS"] == 66 and dec.default(b)["NUM_SPLITS"] == 125  # cdiv(cap, 32)
 
 
 def test_key_describes_the_call():
