@@ -210,6 +210,15 @@ def test_rope_append_kv_matches_float64(device, backend, dtype, angle_dtype):
         assert_rel(out.double().cpu(), _rope64(q, cos, sin), REL_TOL[dtype], "rope(q), full cache")
 
 
+def test_rope_append_kv_default_tile_covers_the_q_heads():
+    """One tile of all q heads (<= 4096 elements), 4 warps: Qwen2-7B's 28 q heads in one step, not 7 of 4."""
+    from sparsevila_ops.triton_kernels.decode import RopeAppendKey, _rope_append_default
+    key = lambda Hq, Hk, D: RopeAppendKey("gpu", torch.bfloat16, D, Hq, Hk, 1)  # noqa: E731
+    assert [_rope_append_default(key(*h))["BLOCK_H"] for h in ((28, 4, 128), (32, 32, 128), (16, 2, 64),
+                                                                  (32, 4, 256), (4, 4, 80))] == [32, 32, 16, 16, 4]
+    assert _rope_append_default(key(28, 4, 128))["num_warps"] == 4
+
+
 def test_rope_append_kv_rules():
     B, Hq, Hk, D, cap = 2, 4, 2, 16, 6
     q, kn = torch.randn(B, Hq, D), torch.randn(B, Hk, D)

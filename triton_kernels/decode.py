@@ -447,8 +447,9 @@ def _rope_append_key(q, k_new, v_new, cos, sin, k_cache, v_cache, lengths, q_out
 
 
 def _rope_append_default(key: RopeAppendKey) -> dict:
-    """``append_kv``'s tile (the K heads', here also the q heads' step), 4 warps."""
-    return _heads_per_tile(key.Hk, key.D)
+    """All q heads of the token in one tile of <= 4096 elements (the program walks q's heads, then k's, in steps of
+    the tile), 4 warps: with GQA the K heads' tile before took Hq / Hk serial steps over q."""
+    return _heads_per_tile(max(key.Hq, key.Hk), key.D)
 
 
 def _rope_append_space(key: RopeAppendKey) -> list:
