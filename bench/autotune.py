@@ -72,7 +72,8 @@ GRID = {
     "sparse_decode_attention": [{"Hq": hq, "Hk": hk, "D": d, "T": n, "n": n // 20} for hq, hk, d in LLM_HEADS
                                 for n in (8192, 32768, 131072)]
                                + [{"Hq": 28, "Hk": 4, "D": 128, "B": b, "T": 32768, "n": 1638} for b in (2, 4, 8)]
-                               + [{"Hq": 28, "Hk": 4, "D": 128, "T": 32768, "n": n} for n in (4915, 9830)],
+                               + [{"Hq": 28, "Hk": 4, "D": 128, "T": 32768, "n": n} for n in (4915, 9830)]
+                               + [{"Hq": 28, "Hk": 4, "D": 128, "T": 131072, "n": n} for n in (1311, 19661, 39322)],
     "append_kv": [{"Hk": hk, "D": d, "B": b, "cap": 8448} for hk, d in ((4, 128), (32, 128), (8, 64), (2, 256),
                                                                          (16, 80)) for b in (1, 2, 4, 8)],
     "rope_append_kv": [{"Hq": hq, "Hk": hk, "D": d, "B": b, "cap": 8448} for hq, hk, d in LLM_HEADS

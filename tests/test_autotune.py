@@ -147,6 +147,20 @@ def test_key_describes_the_call():
     assert key._fields[0] == "gpu"
 
 
+def test_sparse_decode_key_counts_the_gathered_keys_not_the_cache_positions():
+    """Two gathers of 409 and 9830 keys from one 32k cache are different work: different keys, each default split
+    over the keys it reads."""
+    sparse = autotune.kernel("sparse_decode_attention")
+    keys = []
+    for n in (409, 9830):
+        args = autotune.make_args("sparse_decode_attention", {"Hq": 8, "Hk": 2, "D": 16, "T": 32768, "n": n}, "cpu")
+        keys.append(sparse.key(*args))
+    assert [k.n for k in keys] == [409, 9830] and keys[0]._fields[-2] == "n"
+    assert sparse.table_key(keys[0]).endswith("Hk=2,n=256,sms=4") and sparse.table_key(keys[1]).endswith("n=8192,sms=4")
+    few = keys[0]._replace(sms=132, dtype=torch.bfloat16, D=128)
+    assert sparse.default(few)["NUM_SPLITS"] == min(128, -(-409 // 32), -(-2 * 132 // 2))  # 13: one tile per slice
+
+
 @pytest.mark.parametrize("op", TRITON_OPS)
 def test_every_kernel_declares_a_complete_seam(op):
     """Tiny arguments of each op: the default is the first candidate, every candidate sets the default's

@@ -155,7 +155,18 @@ class DecodeKey(NamedTuple):
     G: int
     B: int
     Hk: int
-    cap: int  # keys per cache row (the gather variant: positions in the full cache)
+    cap: int  # keys per cache row
+    sms: int
+
+
+class SparseDecodeKey(NamedTuple):
+    gpu: str
+    dtype: torch.dtype
+    D: int
+    G: int
+    B: int
+    Hk: int
+    n: int  # gathered keys per row at most (``indices.shape[2]``); the cache's positions do not enter the work
     sms: int
 
 
@@ -167,7 +178,10 @@ def _decode_key(q, k, v, lengths, scale, out, lse) -> tuple:
 
 
 def _sparse_decode_key(q, k_cache, v_cache, indices, n_valid, scale, out, lse) -> tuple:
-    return _decode_key(q, k_cache, v_cache, n_valid, scale, out, lse)
+    B, HQ, D = q.shape
+    HK = k_cache.shape[1]
+    device = q.device
+    return (gpu_name(device), q.dtype, D, HQ // max(HK, 1), B, HK, indices.shape[2], sm_count(device))
 
 
 def _block_d(d: int) -> int:
@@ -179,9 +193,9 @@ def _block_g(g: int) -> int:
     return max(16, triton.next_power_of_2(g))
 
 
-def _split_default(key: DecodeKey, min_tiles: int) -> dict:
-    """Split-KV heuristic: ~2 programs per SM, each slice >= ``min_tiles`` tiles of BLOCK_N of the cache's ``cap``
-    keys, at most 128 splits.
+def _split_default(key, keys: int) -> dict:
+    """Split-KV heuristic: ~2 programs per SM, each slice >= one tile of BLOCK_N of the row's ``keys``, at most 128
+    splits.
 
     H100 sweep (``python -m bench.decode --sweep``, Qwen2-7B bf16, see bench/NOTES.md): 8 KB K + 8 KB V tiles
     (BLOCK_N 32 at D 128) with 2 warps and 3 stages beat 16 KB tiles with 4 warps by up to 5 % at 8k and tie
@@ -189,7 +203,7 @@ def _split_default(key: DecodeKey, min_tiles: int) -> dict:
     """
     elem, block_d = key.dtype.itemsize, _block_d(key.D)
     block_n = max(16, min(128, 8192 // (block_d * elem)))
-    max_splits = max(1, min(128, triton.cdiv(key.cap, min_tiles * block_n)))
+    max_splits = max(1, min(128, triton.cdiv(keys, block_n)))
     splits = max(1, min(max_splits, triton.cdiv(2 * key.sms, key.B * key.Hk)))
     return {"NUM_SPLITS": splits, "BLOCK_N": block_n, "num_warps": 2 if block_d <= 128 else 4,
             "num_stages": 3 if elem < 4 else 2, "COMBINE_D": min(block_d, 32)}
@@ -198,19 +212,18 @@ def _split_default(key: DecodeKey, min_tiles: int) -> dict:
 def _decode_default(key: DecodeKey) -> dict:
     """Slices down to one tile: on the H200 at 1k keys and at 8k with 2 KV heads, where the bound of 4 tiles per
     slice before left the GPU a quarter full, they were 1.2-1.6x faster (``bench/NOTES.md``)."""
-    return _split_default(key, 1)
+    return _split_default(key, key.cap)
 
 
-def _sparse_decode_default(key: DecodeKey) -> dict:
-    """Slices of >= 4 tiles of the cache's positions: ``cap`` counts the positions, not the few the kernel reads,
-    so one-tile slices would split a few hundred kept keys over a hundred programs."""
-    return _split_default(key, 4)
+def _sparse_decode_default(key: SparseDecodeKey) -> dict:
+    """The dense rule over the ``n`` keys a row gathers (not the cache's positions)."""
+    return _split_default(key, key.n)
 
 
 def _space_around(default):
     """The sweep of bench/NOTES.md around ``default(key)``: splits x1, x2, x4, x8; BLOCK_N the default's and twice it
     (<= 128); 2 or 4 warps; 1-3 stages."""
-    def space(key: DecodeKey) -> list:
+    def space(key) -> list:
         d = default(key)
         return [{**d, "NUM_SPLITS": d["NUM_SPLITS"] * m, "BLOCK_N": bn, "num_warps": w, "num_stages": st}
                 for m in (1, 2, 4, 8) for bn in sorted({d["BLOCK_N"], min(128, 2 * d["BLOCK_N"])})
@@ -218,7 +231,7 @@ def _space_around(default):
     return space
 
 
-def _decode_resources(key: DecodeKey, cfg: dict):
+def _decode_resources(key, cfg: dict):
     """Shared memory: one K and one V tile per stage. Registers: the fp32 accumulator and scores of the
     BLOCK_G query rows plus the K/V tiles, over the program's threads, + 32."""
     elem, bd, bg, bn = key.dtype.itemsize, _block_d(key.D), _block_g(key.G), cfg["BLOCK_N"]
@@ -274,12 +287,13 @@ def _sparse_decode(q, k_cache, v_cache, indices, n_valid, scale, out, lse, cfg) 
     _launch_decode(q, k_cache, v_cache, n_valid, indices, scale, out, lse, cfg)
 
 
-_DECODE_SEAM = dict(key_type=DecodeKey, resources=_decode_resources, buckets=("B", "Hk", "cap"))
-DECODE = Tunable("decode_attention", "triton", key=_decode_key, launch=_decode, default=_decode_default,
-                 space=_space_around(_decode_default), warmup=Tunable.triton_warmup(_decode), **_DECODE_SEAM)
-SPARSE_DECODE = Tunable("sparse_decode_attention", "triton", key=_sparse_decode_key, launch=_sparse_decode,
-                        default=_sparse_decode_default, space=_space_around(_sparse_decode_default),
-                        warmup=Tunable.triton_warmup(_sparse_decode), **_DECODE_SEAM)
+DECODE = Tunable("decode_attention", "triton", key=_decode_key, key_type=DecodeKey, launch=_decode,
+                 default=_decode_default, space=_space_around(_decode_default), resources=_decode_resources,
+                 buckets=("B", "Hk", "cap"), warmup=Tunable.triton_warmup(_decode))
+SPARSE_DECODE = Tunable("sparse_decode_attention", "triton", key=_sparse_decode_key, key_type=SparseDecodeKey,
+                        launch=_sparse_decode, default=_sparse_decode_default,
+                        space=_space_around(_sparse_decode_default), resources=_decode_resources,
+                        buckets=("B", "Hk", "n"), warmup=Tunable.triton_warmup(_sparse_decode))
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor, scale: float,
