@@ -28,7 +28,7 @@ def _salience(H: int, D: int, segments) -> List[Shape]:
 
 def _llm(Hq: int, Hk: int, L: int, prefill: Tuple[int, ...], contexts: Tuple[int, ...]) -> List[Shape]:
     """A decoder: causal prefill, relevance of 64-512 question rows, select + pack of all layers (5 and 30 %
-    kept), decode over full and 5 %-packed caches, gather decode, append (also fused with RoPE)."""
+    kept), decode over full and 5 %-packed caches, gather decode of 5 and 30 %, append (also fused with RoPE)."""
     llm = {"Hq": Hq, "Hk": Hk, "D": 128}
     out: List[Shape] = [("prefill_attention", {**llm, "n": n}) for n in prefill]
     out += [("kv_relevance", {**llm, "rows": m, "n": n}) for n in contexts for m in (64, 256, 512)]
@@ -36,7 +36,8 @@ def _llm(Hq: int, Hk: int, L: int, prefill: Tuple[int, ...], contexts: Tuple[int
         out += [("select_kv", {"L": L, "Hk": Hk, "n": n})]
         out += [("pack_kv", {"L": L, "Hk": Hk, "n": n, "keep": keep}) for keep in (0.05, 0.3)]
         out += [("decode_attention", {**llm, "n": m}) for m in (n, max(1, n // 20))]
-        out += [("sparse_decode_attention", {**llm, "T": n, "n": max(1, n // 20)})]
+        out += [("sparse_decode_attention", {**llm, "T": n, "n": max(1, n // 20)}),
+                ("sparse_decode_attention", {**llm, "T": n, "n": n * 3 // 10})]
     out += [("append_kv", {"Hk": Hk, "D": 128, "cap": n + DECODE_SLACK}) for n in contexts]
     out += [("rope_append_kv", {"Hq": Hq, "Hk": Hk, "D": 128, "cap": n + DECODE_SLACK}) for n in contexts]
     return out

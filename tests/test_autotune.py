@@ -157,8 +157,15 @@ def test_sparse_decode_key_counts_the_gathered_keys_not_the_cache_positions():
         keys.append(sparse.key(*args))
     assert [k.n for k in keys] == [409, 9830] and keys[0]._fields[-2] == "n"
     assert sparse.table_key(keys[0]).endswith("Hk=2,n=256,sms=4") and sparse.table_key(keys[1]).endswith("n=8192,sms=4")
-    few = keys[0]._replace(sms=132, dtype=torch.bfloat16, D=128)
-    assert sparse.default(few)["NUM_SPLITS"] == min(128, -(-409 // 32), -(-2 * 132 // 2))  # 13: one tile per slice
+    h200 = dict(sms=132, dtype=torch.bfloat16, D=128)
+
+    def default(n, Hk, B=1):
+        cfg = sparse.default(keys[0]._replace(n=n, Hk=Hk, B=B, **h200))
+        return cfg["NUM_SPLITS"], cfg["BLOCK_N"]
+    assert default(409, 4) == (13, 32)  # splits of one 32-key tile each, not 64 slices of the 8k cache
+    assert default(6553, 4) == (66, 64)  # ~99 keys per slice at 2 programs per SM: >= 3 tiles, twice the tile
+    assert default(6553, 32) == (17, 64)  # ~728 keys per slice: twice the tile, ~4 programs per SM
+    assert default(1638, 4, B=8) == (17, 64)
 
 
 @pytest.mark.parametrize("op", TRITON_OPS)

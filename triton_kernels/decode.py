@@ -216,18 +216,32 @@ def _decode_default(key: DecodeKey) -> dict:
 
 
 def _sparse_decode_default(key: SparseDecodeKey) -> dict:
-    """The dense rule over the ``n`` keys a row gathers (not the cache's positions)."""
-    return _split_default(key, key.n)
+    """The dense rule over the ``n`` keys a row gathers (not the cache's positions), then for long slices: tiles of
+    twice BLOCK_N from 3 tiles per slice, and ~4 programs per SM from 4. On the H200 (``bench.autotune``'s trials,
+    ``bench/NOTES.md``) the gathers' best configs doubled the tile there and, at 300-700 keys per slice, the splits
+    (1.2-1.4x)."""
+    cfg = _split_default(key, key.n)
+    splits, block_n = cfg["NUM_SPLITS"], cfg["BLOCK_N"]
+    per_slice = key.n / splits
+    if per_slice >= 3 * block_n:
+        cfg["BLOCK_N"] = min(128, 2 * block_n)
+    if per_slice >= 4 * block_n:
+        cfg["NUM_SPLITS"] = max(splits, min(triton.cdiv(key.n, cfg["BLOCK_N"]),
+                                            triton.cdiv(4 * key.sms, key.B * key.Hk)))
+    return cfg
 
 
-def _space_around(default):
+def _space_around(default, below: bool = False):
     """The sweep of bench/NOTES.md around ``default(key)``: splits x1, x2, x4, x8; BLOCK_N the default's and twice it
-    (<= 128); 2 or 4 warps; 1-3 stages."""
+    (<= 128); 2 or 4 warps; 1-3 stages. ``below``: also half the splits and half the tile (>= 16)."""
+    mults, tiles = ((0.5, 1, 2, 4), (0.5, 1, 2)) if below else ((1, 2, 4, 8), (1, 2))
+
     def space(key) -> list:
         d = default(key)
-        return [{**d, "NUM_SPLITS": d["NUM_SPLITS"] * m, "BLOCK_N": bn, "num_warps": w, "num_stages": st}
-                for m in (1, 2, 4, 8) for bn in sorted({d["BLOCK_N"], min(128, 2 * d["BLOCK_N"])})
-                for w in (2, 4) for st in (1, 2, 3)]
+        splits = sorted({max(1, int(d["NUM_SPLITS"] * m)) for m in mults})
+        blocks = sorted({min(128, max(16, int(d["BLOCK_N"] * t))) for t in tiles})
+        return [{**d, "NUM_SPLITS": n, "BLOCK_N": bn, "num_warps": w, "num_stages": st}
+                for n in splits for bn in blocks for w in (2, 4) for st in (1, 2, 3)]
     return space
 
 
@@ -292,7 +306,7 @@ DECODE = Tunable("decode_attention", "triton", key=_decode_key, key_type=DecodeK
                  buckets=("B", "Hk", "cap"), warmup=Tunable.triton_warmup(_decode))
 SPARSE_DECODE = Tunable("sparse_decode_attention", "triton", key=_sparse_decode_key, key_type=SparseDecodeKey,
                         launch=_sparse_decode, default=_sparse_decode_default,
-                        space=_space_around(_sparse_decode_default), resources=_decode_resources,
+                        space=_space_around(_sparse_decode_default, below=True), resources=_decode_resources,
                         buckets=("B", "Hk", "n"), warmup=Tunable.triton_warmup(_sparse_decode))
 
 
