@@ -159,15 +159,10 @@ class DecodeKey(NamedTuple):
     sms: int
 
 
-class SparseDecodeKey(NamedTuple):
-    gpu: str
-    dtype: torch.dtype
-    D: int
-    G: int
-    B: int
-    Hk: int
-    n: int  # gathered keys per row at most (``indices.shape[2]``); the cache's positions do not enter the work
-    sms: int
+# The gather variant's key: DecodeKey with ``n``, the keys a row gathers at most (``indices.shape[2]``), in place of
+# ``cap``: the cache's positions do not enter the work.
+SparseDecodeKey = NamedTuple("SparseDecodeKey", [("n" if f == "cap" else f, t)
+                                                 for f, t in DecodeKey.__annotations__.items()])
 
 
 def _decode_key(q, k, v, lengths, scale, out, lse) -> tuple:
