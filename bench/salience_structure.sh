@@ -10,9 +10,9 @@
 # (Experiments measured and not adopted left this list with their patches and numbers: the 2 x 64 tiles of
 # results/h200/salience_c2n64/, the cross-item S of salience_cross_item/, the last tile's valid groups of
 # salience_last_groups/, the descriptor adds of salience_desc_advance/, the early resident tile of
-# salience_early_resident/; the LSE pass's A operand from registers ('rega': the sed of kRegisterA to C == 4,
-# +3 % / +10 % at 729 tokens / 32k on the 8-tile ring, salience_structure/salience_structure_8d2bda8.md);
-# bench/NOTES.md.)
+# salience_early_resident/, one barrier per pair of tiles of salience_pair_handoff/; the LSE pass's A operand
+# from registers ('rega': the sed of kRegisterA to C == 4, +3 % / +10 % at 729 tokens / 32k on the 8-tile ring,
+# salience_structure/salience_structure_8d2bda8.md); bench/NOTES.md.)
 # The variants are generated in a temporary directory by sed and patch (the production file is not edited).
 #   bash bench/salience_structure.sh [BIN]     binaries into BIN (default .session/bin) as salience_probe_{base,...}
 #   bash bench/salience_structure.sh --run OUT [BIN]  times each at QwenVL 32k, SigLIP 64 frames and 1024-token
