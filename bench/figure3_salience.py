@@ -26,6 +26,7 @@ import torch.nn.functional as F
 import sparsevila_ops
 from bench.common import GpuSampler, peak_extra_memory, require_gpu, time_cuda, verify, write_results
 from sparsevila_ops import reference
+from sparsevila_ops._device import sm_count
 
 EXP_PER_S = 3.9e12  # H100 MUFU: 16 exp/clk/SM x 132 SMs x 1.83 GHz
 EXP_PER_CLK_SM = 16  # MUFU ex2 per clock per SM (sm_80 and later)
@@ -129,8 +130,7 @@ def sustained(fn: Callable[[int], object], probe_ms: float, exps: float) -> Dict
     got = gpu.summary()
     if got:
         mhz = got["sm_clock_median_mhz"]
-        sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
-        floor = exps / (EXP_PER_CLK_SM * sms * mhz * 1e6) * 1e3
+        floor = exps / (EXP_PER_CLK_SM * sm_count(torch.device("cuda")) * mhz * 1e6) * 1e3
         row.update(sm_mhz=mhz, power_w=got["power_median_w"], capped=got["power_capped_share"],
                    exp_floor_at_clock_ms=floor, x_floor_at_clock=ms / floor)
     return row

@@ -173,10 +173,9 @@ def _decode_key(q, k, v, lengths, scale, out, lse) -> tuple:
 
 
 def _sparse_decode_key(q, k_cache, v_cache, indices, n_valid, scale, out, lse) -> tuple:
-    B, HQ, D = q.shape
-    HK = k_cache.shape[1]
-    device = q.device
-    return (gpu_name(device), q.dtype, D, HQ // max(HK, 1), B, HK, indices.shape[2], sm_count(device))
+    """The dense key with the gathered keys (``indices.shape[2]``) in place of the cache's positions."""
+    gpu, dtype, D, G, B, HK, _, sms = _decode_key(q, k_cache, v_cache, n_valid, scale, out, lse)
+    return (gpu, dtype, D, G, B, HK, indices.shape[2], sms)
 
 
 def _block_d(d: int) -> int:
