@@ -96,16 +96,27 @@ def smem_per_block(device: torch.device) -> int:
     return _smem_per_block(_index(device))
 
 
-@functools.lru_cache(maxsize=None)
-def smem_per_block_of_gpu(gpu: str) -> Optional[int]:
-    """:func:`smem_per_block` of the CUDA devices named ``gpu`` (a kernel key's ``gpu`` field: the defaults see
-    only the key); None for ``"cpu"`` (the interpreter has no limit) and for a name no device has."""
+def _index_of_gpu(gpu: str) -> Optional[int]:
+    """The first CUDA device named ``gpu`` (a kernel key's ``gpu`` field: the defaults see only the key); None for
+    ``"cpu"`` and for a name no device has."""
     if gpu == CPU or not torch.cuda.is_available():
         return None
-    for index in range(torch.cuda.device_count()):
-        if _gpu_name(index) == gpu:
-            return _smem_per_block(index)
-    return None
+    return next((i for i in range(torch.cuda.device_count()) if _gpu_name(i) == gpu), None)
+
+
+@functools.lru_cache(maxsize=None)
+def smem_per_block_of_gpu(gpu: str) -> Optional[int]:
+    """:func:`smem_per_block` of the CUDA devices named ``gpu``; None for ``"cpu"`` (the interpreter has no limit)
+    and for a name no device has."""
+    index = _index_of_gpu(gpu)
+    return None if index is None else _smem_per_block(index)
+
+
+@functools.lru_cache(maxsize=None)
+def sm_count_of_gpu(gpu: str) -> Optional[int]:
+    """SMs of the CUDA devices named ``gpu``; None for ``"cpu"`` and for a name no device has."""
+    index = _index_of_gpu(gpu)
+    return None if index is None else _sm_count(index)
 
 
 def use_pdl(device: torch.device) -> bool:

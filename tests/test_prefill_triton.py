@@ -182,6 +182,34 @@ def test_split_head_dims():
     assert {d: tk._split_d(d) for d in want} == want
 
 
+def test_default_tiles_fill_the_gpu(monkeypatch):
+    """Prefill, at most 80 columns: 128-row tiles only where they give >= 2 programs per SM. Relevance, G >= 4 and
+    D 128: the capped 128-key tiles from 4 programs per SM, else 64 keys x 128 rows; <= 64 rows: 8 warps at D 128,
+    64 x 64 tiles at D 64; D 256: 128 x 64 tiles, 8 warps, 3 stages where shared memory holds them (160 KB)."""
+    monkeypatch.setattr(tk, "sm_count_of_gpu", {"NVIDIA H200": 132}.get)
+    monkeypatch.setattr(tk, "smem_per_block_of_gpu", {"NVIDIA H200": 232448, "small": 101376}.get)
+    key = lambda G, Hk, D, m, n, S=1, gpu="NVIDIA H200": tk.AttentionKey(  # noqa: E731
+        gpu, torch.bfloat16, D, G, Hk, True, S, m, n)
+    rows = {(G, Hk, D, m, S): tk._prefill_default(key(G, Hk, D, m, m, S))["BLOCK_M"]
+            for G, Hk, D, m, S in ((8, 2, 64, 1024, 1), (8, 2, 64, 4096, 1), (1, 16, 80, 2048, 1),
+                                   (1, 16, 80, 4096, 1), (1, 16, 80, 784, 16), (1, 16, 80, 64, 256))}
+    assert rows == {(8, 2, 64, 1024, 1): 64, (8, 2, 64, 4096, 1): 128, (1, 16, 80, 2048, 1): 64,
+                    (1, 16, 80, 4096, 1): 128, (1, 16, 80, 784, 16): 128, (1, 16, 80, 64, 256): 64}
+    assert tk._prefill_default(key(7, 4, 128, 1024, 1024))["BLOCK_M"] == 128  # wider: the H100 rule
+
+    rel = lambda *a, **kw: tk._relevance_default(key(*a, **kw))  # noqa: E731
+    capped = dict(BLOCK_N=128, BLOCK_P=64, num_warps=4, num_stages=2, maxnreg=168)
+    assert rel(7, 4, 128, 256, 32768) == capped  # 1024 programs of 128 keys
+    assert rel(4, 8, 128, 512, 4096)["BLOCK_P"] == 128  # 256 programs
+    assert rel(1, 32, 128, 512, 4096) == capped  # G < 4: always
+    assert rel(7, 4, 128, 64, 8192) == dict(BLOCK_N=128, BLOCK_P=64, num_warps=8, num_stages=3)
+    assert rel(8, 2, 64, 64, 8192) == dict(BLOCK_N=64, BLOCK_P=64, num_warps=4, num_stages=3)
+    wide = rel(8, 4, 256, 128, 16384)
+    assert wide == dict(BLOCK_N=128, BLOCK_P=64, num_warps=8, num_stages=3)
+    assert tk._relevance_resources(key(8, 4, 256, 128, 16384), wide)[0] == 160 * 1024
+    assert rel(8, 4, 256, 128, 16384, gpu="small") == dict(BLOCK_N=64, BLOCK_P=64, num_warps=4, num_stages=2)
+
+
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("D", [40, 64, 72, 80, 96])
 def test_head_dims(device, D, causal):

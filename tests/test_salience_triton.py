@@ -152,6 +152,27 @@ def test_split_head_dim():
     assert tk._split_head_dim(8) == (16, 0)
 
 
+def test_default_tiles_by_head_dim_and_segment_length():
+    """Narrow unmasked head dims (64, 80, 96) take 128-row LSE tiles with 4 warps and 128-key column-sum tiles up
+    to 4096 tokens; 72 (a masked tail) and 128 keep the 256-wide tiles; short segments or few rows take small
+    tiles whatever D."""
+    def key(D, n, rows=None):
+        return tk.SalienceKey("NVIDIA H200", torch.bfloat16, D, 16, 64, n, rows or n, False)
+
+    lse = {(D, n): (c["BLOCK_M"], c["num_warps"], c["num_stages"])
+           for D in (64, 72, 80, 96, 128) for n in (729, 4096) for c in [tk._lse_default(key(D, n))]}
+    assert lse == {(64, 729): (128, 4, 3), (72, 729): (256, 8, 2), (80, 729): (128, 4, 3), (96, 729): (128, 4, 3),
+                   (128, 729): (256, 8, 2), (64, 4096): (128, 8, 3), (72, 4096): (256, 8, 2),
+                   (80, 4096): (128, 8, 3), (96, 4096): (128, 8, 3), (128, 4096): (128, 8, 3)}
+    colsum = {(D, n): (c["BLOCK_N"], c["num_warps"], c["num_stages"])
+              for D in (64, 72, 96, 128) for n in (729, 4096, 16384) for c in [tk._colsum_default(key(D, n))]}
+    assert colsum == {(64, 729): (128, 4, 3), (64, 4096): (128, 4, 3), (64, 16384): (128, 4, 3),
+                      (72, 729): (256, 8, 2), (72, 4096): (256, 8, 2), (72, 16384): (128, 4, 3),
+                      (96, 729): (128, 4, 2), (96, 4096): (128, 4, 2), (96, 16384): (128, 4, 3),
+                      (128, 729): (256, 8, 2), (128, 4096): (256, 8, 2), (128, 16384): (128, 4, 3)}
+    assert tk._lse_default(key(80, 729, 32))["BLOCK_M"] == 32 and tk._colsum_default(key(80, 64))["BLOCK_N"] == 64
+
+
 # ----------------------------------------------------------------------------------------------- GPU
 
 

@@ -97,6 +97,16 @@ def test_select_kv_launcher_direct(device):
     assert torch.equal(idx, _ref_select(scores, [3, 10], [70, 25], 20))
 
 
+def test_select_default_chunk_is_the_largest_power_of_two_within_the_row():
+    """The chunk does not pass T (the loop covers only the visual span, a little shorter): 1024 visual tokens in a
+    row of T = 1152 take one 1024-chunk per pass; 128 at least, 4096 at most, 8 warps from 2048."""
+    from sparsevila_ops.triton_kernels.select import SelectKey, _select_default
+    want = {1: 128, 200: 128, 1024: 1024, 1152: 1024, 2128: 2048, 4095: 2048, 8320: 4096, 131200: 4096}
+    got = {T: _select_default(SelectKey("NVIDIA H200", 112, T)) for T in want}
+    assert {T: cfg["BLOCK"] for T, cfg in got.items()} == want
+    assert all(cfg["num_warps"] == (8 if cfg["BLOCK"] >= 2048 else 4) for cfg in got.values())
+
+
 def _pack_inputs(layout, L, B, H, T, D, dtype, device, seed=0):
     g = torch.Generator().manual_seed(seed)
     if layout == "stacked":  # one [L, B, T, H, D] allocation viewed as [L, B, H, T, D]: uniform layer stride

@@ -33,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._device import sm_count_of_gpu, smem_per_block_of_gpu
 from ..autotune import CPU, Tunable, gpu_name
 
 LOG2E = 1.4426950408889634
@@ -336,6 +337,8 @@ def _prefill_default(key: AttentionKey) -> dict:
     split 64 + 16 (Qwen2.5-VL's vision heads, 7 shapes): 4 warps won at every shape (1.14-1.28x over 8 warps), and
     64-row tiles where segments hold <= 64 query rows (windows: 1.87-1.99x over 128-row tiles, half of them
     padding); both now the rule for kernels at most 80 columns wide (64-row tiles at D <= 64 by the same count).
+    64-row tiles also where 128-row ones would give fewer than 2 programs per SM (H200, D 64, 16 heads x 1024
+    rows: 128 programs, 1.45x).
     """
     if key.gpu == CPU:  # interpreter: small tiles so tiny test shapes still cross block edges
         return dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
@@ -343,7 +346,8 @@ def _prefill_default(key: AttentionKey) -> dict:
     if key.dtype == torch.float32:
         return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
     if bd <= 80:
-        return dict(BLOCK_M=64 if key.m <= 64 else 128, BLOCK_N=64, num_warps=4, num_stages=3)
+        tall = key.m > 64 and triton.cdiv(key.m, 128) * key.S * key.G * key.Hk >= 2 * _sms(key)  # programs
+        return dict(BLOCK_M=128 if tall else 64, BLOCK_N=64, num_warps=4, num_stages=3)
     if bd <= 128:
         return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
     return dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2)
@@ -356,19 +360,39 @@ def _relevance_default(key: AttentionKey) -> dict:
     (bench/figure3_relevance.py --tune relevance, bf16, D 128, 64-512 rows x 8k-32k keys):
     - G >= 4 (Qwen2 28/4): 64 keys x 128 rows (m64n128 wgmma: compute-bound rather than bound by the shared
       memory that feeds both operands) is best from 256 rows up (-5..-8 % vs 128 x 64); with <= 64 rows a
-      128-row tile would be half empty, so 128 keys x 64 rows, 4 stages.
+      128-row tile would be half empty, so 128 keys x 64 rows.
     - G < 4 (Llama-2 32/32, few row tiles per program): 128 keys x 64 rows, 2 stages, registers capped at 168
       so 3 CTAs fit per SM (64 KB shared memory each): best at every shape (-5..-12 %).
+    H200 trials (bench.autotune): the G < 4 tiles also win at G >= 4, D 128, from 4 programs of 128 keys per SM
+    (1.01-1.23x; with fewer, at 4k keys, they lose up to 1.9x); <= 64 rows: 8 warps, 3 stages at D 128 (1.05-1.10x),
+    64 x 64 tiles at D 64 (1.13x); D 256: 128 x 64 tiles, 8 warps, 3 stages where shared memory holds them
+    (1.12-1.17x over 64 x 64).
     """
     if key.gpu == CPU:  # interpreter: small tiles so tiny test shapes still cross block edges
         return dict(BLOCK_N=16, BLOCK_P=16, num_warps=4, num_stages=1)
-    if key.dtype == torch.float32 or _block_d(key.D) > 128:
-        return dict(BLOCK_N=64, BLOCK_P=64, num_warps=4, num_stages=2)
-    if key.G >= 4:
-        if key.m <= 64:
-            return dict(BLOCK_N=128, BLOCK_P=64, num_warps=4, num_stages=4)
-        return dict(BLOCK_N=64, BLOCK_P=128, num_warps=4, num_stages=3)
-    return dict(BLOCK_N=128, BLOCK_P=64, num_warps=4, num_stages=2, maxnreg=168)
+    small = dict(BLOCK_N=64, BLOCK_P=64, num_warps=4, num_stages=2)
+    if key.dtype == torch.float32:
+        return small
+    capped = dict(BLOCK_N=128, BLOCK_P=64, num_warps=4, num_stages=2, maxnreg=168)
+    bd = _block_d(key.D)
+    if bd > 128:
+        wide = dict(BLOCK_N=128, BLOCK_P=64, num_warps=8, num_stages=3)
+        smem = smem_per_block_of_gpu(key.gpu)
+        return wide if smem is None or _relevance_resources(key, wide)[0] <= smem else small
+    if key.G < 4:
+        return capped
+    if key.m <= 64:
+        if bd <= 64:
+            return dict(BLOCK_N=64, BLOCK_P=64, num_warps=4, num_stages=3)
+        return dict(BLOCK_N=128, BLOCK_P=64, num_warps=8, num_stages=3)
+    if bd > 64 and triton.cdiv(key.n, 128) * key.S * key.Hk >= 4 * _sms(key):  # programs of 128 keys
+        return capped
+    return dict(BLOCK_N=64, BLOCK_P=128, num_warps=4, num_stages=3)
+
+
+def _sms(key: AttentionKey) -> int:
+    """SMs of the key's GPU (132, an H100's or H200's, for a name no device here has)."""
+    return sm_count_of_gpu(key.gpu) or 132
 
 
 def _prefill_space(key: AttentionKey) -> list:
