@@ -183,18 +183,20 @@ def test_split_head_dims():
 
 
 def test_default_tiles_fill_the_gpu(monkeypatch):
-    """Prefill, at most 80 columns: 128-row tiles only where they give >= 2 programs per SM. Relevance, G >= 4 and
+    """Prefill, at most 80 columns: 128-row tiles only where they give every SM a program. Relevance, G >= 4 and
     D 128: the capped 128-key tiles from 4 programs per SM, else 64 keys x 128 rows; <= 64 rows: 8 warps at D 128,
-    64 x 64 tiles at D 64; D 256: 128 x 64 tiles, 8 warps, 3 stages where shared memory holds them (160 KB)."""
+    64 x 64 tiles at D 64 (x 32 for <= 32 rows); D 256: 128 x 64 tiles, 8 warps, 3 stages where shared memory
+    holds them (160 KB)."""
     monkeypatch.setattr(tk, "sm_count_of_gpu", {"NVIDIA H200": 132}.get)
     monkeypatch.setattr(tk, "smem_per_block_of_gpu", {"NVIDIA H200": 232448, "small": 101376}.get)
     key = lambda G, Hk, D, m, n, S=1, gpu="NVIDIA H200": tk.AttentionKey(  # noqa: E731
         gpu, torch.bfloat16, D, G, Hk, True, S, m, n)
     rows = {(G, Hk, D, m, S): tk._prefill_default(key(G, Hk, D, m, m, S))["BLOCK_M"]
-            for G, Hk, D, m, S in ((8, 2, 64, 1024, 1), (8, 2, 64, 4096, 1), (1, 16, 80, 2048, 1),
+            for G, Hk, D, m, S in ((8, 2, 64, 1024, 1), (8, 2, 64, 4096, 1), (1, 16, 80, 2048, 1), (8, 1, 64, 2048, 1),
                                    (1, 16, 80, 4096, 1), (1, 16, 80, 784, 16), (1, 16, 80, 64, 256))}
-    assert rows == {(8, 2, 64, 1024, 1): 64, (8, 2, 64, 4096, 1): 128, (1, 16, 80, 2048, 1): 64,
-                    (1, 16, 80, 4096, 1): 128, (1, 16, 80, 784, 16): 128, (1, 16, 80, 64, 256): 64}
+    assert rows == {(8, 2, 64, 1024, 1): 64, (8, 2, 64, 4096, 1): 128, (1, 16, 80, 2048, 1): 128,
+                    (8, 1, 64, 2048, 1): 64, (1, 16, 80, 4096, 1): 128, (1, 16, 80, 784, 16): 128,
+                    (1, 16, 80, 64, 256): 64}
     assert tk._prefill_default(key(7, 4, 128, 1024, 1024))["BLOCK_M"] == 128  # wider: the H100 rule
 
     rel = lambda *a, **kw: tk._relevance_default(key(*a, **kw))  # noqa: E731
@@ -204,6 +206,7 @@ def test_default_tiles_fill_the_gpu(monkeypatch):
     assert rel(1, 32, 128, 512, 4096) == capped  # G < 4: always
     assert rel(7, 4, 128, 64, 8192) == dict(BLOCK_N=128, BLOCK_P=64, num_warps=8, num_stages=3)
     assert rel(8, 2, 64, 64, 8192) == dict(BLOCK_N=64, BLOCK_P=64, num_warps=4, num_stages=3)
+    assert rel(8, 2, 64, 32, 16384) == dict(BLOCK_N=64, BLOCK_P=32, num_warps=4, num_stages=4)
     wide = rel(8, 4, 256, 128, 16384)
     assert wide == dict(BLOCK_N=128, BLOCK_P=64, num_warps=8, num_stages=3)
     assert tk._relevance_resources(key(8, 4, 256, 128, 16384), wide)[0] == 160 * 1024

@@ -337,8 +337,8 @@ def _prefill_default(key: AttentionKey) -> dict:
     split 64 + 16 (Qwen2.5-VL's vision heads, 7 shapes): 4 warps won at every shape (1.14-1.28x over 8 warps), and
     64-row tiles where segments hold <= 64 query rows (windows: 1.87-1.99x over 128-row tiles, half of them
     padding); both now the rule for kernels at most 80 columns wide (64-row tiles at D <= 64 by the same count).
-    64-row tiles also where 128-row ones would give fewer than 2 programs per SM (H200, D 64, 16 heads x 1024
-    rows: 128 programs, 1.45x).
+    64-row tiles also where 128-row ones would leave SMs without a program (H200, D 64: 128 programs of 128 rows
+    took 1.44x as long as 256 of 64; D 80, 256 programs of 128 rows: 1.20x faster than 512 of 64).
     """
     if key.gpu == CPU:  # interpreter: small tiles so tiny test shapes still cross block edges
         return dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
@@ -346,7 +346,7 @@ def _prefill_default(key: AttentionKey) -> dict:
     if key.dtype == torch.float32:
         return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
     if bd <= 80:
-        tall = key.m > 64 and triton.cdiv(key.m, 128) * key.S * key.G * key.Hk >= 2 * _sms(key)  # programs
+        tall = key.m > 64 and triton.cdiv(key.m, 128) * key.S * key.G * key.Hk >= _sms(key)  # programs
         return dict(BLOCK_M=128 if tall else 64, BLOCK_N=64, num_warps=4, num_stages=3)
     if bd <= 128:
         return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
@@ -365,8 +365,8 @@ def _relevance_default(key: AttentionKey) -> dict:
       so 3 CTAs fit per SM (64 KB shared memory each): best at every shape (-5..-12 %).
     H200 trials (bench.autotune): the G < 4 tiles also win at G >= 4, D 128, from 4 programs of 128 keys per SM
     (1.01-1.23x; with fewer, at 4k keys, they lose up to 1.9x); <= 64 rows: 8 warps, 3 stages at D 128 (1.05-1.10x),
-    64 x 64 tiles at D 64 (1.13x); D 256: 128 x 64 tiles, 8 warps, 3 stages where shared memory holds them
-    (1.12-1.17x over 64 x 64).
+    64 keys x 64 rows at D 64 (1.12x), x 32 rows, 4 stages, for <= 32 rows (1.39x); D 256: 128 x 64 tiles, 8 warps,
+    3 stages where shared memory holds them (1.05-1.16x over 64 x 64).
     """
     if key.gpu == CPU:  # interpreter: small tiles so tiny test shapes still cross block edges
         return dict(BLOCK_N=16, BLOCK_P=16, num_warps=4, num_stages=1)
@@ -383,7 +383,8 @@ def _relevance_default(key: AttentionKey) -> dict:
         return capped
     if key.m <= 64:
         if bd <= 64:
-            return dict(BLOCK_N=64, BLOCK_P=64, num_warps=4, num_stages=3)
+            return dict(BLOCK_N=64, BLOCK_P=32, num_warps=4, num_stages=4) if key.m <= 32 else \
+                dict(BLOCK_N=64, BLOCK_P=64, num_warps=4, num_stages=3)
         return dict(BLOCK_N=128, BLOCK_P=64, num_warps=8, num_stages=3)
     if bd > 64 and triton.cdiv(key.n, 128) * key.S * key.Hk >= 4 * _sms(key):  # programs of 128 keys
         return capped
