@@ -185,10 +185,10 @@ def test_split_head_dims():
 def test_default_tiles_fill_the_gpu(monkeypatch):
     """Prefill, at most 80 columns: 128-row tiles only where they give every SM a program. Relevance, G >= 4 and
     D 128: the capped 128-key tiles from 4 programs per SM, else 64 keys x 128 rows; <= 64 rows: 8 warps at D 128,
-    64 x 64 tiles at D 64 (x 32 for <= 32 rows); D 256: 128 x 64 tiles, 8 warps, 3 stages where shared memory
-    holds them (160 KB)."""
+    64 x 64 tiles at D 64 (x 32 for <= 32 rows); D 256: 256 x 64 tiles, 8 warps, 3 stages where shared memory holds
+    them (224 KB) and their grid fills the SMs about as well as 128 x 64 tiles (160 KB) would, else those."""
     monkeypatch.setattr(tk, "sm_count_of_gpu", {"NVIDIA H200": 132}.get)
-    monkeypatch.setattr(tk, "smem_per_block_of_gpu", {"NVIDIA H200": 232448, "small": 101376}.get)
+    monkeypatch.setattr(tk, "smem_per_block_of_gpu", {"NVIDIA H200": 232448, "mid": 166912, "small": 101376}.get)
     key = lambda G, Hk, D, m, n, S=1, gpu="NVIDIA H200": tk.AttentionKey(  # noqa: E731
         gpu, torch.bfloat16, D, G, Hk, True, S, m, n)
     rows = {(G, Hk, D, m, S): tk._prefill_default(key(G, Hk, D, m, m, S))["BLOCK_M"]
@@ -207,9 +207,13 @@ def test_default_tiles_fill_the_gpu(monkeypatch):
     assert rel(7, 4, 128, 64, 8192) == dict(BLOCK_N=128, BLOCK_P=64, num_warps=8, num_stages=3)
     assert rel(8, 2, 64, 64, 8192) == dict(BLOCK_N=64, BLOCK_P=64, num_warps=4, num_stages=3)
     assert rel(8, 2, 64, 32, 16384) == dict(BLOCK_N=64, BLOCK_P=32, num_warps=4, num_stages=4)
-    wide = rel(8, 4, 256, 128, 16384)
+    widest = rel(8, 4, 256, 128, 16384)  # 256 programs of 256 keys: two full waves
+    assert widest == dict(BLOCK_N=256, BLOCK_P=64, num_warps=8, num_stages=3)
+    assert tk._relevance_resources(key(8, 4, 256, 128, 16384), widest)[0] == 224 * 1024
+    wide = rel(8, 4, 256, 512, 4096)  # 64 programs of 256 keys would leave half the SMs idle; 128 of 128 keys
     assert wide == dict(BLOCK_N=128, BLOCK_P=64, num_warps=8, num_stages=3)
-    assert tk._relevance_resources(key(8, 4, 256, 128, 16384), wide)[0] == 160 * 1024
+    assert tk._relevance_resources(key(8, 4, 256, 512, 4096), wide)[0] == 160 * 1024
+    assert rel(8, 4, 256, 128, 16384, gpu="mid") == wide  # 166 KB: 224 KB tiles do not fit
     assert rel(8, 4, 256, 128, 16384, gpu="small") == dict(BLOCK_N=64, BLOCK_P=64, num_warps=4, num_stages=2)
 
 

@@ -365,8 +365,10 @@ def _relevance_default(key: AttentionKey) -> dict:
       so 3 CTAs fit per SM (64 KB shared memory each): best at every shape (-5..-12 %).
     H200 trials (bench.autotune): the G < 4 tiles also win at G >= 4, D 128, from 4 programs of 128 keys per SM
     (1.01-1.23x; with fewer, at 4k keys, they lose up to 1.9x); <= 64 rows: 8 warps, 3 stages at D 128 (1.05-1.10x),
-    64 keys x 64 rows at D 64 (1.12x), x 32 rows, 4 stages, for <= 32 rows (1.39x); D 256: 128 x 64 tiles, 8 warps,
-    3 stages where shared memory holds them (1.05-1.16x over 64 x 64).
+    64 keys x 64 rows at D 64 (1.12x), x 32 rows, 4 stages, for <= 32 rows (1.39x); D 256: 256 x 64 tiles, 8 warps,
+    3 stages where shared memory holds them (224 KB) and their last wave keeps the SMs about as full as 128 x 64
+    tiles would (1.10-1.14x over those; 1.83x slower with 64 programs on 132 SMs), else 128 x 64 (160 KB; 1.05-1.16x
+    over 64 x 64).
     """
     if key.gpu == CPU:  # interpreter: small tiles so tiny test shapes still cross block edges
         return dict(BLOCK_N=16, BLOCK_P=16, num_warps=4, num_stages=1)
@@ -375,10 +377,15 @@ def _relevance_default(key: AttentionKey) -> dict:
         return small
     capped = dict(BLOCK_N=128, BLOCK_P=64, num_warps=4, num_stages=2, maxnreg=168)
     bd = _block_d(key.D)
-    if bd > 128:
-        wide = dict(BLOCK_N=128, BLOCK_P=64, num_warps=8, num_stages=3)
+    if bd > 128:  # one CTA per SM: the grid's last wave decides how full the GPU runs
         smem = smem_per_block_of_gpu(key.gpu)
-        return wide if smem is None or _relevance_resources(key, wide)[0] <= smem else small
+        for block_n in (256, 128):
+            wide = dict(BLOCK_N=block_n, BLOCK_P=64, num_warps=8, num_stages=3)
+            fits = smem is None or _relevance_resources(key, wide)[0] <= smem
+            programs = triton.cdiv(key.n, block_n) * key.S * key.Hk
+            if fits and (block_n == 128 or _wave_fill(programs, key) >= 0.9 * _wave_fill(2 * programs, key)):
+                return wide
+        return small
     if key.G < 4:
         return capped
     if key.m <= 64:
@@ -394,6 +401,13 @@ def _relevance_default(key: AttentionKey) -> dict:
 def _sms(key: AttentionKey) -> int:
     """SMs of the key's GPU (132, an H100's or H200's, for a name no device here has)."""
     return sm_count_of_gpu(key.gpu) or 132
+
+
+def _wave_fill(programs: int, key: AttentionKey) -> float:
+    """The share of the SMs' program slots a grid of ``programs`` keeps busy at one program per SM (1: every wave
+    full)."""
+    sms = _sms(key)
+    return programs / (triton.cdiv(programs, sms) * sms)
 
 
 def _prefill_space(key: AttentionKey) -> list:
