@@ -34,7 +34,8 @@ from bench.common import geomean, require_gpu, write_results
 SALIENCE_SEGMENTS = ((64, 256), (729, 64), (1024, 16), (4096, 1))  # (tokens per segment, segments)
 LLM_HEADS = ((28, 4, 128), (32, 32, 128), (32, 8, 128), (16, 2, 64), (32, 4, 256))  # (Hq, Hk, D)
 CONTEXTS = (1024, 8192, 32768, 131072)
-# held out of session 34's salience rules: 576-token frames (336 px / 14) at D 80, 2048-token segments, D 96
+# held out of the salience defaults (bench/NOTES.md, "Five more defaults"): 576-token frames (336 px / 14) at D 80,
+# 2048-token segments, 300-token frames at D 96
 SALIENCE_HELD_OUT = [{"H": 16, "D": 80, "n": 576, "segs": 64}, {"H": 12, "D": 64, "n": 2048, "segs": 8},
                      {"H": 16, "D": 96, "n": 300, "segs": 64}]
 RETIME_ROUNDS = 5  # interleaved timings of the default and the tuned config per shape (medians compared)
@@ -57,19 +58,19 @@ GRID = {
                             for n, s in ((64, 256), (784, 16), (4096, 1), (16384, 1))]
                          + [{"Hq": 28, "Hk": 4, "D": 128, "n": 1024, "segs": 8},
                             {"Hq": 24, "Hk": 8, "D": 96, "n": 4096}]
-                         # held out of session 34's rules: 128-row tiles give 128 / 256 / 768 programs
+                         # held out of the prefill default: 128-row tiles give 128 / 256 / 768 programs
                          + [{"Hq": 8, "Hk": 1, "D": 64, "n": 2048}, {"Hq": 16, "Hk": 16, "D": 80, "n": 2048,
                             "causal": False}, {"Hq": 12, "Hk": 2, "D": 64, "n": 8192}],
     "kv_relevance": [{"Hq": hq, "Hk": hk, "D": d, "rows": m, "n": n} for hq, hk, d in LLM_HEADS
                      for m, n in ((64, 8192), (256, 32768), (512, 4096), (128, 131072))]
-                    # held out of session 34's rules: D 256 elsewhere, 128-key programs 2048 and 384, few rows at D 64
+                    # held out of the relevance default: D 256 elsewhere, 2048 and 384 programs of 128 keys, 32 rows
                     + [{"Hq": 32, "Hk": 4, "D": 256, "rows": 128, "n": 16384},
                        {"Hq": 28, "Hk": 4, "D": 128, "rows": 200, "n": 65536},
                        {"Hq": 32, "Hk": 8, "D": 128, "rows": 384, "n": 6144},
                        {"Hq": 16, "Hk": 2, "D": 64, "rows": 32, "n": 16384}],
     "select_kv": [{"L": L, "Hk": hk, "n": n} for L, hk in ((28, 4), (32, 32), (32, 8), (24, 2)) for n in CONTEXTS]
                  + [{"L": L, "Hk": hk, "B": b, "n": n} for L, hk, b in ((28, 4, 4), (32, 8, 8)) for n in (8192, 32768)]
-                 # held out of session 34's rule: rows of T = n + 128 just above a power of two
+                 # held out of the select default: rows of T = n + 128 just above a power of two
                  + [{"L": 28, "Hk": 4, "n": 2000}, {"L": 32, "Hk": 8, "n": 480}, {"L": 32, "Hk": 32, "n": 2000}],
     "pack_kv": [{"L": L, "Hk": hk, "D": d, "n": n} for L, hk, d in ((28, 4, 128), (32, 8, 128), (28, 4, 64))
                 for n in (4096, 32768, 131072)]
