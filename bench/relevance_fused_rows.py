@@ -41,7 +41,8 @@ def main(argv=None) -> int:
     p.add_argument("--n", type=int, default=16384)
     p.add_argument("--rows", type=int, default=64)
     a = p.parse_args(argv)
-    require_gpu("relevance_fused_rows")
+    if not require_gpu("relevance_fused_rows"):
+        return 0
     from sparsevila_ops import autotune
     args = fused_args(a.segs, a.n, a.rows)
     t = autotune.kernel("kv_relevance", "triton")
