@@ -184,9 +184,10 @@ def test_split_head_dims():
 
 def test_default_tiles_fill_the_gpu(monkeypatch):
     """Prefill, at most 80 columns: 128-row tiles only where they give every SM a program. Relevance, G >= 4 and
-    D 128: the capped 128-key tiles from 4 programs per SM, else 64 keys x 128 rows; <= 64 rows: 8 warps at D 128,
-    64 x 64 tiles at D 64 (x 32 for <= 32 rows); D 256: 256 x 64 tiles, 8 warps, 3 stages where shared memory holds
-    them (224 KB) and their grid fills the SMs about as well as 128 x 64 tiles (160 KB) would, else those."""
+    D 128: the capped 128-key tiles from 4 programs per SM or for a whole segment (m > 1024: the fused op), else 64
+    keys x 128 rows; <= 64 rows: 8 warps at D 128, 64 x 64 tiles at D 64 (x 32 for <= 32 rows); D 256: 256 x 64
+    tiles, 8 warps, 3 stages where shared memory holds them (224 KB) and their grid fills the SMs about as well as
+    128 x 64 tiles (160 KB) would, else those."""
     monkeypatch.setattr(tk, "sm_count_of_gpu", {"NVIDIA H200": 132}.get)
     monkeypatch.setattr(tk, "smem_per_block_of_gpu", {"NVIDIA H200": 232448, "mid": 166912, "small": 101376}.get)
     key = lambda G, Hk, D, m, n, S=1, gpu="NVIDIA H200": tk.AttentionKey(  # noqa: E731
@@ -203,6 +204,7 @@ def test_default_tiles_fill_the_gpu(monkeypatch):
     capped = dict(BLOCK_N=128, BLOCK_P=64, num_warps=4, num_stages=2, maxnreg=168)
     assert rel(7, 4, 128, 256, 32768) == capped  # 1024 programs of 128 keys
     assert rel(4, 8, 128, 512, 4096)["BLOCK_P"] == 128  # 256 programs
+    assert rel(7, 4, 128, 16384, 16384) == capped  # 512 programs, but m is the fused op's segment
     assert rel(1, 32, 128, 512, 4096) == capped  # G < 4: always
     assert rel(7, 4, 128, 64, 8192) == dict(BLOCK_N=128, BLOCK_P=64, num_warps=8, num_stages=3)
     assert rel(8, 2, 64, 64, 8192) == dict(BLOCK_N=64, BLOCK_P=64, num_warps=4, num_stages=3)

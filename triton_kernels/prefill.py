@@ -364,7 +364,9 @@ def _relevance_default(key: AttentionKey) -> dict:
     - G < 4 (Llama-2 32/32, few row tiles per program): 128 keys x 64 rows, 2 stages, registers capped at 168
       so 3 CTAs fit per SM (64 KB shared memory each): best at every shape (-5..-12 %).
     H200 trials (bench.autotune): the G < 4 tiles also win at G >= 4, D 128, from 4 programs of 128 keys per SM
-    (1.01-1.23x; with fewer, at 4k keys, they lose up to 1.9x); <= 64 rows: 8 warps, 3 stages at D 128 (1.05-1.10x),
+    (1.01-1.23x; with fewer, at 4k keys and 512 rows, they lose up to 1.9x), and in the fused op, whose ``m`` is the
+    segment while it sums only the question rows (bench.relevance_fused_rows, 64 of 16k: 1.6-1.9x over 64 keys x
+    128 rows, half of each row tile empty); <= 64 rows: 8 warps, 3 stages at D 128 (1.05-1.10x),
     64 keys x 64 rows at D 64 (1.12x), x 32 rows, 4 stages, for <= 32 rows (1.39x); D 256: 256 x 64 tiles, 8 warps,
     3 stages where shared memory holds them (224 KB) and their last wave keeps the SMs about as full as 128 x 64
     tiles would (1.10-1.14x over those; 1.83x slower with 64 programs on 132 SMs), else 128 x 64 (160 KB; 1.05-1.16x
@@ -393,8 +395,8 @@ def _relevance_default(key: AttentionKey) -> dict:
             return dict(BLOCK_N=64, BLOCK_P=32, num_warps=4, num_stages=4) if key.m <= 32 else \
                 dict(BLOCK_N=64, BLOCK_P=64, num_warps=4, num_stages=3)
         return dict(BLOCK_N=128, BLOCK_P=64, num_warps=8, num_stages=3)
-    if bd > 64 and triton.cdiv(key.n, 128) * key.S * key.Hk >= 4 * _sms(key):  # programs of 128 keys
-        return capped
+    if bd > 64 and (key.m > 1024 or triton.cdiv(key.n, 128) * key.S * key.Hk >= 4 * _sms(key)):
+        return capped  # m > 1024: the fused op's whole segment, of which only a few question rows are summed
     return dict(BLOCK_N=64, BLOCK_P=128, num_warps=4, num_stages=3)
 
 
