@@ -48,8 +48,8 @@ def main(argv=None) -> int:
     t = autotune.kernel("kv_relevance", "triton")
     default = t.default(t.key(*args))
     trials = autotune.measure("kv_relevance", args, list(CONFIGS.values()), rounds=5)
-    names = {str(c): name for name, c in CONFIGS.items()}
-    rows = [{"config": names.get(str(x.config), str(x.config)), "default": x.config == default, "status": x.status,
+    rows = [{"config": next((name for name, c in CONFIGS.items() if c == x.config), str(x.config)),
+             "default": x.config == default, "status": x.status,
              "us": None if x.final_ms is None else 1e3 * x.final_ms} for x in trials]
     for r in rows:
         print(r, flush=True)

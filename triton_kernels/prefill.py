@@ -381,13 +381,12 @@ def _relevance_default(key: AttentionKey) -> dict:
     bd = _block_d(key.D)
     if bd > 128:  # one CTA per SM: the grid's last wave decides how full the GPU runs
         smem = smem_per_block_of_gpu(key.gpu)
-        for block_n in (256, 128):
-            wide = dict(BLOCK_N=block_n, BLOCK_P=64, num_warps=8, num_stages=3)
-            fits = smem is None or _relevance_resources(key, wide)[0] <= smem
-            programs = triton.cdiv(key.n, block_n) * key.S * key.Hk
-            if fits and (block_n == 128 or _wave_fill(programs, key) >= 0.9 * _wave_fill(2 * programs, key)):
-                return wide
-        return small
+        wide = {bn: dict(BLOCK_N=bn, BLOCK_P=64, num_warps=8, num_stages=3) for bn in (256, 128)}
+        fits = {bn: smem is None or _relevance_resources(key, cfg)[0] <= smem for bn, cfg in wide.items()}
+        fill = {bn: _wave_fill(triton.cdiv(key.n, bn) * key.S * key.Hk, key) for bn in wide}
+        if fits[256] and fill[256] >= 0.9 * fill[128]:
+            return wide[256]
+        return wide[128] if fits[128] else small
     if key.G < 4:
         return capped
     if key.m <= 64:
